@@ -12,10 +12,11 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 
 
-def rank_main(rank, world_size, backend, timeout, init_file, stack_file, env, sys_path, payload, conn):
+def rank_main(rank, world_size, backend, timeout, init_file, stack_file, caller_env, env, payload, conn):
     # SIGUSR1 comes from the parent when the call times out; fatal signals
     # (SIGSEGV, SIGABRT, ...) dump too. Both go to a per-rank file that the
     # parent puts into its report.
@@ -24,34 +25,37 @@ def rank_main(rank, world_size, backend, timeout, init_file, stack_file, env, sy
     faulthandler.enable(file=stack_fh, all_threads=True)
     _detach_from_terminal_and_die_with_parent()
 
+    # Start from the caller's environment as it is now: a forkserver rank
+    # would otherwise see the environment from whenever the forkserver started.
+    os.environ.clear()
+    os.environ.update(caller_env)
     # torchrun also defaults to one intra-op thread per rank: N ranks on a few
     # cores would otherwise oversubscribe the CPU badly.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
-    )
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     os.environ.update(env)
-    # The forkserver captured sys.path when it started; pytest may have added
-    # test directories since. fn is unpickled below, after this.
-    sys.path[:] = sys_path
 
     try:
         result = _run(rank, world_size, backend, timeout, init_file, payload)
     except BaseException as exc:  # noqa: BLE001 - SystemExit from fn is a failure too
-        # Report first, so the parent can start the grace period for the
-        # other ranks while this one tears down.
-        conn.send_bytes(pickle.dumps(("raised", _one_line(exc), "".join(traceback.format_exception(exc)))))
+        # The time tells the parent which rank failed first (the others
+        # typically raise connection errors after it). CLOCK_MONOTONIC is
+        # system-wide on Linux, so the parent can compare it across ranks.
+        failed_at = time.monotonic()
+        # Report before tearing down, so the parent can start the grace
+        # period for the other ranks right away.
+        tb = "".join(traceback.format_exception(exc))
+        conn.send_bytes(pickle.dumps(("raised", _one_line(exc), tb, failed_at)))
         _destroy_process_group(ignore_errors=True)
         return
     try:
         # Plain pickle, not multiprocessing's ForkingPickler: torch registers
         # reducers there that move tensors to shared memory owned by this
         # process, which is about to exit.
-        data = pickle.dumps(("ok", result, ""))
+        data = pickle.dumps(("ok", result, "", time.monotonic()))
     except Exception as exc:  # noqa: BLE001
-        data = pickle.dumps(
-            ("failed", f"returned a {type(result).__qualname__} that cannot be pickled ({_one_line(exc)})", "")
-        )
+        summary = f"returned a {type(result).__qualname__} that cannot be pickled ({_one_line(exc)})"
+        data = pickle.dumps(("failed", summary, "", time.monotonic()))
     conn.send_bytes(data)
 
 

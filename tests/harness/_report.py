@@ -10,29 +10,45 @@ class DistributedTestError(AssertionError):
 
     Subclasses AssertionError so pytest reports the test as failed, not errored.
 
-    ``failures`` maps rank -> one-line outcome without the "rank N " prefix,
-    e.g. ``{1: "raised ValueError: boom", 0: "terminated after rank 1 failed"}``.
+    ``failures`` maps rank -> its outcome in one line, without the "rank N " prefix, e.g.
+    ``{1: "raised ValueError: boom", 0: "terminated after rank 1 failed"}``.
+    ``first_failed_rank`` is the rank whose failure came first (None when ranks only hung).
     ``results`` holds the per-rank return values, None where a rank failed.
-    Both are empty for ``run_subprocess_job`` errors.
+    All three are empty/None for ``run_subprocess_job`` errors.
     """
 
-    def __init__(self, message: str, failures: dict[int, str] | None = None, results: list | None = None):
+    def __init__(
+        self,
+        message: str,
+        failures: dict[int, str] | None = None,
+        results: list | None = None,
+        first_failed_rank: int | None = None,
+    ):
         super().__init__(message)
         self.failures = dict(failures or {})
         self.results = list(results or [])
+        self.first_failed_rank = first_failed_rank
 
 
-def format_rank_failures(title: str, failures: dict[int, str], details: dict[int, str]) -> str:
-    """Message listing each failing rank, with its traceback or stack indented below it.
+def format_rank_failures(
+    title: str, failures: dict[int, str], details: dict[int, str], first: int | None, reported: set[int]
+) -> str:
+    """The message: the first failure with its traceback, then the other failed ranks.
 
-    Ranks that were merely terminated because another rank failed come last,
-    one line each: they are collateral, not the cause.
+    Exceptions raised after the first failure are nearly always its echo
+    ("connection closed by peer" from a collective), so they get one line
+    each; deaths and hangs keep their stack dumps. Ranks that were killed
+    because another failed come last.
     """
-    collateral = {r for r, text in failures.items() if text.startswith("terminated after")}
+
+    def order(rank):
+        return (rank != first, failures[rank].startswith("terminated after"), rank)
+
     lines = [title]
-    for rank in sorted(failures, key=lambda r: (r in collateral, r)):
-        lines.append(f"rank {rank} {failures[rank]}")
-        if details.get(rank, "").strip():
+    for rank in sorted(failures, key=order):
+        echo = first is not None and rank != first and rank in reported
+        lines.append(f"rank {rank} {failures[rank]}" + (f" (after rank {first} failed)" if echo else ""))
+        if not echo and details.get(rank, "").strip():
             lines.append(textwrap.indent(details[rank].rstrip(), "    "))
     return "\n".join(lines)
 

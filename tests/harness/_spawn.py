@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,10 @@ START_METHOD = os.environ.get("HARNESS_START_METHOD", "forkserver")
 GRACE_AFTER_FAILURE_S = 5.0
 # How long hung ranks get to write their stacks after SIGUSR1.
 STACK_DUMP_WAIT_S = 1.0
+# A rank's death is noticed a little after it happens, while its peers may
+# already have raised "connection closed" errors because of it; a death noticed
+# within this long after the earliest exception still counts as the first failure.
+DEATH_NOTICE_SLACK_S = 0.5
 
 
 def run_distributed(
@@ -42,9 +45,9 @@ def run_distributed(
     values (index = rank). fn must be a module-level function (picklable by reference); return values
     must be picklable.
 
-    Each rank also sees RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and OMP_NUM_THREADS=1 (unless
-    set) in its environment, plus `env`. Raises DistributedTestError if any rank raises, hangs past
-    `timeout` seconds, dies, or exits early; no rank process outlives the call.
+    Ranks inherit the caller's environment, with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE set,
+    OMP_NUM_THREADS defaulting to 1, and `env` applied last. Raises DistributedTestError if a rank
+    raises, hangs past `timeout` seconds, dies or exits early; no rank process outlives the call.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -52,7 +55,7 @@ def run_distributed(
         payload = pickle.dumps((fn, args, kwargs))
     except Exception as exc:
         raise TypeError(
-            f"run_distributed: cannot pickle {fn!r} and its arguments ({exc}); fn must be a module-level "
+            f"run_distributed: cannot pickle {fn!r} or its arguments ({exc}); fn must be a module-level "
             "function and the arguments picklable"
         ) from exc
     if "nccl" in backend:
@@ -64,21 +67,32 @@ def run_distributed(
     try:
         for rank in range(world_size):
             ranks.append(_start_rank(ctx, rank, world_size, backend, timeout, tmp, env or {}, payload))
-        _wait_for_ranks(ranks, timeout)
+        first = _wait_for_ranks(ranks, timeout)
     finally:
-        _kill_and_join(ranks)
+        for r in ranks:  # also on KeyboardInterrupt: nothing may survive the call
+            _kill(r)
+            r.conn.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    results = [r.value for r in ranks]
-    failures = {r.rank: r.failure for r in ranks if r.failure}
-    if failures:
-        title = (
-            f"run_distributed({_name(fn)}, world_size={world_size}, backend={backend!r}): "
-            f"{len(failures)} of {world_size} ranks failed"
-        )
-        details = {r.rank: r.details for r in ranks if r.failure}
-        raise DistributedTestError(format_rank_failures(title, failures, details), failures, results)
-    return results
+    failed = [r for r in ranks if r.failure]
+    if not failed:
+        return [r.value for r in ranks]
+    title = (
+        f"run_distributed({_name(fn)}, world_size={world_size}, backend={backend!r}): "
+        f"{len(failed)} of {world_size} ranks failed" + (f", first rank {first.rank}" if first else "")
+    )
+    raise DistributedTestError(
+        format_rank_failures(
+            title,
+            failures={r.rank: r.failure for r in failed},
+            details={r.rank: r.details for r in failed},
+            first=first.rank if first else None,
+            reported={r.rank for r in failed if r.reported},
+        ),
+        failures={r.rank: r.failure for r in failed},
+        results=[r.value for r in ranks],
+        first_failed_rank=first.rank if first else None,
+    )
 
 
 @dataclass
@@ -87,20 +101,51 @@ class _Rank:
     proc: multiprocessing.process.BaseProcess
     conn: Connection  # read end of the pipe the rank sends its outcome on
     stack_file: str
-    received: bool = False
+    received: bool = False  # the rank sent its outcome
     value: object = None
     failure: str = ""  # one-line outcome if the rank failed, "" otherwise
     details: str = ""  # traceback or stack dump for the report
+    failed_at: float | None = None  # time.monotonic() of the failure
+    reported: bool = False  # the failure is one the rank reported itself (an exception)
+    pipe_closed_at: float | None = None  # EOF without an outcome: the rank is exiting
     killed: bool = False  # killed by the harness, so its exit code says nothing
 
 
 def _context():
     ctx = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":
-        # Takes effect when the (process-wide) forkserver first starts; if
-        # something else started it already, ranks just import torch themselves.
-        ctx.set_forkserver_preload(["harness._preload"])
+        _start_forkserver(ctx)
     return ctx
+
+
+def _start_forkserver(ctx) -> None:
+    """Start the (process-wide) forkserver with torch preloaded, unless it already runs."""
+    from multiprocessing import forkserver
+
+    ctx.set_forkserver_preload(["harness._preload"])
+    # The server is a fresh `python -c` that inherits os.environ, but not
+    # sys.path (Python 3.11 drops the sys_path it is handed), so `harness` must
+    # come through PYTHONPATH. The BLAS/OpenMP caps keep numpy's OpenBLAS from
+    # starting a thread pool in a process we are going to fork. Ranks get the
+    # caller's current environment back (see _child), so this does not leak.
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])),
+        **{var: "1" for var in _THREAD_POOL_VARS if var not in os.environ},
+    }
+    saved = {var: os.environ.get(var) for var in overrides}
+    os.environ.update(overrides)
+    try:
+        forkserver.ensure_running()  # returns at once if it is running
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = value
+
+
+_THREAD_POOL_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _start_rank(ctx, rank, world_size, backend, timeout, tmp, env, payload) -> _Rank:
@@ -112,7 +157,7 @@ def _start_rank(ctx, rank, world_size, backend, timeout, tmp, env, payload) -> _
     proc = ctx.Process(
         target=rank_main,
         name=f"harness-rank{rank}",
-        args=(rank, world_size, backend, timeout, init_file, stack_file, env, list(sys.path), payload, writer),
+        args=(rank, world_size, backend, timeout, init_file, stack_file, dict(os.environ), env, payload, writer),
         daemon=True,
     )
     try:
@@ -123,9 +168,9 @@ def _start_rank(ctx, rank, world_size, backend, timeout, tmp, env, payload) -> _
     return _Rank(rank, proc, reader, stack_file)
 
 
-def _wait_for_ranks(ranks: list[_Rank], timeout: float) -> None:
+def _wait_for_ranks(ranks: list[_Rank], timeout: float) -> _Rank | None:
+    """Collect outcomes until all ranks exit, then kill stragglers; returns the first rank to fail."""
     deadline = time.monotonic() + timeout
-    first_failed: _Rank | None = None
     running = {r.proc.sentinel: r for r in ranks}
     unread = {r.conn: r for r in ranks}
 
@@ -136,28 +181,26 @@ def _wait_for_ranks(ranks: list[_Rank], timeout: float) -> None:
             _receive(unread.pop(r.conn))
         _judge_exit(r)
 
+    grace_started = False
     while running and (now := time.monotonic()) < deadline:
         for ready in wait([*running, *unread], deadline - now):
             if ready in unread:
                 _receive(unread.pop(ready))
-            elif ready in running:  # (its pipe may have been drained by reap() already)
+            elif ready in running:  # (its pipe may have been read by reap() already)
                 reap(running[ready])
-        if first_failed is None:
-            first_failed = next((r for r in ranks if r.failure), None)
-            if first_failed is not None:
-                deadline = min(deadline, time.monotonic() + GRACE_AFTER_FAILURE_S)
+        if not grace_started and any(r.failure or r.pipe_closed_at for r in ranks):
+            grace_started = True
+            deadline = min(deadline, time.monotonic() + GRACE_AFTER_FAILURE_S)
 
-    for r in list(running.values()):  # out of time: who is really still there?
+    for r in list(running.values()):  # out of time: which ones are really still there?
         if not r.proc.is_alive():
             reap(r)
     alive = list(running.values())
-    if not alive:
-        return
-    first_failed = first_failed or next((r for r in ranks if r.failure), None)
-    if first_failed is not None:
+    first = _first_failure(ranks)
+    if alive and first is not None:
         for r in alive:
-            r.failure = r.failure or f"terminated after rank {first_failed.rank} failed"
-    else:
+            r.failure = r.failure or f"terminated after rank {first.rank} failed"
+    elif alive:
         _dump_stacks(alive)
         for r in alive:
             r.failure = f"hung: not finished after {float(timeout)} s"
@@ -165,41 +208,52 @@ def _wait_for_ranks(ranks: list[_Rank], timeout: float) -> None:
     for r in alive:
         r.killed = True
         _kill(r)
+    return first
+
+
+def _first_failure(ranks: list[_Rank]) -> _Rank | None:
+    raised = min((r for r in ranks if r.failed_at and r.reported), key=lambda r: r.failed_at, default=None)
+    died = min((r for r in ranks if r.failed_at and not r.reported), key=lambda r: r.failed_at, default=None)
+    if died and (not raised or died.failed_at < raised.failed_at + DEATH_NOTICE_SLACK_S):
+        return died
+    return raised
 
 
 def _receive(r: _Rank) -> None:
     try:
         data = r.conn.recv_bytes()
     except (EOFError, OSError):  # exited (or was killed) without sending
+        r.pipe_closed_at = time.monotonic()
         return
     r.received = True
     try:
         message = pickle.loads(data)
     except Exception as exc:  # noqa: BLE001 - e.g. a class only the child can import
         r.failure = f"returned a value the test process cannot unpickle ({type(exc).__name__}: {exc})"
+        r.failed_at, r.reported = time.monotonic(), True
         return
-    kind, value, details = message
+    kind, value, details, when = message
     if kind == "ok":
         r.value = value
-    elif kind == "raised":
-        r.failure, r.details = f"raised {value}", details
-    else:
-        r.failure, r.details = value, details
+        return
+    r.failure = f"raised {value}" if kind == "raised" else value
+    r.details, r.failed_at, r.reported = details, when, True
 
 
 def _judge_exit(r: _Rank) -> None:
     code = r.proc.exitcode
     if r.failure or r.killed or (code == 0 and r.received):
         return
+    r.failed_at = r.pipe_closed_at or time.monotonic()
     if code < 0:
         try:
-            how = f"died from signal {signal.Signals(-code).name} ({code})"
+            r.failure = f"died from signal {signal.Signals(-code).name} ({code})"
         except ValueError:
-            how = f"died from signal {-code} ({code})"
+            r.failure = f"died from signal {-code} ({code})"
         r.details = _read(r.stack_file)  # faulthandler's dump for SIGSEGV, SIGABRT, ...
     else:
-        how = f"exited with code {code}"
-    r.failure = f"{how} {'after returning its result' if r.received else 'before reporting a result'}"
+        r.failure = f"exited with code {code}"
+    r.failure += " after returning its result" if r.received else ("" if code < 0 else " before reporting a result")
 
 
 def _dump_stacks(ranks: list[_Rank]) -> None:
@@ -224,13 +278,6 @@ def _kill(r: _Rank) -> None:
     if r.proc.exitcode is None:
         r.proc.kill()
     r.proc.join(timeout=10)
-
-
-def _kill_and_join(ranks: list[_Rank]) -> None:
-    """Runs in `finally`: nothing may survive, even after KeyboardInterrupt."""
-    for r in ranks:
-        _kill(r)
-        r.conn.close()
 
 
 def _signal(pid, sig) -> None:

@@ -37,11 +37,13 @@ class OnebitKernels(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, buffer: torch.Tensor, worker_error: torch.Tensor, server_error: torch.Tensor,
-               recv: torch.Tensor, gathered: torch.Tensor, layout: OnebitLayout, average: bool) -> torch.Tensor:
+               recv: torch.Tensor, gathered: torch.Tensor, layout: OnebitLayout, average: bool,
+               nonfinite_count: torch.Tensor) -> None:
         """Decode the gathered server rows into ``buffer`` and commit both residuals.
 
         If any worker or server scale is non-finite (NaN/inf in some rank's input), the residuals are left as
-        they were and ``buffer`` is filled with NaN on every rank. Returns a 0-d bool tensor: all finite.
+        they were, ``buffer`` is filled with NaN on every rank and ``nonfinite_count`` (0-d int64) is
+        incremented, all without a host sync.
         """
 
 
@@ -83,7 +85,7 @@ class TorchOnebitKernels(OnebitKernels):
         send[:cb] = pack_signs(m)
         send[cb : cb + 4] = scale.reshape(1).view(torch.uint8)
 
-    def finish(self, buffer, worker_error, server_error, recv, gathered, layout, average):
+    def finish(self, buffer, worker_error, server_error, recv, gathered, layout, average, nonfinite_count):
         worker_scales = header_scales(recv, layout)
         server_scales = header_scales(gathered, layout)
         all_finite = torch.isfinite(worker_scales).all() & torch.isfinite(server_scales).all()
@@ -102,4 +104,4 @@ class TorchOnebitKernels(OnebitKernels):
             out = out * layout.world_size
         out = torch.where(all_finite, out, torch.nan)
         buffer.copy_(out)
-        return all_finite
+        nonfinite_count += (~all_finite).to(torch.int64)

@@ -132,9 +132,9 @@ def compressed_allreduce(
     gathered = torch.empty_like(send)
     transport.all_gather(gathered.view(-1), server_row)
 
-    all_finite = kernels.finish(flat, error_feedback.worker_error, error_feedback.server_error, recv, gathered,
-                                layout, average)
-    error_feedback.nonfinite_count += (~all_finite).to(torch.int64)
+    nonfinite_before = int(error_feedback.nonfinite_count) if on_nonfinite == "raise" else 0
+    kernels.finish(flat, error_feedback.worker_error, error_feedback.server_error, recv, gathered, layout,
+                   average, error_feedback.nonfinite_count)
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat.view_as(tensor))
 
@@ -142,7 +142,7 @@ def compressed_allreduce(
     baseline = ring_allreduce_bytes(tensor.numel() * tensor.element_size(), world)
     for counter in (global_stats, stats) if stats is not None else (global_stats,):
         counter.record(sent, baseline)
-    if on_nonfinite == "raise" and not bool(all_finite):
+    if on_nonfinite == "raise" and int(error_feedback.nonfinite_count) != nonfinite_before:
         raise FloatingPointError(
             f"{op}: the input held NaN or inf on at least one rank (of {world}); the result is NaN and the "
             "error-feedback residuals were left unchanged"

@@ -21,8 +21,6 @@ class CommStats:
     bytes_sent: int = 0
     #: bytes the uncompressed collective would have sent for the same calls
     uncompressed_bytes: int = 0
-    #: calls whose input held NaN or inf on some rank (their result is NaN; error feedback left untouched)
-    nonfinite_calls: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -35,7 +33,7 @@ class CommStats:
         self.uncompressed_bytes += int(uncompressed_bytes)
 
     def reset(self) -> None:
-        self.calls = self.bytes_sent = self.uncompressed_bytes = self.nonfinite_calls = 0
+        self.calls = self.bytes_sent = self.uncompressed_bytes = 0
 
     def as_dict(self) -> dict[str, float]:
         return {**dataclasses.asdict(self), "compression_ratio": self.compression_ratio}
