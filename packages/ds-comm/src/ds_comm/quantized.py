@@ -304,7 +304,7 @@ def _hierarchical(chunks: torch.Tensor, row: _Row, transport: Transport, node_si
     send = row.encode(by_local)
     recv = torch.empty_like(send)
     intra.all_to_all(recv.view(-1), send.view(-1))
-    pieces = row.decode(recv).view(node_size, num_nodes, row.numel)
+    pieces = row.decode(recv).view(num_nodes, node_size, row.numel).transpose(0, 1)
     node_sums = _sum_rows(pieces)  # node_sums[n''] = this node's sum of chunk (n'', my local index)
 
     # Step 2, inter-node: node n'' receives this node's sum of its chunk; recv[n] is node n's sum of mine.

@@ -7,6 +7,8 @@ import torch.distributed as dist
 
 from ._base import ReduceOpName, Transport
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; support both.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -57,7 +59,7 @@ class TorchDistTransport(Transport):
         if self._world_size == 1:
             output.copy_(input)
             return
-        dist.all_gather_into_tensor(output, input, group=self.group)
+        _all_gather_single(output, input, group=self.group)
 
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOpName = "sum") -> None:
         if self._world_size == 1:
