@@ -11,7 +11,10 @@ Collectives run over ``torch.distributed`` (gloo, NCCL) or MPI (mpi4py); see :mo
 
 from ._version import __version__
 from .error_feedback import OnebitErrorFeedback
+from .hooks import OnebitHookState, QuantizedHookState, onebit_hook, quantized_hook
 from .onebit import compressed_allreduce, select_onebit_kernels
+from .quantize import QuantizedTensor, dequantize_blockwise, quantize_blockwise
+from .quantized import quantized_all_gather, quantized_reduce_scatter
 from .reference import simulate_compressed_allreduce
 from .stats import CommStats, global_stats
 from .transport import LocalTransport, MPITransport, TorchDistTransport, Transport, resolve_transport
@@ -21,6 +24,15 @@ __all__ = [
     "compressed_allreduce",
     "OnebitErrorFeedback",
     "simulate_compressed_allreduce",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "QuantizedTensor",
+    "quantized_all_gather",
+    "quantized_reduce_scatter",
+    "OnebitHookState",
+    "onebit_hook",
+    "QuantizedHookState",
+    "quantized_hook",
     "select_onebit_kernels",
     "CommStats",
     "global_stats",
