@@ -69,6 +69,7 @@ def _nccl_matches_simulation(numel):
     return True
 
 
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=requires_gpus(4))])
 @requires_gpus(2)
-def test_nccl_two_gpus_match_single_process_simulation():
-    assert run_distributed(_nccl_matches_simulation, 2, 100_003, backend="nccl") == [True, True]
+def test_nccl_matches_single_process_simulation(world):
+    assert run_distributed(_nccl_matches_simulation, world, 100_003, backend="nccl") == [True] * world
