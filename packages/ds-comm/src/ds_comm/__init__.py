@@ -13,7 +13,7 @@ from ._version import __version__
 from .error_feedback import OnebitErrorFeedback
 from .hooks import OnebitHookState, QuantizedHookState, onebit_hook, quantized_hook
 from .onebit import compressed_allreduce, select_onebit_kernels
-from .quantize import QuantizedTensor, dequantize_blockwise, quantize_blockwise
+from .quantize import QuantizedTensor, dequantize_blockwise, quantization_error_bound, quantize_blockwise
 from .quantized import quantized_all_gather, quantized_reduce_scatter
 from .reference import simulate_compressed_allreduce
 from .stats import CommStats, global_stats
@@ -26,6 +26,7 @@ __all__ = [
     "simulate_compressed_allreduce",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "quantization_error_bound",
     "QuantizedTensor",
     "quantized_all_gather",
     "quantized_reduce_scatter",

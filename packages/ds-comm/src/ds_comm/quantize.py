@@ -117,7 +117,9 @@ def quantize_rows(x: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Te
 
     absmax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN anywhere in a block -> NaN (amax propagates NaN)
     finite = torch.isfinite(absmax)
-    scales = torch.where(finite, absmax / qmax, torch.nan)
+    # Divide by a 1-element tensor, not a Python number: CUDA turns division by a scalar into multiplication
+    # by its reciprocal, which rounds differently and would make GPU and CPU scales disagree.
+    scales = torch.where(finite, absmax / torch.tensor([float(qmax)], device=x.device), torch.nan)
     # Zero and non-finite blocks get codes 0: 0 * 0 -> exact zeros, 0 * NaN -> a NaN block.
     usable = finite & (scales > 0)
     divisor = torch.where(usable, scales, 1.0)

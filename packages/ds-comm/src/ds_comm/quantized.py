@@ -39,7 +39,7 @@ Non-finite input: a block holding NaN or inf on any rank becomes NaN in the resu
 ranks that receive it -- never silently finite (see :mod:`ds_comm.quantize`). No host sync is spent detecting it,
 so ``CommStats.nonfinite_calls`` is not updated.
 
-Sizes and settings are cross-checked before any data moves (``check_sizes=True``): one all-reduce of 80 bytes
+Sizes and settings are cross-checked before any data moves (``check_sizes=True``): one all-reduce of 64-80 bytes
 (a latency-bound round trip) compares the input and output sizes, ``bits``, ``block_size`` and ``node_size``
 of every rank, so a mismatch raises ``ValueError`` on every rank instead of hanging or scrambling data.
 ``check_sizes=False`` skips that round trip for callers that guarantee agreement (e.g. a fixed bucket layout).
@@ -55,7 +55,7 @@ import torch
 from ._validation import check_float_tensor
 from .quantize import check_quantization_args, dequantize_rows, num_blocks, payload_bytes, quantize_rows
 from .stats import CommStats, global_stats, ring_allgather_bytes
-from .transport import MPITransport, TorchDistTransport, Transport, resolve_transport
+from .transport import Transport, resolve_transport
 
 _SCALE_ALIGN = 4  # fp32 scales start 4-byte aligned, so a row's scale bytes can be viewed as float32
 
@@ -193,25 +193,6 @@ def quantized_all_gather(
     return output
 
 
-# Subgroups are created once per (process group, node_size): resolve_transport(None) builds a new transport
-# object on every call, so the transport's own cache alone would create (and leak) new groups every step.
-_NODE_GROUPS: dict[tuple[int, int], tuple[object, tuple[Transport, Transport]]] = {}
-
-
-def _node_groups(transport: Transport, node_size: int) -> tuple[Transport, Transport]:
-    if isinstance(transport, TorchDistTransport):
-        import torch.distributed as dist
-
-        owner: object = transport.group if transport.group is not None else dist.group.WORLD
-    elif isinstance(transport, MPITransport):
-        owner = transport.comm
-    else:  # a Transport the caller built and passes each time: its own per-instance cache suffices
-        return transport.node_groups(node_size)
-    key = (id(owner), node_size)
-    cached = _NODE_GROUPS.get(key)
-    if cached is None or cached[0] is not owner:
-        cached = _NODE_GROUPS[key] = (owner, transport.node_groups(node_size))
-    return cached[1]
 
 
 def quantized_reduce_scatter(
@@ -272,8 +253,8 @@ def quantized_reduce_scatter(
         total = _flat(chunks, row, transport)
     else:
         total = _hierarchical(chunks, row, transport, node_size)
-    if average:
-        total /= world
+    if average:  # a true division (a 1-element tensor: CUDA would multiply by the reciprocal of a number)
+        total /= torch.tensor([float(world)], device=total.device)
     output.copy_(total.view(output.shape))
 
     # Both algorithms send W - 1 rows from this rank (the hierarchical one sends fewer of them across nodes).
@@ -289,7 +270,7 @@ def _flat(chunks: torch.Tensor, row: _Row, transport: Transport) -> torch.Tensor
 
 
 def _hierarchical(chunks: torch.Tensor, row: _Row, transport: Transport, node_size: int) -> torch.Tensor:
-    intra, inter = _node_groups(transport, node_size)
+    intra, inter = transport.node_groups(node_size)
     num_nodes = transport.world_size // node_size
     if intra.world_size != node_size or inter.world_size != num_nodes:
         raise RuntimeError(
@@ -304,7 +285,7 @@ def _hierarchical(chunks: torch.Tensor, row: _Row, transport: Transport, node_si
     send = row.encode(by_local)
     recv = torch.empty_like(send)
     intra.all_to_all(recv.view(-1), send.view(-1))
-    pieces = row.decode(recv).view(num_nodes, node_size, row.numel).transpose(0, 1)
+    pieces = row.decode(recv).view(node_size, num_nodes, row.numel)
     node_sums = _sum_rows(pieces)  # node_sums[n''] = this node's sum of chunk (n'', my local index)
 
     # Step 2, inter-node: node n'' receives this node's sum of its chunk; recv[n] is node n's sum of mine.

@@ -11,16 +11,21 @@ from ._torch import TorchDistTransport
 __all__ = ["Transport", "TorchDistTransport", "MPITransport", "LocalTransport", "ReduceOpName", "resolve_transport"]
 
 
-# Collectives resolve their group on every call; building a TorchDistTransport queries rank, size and backend
-# from torch each time, so keep one per process group. The entry holds the group itself, so its id stays unique.
-_TORCH_TRANSPORTS: dict[int, tuple[object, TorchDistTransport]] = {}
+# Collectives resolve their group on every call. Keep one transport per process group / communicator: building
+# one queries rank, size and backend each time, and a transport caches the sub-groups of the hierarchical
+# collectives, which must be created once, not every step. Entries hold the group itself, so ids stay unique.
+_TRANSPORTS: dict[int, tuple[object, Transport]] = {}
 
 
-def _cached_torch_transport(pg, group) -> TorchDistTransport:
-    entry = _TORCH_TRANSPORTS.get(id(pg))
-    if entry is None or entry[0] is not pg:
-        entry = _TORCH_TRANSPORTS[id(pg)] = (pg, TorchDistTransport(group))
+def _cached(owner, make) -> Transport:
+    entry = _TRANSPORTS.get(id(owner))
+    if entry is None or entry[0] is not owner:
+        entry = _TRANSPORTS[id(owner)] = (owner, make())
     return entry[1]
+
+
+def _cached_torch_transport(pg, group) -> Transport:
+    return _cached(pg, lambda: TorchDistTransport(group))
 
 
 def resolve_transport(group: Any = None) -> Transport:
@@ -45,7 +50,7 @@ def resolve_transport(group: Any = None) -> Transport:
     if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("this rank is not a member of the given process group")
     if hasattr(group, "Get_rank") and hasattr(group, "Alltoall"):
-        return MPITransport(group)
+        return _cached(group, lambda: MPITransport(group))
     raise TypeError(
         f"group must be None, a torch.distributed ProcessGroup, an mpi4py communicator or a ds_comm Transport; "
         f"got {type(group).__name__}"

@@ -67,13 +67,14 @@ class TorchDistTransport(Transport):
         dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.group)
 
     def _new_subgroups(self, groups: list[list[int]]) -> Transport:
-        # new_group is collective over the whole default group, so every rank creates every subgroup, in
-        # the same order; ranks here are ranks of *this* transport's group, mapped to global ranks.
+        # Ranks in `groups` are ranks of *this* transport's group; torch wants global ranks.
         global_ranks = dist.get_process_group_ranks(self.group) if self.group is not None else None
-        mine = None
-        for ranks in groups:
-            members = [global_ranks[r] for r in ranks] if global_ranks is not None else list(ranks)
-            pg = dist.new_group(members)
-            if self._rank in ranks:
-                mine = pg
-        return TorchDistTransport(mine)
+        members = [[global_ranks[r] for r in ranks] if global_ranks is not None else list(ranks) for ranks in groups]
+        mine = next(m for m, ranks in zip(members, groups) if self._rank in ranks)
+        if self.group is None:
+            # new_group is collective over the default group: every rank creates every subgroup, in order
+            created = [dist.new_group(m) for m in members]
+            return TorchDistTransport(created[members.index(mine)])
+        # Inside a subgroup, ranks outside it will not call new_group; local synchronization lets the members
+        # of each new group create it among themselves.
+        return TorchDistTransport(dist.new_group(mine, use_local_synchronization=True))
