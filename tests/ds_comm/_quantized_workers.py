@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ds_comm.quantize import dequantize_blockwise, quantization_error_bound, quantize_blockwise
 from ds_comm.quantized import quantized_all_gather, quantized_reduce_scatter
 from ds_comm.stats import CommStats, global_stats
+from ds_comm.transport import resolve_transport
 
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -131,20 +132,23 @@ AG_CASES = [  # (shard numel, shape of output, dtype, bits, block_size)
 ]
 
 
-def all_gather_worker(seed: int) -> list:
+def all_gather_worker(seed: int, device: str = "cpu") -> list:
     rank, world = dist.get_rank(), dist.get_world_size()
     records = []
     for i, (numel, shape, dtype_name, bits, block_size) in enumerate(AG_CASES):
         dtype = FLOATS[dtype_name]
         shards = [make_input(seed + i, j, numel, dtype) for j in range(world)]
-        output = torch.full((world * numel,), 123.0, dtype=dtype)
+        output = torch.full((world * numel,), 123.0, dtype=dtype, device=device)
         if shape is not None:
             output = output.view(shape)
         stats = CommStats()
         before = global_stats.bytes_sent
-        result = quantized_all_gather(output, shards[rank].clone(), bits=bits, block_size=block_size, stats=stats)
+        mine = shards[rank].to(device, copy=True)
+        result = quantized_all_gather(output, mine, bits=bits, block_size=block_size, stats=stats)
+        check_equal(f"case {i} input untouched", mine.cpu(), shards[rank])
         if result is not output:
             raise AssertionError("quantized_all_gather must return output")
+        output = output.cpu()
         check_equal(f"case {i}", output.reshape(-1), ref_all_gather(shards, bits, block_size))
         records.append({"stats": stats.as_dict(), "global_delta": global_stats.bytes_sent - before,
                         "row_bytes": _row_bytes(numel, bits, block_size),
@@ -161,7 +165,7 @@ RS_CASES = [  # (chunk numel, dtype, bits, block_size, average)
 ]
 
 
-def reduce_scatter_worker(seed: int, node_sizes: list) -> list:
+def reduce_scatter_worker(seed: int, node_sizes: list, device: str = "cpu") -> list:
     """Run every RS case with each ``node_size``; node_size None/1/world must all be the flat algorithm."""
     rank, world = dist.get_rank(), dist.get_world_size()
     records = []
@@ -172,10 +176,13 @@ def reduce_scatter_worker(seed: int, node_sizes: list) -> list:
         scale = magnitude(inputs, rank, average)
         for node_size in node_sizes:
             name = f"case {i} node_size={node_size}"
-            output = torch.full((numel,), 123.0, dtype=dtype)
+            output = torch.full((numel,), 123.0, dtype=dtype, device=device)
             stats = CommStats()
-            quantized_reduce_scatter(output, inputs[rank].clone(), bits=bits, block_size=block_size,
-                                     average=average, node_size=node_size, stats=stats)
+            mine = inputs[rank].to(device, copy=True)
+            quantized_reduce_scatter(output, mine, bits=bits, block_size=block_size, average=average,
+                                     node_size=node_size, stats=stats)
+            check_equal(name + " input untouched", mine.cpu(), inputs[rank])
+            output = output.cpu()
             if node_size in (None, 1, world):
                 check_equal(name, output, ref_rs_flat(inputs, rank, bits, block_size, average))
                 check_close(name + " vs true mean", output, truth, flat_bound(inputs, rank, bits, block_size, average),
@@ -187,6 +194,16 @@ def reduce_scatter_worker(seed: int, node_sizes: list) -> list:
             records.append({"case": i, "node_size": node_size, "stats": stats.as_dict(),
                             "row_bytes": _row_bytes(numel, bits, block_size),
                             "shard_nbytes": numel * output.element_size()})
+    # Subgroups are built once per node_size, not on every call with group=None: the default group resolves
+    # to one cached transport, which caches its node groups.
+    transport = resolve_transport(None)
+    if resolve_transport(None) is not transport:
+        raise AssertionError("resolve_transport(None) built a new transport")
+    for node_size in node_sizes:
+        if node_size not in (None, 1, world):
+            if transport.node_groups(node_size) is not transport.node_groups(node_size):
+                raise AssertionError(f"node groups for node_size={node_size} were not reused")
+    records.append(len(transport.__dict__.get("_node_group_cache", {})))
     return records
 
 

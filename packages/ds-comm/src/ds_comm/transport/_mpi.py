@@ -15,9 +15,11 @@ from ._base import ReduceOpName, Transport
 def _import_mpi():
     try:
         from mpi4py import MPI
-    except ImportError as exc:  # pragma: no cover - exercised only without mpi4py
+        import numpy  # noqa: F401 - tensors reach MPI through their numpy views
+    except ImportError as exc:  # pragma: no cover - exercised only without mpi4py / numpy
         raise ImportError(
-            "the MPI transport needs mpi4py: pip install 'ds-comm[mpi]' (and an MPI library, e.g. pip install mpich)"
+            f"the MPI transport needs mpi4py and numpy ({exc}): pip install 'ds-comm[mpi]' (and an MPI library, "
+            "e.g. pip install mpich)"
         ) from exc
     return MPI
 
