@@ -1,14 +1,22 @@
 """Shared harness for distributed tests.
 
+    import torch, torch.distributed as dist
     from harness import run_distributed
 
-    def _sum_ranks():                       # module level, so it pickles by reference
+    def _sum_ranks():                   # module level, so that it pickles by reference
         t = torch.tensor([dist.get_rank()])
         dist.all_reduce(t)
         return t.item()
 
     def test_sum():
         assert run_distributed(_sum_ranks, 4) == [6, 6, 6, 6]
+
+- run_distributed: fn in N fresh rank processes with a gloo (or nccl) process group; any failure
+  (exception, hang past `timeout`, crash, early exit) raises DistributedTestError naming each rank.
+  Ranks are forked from a forkserver that imported torch once (set HARNESS_START_METHOD=spawn to
+  avoid it); asserts in the test module are rewritten in the ranks as pytest does.
+- run_subprocess_job: a whole command (e.g. mpiexec) under a timeout, killed as a process group.
+- requires_gpus(n), requires_mpiexec: skipif marks. Mark GPU tests with @pytest.mark.gpu too.
 
 `tests/` is on sys.path through tox.ini's `[pytest] pythonpath`, hence `import harness`.
 """
@@ -32,7 +40,7 @@ __all__ = [
 
 
 def requires_gpus(n: int) -> pytest.MarkDecorator:
-    """Skip unless at least n CUDA GPUs are visible. Combine with @pytest.mark.gpu."""
+    """Skip unless at least n CUDA GPUs are visible."""
     import torch
 
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0

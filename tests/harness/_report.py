@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import textwrap
 
 
@@ -30,6 +32,9 @@ class DistributedTestError(AssertionError):
         self.first_failed_rank = first_failed_rank
 
 
+DistributedTestError.__module__ = "harness"  # where tests import it from; shorter in pytest's report
+
+
 def format_rank_failures(
     title: str, failures: dict[int, str], details: dict[int, str], first: int | None, reported: set[int]
 ) -> str:
@@ -51,6 +56,26 @@ def format_rank_failures(
         if not echo and details.get(rank, "").strip():
             lines.append(textwrap.indent(details[rank].rstrip(), "    "))
     return "\n".join(lines)
+
+
+# Frames every rank has below the test's own: the harness and multiprocessing bootstrap.
+_BOOTSTRAP_FRAME = re.compile(
+    r'^\s*File "(.*[/\\]harness[/\\]_child\.py|.*[/\\]multiprocessing[/\\](process|spawn|forkserver)\.py|<string>)"'
+)
+
+
+def trim_stack_dump(dump: str) -> str:
+    """A faulthandler dump without the bootstrap frames that every rank has."""
+    return "\n".join(line for line in dump.splitlines() if not _BOOTSTRAP_FRAME.match(line))
+
+
+def died_from(exitcode: int) -> str:
+    """'died from signal SIGKILL (-9)' for a negative exit code."""
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = str(-exitcode)
+    return f"died from signal {name} ({exitcode})"
 
 
 def tail(text: str, limit: int = 4000) -> str:

@@ -7,13 +7,14 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from ._child import rank_main
-from ._report import DistributedTestError, format_rank_failures
+from ._child import RankArgs, rank_main
+from ._report import DistributedTestError, died_from, format_rank_failures, trim_stack_dump
 
 # "forkserver" forks every rank from one helper process that imported torch
 # once (harness._preload), so a rank starts in milliseconds instead of paying
@@ -49,6 +50,7 @@ def run_distributed(
     OMP_NUM_THREADS defaulting to 1, and `env` applied last. Raises DistributedTestError if a rank
     raises, hangs past `timeout` seconds, dies or exits early; no rank process outlives the call.
     """
+    __tracebackhide__ = True  # pytest: show the test's frame, not the harness internals
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     try:
@@ -62,11 +64,12 @@ def run_distributed(
         _check_gpus_exist(backend)
 
     ctx = _context()
+    rewrite = _rewritten_by_pytest(fn)
     tmp = tempfile.mkdtemp(prefix="harness-")
     ranks: list[_Rank] = []
     try:
         for rank in range(world_size):
-            ranks.append(_start_rank(ctx, rank, world_size, backend, timeout, tmp, env or {}, payload))
+            ranks.append(_start_rank(ctx, rank, world_size, backend, timeout, tmp, env or {}, payload, rewrite))
         first = _wait_for_ranks(ranks, timeout)
     finally:
         for r in ranks:  # also on KeyboardInterrupt: nothing may survive the call
@@ -124,14 +127,15 @@ def _start_forkserver(ctx) -> None:
 
     ctx.set_forkserver_preload(["harness._preload"])
     # The server is a fresh `python -c` that inherits os.environ, but not
-    # sys.path (Python 3.11 drops the sys_path it is handed), so `harness` must
+    # sys.path (CPython 3.11 ignores the sys_path it is handed), so `harness` must
     # come through PYTHONPATH. The BLAS/OpenMP caps keep numpy's OpenBLAS from
     # starting a thread pool in a process we are going to fork. Ranks get the
     # caller's current environment back (see _child), so this does not leak.
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overrides = {
         "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])),
-        **{var: "1" for var in _THREAD_POOL_VARS if var not in os.environ},
+        # Unconditionally: ranks apply OMP_NUM_THREADS themselves (see _child).
+        **{var: "1" for var in _THREAD_POOL_VARS},
     }
     saved = {var: os.environ.get(var) for var in overrides}
     os.environ.update(overrides)
@@ -148,18 +152,19 @@ def _start_forkserver(ctx) -> None:
 _THREAD_POOL_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _start_rank(ctx, rank, world_size, backend, timeout, tmp, env, payload) -> _Rank:
+def _start_rank(ctx, rank, world_size, backend, timeout, tmp, env, payload, rewrite_asserts_in) -> _Rank:
     reader, writer = ctx.Pipe(duplex=False)
     stack_file = os.path.join(tmp, f"rank{rank}.stacks")
     # A fresh file:// rendezvous per call: nothing shared between calls or
     # between concurrent test runs, unlike a fixed TCP port.
     init_file = os.path.join(tmp, "rendezvous")
-    proc = ctx.Process(
-        target=rank_main,
-        name=f"harness-rank{rank}",
-        args=(rank, world_size, backend, timeout, init_file, stack_file, dict(os.environ), env, payload, writer),
-        daemon=True,
+    args = RankArgs(
+        rank, world_size, backend, timeout, init_file, stack_file, dict(os.environ), env, payload, rewrite_asserts_in
     )
+    # Not daemonic: multiprocessing forbids daemons to have children, and fn may
+    # well start some (DataLoader workers). The `finally` in run_distributed and
+    # the rank's parent watch (see _child) make sure it does not outlive us.
+    proc = ctx.Process(target=rank_main, name=f"harness-rank{rank}", args=(args, writer))
     try:
         proc.start()
     finally:
@@ -204,7 +209,7 @@ def _wait_for_ranks(ranks: list[_Rank], timeout: float) -> _Rank | None:
         _dump_stacks(alive)
         for r in alive:
             r.failure = f"hung: not finished after {float(timeout)} s"
-            r.details = _read(r.stack_file) or "(no Python stack was dumped)"
+            r.details = trim_stack_dump(_read(r.stack_file)) or "(no Python stack was dumped)"
     for r in alive:
         r.killed = True
         _kill(r)
@@ -246,14 +251,15 @@ def _judge_exit(r: _Rank) -> None:
         return
     r.failed_at = r.pipe_closed_at or time.monotonic()
     if code < 0:
-        try:
-            r.failure = f"died from signal {signal.Signals(-code).name} ({code})"
-        except ValueError:
-            r.failure = f"died from signal {-code} ({code})"
-        r.details = _read(r.stack_file)  # faulthandler's dump for SIGSEGV, SIGABRT, ...
+        r.failure = died_from(code)
+        r.details = trim_stack_dump(_read(r.stack_file))  # faulthandler's dump for SIGSEGV, SIGABRT, ...
     else:
-        r.failure = f"exited with code {code}"
-    r.failure += " after returning its result" if r.received else ("" if code < 0 else " before reporting a result")
+        r.failure = f"exited with code {code}"  # 0 too: os._exit(0) before returning
+        r.details = "(the rank's stderr, which pytest captures, may say why)"
+    if r.received:
+        r.failure += " after returning its result"
+    elif code >= 0:
+        r.failure += " before reporting a result"
 
 
 def _dump_stacks(ranks: list[_Rank]) -> None:
@@ -293,6 +299,14 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def _rewritten_by_pytest(fn) -> tuple[str, str] | None:
+    """(module name, file) of fn's module if pytest rewrote its asserts, so the ranks can too."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if module is None or module.__name__ == "__main__" or "@py_builtins" not in vars(module):
+        return None
+    return module.__name__, module.__file__
 
 
 def _check_gpus_exist(backend: str) -> None:

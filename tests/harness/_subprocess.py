@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._report import DistributedTestError, tail
+from ._report import DistributedTestError, died_from, tail
 
 
 def find_mpiexec() -> str | None:
@@ -21,6 +21,11 @@ def find_mpiexec() -> str | None:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which("mpiexec")
+
+
+# Open MPI's mpiexec refuses to run as root unless told twice, and CI
+# containers usually run as root; MPICH ignores these variables.
+_ROOT_MPIEXEC_OK = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
 
 
 def run_subprocess_job(
@@ -35,6 +40,7 @@ def run_subprocess_job(
     failure or interruption the whole process group (e.g. mpiexec and every rank it started) is
     SIGKILLed. Raises DistributedTestError on timeout or non-zero exit, with the output tails.
     """
+    __tracebackhide__ = True  # pytest: show the test's frame, not the harness internals
     command = shlex.join(str(a) for a in argv)
     # Output goes to files, not pipes: a killed job's orphans cannot keep a
     # pipe open and block us, and a chatty job cannot fill a pipe and stall.
@@ -44,7 +50,7 @@ def run_subprocess_job(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env={**os.environ, **env} if env else None,
+            env={**os.environ, **_ROOT_MPIEXEC_OK, **(env or {})},
             cwd=cwd,
             start_new_session=True,
         )
@@ -59,14 +65,16 @@ def run_subprocess_job(
         stdout, stderr = _read(out), _read(err)
 
     if timed_out:
-        raise DistributedTestError(f"{command} timed out after {float(timeout)} s and was killed" + _tails(stdout, stderr))
-    if proc.returncode != 0:
-        if proc.returncode < 0:
-            how = f"died from signal {signal.Signals(-proc.returncode).name} ({proc.returncode})"
-        else:
-            how = f"exited with code {proc.returncode}"
-        raise DistributedTestError(f"{command} {how}" + _tails(stdout, stderr))
-    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+        how = f"timed out after {float(timeout)} s and was killed"
+    elif proc.returncode < 0:
+        how = died_from(proc.returncode)
+    elif proc.returncode > 0:
+        how = f"exited with code {proc.returncode}"
+    else:
+        return subprocess.CompletedProcess(argv, 0, stdout, stderr)
+    raise DistributedTestError(
+        f"{command} {how}\n--- stdout (tail) ---\n{tail(stdout)}\n--- stderr (tail) ---\n{tail(stderr)}"
+    )
 
 
 def _kill_group(pgid: int) -> None:
@@ -79,7 +87,3 @@ def _kill_group(pgid: int) -> None:
 def _read(f) -> str:
     f.seek(0)
     return f.read().decode(errors="replace")
-
-
-def _tails(stdout: str, stderr: str) -> str:
-    return f"\n--- stdout (tail) ---\n{tail(stdout)}\n--- stderr (tail) ---\n{tail(stderr)}"

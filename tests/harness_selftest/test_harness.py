@@ -58,6 +58,8 @@ def _no_rank_children() -> bool:
 def _rank_info(scale):
     t = torch.tensor([float(dist.get_rank() + 1) * scale])
     dist.all_reduce(t)
+    # Not a daemon: fn may start processes of its own (DataLoader workers).
+    assert not multiprocessing.current_process().daemon
     return dist.get_rank(), dist.get_world_size(), t.item(), os.environ["RANK"], os.environ.get("HARNESS_SELFTEST")
 
 
@@ -78,6 +80,11 @@ def _assert_on_rank0():
     value = dist.get_rank() + 1
     assert value == 2, f"values differ: {value} != 2"
     return value
+
+
+def _plain_assert_on_rank1():
+    values = [dist.get_rank(), 0]
+    assert values[0] == values[1]
 
 
 def _nap_for_a_very_long_time():
@@ -118,7 +125,7 @@ def _leave_processes_then_fail(pid_dir):
     dist.barrier()
     if dist.get_rank() == 1:
         raise RuntimeError("failing on purpose")
-    time.sleep(1000)
+    dist.barrier()  # fails once rank 1 is gone; rank 0 then exits, orphaning its `sleep`
 
 
 def _nccl_all_reduce():
@@ -165,8 +172,15 @@ def test_ranks_stuck_after_another_fails_are_terminated_after_the_grace_period()
 def test_assertion_message_from_a_rank_is_reported():
     with pytest.raises(DistributedTestError) as info:
         run_distributed(_assert_on_rank0, 2)
-    assert info.value.failures == {0: "raised AssertionError: values differ: 1 != 2"}
+    assert list(info.value.failures) == [0]
+    assert info.value.failures[0].startswith("raised AssertionError: values differ: 1 != 2")
     assert info.value.results == [None, 2]
+
+
+def test_plain_assert_in_a_rank_shows_the_values_like_pytest():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_plain_assert_on_rank1, 2)
+    assert info.value.failures == {1: "raised AssertionError: assert 1 == 0"}
 
 
 def test_hung_rank_is_reported_with_its_stack():
@@ -225,6 +239,45 @@ def test_no_process_survives_a_failing_call(tmp_path):
     assert len(pids) == 4  # two ranks and the `sleep` each of them started
     assert _no_rank_children()
     assert _wait_gone(pids) == []
+
+
+_KILLED_PARENT_SCRIPT = """
+import os, subprocess, sys, time
+sys.path.insert(0, {tests_dir!r})
+import torch.distributed as dist
+from harness import run_distributed
+
+def record_pids_and_hang(pid_dir):
+    sleeper = subprocess.Popen(["sleep", "100"])
+    with open(os.path.join(pid_dir, f"rank{{dist.get_rank()}}"), "w") as f:
+        f.write(f"{{os.getpid()}} {{sleeper.pid}}")
+    time.sleep(1000)
+
+if __name__ == "__main__":
+    run_distributed(record_pids_and_hang, 2, {pid_dir!r}, timeout=300)
+"""
+
+
+def test_ranks_die_with_a_killed_test_process(tmp_path):
+    """When the test process is SIGKILLed (no `finally` runs), its ranks and their children go too."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    script = tmp_path / "killed_parent.py"
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(_KILLED_PARENT_SCRIPT.format(tests_dir=tests_dir, pid_dir=str(pid_dir)))
+    # TMPDIR: the killed parent cannot remove its rendezvous directory; keep it in tmp_path.
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(pid_dir.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.1)  # let the second file be written out
+        pids = [int(p) for f in pid_dir.iterdir() for p in f.read_text().split()]
+        assert len(pids) == 4, "the ranks did not start"
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_gone(pids, within=10) == []
 
 
 def test_requires_gpus_reason():
@@ -289,4 +342,5 @@ def test_mpiexec_job():
         "print(f'rank {c.Get_rank()} of {c.Get_size()} sum {c.allreduce(c.Get_rank() + 1)}', flush=True)"
     )
     done = run_subprocess_job([find_mpiexec(), "-n", "2", sys.executable, "-c", code], timeout=60)
-    assert sorted(done.stdout.splitlines()) == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
+    # mpiexec forwards each rank's output in chunks that may interleave mid-line.
+    assert sorted(re.findall(r"rank (\d) of 2 sum 3", done.stdout)) == ["0", "1"], done.stdout

@@ -16,8 +16,12 @@ def test_demo_prints_every_method_with_its_compression():
          "--numel", "20011", "--steps", "4"],
         timeout=240, env={"OMP_NUM_THREADS": "1"})
     lines = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines() if "  " in line}
-    assert "32.0x" in lines["1-bit + error feedback"]
-    assert "4.0x" in lines["int8 RS + AG"] and "8.0x" in lines["int4 RS + AG"]
+    def ratio(name):
+        return float(next(f for f in lines[name].split() if f.endswith("x"))[:-1])
+
+    # 20,011 elements: padding and scale headers cost a little against the ideal 32x / 4x / 8x
+    assert 30 < ratio("1-bit + error feedback") <= 32
+    assert 3.8 < ratio("int8 RS + AG") <= 4 and 7.5 < ratio("int4 RS + AG") <= 8
     # error feedback: the mean over steps is closer to the exact mean than a single call is
     fields = lines["1-bit + error feedback"].split()
     assert float(fields[-1]) < float(fields[-2])

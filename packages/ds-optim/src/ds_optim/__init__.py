@@ -1,0 +1,27 @@
+"""ds-optim: compile-free fused optimizers for PyTorch on Numba and CuPy, drop-in for ``torch.optim``.
+
+- :class:`FusedAdamW` / :class:`FusedAdam` (``adam_w_mode``), :class:`FusedLamb`, :class:`FusedLion`,
+  :class:`FusedAdagrad`, and the CPU offload step :class:`CPUAdam` (fused bf16/fp16 copy-out);
+- kernel backends chosen per device (``kernels.select_backend``): CuPy / numba-cuda on CUDA, Numba on the CPU,
+  a pure-torch reference everywhere; ``backend=`` or ``$DS_OPTIM_BACKEND`` overrides.
+"""
+
+from ._version import __version__
+from .adagrad import FusedAdagrad
+from .adam import FusedAdam, FusedAdamW
+from .cpu_adam import CPUAdam
+from .kernels import available_backends, select_backend
+from .lamb import FusedLamb
+from .lion import FusedLion
+
+__all__ = [
+    "__version__",
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedLamb",
+    "FusedLion",
+    "FusedAdagrad",
+    "CPUAdam",
+    "available_backends",
+    "select_backend",
+]
