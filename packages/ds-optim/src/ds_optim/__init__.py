@@ -13,6 +13,8 @@ from .cpu_adam import CPUAdam
 from .kernels import available_backends, select_backend
 from .lamb import FusedLamb
 from .lion import FusedLion
+from .loss_scaler import DynamicLossScaler, StaticLossScaler
+from .lr_schedules import SCHEDULERS, LRRangeTest, OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR, build_scheduler
 
 __all__ = [
     "__version__",
@@ -22,6 +24,15 @@ __all__ = [
     "FusedLion",
     "FusedAdagrad",
     "CPUAdam",
+    "WarmupLR",
+    "WarmupDecayLR",
+    "WarmupCosineLR",
+    "OneCycle",
+    "LRRangeTest",
+    "SCHEDULERS",
+    "build_scheduler",
+    "DynamicLossScaler",
+    "StaticLossScaler",
     "available_backends",
     "select_backend",
 ]
