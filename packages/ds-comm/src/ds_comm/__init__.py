@@ -13,6 +13,7 @@ from ._version import __version__
 from .error_feedback import OnebitErrorFeedback
 from .hooks import OnebitHookState, QuantizedHookState, onebit_hook, quantized_hook
 from .onebit import compressed_allreduce, select_onebit_kernels
+from .optim import OnebitAdam
 from .quantize import QuantizedTensor, dequantize_blockwise, quantization_error_bound, quantize_blockwise
 from .quantized import quantized_all_gather, quantized_reduce_scatter
 from .reference import simulate_compressed_allreduce
@@ -34,6 +35,7 @@ __all__ = [
     "onebit_hook",
     "QuantizedHookState",
     "quantized_hook",
+    "OnebitAdam",
     "select_onebit_kernels",
     "CommStats",
     "global_stats",
