@@ -1,6 +1,9 @@
-"""An ordinary DDP training script where the only change is the optimizer line: torch.optim.AdamW -> ds_optim.
+"""An ordinary DDP training script where the only change is the optimizer: torch.optim.AdamW, ds-optim's
+fused AdamW (one line), or ds-comm's communication-efficient 1-bit Adam (two lines: the optimizer, and
+``register_ddp`` so DDP stops all-reducing gradients once compression starts).
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_swap_optimizer.py --optimizer ds-optim
+    torchrun --standalone --nproc_per_node 2 examples/ddp_swap_optimizer.py --optimizer onebit-adam
     torchrun --standalone --nproc_per_node 2 examples/ddp_swap_optimizer.py --optimizer torch
 
 A small character-level language model (embedding, two-layer MLP over a 32-character context) learns to
@@ -42,10 +45,12 @@ class CharMLP(torch.nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--optimizer", choices=["torch", "ds-optim"], default="ds-optim")
+    parser.add_argument("--optimizer", choices=["torch", "ds-optim", "onebit-adam"], default="ds-optim")
+    parser.add_argument("--freeze-step", type=int, default=50, help="1-bit Adam's full-precision warm-up steps")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -60,13 +65,18 @@ def main() -> None:
 
     data = corpus()
     torch.manual_seed(0)
-    model = DDP(CharMLP().to(device), device_ids=[local_rank] if cuda else None)
+    model = DDP(CharMLP(hidden=args.hidden).to(device), device_ids=[local_rank] if cuda else None)
     if args.optimizer == "torch":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    else:
+    elif args.optimizer == "ds-optim":
         import ds_optim
 
         optimizer = ds_optim.FusedAdamW(model.parameters(), lr=args.lr, weight_decay=0.01)  # the swap
+    else:
+        import ds_comm
+
+        optimizer = ds_comm.OnebitAdam(model.parameters(), lr=args.lr, weight_decay=0.01, freeze_step=args.freeze_step)
+        optimizer.register_ddp(model)  # DDP all-reduces gradients only during the warm-up
 
     gen = torch.Generator().manual_seed(1000 + rank)
     losses, start = [], time.perf_counter()
@@ -84,6 +94,10 @@ def main() -> None:
         if rank == 0 and (step % args.log_every == 0 or step == 1):
             print(f"[{args.optimizer}] step {step:5d}  loss {losses[-1]:.4f}  "
                   f"({(time.perf_counter() - start) / step * 1e3:.1f} ms/step)", flush=True)
+    stats = getattr(optimizer, "comm_stats", None)
+    if rank == 0 and stats is not None and stats.calls:
+        print(f"[{args.optimizer}] compressed calls {stats.calls}, {stats.bytes_sent / stats.calls:,.0f} bytes sent "
+              f"per call per rank, {stats.compression_ratio:.1f}x less than an fp32 all-reduce", flush=True)
     if rank == 0 and args.out:
         pathlib.Path(args.out).write_text(json.dumps({"optimizer": args.optimizer, "world": world, "losses": losses}))
     dist.destroy_process_group()

@@ -90,18 +90,29 @@ class TorchOnebitKernels(OnebitKernels):
         server_scales = header_scales(gathered, layout)
         all_finite = torch.isfinite(worker_scales).all() & torch.isfinite(server_scales).all()
 
+        # On the CPU reading the flag costs nothing; on other devices select without a host sync.
+        known = bool(all_finite) if all_finite.device.type == "cpu" else None
+
+        def commit(state, new):
+            if known is None:
+                state.copy_(torch.where(all_finite, new, state))
+            elif known:
+                state.copy_(new)
+
         m = self._server_chunk(recv, server_error, layout)
-        new_server = m - server_scales[layout.rank] * sign_pm1(m)
+        new_server = m.sub_(sign_pm1(m).mul_(server_scales[layout.rank]))
         new_server[layout.my_valid :] = 0
-        server_error.copy_(torch.where(all_finite, new_server, server_error))
+        commit(server_error, new_server)
 
         x = self._compensated(buffer, worker_error, layout)[: layout.numel]
-        new_worker = x - worker_scales[layout.rank] * sign_pm1(x)
-        worker_error.copy_(torch.where(all_finite, new_worker, worker_error))
+        commit(worker_error, x.sub_(sign_pm1(x).mul_(worker_scales[layout.rank])))
 
         out = signs_times(gathered[:, : layout.chunk_bytes], server_scales).view(-1)[: layout.numel]
         if not average:
             out = out * layout.world_size
-        out = torch.where(all_finite, out, torch.nan)
+        if known is None:
+            out = torch.where(all_finite, out, torch.nan)
+        elif not known:
+            out.fill_(torch.nan)
         buffer.copy_(out)
         nonfinite_count += (~all_finite).to(torch.int64)

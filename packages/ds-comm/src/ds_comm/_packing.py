@@ -34,11 +34,10 @@ def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
 def signs_times(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Decode packed signs of shape ``(rows, bytes)`` into fp32 ``±scale[row]``, shape ``(rows, 8 * bytes)``."""
     rows = packed.shape[0]
-    bits = unpack_bits(packed).view(rows, -1)
-    scale = scale.reshape(rows, 1).to(torch.float32)
-    return torch.where(bits, scale, -scale)
+    pm1 = unpack_bits(packed).view(rows, -1).to(torch.float32).mul_(2).sub_(1)  # faster than torch.where on CPU
+    return pm1.mul_(scale.reshape(rows, 1).to(torch.float32))
 
 
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
     """``+1`` where ``x >= 0`` (zero included: one bit cannot encode 0), ``-1`` elsewhere (NaN too)."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    return x.ge(0).to(x.dtype).mul_(2).sub_(1)

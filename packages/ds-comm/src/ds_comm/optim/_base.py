@@ -13,8 +13,10 @@ has used) has zero momentum, but 1 bit cannot send a zero, so its compressed mom
 its error feedback would churn forever. The optimizers keep a mask of elements whose momentum was exactly zero
 when compression started (momenta are identical on all ranks then) and zero those elements' momenta and
 residuals after every compressed call. An element that later gets a non-zero gradient on any rank is unmasked
-for everyone (a 4-byte all-reduce per step detects it; a one-off all-reduce of the mask follows). Users do not
-pass DeepSpeed's ``exp_avg_mask``.
+for everyone (a 4-byte all-reduce per step detects it; a one-off all-reduce of the squared local values of the
+masked elements follows, so the optimizer can seed the statistics the element never had -- 1-bit Adam's frozen
+variance would otherwise be zero there and the first update enormous). Users do not pass DeepSpeed's
+``exp_avg_mask``.
 """
 
 from __future__ import annotations
@@ -113,12 +115,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _key(self, gi: int, bi: int) -> tuple[int, int]:
         return (gi, bi)
 
-    def compressed_average(self, key, flat: torch.Tensor) -> torch.Tensor:
-        """1-bit average of ``flat`` across ranks in place, with this bucket's error feedback and mask."""
+    def compressed_average(self, key, flat: torch.Tensor, on_wake=None) -> torch.Tensor:
+        """1-bit average of ``flat`` across ranks in place, with this bucket's error feedback and mask.
+
+        ``on_wake(woken, mean_square)``: called when masked elements get a value on some rank, with a bool
+        mask of those elements and the rank-average of ``flat**2`` there (to seed their statistics).
+        """
         if self.transport.world_size == 1:
             return flat  # nothing to average: no compression error either
         ef = self._error_feedback.setdefault(key, OnebitErrorFeedback())
-        self._update_mask(key, flat)
+        self._update_mask(key, flat, on_wake)
         compressed_allreduce(flat, ef, self.transport, backend=self.kernel_backend, stats=self.comm_stats)
         mask = self._masks.get(key)
         if mask is not None:
@@ -140,17 +146,22 @@ class CompressedOptimizer(torch.optim.Optimizer):
             logger.info("ds_comm %s: %d of %d elements have never had a gradient; their momenta stay zero "
                         "until they get one", type(self).__name__, int(zero.sum()), zero.numel())
 
-    def _update_mask(self, key, local: torch.Tensor) -> None:
+    def _update_mask(self, key, local: torch.Tensor, on_wake=None) -> None:
         mask = self._masks.get(key)
         if mask is None:
             return
-        woke = ((local != 0) & (mask == 0)).to(torch.int32)
-        flag = woke.max().reshape(1)
+        masked = mask == 0
+        flag = ((local != 0) & masked).any().to(torch.int32).reshape(1)
         self.transport.all_reduce(flag, "max")  # 4 bytes: did any masked element get a gradient anywhere?
         if int(flag) == 0:
             return
-        self.transport.all_reduce(woke, "max")
-        mask.masked_fill_(woke.bool(), 1.0)
+        square = torch.where(masked, local.float() * local.float(), 0.0)
+        self.transport.all_reduce(square, "sum")  # rare: once per batch of newly touched elements
+        square /= self.transport.world_size
+        woken = masked & (square > 0)
+        mask.masked_fill_(woken, 1.0)
+        if on_wake is not None:
+            on_wake(woken, square)
         if bool((mask == 1).all()):
             del self._masks[key]
 

@@ -88,7 +88,13 @@ class OnebitAdam(CompressedOptimizer):
         if t <= self.freeze_step:
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         else:
-            self.compressed_average(key, exp_avg)
+            def seed_variance(woken, mean_square):
+                # first gradient after the freeze: a variance such that v / bc2 = g^2 (g = m_local / (1 - b1))
+                g2 = mean_square / (1 - beta1) ** 2
+                bc2 = 1 - beta2**self.freeze_step if group["bias_correction"] else 1.0
+                exp_avg_sq.copy_(torch.where(woken, g2 * bc2, exp_avg_sq))
+
+            self.compressed_average(key, exp_avg, on_wake=seed_variance)
         if group["bias_correction"]:
             bc1 = 1 - beta1**t
             bc2 = 1 - beta2 ** min(t, self.freeze_step)  # the variance stopped at freeze_step
