@@ -13,7 +13,7 @@ from ._version import __version__
 from .error_feedback import OnebitErrorFeedback
 from .hooks import OnebitHookState, QuantizedHookState, onebit_hook, quantized_hook
 from .onebit import compressed_allreduce, select_onebit_kernels
-from .optim import OnebitAdam
+from .optim import OnebitAdam, OnebitLamb, ZeroOneAdam
 from .quantize import QuantizedTensor, dequantize_blockwise, quantization_error_bound, quantize_blockwise
 from .quantized import quantized_all_gather, quantized_reduce_scatter
 from .reference import simulate_compressed_allreduce
@@ -36,6 +36,8 @@ __all__ = [
     "QuantizedHookState",
     "quantized_hook",
     "OnebitAdam",
+    "ZeroOneAdam",
+    "OnebitLamb",
     "select_onebit_kernels",
     "CommStats",
     "global_stats",

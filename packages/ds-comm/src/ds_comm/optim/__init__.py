@@ -1,7 +1,9 @@
-"""Communication-efficient optimizers for plain DDP scripts: 1-bit Adam (and, as they land, 0/1 Adam and
-1-bit LAMB), each one 1-bit compressed collective per flat bucket of parameters."""
+"""Communication-efficient optimizers for plain DDP scripts: 1-bit Adam, 0/1 Adam and 1-bit LAMB, each one
+1-bit compressed collective per flat bucket of parameters."""
 
 from ._base import CompressedOptimizer
 from .onebit_adam import OnebitAdam
+from .onebit_lamb import OnebitLamb
+from .zero_one_adam import ZeroOneAdam
 
-__all__ = ["CompressedOptimizer", "OnebitAdam"]
+__all__ = ["CompressedOptimizer", "OnebitAdam", "ZeroOneAdam", "OnebitLamb"]
