@@ -185,3 +185,20 @@ def test_bad_input():
         run_distributed(_not_a_member, 2)
     with pytest.raises(ValueError, match="missing its 'ds_comm' section"):
         OnebitAdam(params, freeze_step=2).load_state_dict(torch.optim.AdamW(params).state_dict())
+
+
+def test_deepspeed_json_names_map_to_the_optimizers():
+    from ds_comm.optim import from_deepspeed_config
+
+    params = list(_model().parameters())
+    opt = from_deepspeed_config("OneBitAdam", {"lr": 1e-3, "freeze_step": 400, "betas": [0.9, 0.99],
+                                               "cuda_aware": False, "comm_backend_name": "nccl"}, params)
+    assert isinstance(opt, OnebitAdam) and opt.freeze_step == 400 and opt.param_groups[0]["betas"] == (0.9, 0.99)
+    assert type(from_deepspeed_config("zerooneadam", {"var_freeze_step": 10}, _model().parameters())).__name__ == "ZeroOneAdam"
+    assert type(from_deepspeed_config("OneBitLamb", {"max_coeff": 0.3}, _model().parameters())).__name__ == "OnebitLamb"
+    with pytest.raises(ValueError, match="did you mean 'OneBitAdam'"):
+        from_deepspeed_config("OneBitAdamm", {}, params)
+    with pytest.raises(ValueError, match="freeze_stpe is not a OneBitAdam parameter; did you mean 'freeze_step'"):
+        from_deepspeed_config("OneBitAdam", {"freeze_stpe": 3}, params)
+    with pytest.raises(ValueError, match="comm_backend_name='hccl' is not supported"):
+        from_deepspeed_config("OneBitAdam", {"comm_backend_name": "hccl"}, params)

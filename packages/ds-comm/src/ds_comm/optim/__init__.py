@@ -5,5 +5,6 @@ from ._base import CompressedOptimizer
 from .onebit_adam import OnebitAdam
 from .onebit_lamb import OnebitLamb
 from .zero_one_adam import ZeroOneAdam
+from .config import DEEPSPEED_OPTIMIZERS, from_deepspeed_config
 
-__all__ = ["CompressedOptimizer", "OnebitAdam", "ZeroOneAdam", "OnebitLamb"]
+__all__ = ["CompressedOptimizer", "OnebitAdam", "ZeroOneAdam", "OnebitLamb", "DEEPSPEED_OPTIMIZERS", "from_deepspeed_config"]
