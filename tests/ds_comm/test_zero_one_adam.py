@@ -6,18 +6,18 @@ local steps from 9 with synchronisations at 9, 10, 12, 16 (the interval doubles 
 then is clipped at 4), and steps 17-18 left unsynchronised.
 
 Spawning ranks that build a DDP model costs seconds here (DDP imports torch._dynamo in every rank), so one
-distributed call runs both the uninterrupted and the resumed training, and the tests share it.
+distributed call runs both the uninterrupted and the resumed training, and the tests share it. The model, the
+batches, the training drivers and the distributed workers are shared with test_onebit_lamb (compressed_optim_cases).
 """
 
-import collections
+import functools
 import math
-import pathlib
+import operator
 
+import compressed_optim_cases as cases
 import pytest
 import torch
-import torch.distributed as dist
 from harness import DistributedTestError, run_distributed
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ds_comm import OnebitAdam, OnebitErrorFeedback, simulate_compressed_allreduce
 from ds_comm.optim.zero_one_adam import ZeroOneAdam
@@ -29,25 +29,6 @@ SAVE_BEFORE = 14  # in the local phase, with one local step (13) pending in the 
 VAR_STEPS, ONEBIT_GRAD_STEPS, SYNC_STEPS = [1, 2, 4, 6, 8], [3, 5, 7], [9, 10, 12, 16]
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 3))
-
-
-def _batch(step, rank):
-    g = torch.Generator().manual_seed(100 * step + rank)
-    x = torch.randn(8, 12, generator=g)
-    return x, x[:, :3] * 2 - x[:, 3:6] + 0.1 * torch.randn(8, 3, generator=g)
-
-
-def _local_grad(model, flat, step, rank):
-    torch.nn.utils.vector_to_parameters(flat, model.parameters())
-    model.zero_grad()
-    x, y = _batch(step, rank)
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-
-
 def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDULE):
     """0/1 Adam in one process: per-rank params, momenta and accumulators; exact averages on variance steps,
     ``simulate_compressed_allreduce`` (one error feedback per simulated rank) for the 1-bit averages.
@@ -55,7 +36,7 @@ def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDUL
     freeze, kappa = schedule["var_freeze_step"], schedule["var_update_scaler"]
     scaler, clipper = schedule["local_step_scaler"], schedule["local_step_clipper"]
     b1, b2 = BETAS
-    model = _model()
+    model = cases.small_model()
     flat0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     params = [flat0.clone() for _ in range(world)]
     m = [torch.zeros_like(flat0) for _ in range(world)]
@@ -66,7 +47,7 @@ def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDUL
     interval, counter, since, lrs = 1, 0, 0, 0.0
     trace = {"variance": [], "onebit_grad": [], "local": [], "sync": [], "intervals": []}
     for t in range(1, steps + 1):
-        grads = [_local_grad(model, params[r], t, r) for r in range(world)]
+        grads = [cases.local_grad(model, params[r], t, r) for r in range(world)]
         if t <= freeze and t % var_interval == 0:  # full-precision average, both moments
             trace["variance"].append(t)
             g = sum(grads) / world
@@ -110,42 +91,12 @@ def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDUL
     return params, trace
 
 
-def _optimizer(model, **kwargs):
-    return ZeroOneAdam(model.parameters(), **{"lr": LR, "weight_decay": WD, **SCHEDULE, **kwargs})
+# the optimizer under test with this file's settings: _optimizer(params, **overrides) (a partial, so it pickles)
+_optimizer = functools.partial(ZeroOneAdam, lr=LR, weight_decay=WD, **SCHEDULE)
 
-
-def _train_ddp(rank, steps, start=1, checkpoint=None, save_before=None):
-    model = DDP(_model())
-    opt = _optimizer(model)
-    opt.register_ddp(model)
-    if start > 1:
-        saved = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-    full_precision = []
-    for t in range(start, steps + 1):
-        if t == save_before:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, checkpoint)
-        full_precision.append(opt.needs_grad_allreduce())  # what the DDP hook will do in this backward
-        x, y = _batch(t, rank)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    return flat, opt.comm_stats.as_dict(), full_precision, opt.local_step_interval
-
-
-def _straight_and_resumed(directory):
-    rank = dist.get_rank()
-    checkpoint = f"{directory}/rank{rank}.pt"
-    straight = _train_ddp(rank, STEPS, checkpoint=checkpoint, save_before=SAVE_BEFORE)
-    resumed = _train_ddp(rank, STEPS, start=SAVE_BEFORE, checkpoint=checkpoint)  # a fresh model and optimizer
-    return straight, resumed
-
-
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    return run_distributed(_straight_and_resumed, 2, str(tmp_path_factory.mktemp("zero_one_adam")))
+# per rank: (flat, stats, full_precision, local_step_interval) of the straight and of the resumed run
+ddp_runs = cases.ddp_runs_fixture("zero_one_adam", _optimizer, operator.attrgetter("local_step_interval"), STEPS,
+                                  SAVE_BEFORE)
 
 
 def test_reference_covers_every_phase():
@@ -178,14 +129,7 @@ def test_resume_in_the_local_phase_is_bit_exact(ddp_runs):
 
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_world_size_one_runs_without_communication(bias_correction):
-    model = _model()
-    opt = _optimizer(model, bias_correction=bias_correction)
-    for t in range(1, STEPS + 1):
-        opt.zero_grad()
-        x, y = _batch(t, 0)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    model, opt, flat = cases.train_alone(_optimizer, STEPS, bias_correction=bias_correction)
     expected, _ = reference(1, STEPS, bias_correction=bias_correction)
     torch.testing.assert_close(flat, expected[0], rtol=1e-5, atol=1e-6)
     assert opt.comm_stats.calls == 0
@@ -193,14 +137,7 @@ def test_world_size_one_runs_without_communication(bias_correction):
 
 
 def test_bf16_params_use_fp32_states_and_math():
-    model = _model().to(torch.bfloat16)
-    opt = _optimizer(model)
-    for t in range(1, STEPS + 1):
-        opt.zero_grad()
-        x, y = _batch(t, 0)
-        torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
-        opt.step()
-    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    model, opt, flat = cases.train_alone(_optimizer, STEPS, torch.bfloat16)
     assert flat.dtype == torch.bfloat16
     assert all(opt.state[p][k].dtype == torch.float32 for p in model.parameters() for k in opt.state_names)
     expected, _ = reference(1, STEPS)
@@ -211,12 +148,12 @@ def test_bf16_params_use_fp32_states_and_math():
 def test_weight_decay_stays_out_of_the_synchronised_momentum():
     """At world size 1 with a sync every step, the momentum after a sync must be the plain momentum
     (DeepSpeed's accumulator would add ``wd * p * (sqrt(v)+eps)`` to it)."""
-    model = _model()
-    opt = _optimizer(model, var_freeze_step=2, local_step_scaler=10**6, weight_decay=0.5)
+    model = cases.small_model()
+    opt = _optimizer(model.parameters(), var_freeze_step=2, local_step_scaler=10**6, weight_decay=0.5)
     plain = torch.zeros(sum(p.numel() for p in model.parameters()))
     for t in range(1, 6):
         opt.zero_grad()
-        x, y = _batch(t, 0)
+        x, y = cases.batch(t, 0)
         torch.nn.functional.mse_loss(model(x), y).backward()
         grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         plain = plain * BETAS[0] + (1 - BETAS[0]) * grad
@@ -225,33 +162,13 @@ def test_weight_decay_stays_out_of_the_synchronised_momentum():
     torch.testing.assert_close(momentum, plain, rtol=1e-5, atol=1e-7)
 
 
-def _embedding_rows_never_seen():
+def test_never_touched_rows_stay_put_until_a_rank_touches_them():
     """Rows >= 5 of an embedding never get a gradient until rank 1 uses row 15 in a local step (8); no DDP: the
     gradients are averaged by hand on the steps the hook would average them."""
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    emb = torch.nn.Embedding(20, 4)
     # variance steps 1, 2, 4 (1-bit gradient step 3); local steps from 5, syncs at 5, 7, 9 (interval 1, then 2)
-    opt = ZeroOneAdam(emb.parameters(), lr=1e-2, eps=1.0, var_freeze_step=4, var_update_scaler=1,
-                      local_step_scaler=1, local_step_clipper=2)
-    before = emb.weight.detach().clone()
-    for t in range(1, 10):
-        ids = torch.tensor([1, 3, 15]) if (t == 8 and rank == 1) else torch.tensor([rank, 2 + rank, 4])
-        opt.zero_grad()
-        emb(ids).square().sum().backward()
-        if opt.needs_grad_allreduce():
-            dist.all_reduce(emb.weight.grad)
-            emb.weight.grad /= dist.get_world_size()
-        opt.step()
-        if t == 7:
-            untouched = torch.equal(emb.weight[5:], before[5:])
-            clean = bool((opt._error_feedback[(0, 0)].worker_error.view(20, 4)[5:] == 0).all())
-            momentum_zero = bool((opt.state[emb.weight]["exp_avg"][5:] == 0).all())
-    return untouched, clean, momentum_zero, emb.weight.detach().clone(), before
-
-
-def test_never_touched_rows_stay_put_until_a_rank_touches_them():
-    results = run_distributed(_embedding_rows_never_seen, 2)
+    make_optimizer = functools.partial(ZeroOneAdam, lr=1e-2, eps=1.0, var_freeze_step=4, var_update_scaler=1,
+                                       local_step_scaler=1, local_step_clipper=2)
+    results = run_distributed(cases.embedding_rows_never_seen, 2, make_optimizer, steps=9, touch_step=8, check_step=7)
     for untouched, clean, momentum_zero, weight, before in results:
         assert untouched and clean and momentum_zero
         assert not torch.equal(weight[15], before[15])  # woken by rank 1's local step, synchronised at 9
@@ -260,48 +177,9 @@ def test_never_touched_rows_stay_put_until_a_rank_touches_them():
 
 
 # -- convergence on a real task ------------------------------------------------------------------------------
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONTEXT = 8
-
-
-def _corpus():
-    """The repository's architecture notes and ds-comm README as character ids: characters of at least 0.5%
-    frequency get their own id, the rest share one. (0/1 Adam divides by a variance that only variance steps
-    update: a rare character first seen on another step would have a zero variance and an ``m / eps`` update;
-    see the class docstring.)"""
-    files = [ROOT / "ARCHITECTURE.md", ROOT / "packages" / "ds-comm" / "README.md"]
-    text = "\n".join(f.read_text() for f in files)
-    counts = collections.Counter(text)
-    vocab = {c: i + 1 for i, c in enumerate(sorted(c for c, n in counts.items() if n >= 0.005 * len(text)))}
-    return torch.tensor([vocab.get(c, 0) for c in text], dtype=torch.long), len(vocab) + 1
-
-
-def _char_model(vocab):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Flatten(),
-                               torch.nn.Linear(CONTEXT * 16, 128), torch.nn.GELU(), torch.nn.Linear(128, vocab))
-
-
-def _train_chars(make_optimizer, steps):
-    rank, world = dist.get_rank(), dist.get_world_size()
-    data, vocab = _corpus()
-    model = DDP(_char_model(vocab))
-    opt = make_optimizer(model)
-    gen = torch.Generator().manual_seed(1000 + rank)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(data) - CONTEXT - 1, (64,), generator=gen)
-        x = torch.stack([data[i : i + CONTEXT] for i in idx])
-        loss = torch.nn.functional.cross_entropy(model(x), data[idx + CONTEXT])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
-    return sum(losses[-30:]) / 30
-
-
+# compressed_optim_cases.corpus gives the characters of less than 0.5% frequency one shared id: 0/1 Adam divides by
+# a variance that only variance steps update, so a rare character first seen on another step would have a zero
+# variance and an ``m / eps`` update (see the class docstring).
 def _zero_one_adam(model):
     opt = ZeroOneAdam(model.parameters(), lr=3e-3, weight_decay=0.01, var_freeze_step=60, var_update_scaler=8,
                       local_step_scaler=40, local_step_clipper=4)
@@ -314,7 +192,7 @@ def _adamw(model):
 
 
 def _convergence():
-    return _train_chars(_zero_one_adam, 240), _train_chars(_adamw, 240)
+    return cases.train_chars(_zero_one_adam, 240), cases.train_chars(_adamw, 240)
 
 
 def test_next_character_loss_ends_close_to_adamw():
@@ -324,14 +202,8 @@ def test_next_character_loss_ends_close_to_adamw():
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
-def _not_a_member():
-    group = dist.new_group([0])
-    if dist.get_rank() == 1:
-        ZeroOneAdam(_model().parameters(), process_group=group)
-
-
 def test_bad_input(tmp_path):
-    params = list(_model().parameters())
+    params = list(cases.small_model().parameters())
     for kwargs, message in [(dict(var_freeze_step=-1), "var_freeze_step must be an int >= 0"),
                             (dict(var_freeze_step=2.5), "var_freeze_step must be an int"),
                             (dict(var_update_scaler=0), "var_update_scaler must be an int >= 1"),
@@ -343,7 +215,7 @@ def test_bad_input(tmp_path):
         with pytest.raises(ValueError, match=message):
             ZeroOneAdam(params, **kwargs)
     with pytest.raises(DistributedTestError, match="not a member"):
-        run_distributed(_not_a_member, 2)
+        run_distributed(cases.not_a_member, 2, ZeroOneAdam)
     saved = ZeroOneAdam(params, var_freeze_step=4).state_dict()
     with pytest.raises(ValueError, match="var_freeze_step=4"):
         ZeroOneAdam(params, var_freeze_step=5).load_state_dict(saved)
