@@ -59,8 +59,42 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not 0.0 <= b2 < 1.0:
                 raise ValueError(f"Invalid beta parameter at index 1: {b2}")
 
+    def _register_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``'s checks and defaults, without its ``_disable_dynamo``
+        wrapper: that wrapper imports ``torch._dynamo`` on first use (1.5-3 s), which is most of an optimizer's
+        cold start."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
+        else:
+            params = list(params)
+        if params and isinstance(params[0], tuple):  # named parameters, as torch accepts them
+            param_group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
+        param_group["params"] = params
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError("can't optimize a non-leaf Tensor")
+        for name, default in self.defaults.items():
+            param_group.setdefault(name, default)
+        if len(params) != len(set(params)):
+            raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group")
+        seen = set()
+        for group in self.param_groups:
+            seen.update(group["params"])
+        if not seen.isdisjoint(params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(param_group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        self._register_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)
         name = type(self).__name__
@@ -123,30 +157,44 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group, bucket: FlatBucket, grad_scale, found_inf) -> None:
         present = bucket.gather_grads()
+        kernels = self.kernels_for(bucket.device)
+        if present is None and bucket.uniform:
+            # the common case: every param has a grad and the same step count: one launch, no per-param work
+            self._advance(bucket.steps, found_inf)
+            self._update(kernels, group, bucket.param_flat, bucket.grad_flat, bucket.states, bucket.steps[0],
+                         grad_scale, found_inf, self._out_for(bucket, 0, bucket.numel), bucket.offsets)
+            bucket.count_uniform_step()
+            if not bucket.states_published:
+                for i, p in enumerate(bucket.params):
+                    self._publish_state(bucket, i, p)
+                bucket.states_published = True
+            return
+        if present is None:
+            present = [True] * len(bucket.params)
         if not any(present):
             return
-        if all(present):
-            self._advance(bucket.steps, found_inf)
-        else:
-            mask = torch.tensor(present, device=bucket.device)
-            increment = torch.where(mask, 1.0, 0.0)
-            if found_inf is not None:
-                increment = increment * (1 - found_inf.to(bucket.device, torch.float32))
-            bucket.steps.add_(increment)
-        kernels = self.kernels_for(bucket.device)
+        mask = torch.tensor(present, device=bucket.device)
+        increment = torch.where(mask, 1.0, 0.0)
+        if found_inf is not None:
+            increment = increment * (1 - found_inf.to(bucket.device, torch.float32))
+        bucket.steps.add_(increment)
         for i0, i1 in bucket.runs(present):
             lo, hi = bucket.offsets[i0], bucket.offsets[i1]
             states = {name: flat[lo:hi] for name, flat in bucket.states.items()}
             offsets = [o - lo for o in bucket.offsets[i0 : i1 + 1]]
             self._update(kernels, group, bucket.param_flat[lo:hi], bucket.grad_flat[lo:hi], states,
                          bucket.steps[i0], grad_scale, found_inf, self._out_for(bucket, lo, hi), offsets)
+        counts = bucket.step_counts
         for i, has in enumerate(present):
             if has:
-                bucket.step_counts[i] += 1
-                p = bucket.params[i]
-                if p not in self.state or not self.state[p]:
-                    self.state[p] = {"step": bucket.steps[i]}
-                    self.state[p].update({name: bucket.state_view(name, i) for name in self.state_names})
+                counts[i] += 1
+                self._publish_state(bucket, i, bucket.params[i])
+
+    def _publish_state(self, bucket: FlatBucket, i: int, p) -> None:
+        """torch-style ``state[p]``: views of the flat states, created at the param's first step."""
+        if p not in self.state or not self.state[p]:
+            self.state[p] = {"step": bucket.steps[i]}
+            self.state[p].update({name: bucket.state_view(name, i) for name in self.state_names})
 
     def _step_loose(self, group, p, grad_scale, found_inf) -> None:
         g = p.grad
@@ -168,8 +216,11 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # -- zero_grad ---------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if set_to_none:
-            return super().zero_grad(set_to_none=True)
+        if set_to_none:  # as torch's, without its dynamo-disabling wrapper (see _register_group)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
         for buckets, loose in zip(self._buckets, self._loose):
             for bucket in buckets:
                 bucket.zero_grads()
