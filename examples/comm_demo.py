@@ -109,6 +109,8 @@ def main() -> None:
             print(f"{name:26s} {sent:16,d} {ratio:7.1f}x {ms:9.1f} {err1:17.4f} {errn:20.4f}")
         print("\nbytes: what this rank sends per call (ring all-reduce for fp32); errors: relative L2 against the"
               " exact average.\nOn 2 CPU cores the timings measure compute, not a network: see bench/ for GPUs.")
+    # every rank leaves together: tearing gloo down while a peer is still mid-collective can abort the process
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -100,6 +100,10 @@ def main() -> None:
               f"per call per rank, {stats.compression_ratio:.1f}x less than an fp32 all-reduce", flush=True)
     if rank == 0 and args.out:
         pathlib.Path(args.out).write_text(json.dumps({"optimizer": args.optimizer, "world": world, "losses": losses}))
+    # Every rank leaves together, and DDP (whose reducer holds the process group) goes before the group: with
+    # gloo, torch 2.13 can otherwise abort at exit ("terminate called without an active exception").
+    dist.barrier()
+    del model, optimizer
     dist.destroy_process_group()
 
 
