@@ -1,0 +1,159 @@
+"""``initialize``: DeepSpeed's one call, over the ds-* suite.
+
+What it does, in order: joins torch.distributed (:func:`~ds_train.dist.init_distributed`); reads the config
+(``config`` dict or JSON path, DeepSpeed's older ``config_params``, or ``args.deepspeed_config``) into a
+:class:`~ds_train.config.DeepSpeedConfig`; decides the optimizer and LR scheduler (the caller's, or the ones the
+config names -- never both); wraps the model in :class:`ds_zero.ZeroEngine`; and, given ``training_data``, builds
+a :class:`~ds_train.data.DeepSpeedDataLoader` over the data-parallel group in micro-batches.
+
+The optimizer and scheduler from the config reach the engine as factories (``param_groups -> optimizer``,
+``optimizer -> scheduler``): the engine decides which tensors the optimizer holds (under ZeRO, this rank's
+partition), exactly as for a callable passed by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, DeepSpeedConfig, load_config
+from .data import DeepSpeedDataLoader
+from .dist import init_distributed
+from .optimizers import (COMPRESSED_OPTIMIZERS, KNOWN_OPTIMIZERS, _compressed_class, build_optimizer,
+                         canonical_optimizer_name)
+from .schedulers import build_lr_scheduler
+
+logger = logging.getLogger("ds_train")
+
+__all__ = ["initialize"]
+
+
+def _config_source(args: Any, config: Any, config_params: Any) -> Any:
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    given = [(name, value) for name, value in (("config", config), ("config_params", config_params),
+                                                ("args.deepspeed_config", from_args)) if value is not None]
+    if not given:
+        raise ConfigError("no DeepSpeed config: pass config= (a dict or a JSON path) or args.deepspeed_config")
+    if len(given) > 1:
+        raise ConfigError(f"the DeepSpeed config was given twice ({' and '.join(n for n, _ in given)}); pass it once")
+    return given[0][1]
+
+
+def _data_parallel(mpu: Any, process_group: Any) -> tuple[Any, int, int]:
+    """(group, rank, world size) of data parallelism: the mpu's when given (Megatron-style model parallel
+    unit), else the whole world."""
+    if mpu is None:
+        return None, dist.get_rank(), dist.get_world_size()
+    for name in ("get_data_parallel_group", "get_data_parallel_rank", "get_data_parallel_world_size"):
+        if not callable(getattr(mpu, name, None)):
+            raise TypeError(f"mpu must provide {name}() (Megatron's model parallel unit interface)")
+    return mpu.get_data_parallel_group(), mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+
+
+def _params_with_grad(model_parameters: Iterable | None, model: torch.nn.Module):
+    params = list(model.parameters() if model_parameters is None else model_parameters)
+    if not params:
+        raise ValueError("initialize: model_parameters is empty (no parameters to optimize)")
+    return params
+
+
+def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
+    section = cfg.optimizer
+
+    def factory(param_groups):
+        return build_optimizer(section.type, section.params, param_groups, process_group=group)
+
+    return factory
+
+
+def _check_compressed(cfg: DeepSpeedConfig) -> None:
+    """1-bit Adam, 1-bit LAMB and 0/1 Adam communicate compressed momenta themselves and need the gradient
+    all-reduce switched off after their warm-up (ds-comm drives that through a DDP comm hook,
+    ``CompressedOptimizer.register_ddp``). ZeRO stages 1-2 partition the optimizer, which these optimizers
+    cannot be; and ds-zero's stage-0 engine all-reduces every gradient with no way for the optimizer to turn
+    that off, so the compression would save nothing while adding its error: refused rather than faked."""
+    key = canonical_optimizer_name(cfg.optimizer.type)
+    if key not in COMPRESSED_OPTIMIZERS:
+        return
+    name = KNOWN_OPTIMIZERS[key]
+    stage = cfg.zero_optimization.stage
+    if stage != 0:
+        raise ConfigError(f"optimizer.type {name!r} needs zero_optimization.stage 0 (it communicates its own "
+                          f"compressed momenta and cannot be partitioned), got stage {stage}")
+    raise ConfigError(f"optimizer.type {name!r} is not supported through the engine yet: ds-zero's engine "
+                      "all-reduces every gradient and cannot hand that step to the optimizer. Use it in a DDP "
+                      f"script meanwhile: ds_comm.{_compressed_class(key).__name__}(...) with "
+                      "optimizer.register_ddp(ddp_model)")
+
+
+def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
+               model_parameters: Iterable | None = None, training_data: Any = None, lr_scheduler: Any = None,
+               mpu: Any = None, dist_init_required: bool | None = None, collate_fn: Callable | None = None,
+               config: Any = None, config_params: Any = None):
+    """Wrap ``model`` for training; returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as
+    ``deepspeed.initialize`` (``training_dataloader`` is ``None`` without ``training_data``, ``lr_scheduler``
+    ``None`` when neither the caller nor the config gives one).
+
+    - ``optimizer``: a ``torch.optim.Optimizer`` over the model's parameters, or a callable ``params ->
+      optimizer``; otherwise the config's ``optimizer`` section builds one (both: an error, as DeepSpeed).
+    - ``model_parameters``: the parameters (or param groups, e.g. without weight decay for biases) the
+      optimizer gets; default ``model.parameters()``.
+    - ``lr_scheduler``: a scheduler, or a callable ``optimizer -> scheduler``; otherwise the config's
+      ``scheduler`` section (both: an error -- DeepSpeed silently prefers the caller's).
+    - ``mpu``: a model-parallel unit; its data-parallel group is the engine's and the data loader's.
+    - ``dist_init_required``: ``False`` to require an existing process group.
+    """
+    import ds_zero
+
+    if model is None:
+        raise ValueError("initialize: model is required")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
+    source = _config_source(args, config, config_params)
+    init_distributed(dist_init_required=dist_init_required)
+    cfg = load_config(source)
+    group, dp_rank, dp_world = _data_parallel(mpu, None)
+
+    if optimizer is not None and cfg.optimizer is not None:
+        raise ConfigError("an optimizer was passed to initialize() and the config has an 'optimizer' section too; "
+                          "remove one of them")
+    if lr_scheduler is not None and cfg.scheduler is not None:
+        raise ConfigError("an lr_scheduler was passed to initialize() and the config has a 'scheduler' section too; "
+                          "remove one of them")
+    if optimizer is None and cfg.optimizer is None:
+        raise ConfigError("no optimizer: pass optimizer= to initialize() or add an 'optimizer' section to the config")
+
+    params = _params_with_grad(model_parameters, model)
+    if optimizer is None:
+        _check_compressed(cfg)
+        factory = _optimizer_factory(cfg, group)
+        # the caller's param groups (weight-decay splits...) are kept: the engine is given an optimizer built
+        # over them when they differ from the plain model parameters, else the factory
+        engine_optimizer: Any = factory if model_parameters is None else factory(params)
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        engine_optimizer = optimizer
+    elif callable(optimizer):
+        engine_optimizer = optimizer if model_parameters is None else optimizer(params)
+    else:
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable, got {type(optimizer).__name__}")
+
+    if lr_scheduler is None and cfg.scheduler is not None:
+        section = cfg.scheduler
+        engine_scheduler: Any = lambda opt: build_lr_scheduler(section.type, section.params, opt)  # noqa: E731
+    else:
+        engine_scheduler = lr_scheduler
+
+    engine = ds_zero.ZeroEngine(model, engine_optimizer, cfg, lr_scheduler=engine_scheduler, process_group=group)
+
+    loader = None
+    if training_data is not None:
+        loader = DeepSpeedDataLoader(training_data, engine.train_micro_batch_size_per_gpu(), num_replicas=dp_world,
+                                     rank=dp_rank, collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
+    if dist.get_rank() == 0 and logger.isEnabledFor(logging.INFO):
+        logger.info("ds_train: effective DeepSpeed config on %d data-parallel rank(s):\n%s", dp_world,
+                    json.dumps(cfg.effective(dp_world), indent=2))
+    return engine, engine.optimizer, loader, engine.lr_scheduler
