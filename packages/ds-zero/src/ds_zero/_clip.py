@@ -1,0 +1,43 @@
+"""Gradient clipping by the true global norm, whatever is partitioned.
+
+Each rank holds either whole gradients (stage 0: every rank the same values) or disjoint shards (stages 1/2:
+padding is zero, so it adds nothing). The squared norms of the local pieces are summed on the device; for
+shards the sum is all-reduced over the data-parallel group, so every rank computes the same norm -- the norm
+of the full averaged gradient -- and the same coefficient. The coefficient follows
+``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``, applied only when it is below one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group) -> torch.Tensor:
+    """The L2 norm (fp32 0-d tensor) of the full gradient from this rank's pieces."""
+    grads = [g for g in grads if g.numel()]
+    if grads:
+        device = grads[0].device
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    else:
+        device = torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32)
+    if sharded and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if "nccl" in str(dist.get_backend(group)).lower() and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        sq = sq.to(device)
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, sharded: bool, group) -> float:
+    """Clip in place to ``max_norm`` by the global norm; returns the norm before clipping."""
+    norm = global_grad_norm(grads, sharded, group)
+    value = float(norm)
+    if max_norm > 0:
+        coef = max_norm / (value + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_([g for g in grads if g.numel()], coef)
+    return value

@@ -1,0 +1,60 @@
+"""Model-state bytes actually held by a rank, for checking against ZeRO's formulas.
+
+Counted: every distinct storage (by its data pointer, so a view is never counted twice) behind the model's
+params, the buckets' flat param and grad buffers, the reduced gradient shards, the fp32 masters and their
+grads, and every tensor in the optimizer's state. Not counted: transient buffers that exist only inside
+``backward``/``step`` (stage-2 staging buckets, stage-1 reduced shards, fp32 master grads of a torch
+optimizer), activations, and buffers of the module (running stats). With mixed-precision Adam and Ψ trainable
+elements over N ranks this comes to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1) and 2Ψ + 14Ψ/N (stage 2), plus the
+bucket padding; a ds-optim optimizer adds its own persistent fp32 grad buffer (4Ψ/N).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    seen: set[tuple[int, int]] = set()
+    out = {"params": 0, "grads": 0, "master_params": 0, "optimizer_states": 0}
+
+    def add(kind: str, t: torch.Tensor | None) -> None:
+        if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return
+        key = _storage_key(t)
+        if key in seen:
+            return
+        seen.add(key)
+        out[kind] += key[1]
+
+    masters = set()
+    if engine.masters is not None:
+        for p in engine.masters.params:
+            if p is not None:
+                masters.add(p)
+                add("master_params", p.data)
+                add("grads", p.grad)
+    for b in engine.buckets:
+        add("params", b.param_flat)
+        add("grads", b.grad_flat)
+        add("grads", b.shard_grad)
+    for p in engine.module.parameters():
+        add("params", p.data)
+        add("grads", p.grad)
+    for state in engine.optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                add("optimizer_states", v)
+    # ds-optim keeps states and a grad buffer in flat buffers behind the views above
+    for buckets in getattr(engine.optimizer, "_buckets", []):
+        for fb in buckets:
+            add("grads", fb.grad_flat)
+            for v in fb.states.values():
+                add("optimizer_states", v)
+    out["total"] = sum(out.values())
+    return out

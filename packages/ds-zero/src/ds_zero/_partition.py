@@ -1,0 +1,146 @@
+"""Sharding policies and the fp32 master partitions.
+
+A :class:`ShardingPolicy` says how many pieces each bucket's optimizer-side data is cut into and which piece
+this rank owns, and how parameters get back to every rank after the step:
+
+- :class:`Replicated` (stage 0): one piece, every rank holds the whole fp32 master (when there is one);
+  nothing to gather.
+- :class:`DataParallelShards` (stages 1 and 2): ``dp_world_size`` pieces; after the step each rank writes
+  its updated shard into the bucket's flat 16-bit storage and the bucket is all-gathered in place.
+
+The hooks ``gather_params`` / ``release_params`` are where ZeRO-3 plugs in (gather before a module's
+forward/backward, release after); for stages 0-2 parameters stay resident, so ``release_params`` does
+nothing. An offload policy would place :class:`Masters` on the CPU instead.
+
+:class:`Masters` holds, per param group, ONE fp32 ``nn.Parameter``: the concatenation of this rank's shards of
+that group's buckets. The rebuilt optimizer steps these, so a ds-optim optimizer does one kernel launch per
+group, and its states have exactly the master's shape (what makes them reshardable).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._buckets import Bucket
+
+
+class ShardingPolicy:
+    """How a bucket is split across the data-parallel group (see the module docstring)."""
+
+    shard_world: int = 1
+    shard_rank: int = 0
+
+    def gather_params(self, buckets: list[Bucket]) -> None:
+        """Make every rank's full params current after the optimizer wrote this rank's shards."""
+
+    def release_params(self, buckets: list[Bucket]) -> None:
+        """Free what need not stay resident (ZeRO-3 would free the full params here)."""
+
+
+class Replicated(ShardingPolicy):
+    def __init__(self) -> None:
+        self.shard_world, self.shard_rank = 1, 0
+
+
+class DataParallelShards(ShardingPolicy):
+    """Equal padded shards, one per data-parallel rank; all-gather after the step.
+
+    ``allgather_bucket_size`` bounds the elements of all-gathers in flight: buckets are gathered in place
+    (no staging buffer) and asynchronously, and once the in-flight total would pass the bound the oldest
+    gathers are waited for first. ``allgather_partitions=False`` (DeepSpeed: each rank broadcasts its shard)
+    is honoured by broadcasting each shard from its owner instead.
+    """
+
+    def __init__(self, group, world: int, rank: int, allgather_bucket_size: int, allgather_partitions: bool,
+                 in_place: bool) -> None:
+        self.group, self.shard_world, self.shard_rank = group, world, rank
+        self.allgather_bucket_size = allgather_bucket_size
+        self.allgather_partitions = allgather_partitions
+        # NCCL gathers in place (the input is the output's own slice); other backends get a copy of the shard
+        self.in_place = in_place
+
+    def gather_params(self, buckets: list[Bucket]) -> None:
+        pending: list[tuple[object, int]] = []
+        in_flight = 0
+        for bucket in buckets:
+            flat = bucket.param_flat
+            n = bucket.shard_numel
+            while pending and in_flight + bucket.padded_numel > self.allgather_bucket_size:
+                work, size = pending.pop(0)
+                work.wait()
+                in_flight -= size
+            if not self.allgather_partitions:
+                for owner in range(self.shard_world):
+                    piece = flat[owner * n:(owner + 1) * n]
+                    dist.broadcast(piece, src=dist.get_global_rank(self.group, owner) if self.group is not None
+                                   else owner, group=self.group)
+                continue
+            lo, hi = bucket.shard_range
+            shard = flat[lo:hi] if self.in_place else flat[lo:hi].clone()
+            work = dist.all_gather_into_tensor(flat, shard, group=self.group, async_op=True)
+            pending.append((work, bucket.padded_numel))
+            in_flight += bucket.padded_numel
+        for work, _ in pending:
+            work.wait()
+
+
+class Masters:
+    """fp32 master shards, one ``nn.Parameter`` per param group (see the module docstring)."""
+
+    def __init__(self, buckets: list[Bucket], num_groups: int, device: torch.device, fp32_sources) -> None:
+        """``fp32_sources[b]``: list of fp32 tensors holding bucket ``b``'s param values (the originals)."""
+        sizes = [0] * num_groups
+        for bucket in buckets:
+            bucket.master_offset = sizes[bucket.group_index]
+            sizes[bucket.group_index] += bucket.shard_numel
+        self.params: list[torch.nn.Parameter | None] = []
+        datas = [torch.zeros(n, dtype=torch.float32, device=device) for n in sizes]
+        for bucket, sources in zip(buckets, fp32_sources):
+            full = torch.zeros(bucket.padded_numel, dtype=torch.float32, device=device)
+            for view, src in zip(bucket.views(full), sources):
+                view.copy_(src)
+            lo, hi = bucket.shard_range
+            datas[bucket.group_index][bucket.master_offset:bucket.master_offset + bucket.shard_numel].copy_(full[lo:hi])
+        self.params = [torch.nn.Parameter(d) if d.numel() else None for d in datas]
+        self.buckets = buckets
+
+    def group_params(self, gi: int) -> list[torch.nn.Parameter]:
+        p = self.params[gi]
+        return [] if p is None else [p]
+
+    def shard(self, bucket: Bucket) -> torch.Tensor:
+        """This rank's fp32 master of ``bucket`` (a view; read through ``.data`` since an optimizer such as
+        ds-optim's re-points it into its own flat buffer)."""
+        master = self.params[bucket.group_index].data
+        return master[bucket.master_offset:bucket.master_offset + bucket.shard_numel]
+
+    def grad_shard(self, bucket: Bucket) -> torch.Tensor:
+        grad = self.params[bucket.group_index].grad
+        return grad[bucket.master_offset:bucket.master_offset + bucket.shard_numel]
+
+    def ensure_grads(self) -> list[torch.Tensor]:
+        """fp32 grads of the masters: reused when present (ds-optim keeps them in its flat buffer), else
+        allocated (and freed again after the step by :meth:`free_grads`)."""
+        out = []
+        for p in self.params:
+            if p is None:
+                continue
+            if p.grad is None:
+                p.grad = torch.empty_like(p.data)
+            out.append(p.grad)
+        return out
+
+    def free_grads(self, keep: bool) -> None:
+        if keep:
+            return
+        for p in self.params:
+            if p is not None:
+                p.grad = None
+
+    @torch.no_grad()
+    def write_params(self) -> None:
+        """Copy (and cast) every master shard into its bucket's flat param storage."""
+        for bucket in self.buckets:
+            lo, hi = bucket.shard_range
+            bucket.param_flat[lo:hi].copy_(self.shard(bucket))

@@ -1,0 +1,154 @@
+"""The gradient-reducer protocol shared by the stages: post-accumulate-grad hooks, ready counting and
+in-order bucket launches.
+
+Each trainable param gets a ``register_post_accumulate_grad_hook``; it fires once per backward, right after
+autograd accumulated that param's grad. On a micro-step that communicates, the hook counts the param as ready
+in its bucket; a full bucket is launched (an async collective, so it overlaps the rest of backward) -- but
+only in bucket order: a bucket ready before its predecessors waits in line. ``after_backward`` launches
+whatever is left (buckets with params that got no grad this time) so every rank issues the same collectives
+in the same order whatever its graph did.
+
+Subclasses implement ``_on_grad`` (where the grad goes), ``_launch`` (the collective) and ``_finish``
+(waiting, and making ``bucket.shard_grad`` hold this rank's reduced shard), plus ``zero_grads``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._buckets import Bucket
+
+
+class GradReducer:
+    def __init__(self, buckets: list[Bucket], group, world: int, ignore_unused_parameters: bool,
+                 reduce_dtype: torch.dtype | None) -> None:
+        self.buckets = buckets
+        self.group = group
+        self.world = world
+        self.ignore_unused_parameters = ignore_unused_parameters
+        self.reduce_dtype = reduce_dtype  # None: reduce in the grad dtype
+        self.communicating = False
+        self._next_launch = 0
+        self._ready: set[int] = set()
+        self._where: dict[torch.nn.Parameter, tuple[Bucket, int]] = {}
+        for bucket in buckets:
+            for i, p in enumerate(bucket.params):
+                self._where[p] = (bucket, i)
+        self._handles = []
+
+    #: whether the reduced shards already hold the average (else the sum over ranks)
+    averaged = False
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        for p in self._where:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, p: torch.nn.Parameter) -> None:
+        bucket, i = self._where[p]
+        if self.communicating and i in bucket.seen:
+            raise RuntimeError(
+                f"the gradient of {bucket.names[i]!r} was produced twice in one micro-step (two backward passes "
+                "through it before engine.step(), e.g. re-entrant activation checkpointing or a param used in two "
+                "graphs); ds-zero reduces each grad once per micro-step"
+            )
+        self._on_grad(bucket, i, p)
+        if not self.communicating:
+            return
+        bucket.seen.add(i)
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._ready.add(bucket.index)
+            self._launch_in_order()
+
+    def _launch_in_order(self) -> None:
+        while self._next_launch < len(self.buckets) and self._next_launch in self._ready:
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+
+    # -- micro-step protocol -----------------------------------------------------------------------------
+    def begin_backward(self, communicate: bool) -> None:
+        self.communicating = communicate
+        self._next_launch = 0
+        self._ready.clear()
+        for bucket in self.buckets:
+            bucket.ready = 0
+            bucket.seen = set()
+
+    def after_backward(self) -> None:
+        """Launch every bucket not launched yet (params without grads), in order."""
+        if not self.communicating:
+            return
+        if not self.ignore_unused_parameters:
+            missing = [b.names[i] for b in self.buckets for i in range(len(b.params)) if i not in b.seen]
+            if missing:
+                raise RuntimeError(
+                    f"{len(missing)} trainable parameters got no gradient in this backward pass (first: "
+                    f"{missing[:5]}) and zero_optimization.ignore_unused_parameters is false"
+                )
+        for bucket in self.buckets:
+            self._ready.add(bucket.index)
+        self._launch_in_order()
+        self.communicating = False
+
+    def finish(self) -> None:
+        """Wait for every reduction; afterwards each bucket's ``shard_grad`` is this rank's reduced shard."""
+        self._finish()
+
+    # -- helpers for subclasses --------------------------------------------------------------------------
+    def _comm_input(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.reduce_dtype is None or flat.dtype == self.reduce_dtype:
+            return flat
+        return flat.to(self.reduce_dtype)
+
+    def _all_reduce(self, tensor: torch.Tensor):
+        return dist.all_reduce(tensor, group=self.group, async_op=True)
+
+    # -- to implement ------------------------------------------------------------------------------------
+    def _on_grad(self, bucket: Bucket, i: int, p: torch.nn.Parameter) -> None:
+        raise NotImplementedError
+
+    def _launch(self, bucket: Bucket) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def zero_grads(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Reducer state to checkpoint (error feedback); empty for the plain reducers."""
+        return {}
+
+    def load_state_dict(self, state: dict, *, world_size: int, rank: int) -> None:
+        if state:
+            raise ValueError("this checkpoint holds gradient-compression state but compression is off in this "
+                             "run's config (gradient_compression.type)")
+
+
+def persistent_grad_views(bucket: Bucket, dtype: torch.dtype, device: torch.device) -> None:
+    """Give the bucket a zeroed full-size grad buffer and point every param's ``.grad`` at its view, so
+    autograd accumulates micro-steps in place, straight into the communication buffer."""
+    bucket.grad_flat = torch.zeros(bucket.padded_numel, dtype=dtype, device=device)
+    for p, view in zip(bucket.params, bucket.views(bucket.grad_flat)):
+        p.grad = view
+
+
+def adopt_grad(bucket: Bucket, i: int, p: torch.nn.Parameter) -> None:
+    """The param's grad is not its bucket view (someone set ``.grad = None`` or assigned a new tensor, and
+    autograd started a fresh one): the fresh grad is the whole accumulated value, so copy it into the view
+    and re-point, so later micro-steps accumulate in place again."""
+    g = p.grad
+    lo = bucket.offsets[i]
+    if g is None or (g.data_ptr() == bucket.grad_flat[lo:].data_ptr() and g.shape == p.shape):
+        return
+    view = bucket.grad_flat[lo:bucket.offsets[i + 1]].view_as(p)
+    view.copy_(g)
+    p.grad = view

@@ -1,0 +1,99 @@
+"""Stage 0: data parallelism with bucketed gradient allreduce overlapped with backward (as DDP).
+
+Every bucket owns a persistent full-size grad buffer and the params' ``.grad`` are views of it, so autograd
+accumulates micro-steps in place and the buffer is what is communicated -- no copy. On the micro-step that
+communicates (the accumulation boundary, outside ``no_sync()``), a bucket whose params all have their grads
+is all-reduced asynchronously while backward goes on; ``finish`` waits before the step. The result is the sum
+over ranks (``averaged = False``; the engine folds ``1 / world`` into its unscale), except with 1-bit
+compression, which returns the average.
+
+1-bit (``gradient_compression.type = "onebit"``): each bucket goes through ``ds_comm.compressed_allreduce``
+with its own ``OnebitErrorFeedback`` (worker + server residuals, checkpointed per rank and in a world-size
+independent form). ds-comm's 1-bit collective is blocking, so it runs when the bucket is ready, inside
+backward, without overlap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._buckets import Bucket
+from ._reducer import GradReducer, adopt_grad, persistent_grad_views
+
+
+class AllReduceReducer(GradReducer):
+    def __init__(self, buckets, group, world, ignore_unused_parameters, reduce_dtype, device) -> None:
+        super().__init__(buckets, group, world, ignore_unused_parameters, reduce_dtype)
+        for bucket in buckets:
+            persistent_grad_views(bucket, bucket.dtype, device)
+        self._pending: list[tuple[Bucket, object, torch.Tensor]] = []
+
+    def _on_grad(self, bucket: Bucket, i: int, p) -> None:
+        adopt_grad(bucket, i, p)
+
+    def _launch(self, bucket: Bucket) -> None:
+        send = self._comm_input(bucket.grad_flat)
+        self._pending.append((bucket, self._all_reduce(send), send))
+
+    def _finish(self) -> None:
+        for bucket, work, send in self._pending:
+            work.wait()
+            if send is not bucket.grad_flat:
+                bucket.grad_flat.copy_(send)
+        self._pending = []
+        for bucket in self.buckets:
+            bucket.shard_grad = bucket.grad_flat  # replicated: the "shard" is the whole bucket
+
+    def zero_grads(self) -> None:
+        for bucket in self.buckets:
+            bucket.grad_flat.zero_()
+            for i, p in enumerate(bucket.params):  # keep (or restore) the in-place accumulation path
+                adopt_grad(bucket, i, p)
+
+
+class OnebitAllReduceReducer(AllReduceReducer):
+    """Stage 0 with ``ds_comm.compressed_allreduce`` per bucket (see the module docstring)."""
+
+    averaged = True
+
+    def __init__(self, buckets, group, world, ignore_unused_parameters, device, backend: str) -> None:
+        super().__init__(buckets, group, world, ignore_unused_parameters, None, device)
+        from ds_comm import OnebitErrorFeedback
+
+        self.error_feedback = [OnebitErrorFeedback() for _ in buckets]
+        self.backend = backend
+
+    def _launch(self, bucket: Bucket) -> None:
+        from ds_comm import compressed_allreduce
+
+        compressed_allreduce(bucket.grad_flat, self.error_feedback[bucket.index], self.group, average=True,
+                             backend=self.backend)
+
+    def _finish(self) -> None:
+        for bucket in self.buckets:
+            bucket.shard_grad = bucket.grad_flat
+
+    def _transport(self):
+        from ds_comm import resolve_transport
+
+        return resolve_transport(self.group)
+
+    def state_dict(self) -> dict:
+        return {"onebit_error_feedback": [ef.state_dict() for ef in self.error_feedback]}
+
+    def full_state_dict(self) -> dict:
+        """Collective: the world-size independent residuals (for resuming on another world size)."""
+        transport = self._transport()
+        return {"onebit_error_feedback": [ef.full_state_dict(transport) for ef in self.error_feedback]}
+
+    def load_state_dict(self, state: dict, *, world_size: int, rank: int) -> None:
+        saved = state.get("onebit_error_feedback")
+        if saved is None:
+            return  # checkpoint from a run without compression: start with empty residuals
+        if len(saved) != len(self.error_feedback):
+            raise ValueError(
+                f"the checkpoint holds 1-bit error feedback for {len(saved)} gradient buckets, this run has "
+                f"{len(self.error_feedback)} (reduce_bucket_size changed?)"
+            )
+        for ef, st in zip(self.error_feedback, saved):
+            ef.load_state_dict(st, world_size=world_size, rank=rank)

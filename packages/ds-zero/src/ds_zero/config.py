@@ -1,0 +1,335 @@
+"""The DeepSpeed JSON keys the engine consumes, as pydantic v2 models with DeepSpeed's names and defaults.
+
+Every model derives from :class:`StrictModel`, which owns the two kinds of key errors in one place:
+
+- an *unknown* key is an error with a "did you mean ..." hint (``difflib``) over the model's keys
+  (DeepSpeed silently ignores a misspelled top-level key, issue #1809);
+- a *known DeepSpeed key of a feature not built yet* (ZeRO stage 3, offload, ZeRO++, ...) is an error naming
+  the key and saying "not supported yet" -- unless it carries DeepSpeed's default (feature off), in which case
+  it is accepted and has no effect, so existing configs that spell out defaults keep working.
+
+ds-train subclasses :class:`EngineConfig` (adding ``optimizer`` and ``scheduler``) and so inherits both.
+Validation never uses ``assert``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator, model_validator
+
+from ._batch import resolve_batch_sizes
+
+__all__ = [
+    "StrictModel",
+    "FP16Config",
+    "BF16Config",
+    "ZeroConfig",
+    "GradientCompressionConfig",
+    "EngineConfig",
+    "NOT_BUILT",
+]
+
+#: marker in ``not_built_keys``: any value of this key asks for the missing feature
+NOT_BUILT = object()
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "valid keys: " + ", ".join(sorted(choices))
+
+
+def _same(value: Any, default: Any) -> bool:
+    if default is NOT_BUILT:
+        return False
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
+    return value == default
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors with a "did you mean", and keys of features not
+    built yet (``not_built_keys``: name -> DeepSpeed default, or :data:`NOT_BUILT`) are errors naming the key
+    unless they hold the default.
+
+    Subclasses may set ``not_built_keys`` and ``not_built_hint`` (a name -> hint mapping appended to the
+    message). Field aliases are accepted as keys.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    not_built_keys: ClassVar[dict[str, Any]] = {}
+    not_built_hint: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def _known_keys(cls) -> list[str]:
+        keys = []
+        for name, field in cls.model_fields.items():
+            keys.append(name)
+            if isinstance(field.alias, str):
+                keys.append(field.alias)
+        return keys
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = cls._known_keys()
+        out = {}
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise ValueError(f"config keys must be strings, got {key!r}")
+            if key in known:
+                out[key] = value
+                continue
+            if key in cls.not_built_keys:
+                default = cls.not_built_keys[key]
+                if _same(value, default):
+                    continue  # the feature's off value: accepted, no effect
+                hint = cls.not_built_hint.get(key, "")
+                shown = "" if default is NOT_BUILT else f" (only its default {default!r} is accepted)"
+                raise ValueError(
+                    f"{key!r} = {value!r} is not supported yet by ds-zero{shown}{'; ' + hint if hint else ''}"
+                )
+            raise ValueError(f"unknown key {key!r}; {_did_you_mean(key, known + list(cls.not_built_keys))}")
+        return out
+
+
+def _integral(value: Any, name: str) -> Any:
+    """DeepSpeed configs write sizes as ``5e8``: accept integral floats as ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+class FP16Config(StrictModel):
+    """``fp16``: 16-bit params and grads, fp32 masters in the optimizer, loss scaling (``loss_scale`` 0 =
+    dynamic, DeepSpeed's hysteresis rules, see ``ds_optim.DynamicLossScaler``)."""
+
+    enabled: bool = False
+    auto_cast: bool = False
+    loss_scale: NonNegativeFloat = 0.0
+    initial_scale_power: int = Field(16, ge=0, le=64)
+    loss_scale_window: PositiveInt = 1000
+    hysteresis: PositiveInt = 2
+    consecutive_hysteresis: bool = False
+    min_loss_scale: float = Field(1.0, gt=0)
+
+    not_built_keys: ClassVar[dict[str, Any]] = {"fp16_master_weights_and_grads": False}
+
+
+class BF16Config(StrictModel):
+    """``bf16``: bf16 params and grads with fp32 masters; no loss scaling. ``check_grad_overflow`` (default
+    true, as DeepSpeed) skips a step with inf/NaN gradients on any rank. ``auto_cast`` is a ds-zero extension
+    (DeepSpeed has it only under ``fp16``): cast floating-point forward inputs to bf16."""
+
+    enabled: bool = False
+    auto_cast: bool = False
+    check_grad_overflow: bool = True
+    immediate_grad_update: bool = False  # DeepSpeed's BF16_Optimizer detail; accepted, no effect here
+
+    not_built_keys: ClassVar[dict[str, Any]] = {
+        "bf16_master_weights_and_grads": False,
+        "bf16_optimizer_states": False,
+    }
+
+
+_STAGE3_KEYS = {
+    "prefetch_bucket_size": 50_000_000,
+    "param_persistence_threshold": 100_000,
+    "model_persistence_threshold": sys.maxsize,
+    "max_live_parameters": 1_000_000_000,
+    "max_reuse_distance": 1_000_000_000,
+    "gather_16bit_weights_on_model_save": False,
+    "gather_fp16_weights_on_model_save": False,
+    "module_granularity_threshold": 0,
+    "use_all_reduce_for_fetch_params": False,
+    "allgather_sequential": False,
+}
+
+
+class ZeroConfig(StrictModel):
+    """``zero_optimization``: stages 0-2 with DeepSpeed's bucket keys (sizes in *elements*, not bytes).
+
+    Honoured: ``stage``, ``reduce_bucket_size``, ``allgather_bucket_size``, ``overlap_comm`` (stages 1/2;
+    stage 0 always overlaps), ``contiguous_gradients``, ``reduce_scatter``, ``allgather_partitions``,
+    ``load_from_fp32_weights``, ``ignore_unused_parameters``. Accepted without effect (they only matter with
+    features not built): ``round_robin_gradients``, ``use_multi_rank_bucket_allreduce``, ``sub_group_size``,
+    ``elastic_checkpoint``. See the package README for the exact meaning of each.
+    """
+
+    stage: int = 0
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    reduce_bucket_size: PositiveInt = 500_000_000
+    allgather_partitions: bool = True
+    allgather_bucket_size: PositiveInt = 500_000_000
+    overlap_comm: bool | None = None
+    load_from_fp32_weights: bool = True
+    ignore_unused_parameters: bool = True
+    round_robin_gradients: bool = False
+    use_multi_rank_bucket_allreduce: bool = True
+    sub_group_size: PositiveInt = 1_000_000_000
+    elastic_checkpoint: bool = False
+
+    not_built_keys: ClassVar[dict[str, Any]] = {
+        "offload_optimizer": None,
+        "offload_param": None,
+        "cpu_offload": False,
+        "cpu_offload_param": False,
+        "cpu_offload_use_pin_memory": False,
+        "zero_hpz_partition_size": 1,
+        "zero_quantized_weights": False,
+        "zero_quantized_nontrainable_weights": False,
+        "zero_quantized_gradients": False,
+        "mics_shard_size": -1,
+        "mics_hierarchical_params_gather": False,
+        "memory_efficient_linear": True,
+        "pipeline_loading_checkpoint": False,
+        "override_module_apply": True,
+        "log_trace_cache_warnings": False,
+        "leaf_module": NOT_BUILT,
+        "zeropp_loco_param": None,
+        **_STAGE3_KEYS,
+        **{"stage3_" + k: v for k, v in _STAGE3_KEYS.items()},
+    }
+    not_built_hint: ClassVar[dict[str, str]] = {
+        "offload_optimizer": "CPU/NVMe optimizer offload is not built",
+        "offload_param": "parameter offload (ZeRO-3) is not built",
+        "zero_quantized_gradients": 'for int8 gradient reduce-scatter use "gradient_compression": {"type": "int8"}',
+        "zero_hpz_partition_size": "ZeRO++ hpZ needs ZeRO stage 3, which is not built",
+        "zero_quantized_weights": "ZeRO++ qwZ needs ZeRO stage 3, which is not built",
+    }
+
+    @field_validator("reduce_bucket_size", "allgather_bucket_size", "sub_group_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any, info) -> Any:
+        return _integral(value, info.field_name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offload_off(cls, data: Any) -> Any:
+        # {"device": "none"} is DeepSpeed's spelled-out "off" for both offload sections
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("offload_optimizer", "offload_param"):
+                value = data.get(key)
+                if isinstance(value, dict) and value.get("device", "none") in ("none", None):
+                    data.pop(key)
+        return data
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"stage must be 0, 1 or 2, got {value!r}")
+        if value == 3:
+            raise ValueError("ZeRO stage 3 (parameter partitioning) is not supported yet by ds-zero; use stage 0, 1 or 2")
+        if value not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {value!r}")
+        return value
+
+    @property
+    def overlap(self) -> bool:
+        """``overlap_comm`` resolved as DeepSpeed does: unset means on only for stage 3 (so off here)."""
+        return bool(self.overlap_comm) if self.overlap_comm is not None else False
+
+
+class GradientCompressionConfig(StrictModel):
+    """``gradient_compression`` (a ds-zero key; DeepSpeed never combined compression with ZeRO): compress the
+    gradient reduction with ds-comm.
+
+    - ``"onebit"`` (stage 0): each gradient bucket is averaged with ``ds_comm.compressed_allreduce`` (sign +
+      scale, worker and server error feedback, one ``OnebitErrorFeedback`` per bucket, checkpointed).
+      ``backend`` picks its kernels (``auto``: CuPy on CUDA when installed).
+    - ``"int8"`` / ``"int4"`` (stages 1/2): each bucket is reduce-scattered with
+      ``ds_comm.quantized_reduce_scatter`` (blockwise, ``block_size`` elements per fp32 scale, summed in fp32;
+      ``node_size`` selects the hierarchical intra-/inter-node algorithm). Stateless.
+    """
+
+    type: Literal["none", "onebit", "int8", "int4"] = "none"
+    block_size: PositiveInt = 2048
+    node_size: PositiveInt | None = None
+    backend: Literal["auto", "torch", "cupy"] = "auto"
+
+
+_TOP_NOT_BUILT = {
+    "prescale_gradients": False,
+    "gradient_predivide_factor": 1.0,
+    "sparse_gradients": False,
+    "amp": NOT_BUILT,
+    "torch_autocast": NOT_BUILT,
+}
+
+
+class EngineConfig(StrictModel):
+    """The engine's part of a DeepSpeed JSON config (see the package README for the table of keys)."""
+
+    train_batch_size: PositiveInt | None = None
+    train_micro_batch_size_per_gpu: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt | None = None
+    gradient_clipping: NonNegativeFloat = 0.0
+    steps_per_print: PositiveInt = 10
+    wall_clock_breakdown: bool = False
+    fp16: FP16Config = Field(default_factory=FP16Config)
+    bf16: BF16Config = Field(default_factory=BF16Config)
+    zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig)
+    gradient_compression: GradientCompressionConfig = Field(default_factory=GradientCompressionConfig)
+    communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
+    zero_allow_untested_optimizer: bool = True  # any torch.optim.Optimizer works here; accepted, no effect
+    zero_force_ds_cpu_optimizer: bool = False  # only matters with offload (not built); accepted, no effect
+
+    not_built_keys: ClassVar[dict[str, Any]] = _TOP_NOT_BUILT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bfloat16_alias(cls, data: Any) -> Any:
+        # DeepSpeed still accepts the old section name "bfloat16"
+        if isinstance(data, dict) and "bfloat16" in data:
+            data = dict(data)
+            if "bf16" in data:
+                raise ValueError("both 'bf16' and its old name 'bfloat16' are set; keep only 'bf16'")
+            data["bf16"] = data.pop("bfloat16")
+        return data
+
+    @model_validator(mode="after")
+    def _combinations(self) -> EngineConfig:
+        if self.fp16.enabled and self.bf16.enabled:
+            raise ValueError("fp16.enabled and bf16.enabled are both true; enable at most one")
+        kind, stage = self.gradient_compression.type, self.zero_optimization.stage
+        if kind == "onebit" and stage != 0:
+            raise ValueError(
+                f'gradient_compression.type "onebit" needs zero_optimization.stage 0 (got stage {stage}); '
+                'for stages 1/2 use "int8" or "int4"'
+            )
+        if kind in ("int8", "int4") and stage == 0:
+            raise ValueError(
+                f'gradient_compression.type "{kind}" (quantized reduce-scatter) needs zero_optimization.stage 1 '
+                'or 2; for stage 0 use "onebit"'
+            )
+        if kind != "none" and self.communication_data_type is not None:
+            raise ValueError("communication_data_type and gradient_compression cannot both be set")
+        return self
+
+    @property
+    def dtype(self):
+        """The dtype of the model's parameters under this config."""
+        import torch
+
+        if self.fp16.enabled:
+            return torch.float16
+        if self.bf16.enabled:
+            return torch.bfloat16
+        return torch.float32
+
+    def resolve_batch_sizes(self, dp_world_size: int) -> tuple[int, int, int]:
+        """``(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)`` for this
+        data-parallel size: any two given derive the third; one given follows DeepSpeed's rules; an
+        inconsistent triple raises ``ValueError`` naming the three values."""
+        return resolve_batch_sizes(self.train_batch_size, self.train_micro_batch_size_per_gpu,
+                                   self.gradient_accumulation_steps, dp_world_size)

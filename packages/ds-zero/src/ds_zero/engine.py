@@ -1,0 +1,346 @@
+"""ZeroEngine: forward / backward / step with ZeRO stages 0-2, composed from the small modules.
+
+- ``_buckets``: which params are reduced together, their flat storage;
+- ``_partition``: sharding policy (replicated / data-parallel shards; ZeRO-3 plugs in here) and fp32 masters;
+- ``_stage0`` / ``_stage12``: the gradient reducers (hooks, bucketed async collectives, compression);
+- ``_precision``: dtype, loss scaling, the agreed overflow decision; ``_clip``: the global norm;
+- ``_optim``: the optimizer rebuilt over the masters, the scheduler rebound; ``checkpoint``: save/load.
+
+Two optimizer set-ups:
+
+- *direct* (stage 0, fp32): the user's optimizer steps the model params; their grads are views of the
+  all-reduced buckets (as DDP).
+- *masters* (stage 0 with fp16/bf16, stages 1 and 2): model params live in flat per-bucket storage in the
+  model dtype; the optimizer is rebuilt over fp32 masters (this rank's shards; the whole bucket for stage
+  0); after the step the masters are cast back into the flat storage and, for stages 1/2, all-gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import torch
+import torch.distributed as dist
+
+from ._buckets import Bucket, assign_buckets, flatten_into_views
+from ._clip import clip_grads_
+from ._memory import model_state_bytes
+from ._optim import OptimizerArg, bind_scheduler, materialize_optimizer, rebuild_optimizer
+from ._partition import DataParallelShards, Masters, Replicated
+from ._precision import Precision
+from ._stage0 import AllReduceReducer, OnebitAllReduceReducer
+from ._stage12 import Stage1Reducer, Stage2Reducer
+from .config import EngineConfig
+
+logger = logging.getLogger("ds_zero")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ZeroEngine:
+    """The training engine. See the package README for the config keys and their meaning.
+
+    Args:
+        model: the ``nn.Module`` (params on one device: CUDA with NCCL, CPU with gloo). With fp16/bf16 it is
+            converted to that dtype (params and floating buffers), as DeepSpeed does.
+        optimizer: a ``torch.optim.Optimizer`` over the model's params (any class), or a callable
+            ``params -> Optimizer``; rebuilt over the fp32 masters except for stage 0 in fp32 (``_optim``).
+        config: :class:`EngineConfig` or its dict.
+        lr_scheduler: an ``LRScheduler`` over ``optimizer`` or a callable ``optimizer -> scheduler``.
+        process_group: the data-parallel group (default: the world; a single process without
+            ``torch.distributed``).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: OptimizerArg, config: EngineConfig | dict,
+                 lr_scheduler=None, process_group=None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(config, dict):
+            config = EngineConfig.model_validate(config)
+        elif not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig or a dict, got {type(config).__name__}")
+        self.config = config
+        self.module = model
+        self.process_group = process_group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.dp_world_size = dist.get_world_size(process_group) if self.distributed else 1
+        self.dp_rank = dist.get_rank(process_group) if self.distributed else 0
+        self.global_rank = dist.get_rank() if self.distributed else 0
+        self._train_batch, self._micro_batch, self._grad_accum = config.resolve_batch_sizes(self.dp_world_size)
+        zero = config.zero_optimization
+        self.stage = zero.stage
+        devices = {p.device for p in model.parameters()}
+        if len(devices) > 1:
+            raise ValueError(f"the model's params are on several devices {sorted(map(str, devices))}; ds-zero "
+                             "needs one device per rank")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self._backend = str(dist.get_backend(process_group)).lower() if self.distributed else ""
+        self.precision = Precision(config, process_group)
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self.was_step_skipped = False
+        self._no_sync = False
+        self._backward_pending = False
+        self._timings: dict[str, float] = {}
+
+        self._broadcast_module()
+        user_opt = materialize_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        named = self._trainable(user_opt)
+        self.direct = self.stage == 0 and not self.precision.mixed
+        if self.stage == 0:
+            self.policy = Replicated()
+        else:
+            self.policy = DataParallelShards(process_group, self.dp_world_size, self.dp_rank,
+                                             zero.allgather_bucket_size, zero.allgather_partitions,
+                                             in_place="nccl" in self._backend)
+        self.buckets: list[Bucket] = assign_buckets(named, zero.reduce_bucket_size, self.policy.shard_world,
+                                                    self.policy.shard_rank)
+        self._num_groups = len(user_opt.param_groups)
+        self.masters: Masters | None = None
+        if self.direct:
+            self.optimizer = user_opt
+        else:
+            self._build_masters(zero.load_from_fp32_weights)
+            self.optimizer = rebuild_optimizer(
+                user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
+        self._keep_master_grads = _is_ds_optim(self.optimizer)
+        self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
+        self.reducer = self._build_reducer()
+        self.reducer.attach()
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _broadcast_module(self) -> None:
+        """Every rank starts from rank 0's params and buffers (as DDP and DeepSpeed do)."""
+        if not self.distributed or self.dp_world_size == 1:
+            return
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+        with torch.no_grad():
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                dist.broadcast(t.data, src=src, group=self.process_group)
+
+    def _trainable(self, opt: torch.optim.Optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
+        group_of = {}
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                group_of[p] = gi
+        named, seen = [], set()
+        for name, p in self.module.named_parameters():
+            if p in seen:
+                continue  # tied weights: one param, trained once
+            seen.add(p)
+            if not p.requires_grad:
+                continue  # frozen: never partitioned, never communicated
+            if p not in group_of:
+                logger.warning("ds_zero: parameter %r requires grad but is in no param group of the optimizer; "
+                               "it is treated as frozen", name)
+                continue
+            named.append((name, p, group_of[p]))
+        unknown = set(group_of) - seen
+        if unknown:
+            raise ValueError(f"the optimizer holds {len(unknown)} tensors that are not parameters of the model")
+        return named
+
+    def _build_masters(self, load_from_fp32: bool) -> None:
+        """fp32 originals -> masters; the model -> its dtype; params -> views of flat per-bucket storage."""
+        dtype = self.precision.dtype
+        fp32_sources = [[p.detach().float().clone() if load_from_fp32 else None for p in b.params]
+                        for b in self.buckets]
+        if self.precision.mixed:
+            self.module.to(dtype)
+            for b in self.buckets:
+                b.dtype = dtype
+        for b, sources in zip(self.buckets, fp32_sources):
+            flatten_into_views(b, b.dtype, self.device)
+            if not load_from_fp32:  # masters from the model-dtype weights (DeepSpeed's false)
+                sources[:] = [p.detach().float() for p in b.params]
+        self.masters = Masters(self.buckets, self._num_groups, self.device, fp32_sources)
+        self.masters.write_params()  # the model-dtype params are exactly the cast masters
+
+    def _build_reducer(self):
+        zero, comp = self.config.zero_optimization, self.config.gradient_compression
+        reduce_dtype = _DTYPES.get(self.config.communication_data_type) if self.config.communication_data_type else None
+        args = (self.buckets, self.process_group, self.dp_world_size, zero.ignore_unused_parameters)
+        if self.stage == 0:
+            if comp.type == "onebit":
+                return OnebitAllReduceReducer(*args, self.device, comp.backend)
+            return AllReduceReducer(*args, reduce_dtype, self.device)
+        quantize = None
+        if comp.type in ("int8", "int4"):
+            quantize = {"bits": 8 if comp.type == "int8" else 4, "block_size": comp.block_size,
+                        "node_size": comp.node_size}
+        if self.stage == 1:
+            return Stage1Reducer(*args, reduce_dtype, self.device, overlap=zero.overlap,
+                                 reduce_scatter=zero.reduce_scatter, quantize=quantize)
+        return Stage2Reducer(*args, reduce_dtype, self.device, overlap=zero.overlap,
+                             reduce_scatter=zero.reduce_scatter, quantize=quantize,
+                             contiguous_gradients=zero.contiguous_gradients)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.module(*self.precision.cast_inputs(args), **self.precision.cast_inputs(kwargs))
+        self._time("forward", t0)
+        return out
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the next ``step()`` is an optimizer step (DeepSpeed's definition)."""
+        return (self.micro_steps + 1) % self._grad_accum == 0
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        """Scale (fp16) and divide by ``gradient_accumulation_steps``, then backward; grads are reduced on
+        the accumulation boundary (stage 2: every micro-step), bucket by bucket while backward runs."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"engine.backward needs a scalar loss tensor, got "
+                             f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError("engine.backward: the loss does not require grad (computed under no_grad or from "
+                             "frozen params only?)")
+        if self._backward_pending:
+            raise RuntimeError("engine.backward called twice without engine.step() in between; sum the losses "
+                               "and call backward once per micro-batch")
+        t0 = time.perf_counter()
+        communicate = self.stage == 2 or (self.is_gradient_accumulation_boundary() and not self._no_sync)
+        self.reducer.begin_backward(communicate)
+        scaled = self.precision.scale_loss(loss / self._grad_accum if self._grad_accum > 1 else loss)
+        scaled.backward(retain_graph=retain_graph)
+        self.reducer.after_backward()
+        self._backward_pending = True
+        self._time("backward", t0)
+        return loss
+
+    def step(self) -> None:
+        """On the accumulation boundary: finish reduction, unscale, agreed overflow check (skip everywhere),
+        clip by the global norm, optimizer and scheduler step, cast back and all-gather; else only counts."""
+        if self._no_sync:
+            raise RuntimeError("engine.step() inside engine.no_sync(): gradients were not reduced; leave the "
+                               "no_sync() block for the last micro-batch of the accumulation")
+        self._backward_pending = False
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        t0 = time.perf_counter()
+        self.reducer.finish()
+        factor = (1.0 if self.reducer.averaged else 1.0 / self.dp_world_size) / self.precision.loss_scale
+        if self.direct:
+            grads = [b.grad_flat for b in self.buckets]
+            if factor != 1.0:
+                torch._foreach_mul_(grads, factor)
+        else:
+            grads = self.masters.ensure_grads()
+            for b in self.buckets:
+                self.masters.grad_shard(b).copy_(b.shard_grad)
+            torch._foreach_mul_(grads, factor)
+        overflow = self.precision.has_overflow(grads)
+        self.precision.update(overflow)
+        self.was_step_skipped = overflow
+        if overflow:
+            self.skipped_steps += 1
+            logger.info("ds_zero: step %d skipped (inf/NaN gradients on at least one rank)", self.global_steps)
+        else:
+            if self.config.gradient_clipping > 0:
+                clip_grads_(grads, self.config.gradient_clipping, sharded=self.stage > 0, group=self.process_group)
+            self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            if not self.direct:
+                self.masters.write_params()
+                self.policy.gather_params(self.buckets)
+        self.reducer.zero_grads()
+        if self.masters is not None:
+            self.masters.free_grads(keep=self._keep_master_grads)
+        self.global_steps += 1
+        self.global_samples += self._train_batch
+        self._time("step", t0)
+        if self.global_rank == 0 and self.global_steps % self.config.steps_per_print == 0:
+            self._report()
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (``step()`` already does this at every boundary)."""
+        self.reducer.zero_grads()
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Skip gradient reduction for the backward passes inside (stages 0/1; grads accumulate locally and
+        are reduced on the next boundary backward outside). Stage 2 reduces every micro-step and refuses it,
+        as DeepSpeed does."""
+        if self.stage == 2:
+            raise RuntimeError("no_sync() is not compatible with ZeRO stage 2, which reduce-scatters gradients "
+                               "every micro-step so that no rank holds full gradients")
+        previous, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = previous
+
+    # -- modes and properties --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> ZeroEngine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> ZeroEngine:
+        return self.train(False)
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def train_batch_size(self) -> int:
+        return self._train_batch
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._micro_batch
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._grad_accum
+
+    @property
+    def loss_scale(self) -> float:
+        return self.precision.loss_scale
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """Bytes of real tensor storage held for model states on this rank (see ``_memory``)."""
+        return model_state_bytes(self)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None) -> str:
+        from .checkpoint.save import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag, client_state)
+
+    def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
+        from .checkpoint.load import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def _time(self, name: str, t0: float) -> None:
+        if self.config.wall_clock_breakdown:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def _report(self) -> None:
+        msg = f"step={self.global_steps} skipped={self.skipped_steps} lr={self.get_lr()}"
+        if self.precision.scaler is not None:
+            msg += f" loss_scale={self.loss_scale:g}"
+        if self.config.wall_clock_breakdown:
+            n = self.config.steps_per_print
+            msg += " " + " ".join(f"{k}={v / n * 1e3:.1f}ms" for k, v in self._timings.items())
+            self._timings.clear()
+        logger.info("ds_zero: %s", msg)
+
+
+def _is_ds_optim(opt) -> bool:
+    try:
+        from ds_optim._optimizer import FlatOptimizer
+    except ImportError:  # pragma: no cover - ds-optim is a dependency
+        return False
+    return isinstance(opt, FlatOptimizer)
+

@@ -1,0 +1,150 @@
+"""Shared pieces of the ds-zero tests: a tiny MLP, deterministic data, the engine loop run inside each rank,
+and the single-process reference (plain torch model + torch.optim.AdamW over the full global batch)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+IN, HID, OUT = 8, 24, 4
+
+
+class MLP(nn.Module):
+    """~1.1k params in 6 tensors, plus an optional frozen layer (requires_grad=False)."""
+
+    def __init__(self, frozen: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(IN, HID)
+        self.fc2 = nn.Linear(HID, HID)
+        self.fc3 = nn.Linear(HID, OUT)
+        self.frozen = nn.Linear(OUT, OUT) if frozen else None
+        if frozen:
+            self.frozen.requires_grad_(False)
+
+    def forward(self, x, y=None):
+        h = torch.tanh(self.fc1(x))
+        h = torch.tanh(self.fc2(h))
+        out = self.fc3(h)
+        if self.frozen is not None:
+            out = self.frozen(out)
+        if y is None:
+            return out
+        return ((out.float() - y.float()) ** 2).mean()
+
+
+def make_model(seed: int = 0, frozen: bool = False) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(frozen)
+
+
+def global_batch(step: int, size: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed * 10_000 + step)
+    x = torch.randn(size, IN, generator=g)
+    y = torch.randn(size, OUT, generator=g)
+    return x, y
+
+
+def micro_batch(step: int, micro: int, rank: int, world: int, mb: int, ga: int):
+    """Rank ``rank``'s ``micro``-th micro-batch of global step ``step`` (a slice of the global batch)."""
+    x, y = global_batch(step, mb * ga * world)
+    lo = (micro * world + rank) * mb
+    return x[lo:lo + mb], y[lo:lo + mb]
+
+
+def param_groups(model: nn.Module, lr: float = 1e-2, weight_decay: float = 0.1):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("weight")]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0, "lr": lr * 0.5}]
+
+
+def base_config(stage: int, mb: int = 2, ga: int = 1, **extra) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": ga,
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 300, "allgather_bucket_size": 500},
+           "steps_per_print": 10**6}
+    zero = extra.pop("zero", {})
+    cfg["zero_optimization"].update(zero)
+    cfg.update(extra)
+    return cfg
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = False, cfg_extra=None,
+               inject_inf: dict | None = None, lr: float = 1e-2):
+    """Inside a rank: train ``steps`` steps; return per-step (mean loss over this rank's micro-batches, full
+    params, skipped flag, loss scale)."""
+    import ds_zero
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model(frozen=frozen)
+    cfg = base_config(stage, mb, ga, **copy.deepcopy(cfg_extra or {}))
+    opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
+    engine = ds_zero.ZeroEngine(model, opt, cfg)
+    history = []
+    for step in range(steps):
+        losses = []
+        for micro in range(ga):
+            x, y = micro_batch(step, micro, rank, world, mb, ga)
+            if inject_inf and inject_inf.get("step") == step and inject_inf.get("rank") == rank:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        history.append({"loss": sum(losses) / len(losses), "params": full_state(engine.module),
+                        "skipped": engine.was_step_skipped, "scale": engine.loss_scale,
+                        "lr": engine.get_lr()})
+    return history
+
+
+def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, lr: float = 1e-2,
+              emulate_dtype: torch.dtype | None = None, skip_steps=()):
+    """Single process over the full global batch. ``emulate_dtype``: run forward/backward with params cast to
+    that dtype from fp32 masters (what the engine does in bf16); ``skip_steps``: steps whose update is skipped."""
+    model = make_model(frozen=frozen)
+    opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
+    history = []
+    for step in range(steps):
+        x, y = global_batch(step, batch)
+        if emulate_dtype is None:
+            loss = model(x, y)
+            loss.backward()
+            run = model
+        else:
+            run = copy.deepcopy(model).to(emulate_dtype)
+            loss = run(x.to(emulate_dtype), y.to(emulate_dtype))
+            loss.backward()
+            for p, q in zip(model.parameters(), run.parameters()):
+                p.grad = None if q.grad is None else q.grad.float()
+        if step in skip_steps:
+            opt.zero_grad()
+        else:
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+            opt.step()
+            opt.zero_grad()
+        state = full_state(model)
+        if emulate_dtype is not None:
+            state = {k: v.to(emulate_dtype).float() for k, v in state.items()}
+        history.append({"loss": float(loss.detach()), "params": state})
+    return history
+
+
+def compare(ranks_history, ref, rtol=1e-5, atol=1e-6, loss_rtol=1e-5):
+    """Every rank's params equal the reference's at every step; the mean loss over ranks too."""
+    world = len(ranks_history)
+    for step, expected in enumerate(ref):
+        got_loss = sum(h[step]["loss"] for h in ranks_history) / world
+        assert math.isclose(got_loss, expected["loss"], rel_tol=loss_rtol, abs_tol=1e-7), (
+            f"step {step}: loss {got_loss} vs reference {expected['loss']}")
+        for rank, h in enumerate(ranks_history):
+            for name, value in expected["params"].items():
+                torch.testing.assert_close(h[step]["params"][name], value, rtol=rtol, atol=atol,
+                                           msg=lambda m: f"step {step} rank {rank} {name}: {m}")
