@@ -1,0 +1,278 @@
+"""Run a group of processes as one job: fail fast, stop the whole tree, forward signals, restart.
+
+The same supervisor runs a node's workers (local runs and the per-node agent) and, one level up, the per-node
+ssh agents or the single pdsh/mpirun/srun process of a multi-node run.
+
+- Every process starts in its own session (so its process group holds the whole tree it forks) with
+  ``PR_SET_PDEATHSIG`` = SIGKILL on Linux, so it dies with us even if we are SIGKILLed.
+- Output is relayed line by line, each line written whole under one lock (no interleaving mid-line), with a
+  ``[rankN]: `` prefix for workers; or written to a per-rank log file.
+- Polled every ``monitor_interval`` s. The first process to exit non-zero decides the exit code (a signal N
+  becomes 128+N, as in a shell); every other process group then gets SIGTERM and, after ``term_timeout`` s,
+  SIGKILL. Process groups are SIGKILLed once more at the end to take grandchildren that outlived their parent.
+- SIGINT/SIGTERM/SIGHUP to the supervisor are forwarded to every group, then the same grace period.
+- ``max_restarts``: after a failure the whole group is stopped and started again, up to that many times, with
+  the restart count passed to ``make_specs`` (it becomes ``TORCHELASTIC_RESTART_COUNT``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+__all__ = ["ProcSpec", "Supervisor", "exit_code_of"]
+
+_FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass
+class ProcSpec:
+    """One process of the group."""
+
+    argv: list[str]
+    env: dict[str, str]
+    label: str  # for messages: "rank 3", "node worker-1"
+    prefix: str | None = None  # "[rank3]: " prepended to each output line; None: relayed as is
+    log_path: str | None = None  # stdout+stderr go to this file instead of the console
+    hold_stdin: bool = False  # give it a pipe we keep open: an ssh'd agent sees EOF when we die
+    pass_fds: tuple[int, ...] = ()  # descriptors it inherits (MPICH's PMI_FD, for mpi4py in the script)
+
+
+def exit_code_of(returncode: int) -> int:
+    """Popen's returncode as a shell would report it (killed by signal N -> 128+N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class _Running:
+    def __init__(self, spec: ProcSpec, proc: subprocess.Popen, threads: list[threading.Thread], log):
+        self.spec, self.proc, self.threads, self.log = spec, proc, threads, log
+
+
+class Supervisor:
+    def __init__(
+        self,
+        make_specs: Callable[[int], Sequence[ProcSpec]],
+        *,
+        max_restarts: int = 0,
+        term_timeout: float = 5.0,
+        monitor_interval: float = 0.1,
+        name: str = "ds-launch",
+        on_stop: Callable[[], None] | None = None,
+        watch_stdin: bool = False,
+        quiet: bool = False,
+    ):
+        self.make_specs = make_specs
+        self.max_restarts = max_restarts
+        self.term_timeout = term_timeout
+        self.monitor_interval = monitor_interval
+        self.name = name
+        self.on_stop = on_stop
+        self.watch_stdin = watch_stdin
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._signal: int | None = None
+        self._running: list[_Running] = []
+
+    # -- messages -------------------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            sys.stderr.write(f"{self.name}: {msg}\n")
+            sys.stderr.flush()
+
+    # -- output relay ---------------------------------------------------------------------------------------
+    def _relay(self, stream, out, prefix: bytes) -> None:
+        try:
+            for line in iter(stream.readline, b""):
+                if not line.endswith(b"\n"):
+                    line += b"\n"
+                with self._lock:
+                    out.write(prefix + line)
+                    out.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            stream.close()
+
+    # -- start / stop ---------------------------------------------------------------------------------------
+    def _start(self, spec: ProcSpec) -> _Running:
+        log = None
+        if spec.log_path:
+            os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
+            log = open(spec.log_path, "ab")
+            out = err = log
+        else:
+            out = err = subprocess.PIPE
+        proc = subprocess.Popen(
+            spec.argv,
+            env=spec.env,
+            stdin=subprocess.PIPE if spec.hold_stdin else subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            pass_fds=spec.pass_fds,
+            preexec_fn=_die_with_parent(os.getpid()),
+        )
+        threads = []
+        if log is None:
+            prefix = (spec.prefix or "").encode()
+            for stream, target in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer)):
+                t = threading.Thread(target=self._relay, args=(stream, target, prefix), daemon=True)
+                t.start()
+                threads.append(t)
+        return _Running(spec, proc, threads, log)
+
+    def _signal_groups(self, sig: int, only_alive: bool = True) -> None:
+        for r in self._running:
+            if only_alive and r.proc.poll() is not None:
+                continue
+            try:
+                os.killpg(r.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _stop_all(self, sig: int = signal.SIGTERM) -> None:
+        """Signal every live group, wait up to term_timeout, SIGKILL what is left (and stray grandchildren)."""
+        for r in self._running:
+            if r.spec.hold_stdin and r.proc.stdin:
+                try:
+                    r.proc.stdin.close()
+                except OSError:
+                    pass
+        self._signal_groups(sig)
+        if self.on_stop is not None:
+            try:
+                self.on_stop()
+            except Exception as e:  # a failing cleanup command must not hide the job's own error
+                self.say(f"cleanup command failed: {e}")
+        deadline = time.monotonic() + self.term_timeout
+        while time.monotonic() < deadline and any(r.proc.poll() is None for r in self._running):
+            time.sleep(0.05)
+        survivors = [r.spec.label for r in self._running if r.proc.poll() is None]
+        if survivors:
+            self.say(f"{', '.join(survivors)} still running {self.term_timeout:g} s after SIGTERM: SIGKILL")
+        self._signal_groups(signal.SIGKILL, only_alive=False)
+        for r in self._running:
+            r.proc.wait()
+        self._finish()
+
+    def _finish(self) -> None:
+        for r in self._running:
+            for t in r.threads:
+                t.join(timeout=2.0)
+            if r.log is not None:
+                r.log.close()
+            if r.proc.stdin:
+                try:
+                    r.proc.stdin.close()
+                except OSError:
+                    pass
+        self._running = []
+
+    # -- signals --------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is None:
+            self._signal = signum
+
+    def _install_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in _FORWARDED_SIGNALS:
+            old[sig] = signal.signal(sig, self._on_signal)
+        return old
+
+    def _watch_stdin(self) -> None:
+        # An agent started over ssh: the connection closing (launcher gone) reaches us as EOF on stdin.
+        try:
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        except OSError:
+            pass
+        if self._signal is None:
+            self._signal = signal.SIGHUP
+
+    # -- the job --------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        old = self._install_handlers()
+        if self.watch_stdin:
+            threading.Thread(target=self._watch_stdin, daemon=True).start()
+        try:
+            return self._run()
+        finally:
+            if self._running:  # an exception on our side: never leave workers behind
+                self._stop_all(signal.SIGKILL)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
+        restart = 0
+        while True:
+            specs = list(self.make_specs(restart))
+            try:
+                for spec in specs:
+                    self._running.append(self._start(spec))
+            except OSError as e:
+                self.say(f"cannot start {spec.label} ({spec.argv[0]}): {e.strerror or e}")
+                self._stop_all()
+                return 127
+            code, failed = self._monitor()
+            if self._signal is not None:
+                sig = self._signal
+                self.say(f"got {signal.Signals(sig).name}: stopping {len(specs)} process(es)")
+                self._stop_all(sig if sig != signal.SIGHUP else signal.SIGTERM)
+                return 128 + sig
+            if failed is None:
+                self._signal_groups(signal.SIGKILL, only_alive=False)  # stray grandchildren of finished workers
+                self._finish()
+                return 0
+            where = f"; its output is in {failed.spec.log_path}" if failed.spec.log_path else ""
+            others = sum(1 for r in self._running if r.proc.poll() is None)
+            how = f"was killed by {signal.Signals(-failed.proc.returncode).name}" if failed.proc.returncode < 0 \
+                else f"exited with code {code}"
+            self.say(f"{failed.spec.label} (pid {failed.proc.pid}) {how}{where}; stopping {others} other process(es)")
+            self._stop_all()
+            if restart >= self.max_restarts:
+                return code
+            restart += 1
+            self.say(f"restarting all processes (restart {restart} of {self.max_restarts})")
+
+    def _monitor(self) -> tuple[int, _Running | None]:
+        while self._signal is None:
+            done = True
+            for r in self._running:
+                rc = r.proc.poll()
+                if rc is None:
+                    done = False
+                elif rc != 0:
+                    return exit_code_of(rc), r
+            if done:
+                return 0, None
+            time.sleep(self.monitor_interval)
+        return 0, None
