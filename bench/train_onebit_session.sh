@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:):$PYTHONPATH PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_CUDA_ARCH_LIST=9.0 DS_ACCELERATOR=cuda
 STEPS=${STEPS:-10}
-for link in socket nvlink; do
+for link in ${LINKS:-socket nvlink}; do
   if [ $link = socket ]; then export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1;
   else unset NCCL_P2P_DISABLE NCCL_SHM_DISABLE NCCL_IB_DISABLE; fi
   for c in ddp-onebit ddp-adamw; do

@@ -5,6 +5,7 @@ fused AdamW (one line), or ds-comm's communication-efficient 1-bit Adam (two lin
     torchrun --standalone --nproc_per_node 2 examples/ddp_swap_optimizer.py --optimizer ds-optim
     torchrun --standalone --nproc_per_node 2 examples/ddp_swap_optimizer.py --optimizer onebit-adam
     torchrun --standalone --nproc_per_node 2 examples/ddp_swap_optimizer.py --optimizer torch
+    ... --optimizer zero-one-adam | onebit-lamb (and lamb, 1-bit LAMB's uncompressed twin)
 
 A small character-level language model (embedding, two-layer MLP over a 32-character context) learns to
 predict the next character of the repository's own documentation. On GPUs it runs with NCCL, on the CPU with
@@ -45,8 +46,10 @@ class CharMLP(torch.nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--optimizer", choices=["torch", "ds-optim", "onebit-adam"], default="ds-optim")
-    parser.add_argument("--freeze-step", type=int, default=50, help="1-bit Adam's full-precision warm-up steps")
+    parser.add_argument("--optimizer", choices=["torch", "ds-optim", "onebit-adam", "zero-one-adam", "lamb", "onebit-lamb"],
+                        default="ds-optim")
+    parser.add_argument("--freeze-step", type=int, default=50,
+                        help="full-precision warm-up steps of 1-bit Adam / 1-bit LAMB; 0/1 Adam's var_freeze_step")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -72,11 +75,24 @@ def main() -> None:
         import ds_optim
 
         optimizer = ds_optim.FusedAdamW(model.parameters(), lr=args.lr, weight_decay=0.01)  # the swap
+    elif args.optimizer == "lamb":  # the uncompressed twin of 1-bit LAMB
+        import ds_optim
+
+        optimizer = ds_optim.FusedLamb(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:
         import ds_comm
 
-        optimizer = ds_comm.OnebitAdam(model.parameters(), lr=args.lr, weight_decay=0.01, freeze_step=args.freeze_step)
-        optimizer.register_ddp(model)  # DDP all-reduces gradients only during the warm-up
+        if args.optimizer == "onebit-adam":
+            optimizer = ds_comm.OnebitAdam(model.parameters(), lr=args.lr, weight_decay=0.01,
+                                           freeze_step=args.freeze_step)
+        elif args.optimizer == "onebit-lamb":
+            optimizer = ds_comm.OnebitLamb(model.parameters(), lr=args.lr, weight_decay=0.01,
+                                           freeze_step=args.freeze_step)
+        else:
+            optimizer = ds_comm.ZeroOneAdam(model.parameters(), lr=args.lr, weight_decay=0.01,
+                                            var_freeze_step=args.freeze_step, var_update_scaler=4,
+                                            local_step_scaler=max(1, args.steps // 4), local_step_clipper=4)
+        optimizer.register_ddp(model)  # DDP all-reduces gradients only on the steps that need it
 
     gen = torch.Generator().manual_seed(1000 + rank)
     losses, start = [], time.perf_counter()

@@ -171,9 +171,41 @@ def test_never_touched_rows_stay_put_until_a_rank_touches_them():
     results = run_distributed(cases.embedding_rows_never_seen, 2, make_optimizer, steps=9, touch_step=8, check_step=7)
     for untouched, clean, momentum_zero, weight, before in results:
         assert untouched and clean and momentum_zero
-        assert not torch.equal(weight[15], before[15])  # woken by rank 1's local step, synchronised at 9
-        assert torch.equal(weight[[5, 6, 16, 19]], before[[5, 6, 16, 19]])
+        # first touched after the variance froze: it has no variance, so it stays put (not lr * m / eps)
+        assert torch.equal(weight[[5, 6, 15, 16, 19]], before[[5, 6, 15, 16, 19]])
     torch.testing.assert_close(results[0][3], results[1][3], rtol=1e-6, atol=1e-7)  # the sync at 9 agreed
+
+
+# variance steps 1, 2, 4, 8 (the interval doubles after every update); 1-bit gradient steps 3, 5, 6, 7
+_SEEDED = functools.partial(ZeroOneAdam, lr=1e-2, var_freeze_step=8, var_update_scaler=1, local_step_scaler=1,
+                            local_step_clipper=2)
+
+
+def test_rows_first_touched_on_a_1bit_step_get_a_seeded_variance():
+    """Row 15 first gets a gradient (from rank 1) on the 1-bit step 5, where its variance is zero: it must move
+    by about lr per step, like every other row, not by lr * m / eps (DeepSpeed's 1e6-fold jump), and the ranks
+    must agree on it."""
+    results = run_distributed(cases.embedding_rows_never_seen, 2, _SEEDED, steps=8, touch_step=5, check_step=4)
+    for untouched, clean, momentum_zero, weight, before in results:
+        assert untouched and clean and momentum_zero
+        moved = (weight[15] - before[15]).abs().max().item()
+        assert 0 < moved <= 4 * 1e-2 * 1.5, moved  # at most 4 steps (5-8) of about lr each
+        assert torch.equal(weight[[5, 6, 16, 19]], before[[5, 6, 16, 19]])
+    torch.testing.assert_close(results[0][3], results[1][3], rtol=1e-6, atol=1e-7)
+
+
+def test_world_size_one_seeds_the_variance_of_rows_first_touched_on_a_1bit_step():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(20, 4)
+    opt = _SEEDED(emb.parameters())
+    before = emb.weight.detach().clone()
+    for t in range(1, 9):
+        opt.zero_grad()
+        emb(torch.tensor([1, 3, 15] if t == 5 else [0, 2, 4])).square().sum().backward()
+        opt.step()
+    moved = (emb.weight[15] - before[15]).abs().max().item()
+    assert 0 < moved <= 4 * 1e-2 * 1.5, moved
+    assert torch.isfinite(emb.weight).all()
 
 
 # -- convergence on a real task ------------------------------------------------------------------------------

@@ -77,11 +77,11 @@ class ZeroOneAdam(CompressedOptimizer):
     - Between synchronisations the ranks' parameters differ (that is the algorithm). After one they agree up
       to rounding (fp32: a few ulps; bf16/fp16 params: a few ulps of that format), as in DeepSpeed.
     - After :meth:`step`, fp32 ``p.grad`` holds the 1-bit averaged gradient on compressed-gradient steps.
-    - Hazard (the algorithm's, shared with DeepSpeed): only variance steps update the variance, so an element
-      that first gets a gradient on another step (a rare token's embedding row first seen on a 1-bit step or
-      after ``var_freeze_step``) has a zero variance and moves by ``lr * m / eps``. Keep the variance steps
-      frequent enough for every feature to be seen (small ``var_update_scaler`` growth, a late enough
-      ``var_freeze_step``), or raise ``eps``.
+    - Elements with no variance yet (only variance steps update it). DeepSpeed moves an element that first
+      gets a gradient on a 1-bit step or after ``var_freeze_step`` (a rare token's embedding row) by
+      ``lr * m / eps``, which diverges. Here, on a 1-bit step its variance is seeded so that ``v_hat`` equals
+      the ranks' mean squared gradient of that step; in the local phase (variance frozen) it stays where it
+      is, on every rank alike. ``var_freeze_step=0`` (no variance at all) keeps DeepSpeed's ``m / eps``.
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "momentum_accumulator")
@@ -210,23 +210,38 @@ class ZeroOneAdam(CompressedOptimizer):
             self.start_mask(key, exp_avg)
             self._warn_if_ddp_still_averages()
 
+        n_v = plan["var_updates"]
+        if group["bias_correction"]:
+            bc1 = 1 - beta1**t
+            bc2 = 1 - beta2**n_v if n_v > 0 else 1.0  # no variance yet: it is zero whatever the correction
+        else:
+            bc1 = bc2 = 1.0
+
         if kind == _VAR:
             exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         elif kind == _GRAD_1BIT:
-            self.compressed_average(key, g)
+            def seed_variance(woken, mean_square):
+                # a masked element got its first gradient: a variance such that v / bc2 = the ranks' mean g^2
+                exp_avg_sq.copy_(torch.where(woken, mean_square * bc2, exp_avg_sq))
+
+            self.compressed_average(key, g, on_wake=seed_variance)
+            if n_v > 0:
+                # Elements first touched on a 1-bit step have no variance (an unseen token's embedding row): seed
+                # it from the averaged gradient (identical on every rank) instead of moving them by lr * m / eps.
+                fresh = (exp_avg_sq == 0) & (g != 0)
+                if bool(fresh.any()):
+                    exp_avg_sq.copy_(torch.where(fresh, g * g * bc2, exp_avg_sq))
             exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
         else:
             exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
 
-        if group["bias_correction"]:
-            bc1 = 1 - beta1**t
-            n_v = plan["var_updates"]
-            bc2 = 1 - beta2**n_v if n_v > 0 else 1.0  # no variance yet: it is zero whatever the correction
-        else:
-            bc1 = bc2 = 1.0
         p = bucket.param_flat if bucket.dtype == torch.float32 else bucket.param_flat.float()
         denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+        if kind == _LOCAL and n_v > 0:
+            # The variance is frozen: an element that first gets a gradient now has none and would move by
+            # lr * m / eps. It stays put instead (an infinite denominator), on every rank alike.
+            denom.masked_fill_(exp_avg_sq == 0, math.inf)
         if wd:
             p.mul_(1 - lr * wd)
         p.addcdiv_(exp_avg, denom, value=-lr / bc1)
