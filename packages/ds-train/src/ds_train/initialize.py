@@ -61,6 +61,22 @@ def _params_with_grad(model_parameters: Iterable | None, model: torch.nn.Module)
     return params
 
 
+def _to_local_device(model: torch.nn.Module, optimizer: Any) -> None:
+    """With NCCL the model goes to this rank's GPU (``torch.cuda.current_device()``, set from ``LOCAL_RANK`` by
+    :func:`init_distributed`), as DeepSpeed's engine moves it; with gloo it stays where it is. An optimizer
+    constructed before the move may hold copies of the CPU params (ds-optim re-points params into flat buffers
+    at construction), so that case is an error instead of a silent mismatch."""
+    if str(dist.get_backend()).lower() != "nccl" or not torch.cuda.is_available():
+        return
+    device = torch.device("cuda", torch.cuda.current_device())
+    if all(p.device == device for p in model.parameters()):
+        return
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"the model is not on this rank's GPU ({device}) but an optimizer was already built over its "
+                         "params; move the model first (model.to(device)) or pass a callable params -> optimizer")
+    model.to(device)
+
+
 def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
     section = cfg.optimizer
 
@@ -127,6 +143,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if optimizer is None and cfg.optimizer is None:
         raise ConfigError("no optimizer: pass optimizer= to initialize() or add an 'optimizer' section to the config")
 
+    _to_local_device(model, optimizer)
     params = _params_with_grad(model_parameters, model)
     if optimizer is None:
         _check_compressed(cfg)

@@ -97,7 +97,8 @@ def _accepted(key: str, params: Mapping[str, Any]) -> dict[str, inspect.Paramete
     if key in ("adam", "adamw"):
         if params.get("torch_adam"):
             decoupled = key == "adamw" or params.get("adam_w_mode", True)
-            names = set(_signature_params(torch.optim.AdamW if decoupled else torch.optim.Adam))
+            # bias_correction: accepted as DeepSpeed configs spell it out; only true fits torch's Adam
+            names = set(_signature_params(torch.optim.AdamW if decoupled else torch.optim.Adam)) | {"bias_correction"}
         else:
             names = set(_signature_params(ds_optim.FusedAdamW if key == "adamw" else ds_optim.FusedAdam))
         return names | _ADAM_KEYS
