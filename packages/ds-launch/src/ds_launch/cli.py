@@ -189,13 +189,13 @@ def _master(args, resources, local_node: bool) -> tuple[str, int]:
         addr = "127.0.0.1" if local_node and len(resources) == 1 else first
     check_hostname(addr, where="--master_addr")
     master_here = is_local_address(addr)
-    if args.master_port is not None:
-        if master_here and (args.node_rank in (None, 0)):
-            check_port_free(args.master_port)
-        return addr, args.master_port
-    if master_here and len(resources) == 1:
-        return addr, free_port()
-    return addr, DEFAULT_MASTER_PORT  # every node must agree on it, and we cannot probe a remote host
+    if args.master_port is None and master_here and not args.no_ssh:
+        return addr, free_port()  # the master is this machine and we start every node: any free port works
+    # --no_ssh: every node runs its own ds-launch, so they can only agree on a fixed port
+    port = DEFAULT_MASTER_PORT if args.master_port is None else args.master_port
+    if master_here and args.node_rank in (None, 0):
+        check_port_free(port)
+    return addr, port
 
 
 def _plan(args, world: dict, master_addr: str, master_port: int) -> LaunchPlan:

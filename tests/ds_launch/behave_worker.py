@@ -1,0 +1,45 @@
+"""Worker for the failure tests (no torch: starts fast). Behaviour from the environment:
+
+- writes its pid to $DS_LAUNCH_TEST_OUT/pid.<RANK>.<restart> first, and the pid of a child it forks
+  (a grandchild of the launcher: it must die too) to child.<RANK>.<restart>;
+- BEHAVE_FAIL_RANK=r, BEHAVE_FAIL_CODE=c: rank r exits with code c after BEHAVE_FAIL_AFTER s (default 0.5);
+- BEHAVE_FAIL_UNTIL_RESTART=k: fail only while TORCHELASTIC_RESTART_COUNT < k;
+- every other rank sleeps BEHAVE_SLEEP s (default 120) ignoring nothing, then exits 0;
+- BEHAVE_IGNORE_TERM=1: ignore SIGTERM (the supervisor must SIGKILL after its grace period);
+- BEHAVE_PRINT=1: print a few long lines (output prefixing must keep them whole).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+out = os.environ["DS_LAUNCH_TEST_OUT"]
+rank = int(os.environ["RANK"])
+restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+with open(os.path.join(out, f"pid.{rank}.{restart}"), "w") as f:
+    f.write(str(os.getpid()))
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+with open(os.path.join(out, f"child.{rank}.{restart}"), "w") as f:
+    f.write(str(child.pid))
+if os.environ.get("BEHAVE_IGNORE_TERM") == "1":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("BEHAVE_PRINT") == "1":
+    for i in range(50):
+        print(f"line {i} of rank {rank} " + "x" * 2000, flush=True)
+        sys.stderr.write(f"err {i} of rank {rank} " + "y" * 2000 + "\n")
+        sys.stderr.flush()
+fail_rank = int(os.environ.get("BEHAVE_FAIL_RANK", "-1"))
+until = int(os.environ.get("BEHAVE_FAIL_UNTIL_RESTART", "1000000"))
+if rank == fail_rank and restart < until:
+    time.sleep(float(os.environ.get("BEHAVE_FAIL_AFTER", "0.5")))
+    print(f"rank {rank} failing on purpose", flush=True)
+    sys.exit(int(os.environ.get("BEHAVE_FAIL_CODE", "3")))
+if rank == fail_rank:
+    print(f"rank {rank} ok on restart {restart}", flush=True)
+    child.kill()
+    sys.exit(0)
+time.sleep(float(os.environ.get("BEHAVE_SLEEP", "120")))
+child.kill()
+print(f"rank {rank} done", flush=True)
