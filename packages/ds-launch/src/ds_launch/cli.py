@@ -34,6 +34,7 @@ _NOT_BUILT = {  # DeepSpeed / torchrun flags that ds-launch 0.1 refuses with a c
     "save_pid": "--save_pid", "venv_script": "--venv_script", "rdzv_backend": "rendezvous backends",
     "rdzv_endpoint": "rendezvous backends", "rdzv_id": "rendezvous backends",
 }
+_NOT_BUILT_SWITCHES = {"elastic_training", "bind_cores_to_rank", "save_pid"}
 
 
 def _spellings(name: str, *short: str) -> list[str]:
@@ -94,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     g.add_argument(*_spellings("dry_run"), action="store_true", help="print the command for each node and exit")
     g.add_argument("-q", "--quiet", action="store_true", help="no launcher messages (worker output only)")
-    for name in _NOT_BUILT:
-        p.add_argument(*_spellings(name), nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    for name in _NOT_BUILT:  # accepted with DeepSpeed's arity, so that the refusal names the flag
+        if name in _NOT_BUILT_SWITCHES:
+            p.add_argument(*_spellings(name), action="store_const", const=True, default=None, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(*_spellings(name), default=None, help=argparse.SUPPRESS)
     p.add_argument("user_script", help="training script (or module with -m, or program with --no_python)")
     p.add_argument("user_args", nargs=argparse.REMAINDER)
     return p

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (os.path.join(args.enable_each_rank_log, f"{time.strftime('%Y%m%d%H%M%S')}_rank{rank}.log")
            if args.enable_each_rank_log else None)
     spec = ProcSpec(argv=argv, env=env, label=f"rank {rank}", prefix=f"[rank{rank}]: ", log_path=log,
-                    pass_fds=(int(fd),) if fd.isdigit() else ())
+                    pass_fds=(int(fd),) if fd.isdigit() else (), new_session=False)
     code = Supervisor(lambda _: [spec], name=f"ds-launch[rank{rank}]", quiet=True).run()
     if code != 0:
         _pmi_abort(code)

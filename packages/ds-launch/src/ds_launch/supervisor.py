@@ -43,6 +43,7 @@ class ProcSpec:
     prefix: str | None = None  # "[rank3]: " prepended to each output line; None: relayed as is
     log_path: str | None = None  # stdout+stderr go to this file instead of the console
     hold_stdin: bool = False  # give it a pipe we keep open: an ssh'd agent sees EOF when we die
+    new_session: bool = True  # False: stay in our process group (under mpirun, whose kill must reach it)
     pass_fds: tuple[int, ...] = ()  # descriptors it inherits (MPICH's PMI_FD, for mpi4py in the script)
 
 
@@ -135,7 +136,7 @@ class Supervisor:
             stdin=subprocess.PIPE if spec.hold_stdin else subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            start_new_session=True,
+            start_new_session=spec.new_session,
             pass_fds=spec.pass_fds,
             preexec_fn=_die_with_parent(os.getpid()),
         )
@@ -153,7 +154,10 @@ class Supervisor:
             if only_alive and r.proc.poll() is not None:
                 continue
             try:
-                os.killpg(r.proc.pid, sig)
+                if r.spec.new_session:
+                    os.killpg(r.proc.pid, sig)
+                elif r.proc.poll() is None:
+                    r.proc.send_signal(sig)
             except (ProcessLookupError, PermissionError):
                 pass
 
