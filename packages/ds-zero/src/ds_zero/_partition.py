@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import _comm
 from ._buckets import Bucket
 
 
@@ -61,6 +62,8 @@ class DataParallelShards(ShardingPolicy):
         self.in_place = in_place
 
     def gather_params(self, buckets: list[Bucket]) -> None:
+        if not _comm.active(self.group):
+            return
         pending: list[tuple[object, int]] = []
         in_flight = 0
         for bucket in buckets:
@@ -78,7 +81,7 @@ class DataParallelShards(ShardingPolicy):
                 continue
             lo, hi = bucket.shard_range
             shard = flat[lo:hi] if self.in_place else flat[lo:hi].clone()
-            work = dist.all_gather_into_tensor(flat, shard, group=self.group, async_op=True)
+            work = _comm.all_gather(flat, shard, self.group)
             pending.append((work, bucket.padded_numel))
             in_flight += bucket.padded_numel
         for work, _ in pending:

@@ -15,8 +15,8 @@ Subclasses implement ``_on_grad`` (where the grad goes), ``_launch`` (the collec
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from . import _comm
 from ._buckets import Bucket
 
 
@@ -108,7 +108,7 @@ class GradReducer:
         return flat.to(self.reduce_dtype)
 
     def _all_reduce(self, tensor: torch.Tensor):
-        return dist.all_reduce(tensor, group=self.group, async_op=True)
+        return _comm.all_reduce(tensor, self.group)
 
     # -- to implement ------------------------------------------------------------------------------------
     def _on_grad(self, bucket: Bucket, i: int, p: torch.nn.Parameter) -> None:

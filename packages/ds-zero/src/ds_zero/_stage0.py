@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _comm
 from ._buckets import Bucket
 from ._reducer import GradReducer, adopt_grad, persistent_grad_views
 
@@ -37,7 +38,7 @@ class AllReduceReducer(GradReducer):
 
     def _finish(self) -> None:
         for bucket, work, send in self._pending:
-            work.wait()
+            _comm.wait(work)
             if send is not bucket.grad_flat:
                 bucket.grad_flat.copy_(send)
         self._pending = []

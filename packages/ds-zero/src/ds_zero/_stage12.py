@@ -23,8 +23,8 @@ traffic; DeepSpeed's meaning). ``gradient_compression`` int8/int4 reduce-scatter
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from . import _comm
 from ._buckets import Bucket
 from ._reducer import GradReducer, adopt_grad, persistent_grad_views
 
@@ -51,10 +51,10 @@ class _ScatterMixin:
             self._checked_sizes = True
             return None, out
         if not self.use_reduce_scatter:
-            work = dist.all_reduce(send, group=self.group, async_op=True)
+            work = _comm.all_reduce(send, self.group)
             return work, send[lo:hi]
         out = torch.empty(bucket.shard_numel, dtype=send.dtype, device=send.device)
-        work = dist.reduce_scatter_tensor(out, send, group=self.group, async_op=True)
+        work = _comm.reduce_scatter(out, send, self.group)
         return work, out
 
 
@@ -89,8 +89,7 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
 
     def _finish(self) -> None:
         for bucket, work, out in self._pending:
-            if work is not None:
-                work.wait()
+            _comm.wait(work)
             bucket.shard_grad = out
         self._pending = []
 
@@ -156,8 +155,7 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
 
     def _complete(self, entry) -> None:
         bucket, work, out, _send = entry
-        if work is not None:
-            work.wait()
+        _comm.wait(work)
         bucket.shard_grad.add_(out)
 
     def after_backward(self) -> None:

@@ -1,0 +1,215 @@
+"""``ZeroEngine.load_checkpoint``: verify, then restore -- resharding when the layout changed.
+
+Same data-parallel size and bucket layout: each rank reads the model file and its own shard file (stage 0
+in fp16/bf16: rank 0's, which holds the replicated masters), bit-exact. Otherwise (another world size, another
+``reduce_bucket_size``, stage 0 fp32 <-> a partitioned stage) every rank reads all shard files, rebuilds the
+full fp32 masters and per-element optimizer states by name (``reshard``) and cuts its own shards of the
+current layout. RNG states are restored when this rank has a file of its own; 1-bit error feedback is loaded
+per rank on the same world size and resharded from its world-size independent form otherwise.
+
+Anything missing, truncated, corrupted or not matching the model raises :class:`CheckpointError` naming the
+file: never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import torch
+
+from ._io import CheckpointError, model_file, optim_file, read_marker, resolve_tag, safe_load
+from .reshard import bucket_full, full_from_direct, full_from_master_shards
+
+logger = logging.getLogger("ds_zero")
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+
+            kind, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _saved_full(ckpt_dir: str, marker: dict, model: dict) -> dict:
+    """The layout-independent form of the saved masters and optimizer states."""
+    if model["mode"] == "direct":
+        return full_from_direct(model["module"], model["optimizer"], model["group_names"])
+    sw = model["layout"][0]["shard_world"] if model["layout"] else 1
+    shards = {}
+    for r in range(sw):
+        shard = safe_load(ckpt_dir, optim_file(r), marker)
+        shards[r] = {"masters": shard["masters"], "optimizer": shard["optimizer"]}
+    return full_from_master_shards(model["layout"], shards, model["group_map"], model["param_groups"],
+                                   source=ckpt_dir)
+
+
+def _current_layout(engine) -> list[dict]:
+    return [b.layout() for b in engine.buckets]
+
+
+def _scalars(full: dict, gi: int) -> dict:
+    # a fresh copy per param: optimizers step their "step" tensors in place, so one shared object would be
+    # advanced once per param
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in full["scalars"].get(gi, {}).items()}
+
+
+def _load_masters_from_full(engine, full: dict, with_states: bool) -> None:
+    masters = engine.masters
+    by_group: dict[int, list] = {}
+    for b in engine.buckets:
+        by_group.setdefault(b.group_index, []).append(b)
+    sd = {"state": {}, "param_groups": []}
+    current = engine.optimizer.state_dict()["param_groups"]
+    j = 0
+    for gi, p in enumerate(masters.params):
+        if p is None:
+            continue
+        buckets = sorted(by_group[gi], key=lambda b: b.master_offset)
+        with torch.no_grad():
+            for b in buckets:
+                lo, hi = b.shard_range
+                masters.shard(b).copy_(bucket_full(b, full["params"], "fp32 master")[lo:hi])
+        if with_states:
+            keys = set()
+            for b in buckets:
+                for n in b.names:
+                    keys.update(full["states"].get(n, {}))
+            st = {}
+            for key in sorted(keys):
+                pieces = []
+                for b in buckets:
+                    lo, hi = b.shard_range
+                    values = {n: full["states"][n][key] for n in b.names if key in full["states"].get(n, {})}
+                    pieces.append(bucket_full(b, values, f"optimizer state {key!r}")[lo:hi])
+                st[key] = torch.cat(pieces)
+            if st:
+                st.update(_scalars(full, gi))
+                sd["state"][j] = st
+            hyper = full["param_groups"][gi] if gi < len(full["param_groups"]) and full["param_groups"][gi] else None
+            group = dict(hyper) if hyper is not None else {k: v for k, v in current[j].items() if k != "params"}
+            group["params"] = [j]
+            sd["param_groups"].append(group)
+        j += 1
+    if with_states:
+        engine.optimizer.load_state_dict(sd)
+
+
+def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
+    names = {p: n for n, p in engine.module.named_parameters()}
+    with torch.no_grad():
+        for b in engine.buckets:
+            for n, p in zip(b.names, b.params):
+                if n not in full["params"]:
+                    raise CheckpointError(f"the checkpoint has no fp32 master for parameter {n!r}")
+                p.data.copy_(full["params"][n].reshape(p.shape))
+    if not with_states:
+        return
+    sd = {"state": {}, "param_groups": []}
+    idx = 0
+    for gi, group in enumerate(engine.optimizer.param_groups):
+        ids = []
+        for p in group["params"]:
+            n = names.get(p)
+            st = dict(full["states"].get(n, {}))
+            if st:
+                st.update(_scalars(full, gi))
+                sd["state"][idx] = st
+            ids.append(idx)
+            idx += 1
+        hyper = full["param_groups"][gi] if gi < len(full["param_groups"]) and full["param_groups"][gi] else None
+        g = dict(hyper) if hyper is not None else {k: v for k, v in group.items() if k != "params"}
+        g["params"] = ids
+        sd["param_groups"].append(g)
+    engine.optimizer.load_state_dict(sd)
+
+
+def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True):
+    load_dir = os.fspath(load_dir)
+    tag = resolve_tag(load_dir, tag)
+    ckpt_dir = os.path.join(load_dir, tag)
+    marker = read_marker(ckpt_dir)
+    model = safe_load(ckpt_dir, model_file(), marker)
+    if model.get("num_groups") != engine._num_groups:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, model_file())}: saved with {model.get('num_groups')} "
+                              f"optimizer param groups, this engine has {engine._num_groups}")
+    if model["mode"] == "masters":
+        saved_names = sorted(n for b in model["layout"] for n in b["names"])
+    else:
+        saved_names = sorted(n for g in model["group_names"] for n in g)
+    current_names = sorted(n for b in engine.buckets for n in b.names)
+    if not set(current_names) <= set(saved_names):
+        missing = sorted(set(current_names) - set(saved_names))
+        raise CheckpointError(f"{ckpt_dir}: this model's trainable parameters {missing[:5]} are not trained "
+                              "parameters in the checkpoint")
+    try:
+        engine.module.load_state_dict(model["module"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, model_file())}: module state does not fit the model: "
+                              f"{exc}") from None
+
+    same_world = model["dp_world_size"] == engine.dp_world_size
+    same_mode = model["mode"] == ("direct" if engine.direct else "masters")
+    fast = same_world and same_mode and model["layout"] == _current_layout(engine)
+    own = None
+    if same_world:
+        own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
+
+    if engine.direct:
+        if fast:
+            if load_optimizer_states and model["optimizer"] is not None:
+                engine.optimizer.load_state_dict(model["optimizer"])
+        else:
+            _load_direct_from_full(engine, _saved_full(ckpt_dir, marker, model), load_optimizer_states)
+    else:
+        if not load_optimizer_states or not engine.config.zero_optimization.load_from_fp32_weights:
+            # masters from the (model-dtype) module weights, as DeepSpeed's refresh_fp32_params
+            full = {"params": {n: p.detach().float() for b in engine.buckets for n, p in zip(b.names, b.params)},
+                    "states": {}, "scalars": {}, "param_groups": []}
+            _load_masters_from_full(engine, full, with_states=False)
+            if load_optimizer_states:  # fp32 weights ignored by config, optimizer states still wanted
+                states = _saved_full(ckpt_dir, marker, model)
+                states["params"] = full["params"]
+                _load_masters_from_full(engine, states, with_states=True)
+        elif fast:
+            src = own if engine.policy.shard_world > 1 else safe_load(ckpt_dir, optim_file(0), marker)
+            with torch.no_grad():
+                for p, saved in zip(engine.masters.params, src["masters"]):
+                    if p is not None:
+                        p.data.copy_(saved)
+            engine.optimizer.load_state_dict(src["optimizer"])
+        else:
+            _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model), with_states=True)
+        engine.masters.write_params()
+        engine.policy.gather_params(engine.buckets)
+
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and model["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(model["lr_scheduler"])
+    if load_optimizer_states:
+        engine.precision.load_state_dict(model["precision"])
+    counters = model["counters"]
+    engine.global_steps = counters["global_steps"]
+    engine.global_samples = counters["global_samples"]
+    engine.micro_steps = counters["micro_steps"]
+    engine.skipped_steps = counters["skipped_steps"]
+    engine.reducer.zero_grads()
+    if own is not None:
+        _restore_rng(own["rng"])
+        engine.reducer.load_state_dict(own["reducer"], world_size=engine.dp_world_size, rank=engine.dp_rank)
+    else:
+        logger.warning("ds_zero: resuming %s (saved on %d ranks) on %d ranks: RNG states not restored",
+                       ckpt_dir, model["dp_world_size"], engine.dp_world_size)
+        if model.get("compression_full") is not None:
+            engine.reducer.load_state_dict(model["compression_full"], world_size=engine.dp_world_size,
+                                           rank=engine.dp_rank)
+    return ckpt_dir, model["client_state"]

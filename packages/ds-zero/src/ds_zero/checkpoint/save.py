@@ -1,0 +1,163 @@
+"""``ZeroEngine.save_checkpoint``: per-rank shards, then a checksummed commit marker, then ``latest``.
+
+Layout of ``save_dir``::
+
+    latest                                            text: the last committed tag (write-temp-then-rename)
+    <tag>/mp_rank_00_model_states.pt                  rank 0: module state dict (model dtype), engine
+                                                      counters, LR scheduler, loss scaler, client_state,
+                                                      bucket layout; stage-0 fp32: the optimizer state;
+                                                      1-bit: the world-size independent error feedback
+    <tag>/zero_pp_rank_<r>_mp_rank_00_optim_states.pt every rank: RNG states, its 1-bit residuals, and (ranks
+                                                      that own shards) its fp32 master shards and the
+                                                      optimizer state over them
+    <tag>/ds_zero_commit.json                         rank 0, last: world size, stage, each file's size + sha256
+
+Every rank must call it (there are collectives).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._io import (FORMAT, LATEST, MARKER, VERSION, CheckpointError, atomic_torch_save, atomic_write_text, check_tag,
+                  model_file, optim_file, write_marker)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
+    except ImportError:  # pragma: no cover - numpy comes with ds-optim
+        pass
+    return state
+
+
+def _check_client_state(client_state: dict) -> None:
+    """Refuse now what ``torch.load(weights_only=True)`` would refuse at load time."""
+    buf = io.BytesIO()
+    torch.save(client_state, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except Exception as exc:
+        raise TypeError(
+            "client_state must hold plain data (tensors, numbers, strings, lists, tuples, dicts): checkpoints are "
+            f"loaded with torch.load(weights_only=True), which refuses it ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def _gather(engine, obj):
+    if not engine.distributed or engine.dp_world_size == 1:
+        return [obj]
+    out = [None] * engine.dp_world_size
+    dist.all_gather_object(out, obj, group=engine.process_group)
+    return out
+
+
+def _param_names(engine) -> dict:
+    return {p: n for n, p in engine.module.named_parameters()}
+
+
+def _module_state(engine) -> dict[str, torch.Tensor]:
+    # clones: the params are views of flat buckets, which torch.save would otherwise drag in whole
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict | None = None) -> str:
+    if save_dir is None or (isinstance(save_dir, str) and not save_dir):
+        raise ValueError("save_checkpoint: save_dir must be a directory path, got " + repr(save_dir))
+    save_dir = os.fspath(save_dir)
+    tag = check_tag(f"global_step{engine.global_steps}" if tag is None else tag)
+    client_state = {} if client_state is None else client_state
+    if not isinstance(client_state, dict):
+        raise TypeError(f"client_state must be a dict, got {type(client_state).__name__}")
+    _check_client_state(client_state)
+    tags = _gather(engine, tag)
+    if len(set(tags)) != 1:
+        raise CheckpointError(f"save_checkpoint: ranks passed different tags {sorted(set(tags))}")
+    ckpt_dir = os.path.join(save_dir, tag)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    rank = engine.dp_rank
+    if rank == 0 and os.path.exists(os.path.join(ckpt_dir, MARKER)):
+        # overwriting a committed tag: un-commit it first, so a crash midway leaves it refused, not mixed
+        os.unlink(os.path.join(ckpt_dir, MARKER))
+    full_compression = engine.reducer.full_state_dict() if hasattr(engine.reducer, "full_state_dict") else None
+    if engine.distributed and engine.dp_world_size > 1:
+        dist.barrier(group=engine.process_group)
+
+    names = _param_names(engine)
+    digests: dict[str, dict] = {}
+    if rank == 0:
+        aliases = {}
+        canonical = {}
+        for n, p in engine.module.named_parameters(remove_duplicate=False):
+            if p in canonical:
+                aliases[n] = canonical[p]
+            else:
+                canonical[p] = n
+        opt_sd = engine.optimizer.state_dict()
+        if engine.direct:
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]]
+            group_map = list(range(len(hyper)))
+        else:
+            group_map = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
+            hyper = [None] * engine._num_groups
+            for j, gi in enumerate(group_map):
+                hyper[gi] = {k: v for k, v in opt_sd["param_groups"][j].items() if k != "params"}
+        model_states = {
+            "format": FORMAT, "version": VERSION, "stage": engine.stage, "dp_world_size": engine.dp_world_size,
+            "dtype": str(engine.precision.dtype).removeprefix("torch."),
+            "mode": "direct" if engine.direct else "masters",
+            "module": _module_state(engine),
+            "aliases": aliases,
+            "layout": [b.layout() for b in engine.buckets],
+            "num_groups": engine._num_groups,
+            "group_map": group_map,
+            "param_groups": hyper,
+            "group_names": [[names[p] for p in g["params"]] for g in engine.optimizer.param_groups] if engine.direct else None,
+            "optimizer": opt_sd if engine.direct else None,
+            "optimizer_class": type(engine.optimizer).__name__,
+            "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                         "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps},
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "precision": engine.precision.state_dict(),
+            "compression_full": full_compression,
+            "client_state": client_state,
+        }
+        digests[model_file()] = atomic_torch_save(model_states, os.path.join(ckpt_dir, model_file()))
+    owns = (not engine.direct) and rank < engine.policy.shard_world
+    rank_state = {
+        "format": FORMAT, "version": VERSION, "rank": rank, "dp_world_size": engine.dp_world_size,
+        "rng": rng_state(),
+        "reducer": engine.reducer.state_dict(),
+        "masters": [None if p is None else p.data.detach().cpu().clone() for p in engine.masters.params] if owns else None,
+        "optimizer": engine.optimizer.state_dict() if owns else None,
+    }
+    digests[optim_file(rank)] = atomic_torch_save(rank_state, os.path.join(ckpt_dir, optim_file(rank)))
+
+    all_digests = _gather(engine, digests)  # also the barrier: every rank's files are in place
+    if rank == 0:
+        files = {}
+        for r, d in enumerate(all_digests):
+            for name, info in d.items():
+                files[name] = {**info, "rank": r}
+        write_marker(ckpt_dir, {
+            "format": FORMAT, "version": VERSION, "tag": tag, "stage": engine.stage,
+            "dp_world_size": engine.dp_world_size, "dtype": str(engine.precision.dtype).removeprefix("torch."),
+            "global_steps": engine.global_steps, "files": files,
+        })
+        atomic_write_text(os.path.join(save_dir, LATEST), tag + "\n")
+    if engine.distributed and engine.dp_world_size > 1:
+        dist.barrier(group=engine.process_group)
+    return ckpt_dir
