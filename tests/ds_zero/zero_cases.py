@@ -104,6 +104,12 @@ def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = 
     return history
 
 
+def run_scenarios(scenarios: list[dict]):
+    """Several engines one after another in the same rank processes (process start-up dominates on a busy
+    2-core machine); returns one history per scenario."""
+    return [run_engine(**sc) for sc in scenarios]
+
+
 def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, lr: float = 1e-2,
               emulate_dtype: torch.dtype | None = None, skip_steps=()):
     """Single process over the full global batch. ``emulate_dtype``: run forward/backward with params cast to
