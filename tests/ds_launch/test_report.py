@@ -42,3 +42,11 @@ def test_report_table(monkeypatch, capsys):
     assert "ds-launch  0.1.0" in text
     assert any(l.split()[:3] == ["good", "yes", "v1"] for l in text.splitlines())
     assert any(l.startswith("broken") and "no" in l and "RuntimeError: boom" in l for l in text.splitlines())
+
+
+def test_probe_group_isolates_errors_and_survives_crashes():
+    rows = report.probe_group(["a", "b", "c"], {"a": "print('one')", "b": "raise ValueError('bad b')",
+                                                "c": "raise SystemExit('no device')"})
+    assert rows == {"a": (True, "one"), "b": (False, "ValueError: bad b"), "c": (False, "no device")}
+    rows = report.probe_group(["a", "b"], {"a": "print('x')", "b": "import os; os.abort()"})
+    assert not rows["a"][0] and not rows["b"][0]  # the interpreter died: every row of the group says so
