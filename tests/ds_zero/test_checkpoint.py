@@ -65,6 +65,8 @@ def _resume_same_world(ckpt, stage, extra):
     (1, {}),
     (2, {"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": 0.5}),
     (0, {"fp16": {"enabled": True, "auto_cast": True, "initial_scale_power": 8}}),
+    (0, {"gradient_compression": {"type": "onebit", "backend": "torch"}}),
+    (2, {"gradient_compression": {"type": "int8"}, "zero": {"overlap_comm": True}}),
 ])
 def test_bit_identical_resume_same_world(tmp_path, stage, extra):
     assert run_distributed(_resume_same_world, 2, str(tmp_path), stage, extra) == [True, True]
