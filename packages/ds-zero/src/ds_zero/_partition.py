@@ -92,7 +92,7 @@ class Masters:
     """fp32 master shards, one ``nn.Parameter`` per param group (see the module docstring)."""
 
     def __init__(self, buckets: list[Bucket], num_groups: int, device: torch.device, fp32_sources) -> None:
-        """``fp32_sources[b]``: list of fp32 tensors holding bucket ``b``'s param values (the originals)."""
+        """``fp32_sources[b]``: list of tensors holding bucket ``b``'s param values (the originals)."""
         sizes = [0] * num_groups
         for bucket in buckets:
             bucket.master_offset = sizes[bucket.group_index]
@@ -100,11 +100,13 @@ class Masters:
         self.params: list[torch.nn.Parameter | None] = []
         datas = [torch.zeros(n, dtype=torch.float32, device=device) for n in sizes]
         for bucket, sources in zip(buckets, fp32_sources):
-            full = torch.zeros(bucket.padded_numel, dtype=torch.float32, device=device)
-            for view, src in zip(bucket.views(full), sources):
-                view.copy_(src)
+            # copy only the part of each param that falls into this rank's shard (no full-bucket temporary)
             lo, hi = bucket.shard_range
-            datas[bucket.group_index][bucket.master_offset:bucket.master_offset + bucket.shard_numel].copy_(full[lo:hi])
+            dst = datas[bucket.group_index][bucket.master_offset:bucket.master_offset + bucket.shard_numel]
+            for src, p_lo, p_hi in zip(sources, bucket.offsets, bucket.offsets[1:]):
+                a, b = max(p_lo, lo), min(p_hi, hi)
+                if a < b:
+                    dst[a - lo:b - lo].copy_(src.reshape(-1)[a - p_lo:b - p_lo])
         self.params = [torch.nn.Parameter(d) if d.numel() else None for d in datas]
         self.buckets = buckets
 

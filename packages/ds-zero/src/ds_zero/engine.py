@@ -144,19 +144,21 @@ class ZeroEngine:
         return named
 
     def _build_masters(self, load_from_fp32: bool) -> None:
-        """fp32 originals -> masters; the model -> its dtype; params -> views of flat per-bucket storage."""
+        """fp32 originals -> masters (first, so no fp32 copy of the model is made); then the model -> its
+        dtype and its trainable params -> views of flat per-bucket storage."""
         dtype = self.precision.dtype
-        fp32_sources = [[p.detach().float().clone() if load_from_fp32 else None for p in b.params]
-                        for b in self.buckets]
+        if load_from_fp32:
+            sources = [[p.detach() for p in b.params] for b in self.buckets]
+        else:  # masters from the model-dtype weights (DeepSpeed's load_from_fp32_weights=false)
+            sources = [[p.detach().to(dtype) for p in b.params] for b in self.buckets]
+        self.masters = Masters(self.buckets, self._num_groups, self.device, sources)
+        del sources
         if self.precision.mixed:
             self.module.to(dtype)
             for b in self.buckets:
                 b.dtype = dtype
-        for b, sources in zip(self.buckets, fp32_sources):
+        for b in self.buckets:
             flatten_into_views(b, b.dtype, self.device)
-            if not load_from_fp32:  # masters from the model-dtype weights (DeepSpeed's false)
-                sources[:] = [p.detach().float() for p in b.params]
-        self.masters = Masters(self.buckets, self._num_groups, self.device, fp32_sources)
         self.masters.write_params()  # the model-dtype params are exactly the cast masters
 
     def _build_reducer(self):
