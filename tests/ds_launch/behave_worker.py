@@ -2,13 +2,15 @@
 
 - writes its pid to $DS_LAUNCH_TEST_OUT/pid.<RANK>.<restart> first, and the pid of a child it forks
   (a grandchild of the launcher: it must die too) to child.<RANK>.<restart>;
-- BEHAVE_FAIL_RANK=r, BEHAVE_FAIL_CODE=c: rank r exits with code c after BEHAVE_FAIL_AFTER s (default 0.5);
+- BEHAVE_FAIL_RANK=r, BEHAVE_FAIL_CODE=c: rank r exits with code c BEHAVE_FAIL_AFTER s (default 0.5) after
+  every worker has started;
 - BEHAVE_FAIL_UNTIL_RESTART=k: fail only while TORCHELASTIC_RESTART_COUNT < k;
 - every other rank sleeps BEHAVE_SLEEP s (default 120) ignoring nothing, then exits 0;
 - BEHAVE_IGNORE_TERM=1: ignore SIGTERM (the supervisor must SIGKILL after its grace period);
 - BEHAVE_PRINT=1: print a few long lines (output prefixing must keep them whole).
 """
 
+import glob
 import os
 import signal
 import subprocess
@@ -33,6 +35,12 @@ if os.environ.get("BEHAVE_PRINT") == "1":
 fail_rank = int(os.environ.get("BEHAVE_FAIL_RANK", "-1"))
 until = int(os.environ.get("BEHAVE_FAIL_UNTIL_RESTART", "1000000"))
 if rank == fail_rank and restart < until:
+    # fail only once every worker of this attempt runs (and has forked its child): on a loaded machine some
+    # could still be starting, and the tests count them
+    deadline = time.monotonic() + 30
+    world = int(os.environ["WORLD_SIZE"])
+    while len(glob.glob(os.path.join(out, f"child.*.{restart}"))) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(float(os.environ.get("BEHAVE_FAIL_AFTER", "0.5")))
     print(f"rank {rank} failing on purpose", flush=True)
     sys.exit(int(os.environ.get("BEHAVE_FAIL_CODE", "3")))

@@ -1,6 +1,6 @@
 """A stand-in for ssh in the tests: runs the remote command on this machine, as sshd would.
 
-Skips ssh's options, takes the host (which it records in $FAKE_SSH_LOG), and runs the command string with
+Skips ssh's options, takes the host (which it records in $FAKE_SSH_LOG with the --node_rank it was given), and runs the command string with
 ``sh -c`` in a new session (it is "on another machine": our signals do not reach it). Like a real connection,
 the remote side's stdin is a pipe that closes when this process ends, so the agent sees EOF.
 """
@@ -18,8 +18,9 @@ while args and args[0].startswith("-") and args[0] != "--":
 if args and args[0] == "--":
     args.pop(0)
 host, command = args[0], " ".join(args[1:])
+node_rank = next((w.split("=", 1)[1] for w in command.split() if w.startswith("--node_rank=")), "?")
 with open(os.environ["FAKE_SSH_LOG"], "a") as f:
-    f.write(host + "\n")
+    f.write(f"{host}:{node_rank}\n")
 remote = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE, start_new_session=True)
 try:
     sys.exit(remote.wait())
