@@ -132,7 +132,7 @@ class GPT(nn.Module):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(HERE / "ds_config_zero2.json"), help="DeepSpeed JSON config")
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps (the schedule's total_num_steps)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (the schedule's total_num_steps)")
     p.add_argument("--zero-stage", type=int, default=None, help="override zero_optimization.stage")
     p.add_argument("--micro-batch", type=int, default=None, help="override train_micro_batch_size_per_gpu")
     p.add_argument("--data-bytes", type=int, default=3_000_000, help="bytes of stdlib source to use")
@@ -142,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batches", type=int, default=16, help="validation micro-batches per rank")
+    p.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses (and the last)")
     p.add_argument("--save-dir", default="out/checkpoints", help="checkpoints; the latest is resumed from")
     p.add_argument("--save-interval", type=int, default=100, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--stop-at", type=int, default=None,
@@ -282,9 +283,9 @@ def main(argv=None) -> None:
             elif rank == 0 and (step % 50 == 0 or step == 1):
                 print(f"step {step:5d}  loss {losses[-1]:.4f}  {tok_s:,.0f} tokens/s", flush=True)
             final = step >= args.steps
+            if final or (args.eval_interval and step % args.eval_interval == 0):
+                val_history.append((step, evaluate(engine, val_set, micro, args.eval_batches)))
             if final or (args.save_interval and step % args.save_interval == 0):
-                if final:
-                    val_history.append((step, evaluate(engine, val_set, micro, args.eval_batches)))
                 engine.save_checkpoint(args.save_dir, client_state={"loader": loader.state_dict(), "losses": losses,
                                                                     "val": val_history})
                 last_ckpt = os.path.join(args.save_dir, f"global_step{step}")

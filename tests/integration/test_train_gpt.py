@@ -35,7 +35,8 @@ def _run(tmp, name, save_dir, *extra):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_gpt")
     full, full_result = _run(tmp, "full", tmp / "ckpt-full")
-    stopped, _ = _run(tmp, "stopped", tmp / "ckpt-resume", "--stop-at", "20")
+    # --local_rank: what DeepSpeed's launcher appends; accepted and ignored
+    stopped, _ = _run(tmp, "stopped", tmp / "ckpt-resume", "--stop-at", "20", "--local_rank=0")
     resumed, resumed_result = _run(tmp, "resumed", tmp / "ckpt-resume")
     return {"tmp": tmp, "full": full, "stopped": stopped, "resumed": resumed, "full_result": full_result,
             "resumed_result": resumed_result}
