@@ -178,6 +178,23 @@ def test_malicious_pickle_does_not_run(saved, tmp_path):
     assert not pwned.exists()
 
 
+def test_masters_from_16bit_weights_when_asked(tmp_path):
+    engine = _engine(1, 2, 1, sched=False, extra={"bf16": {"enabled": True, "auto_cast": True}})
+    _train(engine, 2)
+    engine.save_checkpoint(tmp_path)
+    exact = _engine(1, 2, 1, sched=False, extra={"bf16": {"enabled": True, "auto_cast": True}})
+    exact.load_checkpoint(tmp_path)
+    coarse = _engine(1, 2, 1, sched=False, extra={"bf16": {"enabled": True, "auto_cast": True},
+                                                   "zero": {"load_from_fp32_weights": False}})
+    coarse.load_checkpoint(tmp_path)
+    for b_exact, b_coarse, b_saved in zip(exact.buckets, coarse.buckets, engine.buckets):
+        assert torch.equal(exact.masters.shard(b_exact), engine.masters.shard(b_saved))
+        assert torch.equal(coarse.masters.shard(b_coarse), b_saved.param_flat.float())
+    assert not torch.equal(exact.masters.params[0].data, coarse.masters.params[0].data)
+    assert torch.equal(exact.optimizer.state_dict()["state"][0]["exp_avg"],
+                       coarse.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
 def test_client_state_must_be_plain_data(tmp_path):
     engine = _engine(0, 2, 1, sched=False)
     with pytest.raises(TypeError, match="client_state must hold plain data"):

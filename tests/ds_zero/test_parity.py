@@ -30,6 +30,7 @@ SCENARIOS = {
     "stage2-overlap": (dict(stage=2, steps=3, ga=2, cfg_extra={"zero": {"overlap_comm": True}}), {}),
     "stage2-noncontiguous-allreduce": (dict(stage=2, steps=3, cfg_extra={
         "zero": {"contiguous_gradients": False, "reduce_scatter": False}}), {}),
+    "stage2-broadcast-partitions": (dict(stage=2, steps=3, cfg_extra={"zero": {"allgather_partitions": False}}), {}),
     "stage1-fp32-comm-one-bucket": (dict(stage=1, steps=3, cfg_extra={
         "communication_data_type": "fp32", "zero": {"reduce_bucket_size": 10**6, "allgather_bucket_size": 10**6}}), {}),
 }

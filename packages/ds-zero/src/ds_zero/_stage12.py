@@ -92,6 +92,9 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
             _comm.wait(work)
             bucket.shard_grad = out
         self._pending = []
+        for bucket in self.buckets:  # a boundary step() without a backward before it: zero gradients
+            if bucket.shard_grad is None:
+                bucket.shard_grad = bucket.grad_flat[bucket.shard_range[0]:bucket.shard_range[1]]
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
