@@ -77,6 +77,8 @@ def _conflicts():
         ds_train.initialize(model=model, config={"train_batch_size": 8})
     with pytest.raises(ConfigError, match="given twice"):
         ds_train.initialize(args=argparse.Namespace(deepspeed_config="x.json"), model=model, config=_config(0))
+    with pytest.raises(ConfigError, match="given twice"):
+        ds_train.initialize(model=model, config=_config(0), config_params=_config(0))
     for stage, match in ((1, "needs zero_optimization.stage 0"), (0, "not supported through the engine yet")):
         onebit = {**_config(stage), "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3, "freeze_step": 5}},
                   "scheduler": {"type": "WarmupLR"}}
@@ -136,8 +138,42 @@ def test_training_data_is_sharded_over_the_ranks(drop_last):
         assert len(set(seen[0]) & set(seen[1])) == 1
 
 
+class _MPU:
+    """A model-parallel unit whose data-parallel group is a sub-group: ranks {0, 1} of a world of 3."""
+
+    def __init__(self):
+        self.group = dist.new_group([0, 1])
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank(self.group)
+
+    def get_data_parallel_world_size(self):
+        return dist.get_world_size(self.group)
+
+
+def _with_mpu():
+    mpu = _MPU()  # every rank takes part in new_group
+    if dist.get_rank() == 2:
+        return None
+    engine, _, loader, _ = ds_train.initialize(model=_model(), config=_config(1), training_data=Numbers(12), mpu=mpu)
+    assert engine.dp_world_size == 2 and engine.train_batch_size() == 8
+    seen = [int(v) for batch in loader for v in batch.flatten()]
+    with pytest.raises(TypeError, match="get_data_parallel_group"):
+        ds_train.initialize(model=_model(), config=_config(0), mpu=object())
+    return sorted(seen)
+
+
+def test_mpu_data_parallel_group_is_used():
+    a, b, none = run_distributed(_with_mpu, 3)
+    assert none is None and len(a) == len(b) == 6 and sorted(a + b) == list(range(12))
+
+
 SINGLE = textwrap.dedent("""
-    import os, torch, ds_train
+    import logging, os, torch, ds_train
+    logging.basicConfig(level=logging.INFO)  # asks for the effective config (quiet otherwise)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
     torch.manual_seed(0)
@@ -163,6 +199,8 @@ def test_single_process_without_a_launcher(tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     result = run_subprocess_job([sys.executable, str(script)], timeout=120, env=env)
     assert "world 1 rank 0 steps 3 batches 3 SGD None" in result.stdout, result.stdout + result.stderr
+    assert "effective DeepSpeed config on 1 data-parallel rank(s)" in result.stderr
+    assert '"gradient_accumulation_steps": 1' in result.stderr and '"momentum": 0' in result.stderr
 
 
 def test_init_distributed_names_what_is_missing(monkeypatch):
