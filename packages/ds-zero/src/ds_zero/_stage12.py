@@ -64,6 +64,7 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
         super().__init__(buckets, group, world, ignore_unused_parameters, reduce_dtype)
         self._setup_scatter(reduce_scatter, quantize)
         self.overlap = overlap
+        self._flushing = False
         for bucket in buckets:
             persistent_grad_views(bucket, bucket.dtype, device)
         self._pending: list[tuple[Bucket, object, torch.Tensor]] = []
@@ -72,16 +73,16 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
         adopt_grad(bucket, i, p)
 
     def _launch_in_order(self) -> None:
-        if self.overlap or not self.communicating:
+        # without overlap_comm nothing is launched from the hooks; after_backward's flush launches it all
+        if self.overlap or self._flushing:
             super()._launch_in_order()
 
     def after_backward(self) -> None:
-        if self.communicating:
-            self.overlap_saved, self.overlap = self.overlap, True  # let the final flush launch everything
-            try:
-                super().after_backward()
-            finally:
-                self.overlap = self.overlap_saved
+        self._flushing = True
+        try:
+            super().after_backward()
+        finally:
+            self._flushing = False
 
     def _launch(self, bucket: Bucket) -> None:
         work, out = self._scatter(bucket, self._comm_input(bucket.grad_flat))
