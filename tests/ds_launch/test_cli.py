@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ALLREDUCE, base_env, run_launcher
+from launch_helpers import ALLREDUCE, base_env, run_launcher
 
 
 @pytest.mark.timeout(30)

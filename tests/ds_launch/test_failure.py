@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import BEHAVE, alive, base_env, kill_leftovers, launcher_argv, read_pids, run_launcher, wait_for
+from launch_helpers import BEHAVE, alive, base_env, kill_leftovers, launcher_argv, read_pids, run_launcher, wait_for
 
 
 def _all_pids(out):

@@ -1,6 +1,5 @@
 """Hostfile parsing, include/exclude truth tables, --num_nodes/--num_gpus, GPU detection, world info."""
 
-import os
 
 import pytest
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import FAKE_SSH, base_env, run_launcher
+from launch_helpers import FAKE_SSH, base_env, run_launcher
 
 ECHO = """import json, os, sys
 out = os.environ['DS_LAUNCH_TEST_OUT']

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ALLREDUCE, base_env, run_launcher
+from launch_helpers import ALLREDUCE, base_env, run_launcher
 
 
 @pytest.mark.timeout(120)

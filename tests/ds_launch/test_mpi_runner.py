@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALLREDUCE, BEHAVE, alive, base_env, kill_leftovers, read_pids, run_launcher
+from launch_helpers import ALLREDUCE, BEHAVE, alive, base_env, kill_leftovers, read_pids, run_launcher
 from harness import find_mpiexec
 
 MPIEXEC = find_mpiexec()

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import ALLREDUCE, base_env, launcher_argv
+from launch_helpers import ALLREDUCE, base_env, launcher_argv
 
 
 def _free_port():

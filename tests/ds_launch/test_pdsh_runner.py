@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ALLREDUCE, BEHAVE, alive, base_env, kill_leftovers, launcher_argv, read_pids, run_launcher, wait_for
+from launch_helpers import ALLREDUCE, BEHAVE, alive, base_env, kill_leftovers, launcher_argv, read_pids, run_launcher, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

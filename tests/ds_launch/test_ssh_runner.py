@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import (ALLREDUCE, BEHAVE, FAKE_SSH, alive, base_env, kill_leftovers, launcher_argv, read_pids,
+from launch_helpers import (ALLREDUCE, BEHAVE, FAKE_SSH, alive, base_env, kill_leftovers, launcher_argv, read_pids,
                       run_launcher, wait_for)
 
 

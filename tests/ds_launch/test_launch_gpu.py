@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import HERE, run_launcher
+from launch_helpers import HERE, run_launcher
 from harness import requires_gpus
 
 GPU_WORKER = str(HERE / "gpu_worker.py")
