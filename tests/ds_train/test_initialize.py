@@ -84,6 +84,13 @@ def _conflicts():
                   "scheduler": {"type": "WarmupLR"}}
         with pytest.raises(ConfigError, match=match):
             ds_train.initialize(model=model, config=onebit)
+    import ds_comm
+
+    no_opt_cfg = {"train_batch_size": 8}
+    with pytest.raises(ConfigError, match="OnebitAdam is not supported through the engine yet"):
+        ds_train.initialize(model=model, optimizer=ds_comm.OnebitAdam(model.parameters()), config=no_opt_cfg)
+    with pytest.raises(ConfigError, match="ZeroOneAdam is not supported through the engine yet"):
+        ds_train.initialize(model=model, optimizer=lambda ps: ds_comm.ZeroOneAdam(ps), config=no_opt_cfg)
     # the client's optimizer (no config section) is used, and a callable scheduler is called with it
     engine, optimizer, _, scheduler = ds_train.initialize(
         model=model, optimizer=client, config={"train_batch_size": 8},

@@ -69,10 +69,15 @@ def test_a_resumed_run_continues_the_same_curve(runs):
 def test_plot_metrics_and_checkpoint_are_written(runs):
     full, tmp = runs["full"], runs["tmp"]
     assert full["world_size"] == 2 and full["zero_stage"] == 2 and full["tokens_per_s"] > 0
-    with open(full["plot"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the example says so and carries on
+        assert full["plot"] is None and "matplotlib is not installed" in runs["full_result"].stdout
+    else:
+        with open(full["plot"], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isdir(full["checkpoint"]) and full["checkpoint"].endswith("global_step30")
     with open(tmp / "ckpt-full" / "latest") as f:
         assert f.read().strip() == "global_step30"
     stdout = runs["full_result"].stdout
-    assert "validation loss" in stdout and "checkpoint" in stdout and "plot" in stdout
+    assert "validation loss" in stdout and "checkpoint" in stdout

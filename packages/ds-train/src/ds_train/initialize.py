@@ -43,7 +43,7 @@ def _config_source(args: Any, config: Any, config_params: Any) -> Any:
     return given[0][1]
 
 
-def _data_parallel(mpu: Any, process_group: Any) -> tuple[Any, int, int]:
+def _data_parallel(mpu: Any) -> tuple[Any, int, int]:
     """(group, rank, world size) of data parallelism: the mpu's when given (Megatron-style model parallel
     unit), else the whole world."""
     if mpu is None:
@@ -54,7 +54,7 @@ def _data_parallel(mpu: Any, process_group: Any) -> tuple[Any, int, int]:
     return mpu.get_data_parallel_group(), mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
 
-def _params_with_grad(model_parameters: Iterable | None, model: torch.nn.Module):
+def _optimizer_params(model_parameters: Iterable | None, model: torch.nn.Module):
     params = list(model.parameters() if model_parameters is None else model_parameters)
     if not params:
         raise ValueError("initialize: model_parameters is empty (no parameters to optimize)")
@@ -86,6 +86,20 @@ def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
     return factory
 
 
+_NOT_THROUGH_ENGINE = ("is not supported through the engine yet: ds-zero's engine all-reduces every gradient and "
+                       "cannot hand that step to the optimizer. Use it in a DDP script meanwhile (ds_comm.{cls}(...) "
+                       "with optimizer.register_ddp(ddp_model)), or compress the engine's own gradient all-reduce "
+                       "with \"gradient_compression\": {{\"type\": \"onebit\"}}")
+
+
+def _refuse_client_compressed(optimizer: Any) -> None:
+    """The same refusal for a ds-comm compressed optimizer passed in by the caller (see _check_compressed)."""
+    from ds_comm.optim import CompressedOptimizer
+
+    if isinstance(optimizer, CompressedOptimizer):
+        raise ConfigError(f"{type(optimizer).__name__} " + _NOT_THROUGH_ENGINE.format(cls=type(optimizer).__name__))
+
+
 def _check_compressed(cfg: DeepSpeedConfig) -> None:
     """1-bit Adam, 1-bit LAMB and 0/1 Adam communicate compressed momenta themselves and need the gradient
     all-reduce switched off after their warm-up (ds-comm drives that through a DDP comm hook,
@@ -100,10 +114,7 @@ def _check_compressed(cfg: DeepSpeedConfig) -> None:
     if stage != 0:
         raise ConfigError(f"optimizer.type {name!r} needs zero_optimization.stage 0 (it communicates its own "
                           f"compressed momenta and cannot be partitioned), got stage {stage}")
-    raise ConfigError(f"optimizer.type {name!r} is not supported through the engine yet: ds-zero's engine "
-                      "all-reduces every gradient and cannot hand that step to the optimizer. Use it in a DDP "
-                      f"script meanwhile: ds_comm.{_compressed_class(key).__name__}(...) with "
-                      "optimizer.register_ddp(ddp_model)")
+    raise ConfigError(f"optimizer.type {name!r} " + _NOT_THROUGH_ENGINE.format(cls=_compressed_class(key).__name__))
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
@@ -132,7 +143,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     source = _config_source(args, config, config_params)
     init_distributed(dist_init_required=dist_init_required)
     cfg = load_config(source)
-    group, dp_rank, dp_world = _data_parallel(mpu, None)
+    group, dp_rank, dp_world = _data_parallel(mpu)
 
     if optimizer is not None and cfg.optimizer is not None:
         raise ConfigError("an optimizer was passed to initialize() and the config has an 'optimizer' section too; "
@@ -144,7 +155,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         raise ConfigError("no optimizer: pass optimizer= to initialize() or add an 'optimizer' section to the config")
 
     _to_local_device(model, optimizer)
-    params = _params_with_grad(model_parameters, model)
+    params = _optimizer_params(model_parameters, model)
     if optimizer is None:
         _check_compressed(cfg)
         factory = _optimizer_factory(cfg, group)
@@ -152,9 +163,15 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         # over them when they differ from the plain model parameters, else the factory
         engine_optimizer: Any = factory if model_parameters is None else factory(params)
     elif isinstance(optimizer, torch.optim.Optimizer):
+        _refuse_client_compressed(optimizer)
         engine_optimizer = optimizer
     elif callable(optimizer):
-        engine_optimizer = optimizer if model_parameters is None else optimizer(params)
+        def built(trainable, make=optimizer):
+            opt = make(trainable if model_parameters is None else params)
+            _refuse_client_compressed(opt)
+            return opt
+
+        engine_optimizer = built
     else:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable, got {type(optimizer).__name__}")
 
