@@ -12,6 +12,7 @@ import torch.distributed as dist
 from harness import run_distributed
 from zero_cases import base_config, compare, full_state, make_model, micro_batch, param_groups, reference
 
+import ds_optim
 import ds_zero
 from ds_zero import CheckpointError
 from ds_zero.checkpoint._io import MARKER, model_file, optim_file
@@ -193,6 +194,21 @@ def test_masters_from_16bit_weights_when_asked(tmp_path):
     assert not torch.equal(exact.masters.params[0].data, coarse.masters.params[0].data)
     assert torch.equal(exact.optimizer.state_dict()["state"][0]["exp_avg"],
                        coarse.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_checkpoint_of_another_optimizer_or_grouping_is_refused(tmp_path):
+    model = make_model()
+    lion = ds_zero.ZeroEngine(model, lambda ps: ds_optim.FusedLion(param_groups(model), lr=1e-3, backend="torch"),
+                              base_config(1, 2, 1))
+    _train(lion, 1)
+    lion.save_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="saved by FusedLion, this run uses AdamW"):
+        _engine(1, 2, 1, sched=False).load_checkpoint(tmp_path)
+    _engine(1, 2, 1, sched=False).load_checkpoint(tmp_path, load_optimizer_states=False)  # weights only: fine
+    one_group = make_model()
+    engine = ds_zero.ZeroEngine(one_group, torch.optim.AdamW(one_group.parameters()), base_config(2, 2, 1))
+    with pytest.raises(CheckpointError, match="saved with 2 optimizer param groups, this engine has 1"):
+        engine.load_checkpoint(tmp_path)
 
 
 def test_client_state_must_be_plain_data(tmp_path):

@@ -14,10 +14,14 @@ Subclasses implement ``_on_grad`` (where the grad goes), ``_launch`` (the collec
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import _comm
 from ._buckets import Bucket
+
+logger = logging.getLogger("ds_zero")
 
 
 class GradReducer:
@@ -129,8 +133,8 @@ class GradReducer:
 
     def load_state_dict(self, state: dict, *, world_size: int, rank: int) -> None:
         if state:
-            raise ValueError("this checkpoint holds gradient-compression state but compression is off in this "
-                             "run's config (gradient_compression.type)")
+            logger.warning("ds_zero: the checkpoint holds gradient-compression state (%s) but compression is off "
+                           "in this run (gradient_compression.type); it is ignored", ", ".join(sorted(state)))
 
 
 def persistent_grad_views(bucket: Bucket, dtype: torch.dtype, device: torch.device) -> None:

@@ -57,6 +57,26 @@ def _current_layout(engine) -> list[dict]:
     return [b.layout() for b in engine.buckets]
 
 
+def _load_optimizer(engine, sd: dict, source: str) -> None:
+    try:
+        engine.optimizer.load_state_dict(sd)
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{source}: the saved optimizer state does not fit this run's "
+                              f"{type(engine.optimizer).__name__} ({type(exc).__name__}: {exc})") from None
+
+
+#: optimizer classes whose state dicts are interchangeable (torch's keys exp_avg / exp_avg_sq / step)
+_ADAM_FAMILY = {"Adam", "AdamW", "FusedAdam", "FusedAdamW", "CPUAdam"}
+
+
+def _check_optimizer_class(engine, saved: str | None, source: str) -> None:
+    current = type(engine.optimizer).__name__
+    if saved is None or saved == current or {saved, current} <= _ADAM_FAMILY:
+        return
+    raise CheckpointError(f"{source}: the optimizer state was saved by {saved}, this run uses {current}; "
+                          "pass load_optimizer_states=False to load only the weights")
+
+
 def _scalars(full: dict, gi: int) -> dict:
     # a fresh copy per param: optimizers step their "step" tensors in place, so one shared object would be
     # advanced once per param
@@ -101,7 +121,7 @@ def _load_masters_from_full(engine, full: dict, with_states: bool) -> None:
             sd["param_groups"].append(group)
         j += 1
     if with_states:
-        engine.optimizer.load_state_dict(sd)
+        _load_optimizer(engine, sd, "the resharded checkpoint")
 
 
 def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
@@ -130,7 +150,7 @@ def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
         g = dict(hyper) if hyper is not None else {k: v for k, v in group.items() if k != "params"}
         g["params"] = ids
         sd["param_groups"].append(g)
-    engine.optimizer.load_state_dict(sd)
+    _load_optimizer(engine, sd, "the resharded checkpoint")
 
 
 def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = True,
@@ -158,6 +178,8 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
         raise CheckpointError(f"{os.path.join(ckpt_dir, model_file())}: module state does not fit the model: "
                               f"{exc}") from None
 
+    if load_optimizer_states:
+        _check_optimizer_class(engine, model.get("optimizer_class"), os.path.join(ckpt_dir, model_file()))
     same_world = model["dp_world_size"] == engine.dp_world_size
     same_mode = model["mode"] == ("direct" if engine.direct else "masters")
     fast = same_world and same_mode and model["layout"] == _current_layout(engine)
@@ -168,7 +190,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
     if engine.direct:
         if fast:
             if load_optimizer_states and model["optimizer"] is not None:
-                engine.optimizer.load_state_dict(model["optimizer"])
+                _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))
         else:
             _load_direct_from_full(engine, _saved_full(ckpt_dir, marker, model), load_optimizer_states)
     else:
@@ -187,7 +209,8 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
                 for p, saved in zip(engine.masters.params, src["masters"]):
                     if p is not None:
                         p.data.copy_(saved)
-            engine.optimizer.load_state_dict(src["optimizer"])
+            _load_optimizer(engine, src["optimizer"], os.path.join(ckpt_dir, optim_file(
+                engine.dp_rank if engine.policy.shard_world > 1 else 0)))
         else:
             _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model), with_states=True)
         engine.masters.write_params()
