@@ -28,7 +28,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTEXT = 32
 
 
-def corpus() -> torch.Tensor:
+def corpus(path: str | None = None) -> torch.Tensor:
+    """The bytes of ``path``, or of the repository's Markdown files (which change as the repository does: pass a
+    fixed file to compare runs made at different times)."""
+    if path:
+        return torch.tensor(list(pathlib.Path(path).read_bytes()), dtype=torch.long)
     text = "\n".join(p.read_text() for p in sorted(ROOT.glob("**/*.md")) if ".tox" not in p.parts)
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--text", default=None, help="train on this file's bytes instead of the repository's Markdown")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -68,7 +73,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
-    data = corpus()
+    data = corpus(args.text)
     torch.manual_seed(0)
     model = DDP(CharMLP(hidden=args.hidden).to(device), device_ids=[local_rank] if cuda else None)
     if args.optimizer == "torch":
