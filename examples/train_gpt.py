@@ -261,6 +261,13 @@ def main(argv=None) -> None:
     step_loss, micro_steps = 0.0, 0
     start, start_step = time.perf_counter(), engine.global_steps
     done = engine.global_steps >= args.steps
+    if done:  # the checkpoint is already at the end of this run: report it instead of training further
+        last_ckpt = os.path.join(args.save_dir, f"global_step{engine.global_steps}")
+        if rank == 0:
+            print(f"train_gpt: {args.save_dir} already holds step {engine.global_steps} (--steps {args.steps}); "
+                  "nothing to train (remove it or pass another --save-dir to train again)", flush=True)
+        if not val_history or val_history[-1][0] != engine.global_steps:
+            val_history.append((engine.global_steps, evaluate(engine, val_set, micro, args.eval_batches)))
     while not done:
         for chunk in loader:  # continues from the loader's position; a finished pass starts the next epoch
             chunk = chunk.to(engine.device)
@@ -302,7 +309,7 @@ def main(argv=None) -> None:
         train_loss = sum(losses[-10:]) / max(len(losses[-10:]), 1)
         val_loss = val_history[-1][1] if val_history and val_history[-1][0] == engine.global_steps else None
         plot = None
-        if args.plot and engine.global_steps >= args.steps:
+        if args.plot and engine.global_steps >= args.steps and losses:
             plot = plot_losses(args.plot, losses, val_history,
                                f"byte-level GPT on the Python stdlib, {world} ranks, ZeRO-{engine_stage(cfg)}")
         print(f"train_gpt: step {engine.global_steps}/{args.steps} in {elapsed:.1f} s ({tokens_per_s:,.0f} tokens/s); "

@@ -146,6 +146,8 @@ class DeepSpeedConfig(EngineConfig):
             raise ValueError(f"{auto}: \"auto\" is a Hugging Face Trainer placeholder (the Trainer replaces it); "
                              "give the value itself")
         for key, value in data.items():
+            if key in cls.model_fields:  # built by now (ds-zero may grow a section listed here)
+                continue
             if key in UNSUPPORTED_KEYS and not _disabled(value):
                 raise ValueError(f"{key}: {UNSUPPORTED_KEYS[key]} is not supported yet; remove the {key!r} section "
                                  "(or set \"enabled\": false where it has one)")
@@ -153,8 +155,8 @@ class DeepSpeedConfig(EngineConfig):
                 raise ValueError(f"{key}={json.dumps(value)} is not supported yet (only the default "
                                  f"{json.dumps(_ONLY_DEFAULT[key])})")
         # accepted and meaningless here: drop them before the strict field check
-        return {k: v for k, v in data.items()
-                if not (k in _ONLY_DEFAULT or (k in UNSUPPORTED_KEYS and _disabled(v)))}
+        return {k: v for k, v in data.items() if k in cls.model_fields
+                or not (k in _ONLY_DEFAULT or (k in UNSUPPORTED_KEYS and _disabled(v)))}
 
     def effective(self, dp_world_size: int = 1) -> dict[str, Any]:
         """The config as it will run on ``dp_world_size`` data-parallel ranks: every default filled in, the
