@@ -36,6 +36,9 @@ SCENARIOS = {
 }
 BF16 = {f"stage{s}-bf16": (dict(stage=s, steps=3, cfg_extra={"bf16": {"enabled": True, "auto_cast": True}}),
                            dict(emulate_dtype=torch.bfloat16)) for s in (0, 1, 2)}
+BF16.update({f"stage{s}-bf16-fp32-comm": (dict(stage=s, steps=3, cfg_extra={
+    "bf16": {"enabled": True, "auto_cast": True}, "communication_data_type": "fp32"}),
+    dict(emulate_dtype=torch.bfloat16)) for s in (0, 2)})
 FP16_OVERFLOW = {f"stage{s}-fp16-overflow": (dict(
     stage=s, steps=4, inject_inf={"step": 1, "rank": 1},
     cfg_extra={"fp16": {"enabled": True, "auto_cast": True, "initial_scale_power": 10, "hysteresis": 1}}),

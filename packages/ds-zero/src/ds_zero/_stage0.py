@@ -37,13 +37,14 @@ class AllReduceReducer(GradReducer):
         self._pending.append((bucket, self._all_reduce(send), send))
 
     def _finish(self) -> None:
-        for bucket, work, send in self._pending:
-            _comm.wait(work)
-            if send is not bucket.grad_flat:
-                bucket.grad_flat.copy_(send)
-        self._pending = []
         for bucket in self.buckets:
             bucket.shard_grad = bucket.grad_flat  # replicated: the "shard" is the whole bucket
+        for bucket, work, send in self._pending:
+            _comm.wait(work)
+            if send is not bucket.grad_flat:  # communication_data_type: keep the reduced precision for the
+                bucket.grad_flat.copy_(send)  # masters, and the params' .grad views current
+                bucket.shard_grad = send
+        self._pending = []
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:

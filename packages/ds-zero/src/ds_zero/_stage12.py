@@ -67,7 +67,7 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
         self._flushing = False
         for bucket in buckets:
             persistent_grad_views(bucket, bucket.dtype, device)
-        self._pending: list[tuple[Bucket, object, torch.Tensor]] = []
+        self._pending: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
 
     def _on_grad(self, bucket: Bucket, i: int, p) -> None:
         adopt_grad(bucket, i, p)
@@ -85,11 +85,13 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
             self._flushing = False
 
     def _launch(self, bucket: Bucket) -> None:
-        work, out = self._scatter(bucket, self._comm_input(bucket.grad_flat))
-        self._pending.append((bucket, work, out))
+        send = self._comm_input(bucket.grad_flat)
+        work, out = self._scatter(bucket, send)
+        # ``send`` (a cast copy with communication_data_type) must live until the collective is done
+        self._pending.append((bucket, work, out, send))
 
     def _finish(self) -> None:
-        for bucket, work, out in self._pending:
+        for bucket, work, out, _send in self._pending:
             _comm.wait(work)
             bucket.shard_grad = out
         self._pending = []
