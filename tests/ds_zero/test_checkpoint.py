@@ -185,6 +185,29 @@ def test_tag_without_marker_is_refused(saved):
         _load(saved.parent)
 
 
+def test_crash_before_the_marker_leaves_latest_on_the_last_committed_tag(saved, monkeypatch):
+    import ds_zero.checkpoint.save as save_mod
+
+    engine = _engine(1, 2, 1, sched=False)
+    engine.load_checkpoint(saved.parent)
+    _train(engine, 2, start=2)
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash after the shards were written")
+
+    monkeypatch.setattr(save_mod, "write_marker", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        engine.save_checkpoint(saved.parent)
+    assert (saved.parent / "global_step4" / optim_file(0)).exists()  # the shards are there, the marker not
+    assert (saved.parent / "latest").read_text().strip() == "global_step2"
+    resumed = _engine(1, 2, 1, sched=False)
+    path, _ = resumed.load_checkpoint(saved.parent)
+    assert path.endswith("global_step2") and resumed.global_steps == 2
+    with pytest.raises(CheckpointError, match="global_step4 has no commit marker"):
+        resumed.load_checkpoint(saved.parent, tag="global_step4")
+    assert not list(saved.parent.rglob("*.tmp-*"))  # no temp files left behind
+
+
 def test_missing_latest_is_an_error_not_a_fresh_start(tmp_path):
     with pytest.raises(CheckpointError, match="no 'latest' file"):
         _load(tmp_path)
