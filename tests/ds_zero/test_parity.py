@@ -30,6 +30,8 @@ SCENARIOS = {
     "stage2-overlap": (dict(stage=2, steps=3, ga=2, cfg_extra={"zero": {"overlap_comm": True}}), {}),
     "stage2-noncontiguous-allreduce": (dict(stage=2, steps=3, cfg_extra={
         "zero": {"contiguous_gradients": False, "reduce_scatter": False}}), {}),
+    "stage1-allgather-in-pieces": (dict(stage=1, steps=3, cfg_extra={
+        "zero": {"reduce_bucket_size": 10**6, "allgather_bucket_size": 100}}), {}),
     "stage2-broadcast-partitions": (dict(stage=2, steps=3, cfg_extra={"zero": {"allgather_partitions": False}}), {}),
     "stage1-fp32-comm-one-bucket": (dict(stage=1, steps=3, cfg_extra={
         "communication_data_type": "fp32", "zero": {"reduce_bucket_size": 10**6, "allgather_bucket_size": 10**6}}), {}),
@@ -46,7 +48,8 @@ FP16_OVERFLOW = {f"stage{s}-fp16-overflow": (dict(
 
 WORLD_SCENARIOS = {2: {**SCENARIOS, **BF16, **FP16_OVERFLOW},
                    4: {k: v for k, v in SCENARIOS.items() if k in ("stage0", "stage1", "stage2", "stage2-accum3-clip",
-                                                                     "stage1-accum3-clip", "stage2-frozen")}}
+                                                                     "stage1-accum3-clip", "stage2-frozen",
+                                                                     "stage1-allgather-in-pieces")}}
 _cache = {}
 
 

@@ -47,10 +47,13 @@ class Replicated(ShardingPolicy):
 class DataParallelShards(ShardingPolicy):
     """Equal padded shards, one per data-parallel rank; all-gather after the step.
 
-    ``allgather_bucket_size`` bounds the elements of all-gathers in flight: buckets are gathered in place
-    (no staging buffer) and asynchronously, and once the in-flight total would pass the bound the oldest
-    gathers are waited for first. ``allgather_partitions=False`` (DeepSpeed: each rank broadcasts its shard)
-    is honoured by broadcasting each shard from its owner instead.
+    ``allgather_bucket_size`` (elements) is the size of one all-gather and the bound on the elements being
+    gathered at once: a bucket that fits is gathered in place (its own flat storage is the output, no
+    staging) and asynchronously, the oldest gathers being waited for before the total in flight would pass
+    the bound; a larger bucket is gathered in pieces of at most ``allgather_bucket_size`` elements (each rank
+    contributes ``allgather_bucket_size // world`` of its shard) through a staging buffer of that size.
+    ``allgather_partitions=False`` (DeepSpeed: each rank broadcasts its shard) broadcasts each shard from
+    its owner instead.
     """
 
     def __init__(self, group, world: int, rank: int, allgather_bucket_size: int, allgather_partitions: bool,
@@ -69,23 +72,38 @@ class DataParallelShards(ShardingPolicy):
         for bucket in buckets:
             flat = bucket.param_flat
             n = bucket.shard_numel
-            while pending and in_flight + bucket.padded_numel > self.allgather_bucket_size:
-                work, size = pending.pop(0)
-                work.wait()
-                in_flight -= size
             if not self.allgather_partitions:
                 for owner in range(self.shard_world):
                     piece = flat[owner * n:(owner + 1) * n]
                     dist.broadcast(piece, src=dist.get_global_rank(self.group, owner) if self.group is not None
                                    else owner, group=self.group)
                 continue
+            if bucket.padded_numel > self.allgather_bucket_size:
+                self._gather_in_pieces(bucket)
+                continue
+            while pending and in_flight + bucket.padded_numel > self.allgather_bucket_size:
+                work, size = pending.pop(0)
+                _comm.wait(work)
+                in_flight -= size
             lo, hi = bucket.shard_range
             shard = flat[lo:hi] if self.in_place else flat[lo:hi].clone()
-            work = _comm.all_gather(flat, shard, self.group)
-            pending.append((work, bucket.padded_numel))
+            pending.append((_comm.all_gather(flat, shard, self.group), bucket.padded_numel))
             in_flight += bucket.padded_numel
         for work, _ in pending:
-            work.wait()
+            _comm.wait(work)
+
+    def _gather_in_pieces(self, bucket: Bucket) -> None:
+        world, n = self.shard_world, bucket.shard_numel
+        piece = max(1, self.allgather_bucket_size // world)
+        by_rank = bucket.param_flat.view(world, n)
+        lo = bucket.shard_range[0]
+        staging = torch.empty(world * min(piece, n), dtype=bucket.param_flat.dtype, device=bucket.param_flat.device)
+        for start in range(0, n, piece):
+            width = min(piece, n - start)
+            out = staging[:world * width]
+            mine = bucket.param_flat[lo + start:lo + start + width].clone()
+            _comm.wait(_comm.all_gather(out, mine, self.group))
+            by_rank[:, start:start + width].copy_(out.view(world, width))
 
 
 class Masters:
