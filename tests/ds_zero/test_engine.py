@@ -137,3 +137,17 @@ def test_mixed_precision_params_and_masters():
     b = engine.buckets[0]
     assert torch.equal(b.param_flat[: b.numel], engine.masters.shard(b)[: b.numel].bfloat16())
     assert master.grad is None  # the fp32 master grads of a torch optimizer are transient
+
+
+def test_static_loss_scale_and_step_report(caplog):
+    engine = _engine(stage=0, fp16={"enabled": True, "loss_scale": 128, "auto_cast": True},
+                     steps_per_print=1, wall_clock_breakdown=True)
+    assert engine.loss_scale == 128
+    with caplog.at_level("INFO", logger="ds_zero"):
+        _micro(engine, 0, 0)
+    assert engine.loss_scale == 128 and not engine.was_step_skipped
+    report = [r.getMessage() for r in caplog.records if "step=1" in r.getMessage()]
+    assert report and "loss_scale=128" in report[0] and "forward=" in report[0] and "step=" in report[0]
+    ref = reference(1, batch=2)[0]["params"]
+    for k, v in ref.items():  # fp16 params: within fp16 rounding of the fp32 reference
+        torch.testing.assert_close(engine.module.state_dict()[k].float(), v, rtol=5e-3, atol=1e-3)
