@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger("ds_train")
 
-__all__ = ["init_distributed", "default_backend"]
+__all__ = ["init_distributed", "default_backend", "local_cuda_device"]
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -26,6 +26,16 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def default_backend() -> str:
     """``"nccl"`` when this process can use CUDA, else ``"gloo"``."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_cuda_device() -> int:
+    """This process's GPU: ``LOCAL_RANK`` when it names a visible device (launchers that give each process
+    only its own GPU through ``CUDA_VISIBLE_DEVICES`` leave one device, index 0), else the current device."""
+    count = torch.cuda.device_count()
+    local = os.environ.get("LOCAL_RANK", "")
+    if local.isdigit() and int(local) < count:
+        return int(local)
+    return torch.cuda.current_device() if count else 0
 
 
 def _env_int(name: str) -> int:
@@ -65,13 +75,13 @@ def init_distributed(dist_backend: str | None = None, timeout: datetime.timedelt
         if not 0 <= rank < world:
             raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
         if backend == "nccl" and torch.cuda.is_available():
-            local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank % torch.cuda.device_count()
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_cuda_device() if "LOCAL_RANK" in os.environ
+                                  else rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
         logger.info("ds_train: rank %d of %d joined over %s", rank, world, backend)
     else:
         if torch.cuda.is_available():
-            torch.cuda.set_device(_env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0)
+            torch.cuda.set_device(local_cuda_device())
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
         logger.info("ds_train: no launch environment; running as a single process over %s", backend)
     return dist.get_rank(), dist.get_world_size()

@@ -62,13 +62,18 @@ def _optimizer_params(model_parameters: Iterable | None, model: torch.nn.Module)
 
 
 def _to_local_device(model: torch.nn.Module, optimizer: Any) -> None:
-    """With NCCL the model goes to this rank's GPU (``torch.cuda.current_device()``, set from ``LOCAL_RANK`` by
-    :func:`init_distributed`), as DeepSpeed's engine moves it; with gloo it stays where it is. An optimizer
+    """With NCCL the model goes to this rank's GPU (``LOCAL_RANK``, else ``torch.cuda.current_device()``), as
+    DeepSpeed's engine moves it; with gloo it stays where it is. An optimizer
     constructed before the move may hold copies of the CPU params (ds-optim re-points params into flat buffers
     at construction), so that case is an error instead of a silent mismatch."""
     if str(dist.get_backend()).lower() != "nccl" or not torch.cuda.is_available():
         return
-    device = torch.device("cuda", torch.cuda.current_device())
+    # LOCAL_RANK first: a script that created the process group itself may not have set the current device
+    from .dist import local_cuda_device
+
+    index = local_cuda_device()
+    torch.cuda.set_device(index)
+    device = torch.device("cuda", index)
     if all(p.device == device for p in model.parameters()):
         return
     if isinstance(optimizer, torch.optim.Optimizer):
