@@ -8,6 +8,7 @@
 - every other rank sleeps BEHAVE_SLEEP s (default 120) ignoring nothing, then exits 0;
 - BEHAVE_IGNORE_TERM=1: ignore SIGTERM (the supervisor must SIGKILL after its grace period);
 - BEHAVE_PRINT=1: print a few long lines (output prefixing must keep them whole).
+- BEHAVE_PROGRESS=1: redraw a progress line with carriage returns, as tqdm does, then end it with a newline.
 """
 
 import glob
@@ -32,6 +33,13 @@ if os.environ.get("BEHAVE_PRINT") == "1":
         print(f"line {i} of rank {rank} " + "x" * 2000, flush=True)
         sys.stderr.write(f"err {i} of rank {rank} " + "y" * 2000 + "\n")
         sys.stderr.flush()
+if os.environ.get("BEHAVE_PROGRESS") == "1":
+    for i in range(1, 4):
+        sys.stderr.write(f"\rprogress {i}/3 of rank {rank}")
+        sys.stderr.flush()
+        time.sleep(0.05)
+    sys.stderr.write("\n")
+    sys.stderr.flush()
 fail_rank = int(os.environ.get("BEHAVE_FAIL_RANK", "-1"))
 until = int(os.environ.get("BEHAVE_FAIL_UNTIL_RESTART", "1000000"))
 if rank == fail_rank and restart < until:

@@ -120,6 +120,18 @@ def test_output_lines_are_whole_and_prefixed(out):
 
 
 @pytest.mark.timeout(60)
+def test_progress_bar_redraws_are_relayed_with_their_prefix(out):
+    """tqdm redraws with carriage returns and no newline: each redraw is its own prefixed segment (read here with
+    universal newlines, so every \\r shows up as a line end)."""
+    env = base_env(out, BEHAVE_PROGRESS="1", BEHAVE_SLEEP="0")
+    res = run_launcher(["--nproc_per_node", "2", BEHAVE], env)
+    assert res.returncode == 0, res.stderr
+    for rank in (0, 1):
+        for i in (1, 2, 3):
+            assert f"[rank{rank}]: progress {i}/3 of rank {rank}" in res.stderr.splitlines(), res.stderr
+
+
+@pytest.mark.timeout(60)
 def test_each_rank_log(out, tmp_path):
     logs = tmp_path / "logs"
     env = base_env(out, BEHAVE_FAIL_RANK="1", BEHAVE_FAIL_CODE="4", BEHAVE_FAIL_AFTER="0")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,10 @@ __all__ = ["ProcSpec", "Supervisor", "exit_code_of"]
 
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+
+
+# where relayed output is cut: after every \n, and after every \r that is not the first half of \r\n
+_LINE_END = re.compile(rb"(?<=\n)|(?<=\r)(?!\n)")
 
 
 @dataclasses.dataclass
@@ -109,12 +114,29 @@ class Supervisor:
 
     # -- output relay ---------------------------------------------------------------------------------------
     def _relay(self, stream, out, prefix: bytes) -> None:
+        """Copy a worker's output with ``prefix`` before every line. A carriage return ends a line too: progress
+        bars (tqdm) redraw themselves with ``\\r`` and no newline, so waiting for ``\\n`` would show nothing until
+        the bar closes; each redraw is relayed with its prefix and keeps updating in place on a terminal."""
+        pending = b""
         try:
-            for line in iter(stream.readline, b""):
-                if not line.endswith(b"\n"):
-                    line += b"\n"
+            while True:
+                chunk = os.read(stream.fileno(), 65536)
+                if not chunk:
+                    break
+                pending += chunk
+                # cut after every \n, and after every \r not followed by \n; a \r at the very end waits for the
+                # next chunk, in case it is the first half of \r\n
+                segments = _LINE_END.split(pending)
+                pending = segments.pop()
+                if pending == b"" and segments and segments[-1].endswith(b"\r"):
+                    pending = segments.pop()
+                if segments:
+                    with self._lock:
+                        out.write(b"".join(prefix + seg for seg in segments))
+                        out.flush()
+            if pending:
                 with self._lock:
-                    out.write(prefix + line)
+                    out.write(prefix + pending + (b"" if pending.endswith((b"\n", b"\r")) else b"\n"))
                     out.flush()
         except (OSError, ValueError):
             pass
