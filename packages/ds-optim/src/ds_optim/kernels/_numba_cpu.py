@@ -19,7 +19,12 @@ Every function uses ``error_model="numpy"``: a division by zero gives inf/NaN as
 Python model would raise ZeroDivisionError, and its checks would also stop the loops from vectorizing).
 
 Threads: Numba's pool (``numba.set_num_threads``). Numba's ``workqueue`` threading layer does not support
-concurrent calls from several Python threads; the ``omp`` and ``tbb`` layers do.
+concurrent calls from several Python threads; the ``omp`` and ``tbb`` layers do. Numba's ``omp`` layer shares
+torch's OpenMP runtime, and starting its pool sets that runtime's thread count to ``NUMBA_NUM_THREADS`` (the
+core count), which is torch's intra-op thread count too: left alone, the first optimizer step would silently
+switch torch from ``OMP_NUM_THREADS`` to every core, and a run resumed in a fresh process (one thread until its
+first step) would reduce differently from the uninterrupted one (two threads) -- not bit-exact. So the pool is
+started when the backend is created, and torch's thread count put back (``_start_pool``).
 """
 
 from __future__ import annotations
@@ -330,11 +335,29 @@ def _check(p, others):
     return n
 
 
+def _start_pool() -> None:
+    """Start Numba's thread pool now, leaving torch's intra-op thread count as it was (see the module docstring).
+
+    Numba starts its pool once per process, in the thread that first needs it, and its ``omp`` layer then calls
+    ``omp_set_num_threads(NUMBA_NUM_THREADS)`` there; Numba's kernels pass their own thread count to each
+    parallel region, so restoring the runtime's count does not change theirs.
+    """
+    import numba
+
+    before = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool (idempotent)
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 class NumbaCpuKernels(OptimizerKernels):
     """Fused fp32-math updates on the CPU for fp32/bf16/fp16 params, any float grads, optional 16-bit copy-out."""
 
     name = "numba"
     device_types = frozenset({"cpu"})
+
+    def __init__(self) -> None:
+        _start_pool()
 
     def supports(self, p, out=None):
         return p.device.type == "cpu" and p.dtype in _FLOATS and (out is None or out.dtype in _HALVES)
