@@ -23,8 +23,7 @@ import torch.distributed as dist
 from .config import ConfigError, DeepSpeedConfig, load_config
 from .data import DeepSpeedDataLoader
 from .dist import init_distributed
-from .optimizers import (COMPRESSED_OPTIMIZERS, KNOWN_OPTIMIZERS, _compressed_class, build_optimizer,
-                         canonical_optimizer_name)
+from .optimizers import COMPRESSED_OPTIMIZERS, KNOWN_OPTIMIZERS, build_optimizer, canonical_optimizer_name
 from .schedulers import build_lr_scheduler
 
 logger = logging.getLogger("ds_train")
@@ -91,35 +90,19 @@ def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
     return factory
 
 
-_NOT_THROUGH_ENGINE = ("is not supported through the engine yet: ds-zero's engine all-reduces every gradient and "
-                       "cannot hand that step to the optimizer. Use it in a DDP script meanwhile (ds_comm.{cls}(...) "
-                       "with optimizer.register_ddp(ddp_model)), or compress the engine's own gradient all-reduce "
-                       "with \"gradient_compression\": {{\"type\": \"onebit\"}}")
-
-
-def _refuse_client_compressed(optimizer: Any) -> None:
-    """The same refusal for a ds-comm compressed optimizer passed in by the caller (see _check_compressed)."""
-    from ds_comm.optim import CompressedOptimizer
-
-    if isinstance(optimizer, CompressedOptimizer):
-        raise ConfigError(f"{type(optimizer).__name__} " + _NOT_THROUGH_ENGINE.format(cls=type(optimizer).__name__))
-
-
 def _check_compressed(cfg: DeepSpeedConfig) -> None:
-    """1-bit Adam, 1-bit LAMB and 0/1 Adam communicate compressed momenta themselves and need the gradient
-    all-reduce switched off after their warm-up (ds-comm drives that through a DDP comm hook,
-    ``CompressedOptimizer.register_ddp``). ZeRO stages 1-2 partition the optimizer, which these optimizers
-    cannot be; and ds-zero's stage-0 engine all-reduces every gradient with no way for the optimizer to turn
-    that off, so the compression would save nothing while adding its error: refused rather than faked."""
+    """1-bit Adam, 1-bit LAMB and 0/1 Adam communicate compressed momenta themselves: the engine skips its
+    gradient all-reduce whenever ``optimizer.needs_grad_allreduce()`` says no, which only stage 0 can do (ZeRO
+    stages 1-2 partition the optimizer, which these optimizers cannot be; DeepSpeed refuses it too). The engine
+    itself refuses, naming the key, what else does not fit them (fp16/bf16, gradient_clipping, gradient
+    compression on top), for config-built and caller-built optimizers alike."""
     key = canonical_optimizer_name(cfg.optimizer.type)
     if key not in COMPRESSED_OPTIMIZERS:
         return
-    name = KNOWN_OPTIMIZERS[key]
     stage = cfg.zero_optimization.stage
     if stage != 0:
-        raise ConfigError(f"optimizer.type {name!r} needs zero_optimization.stage 0 (it communicates its own "
-                          f"compressed momenta and cannot be partitioned), got stage {stage}")
-    raise ConfigError(f"optimizer.type {name!r} " + _NOT_THROUGH_ENGINE.format(cls=_compressed_class(key).__name__))
+        raise ConfigError(f"optimizer.type {KNOWN_OPTIMIZERS[key]!r} needs zero_optimization.stage 0 (it "
+                          f"communicates its own compressed momenta and cannot be partitioned), got stage {stage}")
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
@@ -168,13 +151,10 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         # over them when they differ from the plain model parameters, else the factory
         engine_optimizer: Any = factory if model_parameters is None else factory(params)
     elif isinstance(optimizer, torch.optim.Optimizer):
-        _refuse_client_compressed(optimizer)
         engine_optimizer = optimizer
     elif callable(optimizer):
         def built(trainable, make=optimizer):
-            opt = make(trainable if model_parameters is None else params)
-            _refuse_client_compressed(opt)
-            return opt
+            return make(trainable if model_parameters is None else params)
 
         engine_optimizer = built
     else:

@@ -6,10 +6,14 @@
 - ``_precision``: dtype, loss scaling, the agreed overflow decision; ``_clip``: the global norm;
 - ``_optim``: the optimizer rebuilt over the masters, the scheduler rebound; ``checkpoint``: save/load.
 
-Two optimizer set-ups:
+Three optimizer set-ups:
 
 - *direct* (stage 0, fp32): the user's optimizer steps the model params; their grads are views of the
   all-reduced buckets (as DDP).
+- *compressed* (a ds-comm ``CompressedOptimizer``: 1-bit Adam, 0/1 Adam, 1-bit LAMB; stage 0, fp32 only):
+  direct, but at each accumulation boundary the reducer asks ``optimizer.needs_grad_allreduce()`` and skips
+  the gradient all-reduce when it says no; the optimizer then averages its compressed momenta itself in
+  ``step()`` over its own process group, which must be the engine's (``check_compressed``).
 - *masters* (stage 0 with fp16/bf16, stages 1 and 2): model params live in flat per-bucket storage in the
   model dtype; the optimizer is rebuilt over fp32 masters (this rank's shards; the whole bucket for stage
   0); after the step the masters are cast back into the flat storage and, for stages 1/2, all-gathered.
@@ -84,10 +88,14 @@ class ZeroEngine:
         self.was_step_skipped = False
         self._no_sync = False
         self._backward_pending = False
+        self._grads_reduced = False
         self._timings: dict[str, float] = {}
 
         self._broadcast_module()
         user_opt = materialize_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        self.compressed = _is_compressed(user_opt)
+        if self.compressed:
+            check_compressed(self, user_opt)
         named = self._trainable(user_opt)
         self.direct = self.stage == 0 and not self.precision.mixed
         if self.stage == 0:
@@ -208,6 +216,9 @@ class ZeroEngine:
                                "and call backward once per micro-batch")
         t0 = time.perf_counter()
         communicate = self.stage == 2 or (self.is_gradient_accumulation_boundary() and not self._no_sync)
+        if communicate and self.compressed and not self.optimizer.needs_grad_allreduce():
+            communicate = False  # the optimizer averages its compressed momenta itself in step()
+        self._grads_reduced = communicate
         self.reducer.begin_backward(communicate)
         scaled = self.precision.scale_loss(loss / self._grad_accum if self._grad_accum > 1 else loss)
         scaled.backward(retain_graph=retain_graph)
@@ -229,7 +240,8 @@ class ZeroEngine:
             return
         t0 = time.perf_counter()
         self.reducer.finish()
-        factor = (1.0 if self.reducer.averaged else 1.0 / self.dp_world_size) / self.precision.loss_scale
+        summed = self._grads_reduced and not self.reducer.averaged  # local grads (compressed) need no 1/world
+        factor = (1.0 / self.dp_world_size if summed else 1.0) / self.precision.loss_scale
         if self.direct:
             grads = [b.grad_flat for b in self.buckets]
             if factor != 1.0:
@@ -337,6 +349,38 @@ class ZeroEngine:
             msg += " " + " ".join(f"{k}={v / n * 1e3:.1f}ms" for k, v in self._timings.items())
             self._timings.clear()
         logger.info("ds_zero: %s", msg)
+
+
+def _is_compressed(opt) -> bool:
+    try:
+        from ds_comm.optim import CompressedOptimizer
+    except ImportError:  # pragma: no cover - ds-comm is a dependency
+        return False
+    return isinstance(opt, CompressedOptimizer)
+
+
+def check_compressed(engine: ZeroEngine, opt) -> None:
+    """What the compressed optimizers need from the engine; anything else is refused naming the config key."""
+    name = type(opt).__name__
+    cfg = engine.config
+    if engine.stage != 0:
+        raise ValueError(f"{name} needs zero_optimization.stage 0, got stage {engine.stage}: it averages its own "
+                         "compressed momenta, which cannot be partitioned (DeepSpeed refuses it too)")
+    if engine.precision.mixed:
+        raise ValueError(f"{name} through the engine is built for fp32 only: disable fp16.enabled / bf16.enabled "
+                         "(the engine would rebuild it over fp32 masters, which is not built for it yet)")
+    if cfg.gradient_clipping > 0:
+        raise ValueError(f"gradient_clipping={cfg.gradient_clipping:g} is not supported with {name}: after its "
+                         "warm-up the gradients are local, not averaged, so the engine cannot take the global norm "
+                         "(DeepSpeed refuses it too); set gradient_clipping to 0")
+    if cfg.gradient_compression.type != "none":
+        raise ValueError(f"gradient_compression.type={cfg.gradient_compression.type!r} with {name}: the optimizer "
+                         "already compresses its communication; set gradient_compression.type to 'none'")
+    world, rank = opt.transport.world_size, opt.transport.rank
+    if (world, rank) != (engine.dp_world_size, engine.dp_rank):
+        raise ValueError(f"{name} communicates over a group of {world} ranks (this rank {rank}) but the engine's "
+                         f"data-parallel group has {engine.dp_world_size} (rank {engine.dp_rank}); build it with "
+                         "process_group= the engine's data-parallel group")
 
 
 def _is_ds_optim(opt) -> bool:

@@ -153,6 +153,22 @@ def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
     _load_optimizer(engine, sd, "the resharded checkpoint")
 
 
+def _load_compressed(engine, model: dict, own: dict | None, ckpt_dir: str, with_states: bool) -> None:
+    """A ds-comm compressed optimizer (stage 0, direct): its state is per rank (error feedback, masks). Same
+    world size: this rank's own, bit-exact; another: rank 0's, whose error feedback ds-comm resets (logged),
+    momenta and variances being replicated."""
+    if model["mode"] != "direct":
+        raise CheckpointError(f"{ckpt_dir}: saved in {model['mode']!r} mode (stage {model['stage']}); a compressed "
+                              "optimizer resumes only from a stage-0 fp32 checkpoint")
+    # the params came with the module state (fp32, direct mode): only the optimizer state is left
+    if not with_states:
+        return
+    if own is not None and own.get("optimizer") is not None:
+        _load_optimizer(engine, own["optimizer"], os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
+    elif model["optimizer"] is not None:
+        _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))
+
+
 def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = True,
                     load_lr_scheduler_states: bool = True):
     load_dir = os.fspath(load_dir)
@@ -187,7 +203,9 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
     if same_world:
         own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
 
-    if engine.direct:
+    if engine.direct and engine.compressed:
+        _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states)
+    elif engine.direct:
         if fast:
             if load_optimizer_states and model["optimizer"] is not None:
                 _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))

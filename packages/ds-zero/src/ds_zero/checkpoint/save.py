@@ -9,7 +9,8 @@ Layout of ``save_dir``::
                                                       1-bit: the world-size independent error feedback
     <tag>/zero_pp_rank_<r>_mp_rank_00_optim_states.pt every rank: RNG states, its 1-bit residuals, and (ranks
                                                       that own shards) its fp32 master shards and the
-                                                      optimizer state over them
+                                                      optimizer state over them; with a ds-comm compressed
+                                                      optimizer (stage 0) every rank: its optimizer state
     <tag>/ds_zero_commit.json                         rank 0, last: world size, stage, each file's size + sha256
 
 Every rank must call it (there are collectives).
@@ -142,7 +143,8 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
         "rng": rng_state(),
         "reducer": engine.reducer.state_dict(),
         "masters": [None if p is None else p.data.detach().cpu().clone() for p in engine.masters.params] if owns else None,
-        "optimizer": engine.optimizer.state_dict() if owns else None,
+        # a compressed optimizer's state is per rank (error feedback), so every rank saves its own
+        "optimizer": engine.optimizer.state_dict() if owns or engine.compressed else None,
     }
     digests[optim_file(rank)] = atomic_torch_save(rank_state, os.path.join(ckpt_dir, optim_file(rank)))
 
