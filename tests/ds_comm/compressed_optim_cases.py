@@ -133,6 +133,34 @@ def embedding_rows_never_seen(make_optimizer, steps, touch_step, check_step):
     return untouched, clean, momentum_zero, emb.weight.detach().clone(), before
 
 
+# -- two tensors whose gradients differ by 10^4 in scale ---------------------------------------------------------
+def step_sizes_with_mixed_scales(make_optimizer, steps, compressed_from):
+    """Each rank: a 64-element tensor with gradients of order 1 and one with gradients of order 1e-4 (a rarely
+    used embedding beside dense weights), the same random gradients at every step on every rank but with the
+    ranks' noise; averaged by hand when the optimizer wants that. Returns the largest step of the small tensor,
+    in units of lr, over steps ``compressed_from``..``steps`` (Adam's steps are about lr for every element)."""
+    rank = dist.get_rank()
+    big = torch.nn.Parameter(torch.zeros(64))
+    small = torch.nn.Parameter(torch.zeros(64))
+    opt = make_optimizer([big, small])
+    lr = opt.param_groups[0]["lr"]
+    largest = 0.0
+    for t in range(1, steps + 1):
+        shared = torch.Generator().manual_seed(t)
+        noise = torch.Generator().manual_seed(1000 * t + rank)
+        big.grad = torch.randn(64, generator=shared) + 0.5 * torch.randn(64, generator=noise)
+        small.grad = 1e-4 * (torch.randn(64, generator=shared) + 0.5 * torch.randn(64, generator=noise))
+        if opt.needs_grad_allreduce():
+            for p in (big, small):
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        before = small.detach().clone()
+        opt.step()
+        if t >= compressed_from:
+            largest = max(largest, (small.detach() - before).abs().max().item() / lr)
+    return largest
+
+
 # -- convergence on a real task ----------------------------------------------------------------------------------
 def corpus():
     """A fixed text (tests/data: the repository's Markdown as of commit ba5e2ce, so that the tolerances below do

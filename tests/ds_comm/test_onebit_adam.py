@@ -1,8 +1,10 @@
 """OnebitAdam in real DDP runs (gloo) against a single-process reference of the same algorithm."""
 
+import functools
 import logging
 import math
 
+import compressed_optim_cases as cases
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,8 +34,9 @@ def _local_grads(model, step, rank):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-def reference(world, steps, freeze_step):
-    """Single process: exact averages during warm-up, the 1-bit simulation of the momenta afterwards."""
+def reference(world, steps, freeze_step, preconditioned=True):
+    """Single process: exact averages during warm-up, the 1-bit simulation of the momenta afterwards (divided by
+    the frozen denominator before and multiplied back after when ``preconditioned``, raw as DeepSpeed's if not)."""
     model = _model()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     m, v = torch.zeros_like(flat), torch.zeros_like(flat)
@@ -50,17 +53,24 @@ def reference(world, steps, freeze_step):
             v = v * b2 + (1 - b2) * g * g
         elif world == 1:  # nothing to average: no compression
             m = m * b1 + (1 - b1) * grads[0]
-        else:
-            m = simulate_compressed_allreduce([m * b1 + (1 - b1) * g for g in grads], efs)[0]
         bc1, bc2 = 1 - b1**t, 1 - b2 ** min(t, freeze_step)
-        flat = flat * (1 - LR * WD) - LR / bc1 * m / (v.sqrt() / math.sqrt(bc2) + EPS)
+        d = v.sqrt() / math.sqrt(bc2) + EPS
+        if t > freeze_step and world > 1:
+            local = [m * b1 + (1 - b1) * g for g in grads]
+            if preconditioned:
+                m = simulate_compressed_allreduce([x / d for x in local], efs)[0] * d
+            else:
+                m = simulate_compressed_allreduce(local, efs)[0]
+        flat = flat * (1 - LR * WD) - LR / bc1 * m / d
     return flat
 
 
-def _train(steps, freeze_step, checkpoint_dir=None, resume_at=None, dtype=torch.float32, device="cpu"):
+def _train(steps, freeze_step, checkpoint_dir=None, resume_at=None, dtype=torch.float32, device="cpu",
+           preconditioned=True):
     rank = dist.get_rank()
     model = DDP(_model().to(device=device, dtype=dtype))
-    opt = OnebitAdam(model.parameters(), lr=LR, weight_decay=WD, freeze_step=freeze_step)
+    opt = OnebitAdam(model.parameters(), lr=LR, weight_decay=WD, freeze_step=freeze_step,
+                     preconditioned_compression=preconditioned)
     opt.register_ddp(model)
     start = 1
     if resume_at is not None:
@@ -79,10 +89,10 @@ def _train(steps, freeze_step, checkpoint_dir=None, resume_at=None, dtype=torch.
     return flat, opt.comm_stats.as_dict()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ddp_run_matches_the_single_process_reference(world):
-    results = run_distributed(_train, world, 10, 4)
-    expected = reference(world, 10, 4)
+@pytest.mark.parametrize("world, preconditioned", [(2, True), (3, True), (2, False)])
+def test_ddp_run_matches_the_single_process_reference(world, preconditioned):
+    results = run_distributed(_train, world, 10, 4, preconditioned=preconditioned)
+    expected = reference(world, 10, 4, preconditioned)
     for flat, stats in results:
         torch.testing.assert_close(flat, expected, rtol=1e-5, atol=1e-6)
         assert stats["calls"] == 6  # one compressed allreduce per step after the freeze (one bucket)
@@ -162,6 +172,16 @@ def test_never_touched_rows_stay_put_until_a_rank_touches_them():
     assert torch.equal(results[0][4], results[1][4])
 
 
+@pytest.mark.parametrize("preconditioned", [True, False])
+def test_compression_error_is_in_units_of_the_update(preconditioned):
+    make = functools.partial(OnebitAdam, lr=1e-3, freeze_step=5, preconditioned_compression=preconditioned)
+    largest = run_distributed(cases.step_sizes_with_mixed_scales, 2, make, 30, 6)
+    if preconditioned:  # every element moves by about lr, whatever its gradients' scale
+        assert max(largest) < 5
+    else:  # DeepSpeed's: the dense tensor's scale, divided by the small tensor's tiny denominator
+        assert min(largest) > 100
+
+
 def _other_world_resume(path):
     model = _model()
     opt = OnebitAdam(model.parameters(), lr=LR, freeze_step=4)
@@ -190,9 +210,13 @@ def test_bad_input():
     for kwargs, message in [(dict(freeze_step=-1), "freeze_step must be an int >= 1"),
                             (dict(freeze_step=0), "freeze_step must be an int >= 1"),
                             (dict(lr=-1.0), "invalid learning rate"), (dict(betas=(1.0, 0.9)), "betas"),
-                            (dict(amsgrad=True), "amsgrad"), (dict(max_grad_norm=1.0), "clip_grad_norm_")]:
+                            (dict(amsgrad=True), "amsgrad"), (dict(max_grad_norm=1.0), "clip_grad_norm_"),
+                            (dict(preconditioned_compression=1), "preconditioned_compression must be True or False")]:
         with pytest.raises(ValueError, match=message):
             OnebitAdam(params, **{"freeze_step": 10, **kwargs})
+    saved = OnebitAdam(params, freeze_step=2, preconditioned_compression=False).state_dict()
+    with pytest.raises(ValueError, match="used preconditioned_compression=False, this optimizer True"):
+        OnebitAdam(params, freeze_step=2).load_state_dict(saved)
     with pytest.raises(DistributedTestError, match="not a member"):
         run_distributed(_not_a_member, 2)
     with pytest.raises(ValueError, match="missing its 'ds_comm' section"):

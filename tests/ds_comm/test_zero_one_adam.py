@@ -29,10 +29,12 @@ SAVE_BEFORE = 14  # in the local phase, with one local step (13) pending in the 
 VAR_STEPS, ONEBIT_GRAD_STEPS, SYNC_STEPS = [1, 2, 4, 6, 8], [3, 5, 7], [9, 10, 12, 16]
 
 
-def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDULE):
+def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDULE, preconditioned=True):
     """0/1 Adam in one process: per-rank params, momenta and accumulators; exact averages on variance steps,
-    ``simulate_compressed_allreduce`` (one error feedback per simulated rank) for the 1-bit averages.
-    Returns each rank's final params and the step kinds it went through."""
+    ``simulate_compressed_allreduce`` (one error feedback per simulated rank) for the 1-bit averages, of the
+    values divided by Adam's denominator (``preconditioned``; multiplied back after, the residuals carried over
+    to each new denominator) or of the raw values (DeepSpeed's). Returns each rank's final params and the step
+    kinds it went through."""
     freeze, kappa = schedule["var_freeze_step"], schedule["var_update_scaler"]
     scaler, clipper = schedule["local_step_scaler"], schedule["local_step_clipper"]
     b1, b2 = BETAS
@@ -46,21 +48,37 @@ def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDUL
     var_interval, var_counter, var_updates = 1, 0, 0
     interval, counter, since, lrs = 1, 0, 0, 0.0
     trace = {"variance": [], "onebit_grad": [], "local": [], "sync": [], "intervals": []}
+
+    def denominator():
+        bc2 = 1 - b2**var_updates if bias_correction and var_updates else 1.0
+        return v.sqrt() / math.sqrt(bc2) + EPS
+
+    def one_bit_average(values, d):
+        if world == 1:
+            return values
+        if not preconditioned:
+            return simulate_compressed_allreduce(values, efs)
+        return [a * d for a in simulate_compressed_allreduce([x / d for x in values], efs)]
+
     for t in range(1, steps + 1):
         grads = [cases.local_grad(model, params[r], t, r) for r in range(world)]
         if t <= freeze and t % var_interval == 0:  # full-precision average, both moments
             trace["variance"].append(t)
             g = sum(grads) / world
             m = [mr * b1 + (1 - b1) * g for mr in m]
+            d_old = denominator()
             v = v * b2 + (1 - b2) * g * g
             var_updates += 1
+            if preconditioned and efs[0].is_bound:
+                for ef in efs:
+                    ef.rescale_(d_old / denominator())
             var_counter += 1
             if var_counter == kappa:
                 var_counter, var_interval = 0, var_interval * 2
         elif t <= freeze:  # 1-bit average of the gradients, momentum only
             trace["onebit_grad"].append(t)
             assert all(bool((mr != 0).all()) for mr in m)  # no never-touched elements to mask
-            avg = simulate_compressed_allreduce(grads, efs) if world > 1 else grads
+            avg = one_bit_average(grads, denominator())
             m = [mr * b1 + (1 - b1) * a for mr, a in zip(m, avg)]
         else:  # local step with each rank's own gradient
             trace["local"].append(t)
@@ -69,8 +87,7 @@ def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDUL
                     ef.reset()
             m = [mr * b1 + (1 - b1) * g for mr, g in zip(m, grads)]
         bc1 = 1 - b1**t if bias_correction else 1.0
-        bc2 = 1 - b2**var_updates if bias_correction else 1.0
-        d = v.sqrt() / math.sqrt(bc2) + EPS
+        d = denominator()
         params = [p * (1 - lr * wd) - lr / bc1 * mr / d for p, mr in zip(params, m)]
         if t > freeze:
             lrs = lrs * (1 - lr * wd) + lr
@@ -79,7 +96,7 @@ def reference(world, steps, lr=LR, wd=WD, bias_correction=True, schedule=SCHEDUL
             if since == interval:
                 trace["sync"].append(t)
                 rolled_back = [p + a / d for p, a in zip(params, acc)]
-                avg = simulate_compressed_allreduce(acc, efs) if world > 1 else acc
+                avg = one_bit_average(acc, d)
                 params = [p - a / d for p, a in zip(rolled_back, avg)]
                 m = [a * (bc1 / lrs) for a in avg]
                 acc = [torch.zeros_like(flat0) for _ in range(world)]
@@ -125,6 +142,29 @@ def test_resume_in_the_local_phase_is_bit_exact(ddp_runs):
         assert torch.equal(straight[0], resumed[0])
         assert resumed[1]["calls"] == 1  # the resumed run synchronised once (step 16)
         assert straight[2][SAVE_BEFORE - 1 :] == resumed[2]
+
+
+def test_deepspeeds_raw_compression_matches_its_reference(tmp_path):
+    raw = functools.partial(_optimizer, preconditioned_compression=False)
+    runs = run_distributed(cases.straight_and_resumed, 2, raw, operator.attrgetter("local_step_interval"),
+                           str(tmp_path), STEPS, SAVE_BEFORE)
+    expected, _ = reference(2, STEPS, preconditioned=False)
+    preconditioned, _ = reference(2, STEPS)
+    for rank, (straight, resumed) in enumerate(runs):
+        torch.testing.assert_close(straight[0], expected[rank], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(straight[0], preconditioned[rank], rtol=1e-3, atol=1e-4)  # the flag matters
+        assert torch.equal(straight[0], resumed[0])
+
+
+@pytest.mark.parametrize("preconditioned", [True, False])
+def test_compression_error_is_in_units_of_the_update(preconditioned):
+    make = functools.partial(ZeroOneAdam, lr=1e-3, var_freeze_step=12, var_update_scaler=2, local_step_scaler=4,
+                             local_step_clipper=2, preconditioned_compression=preconditioned)
+    largest = run_distributed(cases.step_sizes_with_mixed_scales, 2, make, 30, 3)  # 1-bit from step 3
+    if preconditioned:  # every element moves by about lr, whatever its gradients' scale
+        assert max(largest) < 5
+    else:  # DeepSpeed's: the dense tensor's scale, divided by the small tensor's tiny denominator
+        assert min(largest) > 100
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])
@@ -243,7 +283,8 @@ def test_bad_input(tmp_path):
                             (dict(local_step_clipper=0), "local_step_clipper must be an int >= 1"),
                             (dict(lr=-1.0), "invalid learning rate"), (dict(eps=-1.0), "invalid eps"),
                             (dict(weight_decay=-0.1), "invalid weight_decay"), (dict(betas=(0.9, 1.0)), "betas"),
-                            (dict(amsgrad=True), "amsgrad"), (dict(max_grad_norm=1.0), "clip_grad_norm_")]:
+                            (dict(amsgrad=True), "amsgrad"), (dict(max_grad_norm=1.0), "clip_grad_norm_"),
+                            (dict(preconditioned_compression="yes"), "preconditioned_compression must be True or False")]:
         with pytest.raises(ValueError, match=message):
             ZeroOneAdam(params, **kwargs)
     with pytest.raises(DistributedTestError, match="not a member"):
@@ -251,6 +292,8 @@ def test_bad_input(tmp_path):
     saved = ZeroOneAdam(params, var_freeze_step=4).state_dict()
     with pytest.raises(ValueError, match="var_freeze_step=4"):
         ZeroOneAdam(params, var_freeze_step=5).load_state_dict(saved)
+    with pytest.raises(ValueError, match="used preconditioned_compression=True, this optimizer False"):
+        ZeroOneAdam(params, var_freeze_step=4, preconditioned_compression=False).load_state_dict(saved)
     with pytest.raises(ValueError, match="no 0/1 Adam schedule"):
         ZeroOneAdam(params).load_state_dict(OnebitAdam(params, freeze_step=4).state_dict())
     with pytest.raises(ValueError, match="missing its 'ds_comm' section"):

@@ -100,6 +100,22 @@ class OnebitErrorFeedback:
             self.worker_error.zero_()
             self.server_error.zero_()
 
+    def rescale_(self, factor: torch.Tensor) -> None:
+        """Multiply both residuals elementwise by ``factor`` (one value per element of the whole tensor).
+
+        For callers that compress ``x / d`` with a divisor ``d`` that changes between calls: the residuals are
+        in units of the old ``d``, and ``factor = d_old / d_new`` carries them over to the new one unchanged
+        in the original units."""
+        if self.layout is None:
+            return
+        layout = self.layout
+        if factor.shape != (layout.numel,):
+            raise ValueError(f"OnebitErrorFeedback.rescale_: factor has shape {tuple(factor.shape)}, expected "
+                             f"({layout.numel},)")
+        self.worker_error.mul_(factor)
+        lo, valid = layout.rank * layout.chunk, layout.my_valid
+        self.server_error[:valid].mul_(factor[lo : lo + valid])
+
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's residuals (references, as ``torch.optim`` does; ``torch.save`` copies them)."""
