@@ -58,6 +58,9 @@ def main() -> None:
                         help="full-precision warm-up steps of 1-bit Adam / 1-bit LAMB; 0/1 Adam's var_freeze_step")
     parser.add_argument("--var-update-scaler", type=int, default=16, help="0/1 Adam's (DeepSpeed's default 16)")
     parser.add_argument("--local-step-clipper", type=int, default=4, help="0/1 Adam's longest local-step interval")
+    parser.add_argument("--raw-compression", action="store_true",
+                        help="1-bit Adam / 0/1 Adam: compress the raw values as DeepSpeed does "
+                             "(preconditioned_compression=False)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -93,7 +96,8 @@ def main() -> None:
 
         if args.optimizer == "onebit-adam":
             optimizer = ds_comm.OnebitAdam(model.parameters(), lr=args.lr, weight_decay=0.01,
-                                           freeze_step=args.freeze_step)
+                                           freeze_step=args.freeze_step,
+                                           preconditioned_compression=not args.raw_compression)
         elif args.optimizer == "onebit-lamb":
             optimizer = ds_comm.OnebitLamb(model.parameters(), lr=args.lr, weight_decay=0.01,
                                            freeze_step=args.freeze_step)
@@ -101,7 +105,8 @@ def main() -> None:
             optimizer = ds_comm.ZeroOneAdam(model.parameters(), lr=args.lr, weight_decay=0.01,
                                             var_freeze_step=args.freeze_step, var_update_scaler=args.var_update_scaler,
                                             local_step_scaler=max(1, args.steps // 4),
-                                            local_step_clipper=args.local_step_clipper)
+                                            local_step_clipper=args.local_step_clipper,
+                                            preconditioned_compression=not args.raw_compression)
         optimizer.register_ddp(model)  # DDP all-reduces gradients only on the steps that need it
 
     gen = torch.Generator().manual_seed(1000 + rank)
