@@ -86,7 +86,7 @@ def main() -> None:
         result["compressed_calls_per_step"] = (stats.calls - calls_before) / args.steps
     if rank == 0:
         extra = ""
-        if stats:
+        if stats and result["bytes_sent_per_step"] > 0:  # (world size 1 sends nothing)
             extra = (f" sent/step={result['bytes_sent_per_step'] / 1e6:.1f} MB "
                      f"({result['fp32_allreduce_bytes_per_step'] / result['bytes_sent_per_step']:.1f}x less than fp32)")
         print(f"[{args.contender}] {args.label} world={world} params={nparams / 1e9:.2f}B "
