@@ -148,11 +148,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         mask = self._masks.get(key)
         if mask is not None:
             flat.mul_(mask)
-            ef.worker_error.mul_(mask)
-            layout = ef.layout
-            lo = layout.rank * layout.chunk
-            valid = layout.my_valid
-            ef.server_error[:valid].mul_(mask[lo : lo + valid])
+            ef.rescale_(mask)  # masked elements keep no residual either
         return flat
 
     @staticmethod
