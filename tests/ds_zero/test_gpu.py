@@ -1,8 +1,9 @@
-"""NCCL smoke tests on 2 GPUs (skipped without them): stage 2 in bf16 with overlapped reduce-scatter, its
+"""NCCL smoke tests on 1 and 2 GPUs (each skipped without enough GPUs): stage 2 in bf16 with overlapped reduce-scatter, its
 checkpoint round trip, stage 1 in fp16, and stage 0 with 1-bit compression (CuPy kernels when installed).
 
 The bf16 run is compared with the CPU reference that emulates bf16 params over fp32 masters, within
-rtol 3e-2 / atol 5e-3 (CUDA and CPU bf16 matmuls round differently); ranks must agree exactly."""
+rtol 3e-2 / atol 5e-3 (CUDA and CPU bf16 matmuls round differently); ranks must agree exactly. The 1-GPU case
+runs the engine's CUDA paths (NCCL at world size 1, no compression) where only one GPU is lent."""
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from zero_cases import base_config, make_model, micro_batch, param_groups, refer
 import ds_zero
 
 STEPS = 4
+MICRO_BATCH = 2
+LR = 1e-2  # the reference's
 
 
 def _train(engine, steps, start=0):
@@ -20,7 +23,7 @@ def _train(engine, steps, start=0):
     device = torch.device("cuda", torch.cuda.current_device())
     out = []
     for step in range(start, start + steps):
-        x, y = micro_batch(step, 0, rank, world, 2, 1)
+        x, y = micro_batch(step, 0, rank, world, MICRO_BATCH, 1)
         loss = engine(x.to(device), y.to(device))
         engine.backward(loss)
         engine.step()
@@ -29,10 +32,24 @@ def _train(engine, steps, start=0):
     return out
 
 
+def _assert_close_but_for_sign_flips(got, ref, steps_taken, what, rtol=3e-2, atol=5e-3, rare=0.02):
+    """Elementwise within rtol/atol, except for a rare few elements whose gradient is near zero.
+
+    CUDA's and the CPU's bf16 matmuls round differently, which can flip the sign of such a gradient; Adam's
+    first steps are about +-lr whatever the gradient's size, so that element moves about 2 lr away. Those may be
+    off by at most 2 lr per step taken (plus rounding); anything else, or more of them, is a real mismatch."""
+    diff = (got - ref).abs()
+    off = diff > atol + rtol * ref.abs()
+    assert off.float().mean() <= rare, f"{what}: {int(off.sum())} of {off.numel()} elements off"
+    bound = 2 * LR * steps_taken * 1.1 + atol + rtol * ref.abs()
+    worst = (diff - bound).max()
+    assert worst <= 0, f"{what}: an element is {float(diff.max()):.4g} away, more than a sign flip explains"
+
+
 def _engine(cfg_extra):
     model = make_model().cuda()
-    opt = torch.optim.AdamW(param_groups(model), lr=1e-2, fused=True)
-    return ds_zero.ZeroEngine(model, opt, base_config(cfg_extra.pop("stage"), 2, 1, **cfg_extra))
+    opt = torch.optim.AdamW(param_groups(model, LR), lr=LR, fused=True)
+    return ds_zero.ZeroEngine(model, opt, base_config(cfg_extra.pop("stage"), MICRO_BATCH, 1, **cfg_extra))
 
 
 def _nccl_runs(ckpt):
@@ -54,15 +71,18 @@ def _nccl_runs(ckpt):
 
 
 @pytest.mark.gpu
-@requires_gpus(2)
-def test_nccl_stage2_bf16_and_friends(tmp_path):
-    got = run_distributed(_nccl_runs, 2, str(tmp_path), backend="nccl", timeout=300)
+@pytest.mark.parametrize("world", [pytest.param(1, marks=requires_gpus(1)), pytest.param(2, marks=requires_gpus(2))])
+def test_nccl_stage2_bf16_and_friends(tmp_path, world):
+    got = run_distributed(_nccl_runs, world, str(tmp_path), backend="nccl", timeout=300)
     for name in got[0]:
         for step in range(STEPS):
-            for k, v in got[0][name][step]["params"].items():
-                assert torch.equal(v, got[1][name][step]["params"][k]), f"{name}: ranks differ in {k} at step {step}"
+            for rank in range(1, world):
+                for k, v in got[0][name][step]["params"].items():
+                    assert torch.equal(v, got[rank][name][step]["params"][k]), \
+                        f"{name}: ranks differ in {k} at step {step}"
             assert torch.isfinite(torch.tensor(got[0][name][step]["loss"]))
-    ref = reference(STEPS, batch=4, emulate_dtype=torch.bfloat16)
+    ref = reference(STEPS, batch=MICRO_BATCH * world, lr=LR, emulate_dtype=torch.bfloat16)
     for step in range(STEPS):
         for k, v in ref[step]["params"].items():
-            torch.testing.assert_close(got[0]["stage2-bf16"][step]["params"][k], v, rtol=3e-2, atol=5e-3)
+            _assert_close_but_for_sign_flips(got[0]["stage2-bf16"][step]["params"][k], v, step + 1,
+                                             f"stage2-bf16 {k} after step {step + 1}")
