@@ -9,8 +9,10 @@ run on the GPU whatever the link:
 - ``adam``: the local update after the freeze (momentum EMA, decoupled weight decay, denominator, addcdiv);
 - ``onebit``: ``ds_comm.compressed_allreduce`` on a world-size-1 NCCL group, i.e. its compression kernels
   (worker compress with error feedback, server compress, decode) with trivial communication;
-- ``precondition``: what preconditioning adds: the divisor (``compression_divisor``, one pass), ``div_`` and
-  ``mul_`` (the denominator itself is computed once and reused by the update).
+- ``precondition``: what preconditioning adds to ``onebit``: the divisor (``compression_divisor``, one pass)
+  and, fused (``compressed_allreduce(..., divisor=d)``, what the optimizers run), two reads of it in the
+  kernels; split, a ``div_`` and a ``mul_`` over the bucket (the earlier way, same result bit for bit). The
+  denominator itself is computed once and reused by the update.
 
 On two GPUs the wire time comes on top of ``onebit``; this bench measures only what preconditioning costs
 next to the step's own kernels, which is the part the 2-GPU runs cannot separate.
@@ -71,20 +73,28 @@ def main() -> None:
     def onebit():
         ds_comm.compressed_allreduce(m, ef)
 
-    def precondition():
+    def onebit_fused():  # what OnebitAdam runs: the divisor, then the kernels divide and multiply back
+        ds_comm.compressed_allreduce(m, ef, divisor=CompressedOptimizer.compression_divisor(denom, v))
+
+    def onebit_split():  # the same result through two extra passes over the bucket (before the fusion)
         d = CompressedOptimizer.compression_divisor(denom, v)
         m.div_(d)
+        ds_comm.compressed_allreduce(m, ef)
         m.mul_(d)
 
     kernels = type(ds_comm.select_onebit_kernels(m.device, "auto")).__name__
     res = {"numel": n, "kernels": kernels, "device": torch.cuda.get_device_name(),
            "adam_ms": timed_ms(adam, args.iters), "onebit_ms": timed_ms(onebit, args.iters),
-           "precondition_ms": timed_ms(precondition, args.iters)}
+           "onebit_fused_ms": timed_ms(onebit_fused, args.iters),
+           "onebit_split_ms": timed_ms(onebit_split, args.iters)}
     base = res["adam_ms"] + res["onebit_ms"]
-    res["precondition_vs_step_kernels"] = res["precondition_ms"] / base
+    for way in ("fused", "split"):
+        res[f"precondition_{way}_ms"] = res[f"onebit_{way}_ms"] - res["onebit_ms"]
+        res[f"precondition_{way}_vs_step_kernels"] = res[f"precondition_{way}_ms"] / base
     print(f"[precondition-cost] {n / 1e9:.2f} B elements, {kernels} on {res['device']}: adam {res['adam_ms']:.2f} ms, "
-          f"1-bit kernels {res['onebit_ms']:.2f} ms, preconditioning +{res['precondition_ms']:.2f} ms "
-          f"({100 * res['precondition_vs_step_kernels']:.1f}% of the step's optimizer+compression kernels)",
+          f"1-bit kernels {res['onebit_ms']:.2f} ms; preconditioning fused +{res['precondition_fused_ms']:.2f} ms "
+          f"({100 * res['precondition_fused_vs_step_kernels']:.1f}% of the step's optimizer+compression kernels), "
+          f"split +{res['precondition_split_ms']:.2f} ms ({100 * res['precondition_split_vs_step_kernels']:.1f}%)",
           flush=True)
     if args.out:
         with open(args.out, "w") as f:

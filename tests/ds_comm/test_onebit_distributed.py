@@ -51,6 +51,24 @@ def test_matches_single_process_simulation(world):
     assert run_distributed(_matches_simulation, world, CASES) == [True] * world
 
 
+def _divisor_matches_simulation():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    divisor = torch.rand(33, 31, generator=torch.Generator().manual_seed(9)) + 0.01  # same on every rank
+    ef, sim = OnebitErrorFeedback(), [OnebitErrorFeedback() for _ in range(world)]
+    for call in range(3):
+        inputs = _rank_inputs(world, (33, 31), torch.float32, seed=call)
+        expected = simulate_compressed_allreduce(inputs, sim, divisor=divisor)[rank]
+        mine = inputs[rank].clone()
+        compressed_allreduce(mine, ef, divisor=divisor)
+        assert torch.equal(mine, expected), f"call {call}: differs from simulation"
+        assert torch.equal(ef.worker_error, sim[rank].worker_error)
+    return True
+
+
+def test_divisor_matches_single_process_simulation():
+    assert run_distributed(_divisor_matches_simulation, 2) == [True, True]
+
+
 def _nonfinite_is_global_and_keeps_state():
     rank = dist.get_rank()
     ef = OnebitErrorFeedback()
@@ -109,6 +127,9 @@ def _bad_inputs():
     expect("float64", TypeError, lambda: compressed_allreduce(torch.ones(8, dtype=torch.float64), ef))
     expect("not_ef", TypeError, lambda: compressed_allreduce(torch.ones(8), {}))
     compressed_allreduce(torch.ones(64), ef)
+    expect("divisor_dtype", TypeError, lambda: compressed_allreduce(torch.ones(64), ef,
+                                                                    divisor=torch.ones(64, dtype=torch.bfloat16)))
+    expect("divisor_size", ValueError, lambda: compressed_allreduce(torch.ones(64), ef, divisor=torch.ones(63)))
     expect("resized", ValueError, lambda: compressed_allreduce(torch.ones(65), ef))
     subgroup = dist.new_group([0])
     if dist.get_rank() == 1:
@@ -127,6 +148,8 @@ def test_bad_input_gets_a_clear_error():
         assert "float64" in errors["float64"]
         assert "OnebitErrorFeedback" in errors["not_ef"]
         assert "created for a tensor of 64 elements but got 65" in errors["resized"]
+        assert "divisor must be a float32" in errors["divisor_dtype"]
+        assert "divisor must match tensor's 64 elements" in errors["divisor_size"]
         assert errors["empty_ok"]
     assert "not a member" in results[1]["not_member"]
 

@@ -30,11 +30,18 @@ def _assert_matches(a, b, what):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("numel", [1, 127, 1000, (1 << 20) + 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cupy_kernels_match_torch_kernels(world, numel, dtype):
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["plain", "divisor"])
+def test_cupy_kernels_match_torch_kernels(world, numel, dtype, preconditioned):
+    if preconditioned and dtype != torch.float32:
+        pytest.skip("the compressed optimizers precondition fp32 buffers only")
     efs = {b: [OnebitErrorFeedback() for _ in range(world)] for b in ("torch", "cupy")}
+    divisor = None
+    if preconditioned:
+        divisor = (torch.rand(numel, generator=torch.Generator().manual_seed(7)) * 100 + 1e-3).cuda()
     for call in range(3):
         inputs = _inputs(world, numel, dtype, seed=call)
-        out = {b: simulate_compressed_allreduce(inputs, efs[b], backend=b) for b in ("torch", "cupy")}
+        out = {b: simulate_compressed_allreduce(inputs, efs[b], backend=b, divisor=divisor)
+               for b in ("torch", "cupy")}
         for r in range(world):
             assert out["cupy"][r].dtype == dtype
             _assert_matches(out["cupy"][r], out["torch"][r], f"call {call} rank {r} output")

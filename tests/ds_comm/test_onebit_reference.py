@@ -126,3 +126,23 @@ def test_stats_count_bytes_and_ratio():
     stats = ds_comm.CommStats()
     compressed_allreduce(torch.randn(1000), OnebitErrorFeedback(), stats=stats)
     assert stats.calls == 1 and stats.bytes_sent == 0  # one process sends nothing
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_divisor_is_exactly_dividing_first_and_multiplying_after(world):
+    """The fused preconditioner: same results and residuals, bit for bit, as dividing the inputs by it and
+    multiplying the results back (what the compressed optimizers did before it was fused)."""
+    gen = torch.Generator().manual_seed(5)
+    divisor = torch.rand(1000, generator=gen) * 10 + 1e-3
+    fused, split = [OnebitErrorFeedback() for _ in range(world)], [OnebitErrorFeedback() for _ in range(world)]
+    for call in range(3):
+        inputs = _inputs(world, 1000, seed=call)
+        got = simulate_compressed_allreduce(inputs, fused, divisor=divisor)
+        want = [o * divisor for o in simulate_compressed_allreduce([x / divisor for x in inputs], split)]
+        plain = simulate_compressed_allreduce(inputs)
+        for r in range(world):
+            assert torch.equal(got[r], want[r]), f"call {call} rank {r}"
+            assert torch.equal(fused[r].worker_error, split[r].worker_error)
+            assert torch.equal(fused[r].server_error, split[r].server_error)
+        if world > 1:
+            assert not torch.equal(got[0], plain[0]), "the divisor was ignored"

@@ -72,8 +72,10 @@ __device__ bool all_scales_finite(const unsigned int* recv, const unsigned int* 
 
 __device__ __forceinline__ float sgn(float x) { return x >= 0.f ? 1.f : -1.f; }
 
-// x = buf + err (0 past numel); signs packed into row (w / chunk_words) of `send`; scale = RMS(x).
-extern "C" __global__ void worker_pack(const float* __restrict__ buf, const float* __restrict__ err,
+// x = buf [/ div] + err (0 past numel); signs packed into row (w / chunk_words) of `send`; scale = RMS(x).
+// div: the preconditioner, or null (a uniform branch).
+extern "C" __global__ void worker_pack(const float* __restrict__ buf, const float* __restrict__ div,
+                                       const float* __restrict__ err,
                                        long long numel, unsigned int total_words, unsigned int chunk_words,
                                        unsigned int row_words, int world, unsigned int* __restrict__ send,
                                        double* __restrict__ partials, unsigned int* __restrict__ counter) {
@@ -87,7 +89,7 @@ extern "C" __global__ void worker_pack(const float* __restrict__ buf, const floa
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             long long i = (long long)(w0 + u) * 32 + lane;
-            x[u] = i < numel ? buf[i] + err[i] : 0.f;
+            x[u] = i < numel ? (div ? buf[i] / div[i] : buf[i]) + err[i] : 0.f;
         }
         unsigned int mine = 0;
 #pragma unroll
@@ -202,9 +204,10 @@ extern "C" __global__ void server_commit(const unsigned int* __restrict__ recv, 
     }
 }
 
-// buf[i] = decoded average (times out_mul); worker error committed from the unchanged buf + err.
-// Non-finite scales anywhere: buf = NaN, error untouched, and block 0 bumps *nonfinite_count.
-extern "C" __global__ void worker_finish(float* __restrict__ buf, float* __restrict__ err,
+// buf[i] = decoded average (times out_mul, times div); worker error committed from the unchanged
+// buf [/ div] + err. Non-finite scales anywhere: buf = NaN, error untouched, and block 0 bumps *nonfinite_count.
+extern "C" __global__ void worker_finish(float* __restrict__ buf, const float* __restrict__ div,
+                                         float* __restrict__ err,
                                          const unsigned int* __restrict__ recv,
                                          const unsigned int* __restrict__ gathered, int world, int rank,
                                          long long numel, unsigned int total_words, unsigned int chunk_words,
@@ -217,12 +220,13 @@ extern "C" __global__ void worker_finish(float* __restrict__ buf, float* __restr
     const unsigned int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const unsigned int nwarps = (gridDim.x * blockDim.x) >> 5;
     for (unsigned int w0 = warp * UNROLL; w0 < total_words; w0 += nwarps * UNROLL) {
-        float b[UNROLL], e[UNROLL];
+        float b[UNROLL], e[UNROLL], d[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             long long i = (long long)(w0 + u) * 32 + lane;
             b[u] = i < numel ? buf[i] : 0.f;
             e[u] = i < numel ? err[i] : 0.f;
+            d[u] = div && i < numel ? div[i] : 1.f;
         }
         // the row and offset of word w0, advanced word by word: one division per UNROLL words
         unsigned int row = w0 / chunk_words;
@@ -235,9 +239,9 @@ extern "C" __global__ void worker_finish(float* __restrict__ buf, float* __restr
                 float s = reinterpret_cast<const float*>(r + chunk_words)[0];
                 float out = ((r[off] >> lane) & 1u) ? s : -s;
                 if (ok) {
-                    float x = b[u] + e[u];
+                    float x = (div ? b[u] / d[u] : b[u]) + e[u];
                     err[i] = x - wscale * sgn(x);
-                    buf[i] = out * out_mul;
+                    buf[i] = div ? (out * out_mul) * d[u] : out * out_mul;
                 } else {
                     buf[i] = __int_as_float(0x7fc00000);  // NaN
                 }

@@ -118,11 +118,15 @@ class CupyOnebitKernels(OnebitKernels):
     def _fp32(buffer: torch.Tensor) -> torch.Tensor:
         return buffer if buffer.dtype == torch.float32 else buffer.float()
 
-    def compress_worker(self, buffer, worker_error, layout, send):
+    @staticmethod
+    def _divisor_ptr(divisor: torch.Tensor | None) -> np.uint64:
+        return np.uint64(0) if divisor is None else _ptr(divisor)  # null: no preconditioning
+
+    def compress_worker(self, buffer, worker_error, layout, send, divisor=None):
         plan = self._plan(layout, buffer.device)
         x = self._fp32(buffer)
         self._launch(plan, "worker_pack", plan.pack_grid, (
-            _ptr(x), _ptr(worker_error), np.int64(layout.numel), np.uint32(plan.total_words),
+            _ptr(x), self._divisor_ptr(divisor), _ptr(worker_error), np.int64(layout.numel), np.uint32(plan.total_words),
             np.uint32(plan.chunk_words), np.uint32(plan.row_words), np.int32(layout.world_size), _ptr(send),
             _ptr(plan.pack_partials), _ptr(plan.counters[0:1])))
 
@@ -133,14 +137,15 @@ class CupyOnebitKernels(OnebitKernels):
             np.uint32(plan.chunk_words), np.int64(layout.my_valid), _ptr(send), _ptr(plan.server_partials),
             _ptr(plan.counters[1:2])))
 
-    def finish(self, buffer, worker_error, server_error, recv, gathered, layout, average, nonfinite_count):
+    def finish(self, buffer, worker_error, server_error, recv, gathered, layout, average, nonfinite_count,
+               divisor=None):
         plan = self._plan(layout, buffer.device)
         self._launch(plan, "server_commit", plan.server_grid, (
             _ptr(recv), _ptr(gathered), _ptr(server_error), np.int32(layout.world_size), np.int32(layout.rank),
             np.uint32(plan.row_words), np.uint32(plan.chunk_words), np.int64(layout.my_valid)))
         x = self._fp32(buffer)
         self._launch(plan, "worker_finish", plan.finish_grid, (
-            _ptr(x), _ptr(worker_error), _ptr(recv), _ptr(gathered), np.int32(layout.world_size),
+            _ptr(x), self._divisor_ptr(divisor), _ptr(worker_error), _ptr(recv), _ptr(gathered), np.int32(layout.world_size),
             np.int32(layout.rank), np.int64(layout.numel), np.uint32(plan.data_words),
             np.uint32(plan.chunk_words), np.uint32(plan.row_words),
             np.float32(1.0 if average else layout.world_size), _ptr(nonfinite_count)))

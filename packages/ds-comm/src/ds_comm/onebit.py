@@ -86,6 +86,7 @@ def compressed_allreduce(
     backend: KernelBackendName = "auto",
     on_nonfinite: Literal["propagate", "raise"] = "propagate",
     stats: CommStats | None = None,
+    divisor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1-bit allreduce of ``tensor`` in place, with error feedback; returns ``tensor``.
 
@@ -104,6 +105,10 @@ def compressed_allreduce(
             ``$DS_COMM_ONEBIT_BACKEND`` overrides ``"auto"``.
         on_nonfinite: ``"propagate"`` (NaN result, residuals untouched, no sync) or ``"raise"``.
         stats: a :class:`CommStats` to record bytes into (the process-wide ``global_stats`` always is).
+        divisor: optional preconditioner, float32 with ``tensor``'s number of elements, positive, finite and
+            identical on every rank: ``tensor / divisor`` is compressed (error feedback included) and the
+            average multiplied back by ``divisor``, so the compression error is relative to ``divisor`` per
+            element. Fused into the kernels; exactly ``divisor * compressed_allreduce(tensor / divisor)``.
     """
     op = "compressed_allreduce"
     transport = resolve_transport(group)
@@ -117,13 +122,23 @@ def compressed_allreduce(
         check_same_numel_across_ranks(0, tensor.device, transport, op)
         return tensor
 
+    if divisor is not None:
+        if not isinstance(divisor, torch.Tensor) or divisor.dtype != torch.float32:
+            raise TypeError(f"{op}: divisor must be a float32 torch.Tensor, got "
+                            f"{getattr(divisor, 'dtype', type(divisor).__name__)}")
+        if divisor.numel() != tensor.numel() or divisor.device != tensor.device:
+            raise ValueError(f"{op}: divisor must match tensor's {tensor.numel()} elements on {tensor.device}, "
+                             f"got {divisor.numel()} on {divisor.device}")
+        divisor = divisor.reshape(-1)
+        if not divisor.is_contiguous():
+            divisor = divisor.contiguous()
     layout = error_feedback.bind(tensor, transport, op)
     kernels = select_onebit_kernels(tensor.device, backend)
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1).clone()
 
     world, row = layout.world_size, layout.row_bytes
     send = torch.empty((world, row), dtype=torch.uint8, device=tensor.device)
-    kernels.compress_worker(flat, error_feedback.worker_error, layout, send)
+    kernels.compress_worker(flat, error_feedback.worker_error, layout, send, divisor=divisor)
     recv = torch.empty_like(send)
     transport.all_to_all(recv.view(-1), send.view(-1))
 
@@ -134,7 +149,7 @@ def compressed_allreduce(
 
     nonfinite_before = int(error_feedback.nonfinite_count) if on_nonfinite == "raise" else 0
     kernels.finish(flat, error_feedback.worker_error, error_feedback.server_error, recv, gathered, layout,
-                   average, error_feedback.nonfinite_count)
+                   average, error_feedback.nonfinite_count, divisor=divisor)
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat.view_as(tensor))
 

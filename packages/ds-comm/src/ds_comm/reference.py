@@ -20,13 +20,15 @@ def simulate_compressed_allreduce(
     *,
     average: bool = True,
     backend: str = "torch",
+    divisor: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Results the ``len(inputs)`` ranks of :func:`~ds_comm.compressed_allreduce` would get (new tensors).
 
     ``error_feedbacks`` (one per simulated rank) are updated as the distributed call would update them;
     pass the same list again to simulate the next call. ``backend`` picks the kernels as in
     :func:`~ds_comm.compressed_allreduce` (``"torch"``, the reference, by default), which makes this the
-    conformance check of a kernel backend: same inputs, same results as the torch kernels.
+    conformance check of a kernel backend: same inputs, same results as the torch kernels. ``divisor``: the
+    preconditioner every rank passes (see :func:`~ds_comm.compressed_allreduce`).
     """
     world = len(inputs)
     if world == 0:
@@ -44,13 +46,15 @@ def simulate_compressed_allreduce(
         if not ef.is_bound:
             ef._allocate(layout, t.device)
     flats = [t.reshape(-1).clone() for t in inputs]
+    if divisor is not None:
+        divisor = divisor.reshape(-1).float()
     if numel == 0:
         return flats
     row = layouts[0].row_bytes
     sends = []
     for r in range(world):
         send = torch.empty((world, row), dtype=torch.uint8, device=flats[r].device)
-        kernels.compress_worker(flats[r], error_feedbacks[r].worker_error, layouts[r], send)
+        kernels.compress_worker(flats[r], error_feedbacks[r].worker_error, layouts[r], send, divisor=divisor)
         sends.append(send)
     recvs = [torch.stack([sends[j][r] for j in range(world)]) for r in range(world)]
     server_rows = []
@@ -63,6 +67,6 @@ def simulate_compressed_allreduce(
     for r in range(world):
         ef = error_feedbacks[r]
         kernels.finish(flats[r], ef.worker_error, ef.server_error, recvs[r], gathered.clone(), layouts[r],
-                       average, ef.nonfinite_count)
+                       average, ef.nonfinite_count, divisor=divisor)
         outputs.append(flats[r].view_as(inputs[r]))
     return outputs

@@ -139,12 +139,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
             return flat  # nothing to average: no compression error either
         ef = self._error_feedback.setdefault(key, OnebitErrorFeedback())
         self._update_mask(key, flat, on_wake)
-        d = divisor() if divisor is not None else None
-        if d is not None:
-            flat.div_(d)
-        compressed_allreduce(flat, ef, self.transport, backend=self.kernel_backend, stats=self.comm_stats)
-        if d is not None:
-            flat.mul_(d)
+        d = divisor() if divisor is not None else None  # divided and multiplied back inside the kernels
+        compressed_allreduce(flat, ef, self.transport, backend=self.kernel_backend, stats=self.comm_stats,
+                             divisor=d)
         mask = self._masks.get(key)
         if mask is not None:
             flat.mul_(mask)
