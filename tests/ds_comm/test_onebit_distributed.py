@@ -149,7 +149,7 @@ def test_bad_input_gets_a_clear_error():
         assert "OnebitErrorFeedback" in errors["not_ef"]
         assert "created for a tensor of 64 elements but got 65" in errors["resized"]
         assert "divisor must be a float32" in errors["divisor_dtype"]
-        assert "divisor must match tensor's 64 elements" in errors["divisor_size"]
+        assert "divisor must match tensor's 64 elements (shape (64,) or flat)" in errors["divisor_size"]
         assert errors["empty_ok"]
     assert "not a member" in results[1]["not_member"]
 

@@ -126,8 +126,9 @@ class CupyOnebitKernels(OnebitKernels):
         plan = self._plan(layout, buffer.device)
         x = self._fp32(buffer)
         self._launch(plan, "worker_pack", plan.pack_grid, (
-            _ptr(x), self._divisor_ptr(divisor), _ptr(worker_error), np.int64(layout.numel), np.uint32(plan.total_words),
-            np.uint32(plan.chunk_words), np.uint32(plan.row_words), np.int32(layout.world_size), _ptr(send),
+            _ptr(x), self._divisor_ptr(divisor), _ptr(worker_error), np.int64(layout.numel),
+            np.uint32(plan.total_words), np.uint32(plan.chunk_words), np.uint32(plan.row_words),
+            np.int32(layout.world_size), _ptr(send),
             _ptr(plan.pack_partials), _ptr(plan.counters[0:1])))
 
     def compress_server(self, recv, server_error, layout, send):
@@ -145,8 +146,8 @@ class CupyOnebitKernels(OnebitKernels):
             np.uint32(plan.row_words), np.uint32(plan.chunk_words), np.int64(layout.my_valid)))
         x = self._fp32(buffer)
         self._launch(plan, "worker_finish", plan.finish_grid, (
-            _ptr(x), self._divisor_ptr(divisor), _ptr(worker_error), _ptr(recv), _ptr(gathered), np.int32(layout.world_size),
-            np.int32(layout.rank), np.int64(layout.numel), np.uint32(plan.data_words),
+            _ptr(x), self._divisor_ptr(divisor), _ptr(worker_error), _ptr(recv), _ptr(gathered),
+            np.int32(layout.world_size), np.int32(layout.rank), np.int64(layout.numel), np.uint32(plan.data_words),
             np.uint32(plan.chunk_words), np.uint32(plan.row_words),
             np.float32(1.0 if average else layout.world_size), _ptr(nonfinite_count)))
         if x.data_ptr() != buffer.data_ptr():

@@ -3,9 +3,9 @@
 The algorithm (see :func:`ds_comm.compressed_allreduce`) alternates compute and communication; these are the
 three compute steps. ``divisor`` (optional, fp32, the tensor's size): compress ``buffer / divisor`` and decode
 back times ``divisor`` -- the preconditioned compression of the compressed optimizers, fused into the kernels
-so it costs two reads of ``divisor`` instead of two extra passes over ``buffer``; the rounding is exactly that of
-dividing first and multiplying after. A kernel backend implements them; the torch one here is the reference that every other
-backend (the CuPy one in ``_onebit_cupy``) must agree with, and it runs on any device.
+so it costs two reads of ``divisor`` instead of two extra passes over ``buffer``; the rounding is exactly that
+of dividing first and multiplying after. A kernel backend implements them; the torch one here is the reference
+that every other backend (the CuPy one in ``_onebit_cupy``) must agree with, and it runs on any device.
 
 Wire rows: ``send``/``recv`` tensors are ``(world_size, row_bytes)`` uint8; row ``j`` holds ``chunk // 8``
 bytes of packed signs then a header whose first 4 bytes are the fp32 scale (see ``_layout``).
@@ -28,8 +28,8 @@ class OnebitKernels(abc.ABC):
     @abc.abstractmethod
     def compress_worker(self, buffer: torch.Tensor, worker_error: torch.Tensor, layout: OnebitLayout,
                         send: torch.Tensor, divisor: torch.Tensor | None = None) -> None:
-        """Pack the signs of ``x = buffer [/ divisor] + worker_error`` (zero-padded) into ``send``'s rows, and write the
-        worker scale ``||x|| / sqrt(numel)`` into every row's header."""
+        """Pack the signs of ``x = buffer [/ divisor] + worker_error`` (zero-padded) into ``send``'s rows, and
+        write the worker scale ``||x|| / sqrt(numel)`` into every row's header."""
 
     @abc.abstractmethod
     def compress_server(self, recv: torch.Tensor, server_error: torch.Tensor, layout: OnebitLayout,

@@ -126,9 +126,10 @@ def compressed_allreduce(
         if not isinstance(divisor, torch.Tensor) or divisor.dtype != torch.float32:
             raise TypeError(f"{op}: divisor must be a float32 torch.Tensor, got "
                             f"{getattr(divisor, 'dtype', type(divisor).__name__)}")
-        if divisor.numel() != tensor.numel() or divisor.device != tensor.device:
-            raise ValueError(f"{op}: divisor must match tensor's {tensor.numel()} elements on {tensor.device}, "
-                             f"got {divisor.numel()} on {divisor.device}")
+        if divisor.shape not in (tensor.shape, (tensor.numel(),)) or divisor.device != tensor.device:
+            raise ValueError(f"{op}: divisor must match tensor's {tensor.numel()} elements (shape "
+                             f"{tuple(tensor.shape)} or flat) on {tensor.device}, got shape {tuple(divisor.shape)} "
+                             f"on {divisor.device}")
         divisor = divisor.reshape(-1)
         if not divisor.is_contiguous():
             divisor = divisor.contiguous()
