@@ -111,14 +111,16 @@ def run_scenarios(scenarios: list[dict]):
 
 
 def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, lr: float = 1e-2,
-              emulate_dtype: torch.dtype | None = None, skip_steps=()):
+              emulate_dtype: torch.dtype | None = None, skip_steps=(), device: str | torch.device = "cpu"):
     """Single process over the full global batch. ``emulate_dtype``: run forward/backward with params cast to
-    that dtype from fp32 masters (what the engine does in bf16); ``skip_steps``: steps whose update is skipped."""
-    model = make_model(frozen=frozen)
+    that dtype from fp32 masters (what the engine does in bf16); ``skip_steps``: steps whose update is skipped;
+    ``device``: where it runs (a GPU run's reference on the GPU rounds its bf16 matmuls as the run does).
+    Params come back on the CPU."""
+    model = make_model(frozen=frozen).to(device)
     opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
     history = []
     for step in range(steps):
-        x, y = global_batch(step, batch)
+        x, y = (t.to(device) for t in global_batch(step, batch))
         if emulate_dtype is None:
             loss = model(x, y)
             loss.backward()
@@ -136,7 +138,7 @@ def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, l
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
             opt.step()
             opt.zero_grad()
-        state = full_state(model)
+        state = {k: v.cpu() for k, v in full_state(model).items()}
         if emulate_dtype is not None:
             state = {k: v.to(emulate_dtype).float() for k, v in state.items()}
         history.append({"loss": float(loss.detach()), "params": state})
