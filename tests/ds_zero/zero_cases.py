@@ -72,7 +72,13 @@ def base_config(stage: int, mb: int = 2, ga: int = 1, **extra) -> dict:
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    """Full tensors (stage 3's DTensor shards are gathered: collective, every rank calls it)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().float().clone()
+    return out
 
 
 def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = False, cfg_extra=None,

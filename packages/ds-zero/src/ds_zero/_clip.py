@@ -15,8 +15,18 @@ import torch
 import torch.distributed as dist
 
 
-def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group) -> torch.Tensor:
-    """The L2 norm (fp32 0-d tensor) of the full gradient from this rank's pieces."""
+def _sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return None
+    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+
+
+def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group,
+                     replicated: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The L2 norm (fp32 0-d tensor) of the full gradient from this rank's pieces: ``grads`` (shards when
+    ``sharded``) and ``replicated`` (whole on every rank: added after the all-reduce, not summed over ranks)."""
+    extra = _sq_sum(replicated)
     grads = [g for g in grads if g.numel()]
     if grads:
         device = grads[0].device
@@ -29,12 +39,16 @@ def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group) -> tor
             device = torch.device("cuda", torch.cuda.current_device())
         sq = sq.to(device)
         dist.all_reduce(sq, group=group)
+    if extra is not None:
+        sq = sq.to(extra.device) + extra
     return sq.sqrt()
 
 
-def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, sharded: bool, group) -> float:
+def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, sharded: bool, group,
+                replicated: Sequence[torch.Tensor] = ()) -> float:
     """Clip in place to ``max_norm`` by the global norm; returns the norm before clipping."""
-    norm = global_grad_norm(grads, sharded, group)
+    norm = global_grad_norm(grads, sharded, group, replicated)
+    grads = list(grads) + list(replicated)
     value = float(norm)
     if max_norm > 0:
         coef = max_norm / (value + 1e-6)

@@ -18,7 +18,8 @@ import difflib
 import sys
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator,
+                      model_validator)
 
 from ._batch import resolve_batch_sizes
 
@@ -139,28 +140,43 @@ class BF16Config(StrictModel):
     }
 
 
-_STAGE3_KEYS = {
-    "prefetch_bucket_size": 50_000_000,
-    "param_persistence_threshold": 100_000,
-    "model_persistence_threshold": sys.maxsize,
-    "max_live_parameters": 1_000_000_000,
-    "max_reuse_distance": 1_000_000_000,
-    "gather_16bit_weights_on_model_save": False,
-    "gather_fp16_weights_on_model_save": False,
+#: stage-3 keys of DeepSpeed that have no honest mapping onto FSDP2: refused unless they hold the default
+_STAGE3_REFUSED = {
     "module_granularity_threshold": 0,
     "use_all_reduce_for_fetch_params": False,
     "allgather_sequential": False,
 }
 
 
+def _stage3_aliases(data: Any) -> Any:
+    """DeepSpeed accepts every stage-3 key with and without its ``stage3_`` prefix, and the old name
+    ``gather_fp16_weights_on_model_save``: fold them onto one spelling (two spellings of one key is an error)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for key in list(data):
+        canonical = None
+        if key.startswith("stage3_"):
+            canonical = key[len("stage3_"):]
+        if key in ("gather_fp16_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save"):
+            canonical = "gather_16bit_weights_on_model_save"
+        if canonical is None or canonical == key:
+            continue
+        if canonical in data:
+            raise ValueError(f"both {key!r} and {canonical!r} are set; they are one key, keep one")
+        data[canonical] = data.pop(key)
+    return data
+
+
 class ZeroConfig(StrictModel):
-    """``zero_optimization``: stages 0-2 with DeepSpeed's bucket keys (sizes in *elements*, not bytes).
+    """``zero_optimization``: stages 0-3 with DeepSpeed's bucket keys (sizes in *elements*, not bytes).
 
     Honoured: ``stage``, ``reduce_bucket_size``, ``allgather_bucket_size``, ``overlap_comm`` (stages 1/2;
     stage 0 always overlaps), ``contiguous_gradients``, ``reduce_scatter``, ``allgather_partitions``,
-    ``load_from_fp32_weights``, ``ignore_unused_parameters``. Accepted without effect (they only matter with
-    features not built): ``round_robin_gradients``, ``use_multi_rank_bucket_allreduce``, ``sub_group_size``,
-    ``elastic_checkpoint``. See the package README for the exact meaning of each.
+    ``load_from_fp32_weights``, ``ignore_unused_parameters``; at stage 3 (FSDP2) the ``stage3_*`` keys (with or
+    without the prefix), ``zero_hpz_partition_size`` and ``shard_units``, with the meanings given in the package
+    README. Accepted without effect: ``round_robin_gradients``, ``use_multi_rank_bucket_allreduce``,
+    ``sub_group_size`` (the step's temporaries are per tensor already), ``elastic_checkpoint``.
     """
 
     stage: int = 0
@@ -176,6 +192,17 @@ class ZeroConfig(StrictModel):
     use_multi_rank_bucket_allreduce: bool = True
     sub_group_size: PositiveInt = 1_000_000_000
     elastic_checkpoint: bool = False
+    # -- stage 3 (DeepSpeed's names without the stage3_ prefix; both spellings accepted) --------------
+    prefetch_bucket_size: NonNegativeInt = 50_000_000
+    param_persistence_threshold: NonNegativeInt = 100_000
+    model_persistence_threshold: NonNegativeInt = sys.maxsize
+    max_live_parameters: PositiveInt = 1_000_000_000
+    max_reuse_distance: NonNegativeInt = 1_000_000_000
+    gather_16bit_weights_on_model_save: bool = False
+    #: ZeRO++ hpZ: a secondary copy of the params sharded over groups of this many ranks (one node)
+    zero_hpz_partition_size: PositiveInt = 1
+    #: ds-zero: class names of the modules that become shard units (default: the blocks of ModuleLists)
+    shard_units: list[str] | None = None
 
     not_built_keys: ClassVar[dict[str, Any]] = {
         "offload_optimizer": None,
@@ -183,7 +210,6 @@ class ZeroConfig(StrictModel):
         "cpu_offload": False,
         "cpu_offload_param": False,
         "cpu_offload_use_pin_memory": False,
-        "zero_hpz_partition_size": 1,
         "zero_quantized_weights": False,
         "zero_quantized_nontrainable_weights": False,
         "zero_quantized_gradients": False,
@@ -195,20 +221,34 @@ class ZeroConfig(StrictModel):
         "log_trace_cache_warnings": False,
         "leaf_module": NOT_BUILT,
         "zeropp_loco_param": None,
-        **_STAGE3_KEYS,
-        **{"stage3_" + k: v for k, v in _STAGE3_KEYS.items()},
+        **_STAGE3_REFUSED,
     }
     not_built_hint: ClassVar[dict[str, str]] = {
         "offload_optimizer": "CPU/NVMe optimizer offload is not built",
         "offload_param": "parameter offload (ZeRO-3) is not built",
-        "zero_quantized_gradients": 'for int8 gradient reduce-scatter use "gradient_compression": {"type": "int8"}',
-        "zero_hpz_partition_size": "ZeRO++ hpZ needs ZeRO stage 3, which is not built",
-        "zero_quantized_weights": "ZeRO++ qwZ needs ZeRO stage 3, which is not built",
+        "zero_quantized_gradients": 'ZeRO++ qgZ is not built; for int8 gradient reduce-scatter at stages 1/2 use '
+                                    '"gradient_compression": {"type": "int8"}',
+        "zero_quantized_weights": "ZeRO++ qwZ (int8 parameter all-gather at stage 3) is not built yet",
+        "module_granularity_threshold": "stage-3 shard units are chosen by module class (zero_optimization."
+                                        "shard_units), not by a size threshold",
+        "use_all_reduce_for_fetch_params": "stage 3 gathers params with FSDP2's all-gather",
+        "allgather_sequential": "stage 3 gathers params with FSDP2's all-gather",
     }
 
-    @field_validator("reduce_bucket_size", "allgather_bucket_size", "sub_group_size", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        return _stage3_aliases(data)
+
+    @field_validator("reduce_bucket_size", "allgather_bucket_size", "sub_group_size", "prefetch_bucket_size",
+                     "param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
+                     "max_reuse_distance", mode="before")
     @classmethod
     def _sizes(cls, value: Any, info) -> Any:
+        if isinstance(value, str):
+            raise ValueError(f"{info.field_name} must be a number of elements, got the string {value!r} "
+                             "(\"auto\" is a Hugging Face Trainer placeholder it fills in before DeepSpeed sees "
+                             "the config)")
         return _integral(value, info.field_name)
 
     @model_validator(mode="before")
@@ -226,13 +266,19 @@ class ZeroConfig(StrictModel):
     @field_validator("stage", mode="before")
     @classmethod
     def _stage(cls, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"stage must be 0, 1 or 2, got {value!r}")
-        if value == 3:
-            raise ValueError("ZeRO stage 3 (parameter partitioning) is not supported yet by ds-zero; use stage 0, 1 or 2")
-        if value not in (0, 1, 2):
-            raise ValueError(f"stage must be 0, 1 or 2, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1, 2, 3):
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _stage3_only(self) -> "ZeroConfig":
+        if self.stage != 3:
+            if self.zero_hpz_partition_size != 1:
+                raise ValueError(f"zero_hpz_partition_size={self.zero_hpz_partition_size} (ZeRO++ hpZ) needs stage 3, "
+                                 f"got stage {self.stage}")
+            if self.shard_units is not None:
+                raise ValueError(f"shard_units only applies to stage 3, got stage {self.stage}")
+        return self
 
     @property
     def overlap(self) -> bool:
@@ -306,6 +352,11 @@ class EngineConfig(StrictModel):
             raise ValueError(
                 f'gradient_compression.type "onebit" needs zero_optimization.stage 0 (got stage {stage}); '
                 'for stages 1/2 use "int8" or "int4"'
+            )
+        if kind in ("int8", "int4") and stage == 3:
+            raise ValueError(
+                f'gradient_compression.type "{kind}" is built for stages 1 and 2; at stage 3 the gradient '
+                'reduce-scatter is FSDP2\'s (quantized stage-3 gradients, ZeRO++ qgZ, are not built yet)'
             )
         if kind in ("int8", "int4") and stage == 0:
             raise ValueError(

@@ -35,6 +35,7 @@ from ._partition import DataParallelShards, Masters, Replicated
 from ._precision import Precision
 from ._stage0 import AllReduceReducer, OnebitAllReduceReducer
 from ._stage12 import Stage1Reducer, Stage2Reducer
+from ._stage3 import FullyShardedParams, Stage3Reducer, persistent_params
 from .config import EngineConfig
 
 logger = logging.getLogger("ds_zero")
@@ -98,6 +99,13 @@ class ZeroEngine:
             check_compressed(self, user_opt)
         named = self._trainable(user_opt)
         self.direct = self.stage == 0 and not self.precision.mixed
+        self._num_groups = len(user_opt.param_groups)
+        if self.stage == 3:
+            self._build_stage3(user_opt, named)
+            self._keep_master_grads = _is_ds_optim(self.optimizer)
+            self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
+            self.reducer.attach()
+            return
         if self.stage == 0:
             self.policy = Replicated()
         else:
@@ -106,7 +114,6 @@ class ZeroEngine:
                                              in_place="nccl" in self._backend)
         self.buckets: list[Bucket] = assign_buckets(named, zero.reduce_bucket_size, self.policy.shard_world,
                                                     self.policy.shard_rank)
-        self._num_groups = len(user_opt.param_groups)
         self.masters: Masters | None = None
         if self.direct:
             self.optimizer = user_opt
@@ -168,6 +175,51 @@ class ZeroEngine:
         for b in self.buckets:
             flatten_into_views(b, b.dtype, self.device)
         self.masters.write_params()  # the model-dtype params are exactly the cast masters
+
+    def _build_stage3(self, user_opt: torch.optim.Optimizer, named) -> None:
+        """FSDP2 shards every param above the persistence threshold (fp32 DTensor shards: the masters, which
+        the rebuilt optimizer steps in place); the persistent ones take stage 0's path (model dtype, fp32
+        master, all-reduced grads)."""
+        zero = self.config.zero_optimization
+        dtype = self.precision.dtype
+        if self.config.gradient_compression.type != "none":
+            raise ValueError(f"gradient_compression.type={self.config.gradient_compression.type!r} is not built "
+                             "for zero_optimization.stage 3")
+        group_of = {n: gi for n, _, gi in named}
+        persistent = persistent_params(self.module, zero.param_persistence_threshold,
+                                       zero.model_persistence_threshold)
+        kept = set(persistent)
+        self.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
+        # fp32 masters of the persistent params first, from the fp32 originals
+        self.masters = Masters(self.buckets, self._num_groups, self.device,
+                               [[p.detach() for p in b.params] for b in self.buckets])
+        reduce_dtype = _DTYPES.get(self.config.communication_data_type) if self.config.communication_data_type else None
+        self.policy = FullyShardedParams(self.module, zero, self.process_group, self.device,
+                                         dtype if self.precision.mixed else None, reduce_dtype, persistent)
+        if self.precision.mixed:  # what is not sharded runs in the model dtype, as at stages 0-2
+            with torch.no_grad():
+                for p in persistent:
+                    p.data = p.data.to(dtype)
+                for b in self.module.buffers():
+                    if b.is_floating_point():
+                        b.data = b.data.to(dtype)
+        for b in self.buckets:
+            b.dtype = dtype
+            flatten_into_views(b, dtype, self.device)
+        self.masters.write_params()
+        current = dict(self.module.named_parameters())  # fully_shard replaced the params by DTensors
+        groups = [[] for _ in range(self._num_groups)]
+        for name, gi in group_of.items():
+            if current[name] in self.policy.sharded_set:
+                groups[gi].append(current[name])
+        for gi in range(self._num_groups):
+            groups[gi].extend(self.masters.group_params(gi))
+        self.optimizer = rebuild_optimizer(user_opt, groups)
+        persistent_reducer = None
+        if self.buckets:
+            persistent_reducer = AllReduceReducer(self.buckets, self.process_group, self.dp_world_size,
+                                                  zero.ignore_unused_parameters, reduce_dtype, self.device)
+        self.reducer = Stage3Reducer(self.policy, persistent_reducer)
 
     def _build_reducer(self):
         zero, comp = self.config.zero_optimization, self.config.gradient_compression
@@ -242,7 +294,17 @@ class ZeroEngine:
         self.reducer.finish()
         summed = self._grads_reduced and not self.reducer.averaged  # local grads (compressed) need no 1/world
         factor = (1.0 / self.dp_world_size if summed else 1.0) / self.precision.loss_scale
-        if self.direct:
+        replicated: list[torch.Tensor] = []
+        if self.stage == 3:
+            grads = self.policy.local_grads()  # averaged by FSDP2
+            if self.precision.loss_scale != 1.0:
+                torch._foreach_mul_(grads, 1.0 / self.precision.loss_scale)
+            replicated = self.masters.ensure_grads()
+            for b in self.buckets:
+                self.masters.grad_shard(b).copy_(b.shard_grad)
+            if replicated:
+                torch._foreach_mul_(replicated, factor)
+        elif self.direct:
             grads = [b.grad_flat for b in self.buckets]
             if factor != 1.0:
                 torch._foreach_mul_(grads, factor)
@@ -251,7 +313,7 @@ class ZeroEngine:
             for b in self.buckets:
                 self.masters.grad_shard(b).copy_(b.shard_grad)
             torch._foreach_mul_(grads, factor)
-        overflow = self.precision.has_overflow(grads)
+        overflow = self.precision.has_overflow(grads + replicated)
         self.precision.update(overflow)
         self.was_step_skipped = overflow
         if overflow:
@@ -259,13 +321,14 @@ class ZeroEngine:
             logger.info("ds_zero: step %d skipped (inf/NaN gradients on at least one rank)", self.global_steps)
         else:
             if self.config.gradient_clipping > 0:
-                clip_grads_(grads, self.config.gradient_clipping, sharded=self.stage > 0, group=self.process_group)
+                clip_grads_(grads, self.config.gradient_clipping, sharded=self.stage > 0, group=self.process_group,
+                            replicated=replicated)
             self.optimizer.step()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             if not self.direct:
                 self.masters.write_params()
-                self.policy.gather_params(self.buckets)
+                self.policy.gather_params(self.buckets)  # stage 3: FSDP2 gathers at the next forward
         self.reducer.zero_grads()
         if self.masters is not None:
             self.masters.free_grads(keep=self._keep_master_grads)
@@ -284,7 +347,7 @@ class ZeroEngine:
         """Skip gradient reduction for the backward passes inside (stages 0/1; grads accumulate locally and
         are reduced on the next boundary backward outside). Stage 2 reduces every micro-step and refuses it,
         as DeepSpeed does."""
-        if self.stage == 2:
+        if self.stage == 2:  # stage 3 keeps unsharded grads for the block instead (FSDP2's no_sync)
             raise RuntimeError("no_sync() is not compatible with ZeRO stage 2, which reduce-scatters gradients "
                                "every micro-step so that no rank holds full gradients")
         previous, self._no_sync = self._no_sync, True

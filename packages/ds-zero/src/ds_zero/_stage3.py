@@ -1,0 +1,209 @@
+"""Stage 3: parameters, gradients and optimizer states sharded by torch's ``fully_shard`` (FSDP2).
+
+FSDP2 owns the sharded parameters (``DTensor``, dim-0 shards, fp32 when the model trains in fp16/bf16: they
+*are* the fp32 masters), gathers each shard unit's params before its forward and backward, frees them after,
+and reduce-scatters each unit's gradients during backward. This module decides what FSDP2 is given:
+
+- **shard units** (:func:`find_shard_units`): the modules each gathered and freed as one, by default the
+  blocks of every ``nn.ModuleList`` (or the classes a Hugging Face model names in ``_no_split_modules``),
+  else the classes named in ``zero_optimization.shard_units``; the root unit holds the rest.
+- **persistent params** (:func:`persistent_params`): DeepSpeed's ``stage3_param_persistence_threshold``: a
+  param of at most that many elements is never partitioned (it stays whole on every rank, in the model dtype,
+  like a stage-0 param: fp32 master, all-reduced grad), up to ``stage3_model_persistence_threshold`` elements
+  in all. Gathering hundreds of tiny LayerNorm weights and biases costs a collective each for a few bytes.
+- **prefetch and resharding** (:func:`schedule`): DeepSpeed's fetch keys mapped onto FSDP2's explicit
+  prefetch lists and ``reshard_after_forward`` (see the function).
+
+:class:`FullyShardedParams` is the :class:`ShardingPolicy` of stage 3: it applies ``fully_shard``, owns the
+root ``FSDPModule`` and answers what the engine asks of it (local gradient shards, gradient sync on or off).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._partition import ShardingPolicy
+
+logger = logging.getLogger("ds_zero")
+
+
+def find_shard_units(model: nn.Module, class_names: list[str] | None) -> list[nn.Module]:
+    """The modules that become FSDP2 units (never the root itself), innermost first."""
+    if class_names is not None:
+        wanted = set(class_names)
+        found = {type(m).__name__ for m in model.modules()}
+        missing = sorted(wanted - found)
+        if missing:
+            raise ValueError(f"zero_optimization.shard_units names {missing}, which match no module of "
+                             f"{type(model).__name__} (its module classes: {sorted(found)})")
+        units = [m for m in model.modules() if m is not model and type(m).__name__ in wanted]
+    else:
+        no_split = getattr(model, "_no_split_modules", None) or []
+        units = [m for m in model.modules() if m is not model and type(m).__name__ in set(no_split)]
+        if not units:
+            units = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
+    depth = {}
+    for name, m in model.named_modules():
+        depth.setdefault(m, name.count(".") + (1 if name else 0))
+    # fully_shard wants children before their parents
+    return sorted(dict.fromkeys(units), key=lambda m: -depth[m])
+
+
+def persistent_params(model: nn.Module, threshold: int, model_threshold: int) -> list[nn.Parameter]:
+    """Params of at most ``threshold`` elements, smallest first, until ``model_threshold`` elements in all
+    (DeepSpeed's ``param_persistence_threshold`` / ``model_persistence_threshold``)."""
+    small = sorted((p for p in dict.fromkeys(model.parameters()) if p.numel() <= threshold), key=lambda p: p.numel())
+    out, total = [], 0
+    for p in small:
+        if total + p.numel() > model_threshold:
+            break
+        out.append(p)
+        total += p.numel()
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What FSDP2 is told about fetching (see :func:`schedule`)."""
+
+    prefetch_depth: int
+    keep_after_forward: tuple[bool, ...]  # per unit, in forward order: not resharded after forward
+
+
+def schedule(unit_numels: list[int], prefetch_bucket_size: int, max_live_parameters: int,
+             max_reuse_distance: int) -> Schedule:
+    """DeepSpeed's stage-3 fetch keys in FSDP2's terms. Units are in forward order.
+
+    - ``stage3_prefetch_bucket_size``: how many elements are fetched ahead of use. FSDP2 prefetches whole
+      units, so the depth is the number of following units that fit in it (at least one, FSDP2's own
+      default; 0 turns explicit prefetch off and leaves FSDP2's implicit one-unit prefetch).
+    - ``stage3_max_live_parameters``: the bound on gathered elements: the unit in use plus its prefetched
+      successors must fit, which caps the depth.
+    - ``stage3_max_reuse_distance``: a gathered param is kept (not freed) if it is used again within that many
+      elements of fetching. After its forward, a unit is used again in backward, after every later unit's
+      forward and backward: its reuse distance is twice the elements of the units after it. Units within the
+      distance keep their gathered params from forward to backward (FSDP2's ``reshard_after_forward=False``),
+      which saves their backward all-gather at the cost of holding them.
+    """
+    biggest = max(unit_numels, default=0)
+    depth = 0
+    if prefetch_bucket_size > 0 and biggest > 0:
+        depth = max(1, prefetch_bucket_size // biggest)
+        depth = min(depth, max(0, max_live_parameters // biggest - 1))
+    keep = []
+    after = 0
+    for n in reversed(unit_numels):
+        keep.append(2 * after <= max_reuse_distance and n > 0)
+        after += n
+    return Schedule(prefetch_depth=min(depth, max(0, len(unit_numels) - 1)), keep_after_forward=tuple(reversed(keep)))
+
+
+class FullyShardedParams(ShardingPolicy):
+    """Stage 3's sharding policy: FSDP2 units over the data-parallel group (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, zero, group, device: torch.device, param_dtype: torch.dtype | None,
+                 reduce_dtype: torch.dtype | None, persistent: list[nn.Parameter]) -> None:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ZeRO stage 3 needs torch.distributed initialized (ds_train.init_distributed() or "
+                               "torch.distributed.init_process_group(), a world of one process is fine)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.shard_world = dist.get_world_size(self.group)
+        self.shard_rank = dist.get_rank(self.group)
+        self.mesh = DeviceMesh.from_group(self.group, device.type)
+        hpz = zero.zero_hpz_partition_size
+        if hpz > 1 and (self.shard_world % hpz or hpz > self.shard_world):
+            raise ValueError(f"zero_hpz_partition_size={hpz} must divide the data-parallel world size "
+                             f"{self.shard_world}")
+        self.units = find_shard_units(model, zero.shard_units)
+        forward_order = {m: i for i, m in enumerate(model.modules())}
+        in_order = sorted(self.units, key=lambda m: forward_order[m])
+        numels = [sum(p.numel() for p in m.parameters()) for m in in_order]
+        self.schedule = schedule(numels, zero.prefetch_bucket_size, zero.max_live_parameters,
+                                 zero.max_reuse_distance)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        ignored = set(persistent)
+        keep = dict(zip(in_order, self.schedule.keep_after_forward))
+        for unit in self.units:
+            # hpZ: after forward keep a copy sharded over hpz ranks (one node), so backward gathers intra-node
+            reshard = False if keep[unit] else (hpz if hpz > 1 and hpz < self.shard_world else True)
+            fully_shard(unit, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard,
+                        ignored_params=ignored & set(unit.parameters()) or None)
+        self.root = fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False,
+                                ignored_params=ignored or None)
+        depth = self.schedule.prefetch_depth
+        for i, unit in enumerate(in_order):
+            if depth >= 1:
+                unit.set_modules_to_forward_prefetch(in_order[i + 1:i + 1 + depth])
+            if depth > 1:  # one unit ahead is FSDP2's implicit backward prefetch already
+                unit.set_modules_to_backward_prefetch(list(reversed(in_order[max(0, i - depth):i])))
+        self.sharded = [p for p in dict.fromkeys(model.parameters()) if _is_dtensor(p)]
+        self.sharded_set = set(self.sharded)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Off: the micro-step's grads accumulate unsharded on every rank, nothing is communicated (no_sync)."""
+        self.root.set_requires_gradient_sync(enabled, recurse=True)
+
+    def local_grads(self) -> list[torch.Tensor]:
+        """This rank's shard of every reduced gradient (averaged over the group by FSDP2)."""
+        return [p.grad._local_tensor for p in self.sharded if p.grad is not None]
+
+    def zero_grads(self) -> None:
+        for p in self.sharded:
+            p.grad = None
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class Stage3Reducer:
+    """The gradient reduction of stage 3: FSDP2 reduce-scatters the sharded params' grads inside backward
+    (or, off the accumulation boundary, lets them accumulate unsharded); the persistent params' grads go
+    through stage 0's bucketed all-reduce (``persistent``, None when there are none)."""
+
+    def __init__(self, policy: FullyShardedParams, persistent) -> None:
+        self.policy = policy
+        self.persistent = persistent
+
+    @property
+    def averaged(self) -> bool:
+        """Of the persistent grads (FSDP2 always averages the sharded ones)."""
+        return self.persistent is None or self.persistent.averaged
+
+    def attach(self) -> None:
+        if self.persistent is not None:
+            self.persistent.attach()
+
+    def begin_backward(self, communicate: bool) -> None:
+        self.policy.set_gradient_sync(communicate)
+        if self.persistent is not None:
+            self.persistent.begin_backward(communicate)
+
+    def after_backward(self) -> None:
+        if self.persistent is not None:
+            self.persistent.after_backward()
+
+    def finish(self) -> None:
+        if self.persistent is not None:
+            self.persistent.finish()
+
+    def zero_grads(self) -> None:
+        self.policy.zero_grads()
+        if self.persistent is not None:
+            self.persistent.zero_grads()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, *, world_size: int, rank: int) -> None:
+        return None
