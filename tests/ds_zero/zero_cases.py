@@ -3,6 +3,7 @@ and the single-process reference (plain torch model + torch.optim.AdamW over the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -16,11 +17,16 @@ IN, HID, OUT = 8, 24, 4
 class MLP(nn.Module):
     """~1.1k params in 6 tensors, plus an optional frozen layer (requires_grad=False)."""
 
-    def __init__(self, frozen: bool = False):
+    def __init__(self, frozen: bool = False, tied: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(IN, HID)
         self.fc2 = nn.Linear(HID, HID)
         self.fc3 = nn.Linear(HID, OUT)
+        # tied: a second layer sharing fc2's weight (one param under two names, as tied embeddings)
+        self.fc2b = None
+        if tied:
+            self.fc2b = nn.Linear(HID, HID)
+            self.fc2b.weight = self.fc2.weight
         self.frozen = nn.Linear(OUT, OUT) if frozen else None
         if frozen:
             self.frozen.requires_grad_(False)
@@ -28,6 +34,8 @@ class MLP(nn.Module):
     def forward(self, x, y=None):
         h = torch.tanh(self.fc1(x))
         h = torch.tanh(self.fc2(h))
+        if self.fc2b is not None:
+            h = torch.tanh(self.fc2b(h))
         out = self.fc3(h)
         if self.frozen is not None:
             out = self.frozen(out)
@@ -36,9 +44,9 @@ class MLP(nn.Module):
         return ((out.float() - y.float()) ** 2).mean()
 
 
-def make_model(seed: int = 0, frozen: bool = False) -> MLP:
+def make_model(seed: int = 0, frozen: bool = False, tied: bool = False) -> MLP:
     torch.manual_seed(seed)
-    return MLP(frozen)
+    return MLP(frozen, tied)
 
 
 def global_batch(step: int, size: int, seed: int = 1):
@@ -82,13 +90,13 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = False, cfg_extra=None,
-               inject_inf: dict | None = None, lr: float = 1e-2):
+               inject_inf: dict | None = None, lr: float = 1e-2, tied: bool = False, no_sync: bool = False):
     """Inside a rank: train ``steps`` steps; return per-step (mean loss over this rank's micro-batches, full
     params, skipped flag, loss scale)."""
     import ds_zero
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = make_model(frozen=frozen)
+    model = make_model(frozen=frozen, tied=tied)
     cfg = base_config(stage, mb, ga, **copy.deepcopy(cfg_extra or {}))
     opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
     engine = ds_zero.ZeroEngine(model, opt, cfg)
@@ -100,8 +108,10 @@ def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = 
             if inject_inf and inject_inf.get("step") == step and inject_inf.get("rank") == rank:
                 x = x.clone()
                 x[0, 0] = float("inf")
-            loss = engine(x, y)
-            engine.backward(loss)
+            quiet = engine.no_sync() if no_sync and micro < ga - 1 else contextlib.nullcontext()
+            with quiet:
+                loss = engine(x, y)
+                engine.backward(loss)
             engine.step()
             losses.append(float(loss))
         history.append({"loss": sum(losses) / len(losses), "params": full_state(engine.module),
@@ -116,13 +126,13 @@ def run_scenarios(scenarios: list[dict]):
     return [run_engine(**sc) for sc in scenarios]
 
 
-def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, lr: float = 1e-2,
+def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, lr: float = 1e-2, tied: bool = False,
               emulate_dtype: torch.dtype | None = None, skip_steps=(), device: str | torch.device = "cpu"):
     """Single process over the full global batch. ``emulate_dtype``: run forward/backward with params cast to
     that dtype from fp32 masters (what the engine does in bf16); ``skip_steps``: steps whose update is skipped;
     ``device``: where it runs (a GPU run's reference on the GPU rounds its bf16 matmuls as the run does).
     Params come back on the CPU."""
-    model = make_model(frozen=frozen).to(device)
+    model = make_model(frozen=frozen, tied=tied).to(device)
     opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
     history = []
     for step in range(steps):
