@@ -215,6 +215,8 @@ class ZeroEngine:
         for gi in range(self._num_groups):
             groups[gi].extend(self.masters.group_params(gi))
         self.optimizer = rebuild_optimizer(user_opt, groups)
+        #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
+        self._stage3_group_map = [gi for gi in range(self._num_groups) if groups[gi]]
         persistent_reducer = None
         if self.buckets:
             persistent_reducer = AllReduceReducer(self.buckets, self.process_group, self.dp_world_size,

@@ -14,6 +14,7 @@ import torch
 
 from ._io import model_file, read_marker, resolve_tag, safe_load
 from .load import _saved_full
+from .stage3 import module_state_from_stage3
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -33,10 +34,14 @@ def consolidate_checkpoint(ckpt_dir, tag: str | None = None, dtype: torch.dtype 
     path = os.path.join(ckpt_dir, tag)
     marker = read_marker(path)
     model = safe_load(path, model_file(), marker)
-    full = _saved_full(path, marker, model)["params"]
+    saved = _saved_full(path, marker, model)
+    full = saved["params"]
+    module = model["module"]
+    if model["mode"] == "stage3":  # the sharded params are reassembled from every rank's rows
+        module = module_state_from_stage3(model, saved, torch.float32)
     aliases = model.get("aliases", {})
     out = {}
-    for name, value in model["module"].items():
+    for name, value in module.items():
         src = full.get(name, full.get(aliases.get(name, ""), value))
         out[name] = src.to(dtype).clone() if src.is_floating_point() else src.clone()
     return out

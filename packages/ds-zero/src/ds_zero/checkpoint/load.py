@@ -20,6 +20,7 @@ import random
 import torch
 
 from ._io import CheckpointError, model_file, optim_file, read_marker, resolve_tag, safe_load
+from . import stage3
 from .reshard import bucket_full, full_from_direct, full_from_master_shards
 
 logger = logging.getLogger("ds_zero")
@@ -42,6 +43,8 @@ def _restore_rng(state: dict) -> None:
 
 def _saved_full(ckpt_dir: str, marker: dict, model: dict) -> dict:
     """The layout-independent form of the saved masters and optimizer states."""
+    if model["mode"] == "stage3":
+        return stage3.full_from_stage3(ckpt_dir, marker, model)
     if model["mode"] == "direct":
         return full_from_direct(model["module"], model["optimizer"], model["group_names"])
     sw = model["layout"][0]["shard_world"] if model["layout"] else 1
@@ -181,21 +184,34 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
                               f"optimizer param groups, this engine has {engine._num_groups}")
     if model["mode"] == "masters":
         saved_names = sorted(n for b in model["layout"] for n in b["names"])
+    elif model["mode"] == "stage3":
+        saved_names = sorted([n for b in model["layout"] for n in b["names"]]
+                             + [n for n, info in model["sharded"].items() if info["group"] is not None])
     else:
         saved_names = sorted(n for g in model["group_names"] for n in g)
     current_names = sorted(n for b in engine.buckets for n in b.names)
+    if engine.stage == 3:
+        current_names += [n for n, p in engine.module.named_parameters()
+                          if p in engine.policy.sharded_set and p.requires_grad]
     if not set(current_names) <= set(saved_names):
         missing = sorted(set(current_names) - set(saved_names))
         raise CheckpointError(f"{ckpt_dir}: this model's trainable parameters {missing[:5]} are not trained "
                               "parameters in the checkpoint")
+    if load_optimizer_states:
+        _check_optimizer_class(engine, model.get("optimizer_class"), os.path.join(ckpt_dir, model_file()))
+    if engine.stage == 3:
+        _load_stage3(engine, ckpt_dir, marker, model, load_optimizer_states)
+        return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
+    module_state = model["module"]
+    if model["mode"] == "stage3":
+        module_state = stage3.module_state_from_stage3(model, _saved_full(ckpt_dir, marker, model),
+                                                       engine.precision.dtype)
     try:
-        engine.module.load_state_dict(model["module"], strict=True)
+        engine.module.load_state_dict(module_state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{os.path.join(ckpt_dir, model_file())}: module state does not fit the model: "
                               f"{exc}") from None
 
-    if load_optimizer_states:
-        _check_optimizer_class(engine, model.get("optimizer_class"), os.path.join(ckpt_dir, model_file()))
     same_world = model["dp_world_size"] == engine.dp_world_size
     same_mode = model["mode"] == ("direct" if engine.direct else "masters")
     fast = same_world and same_mode and model["layout"] == _current_layout(engine)
@@ -233,7 +249,44 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
             _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model), with_states=True)
         engine.masters.write_params()
         engine.policy.gather_params(engine.buckets)
+    return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
 
+
+def _load_stage3(engine, ckpt_dir: str, marker: dict, model: dict, with_states: bool) -> None:
+    """A stage-3 engine: every rank reassembles the full form and cuts its own rows (any saved stage and
+    world size); buffers and frozen params from the saved module entries."""
+    source = os.path.join(ckpt_dir, model_file())
+    full = _saved_full(ckpt_dir, marker, model)
+    saved_module = model["module"]
+    frozen = dict(full.get("frozen", {}))
+    sharded_names = {n for n, p in engine.module.named_parameters() if p in engine.policy.sharded_set}
+    for name in sharded_names:
+        if name not in frozen and name in saved_module and name not in full["params"]:
+            frozen[name] = saved_module[name].float()
+    full["frozen"] = frozen
+    buffers = dict(engine.module.named_buffers())
+    persistent = {n: p for n, p in engine.module.named_parameters() if p not in engine.policy.sharded_set}
+    missing = [n for n in list(buffers) + list(persistent) if n not in saved_module and n not in full["params"]]
+    if missing:
+        raise CheckpointError(f"{source}: the checkpoint has no value for {missing[:5]}")
+    for name, value in saved_module.items():
+        target = buffers.get(name)
+        if target is not None and tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"{source}: buffer {name!r} has shape {tuple(value.shape)} in the checkpoint, "
+                                  f"{tuple(target.shape)} in the model")
+    stage3.load_full_into_stage3(engine, full, with_states, source)
+    with torch.no_grad():
+        for name, target in buffers.items():
+            if name in saved_module:
+                target.copy_(saved_module[name])
+        for name, p in persistent.items():  # frozen persistent params (trainable ones came from their masters)
+            if not p.requires_grad and name in saved_module:
+                p.copy_(saved_module[name])
+
+
+def _finish(engine, ckpt_dir, marker, model, load_optimizer_states: bool, load_lr_scheduler_states: bool):
+    same_world = model["dp_world_size"] == engine.dp_world_size
+    own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker) if same_world else None
     if load_lr_scheduler_states and engine.lr_scheduler is not None and model["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(model["lr_scheduler"])
     if load_optimizer_states:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import stage3
 from ._io import (FORMAT, LATEST, MARKER, VERSION, CheckpointError, atomic_torch_save, atomic_write_text, check_tag,
                   model_file, optim_file, write_marker)
 
@@ -67,7 +68,10 @@ def _gather(engine, obj):
 
 
 def _param_names(engine) -> dict:
-    return {p: n for n, p in engine.module.named_parameters()}
+    names = {}
+    for n, p in engine.module.named_parameters():
+        names.setdefault(p, n)
+    return names
 
 
 def _module_state(engine) -> dict[str, torch.Tensor]:
@@ -107,8 +111,13 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
                 aliases[n] = canonical[p]
             else:
                 canonical[p] = n
-        opt_sd = engine.optimizer.state_dict()
-        if engine.direct:
+        opt_sd = engine.optimizer.state_dict() if engine.stage != 3 else None
+        if engine.stage == 3:
+            group_map = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
+            hyper = [None] * engine._num_groups
+            for j, gi in enumerate(engine._stage3_group_map):
+                hyper[gi] = {k: v for k, v in engine.optimizer.param_groups[j].items() if k != "params"}
+        elif engine.direct:
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]]
             group_map = list(range(len(hyper)))
         else:
@@ -119,8 +128,8 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
         model_states = {
             "format": FORMAT, "version": VERSION, "stage": engine.stage, "dp_world_size": engine.dp_world_size,
             "dtype": str(engine.precision.dtype).removeprefix("torch."),
-            "mode": "direct" if engine.direct else "masters",
-            "module": _module_state(engine),
+            "mode": "stage3" if engine.stage == 3 else "direct" if engine.direct else "masters",
+            "module": _module_state(engine) if engine.stage != 3 else None,
             "aliases": aliases,
             "layout": [b.layout() for b in engine.buckets],
             "num_groups": engine._num_groups,
@@ -136,8 +145,10 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
             "compression_full": full_compression,
             "client_state": client_state,
         }
+        if engine.stage == 3:
+            model_states.update(stage3.model_entries(engine))
         digests[model_file()] = atomic_torch_save(model_states, os.path.join(ckpt_dir, model_file()))
-    owns = (not engine.direct) and rank < engine.policy.shard_world
+    owns = (not engine.direct) and rank < engine.policy.shard_world and engine.stage != 3
     rank_state = {
         "format": FORMAT, "version": VERSION, "rank": rank, "dp_world_size": engine.dp_world_size,
         "rng": rng_state(),
@@ -146,6 +157,8 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
         # a compressed optimizer's state is per rank (error feedback), so every rank saves its own
         "optimizer": engine.optimizer.state_dict() if owns or engine.compressed else None,
     }
+    if engine.stage == 3:
+        rank_state.update(stage3.rank_entries(engine))
     digests[optim_file(rank)] = atomic_torch_save(rank_state, os.path.join(ckpt_dir, optim_file(rank)))
 
     all_digests = _gather(engine, digests)  # also the barrier: every rank's files are in place

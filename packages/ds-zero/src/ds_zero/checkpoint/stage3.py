@@ -1,0 +1,241 @@
+"""Stage-3 checkpoints: FSDP2's dim-0 shards saved per rank, reassembled by name into the layout-independent
+*full* form of ``reshard`` (so a stage-3 checkpoint resumes on another world size, at stages 0-2, and a
+stage 0-2 checkpoint resumes at stage 3).
+
+What is written (beside the common engine state of ``save``):
+
+- rank 0's model file: ``mode = "stage3"``, ``module`` = the module entries that are not sharded (buffers,
+  persistent params in the model dtype), ``sharded`` = ``{name: {"shape", "group"}}`` (``group`` None: frozen),
+  ``layout`` = the persistent params' buckets (as stage 0's);
+- every rank's file: ``shards`` = ``{name: {"offset": first row, "param": fp32 rows, "states": {key: rows}}}``,
+  ``scalars`` = ``{group: {key: value}}`` (e.g. Adam's ``step``); rank 0 also the persistent params' fp32
+  ``masters`` and their optimizer ``state`` indexed like stage 0's (``group_map``).
+
+Nothing here executes code from a file: every file goes through ``_io.safe_load`` (``weights_only=True``,
+checksums from the commit marker).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._io import CheckpointError, optim_file, safe_load
+from .reshard import bucket_full, full_from_master_shards
+
+
+def _local(t):
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def row_offset(numel_rows: int, world: int, rank: int) -> int:
+    """First row of ``rank``'s dim-0 shard, as FSDP2 cuts them (``torch.chunk``: ceil-sized pieces)."""
+    per = -(-numel_rows // world) if numel_rows else 0
+    return min(rank * per, numel_rows)
+
+
+def _optimizer_index(engine) -> list[tuple[int, int, Any]]:
+    """``(optimizer group j, user group gi, param)`` for every param the optimizer holds, in its order."""
+    return [(j, engine._stage3_group_map[j], p) for j, group in enumerate(engine.optimizer.param_groups)
+            for p in group["params"]]
+
+
+def model_entries(engine) -> dict:
+    """Rank 0's stage-3 part of the model file."""
+    names = {}
+    for n, p in engine.module.named_parameters():
+        names.setdefault(p, n)
+    group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
+    sharded = {names[p]: {"shape": list(p.shape), "group": group_of.get(p)} for p in engine.policy.sharded}
+    module = {}
+    for k, v in engine.module.state_dict().items():
+        if k in sharded or hasattr(v, "_local_tensor"):
+            continue
+        module[k] = v.detach().cpu().clone()
+    return {"module": module, "sharded": sharded}
+
+
+def rank_entries(engine) -> dict:
+    """This rank's shards, scalars and (rank 0) the persistent masters with their optimizer state."""
+    rank, world = engine.dp_rank, engine.dp_world_size
+    names = {}
+    for n, p in engine.module.named_parameters():
+        names.setdefault(p, n)
+    shards, scalars = {}, {}
+    master_states: dict[int, dict] = {}
+    group_map = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
+    for _, gi, p in _optimizer_index(engine):
+        st = engine.optimizer.state.get(p, {})
+        if p in engine.policy.sharded_set:
+            continue
+        elementwise = {k: v.detach().cpu().clone() for k, v in st.items()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() == p.numel()}
+        if elementwise:
+            master_states[group_map.index(gi)] = {**elementwise, **{k: v for k, v in st.items() if k not in elementwise}}
+    group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
+    for p in engine.policy.sharded:
+        local = p._local_tensor
+        entry = {"offset": row_offset(p.shape[0], world, rank), "param": local.detach().cpu().clone(), "states": {}}
+        for key, value in engine.optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == tuple(p.shape):
+                entry["states"][key] = _local(value).detach().cpu().clone()
+            elif p in group_of:
+                value = _local(value) if isinstance(value, torch.Tensor) else value
+                scalars.setdefault(group_of[p], {})[key] = value.detach().cpu().clone() if isinstance(
+                    value, torch.Tensor) else value
+        shards[names[p]] = entry
+    out = {"shards": shards, "scalars": scalars}
+    if rank == 0:
+        out["masters"] = [None if p is None else p.data.detach().cpu().clone() for p in engine.masters.params]
+        out["optimizer"] = {"state": master_states}
+    return out
+
+
+def _assemble(pieces: list[tuple[int, torch.Tensor]], shape: list[int], what: str, source: str) -> torch.Tensor:
+    full = torch.empty(shape, dtype=pieces[0][1].dtype if pieces else torch.float32)
+    rows = 0
+    for offset, piece in sorted(pieces, key=lambda t: t[0]):
+        if piece.shape[0] == 0:
+            continue
+        if offset != rows or tuple(piece.shape[1:]) != tuple(shape[1:]):
+            raise CheckpointError(f"{source}: the saved shards of {what} do not tile its shape {shape}")
+        full[rows:rows + piece.shape[0]].copy_(piece)
+        rows += piece.shape[0]
+    if rows != (shape[0] if shape else 1):
+        raise CheckpointError(f"{source}: the saved shards of {what} cover {rows} of its {shape[0]} rows")
+    return full
+
+
+def _rank_files(ckpt_dir: str, marker: dict, world: int) -> list[dict]:
+    return [safe_load(ckpt_dir, optim_file(r), marker) for r in range(world)]
+
+
+def full_from_stage3(ckpt_dir: str, marker: dict, model: dict) -> dict:
+    """The full form (``reshard``'s) of a stage-3 checkpoint; also ``"frozen"``: full sharded frozen params."""
+    files = _rank_files(ckpt_dir, marker, model["dp_world_size"])
+    params, states, frozen = {}, {}, {}
+    for name, info in model["sharded"].items():
+        pieces = [(f["shards"][name]["offset"], f["shards"][name]["param"]) for f in files if name in f["shards"]]
+        value = _assemble(pieces, info["shape"], repr(name), ckpt_dir)
+        if info["group"] is None:
+            frozen[name] = value
+            continue
+        params[name] = value
+        keys = set(files[0]["shards"].get(name, {}).get("states", {}))
+        if keys:
+            states[name] = {k: _assemble([(f["shards"][name]["offset"], f["shards"][name]["states"][k]) for f in files],
+                                         info["shape"], f"state {k!r} of {name!r}", ckpt_dir) for k in sorted(keys)}
+    scalars: dict[int, dict] = {}
+    for gi, st in files[0]["scalars"].items():
+        scalars[int(gi)] = dict(st)
+    persistent = full_from_master_shards(model["layout"], {0: {"masters": files[0]["masters"],
+                                                               "optimizer": files[0]["optimizer"]}},
+                                         model["group_map"], model["param_groups"], source=ckpt_dir)
+    params.update(persistent["params"])
+    states.update(persistent["states"])
+    for gi, st in persistent["scalars"].items():
+        scalars.setdefault(gi, {}).update({k: v for k, v in st.items() if k not in scalars.get(gi, {})})
+    return {"params": params, "states": states, "scalars": scalars, "param_groups": model["param_groups"],
+            "frozen": frozen}
+
+
+def module_state_from_stage3(model: dict, full: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The whole module state dict of a stage-3 checkpoint (what stages 0-2 save under ``module``)."""
+    out = dict(model["module"])
+    for name in model["sharded"]:
+        src = full["params"].get(name, full["frozen"].get(name))
+        out[name] = src.to(dtype)
+    for alias, name in model.get("aliases", {}).items():
+        if name in out:
+            out[alias] = out[name]
+    return out
+
+
+def _scalar_copy(full: dict, gi: int) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in full["scalars"].get(gi, {}).items()}
+
+
+def _rows(full_value: torch.Tensor, local: torch.Tensor, world: int, rank: int, what: str) -> torch.Tensor:
+    lo = row_offset(full_value.shape[0], world, rank)
+    piece = full_value[lo:lo + local.shape[0]]
+    if tuple(piece.shape) != tuple(local.shape):
+        raise CheckpointError(f"{what}: this rank's shard has shape {tuple(local.shape)}, the checkpoint gives "
+                              f"{tuple(piece.shape)}")
+    return piece
+
+
+def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) -> None:
+    """Params (sharded rows, persistent masters) and, with ``with_states``, the optimizer state from the full
+    form. Shapes are checked before anything is written, so a mismatch leaves the engine as it was."""
+    from torch.distributed.tensor import DTensor
+
+    rank, world = engine.dp_rank, engine.dp_world_size
+    names = {}
+    for n, p in engine.module.named_parameters():
+        names.setdefault(p, n)
+    frozen = full.get("frozen", {})
+    plan = []
+    for p in engine.policy.sharded:
+        name = names[p]
+        src = full["params"].get(name, frozen.get(name))
+        if src is None:
+            if p.requires_grad:
+                raise CheckpointError(f"{source}: the checkpoint has no fp32 master for parameter {name!r}")
+            continue  # a frozen param: its value came with the module state
+        if tuple(src.shape) != tuple(p.shape):
+            raise CheckpointError(f"{source}: parameter {name!r} has shape {tuple(src.shape)} in the checkpoint, "
+                                  f"{tuple(p.shape)} in the model")
+        plan.append((p, _rows(src, p._local_tensor, world, rank, f"{source}: {name!r}")))
+    master_values = []
+    for b in engine.buckets:
+        lo, hi = b.shard_range
+        master_values.append((b, bucket_full(b, full["params"], "fp32 master")[lo:hi]))
+    sd = None
+    if with_states:
+        sd = {"state": {}, "param_groups": []}
+        index = 0
+        current = engine.optimizer.state_dict()["param_groups"]
+        for j, group in enumerate(engine.optimizer.param_groups):
+            gi = engine._stage3_group_map[j]
+            ids = []
+            for p in group["params"]:
+                st = {}
+                if p in engine.policy.sharded_set:
+                    name = names[p]
+                    for key, value in full["states"].get(name, {}).items():
+                        rows = _rows(value, p._local_tensor, world, rank, f"{source}: state {key!r} of {name!r}")
+                        st[key] = DTensor.from_local(rows.to(p._local_tensor.device).clone(), p.device_mesh,
+                                                     p.placements, shape=p.shape, stride=p.stride(),
+                                                     run_check=False)
+                else:  # the persistent params' master of group gi
+                    buckets = sorted((b for b in engine.buckets if b.group_index == gi), key=lambda b: b.master_offset)
+                    keys = {k for b in buckets for n in b.names for k in full["states"].get(n, {})}
+                    for key in sorted(keys):
+                        pieces = []
+                        for b in buckets:
+                            lo, hi = b.shard_range
+                            values = {n: full["states"][n][key] for n in b.names if key in full["states"].get(n, {})}
+                            pieces.append(bucket_full(b, values, f"optimizer state {key!r}")[lo:hi])
+                        st[key] = torch.cat(pieces)
+                if st:
+                    st.update(_scalar_copy(full, gi))
+                    sd["state"][index] = st
+                ids.append(index)
+                index += 1
+            hyper = full["param_groups"][gi] if gi < len(full["param_groups"]) and full["param_groups"][gi] else None
+            g = dict(hyper) if hyper is not None else {k: v for k, v in current[j].items() if k != "params"}
+            g["params"] = ids
+            sd["param_groups"].append(g)
+    with torch.no_grad():
+        for p, rows in plan:
+            p._local_tensor.copy_(rows)
+        for b, value in master_values:
+            engine.masters.shard(b).copy_(value)
+    engine.masters.write_params()
+    if sd is not None:
+        try:
+            engine.optimizer.load_state_dict(sd)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{source}: the saved optimizer state does not fit this run's "
+                                  f"{type(engine.optimizer).__name__} ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,157 @@
+"""Stage-3 checkpoints: bit-identical resume on the same world size; resume on another world size and across
+stages (stage 3 <-> stages 1/2) continuing the reference's curve; consolidation; a model that does not fit
+the checkpoint refused by name with nothing applied."""
+
+import os
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_distributed
+from zero_cases import base_config, compare, full_state, make_model, micro_batch, param_groups, reference
+
+import ds_zero
+from ds_zero import CheckpointError
+
+Z3 = {"param_persistence_threshold": 30, "shard_units": ["Linear"]}  # biases persistent, weights sharded
+
+
+def _engine(stage, mb, ga, extra=None, seed=0, sched=True, model=None):
+    model = model if model is not None else make_model(seed=seed)
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-2)
+    scheduler = (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)) if sched else None
+    extra = dict(extra or {})
+    if stage == 3:
+        extra["zero"] = {**Z3, **extra.get("zero", {})}
+    return ds_zero.ZeroEngine(model, opt, base_config(stage, mb, ga, **extra), lr_scheduler=scheduler)
+
+
+def _train(engine, steps, start=0):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mb, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    out = []
+    for step in range(start, start + steps):
+        losses = []
+        for micro in range(ga):
+            x, y = micro_batch(step, micro, rank, world, mb, ga)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().clone())
+        out.append({"loss": sum(float(v) for v in losses) / ga, "losses": losses,
+                    "params": full_state(engine.module)})
+    return out
+
+
+def _resume_same_world(ckpt, extra):
+    straight = _train(_engine(3, 2, 2, extra), 6)
+    first = _engine(3, 2, 2, extra)
+    part1 = _train(first, 3)
+    first.save_checkpoint(ckpt, client_state={"epoch": 7})
+    fresh = _engine(3, 2, 2, extra, seed=123)  # different init: everything must come from the checkpoint
+    _, client = fresh.load_checkpoint(ckpt)
+    assert client == {"epoch": 7}
+    assert fresh.global_steps == 3 and fresh.get_lr() == first.get_lr()
+    part2 = _train(fresh, 3, start=3)
+    for a, b in zip(straight, part1 + part2):
+        for la, lb in zip(a["losses"], b["losses"]):
+            assert torch.equal(la, lb), (la, lb)
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), name
+    return True
+
+
+SAME_WORLD = {
+    "fp32": {},
+    "bf16-clip": {"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": 0.5},
+    "fp16": {"fp16": {"enabled": True, "auto_cast": True, "initial_scale_power": 8}},
+}
+
+
+def _same_world_cases(root):
+    out = {}
+    for name, extra in SAME_WORLD.items():
+        try:
+            out[name] = _resume_same_world(os.path.join(root, name), extra)
+        except AssertionError as exc:
+            out[name] = f"AssertionError: {exc}"
+    return out
+
+
+_cache = {}
+
+
+@pytest.mark.parametrize("name", list(SAME_WORLD))
+def test_bit_identical_resume_same_world(tmp_path_factory, name):
+    if "same" not in _cache:
+        _cache["same"] = run_distributed(_same_world_cases, 2, str(tmp_path_factory.mktemp("s3")), timeout=240)
+    for rank, res in enumerate(_cache["same"]):
+        assert res[name] is True, f"rank {rank}: {res[name]}"
+
+
+# saved stage on 4 ranks -> loaded stage on 2 ranks (global batch 8 both times)
+OTHER = {"stage3-to-3": (3, 3), "stage2-to-3": (2, 3), "stage3-to-1": (3, 1), "stage3-to-0": (3, 0)}
+
+
+def _save_all(root):
+    for name, (saved, _) in OTHER.items():
+        engine = _engine(saved, 2, 1, sched=False)
+        _train(engine, 3)
+        engine.save_checkpoint(os.path.join(root, name))
+    return True
+
+
+def _resume_all(root):
+    out = {}
+    for name, (_, loaded) in OTHER.items():
+        engine = _engine(loaded, 4, 1, sched=False, seed=99)
+        engine.load_checkpoint(os.path.join(root, name))
+        assert engine.global_steps == 3
+        out[name] = _train(engine, 3, start=3)
+    return out
+
+
+@pytest.mark.parametrize("name", list(OTHER))
+def test_resume_4_to_2_ranks_across_stages(tmp_path_factory, name):
+    if "other" not in _cache:
+        root = str(tmp_path_factory.mktemp("s3other"))
+        run_distributed(_save_all, 4, root, timeout=240)
+        _cache["other"] = (root, run_distributed(_resume_all, 2, root, timeout=240))
+    root, got = _cache["other"]
+    compare([g[name] for g in got], reference(6, batch=8)[3:])
+    state = ds_zero.consolidate_checkpoint(os.path.join(root, name))
+    for key, value in reference(3, batch=8)[-1]["params"].items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def _mismatch(root):
+    engine = _engine(3, 2, 1, sched=False)
+    _train(engine, 1)
+    engine.save_checkpoint(root)
+
+    class Wider(torch.nn.Module):  # fc2 one row wider: the checkpoint cannot fit
+        def __init__(self):
+            super().__init__()
+            base = make_model(seed=5)
+            self.fc1, self.fc3 = base.fc1, base.fc3
+            self.fc2 = torch.nn.Linear(base.fc2.in_features, base.fc2.out_features + 1)
+            self.fc3 = torch.nn.Linear(base.fc2.out_features + 1, base.fc3.out_features)
+            self.frozen = None
+            self.fc2b = None
+
+    other = _engine(3, 2, 1, sched=False, model=Wider())
+    before = full_state(other.module)
+    try:
+        other.load_checkpoint(root)
+    except CheckpointError as exc:
+        after = full_state(other.module)
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        return str(exc), unchanged, other.global_steps
+    return None, None, None
+
+
+def test_shape_mismatch_is_refused_by_name_and_nothing_applied(tmp_path):
+    for message, unchanged, steps in run_distributed(_mismatch, 2, str(tmp_path / "ck"), timeout=120):
+        assert message is not None and re.search(r"'fc[23]\.weight' has shape", message), message
+        assert unchanged and steps == 0
