@@ -73,17 +73,29 @@ def test_unknown_keys_did_you_mean(cfg, match):
 
 
 @pytest.mark.parametrize("zero,match", [
-    ({"stage": 3}, "ZeRO stage 3 .* not supported yet"),
+    ({"stage": 4}, "stage must be 0, 1, 2 or 3"),
     ({"offload_optimizer": {"device": "cpu"}}, "'offload_optimizer'.* not supported yet"),
     ({"offload_param": {"device": "nvme"}}, "'offload_param'.* not supported yet"),
-    ({"stage3_max_live_parameters": 5}, "'stage3_max_live_parameters'.* not supported yet"),
-    ({"zero_quantized_weights": True}, "'zero_quantized_weights'.* not supported yet"),
-    ({"zero_hpz_partition_size": 8}, "'zero_hpz_partition_size'.* not supported yet"),
+    ({"stage": 3, "stage3_module_granularity_threshold": 5}, "'module_granularity_threshold'.* not supported yet"),
+    ({"stage": 3, "zero_quantized_weights": True}, "'zero_quantized_weights'.* not supported yet"),
+    ({"stage": 2, "zero_hpz_partition_size": 8}, "hpZ\\) needs stage 3"),
+    ({"stage": 2, "shard_units": ["Block"]}, "shard_units only applies to stage 3"),
     ({"zero_quantized_gradients": True}, "gradient_compression"),
+    ({"stage": 3, "stage3_max_live_parameters": "auto"}, "max_live_parameters must be a number of elements"),
+    ({"stage": 3, "stage3_prefetch_bucket_size": 5, "prefetch_bucket_size": 6}, "one key, keep one"),
+    ({"stage": 3, "stage3_param_persistence_threshold": -1}, "param_persistence_threshold"),
 ])
 def test_features_not_built_are_named(zero, match):
     with pytest.raises(ValidationError, match=match):
         EngineConfig.model_validate({"zero_optimization": zero})
+
+
+def test_stage3_keys_with_and_without_prefix():
+    c = ZeroConfig.model_validate({"stage": 3, "stage3_prefetch_bucket_size": 5e7, "max_live_parameters": 1e9,
+                                   "stage3_gather_fp16_weights_on_model_save": True,
+                                   "stage3_param_persistence_threshold": 1e4, "zero_hpz_partition_size": 2})
+    assert (c.prefetch_bucket_size, c.max_live_parameters, c.param_persistence_threshold) == (50_000_000, 10**9, 10_000)
+    assert c.gather_16bit_weights_on_model_save and c.zero_hpz_partition_size == 2
 
 
 def test_not_built_keys_at_their_default_are_accepted():
@@ -99,7 +111,7 @@ def test_not_built_keys_at_their_default_are_accepted():
     ({"gradient_compression": {"type": "onebit"}, "zero_optimization": {"stage": 2}}, "needs zero_optimization.stage 0"),
     ({"gradient_compression": {"type": "int8"}}, "needs zero_optimization.stage 1 or 2"),
     ({"gradient_compression": {"type": "gzip"}}, "gradient_compression.type"),
-    ({"zero_optimization": {"stage": "two"}}, "stage must be 0, 1 or 2"),
+    ({"zero_optimization": {"stage": "two"}}, "stage must be 0, 1, 2 or 3"),
     ({"gradient_clipping": -1}, "gradient_clipping"),
     ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, "keep only 'bf16'"),
 ])
