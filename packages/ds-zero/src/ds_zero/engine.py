@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from ._partition import DataParallelShards, Masters, Replicated
 from ._precision import Precision
 from ._stage0 import AllReduceReducer, OnebitAllReduceReducer
 from ._stage12 import Stage1Reducer, Stage2Reducer
+from ._init import materialise, needs_materialisation, register_engine_params
 from ._stage3 import FullyShardedParams, Stage3Reducer, persistent_params
 from .config import EngineConfig
 
@@ -75,7 +77,17 @@ class ZeroEngine:
         self._train_batch, self._micro_batch, self._grad_accum = config.resolve_batch_sizes(self.dp_world_size)
         zero = config.zero_optimization
         self.stage = zero.stage
-        devices = {p.device for p in model.parameters()}
+        self._init_records = None
+        if needs_materialisation(model):  # built under ds_zero.Init: materialised sharded by _build_stage3
+            if zero.stage != 3:
+                raise ValueError(f"the model was built under ds_zero.Init(), which needs zero_optimization.stage 3 "
+                                 f"(got stage {zero.stage})")
+            self._init_records = {n: getattr(p, "_ds_zero_init_record") for n, p in model.named_parameters()
+                                  if p.is_meta}
+        devices = {p.device for p in model.parameters() if not p.is_meta}
+        devices |= {b.device for b in model.buffers()} if self._init_records is not None else set()
+        if self._init_records is not None and self.distributed and "nccl" in str(dist.get_backend(process_group)).lower():
+            devices = {torch.device("cuda", torch.cuda.current_device())}
         if len(devices) > 1:
             raise ValueError(f"the model's params are on several devices {sorted(map(str, devices))}; ds-zero "
                              "needs one device per rank")
@@ -128,12 +140,13 @@ class ZeroEngine:
 
     # -- construction ----------------------------------------------------------------------------------
     def _broadcast_module(self) -> None:
-        """Every rank starts from rank 0's params and buffers (as DDP and DeepSpeed do)."""
+        """Every rank starts from rank 0's params and buffers (as DDP and DeepSpeed do); params built under
+        Init are initialised identically on every rank instead."""
         if not self.distributed or self.dp_world_size == 1:
             return
         src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
         with torch.no_grad():
-            for t in list(self.module.parameters()) + list(self.module.buffers()):
+            for t in [p for p in self.module.parameters() if not p.is_meta] + list(self.module.buffers()):
                 dist.broadcast(t.data, src=src, group=self.process_group)
 
     def _trainable(self, opt: torch.optim.Optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
@@ -189,13 +202,24 @@ class ZeroEngine:
         persistent = persistent_params(self.module, zero.param_persistence_threshold,
                                        zero.model_persistence_threshold)
         kept = set(persistent)
-        self.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
-        # fp32 masters of the persistent params first, from the fp32 originals
-        self.masters = Masters(self.buckets, self._num_groups, self.device,
-                               [[p.detach() for p in b.params] for b in self.buckets])
         reduce_dtype = _DTYPES.get(self.config.communication_data_type) if self.config.communication_data_type else None
         self.policy = FullyShardedParams(self.module, zero, self.process_group, self.device,
                                          dtype if self.precision.mixed else None, reduce_dtype, persistent)
+        if self._init_records is not None:
+            buffers = {name: b.to(self.device) for name, b in self.module.named_buffers()}
+            self.module.to_empty(device=self.device)  # this rank's shards (and the persistent params), empty
+            for name, b in buffers.items():
+                owner, _, leaf = name.rpartition(".")
+                self.module.get_submodule(owner)._buffers[leaf] = b
+            materialise(self.module, self._init_records, self.device, self._rows_of)
+            persistent = [p for p in dict.fromkeys(self.module.parameters()) if p not in self.policy.sharded_set]
+            current = {p: n for n, p in self.module.named_parameters()}
+            named = [(current[p], p, group_of[current[p]]) for p in persistent if current[p] in group_of]
+            kept = set(persistent)
+        self.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
+        # fp32 masters of the persistent params, from the fp32 originals
+        self.masters = Masters(self.buckets, self._num_groups, self.device,
+                               [[p.detach() for p in b.params] for b in self.buckets])
         if self.precision.mixed:  # what is not sharded runs in the model dtype, as at stages 0-2
             with torch.no_grad():
                 for p in persistent:
@@ -217,11 +241,28 @@ class ZeroEngine:
         self.optimizer = rebuild_optimizer(user_opt, groups)
         #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
         self._stage3_group_map = [gi for gi in range(self._num_groups) if groups[gi]]
+        register_engine_params(self, self.module)
         persistent_reducer = None
         if self.buckets:
             persistent_reducer = AllReduceReducer(self.buckets, self.process_group, self.dp_world_size,
                                                   zero.ignore_unused_parameters, reduce_dtype, self.device)
         self.reducer = Stage3Reducer(self.policy, persistent_reducer)
+
+    def _rows_of(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """This rank's dim-0 rows of ``full`` as FSDP2 shards it (``local`` gives their count)."""
+        from .checkpoint.stage3 import row_offset
+
+        lo = row_offset(full.shape[0], self.dp_world_size, self.dp_rank)
+        return full[lo:lo + local.shape[0]]
+
+    @torch.no_grad()
+    def _refresh_persistent_master(self, param: torch.nn.Parameter) -> None:
+        """A persistent param was written by the user (GatheredParameters): its fp32 master follows."""
+        for b in self.buckets:
+            for p, lo, hi in zip(b.params, b.offsets, b.offsets[1:]):
+                if p is param:
+                    self.masters.shard(b)[lo:hi].copy_(param.detach().reshape(-1))
+                    return
 
     def _build_reducer(self):
         zero, comp = self.config.zero_optimization, self.config.gradient_compression
@@ -397,6 +438,36 @@ class ZeroEngine:
         from .checkpoint.load import load_checkpoint
 
         return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+
+    def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """DeepSpeed's: the whole model's state dict in the model dtype, written by rank 0 (atomically) to
+        ``save_dir/save_filename``. At stage 3 the shards are gathered one tensor at a time (every rank must
+        call), and only when ``stage3_gather_16bit_weights_on_model_save`` is true; otherwise nothing is written
+        and False is returned, as DeepSpeed does."""
+        from .checkpoint._io import atomic_torch_save
+
+        if self.stage == 3 and not self.config.zero_optimization.gather_16bit_weights_on_model_save:
+            logger.warning("ds_zero: save_16bit_model at stage 3 needs zero_optimization."
+                           "stage3_gather_16bit_weights_on_model_save=true; nothing was saved")
+            return False
+        frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+        state = {}
+        for name, value in self.module.state_dict().items():
+            if exclude_frozen_parameters and name in frozen:
+                continue
+            if hasattr(value, "full_tensor"):
+                value = value.full_tensor()  # collective
+            if value.is_floating_point():
+                value = value.to(self.precision.dtype)
+            if self.global_rank == 0:
+                state[name] = value.detach().cpu().clone()
+        if self.global_rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            atomic_torch_save(state, os.path.join(os.fspath(save_dir), save_filename))
+        if self.distributed and self.dp_world_size > 1:
+            dist.barrier(group=self.process_group)
+        return True
 
     # -- logging ---------------------------------------------------------------------------------------
     def _time(self, name: str, t0: float) -> None:
