@@ -35,6 +35,12 @@ SCENARIOS = {
     "tied-root-unit": (dict(stage=3, steps=3, tied=True, cfg_extra=_z({"param_persistence_threshold": 0})),
                        dict(tied=True)),
     "no-sync-accum2": (dict(stage=3, steps=3, ga=2, no_sync=True, cfg_extra=_z(SHARD_ALL)), {}),
+    # prefetch two units ahead, keep nothing gathered between forward and backward
+    "prefetch2-no-reuse": (dict(stage=3, steps=3, cfg_extra=_z({**SHARD_ALL, "stage3_prefetch_bucket_size": 1200,
+                                                                "stage3_max_reuse_distance": 0})), {}),
+    # ZeRO++ hpZ: after forward each unit stays sharded over pairs of ranks (two emulated nodes of 2)
+    "hpz2": (dict(stage=3, steps=3, cfg_extra=_z({**SHARD_ALL, "zero_hpz_partition_size": 2,
+                                                  "stage3_max_reuse_distance": 0})), {}),
 }
 BF16 = {
     "bf16": (dict(stage=3, steps=3, cfg_extra=_z(SHARD_ALL, bf16={"enabled": True, "auto_cast": True})),
@@ -48,7 +54,7 @@ FP16_OVERFLOW = (dict(stage=3, steps=4, inject_inf={"step": 1, "rank": 1}, cfg_e
     dict(skip_steps={1}))
 
 WORLD_SCENARIOS = {2: {**SCENARIOS, **BF16, "fp16-overflow": FP16_OVERFLOW},
-                   4: {k: SCENARIOS[k] for k in ("all-sharded", "accum3-clip", "persistent-biases-clip")}}
+                   4: {k: SCENARIOS[k] for k in ("all-sharded", "accum3-clip", "persistent-biases-clip", "hpz2")}}
 _cache = {}
 
 
@@ -154,3 +160,73 @@ def test_grads_and_optimizer_states_match_reference():
                     # per step, over at most 3 steps
                     torch.testing.assert_close(value, ref[step]["states"][name][key], rtol=1e-5, atol=3e-8,
                                                msg=lambda m: f"step {step} rank {rank} {key} of {name}: {m}")
+
+
+# -- model-state memory: 16 bytes per element over N ranks ------------------------------------------------------
+def _stage3_memory():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    import ds_zero
+
+    model = make_model()
+    engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), {
+        "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True, "auto_cast": True},
+        "zero_optimization": {"stage": 3, **BIASES_PERSIST}})
+    for step in range(2):  # the second backward: optimizer states exist, reduced grad shards held until step()
+        x, y = micro_batch(step, 0, rank, world, 2, 1)
+        engine.backward(engine(x, y))
+        if step == 0:
+            engine.step()
+    held = engine.model_state_bytes()
+    local = sum(p._local_tensor.numel() for p in engine.policy.sharded)
+    sharded_total = sum(p.numel() for p in engine.policy.sharded)
+    persistent_padded = sum(b.padded_numel for b in engine.buckets)
+    engine.step()
+    return held, local, sharded_total, persistent_padded
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_state_bytes_are_16_psi_over_n(world):
+    for rank, (held, local, sharded_total, persistent) in enumerate(run_distributed(_stage3_memory, world)):
+        # this rank's rows of every sharded param: fp32 master + fp32 grad shard + exp_avg + exp_avg_sq; the
+        # persistent params whole: bf16 param + bf16 grad + fp32 master + its two fp32 states
+        assert held["total"] == 16 * local + 16 * persistent, (rank, held)
+        assert held["master_params"] == 4 * local + 4 * persistent
+        # FSDP2 cuts dim 0 in ceil-sized pieces: a rank holds at most one row per param beyond Psi/N
+        assert abs(local - sharded_total / world) <= 3 * 24, (local, sharded_total)
+
+
+def test_fetch_keys_map_onto_prefetch_depth_and_resharding():
+    from ds_zero._stage3 import schedule
+
+    units = [100, 100, 100, 100]
+    # prefetch: as many following units as fit in the bucket, capped by max_live (in use + prefetched)
+    assert schedule(units, 250, 10**9, 0).prefetch_depth == 2
+    assert schedule(units, 250, 200, 0).prefetch_depth == 1
+    assert schedule(units, 10**9, 10**9, 0).prefetch_depth == 3  # never more than the units that follow
+    assert schedule(units, 0, 10**9, 0).prefetch_depth == 0
+    # reuse distance: a unit is used again after twice the elements of the units after it
+    assert schedule(units, 0, 10**9, 0).keep_after_forward == (False, False, False, True)
+    assert schedule(units, 0, 10**9, 200).keep_after_forward == (False, False, True, True)
+    assert schedule(units, 0, 10**9, 10**9).keep_after_forward == (True, True, True, True)
+
+
+def _hpz_resharded():
+    import ds_zero
+
+    model = make_model()
+    engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(model.parameters()), {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 3, **SHARD_ALL, "zero_hpz_partition_size": 2, "stage3_max_reuse_distance": 0}})
+    x, y = micro_batch(0, 0, dist.get_rank(), dist.get_world_size(), 2, 1)
+    loss = engine(x, y)
+    state = engine.module.fc2._get_fsdp_state()._fsdp_param_group.fsdp_params[0]
+    post = tuple(state._sharded_post_forward_param_data.shape) if state._sharded_post_forward_param_data is not None else None
+    engine.backward(loss)
+    engine.step()
+    return post
+
+
+def test_hpz_keeps_a_copy_sharded_over_the_node_after_forward():
+    posts = run_distributed(_hpz_resharded, 4)
+    # fc2.weight is 24 x 24: sharded over 4 ranks 6 rows each; its post-forward copy over the 2-rank node: 12 rows
+    assert posts == [(12 * 24,)] * 4, posts

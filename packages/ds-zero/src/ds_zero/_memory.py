@@ -5,8 +5,11 @@ params, the buckets' flat param and grad buffers, the reduced gradient shards, t
 grads, and every tensor in the optimizer's state. Not counted: transient buffers that exist only inside
 ``backward``/``step`` (stage-2 staging buckets, stage-1 reduced shards, fp32 master grads of a torch
 optimizer), activations, and buffers of the module (running stats). With mixed-precision Adam and Ψ trainable
-elements over N ranks this comes to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1) and 2Ψ + 14Ψ/N (stage 2), plus the
-bucket padding; a ds-optim optimizer adds its own persistent fp32 grad buffer (4Ψ/N).
+elements over N ranks this comes to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1), 2Ψ + 14Ψ/N (stage 2) and 16Ψ/N (stage
+3: FSDP2's fp32 shards, their fp32 grad shards between backward and step, AdamW's two states; plus the
+persistent params' 2 + 16 bytes each, whole on every rank), plus the padding; a ds-optim optimizer adds its own
+persistent fp32 grad buffer (4Ψ/N) at stages 0-2. The 16-bit params FSDP2 gathers for a unit's forward and
+backward are transient (one unit at a time plus prefetch) and not counted.
 """
 
 from __future__ import annotations
@@ -44,12 +47,16 @@ def model_state_bytes(engine) -> dict[str, int]:
         add("grads", b.grad_flat)
         add("grads", b.shard_grad)
     for p in engine.module.parameters():
+        if hasattr(p, "_local_tensor"):  # stage 3: FSDP2's fp32 shard is the master, its grad the reduced shard
+            add("master_params", p._local_tensor)
+            add("grads", None if p.grad is None else p.grad._local_tensor)
+            continue
         add("params", p.data)
         add("grads", p.grad)
     for state in engine.optimizer.state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor) and v.numel() > 1:
-                add("optimizer_states", v)
+                add("optimizer_states", getattr(v, "_local_tensor", v))
     # ds-optim keeps states and a grad buffer in flat buffers behind the views above
     for buckets in getattr(engine.optimizer, "_buckets", []):
         for fb in buckets:
