@@ -1,7 +1,11 @@
-"""GPU benchmark: the GPT of shared/TARGETS.md trained with ds-zero stage 0/1/2 in bf16, printed in the same
+"""GPU benchmark: the GPT of shared/TARGETS.md trained with ds-zero stage 0/1/2/3 in bf16, printed in the same
 format as the anchor (shared/anchors/zero_anchor.py), so the two run side by side.
 
-    torchrun --nproc_per_node N bench/zero_bench.py z0|z1|z2
+    torchrun --nproc_per_node N bench/zero_bench.py z0|z1|z2|z3
+
+z3: stage 3 on FSDP2 with DeepSpeed's stage-3 defaults (shard units = the GPT's blocks, persistence threshold
+1e5, prefetch 5e7, max reuse distance 1e9); INIT=1 builds the model under ds_zero.Init; COMM_DTYPE=fp32 reduces
+gradients in fp32 (the FSDP2 anchor's reduce_dtype; the default is bf16, as DeepSpeed's).
 
 bf16 params with fp32 masters, ds-optim FusedAdamW (CuPy kernels when installed) on the fp32 partitions,
 NCCL, overlapped bucketed reduction (overlap_comm, contiguous_gradients), DeepSpeed's default bucket sizes.
@@ -24,7 +28,7 @@ def main():
     import ds_zero
 
     name = sys.argv[1] if len(sys.argv) > 1 else "z2"
-    stages = {"z0": 0, "z1": 1, "z2": 2}
+    stages = {"z0": 0, "z1": 1, "z2": 2, "z3": 3}
     if name not in stages:
         raise SystemExit(f"engine must be one of {sorted(stages)}, got {name!r}")
     local = int(os.environ["LOCAL_RANK"])
@@ -32,7 +36,11 @@ def main():
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = GPT()
+    if os.environ.get("INIT") == "1":
+        with ds_zero.Init():
+            model = GPT()
+    else:
+        model = GPT().cuda()
     nparams = sum(p.numel() for p in model.parameters())
     data = torch.randint(0, V, (MB, S + 1), device="cuda")
     x, y = data[:, :-1], data[:, 1:]
@@ -44,10 +52,12 @@ def main():
         "zero_optimization": {"stage": stages[name], "overlap_comm": True, "contiguous_gradients": True},
         "steps_per_print": 10**9,
     }
+    if os.environ.get("COMM_DTYPE"):
+        cfg["communication_data_type"] = os.environ["COMM_DTYPE"]
     if os.environ.get("BUCKET"):
         cfg["zero_optimization"]["reduce_bucket_size"] = int(float(os.environ["BUCKET"]))
         cfg["zero_optimization"]["allgather_bucket_size"] = int(float(os.environ["BUCKET"]))
-    engine = ds_zero.ZeroEngine(model.cuda(), lambda params: ds_optim.FusedAdamW(params, lr=1e-4, weight_decay=0.01),
+    engine = ds_zero.ZeroEngine(model, lambda params: ds_optim.FusedAdamW(params, lr=1e-4, weight_decay=0.01),
                                 cfg)
 
     def step():
