@@ -263,3 +263,27 @@ def test_init_distributed_names_what_is_missing(monkeypatch):
         ds_train.init_distributed(dist_init_required=False)
     assert not dist.is_initialized()
     assert os.environ["RANK"] == "2"
+
+
+def _stage3_under_init():
+    torch.manual_seed(0)
+    with ds_train.zero.Init():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    cfg = _config(3)
+    cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "shard_units": ["Linear"]})
+    engine, optimizer, _, _ = ds_train.initialize(model=model, config=cfg)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    for _ in range(2):
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    weight = engine.module[0].weight
+    with ds_train.zero.GatheredParameters(weight):
+        full = engine.module[0].weight.detach().clone()
+    return type(optimizer).__name__, tuple(weight._local_tensor.shape), full
+
+
+def test_stage3_config_with_a_model_built_under_zero_init():
+    results = run_distributed(_stage3_under_init, 2, timeout=120)
+    for name, local_shape, full in results:
+        assert name == "FusedAdamW" and local_shape == (4, 4)  # an 8 x 4 weight, half on each rank
+        assert torch.equal(full, results[0][2])

@@ -13,6 +13,7 @@ from .dist import init_distributed
 from .initialize import initialize
 from .optimizers import build_optimizer
 from .schedulers import build_lr_scheduler
+from . import zero  # noqa: E402  (ds_train.zero.Init, as deepspeed.zero.Init)
 
 __all__ = [
     "__version__",
@@ -28,4 +29,5 @@ __all__ = [
     "init_distributed",
     "initialize",
     "load_config",
+    "zero",
 ]

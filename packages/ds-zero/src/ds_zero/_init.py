@@ -219,6 +219,8 @@ class GatheredParameters(contextlib.ContextDecorator):
             return self
         from torch.distributed.tensor import DTensor
 
+        for engine in {id(o[2]): o[2] for o in map(_owner, self.params) if o is not None}.values():
+            engine.policy.reshard()  # the module attributes are the sharded params again
         for p in self.params:
             owner = _owner(p)
             if owner is None:

@@ -147,6 +147,14 @@ class FullyShardedParams(ShardingPolicy):
         self.sharded = [p for p in dict.fromkeys(model.parameters()) if _is_dtensor(p)]
         self.sharded_set = set(self.sharded)
 
+    def reshard(self) -> None:
+        """Free every gathered unit, so the module's attributes are the sharded DTensors again. A forward
+        without backward (evaluation) leaves units that are kept after forward (the root, and those within
+        ``max_reuse_distance``) gathered; checkpoints and GatheredParameters name params through the module."""
+        for unit in self.units:
+            unit.reshard()
+        self.root.reshard()
+
     def set_gradient_sync(self, enabled: bool) -> None:
         """Off: the micro-step's grads accumulate unsharded on every rank, nothing is communicated (no_sync)."""
         self.root.set_requires_gradient_sync(enabled, recurse=True)

@@ -425,17 +425,25 @@ class ZeroEngine:
 
     def model_state_bytes(self) -> dict[str, int]:
         """Bytes of real tensor storage held for model states on this rank (see ``_memory``)."""
+        if self.stage == 3:
+            self.policy.reshard()
         return model_state_bytes(self)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None) -> str:
         from .checkpoint.save import save_checkpoint
 
+        if self.stage == 3:
+            self.policy.reshard()
+
         return save_checkpoint(self, save_dir, tag, client_state)
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
         from .checkpoint.load import load_checkpoint
+
+        if self.stage == 3:
+            self.policy.reshard()
 
         return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
 
@@ -446,6 +454,9 @@ class ZeroEngine:
         call), and only when ``stage3_gather_16bit_weights_on_model_save`` is true; otherwise nothing is written
         and False is returned, as DeepSpeed does."""
         from .checkpoint._io import atomic_torch_save
+
+        if self.stage == 3:
+            self.policy.reshard()
 
         if self.stage == 3 and not self.config.zero_optimization.gather_16bit_weights_on_model_save:
             logger.warning("ds_zero: save_16bit_model at stage 3 needs zero_optimization."
