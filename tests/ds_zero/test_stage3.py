@@ -31,6 +31,9 @@ SCENARIOS = {
                     dict(clip=0.05)),
     "persistent-biases-clip": (dict(stage=3, steps=4, cfg_extra=_z(BIASES_PERSIST, gradient_clipping=0.05)),
                                dict(clip=0.05)),
+    # one param group holding sharded weights and persistent biases (torch's foreach AdamW over both)
+    "persistent-one-group": (dict(stage=3, steps=3, one_group=True, cfg_extra=_z(BIASES_PERSIST)),
+                             dict(one_group=True)),
     "frozen": (dict(stage=3, steps=3, frozen=True, cfg_extra=_z(SHARD_ALL)), dict(frozen=True)),
     "tied-root-unit": (dict(stage=3, steps=3, tied=True, cfg_extra=_z({"param_persistence_threshold": 0})),
                        dict(tied=True)),

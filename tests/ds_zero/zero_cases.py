@@ -63,7 +63,9 @@ def micro_batch(step: int, micro: int, rank: int, world: int, mb: int, ga: int):
     return x[lo:lo + mb], y[lo:lo + mb]
 
 
-def param_groups(model: nn.Module, lr: float = 1e-2, weight_decay: float = 0.1):
+def param_groups(model: nn.Module, lr: float = 1e-2, weight_decay: float = 0.1, one_group: bool = False):
+    if one_group:  # every trainable param in one group (weights and biases mixed)
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("weight")]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0, "lr": lr * 0.5}]
@@ -90,7 +92,8 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = False, cfg_extra=None,
-               inject_inf: dict | None = None, lr: float = 1e-2, tied: bool = False, no_sync: bool = False):
+               inject_inf: dict | None = None, lr: float = 1e-2, tied: bool = False, no_sync: bool = False,
+               one_group: bool = False):
     """Inside a rank: train ``steps`` steps; return per-step (mean loss over this rank's micro-batches, full
     params, skipped flag, loss scale)."""
     import ds_zero
@@ -98,7 +101,7 @@ def run_engine(stage: int, steps: int, mb: int = 2, ga: int = 1, frozen: bool = 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model(frozen=frozen, tied=tied)
     cfg = base_config(stage, mb, ga, **copy.deepcopy(cfg_extra or {}))
-    opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
+    opt = torch.optim.AdamW(param_groups(model, lr, one_group=one_group), lr=lr)
     engine = ds_zero.ZeroEngine(model, opt, cfg)
     history = []
     for step in range(steps):
@@ -127,13 +130,14 @@ def run_scenarios(scenarios: list[dict]):
 
 
 def reference(steps: int, batch: int, frozen: bool = False, clip: float = 0.0, lr: float = 1e-2, tied: bool = False,
+              one_group: bool = False,
               emulate_dtype: torch.dtype | None = None, skip_steps=(), device: str | torch.device = "cpu"):
     """Single process over the full global batch. ``emulate_dtype``: run forward/backward with params cast to
     that dtype from fp32 masters (what the engine does in bf16); ``skip_steps``: steps whose update is skipped;
     ``device``: where it runs (a GPU run's reference on the GPU rounds its bf16 matmuls as the run does).
     Params come back on the CPU."""
     model = make_model(frozen=frozen, tied=tied).to(device)
-    opt = torch.optim.AdamW(param_groups(model, lr), lr=lr)
+    opt = torch.optim.AdamW(param_groups(model, lr, one_group=one_group), lr=lr)
     history = []
     for step in range(steps):
         x, y = (t.to(device) for t in global_batch(step, batch))

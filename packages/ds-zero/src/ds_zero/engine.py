@@ -236,8 +236,17 @@ class ZeroEngine:
         for name, gi in group_of.items():
             if current[name] in self.policy.sharded_set:
                 groups[gi].append(current[name])
-        for gi in range(self._num_groups):
-            groups[gi].extend(self.masters.group_params(gi))
+        # the persistent params' fp32 masters join their groups as replicated DTensors sharing the masters'
+        # storage: torch's foreach/fused optimizers refuse a group that mixes DTensors and plain tensors
+        from torch.distributed.tensor import DTensor, Replicate
+
+        self._master_dtensors = [
+            None if m is None else torch.nn.Parameter(
+                DTensor.from_local(m.data, self.policy.mesh, [Replicate()], run_check=False))
+            for m in self.masters.params]
+        for gi, wrapper in enumerate(self._master_dtensors):
+            if wrapper is not None:
+                groups[gi].append(wrapper)
         self.optimizer = rebuild_optimizer(user_opt, groups)
         #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
         self._stage3_group_map = [gi for gi in range(self._num_groups) if groups[gi]]
@@ -247,6 +256,13 @@ class ZeroEngine:
             persistent_reducer = AllReduceReducer(self.buckets, self.process_group, self.dp_world_size,
                                                   zero.ignore_unused_parameters, reduce_dtype, self.device)
         self.reducer = Stage3Reducer(self.policy, persistent_reducer)
+
+    def _attach_master_grads(self) -> None:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        for wrapper, master in zip(self._master_dtensors, self.masters.params):
+            if wrapper is not None and master.grad is not None:
+                wrapper.grad = DTensor.from_local(master.grad, self.policy.mesh, [Replicate()], run_check=False)
 
     def _rows_of(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """This rank's dim-0 rows of ``full`` as FSDP2 shards it (``local`` gives their count)."""
@@ -366,7 +382,13 @@ class ZeroEngine:
             if self.config.gradient_clipping > 0:
                 clip_grads_(grads, self.config.gradient_clipping, sharded=self.stage > 0, group=self.process_group,
                             replicated=replicated)
+            if self.stage == 3:
+                self._attach_master_grads()
             self.optimizer.step()
+            if self.stage == 3:
+                for wrapper in self._master_dtensors:
+                    if wrapper is not None:
+                        wrapper.grad = None
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             if not self.direct:

@@ -69,10 +69,12 @@ def rank_entries(engine) -> dict:
         st = engine.optimizer.state.get(p, {})
         if p in engine.policy.sharded_set:
             continue
-        elementwise = {k: v.detach().cpu().clone() for k, v in st.items()
+        elementwise = {k: _local(v).detach().cpu().clone() for k, v in st.items()
                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() == p.numel()}
         if elementwise:
-            master_states[group_map.index(gi)] = {**elementwise, **{k: v for k, v in st.items() if k not in elementwise}}
+            scalar = {k: _local(v).detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                      for k, v in st.items() if k not in elementwise}
+            master_states[group_map.index(gi)] = {**elementwise, **scalar}
     group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
     for p in engine.policy.sharded:
         local = p._local_tensor
@@ -217,7 +219,9 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
                             lo, hi = b.shard_range
                             values = {n: full["states"][n][key] for n in b.names if key in full["states"].get(n, {})}
                             pieces.append(bucket_full(b, values, f"optimizer state {key!r}")[lo:hi])
-                        st[key] = torch.cat(pieces)
+                        # the master joins the optimizer as a replicated DTensor: its state must be one too
+                        st[key] = DTensor.from_local(torch.cat(pieces).to(p._local_tensor.device), p.device_mesh,
+                                                     p.placements, run_check=False)
                 if st:
                     st.update(_scalar_copy(full, gi))
                     sd["state"][index] = st
