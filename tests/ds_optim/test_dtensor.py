@@ -12,6 +12,7 @@ would be caught).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -20,6 +21,7 @@ from harness import run_distributed
 from torch import nn
 
 import ds_optim
+from ds_optim._flat import ShardBucket
 
 BACKENDS = ds_optim.available_backends("cpu")
 STEPS, BATCH, LR, WD = 4, 4, 1e-2, 0.1
@@ -104,6 +106,21 @@ def _assert_like_params(opt, params):
             assert value.shape == p.shape and value.to_local().shape == p.to_local().shape, key
 
 
+@contextlib.contextmanager
+def _shards(mode):
+    """Optimizers built inside update large shards in place ("in place": all but the smallest shards of these
+    tiny layers) or stage all of them ("staged", what the defaults do with them)."""
+    saved = ShardBucket.DIRECT_NUMEL
+    ShardBucket.DIRECT_NUMEL = {"cpu": 4 if mode == "in place" else 1 << 40}
+    try:
+        yield
+    finally:
+        ShardBucket.DIRECT_NUMEL = saved
+
+
+MODES = ("staged", "in place")
+
+
 def _storage_ptrs(model):
     return [p._local_tensor.untyped_storage().data_ptr() for p in model.parameters()]
 
@@ -115,9 +132,13 @@ def _adamw_parity(backends):
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=WD, foreach=False)
     torch_model = _sharded()
     torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=LR, weight_decay=WD, foreach=False)
-    ours = {b: _sharded() for b in backends}
-    our_opts = {b: ds_optim.FusedAdamW(m.parameters(), lr=LR, weight_decay=WD, backend=b) for b, m in ours.items()}
-    ptrs = {b: _storage_ptrs(m) for b, m in ours.items()}
+    ours, our_opts = {}, {}
+    for b, mode in itertools.product(backends, MODES):
+        ours[b, mode] = model = _sharded()
+        with _shards(mode):
+            our_opts[b, mode] = ds_optim.FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, backend=b)
+        assert {bucket.direct for bucket in our_opts[b, mode]._buckets[0]} == {mode == "in place", False}
+    ptrs = {key: _storage_ptrs(m) for key, m in ours.items()}
     empty = sum(p.to_local().numel() == 0 for p in torch_model.parameters())
     for step in range(STEPS):
         (x, y), (xs, ys) = _batch(step)
@@ -130,8 +151,8 @@ def _adamw_parity(backends):
         torch_loss.backward()
         torch_opt.step()
         torch.testing.assert_close(_global_loss(torch_loss), ref_loss.detach(), **FP32)
-        for b, model in ours.items():
-            opt = our_opts[b]
+        for (b, mode), model in ours.items():
+            opt = our_opts[b, mode]
             opt.zero_grad()
             loss = _loss(model, xs, ys)
             loss.backward()
@@ -143,10 +164,10 @@ def _adamw_parity(backends):
             _assert_params(model, reference, **FP32)
             _assert_states(opt, list(model.parameters()), torch_opt, list(torch_model.parameters()), **_tol(b))
             _assert_states(opt, list(model.parameters()), ref_opt, list(reference.parameters()), **FP32)
-    for b, model in ours.items():
-        assert _storage_ptrs(model) == ptrs[b], "a shard's storage moved"
-        _assert_like_params(our_opts[b], list(model.parameters()))
-        sd, torch_sd = our_opts[b].state_dict(), torch_opt.state_dict()
+    for key, model in ours.items():
+        assert _storage_ptrs(model) == ptrs[key], "a shard's storage moved"
+        _assert_like_params(our_opts[key], list(model.parameters()))
+        sd, torch_sd = our_opts[key].state_dict(), torch_opt.state_dict()
         assert [set(s) for s in sd["state"].values()] == [set(s) for s in torch_sd["state"].values()]
     return empty
 
@@ -302,20 +323,25 @@ def _mixed(backends):
 # -- GradScaler, zero_grad(set_to_none=False), frozen params, params without a grad ----------------------------------
 
 def _contract(backend, zero_none):
-    def build():
+    def build(sharded=True):
         model = _model()
         model[2].weight.requires_grad_(False)  # frozen: FSDP2 shards it, nobody steps it
-        return _sharded(model)
+        return _sharded(model) if sharded else model
 
-    def train(model, opt, scaler, step):
-        _, (xs, ys) = _batch(step)
+    def train(model, opt, scaler, step, whole=False):
+        (x, y), (xs, ys) = _batch(step)
+        if whole:
+            xs, ys = x, y
         opt.zero_grad(set_to_none=zero_none)
-        h = model[1](model[0](xs))
-        if step != 2:  # on step 2 the last two Linears get no grad (or keep a zeroed one)
+        # Unused layers get no grad (or keep a zeroed one): the first Linear on step 1, the last two on step 2.
+        # Step 1 overflows too: then the last layers are a step behind the first from step 2 on, whatever
+        # their counts of steps with a grad say (a launch shared by the two would use one step number).
+        h = xs[:, :5] if step == 1 else model[1](model[0](xs))
+        if step != 2:
             h = model[4](model[3](model[2](h)))
         loss = (h[:, :2] - ys).square().mean()
         if step == 1:
-            loss = loss * float("inf")  # an overflow: the step is skipped, the scale halved
+            loss = loss * float("inf")  # the step is skipped, the scale halved
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -324,9 +350,16 @@ def _contract(backend, zero_none):
     torch_model, model = build(), build()
     torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=LR, weight_decay=WD, foreach=False)
     opt = ds_optim.FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, backend=backend)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000) for _ in range(2)]
+    # the same on plain params (flat buckets), whole batch
+    plain_torch, plain = build(sharded=False), build(sharded=False)
+    plain_opts = [torch.optim.AdamW(plain_torch.parameters(), lr=LR, weight_decay=WD, foreach=False),
+                  ds_optim.FusedAdamW(plain.parameters(), lr=LR, weight_decay=WD, backend=backend)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000) for _ in range(4)]
     frozen = model[2].weight.to_local().clone()
     for step in range(STEPS + 1):
+        train(plain_torch, plain_opts[0], scalers[2], step, whole=True)
+        train(plain, plain_opts[1], scalers[3], step, whole=True)
+        _assert_params(plain, plain_torch, **FP32)
         expected = train(torch_model, torch_opt, scalers[0], step)
         before = [p.to_local().clone() for p in model.parameters()]
         loss = train(model, opt, scalers[1], step)
@@ -342,16 +375,16 @@ def _contract(backend, zero_none):
     assert torch.equal(model[2].weight.to_local(), frozen) and model[2].weight not in opt.state
     steps = [float(opt.state[p]["step"]) for p in model.parameters() if p in opt.state]
     assert steps == [float(torch_opt.state[p]["step"]) for p in torch_model.parameters() if p in torch_opt.state]
-    assert steps == [4, 4, 4 - zero_none, 4 - zero_none, 4 - zero_none]  # 5 steps, one skipped, one unused
+    assert steps == [4, 4] + [4 - zero_none] * 3  # 5 steps, one skipped, one unused by the last layers
 
 
-def _contracts(backend):
-    for zero_none in (True, False):
+def _contracts(backends):
+    for backend, zero_none in itertools.product(backends, (True, False)):
         _contract(backend, zero_none)
 
 
 def test_grad_scaler_zero_grad_frozen_and_missing_grads():
-    run_distributed(_contracts, 2, BACKENDS[0])
+    run_distributed(_contracts, 2, BACKENDS)
 
 
 # -- every FlatOptimizer, against itself on the non-sharded model ---------------------------------------------------
@@ -365,11 +398,22 @@ OTHERS = {
 }
 
 
+def _cases(backends):
+    """LAMB (the update with collectives inside) with every backend both ways; the others with every backend,
+    staged or in place in turn."""
+    for i, (cls, kwargs) in enumerate(OTHERS.values()):
+        for j, backend in enumerate(backends):
+            modes = MODES if cls is ds_optim.FusedLamb else [MODES[(i + j) % 2]]
+            for mode in modes:
+                yield backend, mode, cls, kwargs
+
+
 def _others(backends):
-    for backend, (name, (cls, kwargs)) in itertools.product(backends, OTHERS.items()):
+    for backend, mode, cls, kwargs in _cases(backends):
         reference, model = _model(), _sharded()
         ref_opt = cls(reference.parameters(), backend=backend, **kwargs)
-        opt = cls(model.parameters(), backend=backend, **kwargs)
+        with _shards(mode):
+            opt = cls(model.parameters(), backend=backend, **kwargs)
         for step in range(STEPS):
             (x, y), (xs, ys) = _batch(step)
             for m, o, batch in ((reference, ref_opt, (x, y)), (model, opt, (xs, ys))):
@@ -377,11 +421,13 @@ def _others(backends):
                 _loss(m, *batch).backward()
                 o.step()
             _assert_params(model, reference, **FP32)
-            _assert_states(opt, list(model.parameters()), ref_opt, list(reference.parameters()), **FP32)
+        _assert_states(opt, list(model.parameters()), ref_opt, list(reference.parameters()), **FP32)
         _assert_like_params(opt, list(model.parameters()))
-        if cls is ds_optim.FusedLamb:  # trust ratios of whole tensors, not of shards
-            torch.testing.assert_close(torch.tensor(opt.get_lamb_coeffs()), torch.tensor(ref_opt.get_lamb_coeffs()),
-                                       **FP32)
+        if cls is ds_optim.FusedLamb:  # trust ratios of whole tensors, not of shards (in bucket order)
+            order = [p for bucket in opt._buckets[0] for p in bucket.params]
+            position = {p: i for i, p in enumerate(model.parameters())}
+            expected = torch.tensor(ref_opt.get_lamb_coeffs())[[position[p] for p in order]]
+            torch.testing.assert_close(torch.tensor(opt.get_lamb_coeffs()), expected, **FP32)
         if cls is ds_optim.CPUAdam:
             for p in model.parameters():
                 assert torch.equal(opt.copy_of(p), p.to_local().to(torch.bfloat16))

@@ -3,7 +3,8 @@
 - :class:`FusedAdamW` / :class:`FusedAdam` (``adam_w_mode``), :class:`FusedLamb`, :class:`FusedLion`,
   :class:`FusedAdagrad`, and the CPU offload step :class:`CPUAdam` (fused bf16/fp16 copy-out);
 - kernel backends chosen per device (``kernels.select_backend``): CuPy / numba-cuda on CUDA, Numba on the CPU,
-  a pure-torch reference everywhere; ``backend=`` or ``$DS_OPTIM_BACKEND`` overrides.
+  a pure-torch reference everywhere; ``backend=`` or ``$DS_OPTIM_BACKEND`` overrides;
+- DTensor params (FSDP2's ``fully_shard``) stepped in place on their local shards, DTensor states as torch's.
 """
 
 from ._version import __version__

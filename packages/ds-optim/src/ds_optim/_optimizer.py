@@ -13,7 +13,9 @@ This class owns everything else:
 - ``state_dict()`` / ``load_state_dict()`` with torch's layout and keys, so checkpoints move both ways between
   ``torch.optim.AdamW`` and ``ds_optim.FusedAdamW``; states stay fp32 whatever the param dtype;
 - ``zero_grad()``: ``set_to_none=True`` (torch's default) as torch; ``set_to_none=False`` is one fill per bucket
-  and keeps grads in the flat buffers, the zero-copy path.
+  and keeps grads in the flat buffers, the zero-copy path;
+- DTensor params (FSDP2's ``fully_shard``, tensor parallelism): ``_flat.ShardBucket``s, stepped in place on their
+  local shards, never re-pointed; their states are DTensors like the params, as ``torch.optim`` keeps them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ._flat import FlatBucket
+from . import _dtensor
+from ._flat import FlatBucket, ShardBucket
 from .kernels import OptimizerKernels, select_backend
 
 
@@ -35,7 +38,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], backend: str | None = None):
         self._backend_request = backend
-        self._buckets: list[list[FlatBucket]] = []  # per param group
+        self._buckets: list[list[FlatBucket | ShardBucket]] = []  # per param group
         self._loose: list[list[torch.nn.Parameter]] = []  # per param group: frozen at construction
         self._loose_steps: dict[torch.nn.Parameter, int] = {}
         super().__init__(params, defaults)
@@ -111,11 +114,20 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name}: parameters must be floating point, got {p.dtype}")
             if p.layout != torch.strided:
                 raise ValueError(f"{name}: sparse parameters are not supported")
-        trainable = [p for p in group["params"] if p.requires_grad]
-        by_dtype: dict[torch.dtype, list] = {}
-        for p in trainable:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        self._buckets.append([FlatBucket(ps, self.state_names) for ps in by_dtype.values() if ps])
+            if _dtensor.is_dtensor(p):
+                _dtensor.check_param(p, name)
+        # DTensor params must stay where they are (FSDP2 reads their storage): their own bucket kinds, small
+        # shards (staged together) and large ones (updated in place)
+        by_kind: dict[tuple[torch.dtype, str], list] = {}
+        for p in group["params"]:
+            if p.requires_grad:
+                kind = ("direct" if ShardBucket.is_large(p) else "staged") if _dtensor.is_dtensor(p) else "flat"
+                by_kind.setdefault((p.dtype, kind), []).append(p)
+        self._buckets.append([
+            FlatBucket(ps, self.state_names) if kind == "flat"
+            else ShardBucket(ps, self.state_names, direct=kind == "direct")
+            for (_, kind), ps in by_kind.items()
+        ])
         self._loose.append([p for p in group["params"] if not p.requires_grad])
         if devices:
             select_backend(next(iter(devices)), self._backend_request)  # fail early if the backend is missing
@@ -128,7 +140,16 @@ class FlatOptimizer(torch.optim.Optimizer):
                 step: torch.Tensor, grad_scale, found_inf, out, offsets: list[int]) -> None:
         raise NotImplementedError
 
-    def _out_for(self, bucket: FlatBucket, lo: int, hi: int):
+    def _update_local(self, kernels: OptimizerKernels, group: dict[str, Any], p, g, states, step, grad_scale,
+                      found_inf, out, offsets: list[int], params: list) -> None:
+        """``_update`` on a flat copy of DTensor local shards (``params``: the DTensor params of the range).
+
+        An elementwise update of a shard is the update of its part of the whole tensor, so this is ``_update``;
+        updates that reduce over whole tensors (LAMB's norms) override it. Called with the same ranges, empty
+        ones included, on every rank."""
+        self._update(kernels, group, p, g, states, step, grad_scale, found_inf, out, offsets)
+
+    def _out_for(self, bucket: FlatBucket | ShardBucket, lo: int, hi: int):
         """A 16-bit copy-out target for this range (CPUAdam), else None."""
         return None
 
@@ -142,7 +163,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group, buckets, loose in zip(self.param_groups, self._buckets, self._loose):
             for bucket in buckets:
-                self._step_bucket(group, bucket, grad_scale, found_inf)
+                if isinstance(bucket, ShardBucket):
+                    self._step_shards(group, bucket, grad_scale, found_inf)
+                else:
+                    self._step_bucket(group, bucket, grad_scale, found_inf)
             for p in loose:
                 if p.grad is not None:
                     self._step_loose(group, p, grad_scale, found_inf)
@@ -173,25 +197,69 @@ class FlatOptimizer(torch.optim.Optimizer):
             present = [True] * len(bucket.params)
         if not any(present):
             return
-        mask = torch.tensor(present, device=bucket.device)
-        increment = torch.where(mask, 1.0, 0.0)
-        if found_inf is not None:
-            increment = increment * (1 - found_inf.to(bucket.device, torch.float32))
-        bucket.steps.add_(increment)
+        self._advance_present(bucket, present, found_inf)
         for i0, i1 in bucket.runs(present):
             lo, hi = bucket.offsets[i0], bucket.offsets[i1]
             states = {name: flat[lo:hi] for name, flat in bucket.states.items()}
             offsets = [o - lo for o in bucket.offsets[i0 : i1 + 1]]
             self._update(kernels, group, bucket.param_flat[lo:hi], bucket.grad_flat[lo:hi], states,
                          bucket.steps[i0], grad_scale, found_inf, self._out_for(bucket, lo, hi), offsets)
+        self._count_present(bucket, present, found_inf)
+
+    def _advance_present(self, bucket, present: list[bool], found_inf) -> None:
+        mask = torch.tensor(present, device=bucket.device)
+        increment = torch.where(mask, 1.0, 0.0)
+        if found_inf is not None:
+            increment = increment * (1 - found_inf.to(bucket.device, torch.float32))
+        bucket.steps.add_(increment)
+
+    def _count_present(self, bucket, present: list[bool], found_inf) -> None:
+        # The host counts decide which params share a launch, and with it a step number: a step skipped by
+        # GradScaler must not count, or a param that had a grad only then would later share a launch with one
+        # a step ahead of it. Reading found_inf syncs, but only when some params lack a grad.
+        skipped = found_inf is not None and bool(found_inf)
         counts = bucket.step_counts
         for i, has in enumerate(present):
             if has:
-                counts[i] += 1
+                counts[i] += not skipped
                 self._publish_state(bucket, i, bucket.params[i])
 
-    def _publish_state(self, bucket: FlatBucket, i: int, p) -> None:
-        """torch-style ``state[p]``: views of the flat states, created at the param's first step."""
+    def _step_shards(self, group, bucket: ShardBucket, grad_scale, found_inf) -> None:
+        """A ShardBucket's step: one kernel call per range of shards, staged or in place (see ``ShardBucket``)."""
+        grads = bucket.local_grads()
+        present = [g is not None for g in grads]
+        if not any(present):
+            return
+        uniform = all(present) and bucket.uniform
+        if uniform:
+            self._advance(bucket.steps, found_inf)
+            runs = [(0, len(present))]
+        else:
+            self._advance_present(bucket, present, found_inf)
+            runs = bucket.runs(present)
+        kernels = self.kernels_for(bucket.device)
+        for i0, i1 in runs:
+            for c0, c1 in bucket.ranges(i0, i1):
+                lo, hi = bucket.offsets[c0], bucket.offsets[c1]
+                p, g, shards = bucket.stage(c0, c1, grads)
+                states = {name: flat[lo:hi] for name, flat in bucket.states.items()}
+                offsets = [o - lo for o in bucket.offsets[c0 : c1 + 1]]
+                self._update_local(kernels, group, p, g, states, bucket.steps[c0], grad_scale, found_inf,
+                                   self._out_for(bucket, lo, hi), offsets, bucket.params[c0:c1])
+                bucket.unstage(p, shards)
+                del p, g  # the staging buffers, before the next range allocates its own
+        if not uniform:
+            self._count_present(bucket, present, found_inf)
+            return
+        bucket.count_uniform_step()
+        if not bucket.states_published:
+            for i, p in enumerate(bucket.params):
+                self._publish_state(bucket, i, p)
+            bucket.states_published = True
+
+    def _publish_state(self, bucket: FlatBucket | ShardBucket, i: int, p) -> None:
+        """torch-style ``state[p]``: views of the flat states (DTensors for DTensor params), created at the
+        param's first step."""
         if p not in self.state or not self.state[p]:
             self.state[p] = {"step": bucket.steps[i]}
             self.state[p].update({name: bucket.state_view(name, i) for name in self.state_names})
@@ -200,19 +268,29 @@ class FlatOptimizer(torch.optim.Optimizer):
         g = p.grad
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        sharded = _dtensor.is_dtensor(p)
+        # a DTensor is stepped on its local shard, in place
+        target = p._local_tensor if sharded else p.detach()
+        if sharded:
+            g = _dtensor.local_grad(p, g)
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for name in self.state_names:
-                state[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                zeros = torch.zeros(target.shape, dtype=torch.float32, device=p.device)
+                state[name] = _dtensor.like_param(zeros, p) if sharded else zeros
         self._advance(state["step"], found_inf)
         # a frozen param's storage is the user's: run the kernel on contiguous copies and write back
-        flat_p = p.detach().reshape(-1).contiguous()
-        states = {name: state[name].view(-1) for name in self.state_names}
-        self._update(self.kernels_for(p.device), group, flat_p, g.reshape(-1).contiguous(), states,
-                     state["step"], grad_scale, found_inf, None, [0, p.numel()])
-        if flat_p.data_ptr() != p.data_ptr():
-            p.detach().copy_(flat_p.view_as(p))
+        flat_p = target.reshape(-1).contiguous()
+        states = {name: _dtensor.local(state[name]).view(-1) for name in self.state_names}
+        args = (self.kernels_for(p.device), group, flat_p, g.reshape(-1).contiguous(), states, state["step"],
+                grad_scale, found_inf, None, [0, target.numel()])
+        if sharded:
+            self._update_local(*args, [p])
+        else:
+            self._update(*args)
+        if flat_p.data_ptr() != target.data_ptr():
+            target.copy_(flat_p.view_as(target))
 
     # -- zero_grad ---------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -232,7 +310,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     # -- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """torch's layout and keys; tensors are copies (views of the flat buffers would drag whole buffers
-        into ``torch.save``)."""
+        into ``torch.save``). States of DTensor params are DTensors like the params (local copies)."""
         sd = super().state_dict()
         sd["state"] = {
             index: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
@@ -244,7 +322,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Load a ds-optim or ``torch.optim`` state dict with the same param groups.
 
         States are copied into the flat buffers in fp32 (torch would cast them to the param dtype) and steps
-        into the device-resident step counters.
+        into the device-resident step counters. For a DTensor param a state may be a DTensor (redistributed to
+        the param's placements if laid out otherwise), the full tensor or the local shard.
         """
         saved_groups = state_dict["param_groups"]
         originals = state_dict["state"]
@@ -274,11 +353,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                     f"(has {sorted(saved)}); was it saved by another optimizer type?"
                 )
             step = float(saved.get("step", 0))
+            sharded = _dtensor.is_dtensor(p)
+            shape = p._local_tensor.shape if sharded else p.shape
+            values = {name: self._loadable(saved[name], p, sharded) for name in self.state_names}
             if p in where:
                 bucket, i = where[p]
                 with torch.no_grad():
                     for name in self.state_names:
-                        bucket.state_view(name, i).copy_(saved[name].reshape(p.shape))
+                        bucket.local_state(name, i).copy_(values[name].reshape(shape))
                     bucket.steps[i] = step
                 bucket.step_counts[i] = int(step)
                 self.state[p] = {"step": bucket.steps[i]}
@@ -286,4 +368,14 @@ class FlatOptimizer(torch.optim.Optimizer):
             else:
                 self.state[p] = {"step": torch.tensor(step, dtype=torch.float32, device=p.device)}
                 for name in self.state_names:
-                    self.state[p][name] = saved[name].to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+                    value = values[name].to(device=p.device, dtype=torch.float32).reshape(shape).clone()
+                    self.state[p][name] = _dtensor.like_param(value, p) if sharded else value
+
+    @staticmethod
+    def _loadable(value: torch.Tensor, p, sharded: bool) -> torch.Tensor:
+        """A saved state as a plain tensor laid out like ``p`` (its local shard for a DTensor param)."""
+        if sharded:
+            return _dtensor.local_value(value, p)
+        if _dtensor.is_dtensor(value):  # a sharded checkpoint into a plain param: the whole tensor
+            return value.full_tensor()
+        return value

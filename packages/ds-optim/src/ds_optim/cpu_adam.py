@@ -49,18 +49,19 @@ class CPUAdam(FusedAdam):
             bucket.copy_out = None
             if self.copy_dtype is not None:
                 bucket.copy_out = torch.empty(bucket.numel, dtype=self.copy_dtype, pin_memory=self.pin_memory)
-                bucket.copy_out.copy_(bucket.param_flat)
+                bucket.copy_params_to(bucket.copy_out)
 
     def _out_for(self, bucket, lo, hi):
         return None if bucket.copy_out is None else bucket.copy_out[lo:hi]
 
     def copy_of(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """The 16-bit copy of ``p`` written by the last step (a view into the flat copy buffer)."""
+        """The 16-bit copy of ``p`` written by the last step (a view into the flat copy buffer); for a DTensor
+        param, the copy of its local shard."""
         for buckets in self._buckets:
             for bucket in buckets:
                 i = bucket.index.get(p)
                 if i is not None and bucket.copy_out is not None:
-                    return bucket.copy_out[bucket.offsets[i] : bucket.offsets[i + 1]].view_as(p)
+                    return bucket.copy_out[bucket.offsets[i] : bucket.offsets[i + 1]].view(bucket.local_shape(i))
         raise KeyError("CPUAdam.copy_of: this parameter is not a trainable parameter of this optimizer, "
                        "or copy_dtype is None")
 
