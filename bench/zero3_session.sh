@@ -4,7 +4,7 @@
 #   bash bench/zero3_session.sh ANCHOR_DIR     (ANCHOR_DIR holds zero_anchor.py; .whl/ filled by
 #                                              ../shared/device/prepare-wheels.sh)
 # One GPU (world size 1): the engines' own cost and memory. ENGINES overrides the list; "z3init" builds the
-# model under ds_zero.Init, "z3fp32" reduces gradients in fp32 as the FSDP2 anchor does. Logs in $OUT.
+# model under ds_zero.Init, "z3fp32" reduces gradients in fp32 as the FSDP2 anchor does, "z3reuse0" sets stage3_max_reuse_distance 0. Logs in $OUT.
 set -o pipefail
 ANCHORS=${1:?usage: zero3_session.sh ANCHOR_DIR}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,11 +24,12 @@ for engine in ${ENGINES:-fsdp2 z3 ds3 z3init z3fp32 fsdp2 z3}; do
   case $engine in
     z3init) script=bench/zero_bench.py; arg=z3; export INIT=1 ;;
     z3fp32) script=bench/zero_bench.py; arg=z3; export COMM_DTYPE=fp32 ;;
+    z3reuse0) script=bench/zero_bench.py; arg=z3; export REUSE=0 ;;
     z*) script=bench/zero_bench.py; arg=$engine ;;
     *) script="$ANCHORS/zero_anchor.py"; arg=$engine ;;
   esac
   timeout "${RUN_TIMEOUT:-150}" torchrun --nproc_per_node "$NPROC" "$script" "$arg" > "$OUT/$engine.log" 2>&1
   echo "$engine rc=$?"; grep -E "^\[[^]]*\] world=" "$OUT/$engine.log" | sed "s/^/$engine /" | tee -a "$OUT/results.txt"
   grep -E "Error|error:" "$OUT/$engine.log" | tail -3
-  unset INIT COMM_DTYPE
+  unset INIT COMM_DTYPE REUSE
 done

@@ -5,7 +5,8 @@ format as the anchor (shared/anchors/zero_anchor.py), so the two run side by sid
 
 z3: stage 3 on FSDP2 with DeepSpeed's stage-3 defaults (shard units = the GPT's blocks, persistence threshold
 1e5, prefetch 5e7, max reuse distance 1e9); INIT=1 builds the model under ds_zero.Init; COMM_DTYPE=fp32 reduces
-gradients in fp32 (the FSDP2 anchor's reduce_dtype; the default is bf16, as DeepSpeed's).
+gradients in fp32 (the FSDP2 anchor's reduce_dtype; the default is bf16, as DeepSpeed's); REUSE=N sets
+stage3_max_reuse_distance (0 frees every unit after forward, FSDP2's default).
 
 bf16 params with fp32 masters, ds-optim FusedAdamW (CuPy kernels when installed) on the fp32 partitions,
 NCCL, overlapped bucketed reduction (overlap_comm, contiguous_gradients), DeepSpeed's default bucket sizes.
@@ -52,6 +53,8 @@ def main():
         "zero_optimization": {"stage": stages[name], "overlap_comm": True, "contiguous_gradients": True},
         "steps_per_print": 10**9,
     }
+    if os.environ.get("REUSE"):  # stage3_max_reuse_distance (0: free every unit after forward, as FSDP2)
+        cfg["zero_optimization"]["stage3_max_reuse_distance"] = int(float(os.environ["REUSE"]))
     if os.environ.get("COMM_DTYPE"):
         cfg["communication_data_type"] = os.environ["COMM_DTYPE"]
     if os.environ.get("BUCKET"):
