@@ -40,13 +40,16 @@ def _model():
 
 
 def _sharded(model=None):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # a CPU mesh even where CUDA exists (fully_shard's default mesh would take the GPU, one per rank)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = _model() if model is None else model
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _batch(step):

@@ -60,7 +60,7 @@ def model_state_bytes(engine) -> dict[str, int]:
     # ds-optim keeps states and a grad buffer in flat buffers behind the views above
     for buckets in getattr(engine.optimizer, "_buckets", []):
         for fb in buckets:
-            add("grads", fb.grad_flat)
+            add("grads", getattr(fb, "grad_flat", None))  # DTensor shard buckets keep no grad buffer
             for v in fb.states.values():
                 add("optimizer_states", v)
     out["total"] = sum(out.values())

@@ -29,13 +29,27 @@ logger = logging.getLogger("ds_zero")
 OptimizerArg = torch.optim.Optimizer | Callable[[Any], torch.optim.Optimizer]
 
 
-def materialize_optimizer(optimizer: OptimizerArg, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def materialize_optimizer(optimizer: OptimizerArg, trainable: list[torch.nn.Parameter],
+                          template_only: bool = False) -> torch.optim.Optimizer:
+    """The user's optimizer. ``template_only``: the engine will rebuild it over its own tensors and only reads
+    its param groups and defaults, so a callable is called with *meta* stand-ins of the params and the groups
+    are pointed back at the real ones: no state is allocated for the template (ds-optim allocates its flat
+    buffers eagerly: a full copy of the params, a grad buffer and two states, 16 bytes per element)."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if callable(optimizer):
-        built = optimizer(trainable)
+        if template_only:
+            stand_ins = [torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                         for p in trainable]
+            built = optimizer(stand_ins)
+        else:
+            built = optimizer(trainable)
         if not isinstance(built, torch.optim.Optimizer):
             raise TypeError(f"the optimizer callable returned {type(built).__name__}, not a torch.optim.Optimizer")
+        if template_only:
+            real = {id(s): p for s, p in zip(stand_ins, trainable)}
+            for group in built.param_groups:
+                group["params"] = [real.get(id(s), s) for s in group["params"]]
         return built
     raise TypeError(
         f"optimizer must be a torch.optim.Optimizer or a callable params -> Optimizer, got {type(optimizer).__name__}"

@@ -105,7 +105,11 @@ class ZeroEngine:
         self._timings: dict[str, float] = {}
 
         self._broadcast_module()
-        user_opt = materialize_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        # stage 0 in fp32 steps the user's optimizer itself; every other set-up rebuilds it over the engine's
+        # tensors, so a callable is only a template (built over meta stand-ins, see _optim)
+        rebuilt = not (self.stage == 0 and not self.precision.mixed)
+        user_opt = materialize_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
+                                         template_only=rebuilt)
         self.compressed = _is_compressed(user_opt)
         if self.compressed:
             check_compressed(self, user_opt)
