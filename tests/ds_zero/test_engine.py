@@ -151,3 +151,23 @@ def test_static_loss_scale_and_step_report(caplog):
     ref = reference(1, batch=2)[0]["params"]
     for k, v in ref.items():  # fp16 params: within fp16 rounding of the fp32 reference
         torch.testing.assert_close(engine.module.state_dict()[k].float(), v, rtol=5e-3, atol=1e-3)
+
+
+def test_a_callable_optimizer_is_only_a_template_when_the_engine_rebuilds_it():
+    seen = {}
+
+    def build(params):
+        seen["devices"] = {p.device.type for p in params}
+        return ds_optim.FusedAdamW(params, lr=1e-2, backend="torch")
+
+    # stage 1: the engine rebuilds the optimizer over its masters, so the template gets meta stand-ins and
+    # allocates nothing (ds-optim's flat buffers are 16 bytes per element)
+    engine = ds_zero.ZeroEngine(make_model(), build, base_config(1, 2, 1))
+    assert seen["devices"] == {"meta"}
+    assert {p.device.type for g in engine.optimizer.param_groups for p in g["params"]} == {"cpu"}
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    _micro(engine, 0, 0)
+    assert any(not torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+    # stage 0 in fp32 steps the user's optimizer itself: it must be built over the real params
+    ds_zero.ZeroEngine(make_model(), build, base_config(0, 2, 1))
+    assert seen["devices"] == {"cpu"}

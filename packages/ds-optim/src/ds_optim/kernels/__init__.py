@@ -76,7 +76,8 @@ def select_backend(device: torch.device, backend: str | None = None) -> Optimize
             raise ImportError(
                 f"ds-optim kernel backend {requested!r} is not available ({exc}); {_INSTALL_HINT.get(requested, '')}"
             ) from exc
-        if device.type not in kernels.device_types:
+        # meta params (a model built under ds_zero.Init, or an engine's template optimizer) are never stepped
+        if device.type not in kernels.device_types and device.type != "meta":
             raise ValueError(
                 f"ds-optim kernel backend {requested!r} runs on {sorted(kernels.device_types)}, not on {device.type}"
             )
