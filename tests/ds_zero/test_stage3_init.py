@@ -248,3 +248,42 @@ def test_init_peak_memory_is_about_a_quarter_of_the_model_on_4_ranks():
         assert peak_init <= full_bytes // 4 + 2 * full_bytes // 8, (peak_init, peak_eager)
     print(f"peak over the start while building 32 MiB of weights on 4 ranks: eager "
           f"{max(p for p, _ in eager) / 2**20:.1f} MiB, Init {max(p for p, _ in lazy) / 2**20:.1f} MiB")
+
+
+# -- bad input at stage 3: named errors ---------------------------------------------------------------------------
+def _bad_inputs():
+    from ds_comm.optim import OnebitAdam
+
+    out = {}
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "shard_units": ["Blok"]}}
+    try:
+        ds_zero.ZeroEngine(make_model(), lambda ps: torch.optim.AdamW(ps), cfg)
+    except ValueError as exc:
+        out["units"] = str(exc)
+    model = make_model()
+    try:
+        ds_zero.ZeroEngine(model, OnebitAdam(model.parameters(), lr=1e-3), {
+            "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}})
+    except ValueError as exc:
+        out["onebit"] = str(exc)
+    try:
+        ds_zero.ZeroEngine(make_model(), lambda ps: torch.optim.AdamW(ps), {
+            "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+            "gradient_compression": {"type": "int8"}})
+    except ValueError as exc:
+        out["int8"] = str(exc)
+    return out
+
+
+def test_stage3_bad_input_is_named_on_every_rank():
+    for out in run_distributed(_bad_inputs, 2, timeout=60):
+        assert "shard_units names ['Blok'], which match no module of MLP" in out["units"]
+        assert "'Linear'" in out["units"]  # the model's classes are listed
+        assert "OnebitAdam needs zero_optimization.stage 0, got stage 3" in out["onebit"]
+        assert "stage 3" in out["int8"] and "qgZ" in out["int8"]
+
+
+def test_stage3_without_a_process_group_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="ZeRO stage 3 needs torch.distributed initialized"):
+        ds_zero.ZeroEngine(make_model(), lambda ps: torch.optim.AdamW(ps),
+                           {"train_batch_size": 2, "zero_optimization": {"stage": 3}})
