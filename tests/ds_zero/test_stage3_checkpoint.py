@@ -155,3 +155,66 @@ def test_shape_mismatch_is_refused_by_name_and_nothing_applied(tmp_path):
     for message, unchanged, steps in run_distributed(_mismatch, 2, str(tmp_path / "ck"), timeout=120):
         assert message is not None and re.search(r"'fc[23]\.weight' has shape", message), message
         assert unchanged and steps == 0
+
+
+# -- a failure on one rank is named on every rank, promptly --------------------------------------------------------
+def _one_rank_fails(root, stage):
+    import errno
+
+    import ds_zero.checkpoint.save as save_mod
+    from ds_zero.checkpoint._io import MARKER, optim_file
+
+    rank = dist.get_rank()
+    engine = _engine(stage, 2, 1, sched=False)
+    _train(engine, 1)
+    engine.save_checkpoint(root)  # global_step1, committed
+    _train(engine, 1, start=1)
+    out = {}
+    real = save_mod.atomic_torch_save
+
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    if rank == 1:
+        save_mod.atomic_torch_save = disk_full
+    try:
+        engine.save_checkpoint(root)
+    except Exception as exc:  # noqa: BLE001
+        out["save"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        save_mod.atomic_torch_save = real
+    out["latest"] = open(os.path.join(root, "latest")).read().strip()
+    out["marker2"] = os.path.exists(os.path.join(root, "global_step2", MARKER))
+    dist.barrier()
+    if rank == 1:  # corrupt this rank's shard of the committed checkpoint
+        path = os.path.join(root, "global_step1", optim_file(1))
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0x01
+        open(path, "wb").write(bytes(data))
+    dist.barrier()
+    try:
+        _engine(stage, 2, 1, sched=False).load_checkpoint(root)
+    except Exception as exc:  # noqa: BLE001
+        out["load"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_checkpoint_error_on_one_rank_is_raised_on_every_rank(tmp_path, stage):
+    results = run_distributed(_one_rank_fails, 2, str(tmp_path / f"ck{stage}"), stage, timeout=60)
+    r0, r1 = results
+    assert r1["save"].startswith("OSError") and "No space left" in r1["save"]
+    assert r0["save"].startswith("CheckpointError") and "failed on rank 1" in r0["save"] and "No space left" in r0["save"]
+    for r in results:
+        assert r["latest"] == "global_step1" and not r["marker2"]  # nothing committed
+    assert r1["load"].startswith("CheckpointError") and "corrupted" in r1["load"]
+    # rank 0 names rank 1's file: from rank 1 (stage 2 reads only its own file) or found itself (stage 3 reads all)
+    assert r0["load"].startswith("CheckpointError") and optim_file_name(1) in r0["load"]
+    if stage == 2:
+        assert "failed on rank 1" in r0["load"]
+
+
+def optim_file_name(rank):
+    from ds_zero.checkpoint._io import optim_file
+
+    return optim_file(rank)

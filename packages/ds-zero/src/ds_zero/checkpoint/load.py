@@ -174,6 +174,23 @@ def _load_compressed(engine, model: dict, own: dict | None, ckpt_dir: str, with_
 
 def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = True,
                     load_lr_scheduler_states: bool = True):
+    """Every rank reads and applies what it needs without collectives, then the ranks agree: a failure on one
+    rank raises on every rank (the failing one its own error, the others a CheckpointError naming it), before
+    the parameter all-gather of stages 1/2 that would otherwise leave them waiting for it."""
+    from .save import agree
+
+    error, result = None, None
+    try:
+        result = _load_local(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+    except Exception as exc:  # noqa: BLE001 - re-raised by agree, and named on every other rank
+        error = exc
+    agree(engine, error, f"load_checkpoint({os.fspath(load_dir) if load_dir is not None else load_dir})")
+    if not engine.direct and engine.stage in (1, 2):
+        engine.policy.gather_params(engine.buckets)
+    return result
+
+
+def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool):
     load_dir = os.fspath(load_dir)
     tag = resolve_tag(load_dir, tag)
     ckpt_dir = os.path.join(load_dir, tag)
@@ -247,8 +264,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
                 engine.dp_rank if engine.policy.shard_world > 1 else 0)))
         else:
             _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model), with_states=True)
-        engine.masters.write_params()
-        engine.policy.gather_params(engine.buckets)
+        engine.masters.write_params()  # stages 1/2 all-gather after the ranks agree (load_checkpoint)
     return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
 
 

@@ -92,15 +92,68 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     if len(set(tags)) != 1:
         raise CheckpointError(f"save_checkpoint: ranks passed different tags {sorted(set(tags))}")
     ckpt_dir = os.path.join(save_dir, tag)
-    os.makedirs(ckpt_dir, exist_ok=True)
     rank = engine.dp_rank
-    if rank == 0 and os.path.exists(os.path.join(ckpt_dir, MARKER)):
-        # overwriting a committed tag: un-commit it first, so a crash midway leaves it refused, not mixed
-        os.unlink(os.path.join(ckpt_dir, MARKER))
+    error = None
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        if rank == 0 and os.path.exists(os.path.join(ckpt_dir, MARKER)):
+            # overwriting a committed tag: un-commit it first, so a crash midway leaves it refused, not mixed
+            os.unlink(os.path.join(ckpt_dir, MARKER))
+    except OSError as exc:
+        error = exc
     full_compression = engine.reducer.full_state_dict() if hasattr(engine.reducer, "full_state_dict") else None
-    if engine.distributed and engine.dp_world_size > 1:
-        dist.barrier(group=engine.process_group)
+    agree(engine, error, f"save_checkpoint({ckpt_dir})")  # also the barrier before any shard is written
 
+    try:
+        digests = _write_files(engine, ckpt_dir, client_state, full_compression)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - re-raised here, and named on every other rank
+        digests, error = {}, exc
+    all_digests = _gather(engine, (digests, _describe(error)))  # every rank's files are in place (or not)
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, (_, msg) in enumerate(all_digests) if msg]
+    if failed:
+        raise CheckpointError(f"save_checkpoint({ckpt_dir}) failed on rank {failed[0][0]}: {failed[0][1]}; nothing "
+                              "was committed")
+    error = None
+    if rank == 0:
+        try:
+            files = {}
+            for r, (d, _) in enumerate(all_digests):
+                for name, info in d.items():
+                    files[name] = {**info, "rank": r}
+            write_marker(ckpt_dir, {
+                "format": FORMAT, "version": VERSION, "tag": tag, "stage": engine.stage,
+                "dp_world_size": engine.dp_world_size, "dtype": str(engine.precision.dtype).removeprefix("torch."),
+                "global_steps": engine.global_steps, "files": files,
+            })
+            atomic_write_text(os.path.join(save_dir, LATEST), tag + "\n")
+        except Exception as exc:  # noqa: BLE001 - re-raised by agree, and named on every other rank
+            error = exc
+    agree(engine, error, f"save_checkpoint({ckpt_dir}) committing")
+    return ckpt_dir
+
+
+def _describe(exc) -> str | None:
+    return None if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def agree(engine, error: BaseException | None, what: str) -> None:
+    """Collective: every rank learns whether any rank failed; a failing rank re-raises its own error, the others
+    raise a :class:`CheckpointError` naming the first failing rank and its error, so no rank is left waiting in
+    a later collective for one that has given up."""
+    messages = _gather(engine, _describe(error))
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m]
+    if failed:
+        raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) -> dict[str, dict]:
+    """This rank's files (rank 0 also the model file); returns their sizes and digests. No collectives."""
+    rank = engine.dp_rank
     names = _param_names(engine)
     digests: dict[str, dict] = {}
     if rank == 0:
@@ -160,19 +213,4 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     if engine.stage == 3:
         rank_state.update(stage3.rank_entries(engine))
     digests[optim_file(rank)] = atomic_torch_save(rank_state, os.path.join(ckpt_dir, optim_file(rank)))
-
-    all_digests = _gather(engine, digests)  # also the barrier: every rank's files are in place
-    if rank == 0:
-        files = {}
-        for r, d in enumerate(all_digests):
-            for name, info in d.items():
-                files[name] = {**info, "rank": r}
-        write_marker(ckpt_dir, {
-            "format": FORMAT, "version": VERSION, "tag": tag, "stage": engine.stage,
-            "dp_world_size": engine.dp_world_size, "dtype": str(engine.precision.dtype).removeprefix("torch."),
-            "global_steps": engine.global_steps, "files": files,
-        })
-        atomic_write_text(os.path.join(save_dir, LATEST), tag + "\n")
-    if engine.distributed and engine.dp_world_size > 1:
-        dist.barrier(group=engine.process_group)
-    return ckpt_dir
+    return digests
