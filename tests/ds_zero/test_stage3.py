@@ -233,3 +233,55 @@ def test_hpz_keeps_a_copy_sharded_over_the_node_after_forward():
     posts = run_distributed(_hpz_resharded, 4)
     # fc2.weight is 24 x 24: sharded over 4 ranks 6 rows each; its post-forward copy over the 2-rank node: 12 rows
     assert posts == [(12 * 24,)] * 4, posts
+
+
+# -- ZeRO++ qwZ: the parameter all-gather in int8 ----------------------------------------------------------------
+def _qwz_one_collective():
+    from ds_comm.quantize import quantization_error_bound, quantize_blockwise  # noqa: F401
+    from ds_zero._stage3 import QWZ_BLOCK_SIZE, quantized_all_gather_comm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(rank)
+    n = 3 * QWZ_BLOCK_SIZE + 77  # several blocks and a partial one
+    shard = (torch.randn(n, generator=g) * torch.logspace(-3, 1, n)).to(torch.bfloat16)
+    comm = quantized_all_gather_comm()
+    out = comm.allocate((world * n,), dtype=torch.bfloat16, device=torch.device("cpu"))
+    out[rank * n:(rank + 1) * n].copy_(shard)  # FSDP2's in-place copy-in: the input is the output's slice
+    assert comm(out, out[rank * n:(rank + 1) * n], None) is None
+    exact = torch.empty(world * n, dtype=torch.bfloat16)
+    dist.all_gather_into_tensor(exact, shard)
+    bounds = torch.cat([quantization_error_bound(quantize_blockwise(exact[r * n:(r + 1) * n], 8, QWZ_BLOCK_SIZE))
+                        for r in range(world)])
+    return out, exact, bounds
+
+
+def test_qwz_all_gather_is_within_the_int8_bound_and_identical_on_every_rank():
+    results = run_distributed(_qwz_one_collective, 2)
+    for out, exact, bounds in results:
+        err = (out.float() - exact.float()).abs()
+        assert bool((err <= bounds).all()), float((err - bounds).max())
+        assert float(err.max()) > 0  # it did quantize
+        assert torch.equal(out, results[0][0])
+
+
+QWZ = {"param_persistence_threshold": 0, "shard_units": ["Linear"], "zero_quantized_weights": True}
+
+
+def test_qwz_training_follows_the_unquantized_run():
+    """bf16, 8 steps on 2 ranks, with and without int8 params in forward/backward (the fp32 masters are never
+    quantized; each gathered weight is within 1/254 of its block's largest value). Stated tolerance: every
+    step's loss within 1 % of the unquantized run's, and the final params within 1 % of it in relative L2."""
+    base = dict(stage=3, steps=8, cfg_extra=_z({k: v for k, v in QWZ.items() if k != "zero_quantized_weights"},
+                                               bf16={"enabled": True, "auto_cast": True}))
+    qwz = dict(stage=3, steps=8, cfg_extra=_z(QWZ, bf16={"enabled": True, "auto_cast": True}))
+    got = run_distributed(run_scenarios, 2, [base, qwz], timeout=120)
+    plain, quant = [got[r][0] for r in range(2)], [got[r][1] for r in range(2)]
+    for step in range(8):
+        a = sum(h[step]["loss"] for h in plain) / 2
+        b = sum(h[step]["loss"] for h in quant) / 2
+        assert abs(a - b) <= 0.01 * abs(a), (step, a, b)
+    num = sum(float((quant[0][-1]["params"][k] - v).norm() ** 2) for k, v in plain[0][-1]["params"].items())
+    den = sum(float(v.norm() ** 2) for v in plain[0][-1]["params"].values())
+    print(f"qwZ: final params relative L2 distance {(num / den) ** 0.5:.2e}")
+    assert (num / den) ** 0.5 <= 0.01
+    assert any(not torch.equal(quant[0][-1]["params"][k], v) for k, v in plain[0][-1]["params"].items())

@@ -203,6 +203,8 @@ class ZeroConfig(StrictModel):
     zero_hpz_partition_size: PositiveInt = 1
     #: ds-zero: class names of the modules that become shard units (default: the blocks of ModuleLists)
     shard_units: list[str] | None = None
+    #: ZeRO++ qwZ: the stage-3 parameter all-gather in blockwise int8 (ds-comm's quantizer)
+    zero_quantized_weights: bool = False
 
     not_built_keys: ClassVar[dict[str, Any]] = {
         "offload_optimizer": None,
@@ -210,7 +212,6 @@ class ZeroConfig(StrictModel):
         "cpu_offload": False,
         "cpu_offload_param": False,
         "cpu_offload_use_pin_memory": False,
-        "zero_quantized_weights": False,
         "zero_quantized_nontrainable_weights": False,
         "zero_quantized_gradients": False,
         "mics_shard_size": -1,
@@ -228,7 +229,6 @@ class ZeroConfig(StrictModel):
         "offload_param": "parameter offload (ZeRO-3) is not built",
         "zero_quantized_gradients": 'ZeRO++ qgZ is not built; for int8 gradient reduce-scatter at stages 1/2 use '
                                     '"gradient_compression": {"type": "int8"}',
-        "zero_quantized_weights": "ZeRO++ qwZ (int8 parameter all-gather at stage 3) is not built yet",
         "module_granularity_threshold": "stage-3 shard units are chosen by module class (zero_optimization."
                                         "shard_units), not by a size threshold",
         "use_all_reduce_for_fetch_params": "stage 3 gathers params with FSDP2's all-gather",
@@ -276,6 +276,9 @@ class ZeroConfig(StrictModel):
             if self.zero_hpz_partition_size != 1:
                 raise ValueError(f"zero_hpz_partition_size={self.zero_hpz_partition_size} (ZeRO++ hpZ) needs stage 3, "
                                  f"got stage {self.stage}")
+            if self.zero_quantized_weights:
+                raise ValueError(f"zero_quantized_weights (ZeRO++ qwZ) quantizes the stage-3 parameter all-gather; "
+                                 f"it needs stage 3, got stage {self.stage}")
             if self.shard_units is not None:
                 raise ValueError(f"shard_units only applies to stage 3, got stage {self.stage}")
         return self
