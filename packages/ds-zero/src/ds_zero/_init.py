@@ -243,7 +243,9 @@ class GatheredParameters(contextlib.ContextDecorator):
                 for module, name, original, full, engine in swapped:
                     group = engine.process_group
                     if engine.distributed and engine.dp_world_size > 1:
-                        src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
+                        src = self.modifier_rank
+                        if group is not None:
+                            src = dist.get_global_rank(group, src)
                         dist.broadcast(full.data, src=src, group=group)
                     with torch.no_grad():
                         if full is original:

@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._partition import ShardingPolicy
+from ._buckets import assign_buckets, flatten_into_views
+from ._init import materialise, register_engine_params
+from ._optim import rebuild_optimizer
+from ._partition import Masters, ShardingPolicy
+from ._stage0 import AllReduceReducer
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 logger = logging.getLogger("ds_zero")
 
@@ -250,3 +256,73 @@ class Stage3Reducer:
 
     def load_state_dict(self, state: dict, *, world_size: int, rank: int) -> None:
         return None
+
+
+def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
+    """Set up ``engine`` for stage 3. FSDP2 shards every param above the persistence threshold (fp32 DTensor
+    shards: the masters, which the rebuilt optimizer steps in place); the persistent ones take stage 0's path
+    (model dtype, fp32 master, all-reduced grads). A model built under Init is materialised here."""
+    zero = engine.config.zero_optimization
+    dtype = engine.precision.dtype
+    if engine.config.gradient_compression.type != "none":
+        raise ValueError(f"gradient_compression.type={engine.config.gradient_compression.type!r} is not built "
+                         "for zero_optimization.stage 3")
+    group_of = {n: gi for n, _, gi in named}
+    persistent = persistent_params(engine.module, zero.param_persistence_threshold,
+                                   zero.model_persistence_threshold)
+    kept = set(persistent)
+    comm_dtype = engine.config.communication_data_type
+    reduce_dtype = _DTYPES.get(comm_dtype) if comm_dtype else None
+    engine.policy = FullyShardedParams(engine.module, zero, engine.process_group, engine.device,
+                                       dtype if engine.precision.mixed else None, reduce_dtype, persistent)
+    if engine._init_records is not None:
+        buffers = {name: b.to(engine.device) for name, b in engine.module.named_buffers()}
+        engine.module.to_empty(device=engine.device)  # this rank's shards (and the persistent params), empty
+        for name, b in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            engine.module.get_submodule(owner)._buffers[leaf] = b
+        materialise(engine.module, engine._init_records, engine.device, engine._rows_of)
+        persistent = [p for p in dict.fromkeys(engine.module.parameters()) if p not in engine.policy.sharded_set]
+        current = {p: n for n, p in engine.module.named_parameters()}
+        named = [(current[p], p, group_of[current[p]]) for p in persistent if current[p] in group_of]
+        kept = set(persistent)
+    engine.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
+    # fp32 masters of the persistent params, from the fp32 originals
+    engine.masters = Masters(engine.buckets, engine._num_groups, engine.device,
+                             [[p.detach() for p in b.params] for b in engine.buckets])
+    if engine.precision.mixed:  # what is not sharded runs in the model dtype, as at stages 0-2
+        with torch.no_grad():
+            for p in persistent:
+                p.data = p.data.to(dtype)
+            for b in engine.module.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(dtype)
+    for b in engine.buckets:
+        b.dtype = dtype
+        flatten_into_views(b, dtype, engine.device)
+    engine.masters.write_params()
+    current = dict(engine.module.named_parameters())  # fully_shard replaced the params by DTensors
+    groups = [[] for _ in range(engine._num_groups)]
+    for name, gi in group_of.items():
+        if current[name] in engine.policy.sharded_set:
+            groups[gi].append(current[name])
+    # the persistent params' fp32 masters join their groups as replicated DTensors sharing the masters'
+    # storage: torch's foreach/fused optimizers refuse a group that mixes DTensors and plain tensors
+    from torch.distributed.tensor import DTensor, Replicate
+
+    engine._master_dtensors = [
+        None if m is None else torch.nn.Parameter(
+            DTensor.from_local(m.data, engine.policy.mesh, [Replicate()], run_check=False))
+        for m in engine.masters.params]
+    for gi, wrapper in enumerate(engine._master_dtensors):
+        if wrapper is not None:
+            groups[gi].append(wrapper)
+    engine.optimizer = rebuild_optimizer(user_opt, groups)
+    #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
+    engine._stage3_group_map = [gi for gi in range(engine._num_groups) if groups[gi]]
+    register_engine_params(engine, engine.module)
+    persistent_reducer = None
+    if engine.buckets:
+        persistent_reducer = AllReduceReducer(engine.buckets, engine.process_group, engine.dp_world_size,
+                                              zero.ignore_unused_parameters, reduce_dtype, engine.device)
+    engine.reducer = Stage3Reducer(engine.policy, persistent_reducer)

@@ -36,8 +36,8 @@ from ._partition import DataParallelShards, Masters, Replicated
 from ._precision import Precision
 from ._stage0 import AllReduceReducer, OnebitAllReduceReducer
 from ._stage12 import Stage1Reducer, Stage2Reducer
-from ._init import materialise, needs_materialisation, register_engine_params
-from ._stage3 import FullyShardedParams, Stage3Reducer, persistent_params
+from ._init import needs_materialisation
+from ._stage3 import build_stage3
 from .config import EngineConfig
 
 logger = logging.getLogger("ds_zero")
@@ -86,7 +86,8 @@ class ZeroEngine:
                                   if p.is_meta}
         devices = {p.device for p in model.parameters() if not p.is_meta}
         devices |= {b.device for b in model.buffers()} if self._init_records is not None else set()
-        if self._init_records is not None and self.distributed and "nccl" in str(dist.get_backend(process_group)).lower():
+        nccl = self.distributed and "nccl" in str(dist.get_backend(process_group)).lower()
+        if self._init_records is not None and nccl:  # Init params are materialised on this rank's GPU
             devices = {torch.device("cuda", torch.cuda.current_device())}
         if len(devices) > 1:
             raise ValueError(f"the model's params are on several devices {sorted(map(str, devices))}; ds-zero "
@@ -194,72 +195,7 @@ class ZeroEngine:
         self.masters.write_params()  # the model-dtype params are exactly the cast masters
 
     def _build_stage3(self, user_opt: torch.optim.Optimizer, named) -> None:
-        """FSDP2 shards every param above the persistence threshold (fp32 DTensor shards: the masters, which
-        the rebuilt optimizer steps in place); the persistent ones take stage 0's path (model dtype, fp32
-        master, all-reduced grads)."""
-        zero = self.config.zero_optimization
-        dtype = self.precision.dtype
-        if self.config.gradient_compression.type != "none":
-            raise ValueError(f"gradient_compression.type={self.config.gradient_compression.type!r} is not built "
-                             "for zero_optimization.stage 3")
-        group_of = {n: gi for n, _, gi in named}
-        persistent = persistent_params(self.module, zero.param_persistence_threshold,
-                                       zero.model_persistence_threshold)
-        kept = set(persistent)
-        reduce_dtype = _DTYPES.get(self.config.communication_data_type) if self.config.communication_data_type else None
-        self.policy = FullyShardedParams(self.module, zero, self.process_group, self.device,
-                                         dtype if self.precision.mixed else None, reduce_dtype, persistent)
-        if self._init_records is not None:
-            buffers = {name: b.to(self.device) for name, b in self.module.named_buffers()}
-            self.module.to_empty(device=self.device)  # this rank's shards (and the persistent params), empty
-            for name, b in buffers.items():
-                owner, _, leaf = name.rpartition(".")
-                self.module.get_submodule(owner)._buffers[leaf] = b
-            materialise(self.module, self._init_records, self.device, self._rows_of)
-            persistent = [p for p in dict.fromkeys(self.module.parameters()) if p not in self.policy.sharded_set]
-            current = {p: n for n, p in self.module.named_parameters()}
-            named = [(current[p], p, group_of[current[p]]) for p in persistent if current[p] in group_of]
-            kept = set(persistent)
-        self.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
-        # fp32 masters of the persistent params, from the fp32 originals
-        self.masters = Masters(self.buckets, self._num_groups, self.device,
-                               [[p.detach() for p in b.params] for b in self.buckets])
-        if self.precision.mixed:  # what is not sharded runs in the model dtype, as at stages 0-2
-            with torch.no_grad():
-                for p in persistent:
-                    p.data = p.data.to(dtype)
-                for b in self.module.buffers():
-                    if b.is_floating_point():
-                        b.data = b.data.to(dtype)
-        for b in self.buckets:
-            b.dtype = dtype
-            flatten_into_views(b, dtype, self.device)
-        self.masters.write_params()
-        current = dict(self.module.named_parameters())  # fully_shard replaced the params by DTensors
-        groups = [[] for _ in range(self._num_groups)]
-        for name, gi in group_of.items():
-            if current[name] in self.policy.sharded_set:
-                groups[gi].append(current[name])
-        # the persistent params' fp32 masters join their groups as replicated DTensors sharing the masters'
-        # storage: torch's foreach/fused optimizers refuse a group that mixes DTensors and plain tensors
-        from torch.distributed.tensor import DTensor, Replicate
-
-        self._master_dtensors = [
-            None if m is None else torch.nn.Parameter(
-                DTensor.from_local(m.data, self.policy.mesh, [Replicate()], run_check=False))
-            for m in self.masters.params]
-        for gi, wrapper in enumerate(self._master_dtensors):
-            if wrapper is not None:
-                groups[gi].append(wrapper)
-        self.optimizer = rebuild_optimizer(user_opt, groups)
-        #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
-        self._stage3_group_map = [gi for gi in range(self._num_groups) if groups[gi]]
-        register_engine_params(self, self.module)
-        persistent_reducer = None
-        if self.buckets:
-            persistent_reducer = AllReduceReducer(self.buckets, self.process_group, self.dp_world_size,
-                                                  zero.ignore_unused_parameters, reduce_dtype, self.device)
-        self.reducer = Stage3Reducer(self.policy, persistent_reducer)
+        build_stage3(self, user_opt, named)
 
     def _attach_master_grads(self) -> None:
         from torch.distributed.tensor import DTensor, Replicate
