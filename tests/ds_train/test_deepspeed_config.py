@@ -88,7 +88,8 @@ def test_unbuilt_feature_is_refused_by_name(key):
 
 
 def test_unbuilt_keys_of_other_layers_are_refused_too():
-    cases = [({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}}, "zero_quantized_gradients"),
+    cases = [({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}},
+              "zero_quantized_nontrainable_weights"),
              ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
              ({"prescale_gradients": True}, "prescale_gradients"),
              ({"amp": {"enabled": True}}, "amp"),

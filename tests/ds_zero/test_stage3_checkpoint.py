@@ -66,6 +66,8 @@ SAME_WORLD = {
     "fp32": {},
     "bf16-clip": {"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": 0.5},
     "fp16": {"fp16": {"enabled": True, "auto_cast": True, "initial_scale_power": 8}},
+    # qgZ: bit-identical only if the error-feedback residuals are saved and restored
+    "qgz": {"zero": {"zero_quantized_gradients": True}},
 }
 
 

@@ -154,6 +154,13 @@ class FullyShardedParams(ShardingPolicy):
             comm = quantized_all_gather_comm()
             for unit in [*self.units, self.root]:
                 unit.set_custom_all_gather(comm)
+        #: qgZ: one reduce-scatter (and error-feedback residual) per unit, in the order units were sharded
+        self.grad_comms = []
+        if zero.zero_quantized_gradients:
+            for unit in [*self.units, self.root]:
+                comm = quantized_reduce_scatter_comm()
+                unit.set_custom_reduce_scatter(comm)
+                self.grad_comms.append(comm)
         self.sharded = [p for p in dict.fromkeys(model.parameters()) if _is_dtensor(p)]
         self.sharded_set = set(self.sharded)
 
@@ -215,6 +222,54 @@ def quantized_all_gather_comm(bits: int = 8, block_size: int = QWZ_BLOCK_SIZE):
     return QuantizedWeightsAllGather()
 
 
+def quantized_reduce_scatter_comm(bits: int = 8, block_size: int = QWZ_BLOCK_SIZE):
+    """ZeRO++ qgZ with error feedback: an FSDP2 ``ReduceScatter`` that adds this rank's residual (what the
+    previous quantization of its contribution lost) to the unit's gradients, sends them as blockwise int8
+    (``ds_comm.quantized_reduce_scatter``: every destination chunk, one fp32 scale per ``block_size``, summed in
+    fp32) and keeps the new quantization error as the next residual. Over steps the errors cancel instead of
+    accumulating (the sum of what was reduced equals the sum of the true gradients minus the last residuals).
+    The residual is fp32 and as large as the unit's unsharded gradients: 4 bytes per param on every rank, the
+    price of the compensation. Synchronous; returns no work handle."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    except ImportError as exc:  # pragma: no cover
+        raise RuntimeError(f"zero_quantized_gradients needs FSDP2's custom reduce-scatter (torch >= 2.8): {exc}") from None
+    from ds_comm import quantized_reduce_scatter
+    from ds_comm.quantize import dequantize_rows, quantize_rows
+
+    class QuantizedGradReduceScatter(ReduceScatter):
+        def __init__(self) -> None:
+            self.residual: torch.Tensor | None = None
+
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            if op == dist.ReduceOp.AVG:
+                average = True
+            elif op == dist.ReduceOp.SUM:
+                average = False
+            else:
+                raise RuntimeError(f"zero_quantized_gradients: FSDP2 asked for reduce op {op}, only AVG and SUM are "
+                                   "supported (a custom gradient divide factor is not)")
+            world, n = dist.get_world_size(group), output_tensor.numel()
+            x = input_tensor.float()
+            if self.residual is not None:
+                if self.residual.shape != x.shape:
+                    raise RuntimeError(f"zero_quantized_gradients: the error-feedback residual has {self.residual.numel()} "
+                                       f"elements, the unit's gradients {x.numel()}")
+                x += self.residual
+            reduced = torch.empty(n, dtype=torch.float32, device=x.device)
+            quantized_reduce_scatter(reduced, x, group, bits=bits, block_size=block_size, average=average,
+                                     check_sizes=False)
+            codes, scales = quantize_rows(x.view(world, n), bits, block_size)  # exactly what was sent
+            self.residual = (x.view(world, n) - dequantize_rows(codes, scales, n, bits, block_size)).view(-1)
+            output_tensor.copy_(reduced)
+            return None
+
+    return QuantizedGradReduceScatter()
+
+
 class Stage3Reducer:
     """The gradient reduction of stage 3: FSDP2 reduce-scatters the sharded params' grads inside backward
     (or, off the accumulation boundary, lets them accumulate unsharded); the persistent params' grads go
@@ -251,11 +306,31 @@ class Stage3Reducer:
         if self.persistent is not None:
             self.persistent.zero_grads()
 
+    def reset_error_feedback(self) -> None:
+        """A skipped step's gradients held inf/NaN: its residuals would carry them into every later step."""
+        for comm in self.policy.grad_comms:
+            comm.residual = None
+
     def state_dict(self) -> dict:
-        return {}
+        """qgZ's residuals (per rank, in this world size's layout)."""
+        if not self.policy.grad_comms:
+            return {}
+        return {"qgz_residuals": [None if c.residual is None else c.residual.detach().cpu().clone()
+                                  for c in self.policy.grad_comms]}
 
     def load_state_dict(self, state: dict, *, world_size: int, rank: int) -> None:
-        return None
+        """Called on the same world size only (the residuals are this rank's contribution in this layout); a
+        checkpoint without them (another stage, qgZ off) starts with empty residuals."""
+        saved = state.get("qgz_residuals")
+        comms = self.policy.grad_comms
+        if saved is None or not comms:
+            return
+        if len(saved) != len(comms):
+            raise ValueError(f"the checkpoint holds qgZ residuals for {len(saved)} shard units, this run has "
+                             f"{len(comms)}")
+        device = self.policy.mesh.device_type
+        for comm, residual in zip(comms, saved):
+            comm.residual = None if residual is None else residual.to(device)
 
 
 def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:

@@ -205,6 +205,8 @@ class ZeroConfig(StrictModel):
     shard_units: list[str] | None = None
     #: ZeRO++ qwZ: the stage-3 parameter all-gather in blockwise int8 (ds-comm's quantizer)
     zero_quantized_weights: bool = False
+    #: ZeRO++ qgZ: the stage-3 gradient reduce-scatter in blockwise int8, with error feedback
+    zero_quantized_gradients: bool = False
 
     not_built_keys: ClassVar[dict[str, Any]] = {
         "offload_optimizer": None,
@@ -213,7 +215,6 @@ class ZeroConfig(StrictModel):
         "cpu_offload_param": False,
         "cpu_offload_use_pin_memory": False,
         "zero_quantized_nontrainable_weights": False,
-        "zero_quantized_gradients": False,
         "mics_shard_size": -1,
         "mics_hierarchical_params_gather": False,
         "memory_efficient_linear": True,
@@ -227,8 +228,6 @@ class ZeroConfig(StrictModel):
     not_built_hint: ClassVar[dict[str, str]] = {
         "offload_optimizer": "CPU/NVMe optimizer offload is not built",
         "offload_param": "parameter offload (ZeRO-3) is not built",
-        "zero_quantized_gradients": 'ZeRO++ qgZ is not built; for int8 gradient reduce-scatter at stages 1/2 use '
-                                    '"gradient_compression": {"type": "int8"}',
         "module_granularity_threshold": "stage-3 shard units are chosen by module class (zero_optimization."
                                         "shard_units), not by a size threshold",
         "use_all_reduce_for_fetch_params": "stage 3 gathers params with FSDP2's all-gather",
@@ -276,6 +275,9 @@ class ZeroConfig(StrictModel):
             if self.zero_hpz_partition_size != 1:
                 raise ValueError(f"zero_hpz_partition_size={self.zero_hpz_partition_size} (ZeRO++ hpZ) needs stage 3, "
                                  f"got stage {self.stage}")
+            if self.zero_quantized_gradients:
+                raise ValueError(f"zero_quantized_gradients (ZeRO++ qgZ) is built for stage 3 (got stage {self.stage}); "
+                                 'at stages 1/2 use "gradient_compression": {"type": "int8"}')
             if self.zero_quantized_weights:
                 raise ValueError(f"zero_quantized_weights (ZeRO++ qwZ) quantizes the stage-3 parameter all-gather; "
                                  f"it needs stage 3, got stage {self.stage}")

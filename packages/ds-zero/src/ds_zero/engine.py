@@ -317,6 +317,8 @@ class ZeroEngine:
         self.was_step_skipped = overflow
         if overflow:
             self.skipped_steps += 1
+            if self.stage == 3:
+                self.reducer.reset_error_feedback()
             logger.info("ds_zero: step %d skipped (inf/NaN gradients on at least one rank)", self.global_steps)
         else:
             if self.config.gradient_clipping > 0:
