@@ -223,7 +223,8 @@ def _hpz_resharded():
     x, y = micro_batch(0, 0, dist.get_rank(), dist.get_world_size(), 2, 1)
     loss = engine(x, y)
     state = engine.module.fc2._get_fsdp_state()._fsdp_param_group.fsdp_params[0]
-    post = tuple(state._sharded_post_forward_param_data.shape) if state._sharded_post_forward_param_data is not None else None
+    data = state._sharded_post_forward_param_data
+    post = tuple(data.shape) if data is not None else None
     engine.backward(loss)
     engine.step()
     return post
@@ -320,7 +321,8 @@ def test_qgz_error_feedback_cancels_the_quantization_error_over_steps():
     for exact, outputs, residual in run_distributed(_qgz_error_feedback, 2, calls):
         single = float((outputs[0] - exact).abs().max())
         assert single > 0
-        torch.testing.assert_close(outputs.sum(0), calls * exact - residual, rtol=0, atol=1e-5 * float(exact.abs().max()))
+        torch.testing.assert_close(outputs.sum(0), calls * exact - residual, rtol=0,
+                                   atol=1e-5 * float(exact.abs().max()))
         mean_error = float((outputs.mean(0) - exact).abs().max())
         assert mean_error <= float(residual.abs().max()) / calls * 1.001 + 1e-6 * float(exact.abs().max())
         assert mean_error < single

@@ -233,7 +233,8 @@ def quantized_reduce_scatter_comm(bits: int = 8, block_size: int = QWZ_BLOCK_SIZ
     try:
         from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
     except ImportError as exc:  # pragma: no cover
-        raise RuntimeError(f"zero_quantized_gradients needs FSDP2's custom reduce-scatter (torch >= 2.8): {exc}") from None
+        raise RuntimeError("zero_quantized_gradients needs FSDP2's custom reduce-scatter (torch >= 2.8): "
+                           f"{exc}") from None
     from ds_comm import quantized_reduce_scatter
     from ds_comm.quantize import dequantize_rows, quantize_rows
 
@@ -256,8 +257,8 @@ def quantized_reduce_scatter_comm(bits: int = 8, block_size: int = QWZ_BLOCK_SIZ
             x = input_tensor.float()
             if self.residual is not None:
                 if self.residual.shape != x.shape:
-                    raise RuntimeError(f"zero_quantized_gradients: the error-feedback residual has {self.residual.numel()} "
-                                       f"elements, the unit's gradients {x.numel()}")
+                    raise RuntimeError("zero_quantized_gradients: the error-feedback residual has "
+                                       f"{self.residual.numel()} elements, the unit's gradients {x.numel()}")
                 x += self.residual
             reduced = torch.empty(n, dtype=torch.float32, device=x.device)
             quantized_reduce_scatter(reduced, x, group, bits=bits, block_size=block_size, average=average,

@@ -276,8 +276,8 @@ class ZeroConfig(StrictModel):
                 raise ValueError(f"zero_hpz_partition_size={self.zero_hpz_partition_size} (ZeRO++ hpZ) needs stage 3, "
                                  f"got stage {self.stage}")
             if self.zero_quantized_gradients:
-                raise ValueError(f"zero_quantized_gradients (ZeRO++ qgZ) is built for stage 3 (got stage {self.stage}); "
-                                 'at stages 1/2 use "gradient_compression": {"type": "int8"}')
+                raise ValueError(f"zero_quantized_gradients (ZeRO++ qgZ) is built for stage 3 (got stage "
+                                 f'{self.stage}); at stages 1/2 use "gradient_compression": {{"type": "int8"}}')
             if self.zero_quantized_weights:
                 raise ValueError(f"zero_quantized_weights (ZeRO++ qwZ) quantizes the stage-3 parameter all-gather; "
                                  f"it needs stage 3, got stage {self.stage}")
