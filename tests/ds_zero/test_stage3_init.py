@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from harness import run_distributed
 from torch import nn
-from zero_cases import full_state, make_model, micro_batch, param_groups
+from zero_cases import full_state, make_model, micro_batch
 
 import ds_zero
 
