@@ -38,11 +38,17 @@ def materialize_optimizer(optimizer: OptimizerArg, trainable: list[torch.nn.Para
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if callable(optimizer):
+        built = None
         if template_only:
             stand_ins = [torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                          for p in trainable]
-            built = optimizer(stand_ins)
-        else:
+            try:
+                built = optimizer(stand_ins)
+            except Exception as exc:  # noqa: BLE001 - e.g. an optimizer that communicates its params at construction
+                logger.debug("ds_zero: the optimizer callable failed on meta stand-ins (%s); building it over the "
+                             "params", exc)
+                template_only = False
+        if built is None:
             built = optimizer(trainable)
         if not isinstance(built, torch.optim.Optimizer):
             raise TypeError(f"the optimizer callable returned {type(built).__name__}, not a torch.optim.Optimizer")
