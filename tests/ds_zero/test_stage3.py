@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import run_distributed
-from zero_cases import compare, make_model, micro_batch, param_groups, reference, run_scenarios
+from zero_cases import compare, full_state, make_model, micro_batch, param_groups, reference, run_scenarios
 
 SHARD_ALL = {"param_persistence_threshold": 0, "shard_units": ["Linear"]}
 BIASES_PERSIST = {"stage3_param_persistence_threshold": 30, "shard_units": ["Linear"]}
@@ -37,6 +37,10 @@ SCENARIOS = {
     "frozen": (dict(stage=3, steps=3, frozen=True, cfg_extra=_z(SHARD_ALL)), dict(frozen=True)),
     "tied-root-unit": (dict(stage=3, steps=3, tied=True, cfg_extra=_z({"param_persistence_threshold": 0})),
                        dict(tied=True)),
+    # DeepSpeed's default reuse distance keeps every unit gathered after a forward; a no_grad forward between
+    # backward and step then leaves them gathered across the step (the step must free them)
+    "eval-forward-before-step": (dict(stage=3, steps=3, eval_forward=True, cfg_extra=_z(
+        {"param_persistence_threshold": 0, "shard_units": ["Linear"]})), {}),
     "no-sync-accum2": (dict(stage=3, steps=3, ga=2, no_sync=True, cfg_extra=_z(SHARD_ALL)), {}),
     # prefetch two units ahead, keep nothing gathered between forward and backward
     "prefetch2-no-reuse": (dict(stage=3, steps=3, cfg_extra=_z({**SHARD_ALL, "stage3_prefetch_bucket_size": 1200,
@@ -352,3 +356,47 @@ def test_qgz_training_follows_the_unquantized_run():
     for h in (got[0][2], got[1][2]):
         assert [s["skipped"] for s in h] == [False, True, False, False]
         assert all(torch.isfinite(v).all() for s in h for v in s["params"].values())
+
+
+def _zero_grad_mid_accumulation():
+    import ds_zero
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for scale_first in (None, 0.0):
+        model = make_model()
+        engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), {
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+            "zero_optimization": {"stage": 3, **BIASES_PERSIST}})
+        for micro in range(2):
+            x, y = micro_batch(0, micro, rank, world, 2, 2)
+            loss = engine(x, y)
+            engine.backward(loss * scale_first if micro == 0 and scale_first is not None else loss)
+            engine.step()
+            if micro == 0 and scale_first is None:
+                engine.zero_grad()  # drops micro-batch 0's gradients, sharded and persistent alike
+        out.append(full_state(engine.module))
+    return out
+
+
+def test_zero_grad_during_accumulation_drops_every_accumulated_gradient():
+    for dropped, zero_loss in run_distributed(_zero_grad_mid_accumulation, 2):
+        for name, value in zero_loss.items():
+            torch.testing.assert_close(dropped[name], value, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def _fp16_default_threshold():
+    import ds_zero
+
+    model = make_model()  # every param under DeepSpeed's default persistence threshold (1e5): none sharded
+    engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), {
+        "train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True, "auto_cast": True},
+        "zero_optimization": {"stage": 3}})
+    x, y = micro_batch(0, 0, dist.get_rank(), dist.get_world_size(), 2, 1)
+    engine.backward(engine(x, y))
+    engine.step()
+    return len(engine.policy.sharded), engine.global_steps
+
+
+def test_fp16_with_every_param_persistent_steps():
+    assert run_distributed(_fp16_default_threshold, 2) == [(0, 1), (0, 1)]

@@ -55,6 +55,48 @@ def test_init_builds_the_same_model_as_eager_construction():
     assert all(torch.equal(rng, torch.get_rng_state()) for _, _, rng in results)
 
 
+class Parent(nn.Module):
+    """reset_parameters sets a child's params (as nn.MultiheadAttention does with out_proj.bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(8))
+        self.lin = nn.Linear(8, 8)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.scale)
+        nn.init.zeros_(self.lin.weight)
+
+    def forward(self, x, y=None):
+        out = self.lin(x * self.scale)
+        return out if y is None else (out - y).square().mean()
+
+
+def _init_special_cases():
+    from zero_cases import MLP
+
+    out = {}
+    for name, cls, kwargs in (("tied", MLP, {"tied": True}), ("parent", Parent, {})):
+        torch.manual_seed(3)
+        eager = cls(**kwargs)
+        expected = {k: v.clone() for k, v in eager.state_dict().items()}
+        torch.manual_seed(3)
+        with ds_zero.Init():
+            lazy = cls(**kwargs)
+        engine = _engine(lazy, {"train_micro_batch_size_per_gpu": 2,  # the root unit: ties stay in one unit
+                                "zero_optimization": {"stage": 3, "param_persistence_threshold": 0}})
+        got = full_state(engine.module)
+        out[name] = {k: torch.equal(got[k], v.float()) for k, v in expected.items()}
+    return out
+
+
+def test_init_with_tied_weights_and_a_parent_initialising_its_child():
+    for result in run_distributed(_init_special_cases, 2, timeout=120):
+        for name, same in result.items():
+            assert all(same.values()), (name, same)
+
+
 class NoReset(nn.Module):
     def __init__(self):
         super().__init__()

@@ -52,6 +52,7 @@ def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, sharded: bool, g
     value = float(norm)
     if max_norm > 0:
         coef = max_norm / (value + 1e-6)
-        if coef < 1.0:
-            torch._foreach_mul_([g for g in grads if g.numel()], coef)
+        nonempty = [g for g in grads if g.numel()]
+        if coef < 1.0 and nonempty:  # a rank may hold only empty shards
+            torch._foreach_mul_(nonempty, coef)
     return value

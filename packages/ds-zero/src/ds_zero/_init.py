@@ -137,7 +137,11 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
 
     ``records_by_name``: param name -> its Init record; ``rows_of(full, local)``: this rank's rows of ``full``.
     """
-    record = next(iter(records_by_name.values()))
+    records = {id(r): r for r in records_by_name.values()}
+    if len(records) > 1:
+        raise ValueError(f"the model's parameters were built under {len(records)} separate ds_zero.Init() blocks; "
+                         "build the model inside one (its initialisers are replayed from that block's RNG state)")
+    record = next(iter(records.values()))
     names = {}
     for name, p in model.named_parameters():
         names.setdefault(p, name)
@@ -145,13 +149,18 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
     rng_before = torch.get_rng_state()
     torch.set_rng_state(record.rng_at_enter)
     try:
-        for mod_name, module in model.named_modules():
-            own = [(n, p) for n, p in module._parameters.items() if p is not None and p not in done
+        # children before parents: a parent's reset_parameters runs at the end of its __init__, after its
+        # children were built, and may set their params (nn.MultiheadAttention sets out_proj.bias)
+        for mod_name, module in _post_order(model):
+            own = [(n, p) for n, p in module._parameters.items() if p is not None
                    and names.get(p) in records_by_name]
             if not own:
                 continue
             init_fn = record.param_init_fn
-            if init_fn is None and not callable(getattr(module, "reset_parameters", None)):
+            has_init = init_fn is not None or callable(getattr(module, "reset_parameters", None))
+            if all(p in done for _, p in own) and not has_init:
+                continue  # only tied params, initialised with their first owner
+            if not has_init:
                 cls = type(module).__name__
                 if type(module).__bases__[0].__name__ == "FSDPModule":  # fully_shard's FSDP<Class> subclass
                     cls = type(module).__bases__[1].__name__
@@ -159,6 +168,8 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
                                  f"{[n for n, _ in own]} built under ds_zero.Init but no reset_parameters() to "
                                  "initialise them; pass ds_zero.Init(param_init_fn=fn), fn(module) initialising a "
                                  "module's own params")
+            # every own param gets a whole temporary, already initialised ones (tied weights) too: the initialiser
+            # then draws the same random numbers as eagerly, and only the not yet initialised ones are kept
             sharded = {}
             for n, p in own:
                 sharded[n] = p
@@ -166,6 +177,8 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
             try:
                 (init_fn or type(module).reset_parameters)(module)
                 for n, p in own:
+                    if p in done:
+                        continue
                     full = module._parameters[n].data
                     local = p._local_tensor if hasattr(p, "_local_tensor") else p.data
                     local.copy_(rows_of(full, local) if hasattr(p, "_local_tensor") else full)
@@ -179,6 +192,12 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
     if record.rng_at_exit is not None and torch.equal(rng_before, record.rng_at_exit):
         # nothing random ran since the Init block: continue where eager construction would have left the RNG
         torch.set_rng_state(rng_after)
+
+
+def _post_order(model: nn.Module, prefix: str = ""):
+    for name, child in model.named_children():
+        yield from _post_order(child, f"{prefix}{name}.")
+    yield prefix.rstrip("."), model
 
 
 def register_engine_params(engine, model: nn.Module) -> None:

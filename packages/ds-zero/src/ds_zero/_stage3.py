@@ -181,8 +181,22 @@ class FullyShardedParams(ShardingPolicy):
         return [p.grad._local_tensor for p in self.sharded if p.grad is not None]
 
     def zero_grads(self) -> None:
+        """Drop every gradient, the ones FSDP2 accumulates unsharded off the boundary (no_sync) included."""
         for p in self.sharded:
             p.grad = None
+        for unit in [*self.units, self.root]:
+            group = unit._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in (group.fsdp_params if group is not None else ()):
+                fsdp_param.unsharded_accumulated_grad = None
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
+
+    def rescale_error_feedback(self, factor: float) -> None:
+        """qgZ's residuals are in loss-scaled units: follow a change of the fp16 loss scale."""
+        for comm in self.grad_comms:
+            if comm.residual is not None:
+                comm.residual.mul_(factor)
 
 
 def _is_dtensor(t) -> bool:

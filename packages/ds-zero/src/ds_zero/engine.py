@@ -295,8 +295,11 @@ class ZeroEngine:
         factor = (1.0 / self.dp_world_size if summed else 1.0) / self.precision.loss_scale
         replicated: list[torch.Tensor] = []
         if self.stage == 3:
+            # a forward without backward (evaluation) leaves kept units gathered: free them, so that the next
+            # forward gathers what this step writes into the shards
+            self.policy.reshard()
             grads = self.policy.local_grads()  # averaged by FSDP2
-            if self.precision.loss_scale != 1.0:
+            if self.precision.loss_scale != 1.0 and grads:
                 torch._foreach_mul_(grads, 1.0 / self.precision.loss_scale)
             replicated = self.masters.ensure_grads()
             for b in self.buckets:
@@ -313,7 +316,10 @@ class ZeroEngine:
                 self.masters.grad_shard(b).copy_(b.shard_grad)
             torch._foreach_mul_(grads, factor)
         overflow = self.precision.has_overflow(grads + replicated)
+        scale_before = self.precision.loss_scale
         self.precision.update(overflow)
+        if self.stage == 3 and not overflow and self.precision.loss_scale != scale_before:
+            self.policy.rescale_error_feedback(self.precision.loss_scale / scale_before)
         self.was_step_skipped = overflow
         if overflow:
             self.skipped_steps += 1

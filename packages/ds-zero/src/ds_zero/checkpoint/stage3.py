@@ -78,14 +78,17 @@ def rank_entries(engine) -> dict:
     group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
     for p in engine.policy.sharded:
         local = p._local_tensor
-        entry = {"offset": row_offset(p.shape[0], world, rank), "param": local.detach().cpu().clone(), "states": {}}
+        entry = {"offset": row_offset(p.shape[0], world, rank), "param": local.detach().cpu().clone(), "states": {},
+                 "scalars": {}}
         for key, value in engine.optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == tuple(p.shape):
                 entry["states"][key] = _local(value).detach().cpu().clone()
             elif p in group_of:
+                # per param: a param without a grad on some steps (used only some of the time) took fewer steps
                 value = _local(value) if isinstance(value, torch.Tensor) else value
-                scalars.setdefault(group_of[p], {})[key] = value.detach().cpu().clone() if isinstance(
-                    value, torch.Tensor) else value
+                value = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+                entry["scalars"][key] = value
+                scalars.setdefault(group_of[p], {})[key] = value
         shards[names[p]] = entry
     out = {"shards": shards, "scalars": scalars}
     if rank == 0:
@@ -116,7 +119,7 @@ def _rank_files(ckpt_dir: str, marker: dict, world: int) -> list[dict]:
 def full_from_stage3(ckpt_dir: str, marker: dict, model: dict) -> dict:
     """The full form (``reshard``'s) of a stage-3 checkpoint; also ``"frozen"``: full sharded frozen params."""
     files = _rank_files(ckpt_dir, marker, model["dp_world_size"])
-    params, states, frozen = {}, {}, {}
+    params, states, frozen, param_scalars = {}, {}, {}, {}
     for name, info in model["sharded"].items():
         pieces = [(f["shards"][name]["offset"], f["shards"][name]["param"]) for f in files if name in f["shards"]]
         value = _assemble(pieces, info["shape"], repr(name), ckpt_dir)
@@ -124,6 +127,9 @@ def full_from_stage3(ckpt_dir: str, marker: dict, model: dict) -> dict:
             frozen[name] = value
             continue
         params[name] = value
+        per_param = files[0]["shards"].get(name, {}).get("scalars")
+        if per_param:
+            param_scalars[name] = per_param
         keys = set(files[0]["shards"].get(name, {}).get("states", {}))
         if keys:
             states[name] = {k: _assemble([(f["shards"][name]["offset"], f["shards"][name]["states"][k]) for f in files],
@@ -139,7 +145,7 @@ def full_from_stage3(ckpt_dir: str, marker: dict, model: dict) -> dict:
     for gi, st in persistent["scalars"].items():
         scalars.setdefault(gi, {}).update({k: v for k, v in st.items() if k not in scalars.get(gi, {})})
     return {"params": params, "states": states, "scalars": scalars, "param_groups": model["param_groups"],
-            "frozen": frozen}
+            "frozen": frozen, "param_scalars": param_scalars}
 
 
 def module_state_from_stage3(model: dict, full: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -224,6 +230,9 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
                                                      p.placements, run_check=False)
                 if st:
                     st.update(_scalar_copy(full, gi))
+                    if p in engine.policy.sharded_set:  # this param's own step count, where the checkpoint has it
+                        own = full.get("param_scalars", {}).get(names[p], {})
+                        st.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in own.items()})
                     sd["state"][index] = st
                 ids.append(index)
                 index += 1
