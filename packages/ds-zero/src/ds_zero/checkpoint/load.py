@@ -21,7 +21,7 @@ import torch
 
 from ._io import CheckpointError, model_file, optim_file, read_marker, resolve_tag, safe_load
 from . import stage3
-from .reshard import bucket_full, full_from_direct, full_from_master_shards
+from .reshard import bucket_full, full_from_direct, full_from_master_shards, master_states_from_full
 
 logger = logging.getLogger("ds_zero")
 
@@ -103,18 +103,7 @@ def _load_masters_from_full(engine, full: dict, with_states: bool) -> None:
                 lo, hi = b.shard_range
                 masters.shard(b).copy_(bucket_full(b, full["params"], "fp32 master")[lo:hi])
         if with_states:
-            keys = set()
-            for b in buckets:
-                for n in b.names:
-                    keys.update(full["states"].get(n, {}))
-            st = {}
-            for key in sorted(keys):
-                pieces = []
-                for b in buckets:
-                    lo, hi = b.shard_range
-                    values = {n: full["states"][n][key] for n in b.names if key in full["states"].get(n, {})}
-                    pieces.append(bucket_full(b, values, f"optimizer state {key!r}")[lo:hi])
-                st[key] = torch.cat(pieces)
+            st = master_states_from_full(buckets, full)
             if st:
                 st.update(_scalars(full, gi))
                 sd["state"][j] = st

@@ -98,3 +98,18 @@ def bucket_full(bucket, values: dict[str, torch.Tensor], what: str) -> torch.Ten
                                   f"{tuple(p.shape)} in the model")
         view.copy_(src)
     return flat
+
+
+def master_states_from_full(buckets, full: dict) -> dict[str, torch.Tensor]:
+    """The per-element optimizer states of one param group's fp32 master (``buckets``: that group's buckets in
+    master order): this rank's shard of each bucket, cut from the full form and concatenated."""
+    keys = {k for b in buckets for n in b.names for k in full["states"].get(n, {})}
+    out = {}
+    for key in sorted(keys):
+        pieces = []
+        for b in buckets:
+            lo, hi = b.shard_range
+            values = {n: full["states"][n][key] for n in b.names if key in full["states"].get(n, {})}
+            pieces.append(bucket_full(b, values, f"optimizer state {key!r}")[lo:hi])
+        out[key] = torch.cat(pieces)
+    return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ._io import CheckpointError, optim_file, safe_load
-from .reshard import bucket_full, full_from_master_shards
+from .reshard import bucket_full, full_from_master_shards, master_states_from_full
 
 
 def _local(t):
@@ -218,15 +218,9 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
                                                      run_check=False)
                 else:  # the persistent params' master of group gi
                     buckets = sorted((b for b in engine.buckets if b.group_index == gi), key=lambda b: b.master_offset)
-                    keys = {k for b in buckets for n in b.names for k in full["states"].get(n, {})}
-                    for key in sorted(keys):
-                        pieces = []
-                        for b in buckets:
-                            lo, hi = b.shard_range
-                            values = {n: full["states"][n][key] for n in b.names if key in full["states"].get(n, {})}
-                            pieces.append(bucket_full(b, values, f"optimizer state {key!r}")[lo:hi])
+                    for key, value in master_states_from_full(buckets, full).items():
                         # the master joins the optimizer as a replicated DTensor: its state must be one too
-                        st[key] = DTensor.from_local(torch.cat(pieces).to(p._local_tensor.device), p.device_mesh,
+                        st[key] = DTensor.from_local(value.to(p._local_tensor.device), p.device_mesh,
                                                      p.placements, run_check=False)
                 if st:
                     st.update(_scalar_copy(full, gi))
