@@ -258,3 +258,45 @@ def test_cpu_adam_writes_the_16bit_copy_in_the_same_step(backend, copy_dtype):
     assert sum(t.numel() for t in opt.flat_copies()) == sum(p.numel() for p in ours.parameters())
     with pytest.raises(ValueError, match="fp32 on the CPU"):
         CPUAdam([torch.nn.Parameter(torch.randn(3).bfloat16())])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedLamb, FusedLion])
+def test_step_with_supplied_low_precision_grads_equals_widened_grads(backend, cls):
+    """``step(grads=...)``: bf16 grads for fp32 params give exactly the update of the same values widened to fp32
+    and set as ``.grad`` (the kernels widen exactly), with no flat grad buffer ever allocated and ``.grad`` left
+    alone; a param whose grad is None is not stepped; two params in one group take the staged copy."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (11,), (3, 3)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    groups = lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-3}]  # noqa: E731
+    opt_a, opt_b = cls(groups(a), lr=1e-2, backend=backend), cls(groups(b), lr=1e-2, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        low = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+        if step == 2:
+            low[2] = None  # no grad this step: that param is not stepped (and its step count stays)
+        opt_a.step(grads=low)
+        for p, gl in zip(b, low):
+            p.grad = None if gl is None else gl.float()
+        opt_b.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        assert pa.grad is None
+    for buckets in opt_a._buckets:
+        assert not any(bucket.holds_grad_buffer for bucket in buckets)
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    for i in sb:
+        for key in sb[i]:
+            torch.testing.assert_close(sa[i][key], sb[i][key], rtol=0, atol=0)
+
+
+def test_step_with_supplied_grads_refuses_a_wrong_count_or_shape():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = FusedAdamW([p], lr=1e-2)
+    with pytest.raises(ValueError, match="got 2 grads for 1 params"):
+        opt.step(grads=[torch.zeros(4), torch.zeros(4)])
+    with pytest.raises(ValueError, match=r"a grad of shape \(5,\)"):
+        opt.step(grads=[torch.zeros(5)])
+    assert float(opt.state_dict()["state"].get(0, {}).get("step", 0)) == 0

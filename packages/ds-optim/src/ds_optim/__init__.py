@@ -4,9 +4,12 @@
   :class:`FusedAdagrad`, and the CPU offload step :class:`CPUAdam` (fused bf16/fp16 copy-out);
 - kernel backends chosen per device (``kernels.select_backend``): CuPy / numba-cuda on CUDA, Numba on the CPU,
   a pure-torch reference everywhere; ``backend=`` or ``$DS_OPTIM_BACKEND`` overrides;
-- DTensor params (FSDP2's ``fully_shard``) stepped in place on their local shards, DTensor states as torch's.
+- DTensor params (FSDP2's ``fully_shard``) stepped in place on their local shards, DTensor states as torch's;
+- :class:`FlatOptimizer`, the base of them all: ``step(grads=...)`` takes grads of another dtype than the params
+  (bf16 grads for fp32 masters), which a ZeRO engine uses to step without an fp32 gradient copy.
 """
 
+from ._optimizer import FlatOptimizer
 from ._version import __version__
 from .adagrad import FusedAdagrad
 from .adam import FusedAdam, FusedAdamW
@@ -19,6 +22,7 @@ from .lr_schedules import SCHEDULERS, LRRangeTest, OneCycle, WarmupCosineLR, War
 
 __all__ = [
     "__version__",
+    "FlatOptimizer",
     "FusedAdam",
     "FusedAdamW",
     "FusedLamb",

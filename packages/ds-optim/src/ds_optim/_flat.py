@@ -94,15 +94,52 @@ class FlatBucket(_Bucket):
         self._init_slots(params, [p.numel() for p in params], state_names, state_dtype)
         total = self.numel
         self.param_flat = torch.empty(total, dtype=self.dtype, device=self.device)
-        self.grad_flat = torch.zeros(total, dtype=self.dtype, device=self.device)
-        self.param_views, self.grad_views = [], []
+        self.param_views = []
         with torch.no_grad():
             for p, lo, hi in zip(params, self.offsets, self.offsets[1:]):
                 view = self.param_flat[lo:hi].view_as(p)
                 view.copy_(p)
                 p.data = view
                 self.param_views.append(view)
-                self.grad_views.append(self.grad_flat[lo:hi].view_as(p))
+        # The flat grad buffer is made on first use: an optimizer stepped with ``step(grads=...)`` (a ZeRO
+        # engine handing in its reduced 16-bit shards) never holds one, which saves a full fp32 copy.
+        self._grad_flat: torch.Tensor | None = None
+        self._grad_views: list[torch.Tensor] = []
+
+    @property
+    def grad_flat(self) -> torch.Tensor:
+        if self._grad_flat is None:
+            self._grad_flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self._grad_views = [self._grad_flat[lo:hi].view_as(p)
+                                for p, lo, hi in zip(self.params, self.offsets, self.offsets[1:])]
+        return self._grad_flat
+
+    @property
+    def grad_views(self) -> list[torch.Tensor]:
+        self.grad_flat  # noqa: B018 - allocates the buffer and its views on first use
+        return self._grad_views
+
+    @property
+    def holds_grad_buffer(self) -> bool:
+        return self._grad_flat is not None
+
+    def flat_of(self, grads: list) -> tuple[torch.Tensor | None, list[bool] | None]:
+        """``step(grads=...)``: the bucket's grads as one flat tensor (whatever their floating dtype, the kernels
+        read them as they are) and which params have one (``None``: all). A lone contiguous grad is used where
+        it is, else the grads are copied into a transient flat of their dtype; the params' ``.grad`` and the
+        persistent grad buffer are left alone."""
+        present = [g is not None for g in grads]
+        if not any(present):
+            return None, present
+        dtypes = {g.dtype for g in grads if g is not None}
+        if len(self.params) == 1 and grads[0].is_contiguous():
+            return grads[0].view(-1), None
+        dtype = dtypes.pop() if len(dtypes) == 1 else self.dtype
+        flat = torch.zeros(self.numel, dtype=dtype, device=self.device)
+        pairs = [(flat[lo:hi], g.reshape(-1)) for g, lo, hi in zip(grads, self.offsets, self.offsets[1:])
+                 if g is not None]
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        return flat, None if all(present) else present
 
     def local_shape(self, i: int) -> torch.Size:
         return self.params[i].shape
@@ -120,7 +157,7 @@ class FlatBucket(_Bucket):
     def gather_grads(self) -> list[bool] | None:
         """Make the flat grad buffer hold every present grad; return which params have one (``None``: all)."""
         grads = [p.grad for p in self.params]
-        if all(map(operator.is_, grads, self.grad_views)):
+        if self._grad_flat is not None and all(map(operator.is_, grads, self._grad_views)):
             return None
         present = [g is not None for g in grads]
         dst, src = [], []
@@ -144,8 +181,10 @@ class FlatBucket(_Bucket):
     def zero_grads(self) -> None:
         """``zero_grad(set_to_none=False)``: one fill of the flat grad buffer zeroes every grad living in it;
         grads elsewhere (DDP bucket views) are zeroed in place; ``None`` grads stay ``None``, as in torch."""
-        self.grad_flat.zero_()
-        for p, view in zip(self.params, self.grad_views):
+        if self._grad_flat is not None:
+            self._grad_flat.zero_()
+        views = self._grad_views if self._grad_flat is not None else [None] * len(self.params)
+        for p, view in zip(self.params, views):
             g = p.grad
             if g is not None and g is not view:
                 if g.grad_fn is not None:

@@ -132,6 +132,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         if devices:
             select_backend(next(iter(devices)), self._backend_request)  # fail early if the backend is missing
 
+    @property
+    def backend_request(self) -> str | None:
+        """The ``backend=`` this optimizer was built with (None: chosen per device)."""
+        return self._backend_request
+
     def kernels_for(self, device: torch.device) -> OptimizerKernels:
         return select_backend(device, self._backend_request)
 
@@ -154,11 +159,20 @@ class FlatOptimizer(torch.optim.Optimizer):
         return None
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grads=None):
+        """One update of every param that has a grad.
+
+        ``grads`` (keyword only, ds-optim's addition to torch's signature): one tensor or ``None`` per param, in
+        the order of ``param_groups`` and their ``params``, used instead of the params' ``.grad``. A grad may
+        have another floating dtype than its param (bf16 grads for fp32 params: the kernels read them as they
+        are, where torch would refuse such a ``.grad``), so a ZeRO engine steps its fp32 masters straight from
+        its reduced 16-bit gradient shards, with no fp32 copy and no persistent grad buffer here. ``.grad`` is
+        neither read nor written then. Not for DTensor params (their ``.grad`` is their layout's)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        supplied = self._supplied_grads(grads) if grads is not None else None
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group, buckets, loose in zip(self.param_groups, self._buckets, self._loose):
@@ -166,11 +180,38 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if isinstance(bucket, ShardBucket):
                     self._step_shards(group, bucket, grad_scale, found_inf)
                 else:
-                    self._step_bucket(group, bucket, grad_scale, found_inf)
+                    mine = None if supplied is None else [supplied.get(p) for p in bucket.params]
+                    self._step_bucket(group, bucket, grad_scale, found_inf, mine)
             for p in loose:
-                if p.grad is not None:
-                    self._step_loose(group, p, grad_scale, found_inf)
+                g = p.grad if supplied is None else supplied.get(p)
+                if g is not None:
+                    self._step_loose(group, p, grad_scale, found_inf, g)
         return loss
+
+    def _supplied_grads(self, grads) -> dict:
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"{type(self).__name__}.step(grads=...): got {len(grads)} grads for {len(params)} params "
+                             "(one per param of param_groups, in order; None for a param without a grad)")
+        out = {}
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if _dtensor.is_dtensor(p) or _dtensor.is_dtensor(g):
+                raise ValueError(f"{type(self).__name__}.step(grads=...) does not take DTensor params or grads; "
+                                 "set their .grad (FSDP2 does) and call step()")
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if g.numel() != p.numel() or g.device != p.device or not g.is_floating_point():
+                # checked for every param before any is stepped: nothing half-applied
+                raise ValueError(
+                    f"{type(self).__name__}.step(grads=...): a grad of shape {tuple(g.shape)} ({g.dtype}, {g.device}) "
+                    f"for a parameter of shape {tuple(p.shape)} on {p.device}; each grad needs the parameter's number "
+                    "of elements, its device and a floating dtype"
+                )
+            out[p] = g
+        return out
 
     @staticmethod
     def _advance(steps: torch.Tensor, found_inf) -> None:
@@ -179,13 +220,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         else:  # a skipped step is not counted, without reading found_inf on the host
             steps.add_(1 - found_inf.to(steps.device, torch.float32))
 
-    def _step_bucket(self, group, bucket: FlatBucket, grad_scale, found_inf) -> None:
-        present = bucket.gather_grads()
+    def _step_bucket(self, group, bucket: FlatBucket, grad_scale, found_inf, supplied=None) -> None:
+        if supplied is None:
+            present = bucket.gather_grads()
+            grad_flat = bucket.grad_flat if present is None or any(present) else None
+        else:
+            grad_flat, present = bucket.flat_of(supplied)
         kernels = self.kernels_for(bucket.device)
         if present is None and bucket.uniform:
             # the common case: every param has a grad and the same step count: one launch, no per-param work
             self._advance(bucket.steps, found_inf)
-            self._update(kernels, group, bucket.param_flat, bucket.grad_flat, bucket.states, bucket.steps[0],
+            self._update(kernels, group, bucket.param_flat, grad_flat, bucket.states, bucket.steps[0],
                          grad_scale, found_inf, self._out_for(bucket, 0, bucket.numel), bucket.offsets)
             bucket.count_uniform_step()
             if not bucket.states_published:
@@ -202,7 +247,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             lo, hi = bucket.offsets[i0], bucket.offsets[i1]
             states = {name: flat[lo:hi] for name, flat in bucket.states.items()}
             offsets = [o - lo for o in bucket.offsets[i0 : i1 + 1]]
-            self._update(kernels, group, bucket.param_flat[lo:hi], bucket.grad_flat[lo:hi], states,
+            self._update(kernels, group, bucket.param_flat[lo:hi], grad_flat[lo:hi], states,
                          bucket.steps[i0], grad_scale, found_inf, self._out_for(bucket, lo, hi), offsets)
         self._count_present(bucket, present, found_inf)
 
@@ -264,8 +309,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             self.state[p] = {"step": bucket.steps[i]}
             self.state[p].update({name: bucket.state_view(name, i) for name in self.state_names})
 
-    def _step_loose(self, group, p, grad_scale, found_inf) -> None:
-        g = p.grad
+    def _step_loose(self, group, p, grad_scale, found_inf, g) -> None:
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         sharded = _dtensor.is_dtensor(p)

@@ -61,9 +61,9 @@ class FusedLamb(FlatOptimizer):
         self._last_coeffs.append(_lamb_whole_norms(group, p, g, states["exp_avg"], states["exp_avg_sq"], step,
                                                    grad_scale, found_inf, offsets, params))
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, grads=None):
         self._last_coeffs: list[torch.Tensor] = []
-        return super().step(closure)
+        return super().step(closure, grads=grads)
 
     def get_lamb_coeffs(self) -> list[float]:
         """The trust ratios of the last step, one per updated tensor, in bucket order (syncs)."""
