@@ -9,6 +9,10 @@
 - BEHAVE_IGNORE_TERM=1: ignore SIGTERM (the supervisor must SIGKILL after its grace period);
 - BEHAVE_PRINT=1: print a few long lines (output prefixing must keep them whole).
 - BEHAVE_PROGRESS=1: redraw a progress line with carriage returns, as tqdm does, then end it with a newline.
+- BEHAVE_STOP_RANK=r: rank r beats "step 1" and then SIGSTOPs itself (only while restart < BEHAVE_FAIL_UNTIL_RESTART);
+- BEHAVE_SILENT_RANK=r: rank r beats "step 1", "step 2" and then sleeps without beating (same restart rule);
+- BEHAVE_DONE_ABORT_RANK=r: rank r beats "done" and then aborts (SIGABRT), as a crash in interpreter teardown;
+- BEHAVE_DONE_HANG_RANK=r: rank r beats "done" and then sleeps instead of exiting.
 """
 
 import glob
@@ -42,6 +46,31 @@ if os.environ.get("BEHAVE_PROGRESS") == "1":
     sys.stderr.flush()
 fail_rank = int(os.environ.get("BEHAVE_FAIL_RANK", "-1"))
 until = int(os.environ.get("BEHAVE_FAIL_UNTIL_RESTART", "1000000"))
+
+
+def beat(stamp):  # the heartbeat protocol, written out (workers need not import ds_launch)
+    path = os.environ.get("DS_LAUNCH_HEARTBEAT_FILE")
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(stamp + "\n")
+        os.replace(path + ".tmp", path)
+
+
+if rank == int(os.environ.get("BEHAVE_STOP_RANK", "-1")) and restart < until:
+    beat("step 1")
+    os.kill(os.getpid(), signal.SIGSTOP)
+if rank == int(os.environ.get("BEHAVE_SILENT_RANK", "-1")) and restart < until:
+    beat("step 1")
+    beat("step 2")
+    time.sleep(120)
+if rank == int(os.environ.get("BEHAVE_DONE_ABORT_RANK", "-1")):
+    beat("done")
+    child.kill()
+    os.abort()
+if rank == int(os.environ.get("BEHAVE_DONE_HANG_RANK", "-1")):
+    beat("done")
+    child.kill()
+    time.sleep(120)
 if rank == fail_rank and restart < until:
     # fail only once every worker of this attempt runs (and has forked its child): on a loaded machine some
     # could still be starting, and the tests count them

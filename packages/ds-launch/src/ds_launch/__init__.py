@@ -7,16 +7,20 @@ output by rank and restarts the group (``--max_restarts``). Standard library onl
 - :func:`parse_hostfile`, :func:`filter_resources` (``--include``/``--exclude``), :func:`detect_local_gpus`;
 - :func:`worker_env`: the environment a worker gets; :func:`collect_exports`: what reaches remote nodes;
 - :class:`Supervisor`/:class:`ProcSpec`: the process-group supervisor; :data:`RUNNERS`: ssh, pdsh,
-  openmpi, mpich/impi, slurm.
+  openmpi, mpich/impi, slurm;
+- :class:`Watchdog`: stopped or silent workers fail the job (exit :data:`HUNG_EXIT_CODE`); the worker side of
+  the heartbeat protocol is :func:`beat` / :func:`done` (``$DS_LAUNCH_HEARTBEAT_FILE``).
 """
 
 from ._version import __version__
 from .environment import EXPORT_PREFIXES, collect_exports, parse_env_file_text, read_env_files, worker_env
 from .errors import LaunchError
+from .heartbeat import HEARTBEAT_ENV, beat, done
 from .hostfile import check_hostname, parse_hostfile, parse_hostfile_text
 from .resources import decode_world_info, detect_local_gpus, encode_world_info, filter_resources
 from .runners import RUNNERS, LaunchPlan, make_runner
 from .supervisor import ProcSpec, Supervisor
+from .watchdog import HUNG_EXIT_CODE, Watchdog
 
 __all__ = [
     "__version__",
@@ -38,4 +42,9 @@ __all__ = [
     "RUNNERS",
     "LaunchPlan",
     "make_runner",
+    "Watchdog",
+    "HUNG_EXIT_CODE",
+    "HEARTBEAT_ENV",
+    "beat",
+    "done",
 ]

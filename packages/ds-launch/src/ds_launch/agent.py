@@ -16,9 +16,11 @@ import sys
 
 from .environment import check_env_name
 from .errors import USAGE_EXIT_CODE, LaunchError
+from .heartbeat import heartbeat_directory
 from .node import NodeJob, resolve_node_rank
 from .resources import decode_world_info
 from .supervisor import Supervisor
+from .watchdog import Watchdog
 
 __all__ = ["main", "build_parser"]
 
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch_stdin", action="store_true")
     p.add_argument("--term_timeout", type=float, default=5.0)
     p.add_argument("--monitor_interval", type=float, default=0.1)
+    p.add_argument("--heartbeat_timeout", type=float, default=600.0)
+    p.add_argument("--stopped_timeout", type=float, default=60.0)
     p.add_argument("user_command", nargs=argparse.REMAINDER)
     return p
 
@@ -80,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             set_visible_devices=not args.cpu, log_dir=args.enable_each_rank_log, max_restarts=args.max_restarts,
             run_id=args.run_id, base_env=env,
         )
+        if not (args.heartbeat_timeout >= 0 and args.stopped_timeout >= 0):
+            raise LaunchError(f"--heartbeat_timeout/--stopped_timeout must be >= 0, got {args.heartbeat_timeout:g}/"
+                              f"{args.stopped_timeout:g}")
     except LaunchError as e:
         print(f"ds-launch agent: error: {e}", file=sys.stderr)
         return USAGE_EXIT_CODE
     sup = Supervisor(lambda restart: job.specs(args.restart_count + restart), term_timeout=args.term_timeout,
                      monitor_interval=args.monitor_interval, name=f"ds-launch[{job.host}]",
-                     watch_stdin=args.watch_stdin)
-    return sup.run()
+                     watch_stdin=args.watch_stdin, watchdog=Watchdog(args.heartbeat_timeout, args.stopped_timeout))
+    with heartbeat_directory(args.run_id) as job.heartbeat_dir:
+        return sup.run()
 
 
 if __name__ == "__main__":

@@ -17,16 +17,22 @@ import uuid
 from ._version import __version__
 from .environment import collect_exports, read_env_files
 from .errors import USAGE_EXIT_CODE, LaunchError
+from .heartbeat import heartbeat_directory
 from .hostfile import DEFAULT_HOSTFILE, check_hostname, parse_hostfile
 from .node import NodeJob
 from .ports import check_port_free, free_port, is_local_address
 from .resources import detect_local_gpus, filter_resources
 from .runners import RUNNERS, LaunchPlan, make_runner
 from .supervisor import Supervisor
+from .watchdog import Watchdog
 
 __all__ = ["main", "build_parser"]
 
 DEFAULT_MASTER_PORT = 29500
+# A stopped process is certain not to progress, so it is named soon; a silent heartbeat may be a long step or a
+# slow checkpoint, so it gets ten minutes (both well under torch's 30-minute gloo timeout)
+DEFAULT_HEARTBEAT_TIMEOUT = 600.0
+DEFAULT_STOPPED_TIMEOUT = 60.0
 _NOT_BUILT = {  # DeepSpeed / torchrun flags that ds-launch 0.1 refuses with a clear message
     "elastic_training": "elastic training (torch elastic rendezvous)",
     "min_elastic_nodes": "elastic training", "max_elastic_nodes": "elastic training",
@@ -93,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each rank's output to DIR/<time>_rank<R>.log instead of the console")
     g.add_argument(*_spellings("term_timeout"), type=float, default=5.0,
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
+    g.add_argument(*_spellings("heartbeat_timeout"), type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
+                   help="a worker that wrote its heartbeat file ($DS_LAUNCH_HEARTBEAT_FILE) and then stays silent "
+                        f"S seconds is hung: the job fails (exit 124) or restarts (default {DEFAULT_HEARTBEAT_TIMEOUT:g};"
+                        " 0: off)")
+    g.add_argument(*_spellings("stopped_timeout"), type=float, default=DEFAULT_STOPPED_TIMEOUT, metavar="S",
+                   help="a worker stopped (SIGSTOP, debugger) for S seconds is hung, as above "
+                        f"(default {DEFAULT_STOPPED_TIMEOUT:g}; 0: off)")
     g.add_argument(*_spellings("dry_run"), action="store_true", help="print the command for each node and exit")
     g.add_argument("-q", "--quiet", action="store_true", help="no launcher messages (worker output only)")
     for name in _NOT_BUILT:  # accepted with DeepSpeed's arity, so that the refusal names the flag
@@ -213,7 +226,8 @@ def _plan(args, world: dict, master_addr: str, master_port: int) -> LaunchPlan:
         no_local_rank=args.no_local_rank, cpu=world["cpu"], log_dir=args.enable_each_rank_log,
         max_restarts=args.max_restarts, run_id=uuid.uuid4().hex, exports=collect_exports(
             os.environ, os.getcwd(), file_values), launcher_args=shlex.split(args.launcher_args),
-        ssh_port=args.ssh_port, term_timeout=args.term_timeout,
+        ssh_port=args.ssh_port, term_timeout=args.term_timeout, heartbeat_timeout=args.heartbeat_timeout,
+        stopped_timeout=args.stopped_timeout,
     )
 
 
@@ -222,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_restarts < 0:
             raise LaunchError(f"--max_restarts must be >= 0, got {args.max_restarts}")
+        for flag in ("heartbeat_timeout", "stopped_timeout", "term_timeout"):
+            if not getattr(args, flag) >= 0:  # also NaN
+                raise LaunchError(f"--{flag} must be a number of seconds >= 0, got {getattr(args, flag)}")
         world = resolve(args)
         resources = world["resources"]
         multi = len(resources) > 1 or args.force_multi
@@ -247,18 +264,24 @@ def main(argv: list[str] | None = None) -> int:
                           f"{shlex.join(spec.argv)}")
                 return 0
             make_specs, on_stop, name = job.specs, None, "ds-launch"
+            watchdog = Watchdog(args.heartbeat_timeout, args.stopped_timeout)
         else:
             runner = make_runner(args.launcher, _plan(args, world, master_addr, master_port))
             if args.dry_run:
                 print("\n".join(runner.describe(0)))
                 return 0
             make_specs, on_stop, name = runner.specs, runner.on_stop, f"ds-launch[{runner.name}]"
+            job, watchdog = None, None  # the agents on the nodes watch their own workers
     except LaunchError as e:
         print(f"ds-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT_CODE
     sup = Supervisor(make_specs, max_restarts=args.max_restarts, term_timeout=args.term_timeout,
-                     monitor_interval=args.monitor_interval, name=name, on_stop=on_stop, quiet=args.quiet)
-    return sup.run()
+                     monitor_interval=args.monitor_interval, name=name, on_stop=on_stop, quiet=args.quiet,
+                     watchdog=watchdog)
+    if job is None:
+        return sup.run()
+    with heartbeat_directory(job.run_id) as job.heartbeat_dir:
+        return sup.run()
 
 
 if __name__ == "__main__":

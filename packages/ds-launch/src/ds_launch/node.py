@@ -10,6 +10,7 @@ import time
 
 from .environment import worker_env
 from .errors import LaunchError
+from .heartbeat import HEARTBEAT_ENV
 from .resources import rank_offsets
 from .supervisor import ProcSpec
 
@@ -43,6 +44,7 @@ class NodeJob:
     max_restarts: int = 0
     run_id: str = "none"
     base_env: dict | None = None
+    heartbeat_dir: str | None = None  # where the workers' heartbeat files go (None: no heartbeat files)
     timestamp: str = dataclasses.field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
     def __post_init__(self) -> None:
@@ -91,7 +93,15 @@ class NodeJob:
             argv = worker_command(self.user_command, module=self.module, no_python=self.no_python,
                                   local_rank=None if self.no_local_rank else local_rank)
             log = os.path.join(self.log_dir, f"{self.timestamp}_rank{rank}.log") if self.log_dir else None
-            out.append(ProcSpec(argv=argv, env=env, label=f"rank {rank}", prefix=f"[rank{rank}]: ", log_path=log))
+            # one file per rank and attempt: a restarted worker is never judged by its predecessor's beats
+            heartbeat = os.path.join(self.heartbeat_dir, f"rank{rank}.attempt{restart_count}") \
+                if self.heartbeat_dir else None
+            if heartbeat:
+                env[HEARTBEAT_ENV] = heartbeat
+            else:  # an outer launcher's file is not ours to write
+                env.pop(HEARTBEAT_ENV, None)
+            out.append(ProcSpec(argv=argv, env=env, label=f"rank {rank}", prefix=f"[rank{rank}]: ", log_path=log,
+                                watch=True, heartbeat_path=heartbeat, host=self.host))
         return out
 
 

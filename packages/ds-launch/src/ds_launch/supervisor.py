@@ -13,6 +13,13 @@ ssh agents or the single pdsh/mpirun/srun process of a multi-node run.
 - SIGINT/SIGTERM/SIGHUP to the supervisor are forwarded to every group, then the same grace period.
 - ``max_restarts``: after a failure the whole group is stopped and started again, up to that many times, with
   the restart count passed to ``make_specs`` (it becomes ``TORCHELASTIC_RESTART_COUNT``).
+- ``watchdog`` (:class:`~ds_launch.watchdog.Watchdog`): workers (specs with ``watch=True``) that are stopped
+  (``SIGSTOP``, a debugger) or whose heartbeat file went silent are a failure too, with exit code 124 and a
+  message naming the rank, its host, how long it was silent and its last heartbeat; when another rank fails
+  first, ranks stopped at that moment are named as the likely cause.
+- A worker whose last heartbeat was ``done`` (its work is finished and written) and that then exits non-zero
+  -- a crash in the interpreter's teardown -- is reported but is no failure: the others go on, nothing restarts.
+- Stopping sends SIGCONT after SIGTERM, so a stopped worker acts on the SIGTERM instead of waiting for SIGKILL.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import sys
 import threading
 import time
 from typing import Callable, Sequence
+
+from .heartbeat import DONE, read_heartbeat
+from .watchdog import HUNG_EXIT_CODE, Watchdog
 
 __all__ = ["ProcSpec", "Supervisor", "exit_code_of"]
 
@@ -50,6 +60,9 @@ class ProcSpec:
     hold_stdin: bool = False  # give it a pipe we keep open: an ssh'd agent sees EOF when we die
     new_session: bool = True  # False: stay in our process group (under mpirun, whose kill must reach it)
     pass_fds: tuple[int, ...] = ()  # descriptors it inherits (MPICH's PMI_FD, for mpi4py in the script)
+    watch: bool = False  # a worker: judged by the watchdog (stopped / silent) and by its "done" heartbeat
+    heartbeat_path: str | None = None  # its $DS_LAUNCH_HEARTBEAT_FILE
+    host: str = "localhost"  # for messages
 
 
 def exit_code_of(returncode: int) -> int:
@@ -77,6 +90,13 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
 class _Running:
     def __init__(self, spec: ProcSpec, proc: subprocess.Popen, threads: list[threading.Thread], log):
         self.spec, self.proc, self.threads, self.log = spec, proc, threads, log
+        self.excused = False  # exited non-zero (or was killed) after declaring its work done
+
+    def declared_done(self) -> bool:
+        if not self.spec.heartbeat_path:
+            return False
+        beat = read_heartbeat(self.spec.heartbeat_path)
+        return beat is not None and beat[1] == DONE
 
 
 class Supervisor:
@@ -91,6 +111,8 @@ class Supervisor:
         on_stop: Callable[[], None] | None = None,
         watch_stdin: bool = False,
         quiet: bool = False,
+        watchdog: Watchdog | None = None,
+        watchdog_interval: float = 0.5,
     ):
         self.make_specs = make_specs
         self.max_restarts = max_restarts
@@ -100,6 +122,8 @@ class Supervisor:
         self.on_stop = on_stop
         self.watch_stdin = watch_stdin
         self.quiet = quiet
+        self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
+        self.watchdog_interval = watchdog_interval
         self._lock = threading.Lock()
         self._signal: int | None = None
         self._running: list[_Running] = []
@@ -192,6 +216,10 @@ class Supervisor:
                 except OSError:
                     pass
         self._signal_groups(sig)
+        if sig != signal.SIGKILL:
+            # a stopped process keeps SIGTERM pending until it is continued: continue it, so that it can act on it
+            # now (and exit through its handlers) instead of being SIGKILLed after the grace period
+            self._signal_groups(signal.SIGCONT)
         if self.on_stop is not None:
             try:
                 self.on_stop()
@@ -268,7 +296,9 @@ class Supervisor:
                 self.say(f"cannot start {spec.label} ({spec.argv[0]}): {e.strerror or e}")
                 self._stop_all()
                 return 127
-            code, failed = self._monitor()
+            if self.watchdog is not None:
+                self.watchdog.reset()
+            code, failed, hung = self._monitor()
             if self._signal is not None:
                 sig = self._signal
                 self.say(f"got {signal.Signals(sig).name}: stopping {len(specs)} process(es)")
@@ -279,26 +309,73 @@ class Supervisor:
                 self._finish()
                 return 0
             where = f"; its output is in {failed.spec.log_path}" if failed.spec.log_path else ""
-            others = sum(1 for r in self._running if r.proc.poll() is None)
-            how = f"was killed by {signal.Signals(-failed.proc.returncode).name}" if failed.proc.returncode < 0 \
-                else f"exited with code {code}"
-            self.say(f"{failed.spec.label} (pid {failed.proc.pid}) {how}{where}; stopping {others} other process(es)")
+            if hung is not None:
+                others = sum(1 for r in self._running if r.proc.poll() is None and r is not failed)
+                self.say(f"{hung.message()}{where}; stopping it and {others} other process(es) (exit code "
+                         f"{HUNG_EXIT_CODE})")
+            else:
+                others = sum(1 for r in self._running if r.proc.poll() is None)
+                how = f"was killed by {signal.Signals(-failed.proc.returncode).name}" if failed.proc.returncode < 0 \
+                    else f"exited with code {code}"
+                self.say(f"{failed.spec.label} (pid {failed.proc.pid}) {how}{where}; stopping {others} other "
+                         "process(es)")
+                if self.watchdog is not None:
+                    # the failing rank is often only the first to give up: a stopped rank makes the others' next
+                    # collective time out, and that error does not name it
+                    for line in self.watchdog.describe_stopped(self._watched(exclude=failed)):
+                        self.say(f"note: {line}: probably the cause")
             self._stop_all()
             if restart >= self.max_restarts:
                 return code
             restart += 1
             self.say(f"restarting all processes (restart {restart} of {self.max_restarts})")
 
-    def _monitor(self) -> tuple[int, _Running | None]:
+    def _watched(self, exclude: _Running | None = None):
+        return [(r.spec.label, r.proc.pid, r.spec.host, r.spec.heartbeat_path) for r in self._running
+                if r.spec.watch and r is not exclude and r.proc.poll() is None]
+
+    def _excuse(self, r: _Running, how: str) -> None:
+        r.excused = True
+        self.say(f"{r.spec.label} (pid {r.proc.pid}) {how} after its heartbeat said {DONE!r} (its work was "
+                 "finished): not counted as a failure")
+
+    def _monitor(self) -> tuple[int, _Running | None, object]:
+        """Wait until every process has exited 0 (``(0, None, None)``), one failed (``(code, it, None)``), the
+        watchdog found a hung worker (``(124, it, Silence)``) or we got a signal."""
+        next_watch = time.monotonic() + self.watchdog_interval
         while self._signal is None:
             done = True
             for r in self._running:
                 rc = r.proc.poll()
                 if rc is None:
                     done = False
-                elif rc != 0:
-                    return exit_code_of(rc), r
+                elif rc != 0 and not r.excused:
+                    if r.spec.watch and r.declared_done():
+                        how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
+                        self._excuse(r, how)
+                        continue
+                    return exit_code_of(rc), r, None
             if done:
-                return 0, None
+                return 0, None, None
+            if self.watchdog is not None and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + self.watchdog_interval
+                hung = self.watchdog.check(self._watched())
+                if hung is not None:
+                    culprit = next(r for r in self._running if r.proc.pid == hung.pid)
+                    if hung.stamp == DONE:  # finished its work but does not exit: end it, no failure
+                        self._excuse(culprit, f"did not exit within {hung.seconds:.0f} s")
+                        self._kill_one(culprit)
+                        continue
+                    return HUNG_EXIT_CODE, culprit, hung
             time.sleep(self.monitor_interval)
-        return 0, None
+        return 0, None, None
+
+    def _kill_one(self, r: _Running) -> None:
+        try:
+            if r.spec.new_session:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            else:
+                r.proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+        r.proc.wait()

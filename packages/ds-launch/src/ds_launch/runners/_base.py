@@ -31,6 +31,8 @@ class LaunchPlan:
     ssh_port: int | None = None
     python: str = sys.executable  # the same interpreter path on every node, as DeepSpeed assumes
     term_timeout: float = 5.0
+    heartbeat_timeout: float = 600.0  # the agents' watchdog (see ds_launch.watchdog); cli.py's defaults
+    stopped_timeout: float = 60.0
 
     @property
     def world_size(self) -> int:
@@ -52,6 +54,11 @@ def agent_argv(plan: LaunchPlan, node: list[str], restart_count: int, *, watch_s
             f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}",
             f"--restart_count={restart_count}", f"--max_restarts={plan.max_restarts}", f"--cwd={plan.cwd}",
             f"--term_timeout={plan.term_timeout:g}"]
+    # only when not the defaults, so that the usual command stays short
+    if plan.heartbeat_timeout != LaunchPlan.heartbeat_timeout:
+        argv.append(f"--heartbeat_timeout={plan.heartbeat_timeout:g}")
+    if plan.stopped_timeout != LaunchPlan.stopped_timeout:
+        argv.append(f"--stopped_timeout={plan.stopped_timeout:g}")
     if plan.cpu:
         argv.append("--cpu")
     if plan.no_local_rank:
