@@ -3,8 +3,9 @@
 What it does, in order: joins torch.distributed (:func:`~ds_train.dist.init_distributed`); reads the config
 (``config`` dict or JSON path, DeepSpeed's older ``config_params``, or ``args.deepspeed_config``) into a
 :class:`~ds_train.config.DeepSpeedConfig`; decides the optimizer and LR scheduler (the caller's, or the ones the
-config names -- never both); wraps the model in :class:`ds_zero.ZeroEngine`; and, given ``training_data``, builds
-a :class:`~ds_train.data.DeepSpeedDataLoader` over the data-parallel group in micro-batches.
+config names -- never both); wraps the model in :class:`~ds_train.engine.DeepSpeedEngine` (ds-zero's engine with
+DeepSpeed's engine surface); and, given ``training_data``, builds a :class:`~ds_train.data.DeepSpeedDataLoader`
+over the data-parallel group in micro-batches (also ``engine.training_dataloader``).
 
 The optimizer and scheduler from the config reach the engine as factories (``param_groups -> optimizer``,
 ``optimizer -> scheduler``): the engine decides which tensors the optimizer holds (under ZeRO, this rank's
@@ -22,7 +23,8 @@ import torch.distributed as dist
 
 from .config import ConfigError, DeepSpeedConfig, load_config
 from .data import DeepSpeedDataLoader
-from .dist import init_distributed
+from .dist import TORCH_DISTRIBUTED_DEFAULT_PORT, init_distributed
+from .engine import DeepSpeedEngine
 from .optimizers import COMPRESSED_OPTIMIZERS, KNOWN_OPTIMIZERS, build_optimizer, canonical_optimizer_name
 from .schedulers import build_lr_scheduler
 
@@ -33,6 +35,13 @@ __all__ = ["initialize"]
 
 def _config_source(args: Any, config: Any, config_params: Any) -> Any:
     from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    deepscale = getattr(args, "deepscale_config", None) if args is not None else None
+    if deepscale is not None:  # DeepSpeed's deprecated spelling (--deepscale_config), taken as it does
+        if from_args is not None:
+            raise ConfigError("both args.deepscale_config and args.deepspeed_config are set; pass --deepspeed_config "
+                              "only (--deepscale_config is its deprecated alias)")
+        logger.warning("ds_train: --deepscale_config is deprecated, use --deepspeed_config")
+        from_args = deepscale
     given = [(name, value) for name, value in (("config", config), ("config_params", config_params),
                                                 ("args.deepspeed_config", from_args)) if value is not None]
     if not given:
@@ -107,8 +116,9 @@ def _check_compressed(cfg: DeepSpeedConfig) -> None:
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
                model_parameters: Iterable | None = None, training_data: Any = None, lr_scheduler: Any = None,
-               mpu: Any = None, dist_init_required: bool | None = None, collate_fn: Callable | None = None,
-               config: Any = None, config_params: Any = None):
+               distributed_port: int = TORCH_DISTRIBUTED_DEFAULT_PORT, mpu: Any = None,
+               dist_init_required: bool | None = None, collate_fn: Callable | None = None, config: Any = None,
+               mesh_param: Any = None, config_params: Any = None):
     """Wrap ``model`` for training; returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as
     ``deepspeed.initialize`` (``training_dataloader`` is ``None`` without ``training_data``, ``lr_scheduler``
     ``None`` when neither the caller nor the config gives one).
@@ -121,15 +131,22 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
       ``scheduler`` section (both: an error -- DeepSpeed silently prefers the caller's).
     - ``mpu``: a model-parallel unit; its data-parallel group is the engine's and the data loader's.
     - ``dist_init_required``: ``False`` to require an existing process group.
-    """
-    import ds_zero
+    - ``distributed_port``: ``MASTER_PORT`` when the ranks are discovered from an MPI launcher (DeepSpeed's use).
+    - ``mesh_param``: DeepSpeed's data x sequence parallel mesh; not supported yet (an error when given).
+    - ``args``: the script's argparse namespace: ``args.deepspeed_config`` (or the deprecated
+      ``args.deepscale_config``) is the config; ``args.local_rank`` must agree with the launcher's ``LOCAL_RANK``.
 
+    The engine is a :class:`~ds_train.engine.DeepSpeedEngine` (an ``nn.Module``, as DeepSpeed's).
+    """
+    if mesh_param is not None:
+        raise NotImplementedError("initialize(mesh_param=...) is not supported yet: sequence parallelism (DeepSpeed's "
+                                  "data x sequence parallel mesh) is not built in ds-train")
     if model is None:
         raise ValueError("initialize: model is required")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     source = _config_source(args, config, config_params)
-    init_distributed(dist_init_required=dist_init_required)
+    init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
     cfg = load_config(source)
     group, dp_rank, dp_world = _data_parallel(mpu)
 
@@ -166,12 +183,14 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     else:
         engine_scheduler = lr_scheduler
 
-    engine = ds_zero.ZeroEngine(model, engine_optimizer, cfg, lr_scheduler=engine_scheduler, process_group=group)
+    engine = DeepSpeedEngine(model, engine_optimizer, cfg, lr_scheduler=engine_scheduler, process_group=group,
+                             mpu=mpu, args=args)
 
     loader = None
     if training_data is not None:
         loader = DeepSpeedDataLoader(training_data, engine.train_micro_batch_size_per_gpu(), num_replicas=dp_world,
                                      rank=dp_rank, collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
+        engine.training_dataloader = loader
     if dist.get_rank() == 0 and logger.isEnabledFor(logging.INFO):
         logger.info("ds_train: effective DeepSpeed config on %d data-parallel rank(s):\n%s", dp_world,
                     json.dumps(cfg.effective(dp_world), indent=2))

@@ -1,0 +1,302 @@
+"""DeepSpeed's activation checkpointing API (``deepspeed.checkpointing``) over ``torch.utils.checkpoint``.
+
+``checkpoint(function, *args)`` runs ``function`` without keeping its intermediate activations and runs it again
+during backward to rebuild them (torch's reentrant checkpoint, which is DeepSpeed's ``checkpoint`` too;
+``non_reentrant_checkpoint`` is torch's non-reentrant one). The random state is replayed for the recomputation --
+torch's own generators by torch, and the model-parallel states of :func:`get_cuda_rng_tracker` by this module --
+so dropout draws the same mask twice.
+
+DeepSpeed's options (``configure(...)`` or the config's ``activation_checkpointing`` section), honestly:
+
+==================================  =============================================================================
+``checkpoint_in_cpu``               **works**: the checkpointed inputs of each region are kept in host memory
+(``cpu_checkpointing``)             (``torch.autograd.graph.save_on_cpu``) on a GPU; nothing to move on the CPU
+``synchronize``                     **works**: the device is synchronized before and after each region's forward
+(``synchronize_checkpoint_boundary``) and when its backward starts
+``partition_activations``           **no effect**: DeepSpeed splits the saved activations across model-parallel
+                                    ranks; with no model parallelism (no ``mpu``, or an ``mpu`` of one rank) it
+                                    does nothing there either. With a model-parallel ``mpu`` of more ranks it is
+                                    refused (NotImplementedError), not silently ignored
+``contiguous_memory_optimization``  **no effect**: DeepSpeed copies checkpoints into one preallocated buffer to
+(``contiguous_checkpointing``),     avoid fragmentation; here they are ordinary tensors. Accepted because it
+``number_checkpoints``              changes memory layout only, never results
+``profile``                         **no effect**: DeepSpeed's per-region timers are not built (use torch.profiler)
+==================================  =============================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.utils.checkpoint as _torch_ckpt
+
+__all__ = ["checkpoint", "non_reentrant_checkpoint", "configure", "is_configured", "reset",
+           "partition_activations_in_checkpoint", "set_num_layers", "get_cuda_rng_tracker",
+           "model_parallel_cuda_manual_seed", "model_parallel_reconfigure_tp_seed", "CudaRNGStatesTracker"]
+
+logger = logging.getLogger("ds_train")
+
+#: the config section's keys -> configure()'s argument names
+_SECTION_KEYS = {"partition_activations": "partition_activations",
+                 "contiguous_memory_optimization": "contiguous_checkpointing",
+                 "number_checkpoints": "num_checkpoints", "cpu_checkpointing": "checkpoint_in_cpu",
+                 "synchronize_checkpoint_boundary": "synchronize", "profile": "profile"}
+_DEFAULTS = {"partition_activations": False, "contiguous_checkpointing": False, "num_checkpoints": None,
+             "checkpoint_in_cpu": False, "synchronize": False, "profile": False}
+
+_options: dict[str, Any] = dict(_DEFAULTS)
+_configured = False
+_mpu = None
+_MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
+
+
+# -- the random-state tracker (Megatron's / DeepSpeed's) ------------------------------------------------------
+class CudaRNGStatesTracker:
+    """Named random states of the accelerator (CUDA, or the CPU generator on the CPU accelerator): ``add(name,
+    seed)`` creates one; ``with fork(name):`` draws from it and advances it, leaving the default state as it was.
+    Model-parallel code forks a per-rank state for dropout inside a tensor-parallel region."""
+
+    def __init__(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def reset(self) -> None:
+        self.states_, self.seeds_ = {}, set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: Mapping[str, torch.Tensor]) -> None:
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        from .accelerator import get_accelerator
+
+        if seed in self.seeds_:
+            raise ValueError(f"CudaRNGStatesTracker.add: seed {seed} is already tracked")
+        if name in self.states_:
+            raise ValueError(f"CudaRNGStatesTracker.add: a state named {name!r} already exists")
+        self.seeds_.add(seed)
+        accel = get_accelerator()
+        original = accel.get_rng_state()
+        accel.manual_seed(seed)
+        self.states_[name] = accel.get_rng_state()
+        accel.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = _MODEL_PARALLEL_RNG_TRACKER_NAME):
+        from .accelerator import get_accelerator
+
+        if name not in self.states_:
+            raise KeyError(f"CudaRNGStatesTracker.fork: no state named {name!r} (add it first; known: "
+                           f"{sorted(self.states_)})")
+        accel = get_accelerator()
+        original = accel.get_rng_state()
+        accel.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = accel.get_rng_state()
+            accel.set_rng_state(original)
+
+
+_RNG_TRACKER = CudaRNGStatesTracker()
+
+
+def get_cuda_rng_tracker() -> CudaRNGStatesTracker:
+    return _RNG_TRACKER
+
+
+def _tensor_parallel_rank() -> int:
+    if _mpu is None:
+        return 0
+    for name in ("get_tensor_model_parallel_rank", "get_model_parallel_rank", "get_slice_parallel_rank"):
+        if callable(getattr(_mpu, name, None)):
+            return int(getattr(_mpu, name)())
+    return 0
+
+
+def model_parallel_cuda_manual_seed(seed: int) -> None:
+    """Seed the default generator with ``seed`` (the same on every tensor-parallel rank) and track a
+    model-parallel state seeded ``seed + 2718 + tensor-parallel rank`` (DeepSpeed's and Megatron's offsets)."""
+    from .accelerator import get_accelerator
+
+    _RNG_TRACKER.reset()
+    get_accelerator().manual_seed(seed)
+    _RNG_TRACKER.add(_MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + _tensor_parallel_rank())
+
+
+def model_parallel_reconfigure_tp_seed(seed: int) -> None:
+    """Re-seed the tracked model-parallel state with ``seed + 2718 + tensor-parallel rank``."""
+    from .accelerator import get_accelerator
+
+    with _RNG_TRACKER.fork():
+        get_accelerator().manual_seed(seed + 2718 + _tensor_parallel_rank())
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+def _section(deepspeed_config: Any) -> dict[str, Any]:
+    """The ``activation_checkpointing`` section of a config (path, dict), keys checked."""
+    if isinstance(deepspeed_config, (str, os.PathLike)):
+        try:
+            with open(deepspeed_config, encoding="utf-8") as f:
+                deepspeed_config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"checkpointing.configure: cannot read the DeepSpeed config {os.fspath(deepspeed_config)!r}: "
+                             f"{e}") from None
+    if not isinstance(deepspeed_config, Mapping):
+        raise TypeError(f"checkpointing.configure: deepspeed_config must be a dict or a JSON path, got "
+                        f"{type(deepspeed_config).__name__}")
+    section = deepspeed_config.get("activation_checkpointing", {})
+    if not isinstance(section, Mapping):
+        raise ValueError(f"activation_checkpointing must be an object, got {type(section).__name__}")
+    out = {}
+    for key, value in section.items():
+        if key not in _SECTION_KEYS:
+            close = difflib.get_close_matches(key, list(_SECTION_KEYS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"activation_checkpointing: unknown key {key!r}{hint}")
+        out[_SECTION_KEYS[key]] = value
+    return out
+
+
+def configure(mpu_, deepspeed_config: Any = None, partition_activations: bool | None = None,
+              contiguous_checkpointing: bool | None = None, num_checkpoints: int | None = None,
+              checkpoint_in_cpu: bool | None = None, synchronize: bool | None = None,
+              profile: bool | None = None) -> None:
+    """DeepSpeed's ``configure``: options from ``deepspeed_config``'s ``activation_checkpointing`` section, then
+    the explicit arguments (which win). ``mpu_``: the model-parallel unit (or None). See the module docstring
+    for what each option does here."""
+    global _configured, _mpu
+    options = dict(_DEFAULTS)
+    if deepspeed_config is not None:
+        options.update(_section(deepspeed_config))
+    explicit = {"partition_activations": partition_activations, "contiguous_checkpointing": contiguous_checkpointing,
+                "num_checkpoints": num_checkpoints, "checkpoint_in_cpu": checkpoint_in_cpu,
+                "synchronize": synchronize, "profile": profile}
+    options.update({k: v for k, v in explicit.items() if v is not None})
+    for key in ("partition_activations", "contiguous_checkpointing", "checkpoint_in_cpu", "synchronize", "profile"):
+        if not isinstance(options[key], bool):
+            raise TypeError(f"checkpointing.configure: {key} must be true or false, got {options[key]!r}")
+    n = options["num_checkpoints"]
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"checkpointing.configure: num_checkpoints (number_checkpoints) must be a positive int, got {n!r}")
+    if options["contiguous_checkpointing"] and n is None:  # DeepSpeed's own rule
+        raise ValueError("checkpointing.configure: contiguous_checkpointing (contiguous_memory_optimization) needs "
+                         "num_checkpoints (number_checkpoints)")
+    _check_partitioning(options["partition_activations"], mpu_)
+    _mpu, _configured = mpu_, True
+    _options.clear()
+    _options.update(options)
+    if options["profile"]:
+        logger.warning("ds_train.checkpointing: profile=true has no effect (DeepSpeed's per-region timers are not "
+                       "built; use torch.profiler)")
+
+
+def _check_partitioning(partition: bool, mpu_) -> None:
+    if not partition or mpu_ is None:
+        return
+    for name in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
+        if callable(getattr(mpu_, name, None)) and int(getattr(mpu_, name)()) > 1:
+            raise NotImplementedError("activation checkpointing with partition_activations across model-parallel "
+                                      "ranks is not supported yet; set partition_activations to false")
+
+
+def is_configured() -> bool:
+    """True once :func:`configure` has been called (DeepSpeed's meaning)."""
+    return _configured
+
+
+def reset() -> None:
+    """DeepSpeed frees its contiguous checkpoint buffers here; there are none to free (see the module docstring)."""
+    return None
+
+
+def partition_activations_in_checkpoint(partition_activation: bool) -> None:
+    if not isinstance(partition_activation, bool):
+        raise TypeError(f"partition_activations_in_checkpoint takes true or false, got {partition_activation!r}")
+    _check_partitioning(partition_activation, _mpu)
+    _options["partition_activations"] = partition_activation
+
+
+def set_num_layers(nlayers: int) -> None:
+    """DeepSpeed sizes its contiguous buffers with it; no effect here (see the module docstring)."""
+    if not isinstance(nlayers, int) or nlayers < 1:
+        raise ValueError(f"set_num_layers: nlayers must be a positive int, got {nlayers!r}")
+    _options["num_checkpoints"] = nlayers
+
+
+# -- checkpoint ------------------------------------------------------------------------------------------------
+def _replaying_tracker(function: Callable) -> Callable:
+    """``function`` that, when called again (the recomputation), first puts the tracked model-parallel random
+    states back to what they were at the first call, so forked dropout masks repeat; afterwards the states
+    continue from where the real forward left them."""
+    saved: dict[str, torch.Tensor] | None = None
+
+    def run(*args):
+        nonlocal saved
+        if saved is None:
+            saved = _RNG_TRACKER.get_states()
+            return function(*args)
+        current = _RNG_TRACKER.get_states()
+        _RNG_TRACKER.set_states(saved)
+        try:
+            return function(*args)
+        finally:
+            _RNG_TRACKER.set_states(current)
+
+    return run
+
+
+def _sync() -> None:
+    from .accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
+def _sync_on_backward(outputs):
+    def hook(grad):
+        _sync()
+        return grad
+
+    for out in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(hook)
+            break  # once per region: its backward starts with the first output's grad
+    return outputs
+
+
+def _run(function: Callable, args: tuple, reentrant: bool):
+    if not callable(function):
+        raise TypeError(f"checkpoint: function must be callable, got {type(function).__name__}")
+    on_host = _options["checkpoint_in_cpu"] and any(
+        isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+    sync = _options["synchronize"]
+    if sync:
+        _sync()
+    with torch.autograd.graph.save_on_cpu(pin_memory=True) if on_host else contextlib.nullcontext():
+        outputs = _torch_ckpt.checkpoint(_replaying_tracker(function), *args, use_reentrant=reentrant,
+                                         preserve_rng_state=True)
+    if sync:
+        _sync()
+        outputs = _sync_on_backward(outputs)
+    return outputs
+
+
+def checkpoint(function: Callable, *args):
+    """Run ``function(*args)`` without storing its activations; recompute them in backward (DeepSpeed's
+    reentrant checkpoint: as with torch's reentrant mode, at least one tensor argument must require grad for
+    gradients to flow into the region)."""
+    return _run(function, args, reentrant=True)
+
+
+def non_reentrant_checkpoint(function: Callable, *args):
+    """As :func:`checkpoint`, with torch's non-reentrant implementation (gradients flow even when no input
+    requires grad; nested and partial backward work)."""
+    return _run(function, args, reentrant=False)
