@@ -12,13 +12,18 @@ error feedback shows: what one call gets wrong, the next calls carry and correct
 from __future__ import annotations
 
 import argparse
-import logging
+import gc
 import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+# Imported before the process group exists, on purpose: its functions take `group=group.WORLD` as a default,
+# evaluated at import; imported later (torch.optim pulls it in through torch._dynamo) they would keep the default
+# group alive after destroy_process_group(), with gloo's threads still running when the interpreter exits, which
+# then aborts now and then ("terminate called without an active exception"). See examples/train_gpt.py.
+import torch.distributed.nn.functional  # noqa: F401,E402
 
 import ds_comm
 
@@ -113,15 +118,13 @@ def main() -> None:
               " exact average.\nOn 2 CPU cores the timings measure compute, not a network: see bench/ for GPUs.")
     # every rank leaves together: tearing gloo down while a peer is still mid-collective can abort the process
     dist.barrier()
+    # ds-comm keeps one transport per process group in a module-level cache, which holds the group itself: let go
+    # of it, or destroy_process_group() cannot free the group and gloo's threads outlive main() (see the import
+    # of torch.distributed.nn.functional above for why that matters). Private until ds-comm releases it itself.
+    getattr(sys.modules.get("ds_comm.transport"), "_TRANSPORTS", {}).clear()
+    gc.collect()  # cycles that still reach the group
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # Everything is written and the process group destroyed: leave without the interpreter's teardown. With gloo,
-    # torch 2.13 can abort in its C++ destructors at exit ("terminate called without an active exception", no
-    # Python frame on the stack), about 1 run in 15 on a busy 2-core machine; os._exit skips them.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

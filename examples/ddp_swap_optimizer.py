@@ -15,8 +15,8 @@ gloo. Prints the loss every --log-every steps; --out writes the loss curve as JS
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import logging
 import os
 import pathlib
 import sys
@@ -24,6 +24,11 @@ import time
 
 import torch
 import torch.distributed as dist
+# Imported before the process group exists, on purpose: its functions take `group=group.WORLD` as a default,
+# evaluated at import; imported later (torch.optim pulls it in through torch._dynamo) they would keep the default
+# group alive after destroy_process_group(), with gloo's threads still running when the interpreter exits, which
+# then aborts now and then ("terminate called without an active exception"). See examples/train_gpt.py.
+import torch.distributed.nn.functional  # noqa: F401,E402
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -134,15 +139,13 @@ def main() -> None:
     # every rank leaves together (tearing gloo down while a peer is still mid-collective can abort the process)
     dist.barrier()
     del model, optimizer
+    # ds-comm keeps one transport per process group in a module-level cache, which holds the group itself: let go
+    # of it, or destroy_process_group() cannot free the group and gloo's threads outlive main() (see the import
+    # of torch.distributed.nn.functional above for why that matters). Private until ds-comm releases it itself.
+    getattr(sys.modules.get("ds_comm.transport"), "_TRANSPORTS", {}).clear()
+    gc.collect()  # cycles that still reach the group
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # Everything is written and the process group destroyed: leave without the interpreter's teardown. With gloo,
-    # torch 2.13 can abort in its C++ destructors at exit ("terminate called without an active exception", no
-    # Python frame on the stack), about 1 run in 15 on a busy 2-core machine; os._exit skips them.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -11,10 +11,25 @@ warm-up + cosine schedule, gradient clipping 1.0, ZeRO stage 2): the engine, the
 the sharded data loader come from there.
 
 Checkpoints: every ``--save-interval`` steps into ``--save-dir`` (``engine.save_checkpoint``, with the data
-loader's position and the loss history in ``client_state``); a run started with a ``--save-dir`` that holds a
+position and the loss history in ``client_state``); a run started with a ``--save-dir`` that holds a
 checkpoint resumes from its latest one and continues the same loss curve. At the end: the final train and
 validation loss, the checkpoint path, the loss curve as a PNG (``--plot``; skipped with a message when
 matplotlib is missing) and, with ``--out``, the metrics as JSON.
+
+Resuming, the rule: the checkpoint gives the *state* (weights, optimizer moments and step counts, the step
+number, the data position, the loss history); this command line and its config give the *settings*
+(``--steps`` and so the schedule's length and warm-up, the peak lr and the optimizer's other hyper-parameters,
+batch sizes, the number of ranks). A setting that differs from the checkpoint's is applied and named in one log
+line; the LR schedule is rebuilt for the new settings at the checkpoint's step (``--steps 400`` after a 200-step
+run continues on a 400-step cosine from its step 200). The data position is counted in samples of each epoch's
+shuffled order, so a different number of ranks or micro-batch size resumes exactly where the last run stopped,
+no sample skipped or repeated; the global batch then changes with them, and a line says so.
+
+Faults: the process group gets a timeout (``--comms-timeout``, default 300 s, or DeepSpeed's
+``DEEPSPEED_TIMEOUT`` in minutes), so a rank that stops or hangs becomes an error on the others within minutes,
+not torch's 30; under ``ds-launch`` every rank also writes its heartbeat file (the step or phase it is in), so
+the launcher names a stopped or silent rank sooner. A non-finite loss that the engine did not refuse stops the
+run before the next checkpoint, so the latest checkpoint is always a finite one.
 
 It runs under torchrun, ``ds-launch``, DeepSpeed's launcher (``--local_rank`` is accepted and ignored: the
 environment's ``LOCAL_RANK`` is used) or any launcher that sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
@@ -24,22 +39,35 @@ environment's ``LOCAL_RANK`` is used) or any launcher that sets ``RANK``/``WORLD
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import errno
+import gc
 import glob
 import json
-import logging
 import math
 import os
 import pathlib
-import sys
 import sysconfig
 import time
 
 import torch
 import torch.distributed as dist
+# Imported before the process group exists, on purpose. Its functions take `group=group.WORLD` as a default
+# argument, evaluated at import: imported later (torch.optim's state_dict pulls it in through torch._dynamo),
+# they hold the default group forever, so destroy_process_group() cannot free it and gloo's threads (and rank
+# 0's TCPStore thread) are still running when the interpreter exits -- which then aborts ("terminate called
+# without an active exception") about one run in ten on a busy machine. Imported first, the defaults are None.
+import torch.distributed.nn.functional  # noqa: F401,E402
 import torch.nn.functional as F
 from torch import nn
 
 import ds_train
+
+DEFAULT_COMMS_TIMEOUT_S = 300.0
+# sysexits' EX_IOERR: a checkpoint found no space left on the disk. ds-launch does not restart a job that exits
+# with it (--fatal_exit_codes): a restart would replay the same steps into the same full disk.
+DISK_FULL_EXIT_CODE = 74
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -152,6 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default="out/loss.png", help="loss-curve PNG ('' to skip)")
     p.add_argument("--out", default=None, help="write the metrics (loss per step, tokens/s, val loss) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps instead)")
+    p.add_argument("--comms-timeout", type=float, default=None, metavar="S",
+                   help="seconds a collective may wait for the other ranks before it fails (default "
+                        f"{DEFAULT_COMMS_TIMEOUT_S:g}, or $DEEPSPEED_TIMEOUT minutes when set)")
     # DeepSpeed's launcher appends --local_rank=N; the environment's LOCAL_RANK says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -221,9 +252,235 @@ def plot_losses(path: str, losses: list[float], val: list[tuple[int, float]], ti
     return path
 
 
+# -- faults: timeouts and heartbeats ---------------------------------------------------------------------
+def comms_timeout(args: argparse.Namespace) -> datetime.timedelta:
+    """``--comms-timeout`` seconds, else DeepSpeed's ``DEEPSPEED_TIMEOUT`` (minutes), else 300 s. Every collective
+    (and the rendezvous) fails after it instead of waiting for a stopped rank for torch's 30 minutes."""
+    if args.comms_timeout is not None:
+        seconds, source = args.comms_timeout, "--comms-timeout"
+    elif os.environ.get("DEEPSPEED_TIMEOUT", "").strip():
+        raw = os.environ["DEEPSPEED_TIMEOUT"]
+        try:
+            seconds, source = float(raw) * 60.0, "DEEPSPEED_TIMEOUT"
+        except ValueError:
+            raise SystemExit(f"train_gpt: DEEPSPEED_TIMEOUT={raw!r} is not a number of minutes") from None
+    else:
+        seconds, source = DEFAULT_COMMS_TIMEOUT_S, "default"
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise SystemExit(f"train_gpt: the process-group timeout must be a positive number of seconds, got {seconds} "
+                         f"({source})")
+    return datetime.timedelta(seconds=seconds)
+
+
+class Heartbeat:
+    """ds-launch's heartbeat protocol (see ds_launch.heartbeat), written out so that the script runs under any
+    launcher: replace ``$DS_LAUNCH_HEARTBEAT_FILE`` with where we are (``step 40``, ``save 40``) at every step and
+    phase, and with ``done`` once everything is written. Without the variable it only remembers the phase, for
+    the timeout message."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.get("DS_LAUNCH_HEARTBEAT_FILE") or None
+        self.phase = "start-up"
+
+    def __call__(self, phase: str) -> None:
+        self.phase = phase
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(phase + "\n")
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk must not stop training; the launcher then sees an old beat and names it
+            pass
+
+
+# -- the data position ---------------------------------------------------------------------------------
+class DataPosition:
+    """Where the run is in its data: ``(epoch, samples of that epoch's order consumed by all ranks together)``.
+
+    The loader deals each epoch's shuffled order out rank by rank (``DistributedSampler``): after ``b``
+    micro-batches per rank, ranks have consumed exactly the first ``b * micro * world`` samples of the order,
+    whatever the world size. Counting the position in samples (not in per-rank batches) is what lets a run with
+    another number of ranks or micro-batch size resume it: when the count is a whole number of the new run's
+    global micro-batches, the loader just skips that many batches; otherwise the rest of that epoch's order is
+    dealt out to the new ranks here (no sample skipped or repeated; as the loader does at every epoch end, the
+    last few are repeated to give every rank the same number), and the next epochs come from the loader again.
+    """
+
+    def __init__(self, loader, world: int, rank: int) -> None:
+        self.loader, self.world, self.rank = loader, world, rank
+        self.micro = loader.batch_size
+        self.epoch = 0
+        self.skip = 0  # > 0: the current epoch resumes at this sample, from our own dealing (see above)
+        self.taken = 0  # micro-batches of this rank handed out since `skip`
+
+    def _epoch_samples(self) -> int:
+        """Distinct positions an epoch has with this run's layout (drop_last trims the ragged tail)."""
+        n = len(self.loader.dataset)
+        if not self.loader.drop_last:
+            return n
+        return (n // self.world) // self.micro * self.micro * self.world
+
+    def state(self) -> dict:
+        if self.skip:
+            epoch, samples = self.epoch, self.skip + self.taken * self.micro * self.world
+            if self.taken >= self._rest_batches:
+                epoch, samples = epoch + 1, 0
+        else:
+            epoch, samples = self.loader.epoch, self.loader.batch * self.micro * self.world
+            if samples >= self._epoch_samples():
+                epoch, samples = epoch + 1, 0
+        return {"epoch": epoch, "samples": samples, "world_size": self.world, "micro_batch": self.micro,
+                "dataset_len": len(self.loader.dataset)}
+
+    def resume(self, epoch: int, samples: int) -> None:
+        if samples >= self._epoch_samples():
+            epoch, samples = epoch + 1, 0
+        per_batch = self.micro * self.world
+        if samples % per_batch == 0:
+            self.loader.load_state_dict({"epoch": epoch, "batch": samples // per_batch})
+            self.skip = 0
+        else:
+            self.epoch, self.skip, self.taken = epoch, samples, 0
+            rest = len(self.loader.dataset) - samples
+            per_rank = rest // self.world if self.loader.drop_last else -(-rest // self.world)
+            self._rest_batches = per_rank // self.micro if self.loader.drop_last else -(-per_rank // self.micro)
+
+    def _rest_of_epoch(self):
+        sampler = self.loader.sampler
+        # the epoch's whole order, from the same torch sampler with one replica (no padding)
+        whole = torch.utils.data.DistributedSampler(self.loader.dataset, num_replicas=1, rank=0,
+                                                    shuffle=sampler.shuffle, seed=sampler.seed, drop_last=False)
+        whole.set_epoch(self.epoch)
+        rest = list(whole)[self.skip:]
+        if self.loader.drop_last:
+            rest = rest[: len(rest) // self.world * self.world]
+        elif len(rest) % self.world:
+            pad = self.world - len(rest) % self.world
+            rest += (rest * pad)[:pad]
+        mine = rest[self.rank::self.world][self.taken * self.micro:]
+        batches = torch.utils.data.DataLoader(self.loader.dataset, batch_size=self.micro, sampler=mine,
+                                              collate_fn=self.loader.collate_fn, drop_last=self.loader.drop_last)
+        for batch in batches:
+            self.taken += 1
+            yield batch
+
+    def batches(self):
+        """Micro-batches from the position on, epoch after epoch, without end."""
+        while True:
+            if self.skip:
+                yield from self._rest_of_epoch()
+                self.loader.set_epoch(self.epoch + 1)
+                self.skip = self.taken = 0
+            yield from self.loader
+
+
+def restore_position(position: DataPosition, client: dict, engine, rank: int) -> None:
+    """Put the data position of the checkpoint's ``client_state`` into ``position``; say what changed."""
+    data = client.get("data")
+    if data is None:  # written before positions were counted in samples: only the same layout can resume it
+        position.loader.load_state_dict(client["loader"])
+        return
+    try:
+        epoch, samples = int(data["epoch"]), int(data["samples"])
+        saved_world, saved_micro = int(data["world_size"]), int(data["micro_batch"])
+        saved_accum, saved_len = int(data.get("accumulation", 1)), int(data["dataset_len"])
+    except (KeyError, TypeError, ValueError):
+        raise SystemExit(f"train_gpt: the checkpoint's client_state['data'] is not a data position: {data!r}") from None
+    if epoch < 0 or samples < 0:
+        raise SystemExit(f"train_gpt: the checkpoint's data position {data!r} is negative")
+    n = len(position.loader.dataset)
+    accum = engine.gradient_accumulation_steps()
+    if rank == 0 and saved_len != n:
+        print(f"train_gpt: warning: the checkpoint's data set had {saved_len:,} training windows, this one has {n:,} "
+              f"(--data-bytes or --context changed?): its position ({samples:,} samples into epoch {epoch}) is "
+              "applied to this data set's order", flush=True)
+    position.resume(epoch, samples)
+    saved_global = saved_world * saved_micro * saved_accum
+    if rank == 0 and (saved_world, saved_micro, saved_accum) != (position.world, position.micro, accum):
+        print(f"train_gpt: the checkpoint was written by {saved_world} rank(s) with micro-batch {saved_micro} x "
+              f"{saved_accum} accumulation (global batch {saved_global}); this run has {position.world} rank(s) with "
+              f"{position.micro} x {accum} (global batch {engine.train_batch_size()}). The data position is kept in "
+              f"samples: epoch {epoch}, {samples:,} of {n:,} windows consumed, continuing with the next one; each step "
+              f"now takes {engine.train_batch_size()} sequences (the LR schedule still counts steps)", flush=True)
+
+
+# -- resuming: the checkpoint's state, this run's settings ---------------------------------------------
+# scheduler entries that are its position, not its settings
+_SCHEDULE_POSITION = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial"}
+_WHERE = {"total_num_steps": " (--steps)", "warmup_num_steps": " (--steps and the config)",
+          "peak_lrs": " (the config's optimizer lr)", "base_lrs": " (the config's optimizer lr)"}
+# param-group entries that are not hyper-parameters
+_GROUP_STATE = {"params", "step"}
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
+        return _short(value[0]) if len(set(value)) == 1 else "[" + ", ".join(_short(v) for v in value) + "]"
+    return repr(value)
+
+
+def run_settings(engine) -> dict:
+    """The settings this run was built with, captured before a checkpoint overwrites them."""
+    # copies: loading the checkpoint replaces (and may mutate) what the scheduler and the groups hold
+    return copy.deepcopy({
+        "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "groups": [{k: v for k, v in g.items() if k not in _GROUP_STATE} for g in engine.optimizer.param_groups]})
+
+
+def apply_run_settings(engine, fresh: dict, rank: int) -> None:
+    """After ``load_checkpoint``: put this run's settings back over the checkpoint's, keeping its position.
+
+    The scheduler is rebuilt from this run's state dict with the checkpoint's step index: ds-optim's schedules
+    are closed-form in the step, so loading that gives this run's lrs at the checkpoint's step. The optimizer's
+    hyper-parameters (betas, eps, weight decay; the lr when there is no schedule) are this run's too. Each
+    difference is named in one line; a schedule that cannot be moved (not closed-form) is kept, with a warning."""
+    changes, kept = [], []
+    sched = engine.lr_scheduler
+    if sched is not None and fresh["scheduler"] is not None:
+        loaded = sched.state_dict()
+        keys = sorted(k for k in set(fresh["scheduler"]) | set(loaded) if k not in _SCHEDULE_POSITION)
+        differ = [k for k in keys if fresh["scheduler"].get(k) != loaded.get(k)]
+        if "peak_lrs" in differ and "base_lrs" in differ:
+            differ.remove("base_lrs")  # the same peak lr, as torch records it
+        if differ:
+            named = [f"scheduler {k} {_short(loaded.get(k))} -> {_short(fresh['scheduler'].get(k))}"
+                     + _WHERE.get(k, "") for k in differ]
+            if hasattr(sched, "_lrs_at"):
+                lr_before = engine.get_lr()[0]
+                merged = {**fresh["scheduler"], **{k: loaded[k] for k in _SCHEDULE_POSITION if k in loaded}}
+                sched.load_state_dict(merged)
+                changes += named
+                changes.append(f"lr at step {loaded.get('last_epoch')} {lr_before:.3g} -> {engine.get_lr()[0]:.3g}")
+            else:
+                kept += named
+    for i, (group, want) in enumerate(zip(engine.optimizer.param_groups, fresh["groups"])):
+        for key, value in want.items():
+            if key in ("lr", "initial_lr") and sched is not None:
+                continue  # the schedule's, handled above
+            if key in group and group[key] != value:
+                changes.append(f"optimizer group {i} {key} {_short(group[key])} -> {_short(value)}")
+                group[key] = value
+    if rank == 0 and changes:
+        print(f"train_gpt: resumed at step {engine.global_steps} with settings that differ from the checkpoint's; "
+              f"this run's win (the schedule keeps its position): {'; '.join(changes)}", flush=True)
+    if rank == 0 and kept:
+        print(f"train_gpt: warning: the checkpoint's schedule is kept, this run's differs but a "
+              f"{type(sched).__name__} cannot be rebuilt at a step: {'; '.join(kept)}", flush=True)
+
+
+# -- the run -------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_config(args)
+    beat = Heartbeat()
+    # our own group, with the timeout; initialize() keeps a group that exists
+    timeout = comms_timeout(args)
+    ds_train.init_distributed(timeout=timeout)
+    beat("init")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(context=args.context, dim=args.dim, heads=args.heads, layers=args.layers)
 
@@ -231,26 +488,71 @@ def main(argv=None) -> None:
     split = int(len(text) * 0.9)
     train_set, val_set = ByteWindows(text[:split], args.context), ByteWindows(text[split:], args.context)
 
-    engine, _, loader, _ = ds_train.initialize(args=args, model=model, training_data=train_set, config=cfg)
+    # --local_rank is accepted and ignored (the environment's LOCAL_RANK decides): not handed to initialize()
+    engine, _, loader, _ = ds_train.initialize(args=argparse.Namespace(**{**vars(args), "local_rank": None}),
+                                               model=model, training_data=train_set, config=cfg)
+    del model, _  # the engine holds what it needs; nothing else may keep the process group alive at exit
     rank, world = dist.get_rank(), dist.get_world_size()
+    position = DataPosition(loader, world, rank)
+    try:
+        run(args, cfg, engine, position, val_set, beat, rank, world, len(train_set))
+    except RuntimeError as exc:
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            print(f"train_gpt: rank {rank}: a collective did not complete within the {timeout.total_seconds():g} s "
+                  f"process-group timeout during {beat.phase!r}: another rank stopped, hung or died (its launcher "
+                  "names it)", flush=True)
+        raise
+    # all ranks leave together; every reference to the engine (which holds the process group) goes first, so
+    # that destroy_process_group() really frees gloo and its threads before the interpreter exits
+    dist.barrier()
+    del engine, loader, position
+    gc.collect()
+    dist.destroy_process_group()
+    beat("done")
+
+
+def save(engine, save_dir: str, client: dict, rank: int) -> None:
+    """``engine.save_checkpoint``; a full disk (on any rank: the engine reports one rank's failure on every rank)
+    ends the run with :data:`DISK_FULL_EXIT_CODE` and says so, instead of an error a launcher would restart into."""
+    try:
+        engine.save_checkpoint(save_dir, client_state=client)
+    except (OSError, RuntimeError) as exc:
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+        if not full:
+            raise
+        print(f"train_gpt: rank {rank}: the checkpoint of step {engine.global_steps} could not be written to "
+              f"{save_dir}: no space left on device ({exc}). Free space or pass another --save-dir; the latest "
+              f"complete checkpoint there is still the one to resume from. Exit code {DISK_FULL_EXIT_CODE}: "
+              "ds-launch does not restart into the same full disk", flush=True)
+        raise SystemExit(DISK_FULL_EXIT_CODE) from None
+
+
+def run(args, cfg, engine, position: DataPosition, val_set, beat, rank: int, world: int, n_train: int) -> None:
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
     tokens_per_step = engine.train_batch_size() * args.context
+
+    def client_state() -> dict:
+        data = {**position.state(), "accumulation": accum}
+        return {"loader": position.loader.state_dict(), "data": data, "losses": losses, "val": val_history}
 
     losses: list[float] = []
     val_history: list[tuple[int, float]] = []
     resumed_from = None
     if os.path.exists(os.path.join(args.save_dir, "latest")):
+        beat("load")
+        fresh = run_settings(engine)
         path, client = engine.load_checkpoint(args.save_dir)
         if path is not None:
-            loader.load_state_dict(client["loader"])
+            restore_position(position, client, engine, rank)
             losses = list(client["losses"])
             val_history = [tuple(v) for v in client.get("val", [])]
             resumed_from = engine.global_steps
+            apply_run_settings(engine, fresh, rank)
     if rank == 0:
         print(f"train_gpt: {sum(p.numel() for p in engine.module.parameters()):,} params, {world} rank(s), ZeRO stage "
               f"{engine_stage(cfg)}, micro-batch {micro} x {accum} accumulation x {world} = {engine.train_batch_size()} "
-              f"sequences of {args.context} bytes per step, {len(train_set):,} training windows"
+              f"sequences of {args.context} bytes per step, {n_train:,} training windows"
               + (f"; resumed from step {resumed_from} ({args.save_dir})" if resumed_from is not None else ""),
               flush=True)
 
@@ -269,40 +571,56 @@ def main(argv=None) -> None:
             print(f"train_gpt: {args.save_dir} already holds step {engine.global_steps} (--steps {args.steps}); "
                   "nothing to train (remove it or pass another --save-dir to train again)", flush=True)
         if not val_history or val_history[-1][0] != engine.global_steps:
+            beat(f"eval {engine.global_steps}")
             val_history.append((engine.global_steps, evaluate(engine, val_set, micro, args.eval_batches)))
+    batches = position.batches()
     while not done:
-        for chunk in loader:  # continues from the loader's position; a finished pass starts the next epoch
-            chunk = chunk.to(engine.device)
-            loss = engine(chunk[:, :-1], chunk[:, 1:])
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            step_loss += loss.item()
-            micro_steps += 1
-            if not boundary:
-                continue
-            losses.append(mean_over_ranks(step_loss / micro_steps, engine.device))
-            step_loss, micro_steps = 0.0, 0
-            step = engine.global_steps
-            elapsed = time.perf_counter() - start
-            tok_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{engine.get_lr()[0]:.2e}", tok_s=f"{tok_s:,.0f}")
-            elif rank == 0 and (step % 50 == 0 or step == 1):
-                print(f"step {step:5d}  loss {losses[-1]:.4f}  {tok_s:,.0f} tokens/s", flush=True)
-            final = step >= args.steps
-            if final or (args.eval_interval and step % args.eval_interval == 0):
-                val_history.append((step, evaluate(engine, val_set, micro, args.eval_batches)))
-            if final or (args.save_interval and step % args.save_interval == 0):
-                engine.save_checkpoint(args.save_dir, client_state={"loader": loader.state_dict(), "losses": losses,
-                                                                    "val": val_history})
-                last_ckpt = os.path.join(args.save_dir, f"global_step{step}")
-            if final or (args.stop_at is not None and step >= args.stop_at):
-                done = True
-                break
+        beat(f"step {engine.global_steps + 1}")
+        chunk = next(batches).to(engine.device)
+        loss = engine(chunk[:, :-1], chunk[:, 1:])
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        skipped_before = getattr(engine, "skipped_steps", 0)
+        engine.step()
+        step_loss += loss.item()
+        micro_steps += 1
+        if not boundary:
+            continue
+        losses.append(mean_over_ranks(step_loss / micro_steps, engine.device))
+        step_loss, micro_steps = 0.0, 0
+        step = engine.global_steps
+        if not math.isfinite(losses[-1]):
+            # the same value on every rank (all-reduced), so every rank decides the same
+            if getattr(engine, "skipped_steps", 0) > skipped_before:
+                if rank == 0:
+                    print(f"train_gpt: step {step}: the loss is {losses[-1]} on at least one rank; the engine "
+                          "refused the update (skipped step)", flush=True)
+            else:
+                raise RuntimeError(
+                    f"train_gpt: the loss at step {step} is {losses[-1]} (non-finite on at least one rank) and the "
+                    f"engine applied the update: stopping before any checkpoint holds it (the latest in "
+                    f"{args.save_dir} is still a finite one; a restart resumes from it)")
+        elapsed = time.perf_counter() - start
+        tok_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{engine.get_lr()[0]:.2e}", tok_s=f"{tok_s:,.0f}")
+        elif rank == 0 and (step % 50 == 0 or step == 1):
+            print(f"step {step:5d}  loss {losses[-1]:.4f}  {tok_s:,.0f} tokens/s", flush=True)
+        final = step >= args.steps
+        if final or (args.eval_interval and step % args.eval_interval == 0):
+            beat(f"eval {step}")
+            val_history.append((step, evaluate(engine, val_set, micro, args.eval_batches)))
+        if final or (args.save_interval and step % args.save_interval == 0):
+            beat(f"save {step}")
+            save(engine, args.save_dir, client_state(), rank)
+            last_ckpt = os.path.join(args.save_dir, f"global_step{step}")
+        if final or (args.stop_at is not None and step >= args.stop_at):
+            done = True
+    batches.close()
     if bar is not None:
         bar.close()
+    beat("report")
     elapsed = time.perf_counter() - start
     steps_run = engine.global_steps - start_step
     tokens_per_s = steps_run * tokens_per_step / elapsed if steps_run else 0.0
@@ -325,11 +643,8 @@ def main(argv=None) -> None:
                 "losses": losses, "tokens_per_s": tokens_per_s, "seconds": elapsed,
                 "final_train_loss": train_loss, "final_val_loss": val_loss, "val": val_history,
                 "checkpoint": last_ckpt, "resumed_from": resumed_from, "plot": plot,
+                "lr": engine.get_lr()[0],
             }, indent=1))
-    # all ranks leave together, the engine (which holds the process group's buffers) before the group
-    dist.barrier()
-    del engine, loader
-    dist.destroy_process_group()
 
 
 def engine_stage(cfg: dict) -> int:
@@ -338,10 +653,3 @@ def engine_stage(cfg: dict) -> int:
 
 if __name__ == "__main__":
     main()
-    # Everything is written and the process group destroyed: leave without the interpreter's teardown. With gloo,
-    # torch 2.13 can abort in its C++ destructors at exit ("terminate called without an active exception", no
-    # Python frame on the stack), about 1 run in 15 on a busy 2-core machine; os._exit skips them.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
