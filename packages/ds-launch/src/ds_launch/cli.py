@@ -33,6 +33,18 @@ DEFAULT_MASTER_PORT = 29500
 # slow checkpoint, so it gets ten minutes (both well under torch's 30-minute gloo timeout)
 DEFAULT_HEARTBEAT_TIMEOUT = 600.0
 DEFAULT_STOPPED_TIMEOUT = 60.0
+# sysexits' EX_IOERR: the main job's exit code for a checkpoint that found no space left on the disk
+DEFAULT_FATAL_EXIT_CODES = "74"
+
+
+def _exit_codes(text: str) -> tuple[int, ...]:
+    codes = []
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        if not item.isdigit() or not 1 <= int(item) <= 255:
+            raise LaunchError(f"--fatal_exit_codes: {item!r} is not an exit code (1-255); give a comma-separated "
+                              "list, or '' for none")
+        codes.append(int(item))
+    return tuple(codes)
 _NOT_BUILT = {  # DeepSpeed / torchrun flags that ds-launch 0.1 refuses with a clear message
     "elastic_training": "elastic training (torch elastic rendezvous)",
     "min_elastic_nodes": "elastic training", "max_elastic_nodes": "elastic training",
@@ -80,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: a free port for a master on this machine, else 29500")
     g.add_argument(*_spellings("max_restarts"), type=int, default=0,
                    help="restart the whole group up to N times after a failure")
+    g.add_argument(*_spellings("fatal_exit_codes"), default=DEFAULT_FATAL_EXIT_CODES, metavar="CODES",
+                   help="worker exit codes that are never restarted: a restart would fail the same way (default "
+                        f"{DEFAULT_FATAL_EXIT_CODES}: EX_IOERR, a disk full at a checkpoint; '' for none)")
     g.add_argument(*_spellings("monitor_interval"), type=float, default=0.1)
     g.add_argument("--standalone", action="store_true", help="single node (accepted for torchrun scripts)")
     g = p.add_argument_group("multi-node")
@@ -236,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_restarts < 0:
             raise LaunchError(f"--max_restarts must be >= 0, got {args.max_restarts}")
+        fatal_codes = _exit_codes(args.fatal_exit_codes)
         for flag in ("heartbeat_timeout", "stopped_timeout", "term_timeout"):
             if not getattr(args, flag) >= 0:  # also NaN
                 raise LaunchError(f"--{flag} must be a number of seconds >= 0, got {getattr(args, flag)}")
@@ -277,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_EXIT_CODE
     sup = Supervisor(make_specs, max_restarts=args.max_restarts, term_timeout=args.term_timeout,
                      monitor_interval=args.monitor_interval, name=name, on_stop=on_stop, quiet=args.quiet,
-                     watchdog=watchdog)
+                     watchdog=watchdog, fatal_exit_codes=fatal_codes)
     if job is None:
         return sup.run()
     with heartbeat_directory(job.run_id) as job.heartbeat_dir:

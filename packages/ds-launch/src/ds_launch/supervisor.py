@@ -19,6 +19,8 @@ ssh agents or the single pdsh/mpirun/srun process of a multi-node run.
   first, ranks stopped at that moment are named as the likely cause.
 - A worker whose last heartbeat was ``done`` (its work is finished and written) and that then exits non-zero
   -- a crash in the interpreter's teardown -- is reported but is no failure: the others go on, nothing restarts.
+- ``fatal_exit_codes``: a failure with one of these codes is not restarted (a restart would fail the same way:
+  74, sysexits' EX_IOERR, is what the main job exits with when a checkpoint finds no space left on the disk).
 - Stopping sends SIGCONT after SIGTERM, so a stopped worker acts on the SIGTERM instead of waiting for SIGKILL.
 """
 
@@ -113,6 +115,7 @@ class Supervisor:
         quiet: bool = False,
         watchdog: Watchdog | None = None,
         watchdog_interval: float = 0.5,
+        fatal_exit_codes: Sequence[int] = (),
     ):
         self.make_specs = make_specs
         self.max_restarts = max_restarts
@@ -124,6 +127,7 @@ class Supervisor:
         self.quiet = quiet
         self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
         self.watchdog_interval = watchdog_interval
+        self.fatal_exit_codes = frozenset(fatal_exit_codes)
         self._lock = threading.Lock()
         self._signal: int | None = None
         self._running: list[_Running] = []
@@ -326,6 +330,11 @@ class Supervisor:
                         self.say(f"note: {line}: probably the cause")
             self._stop_all()
             if restart >= self.max_restarts:
+                return code
+            if code in self.fatal_exit_codes:
+                self.say(f"exit code {code} is one of --fatal_exit_codes ({', '.join(map(str, sorted(self.fatal_exit_codes)))}"
+                         f"): a restart would fail the same way, not restarting ({self.max_restarts - restart} "
+                         "restart(s) left unused)")
                 return code
             restart += 1
             self.say(f"restarting all processes (restart {restart} of {self.max_restarts})")
