@@ -115,3 +115,17 @@ def test_configure_refuses_what_it_cannot_do():
     probe = checkpointing.CudaRNGStatesTracker()
     probe.add("x", 7 + 2718 + 1)
     assert torch.equal(probe.get_states()["x"], checkpointing.get_cuda_rng_tracker().get_states()["model-parallel-rng"])
+
+
+def test_the_config_section_is_validated_at_load_and_read_by_configure():
+    from ds_train import ConfigError, load_config
+
+    cfg = load_config({"train_batch_size": 8, "activation_checkpointing": {"cpu_checkpointing": True,
+                                                                           "number_checkpoints": 2}})
+    checkpointing.configure(None, deepspeed_config=cfg)  # a parsed DeepSpeedConfig works too
+    assert checkpointing._options["checkpoint_in_cpu"] and checkpointing._options["num_checkpoints"] == 2
+    with pytest.raises(ConfigError, match="activation_checkpointing.contiguous_memory_optimization needs "
+                                          "activation_checkpointing.number_checkpoints"):
+        load_config({"train_batch_size": 8, "activation_checkpointing": {"contiguous_memory_optimization": True}})
+    with pytest.raises(ConfigError, match="unknown key 'profiles'; did you mean 'profile'"):
+        load_config({"train_batch_size": 8, "activation_checkpointing": {"profiles": True}})

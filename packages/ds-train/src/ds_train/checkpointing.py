@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.utils.checkpoint as _torch_ckpt
 
-__all__ = ["checkpoint", "non_reentrant_checkpoint", "configure", "is_configured", "reset",
+__all__ = ["checkpoint", "non_reentrant_checkpoint", "configure", "check_section", "is_configured", "reset",
            "partition_activations_in_checkpoint", "set_num_layers", "get_cuda_rng_tracker",
            "model_parallel_cuda_manual_seed", "model_parallel_reconfigure_tp_seed", "CudaRNGStatesTracker"]
 
@@ -143,6 +143,8 @@ def model_parallel_reconfigure_tp_seed(seed: int) -> None:
 # -- configuration ---------------------------------------------------------------------------------------------
 def _section(deepspeed_config: Any) -> dict[str, Any]:
     """The ``activation_checkpointing`` section of a config (path, dict), keys checked."""
+    if hasattr(deepspeed_config, "activation_checkpointing") and not isinstance(deepspeed_config, Mapping):
+        deepspeed_config = {"activation_checkpointing": deepspeed_config.activation_checkpointing or {}}  # parsed
     if isinstance(deepspeed_config, (str, os.PathLike)):
         try:
             with open(deepspeed_config, encoding="utf-8") as f:
@@ -166,6 +168,28 @@ def _section(deepspeed_config: Any) -> dict[str, Any]:
     return out
 
 
+def check_section(section: Any) -> dict[str, Any]:
+    """Validate a config's ``activation_checkpointing`` section (keys and values) and return it as
+    :func:`configure`'s arguments; :class:`~ds_train.DeepSpeedConfig` calls it so a bad section fails at load."""
+    options = dict(_DEFAULTS)
+    options.update(_section({"activation_checkpointing": section}))
+    by_arg = {arg: key for key, arg in _SECTION_KEYS.items()}
+    _check_values(options, lambda arg: f"activation_checkpointing.{by_arg[arg]}")
+    return options
+
+
+def _check_values(options: dict[str, Any], name=lambda arg: arg) -> None:
+    """Types and DeepSpeed's rules; ``name(arg)`` is how an error names the option (config key or argument)."""
+    for key in ("partition_activations", "contiguous_checkpointing", "checkpoint_in_cpu", "synchronize", "profile"):
+        if not isinstance(options[key], bool):
+            raise TypeError(f"{name(key)} must be true or false, got {options[key]!r}")
+    n = options["num_checkpoints"]
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"{name('num_checkpoints')} must be a positive int, got {n!r}")
+    if options["contiguous_checkpointing"] and n is None:  # DeepSpeed's own rule
+        raise ValueError(f"{name('contiguous_checkpointing')} needs {name('num_checkpoints')}")
+
+
 def configure(mpu_, deepspeed_config: Any = None, partition_activations: bool | None = None,
               contiguous_checkpointing: bool | None = None, num_checkpoints: int | None = None,
               checkpoint_in_cpu: bool | None = None, synchronize: bool | None = None,
@@ -181,15 +205,10 @@ def configure(mpu_, deepspeed_config: Any = None, partition_activations: bool | 
                 "num_checkpoints": num_checkpoints, "checkpoint_in_cpu": checkpoint_in_cpu,
                 "synchronize": synchronize, "profile": profile}
     options.update({k: v for k, v in explicit.items() if v is not None})
-    for key in ("partition_activations", "contiguous_checkpointing", "checkpoint_in_cpu", "synchronize", "profile"):
-        if not isinstance(options[key], bool):
-            raise TypeError(f"checkpointing.configure: {key} must be true or false, got {options[key]!r}")
-    n = options["num_checkpoints"]
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"checkpointing.configure: num_checkpoints (number_checkpoints) must be a positive int, got {n!r}")
-    if options["contiguous_checkpointing"] and n is None:  # DeepSpeed's own rule
-        raise ValueError("checkpointing.configure: contiguous_checkpointing (contiguous_memory_optimization) needs "
-                         "num_checkpoints (number_checkpoints)")
+    try:
+        _check_values(options)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"checkpointing.configure: {e}") from None
     _check_partitioning(options["partition_activations"], mpu_)
     _mpu, _configured = mpu_, True
     _options.clear()

@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ds_zero import EngineConfig
 from ds_zero.config import StrictModel
@@ -41,7 +41,6 @@ class ConfigError(ValueError):
 
 #: DeepSpeed top-level keys of features not built in the ds-* suite yet -> what they are
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "activation_checkpointing": "activation checkpointing (use torch.utils.checkpoint in the model meanwhile)",
     "pipeline": "pipeline parallelism (ds-pipe)",
     "flops_profiler": "the FLOPs profiler",
     "tensorboard": "the TensorBoard monitor",
@@ -135,6 +134,21 @@ class DeepSpeedConfig(EngineConfig):
     scheduler: SchedulerConfig | None = None
     #: DeepSpeed's default: keep a short last micro-batch (see :mod:`ds_train.data`)
     dataloader_drop_last: bool = False
+    #: read by ``ds_train.checkpointing.configure(mpu, deepspeed_config=...)``, as DeepSpeed's section is (its engine
+    #: does not use it either); validated here so that a bad section fails when the config is loaded
+    activation_checkpointing: dict[str, Any] | None = None
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _check_activation_checkpointing(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ..checkpointing import check_section
+
+            try:
+                check_section(value)
+            except TypeError as e:  # pydantic reports ValueErrors with their path
+                raise ValueError(str(e)) from None
+        return value
 
     @model_validator(mode="before")
     @classmethod
