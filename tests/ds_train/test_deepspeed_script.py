@@ -144,8 +144,9 @@ def _net_params(script):
 
 @pytest.mark.parametrize("precision,stage,tolerance", [("fp16", 1, 0.02), ("bf16", 0, 0.05)])
 def test_16bit_runs_follow_the_fp32_curve(swapped_script, reference, tmp_path, precision, stage, tolerance):
-    extra = ({"fp16": {"enabled": True, "initial_scale_power": 8}} if precision == "fp16"
-             else {"bf16": {"enabled": True}})
+    extra = ({"fp16": {"enabled": True, "initial_scale_power": 8},  # read by deepspeed.checkpointing.configure:
+              "activation_checkpointing": {"partition_activations": False, "synchronize_checkpoint_boundary": True}}
+             if precision == "fp16" else {"bf16": {"enabled": True}})
     argv = ["--checkpoint_activations"] if precision == "fp16" else []
     facts = _train(swapped_script, tmp_path, precision, _config(tmp_path, precision, stage, **extra), 6, *argv)
     assert facts[precision] and facts["zero_stage"] == stage and facts["global_steps"] == 6
