@@ -4,7 +4,7 @@
   as DeepSpeed's launcher does, and the torchrun environment) with a config that has an ``activation_checkpointing``
   section: it trains 4 steps and logs through ``deepspeed.utils.log_dist`` on rank 0 only (its losses are checked
   against plain PyTorch in tests/ds_train/test_deepspeed_script.py);
-- unchanged (``import deepspeed``), through the opt-in alias ``python -m ds_train.alias`` in one process.
+- unchanged (``import deepspeed``), through the opt-in alias: ``ds-launch -m ds_train.alias SCRIPT ...``.
 """
 
 import json
@@ -56,10 +56,13 @@ def test_import_swapped_script_under_ds_launch(workdir):
 
 
 def test_unchanged_script_through_the_alias(workdir):
+    """``ds-launch -m ds_train.alias SCRIPT``: the launcher puts ``--local_rank=N`` before the script's name; the
+    alias hands it to the script."""
     out = workdir / "alias.json"
     result = run_subprocess_job(
-        [sys.executable, "-m", "ds_train.alias", SCRIPT, "--deepspeed_config", str(workdir / "ds_config.json"),
-         "--steps", "2", "--out", str(out)], timeout=300, env={"OMP_NUM_THREADS": "1"}, cwd=str(workdir))
+        [sys.executable, "-m", "ds_launch", "--num_gpus", "2", "-m", "ds_train.alias", SCRIPT, "--deepspeed_config",
+         str(workdir / "ds_config.json"), "--steps", "2", "--out", str(out)],
+        timeout=300, env={"OMP_NUM_THREADS": "1"}, cwd=str(workdir))
     facts = json.loads(out.read_text())
-    assert facts["world_size"] == 1 and facts["global_steps"] == 2 and facts["batch"] == [16, 16, 1]
-    assert "rank 0 of 1" in result.stdout
+    assert facts["world_size"] == 2 and facts["global_steps"] == 2 and facts["batch"] == [16, 8, 1]
+    assert "rank 0 of 2" in result.stdout

@@ -114,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage + "\n\nRun a DeepSpeed script unchanged, with 'deepspeed' resolving to ds-train in this process.")
         return 0 if argv else 2
+    # launchers put --local_rank=N right after the program (DeepSpeed's and ds-launch's order); it belongs to the
+    # script, so it moves behind the script's name
+    moved = []
+    while argv and (argv[0].startswith("--local_rank") or argv[0].startswith("--local-rank")):
+        moved.append(argv.pop(0))
+        if "=" not in moved[-1] and argv:
+            moved.append(argv.pop(0))
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
+    argv = argv[:2] + moved + argv[2:] if argv[0] == "-m" else argv[:1] + moved + argv[1:]
     install()
     if argv[0] == "-m":
         if len(argv) < 2:

@@ -1,4 +1,4 @@
-"""DeepSpeed's ``deepspeed.utils`` logging names: ``logger`` and ``log_dist``.
+"""DeepSpeed's ``deepspeed.utils`` names scripts use: ``logger``, ``log_dist``, ``print_json_dist``, ``RepeatingLoader``.
 
 DeepSpeed's logger prints INFO and above to stdout with a timestamp and the caller's file and line, and scripts
 rely on seeing ``log_dist(...)`` lines without configuring logging. :data:`logger` does the same: it is the
@@ -16,7 +16,9 @@ import sys
 
 import torch.distributed as dist
 
-__all__ = ["logger", "log_dist", "print_json_dist"]
+from .data import RepeatingLoader
+
+__all__ = ["logger", "log_dist", "print_json_dist", "RepeatingLoader"]
 
 _FORMAT = "[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d:%(funcName)s] %(message)s"
 
