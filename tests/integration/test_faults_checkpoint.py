@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("ds_train", reason="the main job needs ds-train (and ds-zero)")
 pytest.importorskip("ds_launch", reason="the fault tests run the main job under ds-launch")
 
-from faults_common import launch, launch_bare  # noqa: E402
+from faults.common import launch, launch_bare  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +63,13 @@ def test_a_full_disk_leaves_no_unfinished_step_directory(disk_full):
 
 @pytest.mark.xfail(strict=True, reason="needs ds-zero change: a 'latest' file that is not UTF-8 raises a bare "
                                        "UnicodeDecodeError; it must be a CheckpointError naming the file")
-@pytest.mark.timeout(120)
-def test_a_latest_file_that_is_not_utf8_is_a_checkpoint_error_naming_it(tmp):
+@pytest.mark.timeout(180)
+def test_a_latest_file_that_is_not_utf8_is_a_checkpoint_error_naming_it(tmp, disk_full):
     save_dir = tmp / "garbled"
-    first = launch(tmp, "garbled-first", steps=4, save_dir=save_dir)
-    assert first.returncode == 0, first
+    shutil.copytree(disk_full.save_dir / "global_step4", save_dir / "global_step4")  # a complete checkpoint
     (save_dir / "latest").write_bytes(b"\xff\xfeglobal_step4\n")
     ranks = launch_bare(tmp, "garbled", steps=8, save_dir=save_dir)
     for r in ranks:
         assert r["returncode"] not in (None, 0), ranks
         assert "CheckpointError" in r["output"] and str(save_dir / "latest") in r["output"], r["output"][-3000:]
         assert "UnicodeDecodeError" not in r["output"]
-    shutil.rmtree(save_dir)

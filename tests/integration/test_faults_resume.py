@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("ds_train", reason="the main job needs ds-train (and ds-zero)")
 pytest.importorskip("ds_launch", reason="the fault tests run the main job under ds-launch")
 
-from faults_common import ROOT, TRAIN_GPT, launch  # noqa: E402
+from faults.common import ROOT, TRAIN_GPT, launch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "examples"))
 import train_gpt  # noqa: E402
@@ -36,6 +36,19 @@ def _config(tmp, lr):
     return str(path)
 
 
+def _schedule_lr(tmp, lr, steps):
+    import torch
+    from ds_train.schedulers import build_lr_scheduler
+
+    cfg = train_gpt.build_config(train_gpt.parse_args(["--config", _config(tmp, lr), "--steps", str(steps)]))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg["optimizer"]["params"]["lr"])
+    sched = build_lr_scheduler(cfg["scheduler"]["type"], cfg["scheduler"]["params"], opt)
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
 @pytest.mark.timeout(240)
 def test_more_steps_and_a_new_lr_rebuild_the_schedule_at_the_checkpoints_step(tmp):
     save_dir = tmp / "longer"
@@ -49,10 +62,9 @@ def test_more_steps_and_a_new_lr_rebuild_the_schedule_at_the_checkpoints_step(tm
     assert "scheduler total_num_steps 8 -> 12 (--steps)" in line, line
     assert "scheduler peak_lrs 0.002 -> 0.001 (the config's optimizer lr)" in line, line
     assert "lr at step 8 " in line
-    # the final lr is the 12-step schedule's (with lr 0.001) at step 12, not the old schedule's floor
-    fresh = launch(tmp, "fresh12", steps=12, args=["--config", _config(tmp, 0.001)], check_threads=False)
-    assert fresh.returncode == 0, fresh
-    assert longer.metrics["lr"] == fresh.metrics["lr"] != floor
+    # the final lr is the 12-step schedule's (with lr 0.001) at step 12, not the old schedule's floor: the same
+    # closed-form schedule, built here from the same config and stepped 12 times, gives it bit for bit
+    assert longer.metrics["lr"] == _schedule_lr(tmp, 0.001, steps=12) != floor
     # the first 8 losses are the short run's (from the checkpoint), and training went on after them
     assert longer.metrics["losses"][:8] == short.metrics["losses"] and len(longer.metrics["losses"]) == 12
 
@@ -60,9 +72,9 @@ def test_more_steps_and_a_new_lr_rebuild_the_schedule_at_the_checkpoints_step(tm
 @pytest.mark.timeout(240)
 def test_another_world_size_resumes_the_data_position_and_says_what_changed(tmp):
     save_dir = tmp / "world"
-    two = launch(tmp, "world2", steps=12, save_dir=save_dir, args=["--stop-at", "4"])
+    two = launch(tmp, "world2", steps=8, save_dir=save_dir, args=["--stop-at", "4"])
     assert two.returncode == 0 and two.metrics["steps"] == 4, two
-    three = launch(tmp, "world3", nproc=3, steps=12, save_dir=save_dir)
+    three = launch(tmp, "world3", nproc=3, steps=8, save_dir=save_dir)
     assert three.returncode == 0, three
     assert three.metrics["resumed_from"] == 4 and three.metrics["world_size"] == 3
     assert ("the checkpoint was written by 2 rank(s) with micro-batch 8 x 1 accumulation (global batch 16); this run "
@@ -139,7 +151,8 @@ def test_data_position_in_samples_loses_and_repeats_nothing(first, second, drop_
 
 
 def test_the_main_job_has_no_os_exit():
-    """The examples end normally (the cause of the old exit-time abort is gone, see fault_worker's thread check)."""
+    """The examples end normally (the cause of the old exit-time abort is gone: the thread check in
+    tests/faults/worker.py runs after every clean run of the fault tests)."""
     for name in ("train_gpt.py", "comm_demo.py", "ddp_swap_optimizer.py"):
         assert "os._exit" not in (ROOT / "examples" / name).read_text(), name
     assert "torch.distributed.nn.functional" in open(TRAIN_GPT).read()

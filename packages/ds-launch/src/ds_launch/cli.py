@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between SIGTERM and SIGKILL when stopping workers (default 5)")
     g.add_argument(*_spellings("heartbeat_timeout"), type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
                    help="a worker that wrote its heartbeat file ($DS_LAUNCH_HEARTBEAT_FILE) and then stays silent "
-                        f"S seconds is hung: the job fails (exit 124) or restarts (default {DEFAULT_HEARTBEAT_TIMEOUT:g};"
-                        " 0: off)")
+                        "S seconds is hung: the job fails (exit 124) or restarts "
+                        f"(default {DEFAULT_HEARTBEAT_TIMEOUT:g}; 0: off)")
     g.add_argument(*_spellings("stopped_timeout"), type=float, default=DEFAULT_STOPPED_TIMEOUT, metavar="S",
                    help="a worker stopped (SIGSTOP, debugger) for S seconds is hung, as above "
                         f"(default {DEFAULT_STOPPED_TIMEOUT:g}; 0: off)")

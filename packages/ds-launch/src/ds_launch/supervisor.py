@@ -332,9 +332,9 @@ class Supervisor:
             if restart >= self.max_restarts:
                 return code
             if code in self.fatal_exit_codes:
-                self.say(f"exit code {code} is one of --fatal_exit_codes ({', '.join(map(str, sorted(self.fatal_exit_codes)))}"
-                         f"): a restart would fail the same way, not restarting ({self.max_restarts - restart} "
-                         "restart(s) left unused)")
+                listed = ", ".join(map(str, sorted(self.fatal_exit_codes)))
+                self.say(f"exit code {code} is one of --fatal_exit_codes ({listed}): a restart would fail the same "
+                         f"way, not restarting ({self.max_restarts - restart} restart(s) left unused)")
                 return code
             restart += 1
             self.say(f"restarting all processes (restart {restart} of {self.max_restarts})")

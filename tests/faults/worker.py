@@ -1,6 +1,7 @@
 """The README's main job (examples/train_gpt.py) with faults injected: the torchft / torchelastic pattern.
 
-    DS_FAULTS='[{"kind": "kill", "rank": 1, "step": 6}]' ds-launch --nproc_per_node 2 fault_worker.py <train_gpt args>
+    DS_FAULTS='[{"kind": "kill", "rank": 1, "step": 6}]' \
+        ds-launch --nproc_per_node 2 tests/faults/worker.py <train_gpt args>
 
 The faults come from ``$DS_FAULTS`` (a JSON list); each fires once, on its rank, at its step, on attempt
 ``attempt`` (``$TORCHELASTIC_RESTART_COUNT``, default 0: a restarted job runs clean, so recovery can be checked),
@@ -48,7 +49,7 @@ def load_faults() -> list[dict]:
     faults = json.loads(os.environ.get("DS_FAULTS", "[]"))
     for f in faults:
         if f.get("kind") not in KINDS or not isinstance(f.get("step"), int) or not isinstance(f.get("rank"), int):
-            raise SystemExit(f"fault_worker: bad fault {f!r}: needs kind in {sorted(KINDS)}, int rank and step")
+            raise SystemExit(f"faults.worker: bad fault {f!r}: needs kind in {sorted(KINDS)}, int rank and step")
     return [f for f in faults if f["rank"] == RANK and f.get("attempt", 0) in (ATTEMPT, -1)]
 
 
@@ -158,7 +159,7 @@ def main() -> None:
                 pass
         left = sorted(n for n in names if "gloo" in n or "tcpstore" in n)
         if left:
-            print(f"fault_worker: rank {RANK}: threads of the process group still running after main(): {left}",
+            print(f"faults.worker: rank {RANK}: threads of the process group still running after main(): {left}",
                   flush=True)
             sys.exit(3)
 

@@ -1,4 +1,4 @@
-"""Shared by the fault tests: the main job, small, under ds-launch with faults injected (fault_worker.py).
+"""Shared by the fault tests: the main job, small, under ds-launch with faults injected (faults/worker.py).
 
 Every run uses ds-optim's torch backend (DS_OPTIM_BACKEND=torch): with it a resumed run is bit-identical to an
 uninterrupted one, so recovery can be checked bitwise. (The Numba CPU kernels differ in the last bits on the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-WORKER = str(HERE / "fault_worker.py")
+WORKER = str(HERE / "worker.py")
 TRAIN_GPT = str(ROOT / "examples" / "train_gpt.py")
 # a GPT small enough that a 12-step run costs little more than the start-up of two torch processes
 TINY = ["--layers", "1", "--dim", "32", "--heads", "2", "--micro-batch", "8", "--data-bytes", "100000",
@@ -45,7 +45,7 @@ class Run:
 
 def launch(tmp: Path, name: str, *, faults=(), nproc: int = 2, launcher_args=(), args=(), steps: int = STEPS,
            save_dir: Path | None = None, timeout: float = 120, check_threads: bool = True, env=None) -> Run:
-    """``ds-launch --nproc_per_node N [launcher_args] fault_worker.py TINY --steps ... [args]``, to completion."""
+    """``ds-launch --nproc_per_node N [launcher_args] worker.py TINY --steps ... [args]``, to completion."""
     save_dir = save_dir or tmp / f"{name}-ckpt"
     out = tmp / f"{name}.json"
     log = tmp / f"{name}.faults"
