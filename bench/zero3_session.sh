@@ -4,7 +4,8 @@
 #   bash bench/zero3_session.sh ANCHOR_DIR     (ANCHOR_DIR holds zero_anchor.py; .whl/ filled by
 #                                              ../shared/device/prepare-wheels.sh)
 # One GPU (world size 1): the engines' own cost and memory. ENGINES overrides the list; "z3init" builds the
-# model under ds_zero.Init, "z3fp32" reduces gradients in fp32 as the FSDP2 anchor does, "z3reuse0" sets stage3_max_reuse_distance 0. Logs in $OUT.
+# model under ds_zero.Init, "z3fp32" reduces gradients in fp32 as the FSDP2 anchor does, "z3reuse0" sets
+# stage3_max_reuse_distance 0; TESTS overrides the GPU test files. Logs in $OUT.
 set -o pipefail
 ANCHORS=${1:?usage: zero3_session.sh ANCHOR_DIR}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpus.txt"
 if [ -z "${NO_TESTS:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-    tests/ds_zero/test_gpu_stage3.py tests/ds_optim/test_dtensor.py > "$OUT/gpu_tests.log" 2>&1
+    ${TESTS:-tests/ds_zero/test_gpu_stage3.py tests/ds_optim/test_dtensor.py} > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"; grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/gpu_tests.log" | tail -8
 fi
 for engine in ${ENGINES:-fsdp2 z3 ds3 z3init z3fp32 fsdp2 z3}; do

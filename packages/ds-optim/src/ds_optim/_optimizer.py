@@ -336,6 +336,18 @@ class FlatOptimizer(torch.optim.Optimizer):
         if flat_p.data_ptr() != target.data_ptr():
             target.copy_(flat_p.view_as(target))
 
+    def flat_buffers(self) -> dict[str, list[torch.Tensor]]:
+        """The flat storage this optimizer holds behind its params' views: ``"grads"`` (the flat grad buffers
+        allocated so far: none for an optimizer stepped only through ``step(grads=...)``) and ``"states"``
+        (the fp32 states). For memory accounting; the tensors are the live buffers, not copies."""
+        out: dict[str, list[torch.Tensor]] = {"grads": [], "states": []}
+        for buckets in self._buckets:
+            for bucket in buckets:
+                if isinstance(bucket, FlatBucket) and bucket.holds_grad_buffer:
+                    out["grads"].append(bucket.grad_flat)
+                out["states"].extend(bucket.states.values())
+        return out
+
     # -- zero_grad ---------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:  # as torch's, without its dynamo-disabling wrapper (see _register_group)

@@ -86,8 +86,16 @@ def _nonfinite_flag(grads: list[Tensor], inv_scale: float | None) -> Tensor | No
     for g in grads:
         by_key.setdefault((g.device, g.dtype), []).append(g)  # the fused kernel wants one device and dtype
     flags = []
-    for (device, _), group in by_key.items():
-        if _fused_check_and_unscale is not None:
+    for (device, dtype), group in by_key.items():
+        if dtype == torch.bfloat16 and device.type == "cuda":
+            # torch's fused check has no bf16 CUDA kernel: the max |g| of each tensor is inf or NaN exactly when
+            # the tensor holds one (a reduction: no temporary of the gradient's size)
+            peaks = torch.stack([torch.linalg.vector_norm(g, ord=float("inf")).float() for g in group if g.numel()]
+                                or [torch.zeros((), device=device)])
+            found = (~torch.isfinite(peaks).all()).to(torch.float32).reshape(1)
+            if inv_scale is not None and inv_scale != 1.0:
+                torch._foreach_mul_(group, inv_scale)
+        elif _fused_check_and_unscale is not None:
             found = torch.zeros(1, dtype=torch.float32, device=device)
             factor = torch.full((1,), 1.0 if inv_scale is None else inv_scale, dtype=torch.float32, device=device)
             _fused_check_and_unscale(group, found, factor)

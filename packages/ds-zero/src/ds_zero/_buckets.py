@@ -1,6 +1,7 @@
-"""Gradient buckets: which trainable params are reduced together, and their flat storage.
+"""Gradient buckets (stages 0-2, and stage 3's persistent params): which trainable params are reduced together,
+and the one object that owns a bucket's storage and its gradient lifecycle.
 
-A *bucket* is a run of trainable params of one param group and one dtype, at most ``reduce_bucket_size``
+Layout. A *bucket* is a run of trainable params of one param group and one dtype, at most ``reduce_bucket_size``
 elements (a larger param gets a bucket of its own). Params are taken in reverse registration order, the
 order in which backward usually produces their grads (DDP's heuristic), and one bucket per (group, dtype) is
 kept open while walking them; a bucket is numbered when it closes, so the numbering follows the order in
@@ -12,11 +13,18 @@ of ``shard_world * SHARD_ALIGN``, and rank ``r`` owns the ``r``-th of ``shard_wo
 bucket (Megatron's distributed optimizer / FSDP's per-unit sharding, rather than DeepSpeed's one split of the
 whole flat buffer). That makes the reduce-scatter of a bucket exactly one collective with no per-rank
 slicing, and the parameter all-gather of a bucket one in-place collective.
+
+Ownership. :class:`Bucket` owns, and alone writes, what a bucket holds: its flat param storage (the params are
+views of it), its full-size grad buffer where a stage keeps one (stages 0/1: the params' ``.grad`` are views,
+so micro-steps accumulate in place), the grads staged for one reduction (stage 2), which params reported a grad
+in the current micro-step, and where its reduced shard lives (a view of the param group's
+``_partition.GradShards``). Reducers and the engine call its methods; the transitions are::
+
+    keep_full_grads -> (backward: adopt_grad | stage_grad, mark_ready) -> full_grads / take_staged
+        -> write_reduced | add_reduced -> (the step reads GradShards) -> zero_grads
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
@@ -24,31 +32,31 @@ import torch
 SHARD_ALIGN = 32
 
 
-@dataclass
 class Bucket:
-    """One gradient bucket: layout (names, offsets, padded length) and, at run time, its buffers."""
+    """One gradient bucket: its fixed layout, and the storage and gradient lifecycle it owns (module doc)."""
 
-    index: int
-    group_index: int
-    dtype: torch.dtype
-    names: list[str]
-    params: list[torch.nn.Parameter]
-    offsets: list[int]  # len(params) + 1, unpadded
-    padded_numel: int
-    shard_world: int = 1
-    shard_rank: int = 0
-    #: where this bucket's shard starts inside its param group's fp32 master (``_partition.Masters``)
-    master_offset: int = 0
-    #: flat 16-bit (or fp32) param storage the params are views of (None when the params were left alone)
-    param_flat: torch.Tensor | None = None
-    #: persistent full-size grad buffer the params' ``.grad`` are views of (stages 0 and 1)
-    grad_flat: torch.Tensor | None = None
-    #: this rank's reduced gradient shard (stage 2: persistent; stage 1: produced at the boundary)
-    shard_grad: torch.Tensor | None = None
-    # run-time bookkeeping of one micro-step
-    ready: int = 0
-    seen: set = field(default_factory=set)
+    def __init__(self, index: int, group_index: int, dtype: torch.dtype, names: list[str],
+                 params: list[torch.nn.Parameter], offsets: list[int], padded_numel: int, shard_world: int = 1,
+                 shard_rank: int = 0) -> None:
+        self.index = index
+        self.group_index = group_index
+        self.dtype = dtype
+        self.names = names
+        self.params = params
+        self.offsets = offsets  # len(params) + 1, unpadded
+        self.padded_numel = padded_numel
+        self.shard_world = shard_world
+        self.shard_rank = shard_rank
+        #: where this bucket's shard starts inside its param group's masters and GradShards (set once, by
+        #: ``_partition.assign_group_offsets``)
+        self.master_offset = 0
+        self._param_flat: torch.Tensor | None = None
+        self._full_grads: torch.Tensor | None = None
+        self._staged: torch.Tensor | None = None
+        self._reduced: torch.Tensor | None = None
+        self._seen: set[int] = set()
 
+    # -- layout ------------------------------------------------------------------------------------------
     @property
     def numel(self) -> int:
         return self.offsets[-1]
@@ -78,6 +86,137 @@ class Bucket:
             "shard_world": self.shard_world,
             "master_offset": self.master_offset,
         }
+
+    # -- params ------------------------------------------------------------------------------------------
+    @property
+    def param_flat(self) -> torch.Tensor | None:
+        """Flat param storage the params are views of (None when the params were left alone)."""
+        return self._param_flat
+
+    def flatten_params(self, dtype: torch.dtype, device: torch.device, sources=None) -> None:
+        """Allocate the flat param storage (zero padding), copy the params in (``sources``: tensors to copy
+        instead, e.g. the fp32 originals) and re-point each param's ``.data`` to its view."""
+        flat = torch.zeros(self.padded_numel, dtype=dtype, device=device)
+        with torch.no_grad():
+            for i, (view, p) in enumerate(zip(self.views(flat), self.params)):
+                view.copy_(p.data if sources is None else sources[i])
+                p.data = view
+        self.dtype = dtype
+        self._param_flat = flat
+
+    @torch.no_grad()
+    def write_param_shard(self, values: torch.Tensor) -> None:
+        """This rank's shard of the params := ``values`` (cast); the all-gather brings the other shards."""
+        lo, hi = self.shard_range
+        self._param_flat[lo:hi].copy_(values)
+
+    # -- full-size grads (stages 0 and 1) ----------------------------------------------------------------
+    @property
+    def full_grads(self) -> torch.Tensor | None:
+        return self._full_grads
+
+    def keep_full_grads(self, device: torch.device, storage: torch.Tensor | None = None) -> None:
+        """Give the bucket a persistent, zeroed full-size grad buffer (``storage``, e.g. its view of the param
+        group's GradShards when the shard is the whole bucket; else a new one) and point every param's
+        ``.grad`` at its view, so autograd accumulates micro-steps in place, straight into what is
+        communicated."""
+        if storage is None:
+            storage = torch.zeros(self.padded_numel, dtype=self.dtype, device=device)
+        else:
+            storage.zero_()
+        self._full_grads = storage
+        for p, view in zip(self.params, self.views(storage)):
+            p.grad = view
+
+    def adopt_grad(self, i: int) -> None:
+        """Param ``i``'s grad is not its view of the full grads (someone set ``.grad = None`` or assigned a new
+        tensor, and autograd started a fresh one): the fresh grad is the whole accumulated value, so copy it in
+        and re-point, so later micro-steps accumulate in place again."""
+        p = self.params[i]
+        g = p.grad
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        if g is None or (g.data_ptr() == self._full_grads[lo:].data_ptr() and g.shape == p.shape):
+            return
+        view = self._full_grads[lo:hi].view_as(p)
+        view.copy_(g)
+        p.grad = view
+
+    # -- staged grads (stage 2) --------------------------------------------------------------------------
+    def stage_grad(self, i: int, device: torch.device) -> None:
+        """Copy param ``i``'s fresh grad into this reduction's staging buffer and free it (stage 2's
+        ``contiguous_gradients``: no rank keeps full grads)."""
+        g = self.params[i].grad
+        if g is None:
+            return
+        if self._staged is None:
+            self._staged = torch.zeros(self.padded_numel, dtype=self.dtype, device=device)
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        self._staged[lo:hi].copy_(g.reshape(-1))
+        self.params[i].grad = None
+
+    def take_staged(self, device: torch.device, from_params: bool) -> torch.Tensor:
+        """The full bucket of this micro-step's grads for the reduction; the bucket lets go of it. With
+        ``from_params`` (``contiguous_gradients=false``) the grads are flattened off the params now."""
+        flat, self._staged = self._staged, None
+        if flat is None:
+            flat = torch.zeros(self.padded_numel, dtype=self.dtype, device=device)
+        if from_params:
+            for p, view in zip(self.params, self.views(flat)):
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                    p.grad = None
+        return flat
+
+    def drop_staged(self) -> None:
+        self._staged = None
+
+    # -- the reduced shard -------------------------------------------------------------------------------
+    @property
+    def reduced(self) -> torch.Tensor | None:
+        """This rank's reduced gradient shard (a view of its group's GradShards; None when not bound)."""
+        return self._reduced
+
+    def bind_reduced(self, view: torch.Tensor | None) -> None:
+        """Where the reduced shard lives (``_partition.GradShards`` binds and unbinds its views)."""
+        self._reduced = view
+
+    def write_reduced(self, shard: torch.Tensor) -> None:
+        if shard.data_ptr() != self._reduced.data_ptr():
+            self._reduced.copy_(shard)
+
+    def add_reduced(self, shard: torch.Tensor) -> None:
+        self._reduced.add_(shard)
+
+    # -- one micro-step's readiness ----------------------------------------------------------------------
+    def mark_ready(self, i: int) -> bool:
+        """Param ``i`` produced its grad in this micro-step; True when every param of the bucket has."""
+        if i in self._seen:
+            raise RuntimeError(
+                f"the gradient of {self.names[i]!r} was produced twice in one micro-step (two backward passes "
+                "through it before engine.step(), e.g. re-entrant activation checkpointing or a param used in two "
+                "graphs); ds-zero reduces each grad once per micro-step"
+            )
+        self._seen.add(i)
+        return len(self._seen) == len(self.params)
+
+    def reset_readiness(self) -> None:
+        self._seen = set()
+
+    def names_without_grad(self) -> list[str]:
+        return [n for i, n in enumerate(self.names) if i not in self._seen]
+
+    # -- after the step ----------------------------------------------------------------------------------
+    def zero_grads(self) -> None:
+        """Zero the full grads in place and keep the params' ``.grad`` on their views (stages 0/1), or drop the
+        params' grads (stage 2, which keeps none)."""
+        if self._full_grads is not None:
+            self._full_grads.zero_()
+            for i in range(len(self.params)):  # keep (or restore) the in-place accumulation path
+                self.adopt_grad(i)
+        else:
+            for p in self.params:
+                p.grad = None
+        self._staged = None
 
 
 def padded_length(numel: int, shard_world: int) -> int:
@@ -120,15 +259,3 @@ def assign_buckets(
             shard_rank=shard_rank,
         ))
     return buckets
-
-
-def flatten_into_views(bucket: Bucket, dtype: torch.dtype, device: torch.device, sources=None) -> torch.Tensor:
-    """Allocate the bucket's flat param storage (zero padding), copy the params in (``sources``: tensors to
-    copy instead, e.g. the fp32 originals) and re-point each param's ``.data`` to its view."""
-    flat = torch.zeros(bucket.padded_numel, dtype=dtype, device=device)
-    with torch.no_grad():
-        for i, (view, p) in enumerate(zip(bucket.views(flat), bucket.params)):
-            view.copy_(p.data if sources is None else sources[i])
-            p.data = view
-    bucket.param_flat = flat
-    return flat

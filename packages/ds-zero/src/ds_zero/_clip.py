@@ -15,11 +15,17 @@ import torch
 import torch.distributed as dist
 
 
+#: a tensor is normed in pieces of at most this many elements, so that a 16-bit gradient is widened to fp32 one
+#: piece at a time (the masters' grads are one flat tensor per param group: widening it whole would cost a
+#: transient fp32 copy of every gradient, the memory the 16-bit step saves)
+_NORM_CHUNK = 1 << 26
+
+
 def _sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    grads = [g for g in grads if g.numel()]
-    if not grads:
+    pieces = [c for g in grads if g.numel() for c in g.reshape(-1).split(_NORM_CHUNK)]
+    if not pieces:
         return None
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    return torch.stack([torch.linalg.vector_norm(c, dtype=torch.float32) for c in pieces]).square().sum()
 
 
 def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group,
@@ -27,13 +33,12 @@ def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group,
     """The L2 norm (fp32 0-d tensor) of the full gradient from this rank's pieces: ``grads`` (shards when
     ``sharded``) and ``replicated`` (whole on every rank: added after the all-reduce, not summed over ranks)."""
     extra = _sq_sum(replicated)
-    grads = [g for g in grads if g.numel()]
-    if grads:
-        device = grads[0].device
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
-    else:
+    sq = _sq_sum(grads)
+    if sq is None:
         device = torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float32)
+    else:
+        device = sq.device
     if sharded and dist.is_initialized() and dist.get_world_size(group) > 1:
         if "nccl" in str(dist.get_backend(group)).lower() and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
@@ -44,15 +49,21 @@ def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group,
     return sq.sqrt()
 
 
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_``'s factor: ``max_norm / (norm + 1e-6)`` when that is below one, else 1."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
 def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, sharded: bool, group,
                 replicated: Sequence[torch.Tensor] = ()) -> float:
     """Clip in place to ``max_norm`` by the global norm; returns the norm before clipping."""
     norm = global_grad_norm(grads, sharded, group, replicated)
     grads = list(grads) + list(replicated)
     value = float(norm)
-    if max_norm > 0:
-        coef = max_norm / (value + 1e-6)
-        nonempty = [g for g in grads if g.numel()]
-        if coef < 1.0 and nonempty:  # a rank may hold only empty shards
-            torch._foreach_mul_(nonempty, coef)
+    coef = clip_coefficient(value, max_norm)
+    nonempty = [g for g in grads if g.numel()]
+    if coef < 1.0 and nonempty:  # a rank may hold only empty shards
+        torch._foreach_mul_(nonempty, coef)
     return value

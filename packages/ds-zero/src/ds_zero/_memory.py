@@ -5,10 +5,10 @@ params, the buckets' flat param and grad buffers, the reduced gradient shards, t
 grads, and every tensor in the optimizer's state. Not counted: transient buffers that exist only inside
 ``backward``/``step`` (stage-2 staging buckets, stage-1 reduced shards, fp32 master grads of a torch
 optimizer), activations, and buffers of the module (running stats). With mixed-precision Adam and Ψ trainable
-elements over N ranks this comes to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1), 2Ψ + 14Ψ/N (stage 2) and 16Ψ/N (stage
+elements over N ranks this comes to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1), 2Ψ + 14Ψ/N (stage 2) -- DeepSpeed's
+formulas: the masters' step reads the 16-bit reduced grads, no fp32 gradient copy is kept -- and 16Ψ/N (stage
 3: FSDP2's fp32 shards, their fp32 grad shards between backward and step, AdamW's two states; plus the
-persistent params' 2 + 16 bytes each, whole on every rank), plus the padding; a ds-optim optimizer adds its own
-persistent fp32 grad buffer (4Ψ/N) at stages 0-2. The 16-bit params FSDP2 gathers for a unit's forward and
+persistent params' 2 + 16 bytes each, whole on every rank), plus the padding. The 16-bit params FSDP2 gathers for a unit's forward and
 backward are transient (one unit at a time plus prefetch) and not counted.
 """
 
@@ -44,8 +44,8 @@ def model_state_bytes(engine) -> dict[str, int]:
                 add("grads", p.grad)
     for b in engine.buckets:
         add("params", b.param_flat)
-        add("grads", b.grad_flat)
-        add("grads", b.shard_grad)
+        add("grads", b.full_grads)
+        add("grads", b.reduced)  # a view of its group's GradShards: the storage is counted once
     for p in engine.module.parameters():
         if hasattr(p, "_local_tensor"):  # stage 3: FSDP2's fp32 shard is the master, its grad the reduced shard
             add("master_params", p._local_tensor)
@@ -57,11 +57,14 @@ def model_state_bytes(engine) -> dict[str, int]:
         for v in state.values():
             if isinstance(v, torch.Tensor) and v.numel() > 1:
                 add("optimizer_states", getattr(v, "_local_tensor", v))
-    # ds-optim keeps states and a grad buffer in flat buffers behind the views above
-    for buckets in getattr(engine.optimizer, "_buckets", []):
-        for fb in buckets:
-            add("grads", getattr(fb, "grad_flat", None))  # DTensor shard buckets keep no grad buffer
-            for v in fb.states.values():
-                add("optimizer_states", v)
+    # ds-optim keeps its states (and, where it was given .grad, a grad buffer) in flat buffers behind the views
+    from ds_optim import FlatOptimizer
+
+    if isinstance(engine.optimizer, FlatOptimizer):
+        buffers = engine.optimizer.flat_buffers()
+        for t in buffers["grads"]:
+            add("grads", t)
+        for t in buffers["states"]:
+            add("optimizer_states", t)
     out["total"] = sum(out.values())
     return out

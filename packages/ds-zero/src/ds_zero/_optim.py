@@ -73,7 +73,7 @@ def rebuild_optimizer(template: torch.optim.Optimizer, group_params: list[list[t
     except (TypeError, ValueError):
         accepts_any, names = True, set()
     kwargs = {k: v for k, v in template.defaults.items() if accepts_any or k in names}
-    backend = getattr(template, "_backend_request", None)
+    backend = getattr(template, "backend_request", None)  # ds-optim's backend= (public property)
     if backend is not None and (accepts_any or "backend" in names):
         kwargs["backend"] = backend
     groups = []

@@ -106,16 +106,23 @@ class DataParallelShards(ShardingPolicy):
             by_rank[:, start:start + width].copy_(out.view(world, width))
 
 
+def assign_group_offsets(buckets: list[Bucket], num_groups: int) -> list[int]:
+    """Lay this rank's shards of each param group's buckets end to end (``bucket.master_offset``): the layout of
+    the group's fp32 master and of its reduced grads. Returns each group's total."""
+    sizes = [0] * num_groups
+    for bucket in buckets:
+        bucket.master_offset = sizes[bucket.group_index]
+        sizes[bucket.group_index] += bucket.shard_numel
+    return sizes
+
+
 class Masters:
     """fp32 master shards, one ``nn.Parameter`` per param group (see the module docstring)."""
 
     def __init__(self, buckets: list[Bucket], num_groups: int, device: torch.device, fp32_sources) -> None:
         """``fp32_sources[b]``: list of tensors holding bucket ``b``'s param values (the originals)."""
-        sizes = [0] * num_groups
-        for bucket in buckets:
-            bucket.master_offset = sizes[bucket.group_index]
-            sizes[bucket.group_index] += bucket.shard_numel
-        self.params: list[torch.nn.Parameter | None] = []
+        sizes = assign_group_offsets(buckets, num_groups)
+        self.device = device
         datas = [torch.zeros(n, dtype=torch.float32, device=device) for n in sizes]
         for bucket, sources in zip(buckets, fp32_sources):
             # copy only the part of each param that falls into this rank's shard (no full-bucket temporary)
@@ -125,7 +132,7 @@ class Masters:
                 a, b = max(p_lo, lo), min(p_hi, hi)
                 if a < b:
                     dst[a - lo:b - lo].copy_(src.reshape(-1)[a - p_lo:b - p_lo])
-        self.params = [torch.nn.Parameter(d) if d.numel() else None for d in datas]
+        self.params: list[torch.nn.Parameter | None] = [torch.nn.Parameter(d) if d.numel() else None for d in datas]
         self.buckets = buckets
 
     def group_params(self, gi: int) -> list[torch.nn.Parameter]:
@@ -138,25 +145,43 @@ class Masters:
         master = self.params[bucket.group_index].data
         return master[bucket.master_offset:bucket.master_offset + bucket.shard_numel]
 
-    def grad_shard(self, bucket: Bucket) -> torch.Tensor:
-        grad = self.params[bucket.group_index].grad
-        return grad[bucket.master_offset:bucket.master_offset + bucket.shard_numel]
+    def step(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float) -> None:
+        """One optimizer step of the masters with gradients ``grads * scale`` (``grads``: the reduced shards,
+        one flat tensor per master, in the model dtype or ``communication_data_type``; ``scale`` folds the
+        average over ranks, the loss-scale and the clipping coefficient into one factor).
 
-    def ensure_grads(self) -> list[torch.Tensor]:
-        """fp32 grads of the masters: reused when present (ds-optim keeps them in its flat buffer), else
-        allocated (and freed again after the step by :meth:`free_grads`)."""
+        A ds-optim optimizer reads the 16-bit grads as they are (``step(grads=...)``) and applies ``scale``
+        inside its kernel (torch's ``grad_scale`` protocol): no fp32 gradient copy exists at any time, which is
+        what brings stages 1/2 to DeepSpeed's 16 bytes per param. Any other optimizer gets transient fp32
+        ``.grad``s (torch refuses a ``.grad`` of another dtype), freed right after its step."""
+        from ds_optim import FlatOptimizer
+
+        masters = [p for p in self.params if p is not None]
+        if isinstance(optimizer, FlatOptimizer):
+            optimizer.grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32, device=self.device)
+            try:
+                optimizer.step(grads=grads)
+            finally:
+                del optimizer.grad_scale
+            return
+        try:
+            for p, g in zip(masters, grads):
+                p.grad = g.to(torch.float32, copy=True).mul_(scale)
+            optimizer.step()
+        finally:
+            for p in masters:
+                p.grad = None
+
+    def fp32_grads(self, grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+        """Stage 3's persistent params: their masters' fp32 ``.grad`` := ``grads * scale`` (an optimizer over
+        DTensors reads ``.grad``); dropped again by :meth:`free_grads`."""
         out = []
-        for p in self.params:
-            if p is None:
-                continue
-            if p.grad is None:
-                p.grad = torch.empty_like(p.data)
+        for p, g in zip([p for p in self.params if p is not None], grads):
+            p.grad = g.to(torch.float32, copy=True).mul_(scale)
             out.append(p.grad)
         return out
 
-    def free_grads(self, keep: bool) -> None:
-        if keep:
-            return
+    def free_grads(self) -> None:
         for p in self.params:
             if p is not None:
                 p.grad = None
@@ -165,5 +190,62 @@ class Masters:
     def write_params(self) -> None:
         """Copy (and cast) every master shard into its bucket's flat param storage."""
         for bucket in self.buckets:
-            lo, hi = bucket.shard_range
-            bucket.param_flat[lo:hi].copy_(self.shard(bucket))
+            bucket.write_param_shard(self.shard(bucket))
+
+
+class GradShards:
+    """The reduced gradient shards of every bucket: one flat tensor per param group, laid out as that group's
+    fp32 master (``assign_group_offsets``), each bucket bound to its view (``Bucket.bind_reduced``). The step
+    reads a group's grads as one tensor, in their own dtype (see :meth:`Masters.step`).
+
+    ``persistent`` (stages 0 and 2, where grads accumulate into them across micro-steps) keeps the buffers for
+    the engine's life; otherwise (stage 1) they exist from the first reduction of a boundary to the end of its
+    step (``allocate`` / ``release``).
+    """
+
+    def __init__(self, buckets: list[Bucket], num_groups: int, device: torch.device,
+                 reduce_dtype: torch.dtype | None, persistent: bool) -> None:
+        self.buckets = buckets
+        self.device = device
+        self.persistent = persistent
+        self.sizes = [0] * num_groups
+        dtypes: list[set] = [set() for _ in range(num_groups)]
+        for bucket in buckets:
+            self.sizes[bucket.group_index] = max(self.sizes[bucket.group_index],
+                                                 bucket.master_offset + bucket.shard_numel)
+            dtypes[bucket.group_index].add(bucket.dtype)
+        # the collective's output dtype: communication_data_type, else the grads' (one dtype per group after the
+        # engine's cast; fp32 where an fp32 run mixes dtypes in one group)
+        self.dtypes = [reduce_dtype or (d.pop() if len(d) == 1 else torch.float32) for d in dtypes]
+        self._buffers: list[torch.Tensor | None] | None = None
+        if persistent:
+            self.allocate()
+
+    @property
+    def allocated(self) -> bool:
+        return self._buffers is not None
+
+    def allocate(self) -> None:
+        if self._buffers is not None:
+            return
+        self._buffers = [torch.zeros(n, dtype=dt, device=self.device) if n else None
+                         for n, dt in zip(self.sizes, self.dtypes)]
+        for bucket in self.buckets:
+            flat = self._buffers[bucket.group_index]
+            bucket.bind_reduced(flat[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
+
+    def release(self) -> None:
+        if self.persistent or self._buffers is None:
+            return
+        for bucket in self.buckets:
+            bucket.bind_reduced(None)
+        self._buffers = None
+
+    def zero_(self) -> None:
+        if self._buffers is not None:
+            torch._foreach_zero_([b for b in self._buffers if b is not None])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """One flat grad tensor per param group with trainable params (the masters' order)."""
+        self.allocate()  # a boundary step() with no backward before it: zero gradients
+        return [b for b in self._buffers if b is not None]

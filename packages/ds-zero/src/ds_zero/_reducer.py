@@ -9,7 +9,8 @@ whatever is left (buckets with params that got no grad this time) so every rank 
 in the same order whatever its graph did.
 
 Subclasses implement ``_on_grad`` (where the grad goes), ``_launch`` (the collective) and ``_finish``
-(waiting, and making ``bucket.shard_grad`` hold this rank's reduced shard), plus ``zero_grads``.
+(waiting, and writing this rank's reduced shard into ``bucket.reduced``), plus ``zero_grads``. They change a
+bucket only through its methods (``_buckets.Bucket`` owns its state).
 """
 
 from __future__ import annotations
@@ -56,18 +57,8 @@ class GradReducer:
 
     def _hook(self, p: torch.nn.Parameter) -> None:
         bucket, i = self._where[p]
-        if self.communicating and i in bucket.seen:
-            raise RuntimeError(
-                f"the gradient of {bucket.names[i]!r} was produced twice in one micro-step (two backward passes "
-                "through it before engine.step(), e.g. re-entrant activation checkpointing or a param used in two "
-                "graphs); ds-zero reduces each grad once per micro-step"
-            )
-        self._on_grad(bucket, i, p)
-        if not self.communicating:
-            return
-        bucket.seen.add(i)
-        bucket.ready += 1
-        if bucket.ready == len(bucket.params):
+        self._on_grad(bucket, i)
+        if self.communicating and bucket.mark_ready(i):
             self._ready.add(bucket.index)
             self._launch_in_order()
 
@@ -82,15 +73,14 @@ class GradReducer:
         self._next_launch = 0
         self._ready.clear()
         for bucket in self.buckets:
-            bucket.ready = 0
-            bucket.seen = set()
+            bucket.reset_readiness()
 
     def after_backward(self) -> None:
         """Launch every bucket not launched yet (params without grads), in order."""
         if not self.communicating:
             return
         if not self.ignore_unused_parameters:
-            missing = [b.names[i] for b in self.buckets for i in range(len(b.params)) if i not in b.seen]
+            missing = [name for b in self.buckets for name in b.names_without_grad()]
             if missing:
                 raise RuntimeError(
                     f"{len(missing)} trainable parameters got no gradient in this backward pass (first: "
@@ -102,8 +92,14 @@ class GradReducer:
         self.communicating = False
 
     def finish(self) -> None:
-        """Wait for every reduction; afterwards each bucket's ``shard_grad`` is this rank's reduced shard."""
+        """Wait for every reduction; afterwards each bucket's ``reduced`` view holds this rank's reduced shard
+        (the sum over ranks, or the average where ``averaged``)."""
         self._finish()
+
+    def average_factor(self) -> float:
+        """What the reduced grads are multiplied by to become the average over ranks: ``1 / world`` for a
+        sum, 1 where the collective averaged already. The engine folds it into the one unscale of the step."""
+        return 1.0 if self.averaged else 1.0 / self.world
 
     # -- helpers for subclasses --------------------------------------------------------------------------
     def _comm_input(self, flat: torch.Tensor) -> torch.Tensor:
@@ -115,7 +111,7 @@ class GradReducer:
         return _comm.all_reduce(tensor, self.group)
 
     # -- to implement ------------------------------------------------------------------------------------
-    def _on_grad(self, bucket: Bucket, i: int, p: torch.nn.Parameter) -> None:
+    def _on_grad(self, bucket: Bucket, i: int) -> None:
         raise NotImplementedError
 
     def _launch(self, bucket: Bucket) -> None:
@@ -135,24 +131,3 @@ class GradReducer:
         if state:
             logger.warning("ds_zero: the checkpoint holds gradient-compression state (%s) but compression is off "
                            "in this run (gradient_compression.type); it is ignored", ", ".join(sorted(state)))
-
-
-def persistent_grad_views(bucket: Bucket, dtype: torch.dtype, device: torch.device) -> None:
-    """Give the bucket a zeroed full-size grad buffer and point every param's ``.grad`` at its view, so
-    autograd accumulates micro-steps in place, straight into the communication buffer."""
-    bucket.grad_flat = torch.zeros(bucket.padded_numel, dtype=dtype, device=device)
-    for p, view in zip(bucket.params, bucket.views(bucket.grad_flat)):
-        p.grad = view
-
-
-def adopt_grad(bucket: Bucket, i: int, p: torch.nn.Parameter) -> None:
-    """The param's grad is not its bucket view (someone set ``.grad = None`` or assigned a new tensor, and
-    autograd started a fresh one): the fresh grad is the whole accumulated value, so copy it into the view
-    and re-point, so later micro-steps accumulate in place again."""
-    g = p.grad
-    lo = bucket.offsets[i]
-    if g is None or (g.data_ptr() == bucket.grad_flat[lo:].data_ptr() and g.shape == p.shape):
-        return
-    view = bucket.grad_flat[lo:bucket.offsets[i + 1]].view_as(p)
-    view.copy_(g)
-    p.grad = view

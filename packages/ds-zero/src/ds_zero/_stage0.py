@@ -19,38 +19,45 @@ import torch
 
 from . import _comm
 from ._buckets import Bucket
-from ._reducer import GradReducer, adopt_grad, persistent_grad_views
+from ._partition import GradShards
+from ._reducer import GradReducer
 
 
 class AllReduceReducer(GradReducer):
-    def __init__(self, buckets, group, world, ignore_unused_parameters, reduce_dtype, device) -> None:
+    """``grad_shards``: where the step reads the reduced grads (the fp32 masters' set-up); None when the
+    optimizer steps the model params themselves (fp32, *direct*), which read their ``.grad`` views."""
+
+    def __init__(self, buckets, group, world, ignore_unused_parameters, reduce_dtype, device,
+                 grad_shards: GradShards | None = None) -> None:
         super().__init__(buckets, group, world, ignore_unused_parameters, reduce_dtype)
+        self.grad_shards = grad_shards
         for bucket in buckets:
-            persistent_grad_views(bucket, bucket.dtype, device)
+            # replicated: the "shard" is the whole bucket, so the reduced grads can be the full grads themselves
+            shared = grad_shards is not None and bucket.reduced.dtype == bucket.dtype
+            bucket.keep_full_grads(device, bucket.reduced if shared else None)
         self._pending: list[tuple[Bucket, object, torch.Tensor]] = []
 
-    def _on_grad(self, bucket: Bucket, i: int, p) -> None:
-        adopt_grad(bucket, i, p)
+    def _on_grad(self, bucket: Bucket, i: int) -> None:
+        bucket.adopt_grad(i)
 
     def _launch(self, bucket: Bucket) -> None:
-        send = self._comm_input(bucket.grad_flat)
+        send = self._comm_input(bucket.full_grads)
         self._pending.append((bucket, self._all_reduce(send), send))
 
     def _finish(self) -> None:
-        for bucket in self.buckets:
-            bucket.shard_grad = bucket.grad_flat  # replicated: the "shard" is the whole bucket
         for bucket, work, send in self._pending:
             _comm.wait(work)
-            if send is not bucket.grad_flat:  # communication_data_type: keep the reduced precision for the
-                bucket.grad_flat.copy_(send)  # masters, and the params' .grad views current
-                bucket.shard_grad = send
+            if send is not bucket.full_grads:  # communication_data_type: keep the params' .grad views current,
+                bucket.full_grads.copy_(send)  # and the reduced precision for the masters
+            if self.grad_shards is not None:
+                bucket.write_reduced(send)
         self._pending = []
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
-            bucket.grad_flat.zero_()
-            for i, p in enumerate(bucket.params):  # keep (or restore) the in-place accumulation path
-                adopt_grad(bucket, i, p)
+            bucket.zero_grads()
+        if self.grad_shards is not None:
+            self.grad_shards.zero_()
 
 
 class OnebitAllReduceReducer(AllReduceReducer):
@@ -58,8 +65,9 @@ class OnebitAllReduceReducer(AllReduceReducer):
 
     averaged = True
 
-    def __init__(self, buckets, group, world, ignore_unused_parameters, device, backend: str) -> None:
-        super().__init__(buckets, group, world, ignore_unused_parameters, None, device)
+    def __init__(self, buckets, group, world, ignore_unused_parameters, device, backend: str,
+                 grad_shards: GradShards | None = None) -> None:
+        super().__init__(buckets, group, world, ignore_unused_parameters, None, device, grad_shards)
         from ds_comm import OnebitErrorFeedback
 
         self.error_feedback = [OnebitErrorFeedback() for _ in buckets]
@@ -68,18 +76,18 @@ class OnebitAllReduceReducer(AllReduceReducer):
     def _launch(self, bucket: Bucket) -> None:
         from ds_comm import compressed_allreduce
 
-        compressed_allreduce(bucket.grad_flat, self.error_feedback[bucket.index], self.group, average=True,
+        compressed_allreduce(bucket.full_grads, self.error_feedback[bucket.index], self.group, average=True,
                              backend=self.backend)
 
-    def _finish(self) -> None:
-        for bucket in self.buckets:
-            bucket.shard_grad = bucket.grad_flat
+    def _finish(self) -> None:  # averaged in place, inside backward
+        if self.grad_shards is not None:
+            for bucket in self.buckets:
+                bucket.write_reduced(bucket.full_grads)
 
     def _transport(self):
         from ds_comm import resolve_transport
 
         return resolve_transport(self.group)
-
     def state_dict(self) -> dict:
         return {"onebit_error_feedback": [ef.state_dict() for ef in self.error_feedback]}
 

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._buckets import assign_buckets, flatten_into_views
+from ._buckets import assign_buckets
 from ._init import materialise, register_engine_params
 from ._optim import rebuild_optimizer
-from ._partition import Masters, ShardingPolicy
+from ._partition import GradShards, Masters, ShardingPolicy
 from ._stage0 import AllReduceReducer
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -294,10 +294,9 @@ class Stage3Reducer:
         self.policy = policy
         self.persistent = persistent
 
-    @property
-    def averaged(self) -> bool:
+    def average_factor(self) -> float:
         """Of the persistent grads (FSDP2 always averages the sharded ones)."""
-        return self.persistent is None or self.persistent.averaged
+        return 1.0 if self.persistent is None else self.persistent.average_factor()
 
     def attach(self) -> None:
         if self.persistent is not None:
@@ -388,9 +387,9 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
                 if b.is_floating_point():
                     b.data = b.data.to(dtype)
     for b in engine.buckets:
-        b.dtype = dtype
-        flatten_into_views(b, dtype, engine.device)
+        b.flatten_params(dtype, engine.device)
     engine.masters.write_params()
+    engine.grad_shards = GradShards(engine.buckets, engine._num_groups, engine.device, reduce_dtype, persistent=True)
     current = dict(engine.module.named_parameters())  # fully_shard replaced the params by DTensors
     groups = [[] for _ in range(engine._num_groups)]
     for name, gi in group_of.items():
@@ -414,5 +413,6 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     persistent_reducer = None
     if engine.buckets:
         persistent_reducer = AllReduceReducer(engine.buckets, engine.process_group, engine.dp_world_size,
-                                              zero.ignore_unused_parameters, reduce_dtype, engine.device)
+                                              zero.ignore_unused_parameters, reduce_dtype, engine.device,
+                                              engine.grad_shards)
     engine.reducer = Stage3Reducer(engine.policy, persistent_reducer)

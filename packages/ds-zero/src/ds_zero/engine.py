@@ -6,17 +6,18 @@
 - ``_precision``: dtype, loss scaling, the agreed overflow decision; ``_clip``: the global norm;
 - ``_optim``: the optimizer rebuilt over the masters, the scheduler rebound; ``checkpoint``: save/load.
 
-Three optimizer set-ups:
+The optimizer set-up is decided once (``_mode.OptimizerMode``): *direct* (stage 0, fp32: the user's optimizer
+steps the model params; their grads are views of the all-reduced buckets, as DDP), *compressed* (direct with a
+ds-comm ``CompressedOptimizer``: at each accumulation boundary the reducer asks
+``optimizer.needs_grad_allreduce()`` and skips the gradient all-reduce when it says no; the optimizer then
+averages its compressed momenta itself over its own process group, which must be the engine's), *masters*
+(stage 0 with fp16/bf16, stages 1 and 2: model params live in flat per-bucket storage in the model dtype; the
+optimizer is rebuilt over fp32 masters, this rank's shards, and reads the reduced 16-bit grads; after the step
+the masters are cast back into the flat storage and, for stages 1/2, all-gathered) and *stage3* (FSDP2).
 
-- *direct* (stage 0, fp32): the user's optimizer steps the model params; their grads are views of the
-  all-reduced buckets (as DDP).
-- *compressed* (a ds-comm ``CompressedOptimizer``: 1-bit Adam, 0/1 Adam, 1-bit LAMB; stage 0, fp32 only):
-  direct, but at each accumulation boundary the reducer asks ``optimizer.needs_grad_allreduce()`` and skips
-  the gradient all-reduce when it says no; the optimizer then averages its compressed momenta itself in
-  ``step()`` over its own process group, which must be the engine's (``check_compressed``).
-- *masters* (stage 0 with fp16/bf16, stages 1 and 2): model params live in flat per-bucket storage in the
-  model dtype; the optimizer is rebuilt over fp32 masters (this rank's shards; the whole bucket for stage
-  0); after the step the masters are cast back into the flat storage and, for stages 1/2, all-gathered.
+Gradient averaging and loss scaling are undone in one place, :meth:`ZeroEngine._unscale_factor`: each reducer
+says what its collective returns (``average_factor``), and the resulting factor is applied once, to the fp32
+values (inside ds-optim's kernel at the masters' step, or in place where the grads are fp32 already).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from ._buckets import Bucket, assign_buckets, flatten_into_views
-from ._clip import clip_grads_
+from ._buckets import Bucket, assign_buckets
+from ._clip import clip_coefficient, clip_grads_, global_grad_norm
 from ._memory import model_state_bytes
+from ._mode import OptimizerMode
 from ._optim import OptimizerArg, bind_scheduler, materialize_optimizer, rebuild_optimizer
-from ._partition import DataParallelShards, Masters, Replicated
+from ._partition import DataParallelShards, GradShards, Masters, Replicated
 from ._precision import Precision
 from ._stage0 import AllReduceReducer, OnebitAllReduceReducer
 from ._stage12 import Stage1Reducer, Stage2Reducer
@@ -108,18 +110,19 @@ class ZeroEngine:
         self._broadcast_module()
         # stage 0 in fp32 steps the user's optimizer itself; every other set-up rebuilds it over the engine's
         # tensors, so a callable is only a template (built over meta stand-ins, see _optim)
-        rebuilt = not (self.stage == 0 and not self.precision.mixed)
+        rebuilt = OptimizerMode.decide(self.stage, self.precision.mixed, False).rebuilds_optimizer
         user_opt = materialize_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                                          template_only=rebuilt)
-        self.compressed = _is_compressed(user_opt)
-        if self.compressed:
-            check_compressed(self, user_opt)
+        compressed = _is_compressed(user_opt)
+        if compressed:
+            check_compressed(self, user_opt)  # stage 0 in fp32 only: compressed implies the direct mode
+        self.mode = OptimizerMode.decide(self.stage, self.precision.mixed, compressed)
         named = self._trainable(user_opt)
-        self.direct = self.stage == 0 and not self.precision.mixed
         self._num_groups = len(user_opt.param_groups)
+        self.masters: Masters | None = None
+        self.grad_shards: GradShards | None = None
         if self.stage == 3:
             self._build_stage3(user_opt, named)
-            self._keep_master_grads = _is_ds_optim(self.optimizer)
             self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
             self.reducer.attach()
             return
@@ -131,14 +134,15 @@ class ZeroEngine:
                                              in_place="nccl" in self._backend)
         self.buckets: list[Bucket] = assign_buckets(named, zero.reduce_bucket_size, self.policy.shard_world,
                                                     self.policy.shard_rank)
-        self.masters: Masters | None = None
-        if self.direct:
+        if self.mode.steps_model_params:
             self.optimizer = user_opt
         else:
             self._build_masters(zero.load_from_fp32_weights)
+            # stage 1 holds full 16-bit grads between boundaries; its reduced shards live only until the step
+            self.grad_shards = GradShards(self.buckets, self._num_groups, self.device, self._reduce_dtype(),
+                                          persistent=self.stage != 1)
             self.optimizer = rebuild_optimizer(
                 user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
-        self._keep_master_grads = _is_ds_optim(self.optimizer)
         self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
         self.reducer = self._build_reducer()
         self.reducer.attach()
@@ -188,10 +192,8 @@ class ZeroEngine:
         del sources
         if self.precision.mixed:
             self.module.to(dtype)
-            for b in self.buckets:
-                b.dtype = dtype
         for b in self.buckets:
-            flatten_into_views(b, b.dtype, self.device)
+            b.flatten_params(dtype if self.precision.mixed else b.dtype, self.device)
         self.masters.write_params()  # the model-dtype params are exactly the cast masters
 
     def _build_stage3(self, user_opt: torch.optim.Optimizer, named) -> None:
@@ -220,24 +222,28 @@ class ZeroEngine:
                     self.masters.shard(b)[lo:hi].copy_(param.detach().reshape(-1))
                     return
 
+    def _reduce_dtype(self) -> torch.dtype | None:
+        comm_dtype = self.config.communication_data_type
+        return _DTYPES.get(comm_dtype) if comm_dtype else None
+
     def _build_reducer(self):
         zero, comp = self.config.zero_optimization, self.config.gradient_compression
-        reduce_dtype = _DTYPES.get(self.config.communication_data_type) if self.config.communication_data_type else None
+        reduce_dtype = self._reduce_dtype()
         args = (self.buckets, self.process_group, self.dp_world_size, zero.ignore_unused_parameters)
         if self.stage == 0:
             if comp.type == "onebit":
-                return OnebitAllReduceReducer(*args, self.device, comp.backend)
-            return AllReduceReducer(*args, reduce_dtype, self.device)
+                return OnebitAllReduceReducer(*args, self.device, comp.backend, self.grad_shards)
+            return AllReduceReducer(*args, reduce_dtype, self.device, self.grad_shards)
         quantize = None
         if comp.type in ("int8", "int4"):
             quantize = {"bits": 8 if comp.type == "int8" else 4, "block_size": comp.block_size,
                         "node_size": comp.node_size}
         if self.stage == 1:
             return Stage1Reducer(*args, reduce_dtype, self.device, overlap=zero.overlap,
-                                 reduce_scatter=zero.reduce_scatter, quantize=quantize)
+                                 reduce_scatter=zero.reduce_scatter, quantize=quantize, grad_shards=self.grad_shards)
         return Stage2Reducer(*args, reduce_dtype, self.device, overlap=zero.overlap,
                              reduce_scatter=zero.reduce_scatter, quantize=quantize,
-                             contiguous_gradients=zero.contiguous_gradients)
+                             contiguous_gradients=zero.contiguous_gradients, grad_shards=self.grad_shards)
 
     # -- the loop --------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -267,7 +273,7 @@ class ZeroEngine:
                                "and call backward once per micro-batch")
         t0 = time.perf_counter()
         communicate = self.stage == 2 or (self.is_gradient_accumulation_boundary() and not self._no_sync)
-        if communicate and self.compressed and not self.optimizer.needs_grad_allreduce():
+        if communicate and self.mode.compressed and not self.optimizer.needs_grad_allreduce():
             communicate = False  # the optimizer averages its compressed momenta itself in step()
         self._grads_reduced = communicate
         self.reducer.begin_backward(communicate)
@@ -291,30 +297,11 @@ class ZeroEngine:
             return
         t0 = time.perf_counter()
         self.reducer.finish()
-        summed = self._grads_reduced and not self.reducer.averaged  # local grads (compressed) need no 1/world
-        factor = (1.0 / self.dp_world_size if summed else 1.0) / self.precision.loss_scale
-        replicated: list[torch.Tensor] = []
         if self.stage == 3:
             # a forward without backward (evaluation) leaves kept units gathered: free them, so that the next
             # forward gathers what this step writes into the shards
             self.policy.reshard()
-            grads = self.policy.local_grads()  # averaged by FSDP2
-            if self.precision.loss_scale != 1.0 and grads:
-                torch._foreach_mul_(grads, 1.0 / self.precision.loss_scale)
-            replicated = self.masters.ensure_grads()
-            for b in self.buckets:
-                self.masters.grad_shard(b).copy_(b.shard_grad)
-            if replicated:
-                torch._foreach_mul_(replicated, factor)
-        elif self.direct:
-            grads = [b.grad_flat for b in self.buckets]
-            if factor != 1.0:
-                torch._foreach_mul_(grads, factor)
-        else:
-            grads = self.masters.ensure_grads()
-            for b in self.buckets:
-                self.masters.grad_shard(b).copy_(b.shard_grad)
-            torch._foreach_mul_(grads, factor)
+        grads, replicated, scale = self._reduced_grads(self._unscale_factor())
         overflow = self.precision.has_overflow(grads + replicated)
         scale_before = self.precision.loss_scale
         self.precision.update(overflow)
@@ -327,29 +314,71 @@ class ZeroEngine:
                 self.reducer.reset_error_feedback()
             logger.info("ds_zero: step %d skipped (inf/NaN gradients on at least one rank)", self.global_steps)
         else:
-            if self.config.gradient_clipping > 0:
-                clip_grads_(grads, self.config.gradient_clipping, sharded=self.stage > 0, group=self.process_group,
-                            replicated=replicated)
-            if self.stage == 3:
-                self._attach_master_grads()
-            self.optimizer.step()
-            if self.stage == 3:
-                for wrapper in self._master_dtensors:
-                    if wrapper is not None:
-                        wrapper.grad = None
+            self._optimizer_step(grads, replicated, scale)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-            if not self.direct:
+            if self.masters is not None:  # the updated masters, cast into the model-dtype params
                 self.masters.write_params()
-                self.policy.gather_params(self.buckets)  # stage 3: FSDP2 gathers at the next forward
+            if self.mode.gathers_params_after_step:  # stages 1/2 (stage 3: FSDP2 gathers at the next forward)
+                self.policy.gather_params(self.buckets)
         self.reducer.zero_grads()
         if self.masters is not None:
-            self.masters.free_grads(keep=self._keep_master_grads)
+            self.masters.free_grads()
         self.global_steps += 1
         self.global_samples += self._train_batch
         self._time("step", t0)
         if self.global_rank == 0 and self.global_steps % self.config.steps_per_print == 0:
             self._report()
+
+    def _unscale_factor(self) -> float:
+        """The one place where gradient averaging and loss scaling are undone: what the reduced grads are
+        multiplied by to become the average gradient of the unscaled loss. Each reducer says whether its
+        collective summed or averaged (``average_factor``); grads that were not communicated (a compressed
+        optimizer that skipped the all-reduce averages its momenta itself) need no ``1 / world``."""
+        average = self.reducer.average_factor() if self._grads_reduced else 1.0
+        return average / self.precision.loss_scale
+
+    def _reduced_grads(self, factor: float) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+        """This rank's reduced grads for the overflow check and the norm: ``(grads, replicated, scale)``, where
+        ``replicated`` are whole on every rank beside sharded ``grads`` (stage 3's persistent params), and
+        ``scale`` is what the step must still multiply the grads by (the masters' grads stay in 16 bits
+        until ds-optim's kernel reads them; fp32 grads are unscaled in place here)."""
+        if self.mode.name == "masters":
+            return self.grad_shards.tensors(), [], factor
+        if self.mode.name == "direct":
+            grads = [b.full_grads for b in self.buckets]
+            if factor != 1.0:
+                torch._foreach_mul_(grads, factor)
+            return grads, [], 1.0
+        grads = self.policy.local_grads()  # stage 3: averaged by FSDP2, fp32
+        if self.precision.loss_scale != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / self.precision.loss_scale)
+        replicated = self.masters.fp32_grads(self.grad_shards.tensors(), factor) if self.buckets else []
+        return grads, replicated, 1.0
+
+    def _optimizer_step(self, grads: list[torch.Tensor], replicated: list[torch.Tensor], scale: float) -> None:
+        """Clip by the global norm, then step: the masters from their 16-bit grads with the clipping
+        coefficient folded into ``scale``; the model params (direct) or FSDP2's shards from their fp32 grads,
+        clipped in place."""
+        max_norm = self.config.gradient_clipping
+        if self.mode.name == "masters":
+            if max_norm > 0:
+                norm = float(global_grad_norm(grads, sharded=self.stage > 0, group=self.process_group)) * scale
+                scale *= clip_coefficient(norm, max_norm)
+            self.masters.step(self.optimizer, grads, scale)
+            return
+        if max_norm > 0:
+            clip_grads_(grads, max_norm, sharded=self.stage > 0, group=self.process_group, replicated=replicated)
+        if self.stage == 3:
+            self._attach_master_grads()
+            try:
+                self.optimizer.step()
+            finally:
+                for wrapper in self._master_dtensors:
+                    if wrapper is not None:
+                        wrapper.grad = None
+            return
+        self.optimizer.step()
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
@@ -498,12 +527,3 @@ def check_compressed(engine: ZeroEngine, opt) -> None:
         raise ValueError(f"{name} communicates over a group of {world} ranks (this rank {rank}) but the engine's "
                          f"data-parallel group has {engine.dp_world_size} (rank {engine.dp_rank}); build it with "
                          "process_group= the engine's data-parallel group")
-
-
-def _is_ds_optim(opt) -> bool:
-    try:
-        from ds_optim._optimizer import FlatOptimizer
-    except ImportError:  # pragma: no cover - ds-optim is a dependency
-        return False
-    return isinstance(opt, FlatOptimizer)
-

@@ -174,7 +174,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = Tr
     except Exception as exc:  # noqa: BLE001 - re-raised by agree, and named on every other rank
         error = exc
     agree(engine, error, f"load_checkpoint({os.fspath(load_dir) if load_dir is not None else load_dir})")
-    if not engine.direct and engine.stage in (1, 2):
+    if engine.mode.gathers_params_after_step:
         engine.policy.gather_params(engine.buckets)
     return result
 
@@ -196,7 +196,7 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
     else:
         saved_names = sorted(n for g in model["group_names"] for n in g)
     current_names = sorted(n for b in engine.buckets for n in b.names)
-    if engine.stage == 3:
+    if engine.mode.name == "stage3":
         current_names += [n for n, p in engine.module.named_parameters()
                           if p in engine.policy.sharded_set and p.requires_grad]
     if not set(current_names) <= set(saved_names):
@@ -205,7 +205,7 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
                               "parameters in the checkpoint")
     if load_optimizer_states:
         _check_optimizer_class(engine, model.get("optimizer_class"), os.path.join(ckpt_dir, model_file()))
-    if engine.stage == 3:
+    if engine.mode.name == "stage3":
         _load_stage3(engine, ckpt_dir, marker, model, load_optimizer_states)
         return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
     module_state = model["module"]
@@ -219,15 +219,15 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
                               f"{exc}") from None
 
     same_world = model["dp_world_size"] == engine.dp_world_size
-    same_mode = model["mode"] == ("direct" if engine.direct else "masters")
+    same_mode = model["mode"] == engine.mode.name
     fast = same_world and same_mode and model["layout"] == _current_layout(engine)
     own = None
     if same_world:
         own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
 
-    if engine.direct and engine.compressed:
+    if engine.mode.compressed:
         _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states)
-    elif engine.direct:
+    elif engine.mode.steps_model_params:
         if fast:
             if load_optimizer_states and model["optimizer"] is not None:
                 _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))

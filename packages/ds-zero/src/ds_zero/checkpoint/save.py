@@ -164,13 +164,13 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
                 aliases[n] = canonical[p]
             else:
                 canonical[p] = n
-        opt_sd = engine.optimizer.state_dict() if engine.stage != 3 else None
-        if engine.stage == 3:
+        opt_sd = engine.optimizer.state_dict() if engine.mode.name != "stage3" else None
+        if engine.mode.name == "stage3":
             group_map = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
             hyper = [None] * engine._num_groups
             for j, gi in enumerate(engine._stage3_group_map):
                 hyper[gi] = {k: v for k, v in engine.optimizer.param_groups[j].items() if k != "params"}
-        elif engine.direct:
+        elif engine.mode.steps_model_params:
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]]
             group_map = list(range(len(hyper)))
         else:
@@ -181,15 +181,16 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
         model_states = {
             "format": FORMAT, "version": VERSION, "stage": engine.stage, "dp_world_size": engine.dp_world_size,
             "dtype": str(engine.precision.dtype).removeprefix("torch."),
-            "mode": "stage3" if engine.stage == 3 else "direct" if engine.direct else "masters",
-            "module": _module_state(engine) if engine.stage != 3 else None,
+            "mode": engine.mode.name,
+            "module": _module_state(engine) if engine.mode.name != "stage3" else None,
             "aliases": aliases,
             "layout": [b.layout() for b in engine.buckets],
             "num_groups": engine._num_groups,
             "group_map": group_map,
             "param_groups": hyper,
-            "group_names": [[names[p] for p in g["params"]] for g in engine.optimizer.param_groups] if engine.direct else None,
-            "optimizer": opt_sd if engine.direct else None,
+            "group_names": ([[names[p] for p in g["params"]] for g in engine.optimizer.param_groups]
+                            if engine.mode.steps_model_params else None),
+            "optimizer": opt_sd if engine.mode.optimizer_state_in_model_file else None,
             "optimizer_class": type(engine.optimizer).__name__,
             "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                          "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps},
@@ -198,19 +199,20 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
             "compression_full": full_compression,
             "client_state": client_state,
         }
-        if engine.stage == 3:
+        if engine.mode.name == "stage3":
             model_states.update(stage3.model_entries(engine))
         digests[model_file()] = atomic_torch_save(model_states, os.path.join(ckpt_dir, model_file()))
-    owns = (not engine.direct) and rank < engine.policy.shard_world and engine.stage != 3
+    owns = engine.mode.name == "masters" and rank < engine.policy.shard_world  # saves its master shards
     rank_state = {
         "format": FORMAT, "version": VERSION, "rank": rank, "dp_world_size": engine.dp_world_size,
         "rng": rng_state(),
         "reducer": engine.reducer.state_dict(),
         "masters": [None if p is None else p.data.detach().cpu().clone() for p in engine.masters.params] if owns else None,
         # a compressed optimizer's state is per rank (error feedback), so every rank saves its own
-        "optimizer": engine.optimizer.state_dict() if owns or engine.compressed else None,
+        "optimizer": (engine.optimizer.state_dict()
+                      if engine.mode.optimizer_state_in_rank_file(rank, engine.policy.shard_world) else None),
     }
-    if engine.stage == 3:
+    if engine.mode.name == "stage3":
         rank_state.update(stage3.rank_entries(engine))
     digests[optim_file(rank)] = atomic_torch_save(rank_state, os.path.join(ckpt_dir, optim_file(rank)))
     return digests
