@@ -143,7 +143,8 @@ def _param_groups_and_args_config(path):
     model = _model()
     groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
               {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
-    args = argparse.Namespace(deepspeed_config=path, local_rank=0)
+    # --local_rank as a launcher passes it: this rank's LOCAL_RANK (a different value is an error, as in DeepSpeed)
+    args = argparse.Namespace(deepspeed_config=path, local_rank=int(os.environ["LOCAL_RANK"]))
     engine, optimizer, _, _ = ds_train.initialize(args=args, model=model, model_parameters=groups)
     return [g["weight_decay"] for g in optimizer.param_groups]
 
