@@ -202,21 +202,7 @@ def test_log_dist_prints_like_deepspeed():
     assert [r.getMessage() for r in records] == ["[Rank -1] no process group: logged", "[Rank -1] a warning"]
     assert records[1].levelno == logging.WARNING and records[0].funcName == "test_log_dist_prints_like_deepspeed"
     assert ds_train.logger is ds_train.utils.logger and ds_train.logger.level == logging.INFO
-
-
-def _log_on_ranks():
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    ds_train.utils.logger.addHandler(handler)
-    ds_train.log_dist("only 1", ranks=[1])
-    ds_train.log_dist("all", ranks=[-1])
-    ds_train.log_dist("none")  # ranks=None with a process group: DeepSpeed logs nothing
-    return records
-
-
-def test_log_dist_ranks_with_a_process_group():
-    assert run_distributed(_log_on_ranks, 2) == [["[Rank 0] all"], ["[Rank 1] only 1", "[Rank 1] all"]]
+    # with a process group (ranks=[1], [-1], None): tests/ds_train/test_deepspeed_comm.py, on 2 ranks
 
 
 # -- pipe / moe / not supported --------------------------------------------------------------------------------

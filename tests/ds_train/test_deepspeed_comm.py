@@ -1,12 +1,30 @@
 """ds_train.comm (DeepSpeed's deepspeed.comm) on 2 real gloo ranks: every collective against its expected value,
 DeepSpeed's extra names and profiling keywords, and a clear error before the process group exists."""
 
+import logging
+
 import pytest
 import torch
 import torch.distributed as dist
 from harness import run_distributed
 
+import ds_train
 from ds_train import comm
+
+
+def _log_on_ranks():
+    """deepspeed.utils.log_dist with a process group (here rather than in test_deepspeed_api: one spawn less)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    ds_train.utils.logger.addHandler(handler)
+    try:
+        ds_train.log_dist("only 1", ranks=[1])
+        ds_train.log_dist("all", ranks=[-1])
+        ds_train.log_dist("none")  # ranks=None with a process group: DeepSpeed logs nothing
+    finally:
+        ds_train.utils.logger.removeHandler(handler)
+    return records
 
 
 def _collectives():
@@ -107,6 +125,7 @@ def _collectives():
         comm.configure(enabled=True)
     with pytest.raises(NotImplementedError, match="communication logger"):
         comm.log_summary()
+    out["log_dist"] = _log_on_ranks()
     return out
 
 
@@ -130,6 +149,7 @@ def test_every_collective_on_two_ranks():
         assert got["all_to_all"] == [float(r), 100.0 + r]
         assert got["group"] == (2.0, 1, 2, r)
     assert r0["reduce_on_0"] == 3.0 and r0["gather"] == [0.0, 2.0]
+    assert r0["log_dist"] == ["[Rank 0] all"] and r1["log_dist"] == ["[Rank 1] only 1", "[Rank 1] all"]
     assert r1["p2p"] == 42.0 and r0["p2p"] == 43.0
 
 

@@ -4,6 +4,7 @@ and a NotImplementedError naming every DeepSpeed method that is not built."""
 
 import argparse
 import inspect
+import json
 import logging
 
 import pytest
@@ -164,8 +165,10 @@ class Numbers(torch.utils.data.Dataset):
         return torch.tensor([float(i)] * 4)
 
 
-def _single_process(tmp):
-    """Stage 0 fp32 (the optimizer steps the model's own params) and fp16, one process."""
+def _single_process(config_path):
+    """Stage 0 fp32 (the optimizer steps the model's own params) and fp16, and initialize's DeepSpeed arguments, in
+    one process (one spawn for all)."""
+    _initialize_arguments(config_path)
     torch.manual_seed(0)
     # load_state_dict works where the optimizer holds the model's params
     cfg = {"train_batch_size": 4, "optimizer": {"type": "SGD", "params": {"lr": 1.0}}}
@@ -211,8 +214,10 @@ def _single_process(tmp):
     return True
 
 
-def test_stage0_load_state_dict_scale_wrt_gas_and_fp16_getters(tmp_path):
-    assert run_distributed(_single_process, 1, str(tmp_path)) == [True]
+def test_stage0_load_state_dict_scale_wrt_gas_fp16_getters_and_initialize_arguments(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(_config(0)))
+    assert run_distributed(_single_process, 1, str(path)) == [True]
 
 
 def _initialize_arguments(config_path):
@@ -235,9 +240,3 @@ def _initialize_arguments(config_path):
     with pytest.raises(ValueError, match="args.local_rank=3 but the launcher set LOCAL_RANK=0"):
         ds_train.initialize(args=argparse.Namespace(deepspeed_config=config_path, local_rank=3), model=Model())
     return True
-
-
-def test_initialize_takes_deepspeeds_arguments(tmp_path):
-    path = tmp_path / "ds.json"
-    path.write_text(__import__("json").dumps(_config(0)))
-    assert run_distributed(_initialize_arguments, 1, str(path)) == [True]
