@@ -25,7 +25,8 @@ from ds_train.accelerator import CPU_Accelerator, CUDA_Accelerator, get_accelera
 def test_add_config_arguments_has_deepspeeds_flags():
     parser = ds_train.add_config_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--deepspeed", "--deepspeed_config", "ds.json"])
-    assert (args.deepspeed, args.deepspeed_config, args.deepscale, args.deepscale_config) == (True, "ds.json", False, None)
+    assert (args.deepspeed, args.deepspeed_config, args.deepscale, args.deepscale_config) == \
+        (True, "ds.json", False, None)
     args = parser.parse_args(["--deepscale", "--deepscale_config", "old.json"])
     assert args.deepscale and args.deepscale_config == "old.json" and args.deepspeed_config is None
     with pytest.raises(TypeError, match="argparse.ArgumentParser"):

@@ -31,7 +31,8 @@ class Model(torch.nn.Module):
 
 
 def _config(stage, **extra):
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": stage},
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+            "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4}}, **extra}
 

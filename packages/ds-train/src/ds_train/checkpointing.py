@@ -150,8 +150,8 @@ def _section(deepspeed_config: Any) -> dict[str, Any]:
             with open(deepspeed_config, encoding="utf-8") as f:
                 deepspeed_config = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"checkpointing.configure: cannot read the DeepSpeed config {os.fspath(deepspeed_config)!r}: "
-                             f"{e}") from None
+            raise ValueError(f"checkpointing.configure: cannot read the DeepSpeed config "
+                             f"{os.fspath(deepspeed_config)!r}: {e}") from None
     if not isinstance(deepspeed_config, Mapping):
         raise TypeError(f"checkpointing.configure: deepspeed_config must be a dict or a JSON path, got "
                         f"{type(deepspeed_config).__name__}")

@@ -194,7 +194,8 @@ def all_reduce_coalesced(tensors, op=ReduceOp.SUM, group=None, async_op=False, p
         return None
     kinds = {(t.dtype, t.device) for t in tensors}
     if len(kinds) > 1:
-        raise ValueError(f"all_reduce_coalesced: tensors must share one dtype and device, got {sorted(map(str, kinds))}")
+        raise ValueError(f"all_reduce_coalesced: tensors must share one dtype and device, got "
+                         f"{sorted(map(str, kinds))}")
     flat = torch.cat([t.reshape(-1) for t in tensors])
     work = _dist.all_reduce(flat, op=op, group=group, async_op=async_op)
 

@@ -434,7 +434,9 @@ class DeepSpeedEngine(ZeroEngine, torch.nn.Module):
     def communication_data_type(self) -> torch.dtype:
         """The dtype gradients are reduced in: ``communication_data_type`` from the config, else the model's."""
         name = self.config.communication_data_type
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name] if name else self.config.dtype
+        if not name:
+            return self.config.dtype
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
     def optimizer_name(self) -> str | None:
         """The config's optimizer type (lower-case for DeepSpeed's own names, as there), else the class name of

@@ -1,4 +1,5 @@
-"""DeepSpeed's ``deepspeed.utils`` names scripts use: ``logger``, ``log_dist``, ``print_json_dist``, ``RepeatingLoader``.
+"""DeepSpeed's ``deepspeed.utils`` names scripts use: ``logger``, ``log_dist``, ``print_json_dist``,
+``RepeatingLoader``.
 
 DeepSpeed's logger prints INFO and above to stdout with a timestamp and the caller's file and line, and scripts
 rely on seeing ``log_dist(...)`` lines without configuring logging. :data:`logger` does the same: it is the
