@@ -41,20 +41,32 @@ def _memory():
         for opt in ("torch", "ds_optim"):
             engine = _engine(stage, bf16, optimizer=opt)
             _one_step(engine)
+            between = engine.model_state_bytes()  # grads live for one accumulation window: none held now
+            x, y = micro_batch(1, 0, dist.get_rank(), world, 2, 1)
+            engine.backward(engine(x, y))
+            engine.reducer.finish()  # the boundary's reductions done, the step not taken: the window's peak
+            held = engine.model_state_bytes()
+            engine.step()
             padded = sum(b.padded_numel for b in engine.buckets)
             numel = sum(b.numel for b in engine.buckets)
-            out[(stage, opt)] = (engine.model_state_bytes(), padded, numel, world)
+            out[(stage, opt)] = (held, between, padded, numel, world)
     return out
 
 
 def _expected(stage, psi, n, opt):
-    # DeepSpeed's formulas, with either optimizer: ds-optim steps the masters from the 16-bit reduced grads
-    # (step(grads=...)), and a torch optimizer's transient fp32 grads are gone after the step
+    # DeepSpeed's formulas at the boundary, with either optimizer (ds-optim steps the masters from the 16-bit
+    # reduced grads, step(grads=...); a torch optimizer's transient fp32 grads exist only inside the step); stage 1
+    # also holds this rank's reduced shard until the step (2 bytes/param / N)
     if stage == 0:
         return 16 * psi
     if stage == 1:
-        return 4 * psi + 12 * psi // n
+        return 4 * psi + 14 * psi // n
     return 2 * psi + 14 * psi // n
+
+
+def _expected_between_steps(stage, psi, n):
+    # no gradient storage outside an accumulation window
+    return 14 * psi if stage == 0 else 2 * psi + 12 * psi // n
 
 
 # -- communication schedule -------------------------------------------------------------------------------
@@ -168,10 +180,12 @@ def _results(world):
 @pytest.mark.parametrize("opt", ["torch", "ds_optim"])
 def test_model_state_bytes_follow_zero_formulas(world, stage, opt):
     for rank, res in enumerate(_results(world)):
-        held, padded, numel, n = res["memory"][(stage, opt)]
+        held, between, padded, numel, n = res["memory"][(stage, opt)]
         assert n == world
         # exact, counting the bucket padding as parameters
         assert held["total"] == _expected(stage, padded, world, opt), (rank, held)
+        assert between["total"] == _expected_between_steps(stage, padded, world), (rank, between)
+        assert between["grads"] == 0, (rank, between)
         # and within the padding of the formula over the true parameter count
         assert abs(held["total"] - _expected(stage, numel, world, opt)) <= 20 * (padded - numel), (rank, held)
         if stage == 2:

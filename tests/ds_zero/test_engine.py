@@ -171,3 +171,39 @@ def test_a_callable_optimizer_is_only_a_template_when_the_engine_rebuilds_it():
     # stage 0 in fp32 steps the user's optimizer itself: it must be built over the real params
     ds_zero.ZeroEngine(make_model(), build, base_config(0, 2, 1))
     assert seen["devices"] == {"cpu"}
+
+
+@pytest.mark.parametrize("stage,dtype", [(0, None), (1, "bf16"), (2, "bf16"), (2, None)])
+def test_global_grad_norm_is_the_unclipped_norm_of_the_average_gradient(stage, dtype):
+    """DeepSpeed's get_global_grad_norm(): reported at every boundary, clipping or not; the norm of the
+    unscaled gradient before clipping, computed here from a plain copy of the model in fp32."""
+    extra = {dtype: {"enabled": True, "auto_cast": True}} if dtype else {}
+    engine = _engine(stage=stage, ga=2, gradient_clipping=1e-3, **extra)
+    plain = make_model()
+    plain.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
+    for micro in range(2):
+        x, y = micro_batch(0, micro, 0, 1, 2, 2)
+        (plain(x.float(), y) / 2).backward()
+        _micro(engine, 0, micro)
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()]))
+    tol = 1e-5 if dtype is None else 2e-2  # bf16 grads: the model runs in bf16
+    assert engine.global_grad_norm == pytest.approx(expected, rel=tol)
+    assert engine.global_grad_norm > 1e-3  # so the clipping above was active and the norm is from before it
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_refresh_fp32_params_takes_the_masters_from_the_model(stage):
+    engine = _engine(stage=stage, bf16={"enabled": True, "auto_cast": True})
+    _micro(engine, 0, 0)
+    fresh = make_model()
+    with torch.no_grad():
+        for p, q in zip(engine.module.parameters(), fresh.parameters()):
+            p.copy_(q)
+    engine.refresh_fp32_params()
+    for b in engine.buckets:
+        lo, hi = b.shard_range
+        assert torch.equal(engine.masters.shard(b), b.param_flat[lo:hi].float())
+    before = {k: v.clone() for k, v in engine.optimizer.state_dict()["state"][0].items()}
+    assert float(before["step"]) == 1  # optimizer state kept
+    _micro(engine, 1, 0)  # and training goes on from the written weights
+    assert engine.global_steps == 2

@@ -17,11 +17,16 @@ slicing, and the parameter all-gather of a bucket one in-place collective.
 Ownership. :class:`Bucket` owns, and alone writes, what a bucket holds: its flat param storage (the params are
 views of it), its full-size grad buffer where a stage keeps one (stages 0/1: the params' ``.grad`` are views,
 so micro-steps accumulate in place), the grads staged for one reduction (stage 2), which params reported a grad
-in the current micro-step, and where its reduced shard lives (a view of the param group's
-``_partition.GradShards``). Reducers and the engine call its methods; the transitions are::
+in the current micro-step, and its reduced shard. Reducers and the engine call its methods; the transitions
+of one accumulation window are::
 
-    keep_full_grads -> (backward: adopt_grad | stage_grad, mark_ready) -> full_grads / take_staged
-        -> write_reduced | add_reduced -> (the step reads GradShards) -> zero_grads
+    (backward: adopt_grad | stage_grad, mark_ready) -> full_grads / take_staged
+        -> write_reduced | add_reduced -> (the step reads the reduced shards) -> release_grads
+
+Gradient storage lives for one accumulation window only: a bucket's full grads are made when backward produces
+its first grad, its reduced shard when the first reduction lands, and both are dropped after the step, as
+DeepSpeed does. Held from one step to the next, they would sit beside the next forward's activations, which is
+where training peaks (2 bytes/param more at the peak, measured on an H200).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class Bucket:
         #: ``_partition.assign_group_offsets``)
         self.master_offset = 0
         self._param_flat: torch.Tensor | None = None
+        self.keeps_full_grads = False  # stages 0/1 (set by ``keep_full_grads``)
+        self._shares_reduced = False  # stage 0: the reduced grads are the full grads themselves
         self._full_grads: torch.Tensor | None = None
         self._staged: torch.Tensor | None = None
         self._reduced: torch.Tensor | None = None
@@ -111,33 +118,38 @@ class Bucket:
         self._param_flat[lo:hi].copy_(values)
 
     # -- full-size grads (stages 0 and 1) ----------------------------------------------------------------
+    def keep_full_grads(self, shares_reduced: bool = False) -> None:
+        """This bucket keeps full-size grads that the params' ``.grad`` are views of, so autograd accumulates
+        micro-steps in place, straight into what is communicated. ``shares_reduced`` (stage 0, replicated: the
+        shard is the whole bucket): the reduced grads are that same buffer."""
+        self.keeps_full_grads = True
+        self._shares_reduced = shares_reduced
+
     @property
     def full_grads(self) -> torch.Tensor | None:
         return self._full_grads
 
-    def keep_full_grads(self, device: torch.device, storage: torch.Tensor | None = None) -> None:
-        """Give the bucket a persistent, zeroed full-size grad buffer (``storage``, e.g. its view of the param
-        group's GradShards when the shard is the whole bucket; else a new one) and point every param's
-        ``.grad`` at its view, so autograd accumulates micro-steps in place, straight into what is
-        communicated."""
-        if storage is None:
-            storage = torch.zeros(self.padded_numel, dtype=self.dtype, device=device)
-        else:
-            storage.zero_()
-        self._full_grads = storage
-        for p, view in zip(self.params, self.views(storage)):
-            p.grad = view
+    def ensure_full_grads(self, device: torch.device) -> torch.Tensor:
+        """The window's full grads, zero when made; params without a grad yet get their views (autograd then
+        accumulates into them in place)."""
+        if self._full_grads is None:
+            self._full_grads = torch.zeros(self.padded_numel, dtype=self.dtype, device=device)
+            for p, view in zip(self.params, self.views(self._full_grads)):
+                if p.grad is None:
+                    p.grad = view
+        return self._full_grads
 
-    def adopt_grad(self, i: int) -> None:
-        """Param ``i``'s grad is not its view of the full grads (someone set ``.grad = None`` or assigned a new
-        tensor, and autograd started a fresh one): the fresh grad is the whole accumulated value, so copy it in
-        and re-point, so later micro-steps accumulate in place again."""
+    def adopt_grad(self, i: int, device: torch.device) -> None:
+        """Param ``i``'s grad is not its view of the full grads (its first grad of the window, or someone set
+        ``.grad = None`` or assigned a new tensor, and autograd started a fresh one): the fresh grad is the whole
+        accumulated value, so copy it in and re-point, so later micro-steps accumulate in place."""
         p = self.params[i]
         g = p.grad
+        full = self.ensure_full_grads(device)
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        if g is None or (g.data_ptr() == self._full_grads[lo:].data_ptr() and g.shape == p.shape):
+        if g is None or (g.data_ptr() == full[lo:].data_ptr() and g.shape == p.shape):
             return
-        view = self._full_grads[lo:hi].view_as(p)
+        view = full[lo:hi].view_as(p)
         view.copy_(g)
         p.grad = view
 
@@ -173,19 +185,31 @@ class Bucket:
     # -- the reduced shard -------------------------------------------------------------------------------
     @property
     def reduced(self) -> torch.Tensor | None:
-        """This rank's reduced gradient shard (a view of its group's GradShards; None when not bound)."""
+        """This rank's reduced gradient shard of the window (None before the first reduction lands)."""
+        return self._full_grads if self._shares_reduced else self._reduced
+
+    def reduced_out(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Where a reduction may write this rank's shard directly (stage 1's reduce-scatter): made on demand."""
+        if self._reduced is None:
+            self._reduced = torch.empty(self.shard_numel, dtype=dtype, device=device)
         return self._reduced
 
-    def bind_reduced(self, view: torch.Tensor | None) -> None:
-        """Where the reduced shard lives (``_partition.GradShards`` binds and unbinds its views)."""
-        self._reduced = view
-
     def write_reduced(self, shard: torch.Tensor) -> None:
-        if shard.data_ptr() != self._reduced.data_ptr():
+        """The reduced shard := ``shard`` (adopted as it is when this bucket owns nothing yet)."""
+        if self._shares_reduced:
+            if shard.data_ptr() != self._full_grads.data_ptr():
+                self._full_grads.copy_(shard)
+        elif self._reduced is None:
+            self._reduced = shard
+        elif shard.data_ptr() != self._reduced.data_ptr():
             self._reduced.copy_(shard)
 
     def add_reduced(self, shard: torch.Tensor) -> None:
-        self._reduced.add_(shard)
+        """Accumulate one micro-step's reduced shard (stage 2); the first of a window is adopted, no add."""
+        if self._reduced is None:
+            self._reduced = shard
+        else:
+            self._reduced.add_(shard)
 
     # -- one micro-step's readiness ----------------------------------------------------------------------
     def mark_ready(self, i: int) -> bool:
@@ -206,17 +230,14 @@ class Bucket:
         return [n for i, n in enumerate(self.names) if i not in self._seen]
 
     # -- after the step ----------------------------------------------------------------------------------
-    def zero_grads(self) -> None:
-        """Zero the full grads in place and keep the params' ``.grad`` on their views (stages 0/1), or drop the
-        params' grads (stage 2, which keeps none)."""
-        if self._full_grads is not None:
-            self._full_grads.zero_()
-            for i in range(len(self.params)):  # keep (or restore) the in-place accumulation path
-                self.adopt_grad(i)
-        else:
-            for p in self.params:
-                p.grad = None
+    def release_grads(self) -> None:
+        """End of the accumulation window: drop the full grads (and the params' ``.grad`` views), the staged
+        and the reduced grads (see the module doc)."""
+        for p in self.params:
+            p.grad = None
+        self._full_grads = None
         self._staged = None
+        self._reduced = None
 
 
 def padded_length(numel: int, shard_world: int) -> int:

@@ -1,15 +1,17 @@
-"""Model-state bytes actually held by a rank, for checking against ZeRO's formulas.
+"""Model-state bytes actually held by a rank at the moment of the call, for checking against ZeRO's formulas.
 
 Counted: every distinct storage (by its data pointer, so a view is never counted twice) behind the model's
-params, the buckets' flat param and grad buffers, the reduced gradient shards, the fp32 masters and their
-grads, and every tensor in the optimizer's state. Not counted: transient buffers that exist only inside
-``backward``/``step`` (stage-2 staging buckets, stage-1 reduced shards, fp32 master grads of a torch
-optimizer), activations, and buffers of the module (running stats). With mixed-precision Adam and Ψ trainable
-elements over N ranks this comes to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1), 2Ψ + 14Ψ/N (stage 2) -- DeepSpeed's
-formulas: the masters' step reads the 16-bit reduced grads, no fp32 gradient copy is kept -- and 16Ψ/N (stage
-3: FSDP2's fp32 shards, their fp32 grad shards between backward and step, AdamW's two states; plus the
-persistent params' 2 + 16 bytes each, whole on every rank), plus the padding. The 16-bit params FSDP2 gathers for a unit's forward and
-backward are transient (one unit at a time plus prefetch) and not counted.
+params, the buckets' flat param storage, full grads and reduced shards, the fp32 masters and their grads, and
+every tensor in the optimizer's state. Not counted: buffers that exist only inside ``backward``/``step``
+(stage-2 staging buckets, fp32 master grads of a torch optimizer), activations, and buffers of the module
+(running stats). With mixed-precision Adam and Ψ trainable elements over N ranks this comes, at the boundary
+after the reductions, to 16Ψ (stage 0), 4Ψ + 12Ψ/N (stage 1; + 2Ψ/N, its reduced shard, until the step) and
+2Ψ + 14Ψ/N (stage 2): DeepSpeed's formulas, since the masters' step reads the 16-bit reduced grads and no fp32
+gradient copy is kept. Gradient storage lives for one accumulation window, so between steps stages 0-2 hold
+2 bytes/param (stage 0) or 2/N (stages 1/2) less. Stage 3: 16Ψ/N (FSDP2's fp32 shards, their fp32 grad shards
+between backward and step, AdamW's two states; plus the persistent params' 2 + 16 bytes each, whole on every
+rank). All plus the padding. The 16-bit params FSDP2 gathers for a unit's forward and backward are transient
+(one unit at a time plus prefetch) and not counted.
 """
 
 from __future__ import annotations

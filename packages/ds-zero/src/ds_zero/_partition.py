@@ -194,58 +194,35 @@ class Masters:
 
 
 class GradShards:
-    """The reduced gradient shards of every bucket: one flat tensor per param group, laid out as that group's
-    fp32 master (``assign_group_offsets``), each bucket bound to its view (``Bucket.bind_reduced``). The step
-    reads a group's grads as one tensor, in their own dtype (see :meth:`Masters.step`).
-
-    ``persistent`` (stages 0 and 2, where grads accumulate into them across micro-steps) keeps the buffers for
-    the engine's life; otherwise (stage 1) they exist from the first reduction of a boundary to the end of its
-    step (``allocate`` / ``release``).
-    """
+    """The reduced gradient shards of a param group as the optimizer reads them: ONE flat tensor per group, laid
+    out as the group's fp32 master (``assign_group_offsets``), in the reduction's dtype (see
+    :meth:`Masters.step`). The shards themselves belong to the buckets and live for one accumulation window
+    (``_buckets`` module doc); a group of one bucket is read in place, a group of several is concatenated at
+    the step (a transient the size of the group's shards, made when the activations are gone)."""
 
     def __init__(self, buckets: list[Bucket], num_groups: int, device: torch.device,
-                 reduce_dtype: torch.dtype | None, persistent: bool) -> None:
-        self.buckets = buckets
+                 reduce_dtype: torch.dtype | None) -> None:
         self.device = device
-        self.persistent = persistent
-        self.sizes = [0] * num_groups
-        dtypes: list[set] = [set() for _ in range(num_groups)]
-        for bucket in buckets:
-            self.sizes[bucket.group_index] = max(self.sizes[bucket.group_index],
-                                                 bucket.master_offset + bucket.shard_numel)
-            dtypes[bucket.group_index].add(bucket.dtype)
+        self.by_group: list[list[Bucket]] = [[] for _ in range(num_groups)]
+        for bucket in sorted(buckets, key=lambda b: (b.group_index, b.master_offset)):
+            self.by_group[bucket.group_index].append(bucket)
         # the collective's output dtype: communication_data_type, else the grads' (one dtype per group after the
         # engine's cast; fp32 where an fp32 run mixes dtypes in one group)
-        self.dtypes = [reduce_dtype or (d.pop() if len(d) == 1 else torch.float32) for d in dtypes]
-        self._buffers: list[torch.Tensor | None] | None = None
-        if persistent:
-            self.allocate()
-
-    @property
-    def allocated(self) -> bool:
-        return self._buffers is not None
-
-    def allocate(self) -> None:
-        if self._buffers is not None:
-            return
-        self._buffers = [torch.zeros(n, dtype=dt, device=self.device) if n else None
-                         for n, dt in zip(self.sizes, self.dtypes)]
-        for bucket in self.buckets:
-            flat = self._buffers[bucket.group_index]
-            bucket.bind_reduced(flat[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
-
-    def release(self) -> None:
-        if self.persistent or self._buffers is None:
-            return
-        for bucket in self.buckets:
-            bucket.bind_reduced(None)
-        self._buffers = None
-
-    def zero_(self) -> None:
-        if self._buffers is not None:
-            torch._foreach_zero_([b for b in self._buffers if b is not None])
+        self.dtypes = []
+        for group in self.by_group:
+            dtypes = {b.dtype for b in group}
+            self.dtypes.append(reduce_dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32))
 
     def tensors(self) -> list[torch.Tensor]:
-        """One flat grad tensor per param group with trainable params (the masters' order)."""
-        self.allocate()  # a boundary step() with no backward before it: zero gradients
-        return [b for b in self._buffers if b is not None]
+        """One flat grad tensor per param group with trainable params (the masters' order); zeros for a bucket
+        with no reduction this window (a boundary ``step()`` with no backward before it)."""
+        out = []
+        for group, dtype in zip(self.by_group, self.dtypes):
+            if not group:
+                continue
+            shards = [b.reduced if b.reduced is not None
+                      else torch.zeros(b.shard_numel, dtype=dtype, device=self.device) for b in group]
+            if len({t.dtype for t in shards}) > 1:
+                shards = [t.to(dtype) for t in shards]
+            out.append(shards[0] if len(shards) == 1 else torch.cat(shards))
+        return out

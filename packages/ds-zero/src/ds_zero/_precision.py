@@ -1,6 +1,7 @@
 """Mixed precision: which dtype the model runs in, loss scaling (fp16), and the overflow decision.
 
-- fp32: no scaling, no overflow check (as DeepSpeed).
+- fp32: no scaling; the agreed inf/NaN check skips the step on every rank (DeepSpeed has no check in fp32, so
+  one rank's NaN loss turns every param on every rank into NaN).
 - fp16: ``ds_optim.DynamicLossScaler`` (``loss_scale`` 0) or ``StaticLossScaler``; the loss is multiplied by
   the scale before backward, the fp32 master grads are unscaled, and the scaler's ``has_overflow`` all-reduces
   the inf/NaN flag with MAX, so a step with inf/NaN on any rank is skipped on every rank and the scale
@@ -35,8 +36,11 @@ class Precision:
             else:
                 self.scaler = StaticLossScaler(fp16.loss_scale, process_group=process_group)
             self._checker = self.scaler
-        elif bf16.enabled and bf16.check_grad_overflow:
-            self._checker = StaticLossScaler(1.0, process_group=process_group)  # only its agreed check
+        elif bf16.enabled and bf16.check_grad_overflow or not (fp16.enabled or bf16.enabled):
+            # only its agreed check. fp32 too (DeepSpeed does not check there): an inf/NaN gradient on one rank
+            # would otherwise be averaged into every rank's params, silently; the check costs one reduction
+            # pass over the grads and one flag all-reduce per step
+            self._checker = StaticLossScaler(1.0, process_group=process_group)
 
     @property
     def mixed(self) -> bool:

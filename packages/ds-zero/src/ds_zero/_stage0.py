@@ -1,6 +1,7 @@
 """Stage 0: data parallelism with bucketed gradient allreduce overlapped with backward (as DDP).
 
-Every bucket owns a persistent full-size grad buffer and the params' ``.grad`` are views of it, so autograd
+Every bucket keeps a full-size grad buffer for the accumulation window and the params' ``.grad`` are views of
+it (made when backward produces the bucket's first grad, dropped after the step), so autograd
 accumulates micro-steps in place and the buffer is what is communicated -- no copy. On the micro-step that
 communicates (the accumulation boundary, outside ``no_sync()``), a bucket whose params all have their grads
 is all-reduced asynchronously while backward goes on; ``finish`` waits before the step. The result is the sum
@@ -31,17 +32,17 @@ class AllReduceReducer(GradReducer):
                  grad_shards: GradShards | None = None) -> None:
         super().__init__(buckets, group, world, ignore_unused_parameters, reduce_dtype)
         self.grad_shards = grad_shards
+        self.device = device
         for bucket in buckets:
             # replicated: the "shard" is the whole bucket, so the reduced grads can be the full grads themselves
-            shared = grad_shards is not None and bucket.reduced.dtype == bucket.dtype
-            bucket.keep_full_grads(device, bucket.reduced if shared else None)
+            bucket.keep_full_grads(shares_reduced=grad_shards is not None and reduce_dtype in (None, bucket.dtype))
         self._pending: list[tuple[Bucket, object, torch.Tensor]] = []
 
     def _on_grad(self, bucket: Bucket, i: int) -> None:
-        bucket.adopt_grad(i)
+        bucket.adopt_grad(i, self.device)
 
     def _launch(self, bucket: Bucket) -> None:
-        send = self._comm_input(bucket.full_grads)
+        send = self._comm_input(bucket.ensure_full_grads(self.device))
         self._pending.append((bucket, self._all_reduce(send), send))
 
     def _finish(self) -> None:
@@ -55,9 +56,7 @@ class AllReduceReducer(GradReducer):
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
-            bucket.zero_grads()
-        if self.grad_shards is not None:
-            self.grad_shards.zero_()
+            bucket.release_grads()
 
 
 class OnebitAllReduceReducer(AllReduceReducer):
@@ -76,7 +75,7 @@ class OnebitAllReduceReducer(AllReduceReducer):
     def _launch(self, bucket: Bucket) -> None:
         from ds_comm import compressed_allreduce
 
-        compressed_allreduce(bucket.full_grads, self.error_feedback[bucket.index], self.group, average=True,
+        compressed_allreduce(bucket.ensure_full_grads(self.device), self.error_feedback[bucket.index], self.group, average=True,
                              backend=self.backend)
 
     def _finish(self) -> None:  # averaged in place, inside backward

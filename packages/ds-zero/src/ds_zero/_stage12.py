@@ -1,16 +1,16 @@
 """Stages 1 and 2: gradients reduce-scattered into their owner's shard, bucket by bucket.
 
-Stage 1 (:class:`Stage1Reducer`): every bucket keeps a persistent full-size grad buffer that the params'
+Stage 1 (:class:`Stage1Reducer`): every bucket keeps a full-size grad buffer for the window that the params'
 ``.grad`` are views of (micro-steps accumulate in place, no communication before the boundary). On the
 boundary each full bucket is reduce-scattered -- asynchronously as it becomes ready when ``overlap_comm`` is
-on, else after backward -- straight into its view of the group's ``GradShards``, which live until the step.
+on, else after backward -- straight into the bucket's reduced shard, which lives until the step.
 Model states held: full 16-bit grads (2 bytes/param), hence ZeRO's 4Ψ + 12Ψ/N.
 
 Stage 2 (:class:`Stage2Reducer`): no rank holds full gradients. Each micro-step (DeepSpeed's stage 2 reduces
 every micro-batch; ``no_sync()`` is refused, as there) a param's fresh grad is copied into its bucket's
 staging buffer as soon as autograd produces it (``contiguous_gradients``) and the full ``.grad`` is freed; a
-complete bucket is reduce-scattered and the result added to the bucket's persistent reduced shard
-(``shard_numel`` elements, a view of its group's ``GradShards``). With ``overlap_comm`` up to two bucket
+complete bucket is reduce-scattered and the result added to the bucket's reduced shard (``shard_numel``
+elements, made by the window's first reduction, dropped after the step). With ``overlap_comm`` up to two bucket
 reductions are in flight (double buffering, as DeepSpeed's IPG buckets), else each runs synchronously. Staging buffers exist only during backward.
 With ``contiguous_gradients=false`` the grads stay on their params until the bucket is complete and are then
 flattened into a temporary. Model states held: 2Ψ + 14Ψ/N.
@@ -68,12 +68,13 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
         self._setup_scatter(grad_shards, reduce_scatter, quantize)
         self.overlap = overlap
         self._flushing = False
+        self.device = device
         for bucket in buckets:
-            bucket.keep_full_grads(device)
+            bucket.keep_full_grads()
         self._pending: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
 
     def _on_grad(self, bucket: Bucket, i: int) -> None:
-        bucket.adopt_grad(i)
+        bucket.adopt_grad(i, self.device)
 
     def _launch_in_order(self) -> None:
         # without overlap_comm nothing is launched from the hooks; after_backward's flush launches it all
@@ -88,9 +89,9 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
             self._flushing = False
 
     def _launch(self, bucket: Bucket) -> None:
-        self.grad_shards.allocate()  # transient at stage 1: from the boundary's first reduction to the step
-        send = self._comm_input(bucket.full_grads)
-        work, out = self._scatter(bucket, send, bucket.reduced)  # reduce-scatter straight into its place
+        send = self._comm_input(bucket.ensure_full_grads(self.device))
+        # reduce-scatter straight into the bucket's reduced shard (made now: it lives until the step)
+        work, out = self._scatter(bucket, send, bucket.reduced_out(send.dtype, self.device))
         # ``send`` (a cast copy with communication_data_type) must live until the collective is done
         self._pending.append((bucket, work, out, send))
 
@@ -100,16 +101,14 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
             _comm.wait(work)
             bucket.write_reduced(out)
         self._pending = []
-        self.grad_shards.allocate()
         for bucket in self.buckets:  # a boundary step() without a backward before it: zero gradients
             if bucket.index not in launched:
                 lo, hi = bucket.shard_range
-                bucket.write_reduced(bucket.full_grads[lo:hi])
+                bucket.write_reduced(bucket.ensure_full_grads(self.device)[lo:hi].clone())
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
-            bucket.zero_grads()
-        self.grad_shards.release()
+            bucket.release_grads()
 
 
 class Stage2Reducer(_ScatterMixin, GradReducer):
@@ -142,6 +141,8 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
     def _complete(self, entry) -> None:
         bucket, work, out, _send = entry
         _comm.wait(work)
+        if out.numel() != out.untyped_storage().nbytes() // out.element_size():
+            out = out.clone()  # a slice of the all-reduced bucket: keep the shard, not the whole bucket
         bucket.add_reduced(out)
 
     def after_backward(self) -> None:
@@ -157,5 +158,4 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
 
     def zero_grads(self) -> None:
         for bucket in self.buckets:
-            bucket.zero_grads()
-        self.grad_shards.zero_()
+            bucket.release_grads()

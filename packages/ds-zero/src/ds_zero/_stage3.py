@@ -389,7 +389,7 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     for b in engine.buckets:
         b.flatten_params(dtype, engine.device)
     engine.masters.write_params()
-    engine.grad_shards = GradShards(engine.buckets, engine._num_groups, engine.device, reduce_dtype, persistent=True)
+    engine.grad_shards = GradShards(engine.buckets, engine._num_groups, engine.device, reduce_dtype)
     current = dict(engine.module.named_parameters())  # fully_shard replaced the params by DTensors
     groups = [[] for _ in range(engine._num_groups)]
     for name, gi in group_of.items():

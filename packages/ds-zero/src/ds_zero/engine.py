@@ -102,6 +102,9 @@ class ZeroEngine:
         self.micro_steps = 0
         self.skipped_steps = 0
         self.was_step_skipped = False
+        #: the L2 norm of the averaged, unscaled gradient before clipping, at the last boundary step (None when
+        #: it was skipped); DeepSpeed's ``get_global_grad_norm()``
+        self.global_grad_norm: float | None = None
         self._no_sync = False
         self._backward_pending = False
         self._grads_reduced = False
@@ -138,9 +141,7 @@ class ZeroEngine:
             self.optimizer = user_opt
         else:
             self._build_masters(zero.load_from_fp32_weights)
-            # stage 1 holds full 16-bit grads between boundaries; its reduced shards live only until the step
-            self.grad_shards = GradShards(self.buckets, self._num_groups, self.device, self._reduce_dtype(),
-                                          persistent=self.stage != 1)
+            self.grad_shards = GradShards(self.buckets, self._num_groups, self.device, self._reduce_dtype())
             self.optimizer = rebuild_optimizer(
                 user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
         self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
@@ -309,6 +310,7 @@ class ZeroEngine:
             self.policy.rescale_error_feedback(self.precision.loss_scale / scale_before)
         self.was_step_skipped = overflow
         if overflow:
+            self.global_grad_norm = None
             self.skipped_steps += 1
             if self.stage == 3:
                 self.reducer.reset_error_feedback()
@@ -346,7 +348,7 @@ class ZeroEngine:
         if self.mode.name == "masters":
             return self.grad_shards.tensors(), [], factor
         if self.mode.name == "direct":
-            grads = [b.full_grads for b in self.buckets]
+            grads = [b.ensure_full_grads(self.device) for b in self.buckets]
             if factor != 1.0:
                 torch._foreach_mul_(grads, factor)
             return grads, [], 1.0
@@ -362,13 +364,14 @@ class ZeroEngine:
         clipped in place."""
         max_norm = self.config.gradient_clipping
         if self.mode.name == "masters":
-            if max_norm > 0:
-                norm = float(global_grad_norm(grads, sharded=self.stage > 0, group=self.process_group)) * scale
-                scale *= clip_coefficient(norm, max_norm)
+            norm = float(global_grad_norm(grads, sharded=self.stage > 0, group=self.process_group)) * scale
+            self.global_grad_norm = norm
+            scale *= clip_coefficient(norm, max_norm)
             self.masters.step(self.optimizer, grads, scale)
             return
-        if max_norm > 0:
-            clip_grads_(grads, max_norm, sharded=self.stage > 0, group=self.process_group, replicated=replicated)
+        # clip_grads_ with max_norm 0 only measures (the norm is reported like DeepSpeed's, clipping or not)
+        self.global_grad_norm = clip_grads_(grads, max_norm, sharded=self.stage > 0, group=self.process_group,
+                                            replicated=replicated)
         if self.stage == 3:
             self._attach_master_grads()
             try:
@@ -379,6 +382,20 @@ class ZeroEngine:
                         wrapper.grad = None
             return
         self.optimizer.step()
+
+    @torch.no_grad()
+    def refresh_fp32_params(self) -> None:
+        """The fp32 masters := the model's current (16-bit) params, each rank its shard; optimizer states are
+        kept. DeepSpeed's ``optimizer.refresh_fp32_params()``, for code that wrote the model's weights
+        directly (``load_state_dict`` on the module). Stage 3's sharded params are their own masters; in fp32
+        stage 0 the model params are what the optimizer steps: nothing to do there."""
+        if self.masters is None:
+            return
+        if self.stage == 3:
+            self.policy.reshard()
+        for b in self.buckets:
+            lo, hi = b.shard_range
+            self.masters.shard(b).copy_(b.param_flat[lo:hi])
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
