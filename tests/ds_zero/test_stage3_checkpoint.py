@@ -2,6 +2,7 @@
 stages (stage 3 <-> stages 1/2) continuing the reference's curve; consolidation; a model that does not fit
 the checkpoint refused by name with nothing applied."""
 
+import contextlib
 import os
 import re
 
@@ -44,14 +45,37 @@ def _train(engine, steps, start=0):
     return out
 
 
+@contextlib.contextmanager
+def _files_read():
+    """The checkpoint file names the loaders open inside the block."""
+    from ds_zero.checkpoint import load as load_module, stage3 as stage3_module
+
+    read, originals = [], (load_module.safe_load, stage3_module.safe_load)
+
+    def tracking(ckpt_dir, name, marker):
+        read.append(name)
+        return originals[0](ckpt_dir, name, marker)
+
+    load_module.safe_load = stage3_module.safe_load = tracking
+    try:
+        yield read
+    finally:
+        load_module.safe_load, stage3_module.safe_load = originals
+
+
 def _resume_same_world(ckpt, extra):
     straight = _train(_engine(3, 2, 2, extra), 6)
     first = _engine(3, 2, 2, extra)
     part1 = _train(first, 3)
     first.save_checkpoint(ckpt, client_state={"epoch": 7})
     fresh = _engine(3, 2, 2, extra, seed=123)  # different init: everything must come from the checkpoint
-    _, client = fresh.load_checkpoint(ckpt)
+    with _files_read() as read:
+        _, client = fresh.load_checkpoint(ckpt)
     assert client == {"epoch": 7}
+    # same world size and sharding: a rank reads its own shard file (and rank 0's, which holds the persistent
+    # params' masters), never the whole model
+    rank = dist.get_rank()
+    assert {n for n in read if "optim_states" in n} <= {optim_file_name(rank), optim_file_name(0)}, read
     assert fresh.global_steps == 3 and fresh.get_lr() == first.get_lr()
     part2 = _train(fresh, 3, start=3)
     for a, b in zip(straight, part1 + part2):
@@ -211,10 +235,10 @@ def test_a_checkpoint_error_on_one_rank_is_raised_on_every_rank(tmp_path, stage)
     for r in results:
         assert r["latest"] == "global_step1" and not r["marker2"]  # nothing committed
     assert r1["load"].startswith("CheckpointError") and "corrupted" in r1["load"]
-    # rank 0 names rank 1's file: from rank 1 (stage 2 reads only its own file) or found itself (stage 3 reads all)
+    # rank 0 names rank 1's file, from rank 1: at the same world size each rank reads only its own file (and
+    # rank 0's), at stage 3 too
     assert r0["load"].startswith("CheckpointError") and optim_file_name(1) in r0["load"]
-    if stage == 2:
-        assert "failed on rank 1" in r0["load"]
+    assert "failed on rank 1" in r0["load"]
 
 
 def optim_file_name(rank):

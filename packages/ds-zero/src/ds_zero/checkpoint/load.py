@@ -258,10 +258,15 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
 
 
 def _load_stage3(engine, ckpt_dir: str, marker: dict, model: dict, with_states: bool) -> None:
-    """A stage-3 engine: every rank reassembles the full form and cuts its own rows (any saved stage and
-    world size); buffers and frozen params from the saved module entries."""
+    """A stage-3 engine: from a stage-3 checkpoint of the same world size and sharding, each rank reads its own
+    rows (``stage3.local_from_stage3``); otherwise every rank reassembles the full form and cuts its own rows
+    (any saved stage and world size). Buffers and frozen params from the saved module entries."""
     source = os.path.join(ckpt_dir, model_file())
-    full = _saved_full(ckpt_dir, marker, model)
+    full = None
+    if model["mode"] == "stage3" and model["dp_world_size"] == engine.dp_world_size:
+        full = stage3.local_from_stage3(ckpt_dir, marker, model, engine)
+    if full is None:
+        full = _saved_full(ckpt_dir, marker, model)
     saved_module = model["module"]
     frozen = dict(full.get("frozen", {}))
     sharded_names = {n for n, p in engine.module.named_parameters() if p in engine.policy.sharded_set}

@@ -148,6 +148,49 @@ def full_from_stage3(ckpt_dir: str, marker: dict, model: dict) -> dict:
             "frozen": frozen, "param_scalars": param_scalars}
 
 
+def local_from_stage3(ckpt_dir: str, marker: dict, model: dict, engine) -> dict | None:
+    """The same world size and sharding as the save: this rank's rows straight from its own file (plus rank 0's,
+    which holds the persistent params' masters and their state), instead of every rank reading every file and
+    assembling the whole model (16 bytes per parameter of host memory on each rank). The result is the full
+    form with this rank's rows for the sharded params (``"local_rows"``); None when any saved shard is not this
+    rank's current one (another sharding), and the caller takes the full path."""
+    rank = engine.dp_rank
+    own = safe_load(ckpt_dir, optim_file(rank), marker)
+    first = own if rank == 0 else safe_load(ckpt_dir, optim_file(0), marker)
+    current = {}
+    for n, p in engine.module.named_parameters():
+        if p in engine.policy.sharded_set:
+            current.setdefault(n, p)
+    if set(current) != set(model["sharded"]):
+        return None
+    params, states, frozen, param_scalars, shapes = {}, {}, {}, {}, {}
+    for name, info in model["sharded"].items():
+        entry, p = own["shards"].get(name), current[name]
+        local = p._local_tensor
+        if (entry is None or list(p.shape) != list(info["shape"]) or tuple(entry["param"].shape) != tuple(local.shape)
+                or entry["offset"] != row_offset(p.shape[0], engine.dp_world_size, rank)):
+            return None
+        shapes[name] = info["shape"]
+        if info["group"] is None:
+            frozen[name] = entry["param"]
+            continue
+        params[name] = entry["param"]
+        if entry.get("scalars"):
+            param_scalars[name] = entry["scalars"]
+        if entry.get("states"):
+            states[name] = dict(entry["states"])
+    scalars = {int(gi): dict(st) for gi, st in first["scalars"].items()}
+    persistent = full_from_master_shards(model["layout"], {0: {"masters": first["masters"],
+                                                               "optimizer": first["optimizer"]}},
+                                         model["group_map"], model["param_groups"], source=ckpt_dir)
+    params.update(persistent["params"])
+    states.update(persistent["states"])
+    for gi, st in persistent["scalars"].items():
+        scalars.setdefault(gi, {}).update({k: v for k, v in st.items() if k not in scalars.get(gi, {})})
+    return {"params": params, "states": states, "scalars": scalars, "param_groups": model["param_groups"],
+            "frozen": frozen, "param_scalars": param_scalars, "local_rows": shapes}
+
+
 def module_state_from_stage3(model: dict, full: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The whole module state dict of a stage-3 checkpoint (what stages 0-2 save under ``module``)."""
     out = dict(model["module"])
@@ -164,9 +207,14 @@ def _scalar_copy(full: dict, gi: int) -> dict:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in full["scalars"].get(gi, {}).items()}
 
 
-def _rows(full_value: torch.Tensor, local: torch.Tensor, world: int, rank: int, what: str) -> torch.Tensor:
-    lo = row_offset(full_value.shape[0], world, rank)
-    piece = full_value[lo:lo + local.shape[0]]
+def _rows(full_value: torch.Tensor, local: torch.Tensor, world: int, rank: int, what: str,
+          already_local: bool = False) -> torch.Tensor:
+    """This rank's rows of ``full_value`` (``already_local``: the value is those rows, from the rank's own file)."""
+    if already_local:
+        piece = full_value
+    else:
+        lo = row_offset(full_value.shape[0], world, rank)
+        piece = full_value[lo:lo + local.shape[0]]
     if tuple(piece.shape) != tuple(local.shape):
         raise CheckpointError(f"{what}: this rank's shard has shape {tuple(local.shape)}, the checkpoint gives "
                               f"{tuple(piece.shape)}")
@@ -183,6 +231,7 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
     frozen = full.get("frozen", {})
+    local_rows = full.get("local_rows", {})  # name -> whole shape, for values that are this rank's rows already
     plan = []
     for p in engine.policy.sharded:
         name = names[p]
@@ -191,10 +240,11 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
             if p.requires_grad:
                 raise CheckpointError(f"{source}: the checkpoint has no fp32 master for parameter {name!r}")
             continue  # a frozen param: its value came with the module state
-        if tuple(src.shape) != tuple(p.shape):
-            raise CheckpointError(f"{source}: parameter {name!r} has shape {tuple(src.shape)} in the checkpoint, "
+        whole = tuple(local_rows.get(name, src.shape))
+        if whole != tuple(p.shape):
+            raise CheckpointError(f"{source}: parameter {name!r} has shape {whole} in the checkpoint, "
                                   f"{tuple(p.shape)} in the model")
-        plan.append((p, _rows(src, p._local_tensor, world, rank, f"{source}: {name!r}")))
+        plan.append((p, _rows(src, p._local_tensor, world, rank, f"{source}: {name!r}", name in local_rows)))
     master_values = []
     for b in engine.buckets:
         lo, hi = b.shard_range
@@ -212,7 +262,8 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
                 if p in engine.policy.sharded_set:
                     name = names[p]
                     for key, value in full["states"].get(name, {}).items():
-                        rows = _rows(value, p._local_tensor, world, rank, f"{source}: state {key!r} of {name!r}")
+                        rows = _rows(value, p._local_tensor, world, rank, f"{source}: state {key!r} of {name!r}",
+                                     name in local_rows)
                         st[key] = DTensor.from_local(rows.to(p._local_tensor.device).clone(), p.device_mesh,
                                                      p.placements, shape=p.shape, stride=p.stride(),
                                                      run_check=False)
