@@ -193,9 +193,13 @@ def _one_rank_fails(root, stage):
     rank = dist.get_rank()
     engine = _engine(stage, 2, 1, sched=False)
     _train(engine, 1)
+    # a temporary left by an earlier save of this tag that was killed mid-write
+    os.makedirs(os.path.join(root, "global_step1"), exist_ok=True)
+    open(os.path.join(root, "global_step1", optim_file(rank) + ".tmp-424242"), "wb").write(b"partial")
     engine.save_checkpoint(root)  # global_step1, committed
+    dist.barrier()
+    out = {"stale_left": sorted(n for n in os.listdir(os.path.join(root, "global_step1")) if ".tmp-" in n)}
     _train(engine, 1, start=1)
-    out = {}
     real = save_mod.atomic_torch_save
 
     def disk_full(obj, path):
@@ -212,6 +216,7 @@ def _one_rank_fails(root, stage):
     out["latest"] = open(os.path.join(root, "latest")).read().strip()
     out["marker2"] = os.path.exists(os.path.join(root, "global_step2", MARKER))
     dist.barrier()
+    out["step2_dir"] = os.path.exists(os.path.join(root, "global_step2"))  # the failed save's files are freed
     if rank == 1:  # corrupt this rank's shard of the committed checkpoint
         path = os.path.join(root, "global_step1", optim_file(1))
         data = bytearray(open(path, "rb").read())
@@ -222,6 +227,15 @@ def _one_rank_fails(root, stage):
         _engine(stage, 2, 1, sched=False).load_checkpoint(root)
     except Exception as exc:  # noqa: BLE001
         out["load"] = f"{type(exc).__name__}: {exc}"
+    bad = root + "-bad-latest"
+    if rank == 0:
+        os.makedirs(bad)
+        open(os.path.join(bad, "latest"), "wb").write(b"global_step\xff\xfe\n")
+    dist.barrier()
+    try:
+        engine.load_checkpoint(bad)
+    except Exception as exc:  # noqa: BLE001
+        out["bad_latest"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -234,6 +248,9 @@ def test_a_checkpoint_error_on_one_rank_is_raised_on_every_rank(tmp_path, stage)
     assert "No space left" in r0["save"]
     for r in results:
         assert r["latest"] == "global_step1" and not r["marker2"]  # nothing committed
+        assert not r["step2_dir"]  # and nothing of it left on the disk
+        assert r["stale_left"] == []  # a killed save's temporaries are removed by the next save of the tag
+        assert r["bad_latest"].startswith("CheckpointError") and "not a UTF-8" in r["bad_latest"]
     assert r1["load"].startswith("CheckpointError") and "corrupted" in r1["load"]
     # rank 0 names rank 1's file, from rank 1: at the same world size each rank reads only its own file (and
     # rank 0's), at stage 3 too

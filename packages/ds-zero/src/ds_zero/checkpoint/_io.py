@@ -158,9 +158,41 @@ def resolve_tag(load_dir: str, tag: str | None) -> str:
             f"no {LATEST!r} file in {load_dir}: nothing says which checkpoint to load (pass tag=..., or check "
             "the directory); refusing to start from scratch silently"
         )
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a UTF-8 text file naming a checkpoint tag (corrupted?); pass "
+                              "tag=... or rewrite the file") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
     return check_tag(text, where=f"tag in {path}")
+
+
+def remove_stale_temporaries(directory: str, names: list[str]) -> None:
+    """Delete ``NAME.tmp-*`` leftovers of ``names`` in ``directory`` (a process killed inside ``_atomic_write``
+    leaves its temporary behind; nothing ever reads one). Each rank removes only its own files' temporaries, so
+    ranks never race on one."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    prefixes = tuple(f"{name}.tmp-" for name in names)
+    for entry in entries:
+        if entry.startswith(prefixes):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:
+                pass
+
+
+def remove_files(directory: str, names: list[str]) -> None:
+    """Best-effort removal of files (a failed save's uncommitted output, so it does not keep filling a disk)."""
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
 
 
 def write_marker(ckpt_dir: str, marker: dict[str, Any]) -> None:

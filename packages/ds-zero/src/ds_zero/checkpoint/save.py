@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from . import stage3
 from ._io import (FORMAT, LATEST, MARKER, VERSION, CheckpointError, atomic_torch_save, atomic_write_text, check_tag,
-                  model_file, optim_file, write_marker)
+                  model_file, optim_file, remove_files, remove_stale_temporaries, write_marker)
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,11 +94,15 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     ckpt_dir = os.path.join(save_dir, tag)
     rank = engine.dp_rank
     error = None
+    own_files = [optim_file(rank)] + ([model_file(), MARKER] if rank == 0 else [])
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         if rank == 0 and os.path.exists(os.path.join(ckpt_dir, MARKER)):
             # overwriting a committed tag: un-commit it first, so a crash midway leaves it refused, not mixed
             os.unlink(os.path.join(ckpt_dir, MARKER))
+        remove_stale_temporaries(ckpt_dir, own_files)  # of an earlier save of this tag that was killed
+        if rank == 0:
+            remove_stale_temporaries(save_dir, [LATEST])
     except OSError as exc:
         error = exc
     full_compression = engine.reducer.full_state_dict() if hasattr(engine.reducer, "full_state_dict") else None
@@ -110,10 +114,13 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     except Exception as exc:  # noqa: BLE001 - re-raised here, and named on every other rank
         digests, error = {}, exc
     all_digests = _gather(engine, (digests, _describe(error)))  # every rank's files are in place (or not)
-    if error is not None:
-        raise error
     failed = [(r, msg) for r, (_, msg) in enumerate(all_digests) if msg]
     if failed:
+        # nothing will commit this directory: free what it holds (a full disk would otherwise stay full and fail
+        # every later save, and every restart's, at the same place)
+        _discard_uncommitted(engine, save_dir, ckpt_dir, own_files)
+        if error is not None:
+            raise error
         raise CheckpointError(f"save_checkpoint({ckpt_dir}) failed on rank {failed[0][0]}: {failed[0][1]}; nothing "
                               "was committed")
     error = None
@@ -133,6 +140,19 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
             error = exc
     agree(engine, error, f"save_checkpoint({ckpt_dir}) committing")
     return ckpt_dir
+
+
+def _discard_uncommitted(engine, save_dir: str, ckpt_dir: str, own_files: list[str]) -> None:
+    """Every rank removes its own files of a save that failed somewhere; after all have, rank 0 removes the tag
+    directory if that left it empty (``latest`` still names the last committed tag)."""
+    remove_files(ckpt_dir, own_files)
+    remove_stale_temporaries(ckpt_dir, own_files)
+    _gather(engine, None)  # every rank's files are gone
+    if engine.dp_rank == 0:
+        try:
+            os.rmdir(ckpt_dir)
+        except OSError:
+            pass  # not empty (someone else's files) or already gone: leave it
 
 
 def _describe(exc) -> str | None:
