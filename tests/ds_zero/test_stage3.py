@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import run_distributed
-from zero_cases import compare, full_state, make_model, micro_batch, param_groups, reference, run_scenarios
+from zero_cases import (compare, full_state, make_model, micro_batch, param_groups, reference, run_engine,
+                        run_scenarios)
 
 SHARD_ALL = {"param_persistence_threshold": 0, "shard_units": ["Linear"]}
 BIASES_PERSIST = {"stage3_param_persistence_threshold": 30, "shard_units": ["Linear"]}
@@ -353,6 +354,41 @@ def test_qgz_training_follows_the_unquantized_run():
     for h in (got[0][2], got[1][2]):
         assert [s["skipped"] for s in h] == [False, True, False, False]
         assert all(torch.isfinite(v).all() for s in h for v in s["params"].values())
+
+
+def _qgz_under_a_growing_loss_scale():
+    """fp16 qgZ three ways: a static loss scale; a dynamic one that doubles after every step (window 1); the same
+    with the residuals' rescaling switched off."""
+    from ds_zero._stage3 import FullyShardedParams
+
+    fp16 = {"enabled": True, "auto_cast": True, "initial_scale_power": 8, "hysteresis": 1}
+    static = dict(stage=3, steps=6, cfg_extra=_z(QGZ, fp16={**fp16, "loss_scale": 2.0 ** 8}))
+    growing = dict(stage=3, steps=6, cfg_extra=_z(QGZ, fp16={**fp16, "loss_scale_window": 1}))
+    out = run_scenarios([static, growing])
+    real = FullyShardedParams.rescale_error_feedback
+    FullyShardedParams.rescale_error_feedback = lambda self, factor: None
+    try:
+        out.append(run_engine(**growing))
+    finally:
+        FullyShardedParams.rescale_error_feedback = real
+    return out
+
+
+def test_qgz_residuals_follow_a_change_of_the_fp16_loss_scale():
+    """qgZ's residuals are kept in loss-scaled units. When the dynamic scale doubles (here after every step) they
+    must be doubled too, or the next step adds back half the error it owes: the run with a growing scale then
+    follows the static-scale run (power-of-two scales change no quantization code), and with the rescaling
+    switched off it drifts measurably further from it."""
+    for static, growing, unscaled in run_distributed(_qgz_under_a_growing_loss_scale, 2, timeout=120):
+        assert not any(s["skipped"] for s in static + growing + unscaled)
+
+        def distance(a, b):
+            return max(float((a[-1]["params"][k] - b[-1]["params"][k]).norm() / b[-1]["params"][k].norm())
+                       for k in b[-1]["params"])
+
+        followed, drifted = distance(growing, static), distance(unscaled, static)
+        assert followed <= 1e-3, followed
+        assert drifted > 10 * max(followed, 1e-6), (followed, drifted)
 
 
 def _zero_grad_mid_accumulation():
