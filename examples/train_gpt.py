@@ -511,6 +511,30 @@ def main(argv=None) -> None:
     beat("done")
 
 
+def check_update(engine, step: int, loss: float, skipped: bool, rank: int, save_dir: str) -> None:
+    """A non-finite loss (the same all-reduced value on every rank, so every rank decides alike): fine if the engine
+    refused the step, or if the update it made is finite (a loss that is inf only in its value, e.g. ``+ inf``,
+    has finite gradients); else the weights are poisoned: stop before a checkpoint can hold them."""
+    if skipped:
+        if rank == 0:
+            print(f"train_gpt: step {step}: the loss is {loss} on at least one rank; the engine refused the update "
+                  "(skipped step)", flush=True)
+        return
+    finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                 for p in engine.module.parameters())
+    flag = torch.tensor([1.0 if finite else 0.0], device=engine.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() == 1.0:
+        if rank == 0:
+            print(f"train_gpt: step {step}: the loss is {loss} on at least one rank, but the update the engine made "
+                  "is finite (finite gradients); going on", flush=True)
+        return
+    raise RuntimeError(
+        f"train_gpt: the loss at step {step} is {loss} (non-finite on at least one rank) and the engine applied "
+        f"a non-finite update: stopping before any checkpoint holds it (the latest in {save_dir} is still a "
+        "finite one; a restart resumes from it)")
+
+
 def save(engine, save_dir: str, client: dict, rank: int) -> None:
     """``engine.save_checkpoint``; a full disk (on any rank: the engine reports one rank's failure on every rank)
     ends the run with :data:`DISK_FULL_EXIT_CODE` and says so, instead of an error a launcher would restart into."""
@@ -590,16 +614,8 @@ def run(args, cfg, engine, position: DataPosition, val_set, beat, rank: int, wor
         step_loss, micro_steps = 0.0, 0
         step = engine.global_steps
         if not math.isfinite(losses[-1]):
-            # the same value on every rank (all-reduced), so every rank decides the same
-            if getattr(engine, "skipped_steps", 0) > skipped_before:
-                if rank == 0:
-                    print(f"train_gpt: step {step}: the loss is {losses[-1]} on at least one rank; the engine "
-                          "refused the update (skipped step)", flush=True)
-            else:
-                raise RuntimeError(
-                    f"train_gpt: the loss at step {step} is {losses[-1]} (non-finite on at least one rank) and the "
-                    f"engine applied the update: stopping before any checkpoint holds it (the latest in "
-                    f"{args.save_dir} is still a finite one; a restart resumes from it)")
+            check_update(engine, step, losses[-1], getattr(engine, "skipped_steps", 0) > skipped_before, rank,
+                         args.save_dir)
         elapsed = time.perf_counter() - start
         tok_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
         if bar is not None:

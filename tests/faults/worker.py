@@ -12,7 +12,8 @@ changes. Kinds, with ``step`` = the optimizer step (1-based) they belong to:
 - ``kill``: SIGKILL this rank right after step ``step`` (before that step's checkpoint, if one is due);
 - ``stop``: SIGSTOP this rank right after step ``step`` (a hang: nothing exits);
 - ``raise``: raise ``RuntimeError("injected fault")`` right after step ``step``;
-- ``nan`` / ``inf``: this rank's training loss of step ``step`` becomes NaN / +inf (before backward);
+- ``nan`` / ``inf``: this rank's training loss of step ``step`` is multiplied by NaN / +inf before backward (so
+  its gradients are non-finite too);
 - ``kill_in_save``: SIGKILL this rank in the middle of writing its first checkpoint file of step ``step`` (the
   bytes are written, the file is not renamed into place: a ``.tmp`` file is left behind);
 - ``save_error``: this rank's first checkpoint file of step ``step`` fails with ``OSError(EIO)``;
@@ -91,7 +92,8 @@ class FaultyEngine:
         if self._engine.module.training:
             f = self._take(("nan", "inf"), self._engine.global_steps + 1)
             if f is not None:
-                loss = loss * float("nan") if f["kind"] == "nan" else loss + float("inf")
+                # multiplied, so that the gradients are non-finite too (a loss + inf would have finite ones)
+                loss = loss * float(f["kind"])
         return loss
 
     def step(self):

@@ -1,7 +1,7 @@
 """Checkpoint faults in the main job: a write error on one rank, a full disk, a garbled ``latest`` file.
 
 Each must end in a named error on every rank, promptly (no rank waiting for a collective timeout), and must never
-turn into a restart loop. Behaviour that needs a ds-zero change is ``xfail(strict=True)`` (see the reasons).
+turn into a restart loop; a failed save leaves no unfinished step directory behind.
 """
 
 from __future__ import annotations
@@ -52,17 +52,12 @@ def test_a_full_disk_stops_the_job_without_restarts(disk_full):
     assert (run.save_dir / "latest").read_text().strip() == "global_step4"  # the last complete one
 
 
-@pytest.mark.xfail(strict=True, reason="needs ds-zero change: a save that failed (here: no space) leaves its "
-                                       "unfinished step directory; remove it when the save fails, or at the next "
-                                       "save or load of that directory")
 @pytest.mark.timeout(180)
 def test_a_full_disk_leaves_no_unfinished_step_directory(disk_full):
     assert disk_full.returncode == 74, disk_full
     assert sorted(p.name for p in disk_full.save_dir.iterdir() if p.is_dir()) == ["global_step4"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs ds-zero change: a 'latest' file that is not UTF-8 raises a bare "
-                                       "UnicodeDecodeError; it must be a CheckpointError naming the file")
 @pytest.mark.timeout(180)
 def test_a_latest_file_that_is_not_utf8_is_a_checkpoint_error_naming_it(tmp, disk_full):
     save_dir = tmp / "garbled"

@@ -3,9 +3,9 @@
 The torchft / torchelastic pattern (tests/faults/worker.py): a rank is killed at a step, killed halfway through
 writing a checkpoint, stopped (SIGSTOP), or gets a NaN loss; the job runs under ``ds-launch --max_restarts``;
 the recovered run must end bit-identical to the reference (same losses, same validation loss, same lr), each
-fault must have fired exactly once, and nothing may be left behind. Tests of behaviour that needs a ds-zero change are
-marked ``xfail(strict=True)``: they fail today, and will report XPASS (a failure) once the change lands, to be
-flipped then.
+fault must have fired exactly once, and nothing may be left behind (no temp file of the interrupted save). A
+non-finite loss on one rank is refused by the engine on every rank (ds-zero's fp32 skip), or else the main job
+stops before any checkpoint holds it.
 """
 
 from __future__ import annotations
@@ -47,58 +47,32 @@ def assert_same_as(run, reference):
 # One job, one fault per attempt (each fires on its attempt only, so the next attempt is the recovery):
 # attempt 0: rank 1 SIGKILLed right after step 7 -> resume from step 4;
 # attempt 1: rank 0 SIGKILLed halfway through writing its first file of step 8 -> step 8 is never committed,
-#            resume from step 4 again;
-# attempt 2: rank 1's loss of step 10 is NaN -> never applied silently (stopped before the step-12 save and
-#            resumed from step 8, or refused by the engine: see the NaN test).
+#            resume from step 4 again; attempt 2 runs clean to the end.
 SCHEDULE = [{"kind": "kill", "rank": 1, "step": 7, "attempt": 0},
-            {"kind": "kill_in_save", "rank": 0, "step": 8, "attempt": 1},
-            {"kind": "nan", "rank": 1, "step": 10, "attempt": 2}]
+            {"kind": "kill_in_save", "rank": 0, "step": 8, "attempt": 1}]
 
 
 @pytest.fixture(scope="module")
 def faulty(tmp):
-    return launch(tmp, "schedule", faults=SCHEDULE, launcher_args=["--max_restarts", "3"], timeout=240)
-
-
-def _engine_refused_nan(run) -> bool:
-    return "refused the update" in run.stdout
+    return launch(tmp, "schedule", faults=SCHEDULE, launcher_args=["--max_restarts", "2"], timeout=240)
 
 
 @pytest.mark.timeout(300)
 def test_every_fault_fired_once_and_the_job_recovered(faulty):
     run = faulty
     assert run.returncode == 0, run
-    assert [(f["kind"], f["attempt"]) for f in run.faults] == [("kill", 0), ("kill_in_save", 1), ("nan", 2)], run
+    assert [(f["kind"], f["attempt"]) for f in run.faults] == [("kill", 0), ("kill_in_save", 1)], run
     assert re.search(r"rank 1 \(pid \d+\) was killed by SIGKILL", run.stderr), run
     assert re.search(r"rank 0 \(pid \d+\) was killed by SIGKILL", run.stderr), run
+    assert "restarting all processes (restart 2 of 2)" in run.stderr
     assert run.stdout.count("resumed from step 4") == 2, run  # step 8 was never committed, so never chosen
 
 
 @pytest.mark.timeout(300)
 def test_the_recovered_run_is_bit_identical_to_the_fault_free_one(faulty, reference):
-    if _engine_refused_nan(faulty):
-        pytest.skip("the engine refused the NaN step: one update fewer than the reference (checked below)")
     assert_same_as(faulty, reference)
 
 
-@pytest.mark.timeout(300)
-def test_nan_loss_on_one_rank_is_never_applied_silently(faulty, reference):
-    """Either the engine refuses the step on every rank (the run goes on, the step is named), or the main job stops
-    before any checkpoint holds the NaN and the restart resumes from the last finite one."""
-    run = faulty
-    assert run.returncode == 0, run
-    if _engine_refused_nan(run):
-        assert "step 10: the loss is nan on at least one rank; the engine refused the update" in run.stdout
-        assert all(math.isfinite(x) for i, x in enumerate(run.metrics["losses"], 1) if i != 10)
-    else:
-        assert "the loss at step 10 is nan (non-finite on at least one rank) and the engine applied the update" \
-            in run.output, run
-        assert "resumed from step 8" in run.stdout, run
-    assert math.isfinite(run.metrics["final_val_loss"])
-
-
-@pytest.mark.xfail(strict=True, reason="needs ds-zero change: temp files of a save interrupted by a kill are left "
-                                       "forever; clean <tag>/*.tmp-* (and uncommitted tags) at the next save or load")
 @pytest.mark.timeout(300)
 def test_no_tmp_files_left_after_a_kill_during_a_save(faulty):
     assert faulty.returncode == 0, faulty
@@ -130,12 +104,37 @@ def test_stopped_rank_fails_the_others_by_the_collective_timeout(tmp):
     assert run.seconds < 60, run
 
 
-@pytest.mark.xfail(strict=True, reason="needs ds-zero change: in fp32 a non-finite loss/gradient on one rank must "
-                                       "make every rank skip the step before the update (as bf16/fp16 do)")
+# rank 1's loss of step 3 times NaN, rank 0's of step 5 times +inf: non-finite gradients on one rank each time
+NON_FINITE = [{"kind": "nan", "rank": 1, "step": 3}, {"kind": "inf", "rank": 0, "step": 5}]
+
+
+@pytest.fixture(scope="module")
+def non_finite(tmp):
+    return launch(tmp, "non-finite", faults=NON_FINITE, launcher_args=["--max_restarts", "1"])
+
+
 @pytest.mark.timeout(120)
-def test_fp32_engine_skips_a_non_finite_step_on_every_rank(tmp):
-    run = launch(tmp, "nan-skip", faults=[{"kind": "nan", "rank": 1, "step": 3}, {"kind": "inf", "rank": 0, "step": 5}])
+def test_a_non_finite_loss_on_one_rank_is_never_applied_silently(non_finite):
+    """Either the engine refuses the step on every rank (the run goes on, the step is named), or the main job stops
+    before any checkpoint holds a non-finite weight and the restart resumes from the last finite one."""
+    run = non_finite
     assert run.returncode == 0, run
-    assert "step 3: the loss is nan on at least one rank; the engine refused the update" in run.stdout
-    assert "step 5: the loss is inf on at least one rank; the engine refused the update" in run.stdout
+    assert run.faults and run.faults[0]["kind"] == "nan"
+    if "step 3: the loss is nan on at least one rank; the engine refused the update" not in run.stdout:
+        assert "the loss at step 3 is nan (non-finite on at least one rank) and the engine applied a non-finite " \
+               "update" in run.output, run
+        assert "resumed from step" in run.stdout or "restarting all processes" in run.stderr, run
+    assert math.isfinite(run.metrics["final_val_loss"])
+
+
+@pytest.mark.timeout(120)
+def test_fp32_engine_skips_a_non_finite_step_on_every_rank(non_finite):
+    """ds-zero refuses a step whose gradients are non-finite on any rank, in fp32 too, on every rank together."""
+    run = non_finite
+    assert run.returncode == 0, run
+    assert [f["kind"] for f in run.faults] == ["nan", "inf"]
+    assert "step 3: the loss is nan on at least one rank; the engine refused the update" in run.stdout, run
+    assert "step 5: the loss is inf on at least one rank; the engine refused the update" in run.stdout, run
+    assert "restarting" not in run.stderr
     assert all(math.isfinite(x) for i, x in enumerate(run.metrics["losses"], 1) if i not in (3, 5))
+    assert math.isfinite(run.metrics["final_val_loss"])

@@ -49,37 +49,39 @@ def _schedule_lr(tmp, lr, steps):
     return opt.param_groups[0]["lr"]
 
 
-@pytest.mark.timeout(240)
-def test_more_steps_and_a_new_lr_rebuild_the_schedule_at_the_checkpoints_step(tmp):
-    save_dir = tmp / "longer"
-    short = launch(tmp, "short", steps=8, save_dir=save_dir)
-    assert short.returncode == 0, short
-    floor = short.metrics["lr"]  # the end of the 8-step cosine: its floor
-    longer = launch(tmp, "longer", steps=12, save_dir=save_dir, args=["--config", _config(tmp, 0.001)])
-    assert longer.returncode == 0, longer
-    assert longer.metrics["resumed_from"] == 8 and longer.metrics["steps"] == 12
-    line = next(l for l in longer.stdout.splitlines() if "with settings that differ from the checkpoint's" in l)
+@pytest.fixture(scope="module")
+def resumed(tmp):
+    """8 steps on 2 ranks (checkpoints at 4 and 8), then resumed on 3 ranks with --steps 12 and lr 0.001."""
+    save_dir = tmp / "resume"
+    first = launch(tmp, "first", steps=8, save_dir=save_dir)
+    assert first.returncode == 0, first
+    second = launch(tmp, "second", nproc=3, steps=12, save_dir=save_dir, args=["--config", _config(tmp, 0.001)])
+    assert second.returncode == 0, second
+    return first, second
+
+
+@pytest.mark.timeout(300)
+def test_more_steps_and_a_new_lr_rebuild_the_schedule_at_the_checkpoints_step(tmp, resumed):
+    first, second = resumed
+    assert second.metrics["resumed_from"] == 8 and second.metrics["steps"] == 12
+    line = next(l for l in second.stdout.splitlines() if "with settings that differ from the checkpoint's" in l)
     assert "scheduler total_num_steps 8 -> 12 (--steps)" in line, line
     assert "scheduler peak_lrs 0.002 -> 0.001 (the config's optimizer lr)" in line, line
     assert "lr at step 8 " in line
     # the final lr is the 12-step schedule's (with lr 0.001) at step 12, not the old schedule's floor: the same
     # closed-form schedule, built here from the same config and stepped 12 times, gives it bit for bit
-    assert longer.metrics["lr"] == _schedule_lr(tmp, 0.001, steps=12) != floor
-    # the first 8 losses are the short run's (from the checkpoint), and training went on after them
-    assert longer.metrics["losses"][:8] == short.metrics["losses"] and len(longer.metrics["losses"]) == 12
+    assert second.metrics["lr"] == _schedule_lr(tmp, 0.001, steps=12) != first.metrics["lr"]
+    # the first 8 losses are the first run's (from the checkpoint), and training went on after them
+    assert second.metrics["losses"][:8] == first.metrics["losses"] and len(second.metrics["losses"]) == 12
 
 
-@pytest.mark.timeout(240)
-def test_another_world_size_resumes_the_data_position_and_says_what_changed(tmp):
-    save_dir = tmp / "world"
-    two = launch(tmp, "world2", steps=8, save_dir=save_dir, args=["--stop-at", "4"])
-    assert two.returncode == 0 and two.metrics["steps"] == 4, two
-    three = launch(tmp, "world3", nproc=3, steps=8, save_dir=save_dir)
-    assert three.returncode == 0, three
-    assert three.metrics["resumed_from"] == 4 and three.metrics["world_size"] == 3
+@pytest.mark.timeout(300)
+def test_another_world_size_resumes_the_data_position_and_says_what_changed(resumed):
+    _, second = resumed
+    assert second.metrics["world_size"] == 3
     assert ("the checkpoint was written by 2 rank(s) with micro-batch 8 x 1 accumulation (global batch 16); this run "
-            "has 3 rank(s) with 8 x 1 (global batch 24). The data position is kept in samples: epoch 0, 64 of "
-            ) in three.stdout, three
+            "has 3 rank(s) with 8 x 1 (global batch 24). The data position is kept in samples: epoch 0, 128 of "
+            ) in second.stdout, second
 
 
 class _Windows:
