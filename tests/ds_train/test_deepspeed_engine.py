@@ -187,6 +187,19 @@ def _single_process(config_path):
     with pytest.raises(ValueError, match="'module'"):
         engine.load_module_state_dict({"fc1.weight": 1})
 
+    # ZeRO-2 in bf16: load_state_dict reaches the fp32 masters (the next step starts from the loaded weights),
+    # and get_global_grad_norm() is the norm of the step's gradient before clipping
+    cfg = {"train_batch_size": 2, "bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": 1e-4,
+           "zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+    engine, *_ = ds_train.initialize(model=Model(), config=cfg)
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    assert engine.get_global_grad_norm() > 1e-4
+    engine.load_state_dict({k: torch.full_like(v, 0.25) for k, v in engine.state_dict().items()})
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()  # lr 0: the params are the masters cast back, so they show what the masters hold
+    assert torch.equal(engine.module.fc1.weight, torch.full_like(engine.module.fc1.weight, 0.25))
+
     # scale_wrt_gas=False: the loss's own gradient accumulates (here twice the default's update)
     def update(scale_wrt_gas):
         torch.manual_seed(1)
