@@ -12,6 +12,12 @@ gradient copy is kept. Gradient storage lives for one accumulation window, so be
 between backward and step, AdamW's two states; plus the persistent params' 2 + 16 bytes each, whole on every
 rank). All plus the padding. The 16-bit params FSDP2 gathers for a unit's forward and backward are transient
 (one unit at a time plus prefetch) and not counted.
+
+Where the bytes are: ``device`` + ``host`` = ``total``. With ``offload_optimizer`` the fp32 masters and the
+optimizer states are host bytes (they live in the offload policy's CPU tensors, also on a CPU-only machine where
+"device" is the CPU too); without it, a storage is a host byte only when it is on the CPU while the engine's
+device is not. ``offload_buffers`` (not part of ``total``, not a model state): the host staging of the reduced
+grads and CPUAdam's 16-bit copy-out, pinned with ``pin_memory`` -- 2 + 2 bytes per element of this rank's shard.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
 def model_state_bytes(engine) -> dict[str, int]:
     seen: set[tuple[int, int]] = set()
     out = {"params": 0, "grads": 0, "master_params": 0, "optimizer_states": 0}
+    where = {"device": 0, "host": 0}
+    offloaded = getattr(engine, "offload", None) is not None
+    on_cpu_engine = engine.device.type == "cpu"
 
     def add(kind: str, t: torch.Tensor | None) -> None:
         if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
@@ -36,6 +45,9 @@ def model_state_bytes(engine) -> dict[str, int]:
             return
         seen.add(key)
         out[kind] += key[1]
+        host = (offloaded and kind in ("master_params", "optimizer_states")) or (
+            t.device.type == "cpu" and not on_cpu_engine)
+        where["host" if host else "device"] += key[1]
 
     masters = set()
     if engine.masters is not None:
@@ -69,4 +81,9 @@ def model_state_bytes(engine) -> dict[str, int]:
         for t in buffers["states"]:
             add("optimizer_states", t)
     out["total"] = sum(out.values())
+    out.update(where)
+    out["offload_buffers"] = 0
+    if offloaded and engine.masters is not None:
+        staged = {_storage_key(t) for t in engine.masters.host_buffers(engine.optimizer) if t.numel()}
+        out["offload_buffers"] = sum(nbytes for _, nbytes in staged)
     return out

@@ -29,6 +29,7 @@ __all__ = [
     "BF16Config",
     "ZeroConfig",
     "GradientCompressionConfig",
+    "OffloadOptimizerConfig",
     "EngineConfig",
     "NOT_BUILT",
 ]
@@ -168,6 +169,42 @@ def _stage3_aliases(data: Any) -> Any:
     return data
 
 
+class OffloadOptimizerConfig(StrictModel):
+    """``zero_optimization.offload_optimizer`` (ZeRO-Offload): the fp32 masters and the optimizer states live in
+    host memory and the optimizer steps on the CPU (``ds_zero._offload``). Built: ``device: "cpu"`` at stages 1
+    and 2 (and stage 0 with fp16/bf16). ``pin_memory`` pins the host buffers that cross PCIe (the gradient
+    staging and the 16-bit copy-out) when the model is on CUDA. ``buffer_count`` and ``fast_init`` only matter
+    for NVMe in DeepSpeed: accepted, no effect. NVMe (``device: "nvme"``, ``nvme_path``), partial offload
+    (``ratio`` < 1) and the pipelined NVMe reads/writes are not built: errors naming the key."""
+
+    device: Literal["cpu"] = "cpu"
+    pin_memory: bool = False
+    buffer_count: PositiveInt = 4
+    fast_init: bool = False
+
+    not_built_keys: ClassVar[dict[str, Any]] = {
+        "nvme_path": None,
+        "ratio": 1.0,
+        "pipeline_read": False,
+        "pipeline_write": False,
+        "pipeline": False,
+    }
+    not_built_hint: ClassVar[dict[str, str]] = {
+        "nvme_path": "NVMe offload (ZeRO-Infinity) is not built",
+        "ratio": "partial offload is not built: the whole optimizer state goes to the CPU (ratio 1.0)",
+    }
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        if value == "nvme":
+            raise ValueError("offload_optimizer.device = 'nvme' is not supported yet by ds-zero: NVMe offload "
+                             "(ZeRO-Infinity) is not built; use \"cpu\"")
+        if value != "cpu":
+            raise ValueError(f"offload_optimizer.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
+        return value
+
+
 class ZeroConfig(StrictModel):
     """``zero_optimization``: stages 0-3 with DeepSpeed's bucket keys (sizes in *elements*, not bytes).
 
@@ -192,6 +229,11 @@ class ZeroConfig(StrictModel):
     use_multi_rank_bucket_allreduce: bool = True
     sub_group_size: PositiveInt = 1_000_000_000
     elastic_checkpoint: bool = False
+    #: ZeRO-Offload (stages 1/2, and 0 with fp16/bf16); ``cpu_offload: true`` is DeepSpeed's legacy spelling of
+    #: ``offload_optimizer: {device: cpu, pin_memory: cpu_offload_use_pin_memory}`` and is folded onto it
+    offload_optimizer: OffloadOptimizerConfig | None = None
+    cpu_offload: bool = False
+    cpu_offload_use_pin_memory: bool = False
     # -- stage 3 (DeepSpeed's names without the stage3_ prefix; both spellings accepted) --------------
     prefetch_bucket_size: NonNegativeInt = 50_000_000
     param_persistence_threshold: NonNegativeInt = 100_000
@@ -209,11 +251,8 @@ class ZeroConfig(StrictModel):
     zero_quantized_gradients: bool = False
 
     not_built_keys: ClassVar[dict[str, Any]] = {
-        "offload_optimizer": None,
         "offload_param": None,
-        "cpu_offload": False,
         "cpu_offload_param": False,
-        "cpu_offload_use_pin_memory": False,
         "zero_quantized_nontrainable_weights": False,
         "mics_shard_size": -1,
         "mics_hierarchical_params_gather": False,
@@ -226,8 +265,8 @@ class ZeroConfig(StrictModel):
         **_STAGE3_REFUSED,
     }
     not_built_hint: ClassVar[dict[str, str]] = {
-        "offload_optimizer": "CPU/NVMe optimizer offload is not built",
         "offload_param": "parameter offload (ZeRO-3) is not built",
+        "cpu_offload_param": "parameter offload (ZeRO-3) is not built",
         "module_granularity_threshold": "stage-3 shard units are chosen by module class (zero_optimization."
                                         "shard_units), not by a size threshold",
         "use_all_reduce_for_fetch_params": "stage 3 gathers params with FSDP2's all-gather",
@@ -285,6 +324,21 @@ class ZeroConfig(StrictModel):
                 raise ValueError(f"shard_units only applies to stage 3, got stage {self.stage}")
         return self
 
+    @model_validator(mode="after")
+    def _legacy_cpu_offload(self) -> "ZeroConfig":
+        if self.cpu_offload:
+            if self.offload_optimizer is not None:
+                raise ValueError("both cpu_offload (DeepSpeed's legacy key) and offload_optimizer are set; keep "
+                                 "offload_optimizer")
+            self.offload_optimizer = OffloadOptimizerConfig(device="cpu", pin_memory=self.cpu_offload_use_pin_memory)
+        elif self.cpu_offload_use_pin_memory:
+            raise ValueError("cpu_offload_use_pin_memory only applies with cpu_offload: true; with offload_optimizer "
+                             "use offload_optimizer.pin_memory")
+        if self.offload_optimizer is not None and self.stage == 3:
+            raise ValueError("offload_optimizer at zero_optimization.stage 3 is not supported yet by ds-zero (CPU "
+                             "offload is built for stages 1 and 2, and stage 0 with fp16/bf16)")
+        return self
+
     @property
     def overlap(self) -> bool:
         """``overlap_comm`` resolved as DeepSpeed does: unset means on only for stage 3 (so off here)."""
@@ -333,7 +387,7 @@ class EngineConfig(StrictModel):
     gradient_compression: GradientCompressionConfig = Field(default_factory=GradientCompressionConfig)
     communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
     zero_allow_untested_optimizer: bool = True  # any torch.optim.Optimizer works here; accepted, no effect
-    zero_force_ds_cpu_optimizer: bool = False  # only matters with offload (not built); accepted, no effect
+    zero_force_ds_cpu_optimizer: bool = False  # accepted, no effect: offload maps Adam/AdamW to CPUAdam anyway
 
     not_built_keys: ClassVar[dict[str, Any]] = _TOP_NOT_BUILT
 
@@ -368,6 +422,11 @@ class EngineConfig(StrictModel):
                 f'gradient_compression.type "{kind}" (quantized reduce-scatter) needs zero_optimization.stage 1 '
                 'or 2; for stage 0 use "onebit"'
             )
+        if self.zero_optimization.offload_optimizer is not None and stage == 0 and not (
+                self.fp16.enabled or self.bf16.enabled):
+            raise ValueError("zero_optimization.offload_optimizer at stage 0 needs fp16 or bf16 (there the engine "
+                             "keeps fp32 masters it can move to the CPU; an fp32 stage-0 run steps the model's own "
+                             "params); use stage 1 or 2")
         if kind != "none" and self.communication_data_type is not None:
             raise ValueError("communication_data_type and gradient_compression cannot both be set")
         return self

@@ -33,6 +33,7 @@ from ._buckets import Bucket, assign_buckets
 from ._clip import clip_coefficient, clip_grads_, global_grad_norm
 from ._memory import model_state_bytes
 from ._mode import OptimizerMode
+from ._offload import CPUOffload
 from ._optim import OptimizerArg, bind_scheduler, materialize_optimizer, rebuild_optimizer
 from ._partition import DataParallelShards, GradShards, Masters, Replicated
 from ._precision import Precision
@@ -120,6 +121,8 @@ class ZeroEngine:
         if compressed:
             check_compressed(self, user_opt)  # stage 0 in fp32 only: compressed implies the direct mode
         self.mode = OptimizerMode.decide(self.stage, self.precision.mixed, compressed)
+        #: ZeRO-Offload (``offload_optimizer``): masters, states and the step on the CPU (``_offload``); None: off
+        self.offload = CPUOffload.from_config(config, self.stage, self.mode.name, self.device, self.precision.dtype)
         named = self._trainable(user_opt)
         self._num_groups = len(user_opt.param_groups)
         self.masters: Masters | None = None
@@ -142,8 +145,8 @@ class ZeroEngine:
         else:
             self._build_masters(zero.load_from_fp32_weights)
             self.grad_shards = GradShards(self.buckets, self._num_groups, self.device, self._reduce_dtype())
-            self.optimizer = rebuild_optimizer(
-                user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
+            rebuild = self.offload.rebuild_optimizer if self.offload is not None else rebuild_optimizer
+            self.optimizer = rebuild(user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
         self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
         self.reducer = self._build_reducer()
         self.reducer.attach()
@@ -189,7 +192,10 @@ class ZeroEngine:
             sources = [[p.detach() for p in b.params] for b in self.buckets]
         else:  # masters from the model-dtype weights (DeepSpeed's load_from_fp32_weights=false)
             sources = [[p.detach().to(dtype) for p in b.params] for b in self.buckets]
-        self.masters = Masters(self.buckets, self._num_groups, self.device, sources)
+        if self.offload is not None:  # the same masters, in host memory
+            self.masters = self.offload.build_masters(self.buckets, self._num_groups, sources)
+        else:
+            self.masters = Masters(self.buckets, self._num_groups, self.device, sources)
         del sources
         if self.precision.mixed:
             self.module.to(dtype)

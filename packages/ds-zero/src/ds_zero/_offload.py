@@ -1,0 +1,183 @@
+"""ZeRO-Offload: the fp32 masters and the optimizer states in host memory, the optimizer step on the CPU.
+
+``zero_optimization.offload_optimizer: {device: "cpu", pin_memory}`` (or DeepSpeed's legacy ``cpu_offload:
+true``) at stages 1 and 2, and at stage 0 with fp16/bf16 -- the *masters* mode (``_mode``), where the engine
+already keeps this rank's fp32 master shards in one object, :class:`~._partition.Masters`. Offload is that
+object placed on the CPU (:class:`OffloadedMasters`); nothing else of the loop changes:
+
+1. backward and the reductions run on the device as without offload (stage 2 reduce-scatters every micro-step,
+   stage 1 at the boundary), leaving this rank's reduced 16-bit gradient shards on the device;
+2. the engine's overflow check and global norm read those device shards, so the fp16 skip (agreed across
+   ranks) and clipping are decided exactly as without offload, before anything moves;
+3. :meth:`OffloadedMasters.step` copies the reduced shards device -> host (16-bit, into host staging buffers,
+   pinned when the model is on CUDA and ``pin_memory`` is true) and steps the CPU masters with the same
+   ``scale`` (average over ranks x 1/loss-scale x clipping coefficient) the device step would use;
+4. :meth:`OffloadedMasters.write_params` copies the new params host -> device into each bucket's flat 16-bit
+   storage -- from ``ds_optim.CPUAdam``'s fused 16-bit copy-out when it ran (the kernel wrote the rounding of
+   each new master in the same pass, bit-identical to ``tensor.to(bf16)``), else by casting the masters --
+   and the sharding policy all-gathers as usual (stages 1/2).
+
+Which optimizer runs on the CPU (:meth:`CPUOffload.rebuild_optimizer`): an Adam-family optimizer
+(``torch.optim.Adam``/``AdamW``, ``ds_optim.FusedAdam``/``FusedAdamW``/``CPUAdam``) becomes ``ds_optim.CPUAdam``
+with its hyper-parameters per group (DeepSpeed maps Adam to ``DeepSpeedCPUAdam`` under offload the same way);
+``amsgrad`` is refused (CPUAdam has none). Any other class is rebuilt as given over the CPU masters (a torch
+optimizer then steps on the CPU with torch's kernels, a ds-optim one with its Numba CPU kernels), and the new
+params are cast into the device storage. Checkpoints need nothing new: the masters and states are the same
+tensors as without offload, only on the CPU, and ``CPUAdam`` belongs to the Adam family that loads across.
+
+Not built here (refused by the config, naming the key): NVMe, ``offload_param``, stage 3, ``ratio`` < 1, the
+speculative/overlapped step and 16-bit CPU states. The step is synchronous: copies, then the CPU step, then
+copies back.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ._buckets import Bucket
+from ._partition import Masters
+
+logger = logging.getLogger("ds_zero")
+
+#: ds-optim backends that run on a GPU: a template asking for one cannot step CPU masters
+_GPU_BACKENDS = ("cupy", "numba-cuda")
+#: torch/ds-optim group keys that CPUAdam does not take (they select kernels, not the update)
+_DROPPED_KEYS = ("params", "param_names", "foreach", "fused", "capturable", "differentiable",
+                 "decoupled_weight_decay", "amsgrad", "backend")
+
+
+class CPUOffload:
+    """The offload policy of one engine: where the host tensors are, whether they are pinned, and which
+    optimizer steps them (see the module docstring)."""
+
+    def __init__(self, device: torch.device, pin_memory: bool, copy_dtype: torch.dtype | None) -> None:
+        self.device = device
+        # pinned memory only exists beside a CUDA device (and is only useful for its DMA copies)
+        self.pin = bool(pin_memory) and device.type == "cuda"
+        #: the 16-bit dtype CPUAdam writes its copy-out in (None: an fp32 model, masters copied as they are)
+        self.copy_dtype = copy_dtype
+        #: CPU optimizer steps taken (skipped steps do not count): what the tests read to see the path ran
+        self.cpu_steps = 0
+        self.masters: OffloadedMasters | None = None
+
+    @classmethod
+    def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
+                    model_dtype: torch.dtype) -> CPUOffload | None:
+        off = config.zero_optimization.offload_optimizer
+        if off is None:
+            return None
+        if mode_name != "masters":  # the config refuses stage 3 and fp32 stage 0 already; this is the backstop
+            raise ValueError(f"zero_optimization.offload_optimizer needs the engine's fp32 masters (stages 1/2, or "
+                             f"stage 0 with fp16/bf16); this engine steps in mode {mode_name!r} (stage {stage})")
+        copy_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
+        return cls(device, off.pin_memory, copy_dtype)
+
+    def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:
+        self.masters = OffloadedMasters(buckets, num_groups, fp32_sources, self)
+        return self.masters
+
+    def rebuild_optimizer(self, template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]]):
+        """The optimizer over the CPU masters: CPUAdam for the Adam family, else the template's class."""
+        from ds_optim import CPUAdam, FlatOptimizer, FusedAdam
+
+        from ._optim import rebuild_optimizer
+
+        if not isinstance(template, (torch.optim.Adam, torch.optim.AdamW, FusedAdam)):
+            backend = getattr(template, "backend_request", None)
+            if isinstance(template, FlatOptimizer) and backend in _GPU_BACKENDS:
+                raise ValueError(f"zero_optimization.offload_optimizer steps the masters on the CPU, but the "
+                                 f"{type(template).__name__} was built with backend={backend!r} (a GPU backend); "
+                                 "build it without backend= or with backend='numba'")
+            logger.info("ds_zero: offload_optimizer: %s is not an Adam-family optimizer; it steps the CPU masters "
+                        "as given (no fused 16-bit copy-out)", type(template).__name__)
+            return rebuild_optimizer(template, group_params)
+        groups = []
+        for src, params in zip(template.param_groups, group_params):
+            if not params:
+                continue
+            if src.get("amsgrad"):
+                raise ValueError("zero_optimization.offload_optimizer: amsgrad=True is not supported by the CPU "
+                                 "optimizer (ds_optim.CPUAdam); build the optimizer without amsgrad")
+            group = {k: v for k, v in src.items() if k not in _DROPPED_KEYS}
+            group["adam_w_mode"] = _adam_w_mode(template, src)
+            group.setdefault("bias_correction", True)
+            group.setdefault("maximize", False)
+            group["params"] = params
+            groups.append(group)
+        if not groups:
+            raise ValueError("the optimizer has no trainable parameters (every param is frozen or in no group)")
+        d = template.defaults
+        return CPUAdam(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
+                       weight_decay=d.get("weight_decay", 0.0), adamw_mode=_adam_w_mode(template, d),
+                       bias_correction=d.get("bias_correction", True), copy_dtype=self.copy_dtype,
+                       pin_memory=self.pin)
+
+
+def _adam_w_mode(template: torch.optim.Optimizer, group: dict) -> bool:
+    """Decoupled weight decay (AdamW) or an L2 term added to the grad (Adam), as the template means it."""
+    from ds_optim import FusedAdam
+
+    if isinstance(template, FusedAdam):  # FusedAdam(W) and CPUAdam carry adam_w_mode in their groups
+        return bool(group.get("adam_w_mode", True))
+    if isinstance(template, torch.optim.AdamW):  # (a subclass of Adam in recent torch: test it first)
+        return True
+    return bool(group.get("decoupled_weight_decay", False))  # torch.optim.Adam(decoupled_weight_decay=...)
+
+
+class OffloadedMasters(Masters):
+    """:class:`Masters` on the CPU, stepped from host copies of the reduced gradient shards, written back to
+    the device from the CPU optimizer's 16-bit copy-out (see the module docstring)."""
+
+    def __init__(self, buckets: list[Bucket], num_groups: int, fp32_sources, offload: CPUOffload) -> None:
+        # the originals may be on the device: Masters copies each into its host shard (copy_ crosses devices)
+        super().__init__(buckets, num_groups, torch.device("cpu"), fp32_sources)
+        self.offload = offload
+        #: host staging of the reduced grads, one flat buffer per group with trainable params (made at the
+        #: first step in the reduction's dtype and kept: pinning is expensive, so they are not re-allocated)
+        self.host_grads: list[torch.Tensor] = []
+        # the optimizer whose copy-out holds the params of the last step (None: cast the masters instead, as
+        # after a load or refresh, or for an optimizer without copy-out)
+        self._copy_from = None
+
+    def _to_host(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(self.host_grads) != len(grads) or any(
+                h.numel() != g.numel() or h.dtype != g.dtype for h, g in zip(self.host_grads, grads)):
+            self.host_grads = [torch.empty(g.numel(), dtype=g.dtype, pin_memory=self.offload.pin) for g in grads]
+        for h, g in zip(self.host_grads, grads):
+            # non_blocking only into pinned memory (else torch copies synchronously anyway)
+            h.copy_(g.reshape(-1), non_blocking=self.offload.pin)
+        if self.offload.pin:
+            torch.cuda.current_stream(self.offload.device).synchronize()  # the CPU step reads them next
+        return self.host_grads
+
+    def step(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float) -> None:
+        from ds_optim import CPUAdam
+
+        super().step(optimizer, self._to_host(grads), scale)
+        self.offload.cpu_steps += 1
+        copies = isinstance(optimizer, CPUAdam) and optimizer.copy_dtype is not None
+        self._copy_from = optimizer if copies else None
+
+    @torch.no_grad()
+    def write_params(self) -> None:
+        """Host -> device: each bucket's shard of the new params into its flat storage. Right after a CPUAdam
+        step, from its 16-bit copy-out (no second pass over the fp32 masters); otherwise the masters, cast."""
+        optimizer, self._copy_from = self._copy_from, None
+        if optimizer is None:
+            super().write_params()
+            return
+        copies = [None if p is None else optimizer.copy_of(p) for p in self.params]
+        for bucket in self.buckets:
+            copy = copies[bucket.group_index]
+            bucket.write_param_shard(copy[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
+
+    def host_buffers(self, optimizer) -> list[torch.Tensor]:
+        """The host tensors that cross the bus: the grad staging and CPUAdam's 16-bit copy-out."""
+        from ds_optim import CPUAdam
+
+        out = list(self.host_grads)
+        if isinstance(optimizer, CPUAdam):
+            out += optimizer.flat_copies()
+        return out
