@@ -140,6 +140,8 @@ class OffloadedMasters(Masters):
         # the optimizer whose copy-out holds the params of the last step (None: cast the masters instead, as
         # after a load or refresh, or for an optimizer without copy-out)
         self._copy_from = None
+        #: write-backs served from CPUAdam's copy-out (the tests read it to see that path ran)
+        self.copy_out_writes = 0
 
     def _to_host(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(self.host_grads) != len(grads) or any(
@@ -169,6 +171,7 @@ class OffloadedMasters(Masters):
             super().write_params()
             return
         copies = [None if p is None else optimizer.copy_of(p) for p in self.params]
+        self.copy_out_writes += 1
         for bucket in self.buckets:
             copy = copies[bucket.group_index]
             bucket.write_param_shard(copy[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
