@@ -1,0 +1,98 @@
+"""The DeepSpeed JSON keys ds-pipe's engine reads, validated (frozen dataclass, no asserts).
+
+Batch keys follow DeepSpeed: ``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps
+* data_parallel_size``; any two give the third; the pipeline runs ``gradient_accumulation_steps`` micro-batches
+per ``train_batch``. ``pipeline.schedule`` picks torch's schedule (``"1f1b"`` default, as DeepSpeed's only one,
+or ``"gpipe"``). DeepSpeed's other ``pipeline`` keys are accepted with the meaning noted at ``_PIPELINE_KEYS``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PipeConfig", "SCHEDULES_BUILT", "SCHEDULES_NOT_BUILT"]
+
+SCHEDULES_BUILT = ("1f1b", "gpipe")
+# torch has these; ds-pipe 0.1.0 does not wire them (they need several stages per rank or split backward)
+SCHEDULES_NOT_BUILT = ("interleaved", "looped_bfs", "zero_bubble", "zbv", "dualpipev")
+
+_TOP_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "pipeline",
+             "steps_per_print", "wall_clock_breakdown"}
+_PIPELINE_KEYS = {
+    "schedule",                        # ds-pipe's: which torch schedule runs the micro-batches
+    "stages",                          # DeepSpeed: "auto" (the module's num_stages) or that same number
+    "partition",                       # DeepSpeed: "best"/"uniform"/...; the module's partition_method rules
+    "seed_layers",                     # DeepSpeed reads these two from the module's arguments too; a value
+    "activation_checkpoint_interval",  # differing from the module's is an error, not silently ignored
+    "pipe_partitioned",                # DeepSpeed's activation/grad sharding over tensor-parallel ranks: with
+    "grad_partitioned",                # no model axis (0.1.0) there is nothing to shard; accepted as no-ops
+}
+_NOT_HERE = {"zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "gradient_clipping"}
+
+
+def _unknown(key: str, known: set[str], where: str) -> ValueError:
+    hint = difflib.get_close_matches(key, sorted(known), n=1)
+    if key in _NOT_HERE:
+        return ValueError(f"config key {key!r}: ds-pipe 0.1.0's engine runs fp32 with the optimizer you pass; "
+                          f"{key!r} (ZeRO, mixed precision, optimizer/scheduler sections, clipping) with a "
+                          f"pipeline is not built yet")
+    return ValueError(f"unknown {where} key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+@dataclass(frozen=True)
+class PipeConfig:
+    micro_batches: int
+    micro_batch_size: int | None
+    schedule: str
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any] | None, dp_size: int, module: Any) -> "PipeConfig":
+        config = dict(config or {})
+        for key in config:
+            if key not in _TOP_KEYS:
+                raise _unknown(key, _TOP_KEYS, "config")
+        pipe = dict(config.get("pipeline") or {})
+        for key in pipe:
+            if key not in _PIPELINE_KEYS:
+                raise _unknown(key, _PIPELINE_KEYS, "'pipeline'")
+        schedule = str(pipe.get("schedule", "1f1b")).lower()
+        if schedule in SCHEDULES_NOT_BUILT:
+            raise NotImplementedError(f"pipeline.schedule={schedule!r} is not built in ds-pipe 0.1.0; built: "
+                                      f"{list(SCHEDULES_BUILT)}")
+        if schedule not in SCHEDULES_BUILT:
+            raise ValueError(f"pipeline.schedule={schedule!r}: use one of {list(SCHEDULES_BUILT)}")
+        stages = pipe.get("stages", "auto")
+        if stages != "auto" and stages != module.num_stages:
+            raise ValueError(f"pipeline.stages={stages!r} but the PipelineModule has {module.num_stages} stages")
+        for key, have in (("seed_layers", module.seed_layers),
+                          ("activation_checkpoint_interval", module.activation_checkpoint_interval)):
+            if key in pipe and pipe[key] != have:
+                raise ValueError(f"pipeline.{key}={pipe[key]!r} but the PipelineModule was built with {have!r}; "
+                                 f"the module's argument is the one that acts, make them agree")
+
+        micro = config.get("train_micro_batch_size_per_gpu")
+        ga = config.get("gradient_accumulation_steps")
+        total = config.get("train_batch_size")
+        for name, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", ga),
+                            ("train_batch_size", total)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if ga is None:
+            if total is not None and micro is not None:
+                ga, rem = divmod(total, micro * dp_size)
+                if rem or ga < 1:
+                    raise ValueError(f"train_batch_size={total} is not train_micro_batch_size_per_gpu={micro} x "
+                                     f"a whole number of micro-batches x data-parallel size {dp_size}")
+            else:
+                ga = 1
+        if micro is None and total is not None:
+            micro, rem = divmod(total, ga * dp_size)
+            if rem or micro < 1:
+                raise ValueError(f"train_batch_size={total} is not divisible by gradient_accumulation_steps={ga} x "
+                                 f"data-parallel size {dp_size}")
+        if total is not None and micro is not None and total != micro * ga * dp_size:
+            raise ValueError(f"train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
+                             f"gradient_accumulation_steps={ga} x data-parallel size {dp_size}")
+        return cls(micro_batches=ga, micro_batch_size=micro, schedule=schedule)

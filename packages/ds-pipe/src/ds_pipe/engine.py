@@ -1,0 +1,261 @@
+"""The pipeline engine: DeepSpeed's ``train_batch`` / ``eval_batch`` on torch.distributed.pipelining.
+
+One ``train_batch(data_iter)``:
+
+1. the first and the last stage each take ``micro_batches`` ``(inputs, labels)`` pairs from their own
+   ``data_iter`` (DeepSpeed's data contract: the first stage uses the inputs, the last the labels), and every
+   rank agrees that loading worked (one scalar all-reduce) -- a rank whose iterator ran dry raises its own
+   error and the others raise naming it, instead of waiting forever in the schedule;
+2. torch's schedule (``Schedule1F1B`` by default, or ``ScheduleGPipe``) runs the micro-batches over a
+   ``PipelineStage`` of this rank's ``PipelineModule``, sending activations and gradients point to point
+   within this data-parallel replica's pipe group; it averages the gradients over the micro-batches
+   (DeepSpeed's loss / gradient_accumulation_steps);
+3. tied weights' gradients are summed over the stages sharing them, then gradients are averaged over the
+   data-parallel group (one flat all-reduce per stage);
+4. the optimizer steps this stage's parameters (and the LR scheduler, if any), gradients are cleared;
+5. the mean micro-batch loss, averaged over data-parallel replicas, is broadcast from the last stage and
+   returned on every rank, as DeepSpeed's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .config import PipeConfig
+from .module import PipelineModule
+
+__all__ = ["PipelineEngine", "PipelineError"]
+
+_SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+
+
+class PipelineError(RuntimeError):
+    """A pipeline step could not run; names the stage and rank at fault."""
+
+
+class PipelineEngine:
+    """Trains a :class:`PipelineModule` with DeepSpeed's pipeline-engine surface.
+
+    - ``model``: the ``PipelineModule`` (made on every rank with the same arguments).
+    - ``optimizer``: a ``torch.optim.Optimizer`` (or ds-optim's) over this stage's ``model.parameters()``, or a
+      callable ``params -> optimizer``; a stage with no trainable parameters gets none.
+    - ``config``: the DeepSpeed JSON keys of :class:`~ds_pipe.config.PipeConfig` (batch keys, ``pipeline``).
+    - ``lr_scheduler``: stepped after every optimizer step, or a callable ``optimizer -> scheduler``.
+    """
+
+    def __init__(self, model: PipelineModule, optimizer: Any = None, config: dict[str, Any] | None = None,
+                 lr_scheduler: Any = None):
+        if not isinstance(model, PipelineModule):
+            raise TypeError(f"PipelineEngine needs a PipelineModule, got {type(model).__name__}")
+        if not dist.is_initialized():
+            raise RuntimeError("PipelineEngine needs torch.distributed initialised (it was not when the "
+                               "PipelineModule was made, so the module has no process groups)")
+        if model.loss_fn is None:
+            raise ValueError("PipelineEngine: the PipelineModule has no loss_fn; train_batch needs one on the last "
+                             "stage (PipelineModule(..., loss_fn=...))")
+        self.module = model
+        self.grid = model.mpu()
+        self.stage_id = model.stage_id
+        self.num_stages = model.num_stages
+        self.dp_world_size = self.grid.get_data_parallel_world_size()
+        self._config = PipeConfig.from_dict(config, self.dp_world_size, model)
+        self.micro_batches = self._config.micro_batches
+        self.schedule_name = self._config.schedule
+        self.global_steps = 0
+        self.device = self._device()
+        model.to(self.device)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(optimizer)
+        self.lr_scheduler = lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(
+            lr_scheduler, "step") else lr_scheduler
+        self._last_rank = self.grid.stage_to_global(self.num_stages - 1)
+        self._runners: dict[tuple[str, int], Any] = {}
+        self.data_iterator: Iterator | None = None
+
+    # ----- set-up
+    def _device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _make_optimizer(self, optimizer: Any):
+        if optimizer is None:
+            raise ValueError("PipelineEngine: pass optimizer= (a torch optimizer over this stage's parameters, or "
+                             "a callable params -> optimizer)")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            mine = {id(p) for p in self.module.parameters()}
+            foreign = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in mine]
+            if foreign:
+                raise ValueError(f"PipelineEngine: the optimizer holds {len(foreign)} tensor(s) that are not this "
+                                 f"stage's ({self.stage_id}) parameters; build it over model.parameters() after "
+                                 f"the PipelineModule is made")
+            return optimizer
+        if callable(optimizer):
+            return optimizer(self._params) if self._params else None
+        raise TypeError(f"PipelineEngine: optimizer must be a torch.optim.Optimizer or a callable, got "
+                        f"{type(optimizer).__name__}")
+
+    def _runner(self, mode: str, n_micro: int):
+        """The (stage, schedule) for a mode and micro-batch count, made once. A stage keeps per-count
+        buffers, so training and evaluation (which may use another count) each get their own."""
+        key = (mode, n_micro)
+        if key not in self._runners:
+            stage = PipelineStage(self.module, self.stage_id, self.num_stages, self.device,
+                                  group=self.grid.get_pipe_parallel_group())
+            cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleGPipe
+            loss_fn = self.module.loss_fn if mode != "logits" else None
+            self._runners[key] = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=True)
+        return self._runners[key]
+
+    # ----- data
+    def set_dataiterator(self, iterator: Iterator) -> None:
+        self.data_iterator = iterator
+
+    def is_first_stage(self) -> bool:
+        return self.stage_id == 0
+
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+    def _load(self, data_iter: Iterator | None, n_micro: int):
+        """This stage's whole-batch inputs and labels (``None`` where the stage does not use them), after every
+        rank agreed that loading worked."""
+        error: BaseException | None = None
+        inputs = labels = None
+        if self.is_first_stage() or self.is_last_stage():
+            try:
+                inputs, labels = self._take(data_iter, n_micro)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                error = exc
+        failed = torch.tensor([dist.get_rank() + 1 if error else 0], dtype=torch.int64)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise PipelineError(f"rank {failed.item() - 1} could not load its micro-batches (its own error says "
+                                f"why); rank {dist.get_rank()} (stage {self.stage_id}) stops too")
+        return (inputs if self.is_first_stage() else None), (labels if self.is_last_stage() else None)
+
+    def _take(self, data_iter: Iterator | None, n_micro: int):
+        it = data_iter if data_iter is not None else self.data_iterator
+        if it is None:
+            raise ValueError(f"stage {self.stage_id}: no data iterator (pass train_batch(data_iter) or call "
+                             f"set_dataiterator)")
+        batches = []
+        for i in range(n_micro):
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise PipelineError(f"stage {self.stage_id}: the data iterator ran out after {i} of {n_micro} "
+                                    f"micro-batches") from None
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(f"stage {self.stage_id}: a micro-batch must be an (inputs, labels) pair, got "
+                                f"{type(batch).__name__}")
+            batches.append(batch)
+        first_inputs = batches[0][0]
+        as_tuple = isinstance(first_inputs, (tuple, list))
+        columns = list(zip(*[tuple(b[0]) if as_tuple else (b[0],) for b in batches]))
+        sizes = {int(t.shape[0]) for col in columns for t in col} | {int(b[1].shape[0]) for b in batches}
+        if len(sizes) != 1:
+            # torch's schedule re-splits the joined batch evenly, which only gives back the same micro-batches
+            # when they are all one size
+            raise ValueError(f"stage {self.stage_id}: micro-batches of different sizes {sorted(sizes)}; ds-pipe "
+                             f"needs one micro-batch size per train_batch")
+        inputs = tuple(torch.cat(col).to(self.device) for col in columns)
+        labels = torch.cat([b[1] for b in batches]).to(self.device)
+        return inputs, labels
+
+    # ----- steps
+    def train_batch(self, data_iter: Iterator | None = None) -> torch.Tensor:
+        """Run ``micro_batches`` micro-batches forward and backward, reduce the gradients and step; returns
+        the mean micro-batch loss on every rank."""
+        self.module.train()
+        inputs, labels = self._load(data_iter, self.micro_batches)
+        schedule = self._runner("train", self.micro_batches)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        schedule.step(*(inputs or ()), target=labels, losses=losses if self.is_last_stage() else None,
+                      return_outputs=False)
+        self.module.allreduce_tied_weight_gradients()
+        self._average_data_parallel_grads()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_steps += 1
+        return self._aggregate_loss(losses, broadcast=True)
+
+    @torch.no_grad()
+    def eval_batch(self, data_iter: Iterator | None = None, return_logits: bool = False, compute_loss: bool = True,
+                   reduce_output: str | None = "avg", bcast_loss: bool = True,
+                   num_micro_batches: int | None = None):
+        """Forward only over ``num_micro_batches`` (default ``micro_batches``) micro-batches; returns the mean
+        loss (on every rank with ``bcast_loss``, else on the last stage), and with ``return_logits`` also the
+        joined outputs (last stage; ``None`` elsewhere)."""
+        if reduce_output not in ("avg", None):
+            raise NotImplementedError(f"eval_batch(reduce_output={reduce_output!r}): only 'avg' and None")
+        if not compute_loss and not return_logits:
+            raise ValueError("eval_batch: compute_loss=False without return_logits=True returns nothing")
+        self.module.eval()
+        n_micro = num_micro_batches or self.micro_batches
+        inputs, labels = self._load(data_iter, n_micro)
+        losses: list[torch.Tensor] = []
+        schedule = self._runner("eval" if compute_loss else "logits", n_micro)
+        outputs = schedule.eval(*(inputs or ()), target=labels if compute_loss else None,
+                                losses=losses if compute_loss and self.is_last_stage() else None)
+        loss = self._aggregate_loss(losses, broadcast=bcast_loss, average=reduce_output == "avg") \
+            if compute_loss else None
+        if return_logits:
+            return loss, (outputs if self.is_last_stage() else None)
+        return loss
+
+    def _average_data_parallel_grads(self) -> None:
+        if self.dp_world_size == 1 or not self._params:
+            return
+        for p in self._params:
+            if p.grad is None:  # a parameter this step did not reach: zeros, so the flat buffers line up
+                p.grad = torch.zeros_like(p)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self._params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.grid.get_data_parallel_group())
+            flat.div_(self.dp_world_size)
+            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+    def _aggregate_loss(self, losses: list[torch.Tensor], broadcast: bool, average: bool = True):
+        if self.is_last_stage():
+            stacked = torch.stack([l.detach().float() for l in losses])
+            loss = stacked.mean() if average else stacked.sum()
+            if self.dp_world_size > 1:
+                dist.all_reduce(loss, group=self.grid.get_data_parallel_group())
+                loss /= self.dp_world_size
+        else:
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        if broadcast and self.num_stages > 1:
+            dist.broadcast(loss, src=self._last_rank, group=self.grid.get_pipe_parallel_group())
+        return loss if (broadcast or self.is_last_stage()) else None
+
+    # ----- DeepSpeed's small accessors
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+def initialize(model: PipelineModule, optimizer: Any = None, config: dict[str, Any] | None = None,
+               lr_scheduler: Any = None) -> tuple[PipelineEngine, Any, None, Any]:
+    """ds-pipe on its own: ``engine, optimizer, _, scheduler = ds_pipe.initialize(model, optimizer, config)``,
+    ``deepspeed.initialize``'s return shape (no data loader: ``train_batch`` takes the iterator)."""
+    engine = PipelineEngine(model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler)
+    return engine, engine.optimizer, None, engine.lr_scheduler
