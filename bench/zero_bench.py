@@ -6,7 +6,9 @@ format as the anchor (shared/anchors/zero_anchor.py), so the two run side by sid
 z3: stage 3 on FSDP2 with DeepSpeed's stage-3 defaults (shard units = the GPT's blocks, persistence threshold
 1e5, prefetch 5e7, max reuse distance 1e9); INIT=1 builds the model under ds_zero.Init; COMM_DTYPE=fp32 reduces
 gradients in fp32 (the FSDP2 anchor's reduce_dtype; the default is bf16, as DeepSpeed's); REUSE=N sets
-stage3_max_reuse_distance (0 frees every unit after forward, FSDP2's default).
+stage3_max_reuse_distance (0 frees every unit after forward, FSDP2's default). OFFLOAD=1 (stages 0-2): ZeRO-Offload,
+``offload_optimizer: {device: cpu, pin_memory: true}`` as the anchor's ``ds2off`` -- the FusedAdamW template becomes
+ds-optim's CPUAdam on the CPU masters; the printed line adds the host bytes of the masters and states.
 
 bf16 params with fp32 masters, ds-optim FusedAdamW (CuPy kernels when installed) on the fp32 partitions,
 NCCL, overlapped bucketed reduction (overlap_comm, contiguous_gradients), DeepSpeed's default bucket sizes.
@@ -55,6 +57,8 @@ def main():
     }
     if os.environ.get("REUSE"):  # stage3_max_reuse_distance (0: free every unit after forward, as FSDP2)
         cfg["zero_optimization"]["stage3_max_reuse_distance"] = int(float(os.environ["REUSE"]))
+    if os.environ.get("OFFLOAD") == "1":
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if os.environ.get("COMM_DTYPE"):
         cfg["communication_data_type"] = os.environ["COMM_DTYPE"]
     if os.environ.get("BUCKET"):
@@ -82,11 +86,13 @@ def main():
     flops = flops_per_step(nparams, MB)
     mfu = flops / dt / 989e12
     peak = torch.cuda.max_memory_allocated() / 2**30
-    states = engine.model_state_bytes()["total"] / 2**30
+    held = engine.model_state_bytes()
+    states, host = held["total"] / 2**30, held["host"] / 2**30
     if rank == 0:
-        print(f"[ds-zero {name}] world={world} params={nparams/1e9:.2f}B step={dt*1e3:.0f} ms tokens/s={tok:,.0f} "
+        label = name + ("off" if os.environ.get("OFFLOAD") == "1" else "")
+        print(f"[ds-zero {label}] world={world} params={nparams/1e9:.2f}B step={dt*1e3:.0f} ms tokens/s={tok:,.0f} "
               f"MFU~{mfu*100:.1f}% (of 989 TF bf16 dense) peak_mem={peak:.1f} GiB loss={loss.item():.3f} "
-              f"model_states={states:.1f} GiB optimizer={type(engine.optimizer).__name__}", flush=True)
+              f"model_states={states:.1f} GiB (host {host:.1f}) optimizer={type(engine.optimizer).__name__}", flush=True)
     dist.destroy_process_group()
 
 
