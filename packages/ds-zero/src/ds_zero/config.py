@@ -432,9 +432,9 @@ class EngineConfig(StrictModel):
             )
         if self.zero_optimization.offload_optimizer is not None and stage == 0 and not (
                 self.fp16.enabled or self.bf16.enabled):
-            raise ValueError("zero_optimization.offload_optimizer at stage 0 needs fp16 or bf16 (there the engine "
-                             "keeps fp32 masters it can move to the CPU; an fp32 stage-0 run steps the model's own "
-                             "params); use stage 1 or 2")
+            raise ValueError("zero_optimization.offload_optimizer at stage 0 in fp32 is not supported yet by ds-zero: "
+                             "offload at stage 0 needs fp16 or bf16 (there the engine keeps fp32 masters it can move "
+                             "to the CPU; an fp32 stage-0 run steps the model's own params); use stage 1 or 2")
         if kind != "none" and self.communication_data_type is not None:
             raise ValueError("communication_data_type and gradient_compression cannot both be set")
         return self
