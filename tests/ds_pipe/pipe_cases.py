@@ -137,7 +137,11 @@ def _train(case):
             "params": {n: p.detach().clone() for n, p in module.named_parameters()}})
     if case.get("eval"):
         x = batches(1, n_micro * engine.dp_world_size, seed=99)[0]
-        result["eval"] = engine.eval_batch(iter(x[dp_rank * n_micro:(dp_rank + 1) * n_micro])).item()
+        mine = x[dp_rank * n_micro:(dp_rank + 1) * n_micro]
+        result["eval"] = engine.eval_batch(iter(mine)).item()
+        each, logits = engine.eval_batch(iter(mine), reduce_output=None, return_logits=True)
+        result["eval_each"] = each.tolist()
+        result["logits_shape"] = None if logits is None else tuple(logits.shape)
     return result
 
 

@@ -38,7 +38,7 @@ def test_partition_methods():
     assert partition_uniform(7, 3) == [0, 3, 5, 7]
     assert partition_uniform(6, 3) == [0, 2, 4, 6]
     # the heavy layer alone, and no stage empty although most layers weigh nothing
-    assert partition_balanced([1, 100, 1, 1], 2) == [0, 1, 4] or partition_balanced([1, 100, 1, 1], 2) == [0, 2, 4]
+    assert partition_balanced([1, 100, 1, 1], 2) == [0, 2, 4]
     parts = partition_balanced([0, 0, 0, 0, 5], 3)
     assert all(parts[s + 1] > parts[s] for s in range(3)), parts
     assert partition_balanced([3, 3, 3, 3], 2) == [0, 2, 4]

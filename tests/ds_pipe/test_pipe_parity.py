@@ -83,6 +83,13 @@ def test_matches_single_process(world, name):
         assert len(evals) == 1, evals  # broadcast to every rank
         # eval runs on the weights after the last step: the reference's loss at the same point
         torch.testing.assert_close(torch.tensor(got[0]["eval"]), torch.tensor(_eval_reference(case, dp)), **TOL)
+        for res in got:
+            # reduce_output=None: the per-micro-batch losses (averaged over replicas), whose mean is the loss
+            assert len(res["eval_each"]) == case["micro"]
+            torch.testing.assert_close(torch.tensor(res["eval_each"]).mean(), torch.tensor(res["eval"]), **TOL)
+            last = res["stage"] == case["stages"] - 1
+            from pipe_cases import MICRO, SEQ, VOCAB
+            assert res["logits_shape"] == ((case["micro"] * MICRO, SEQ, VOCAB) if last else None)
 
 
 def _data(case, dp):

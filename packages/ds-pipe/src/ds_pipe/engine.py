@@ -19,7 +19,7 @@ One ``train_batch(data_iter)``:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -197,8 +197,9 @@ class PipelineEngine:
                    reduce_output: str | None = "avg", bcast_loss: bool = True,
                    num_micro_batches: int | None = None):
         """Forward only over ``num_micro_batches`` (default ``micro_batches``) micro-batches; returns the mean
-        loss (on every rank with ``bcast_loss``, else on the last stage), and with ``return_logits`` also the
-        joined outputs (last stage; ``None`` elsewhere)."""
+        loss (``reduce_output=None``: the per-micro-batch losses), averaged over data-parallel replicas, on every
+        rank with ``bcast_loss`` (else on the last stage); with ``return_logits`` also the joined outputs (last
+        stage; ``None`` elsewhere)."""
         if reduce_output not in ("avg", None):
             raise NotImplementedError(f"eval_batch(reduce_output={reduce_output!r}): only 'avg' and None")
         if not compute_loss and not return_logits:
@@ -210,8 +211,8 @@ class PipelineEngine:
         schedule = self._runner("eval" if compute_loss else "logits", n_micro)
         outputs = schedule.eval(*(inputs or ()), target=labels if compute_loss else None,
                                 losses=losses if compute_loss and self.is_last_stage() else None)
-        loss = self._aggregate_loss(losses, broadcast=bcast_loss, average=reduce_output == "avg") \
-            if compute_loss else None
+        loss = self._aggregate_loss(losses, broadcast=bcast_loss, per_micro_batch=reduce_output is None,
+                                    n_micro=n_micro) if compute_loss else None
         if return_logits:
             return loss, (outputs if self.is_last_stage() else None)
         return loss
@@ -232,15 +233,16 @@ class PipelineEngine:
             for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
 
-    def _aggregate_loss(self, losses: list[torch.Tensor], broadcast: bool, average: bool = True):
+    def _aggregate_loss(self, losses: list[torch.Tensor], broadcast: bool, per_micro_batch: bool = False,
+                        n_micro: int = 0):
         if self.is_last_stage():
-            stacked = torch.stack([l.detach().float() for l in losses])
-            loss = stacked.mean() if average else stacked.sum()
+            stacked = torch.stack([loss.detach().float() for loss in losses])
+            loss = stacked if per_micro_batch else stacked.mean()
             if self.dp_world_size > 1:
                 dist.all_reduce(loss, group=self.grid.get_data_parallel_group())
                 loss /= self.dp_world_size
-        else:
-            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        else:  # the broadcast's receive buffer: the last stage's shape
+            loss = torch.zeros((n_micro,) if per_micro_batch else (), dtype=torch.float32, device=self.device)
         if broadcast and self.num_stages > 1:
             dist.broadcast(loss, src=self._last_rank, group=self.grid.get_pipe_parallel_group())
         return loss if (broadcast or self.is_last_stage()) else None
