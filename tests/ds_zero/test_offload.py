@@ -265,6 +265,26 @@ def test_offload_resume_bit_for_bit(tmp_path_factory):
             assert _close(a["masters"], b["masters"]), rank
 
 
+def test_fp32_model_offload_single_process():
+    """An fp32 model at stage 1: CPUAdam without copy-out (nothing to round to), masters copied back as they are."""
+    def run(offload):
+        model = make_model()
+        cfg = base_config(1, 2, 1, gradient_clipping=CLIP, zero=dict(OFFLOAD) if offload else {})
+        engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+        for step in range(3):
+            x, y = micro_batch(step, 0, 0, 1, 2, 1)
+            engine.backward(engine(x, y))
+            engine.step()
+        return engine
+
+    ref, off = run(False), run(True)
+    assert type(off.optimizer) is ds_optim.CPUAdam and off.optimizer.copy_dtype is None
+    assert off.offload.cpu_steps == 3 and off.masters.copy_out_writes == 0
+    assert [h.dtype for h in off.masters.host_grads] == [torch.float32] * 2
+    for a, b in zip(ref.module.parameters(), off.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_offloaded_masters_are_the_engine_masters():
     engine = _single(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
     assert isinstance(engine.masters, OffloadedMasters) and engine.offload.masters is engine.masters
