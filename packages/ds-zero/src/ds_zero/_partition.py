@@ -10,7 +10,7 @@ this rank owns, and how parameters get back to every rank after the step:
 
 The hooks ``gather_params`` / ``release_params`` are where ZeRO-3 plugs in (gather before a module's
 forward/backward, release after); for stages 0-2 parameters stay resident, so ``release_params`` does
-nothing. An offload policy would place :class:`Masters` on the CPU instead.
+nothing. ZeRO-Offload (``_offload``) places :class:`Masters` on the CPU (``OffloadedMasters``).
 
 :class:`Masters` holds, per param group, ONE fp32 ``nn.Parameter``: the concatenation of this rank's shards of
 that group's buckets. The rebuilt optimizer steps these, so a ds-optim optimizer does one kernel launch per
