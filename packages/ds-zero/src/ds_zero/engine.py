@@ -4,7 +4,8 @@
 - ``_partition``: sharding policy (replicated / data-parallel shards; ZeRO-3 plugs in here) and fp32 masters;
 - ``_stage0`` / ``_stage12``: the gradient reducers (hooks, bucketed async collectives, compression);
 - ``_precision``: dtype, loss scaling, the agreed overflow decision; ``_clip``: the global norm;
-- ``_optim``: the optimizer rebuilt over the masters, the scheduler rebound; ``checkpoint``: save/load.
+- ``_optim``: the optimizer rebuilt over the masters, the scheduler rebound; ``checkpoint``: save/load;
+- ``_offload``: ZeRO-Offload (``offload_optimizer``), the masters, states and step on the CPU.
 
 The optimizer set-up is decided once (``_mode.OptimizerMode``): *direct* (stage 0, fp32: the user's optimizer
 steps the model params; their grads are views of the all-reduced buckets, as DDP), *compressed* (direct with a
