@@ -45,10 +45,12 @@ SAVE_EVERY = 5
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=5.0, help="soak this long (after the reference run)")
-    p.add_argument("--steps", type=int, default=40, help="steps of each job (checkpoint every 5)")
+    p.add_argument("--steps", type=int, default=100, help="steps of each job (checkpoint every 5)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--kills", type=int, default=2, help="faults per job")
-    p.add_argument("--max-delay", type=float, default=12.0, help="longest wait before a fault, seconds")
+    p.add_argument("--max-delay", type=float, default=None,
+                   help="longest wait before a fault, seconds (default: 0.9 x the reference run's duration, so that "
+                        "faults land anywhere in a job)")
     p.add_argument("--stop-fraction", type=float, default=0.2, help="share of faults that are SIGSTOP, not SIGKILL")
     p.add_argument("--seed", type=int, default=0, help="of the fault schedule (not of the training)")
     p.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
@@ -126,7 +128,7 @@ class Job:
 def killer(job: Job, args, rng: random.Random, faults: list[dict]) -> None:
     """Send up to args.kills faults to random workers of the current attempt, each after a random delay."""
     for _ in range(args.kills):
-        delay = rng.uniform(1.0, args.max_delay)
+        delay = rng.uniform(0.5, args.max_delay)
         start = time.monotonic()
         # wait for a full set of live, running workers (after a restart, the new attempt's)
         while job.proc.poll() is None:
@@ -185,6 +187,8 @@ def main() -> int:
         return 1
     reference = ref.metrics()
     ref_seconds = time.monotonic() - ref.t0
+    if args.max_delay is None:
+        args.max_delay = max(1.0, 0.9 * ref_seconds)
     jobs, deadline, n = [], time.monotonic() + args.minutes * 60, 0
     while time.monotonic() < deadline:
         n += 1
@@ -240,13 +244,16 @@ def summarize(jobs: list[dict], ref_seconds: float) -> str:
                        and j["bitwise_equal"])
         det = [f["detect_s"] for f in fs if f["detect_s"] is not None]
         rec = [f["recover_s"] for f in fs if f["recover_s"] is not None]
-        rows.append(f"| {kind} of a random rank at a random time | {len(fs)} | {survived} | "
-                    f"{statistics.median(det) if det else '-'} (max {max(det) if det else '-'}) | "
-                    f"{statistics.median(rec) if rec else '-'} (max {max(rec) if rec else '-'}) |")
+
+        def stat(xs):
+            return f"{statistics.median(xs):.2f} (max {max(xs):.2f})" if xs else "-"
+
+        rows.append(f"| {kind} of a random rank at a random time | {len(fs)} | {survived} | {stat(det)} | "
+                    f"{stat(rec)} |")
     jobs_ok = sum(1 for j in jobs if j["rc"] == 0 and j["bitwise_equal"])
     return "\n".join([
         f"jobs {len(jobs)}, survived bit-identical {jobs_ok}; reference run {ref_seconds:.1f} s; jobs "
-        f"{statistics.median([j['seconds'] for j in jobs]) if jobs else '-'} s median",
+        f"{statistics.median([j['seconds'] for j in jobs]) if jobs else 0:.1f} s median",
         "| fault | injected | survived (bitwise) | detect s, median (max) | recover s, median (max) |",
         "|---|---|---|---|---|", *rows,
         f"orphans {sum(len(j['orphans']) for j in jobs)}; tmp files left {sum(len(j['tmp_files']) for j in jobs)} "

@@ -260,10 +260,10 @@ def comms_timeout(args: argparse.Namespace) -> datetime.timedelta:
         seconds, source = args.comms_timeout, "--comms-timeout"
     elif os.environ.get("DEEPSPEED_TIMEOUT", "").strip():
         raw = os.environ["DEEPSPEED_TIMEOUT"]
-        try:
-            seconds, source = float(raw) * 60.0, "DEEPSPEED_TIMEOUT"
+        try:  # whole minutes, as DeepSpeed reads it
+            seconds, source = int(raw) * 60.0, "DEEPSPEED_TIMEOUT"
         except ValueError:
-            raise SystemExit(f"train_gpt: DEEPSPEED_TIMEOUT={raw!r} is not a number of minutes") from None
+            raise SystemExit(f"train_gpt: DEEPSPEED_TIMEOUT={raw!r} is not a whole number of minutes") from None
     else:
         seconds, source = DEFAULT_COMMS_TIMEOUT_S, "default"
     if not (seconds > 0 and math.isfinite(seconds)):
