@@ -24,17 +24,35 @@ bf16, the final rounding to that dtype. Zeros (``+0`` and ``-0``) come back as `
 Non-finite input. A block holding any NaN or +-inf gets a NaN scale and codes 0, so the *whole block*
 dequantizes to NaN: the damage is visible (``isfinite`` fails) and confined to that block, never silently turned
 into finite values. Note that inf also comes back as NaN, not inf.
+
+Backends. The torch ops here are the reference and run on any device. CUDA tensors go to fused CuPy kernels
+(``_quant_cupy``: one pass each way, straight into the output dtype) when CuPy is installed, for the whole
+2,048-element blocks they were validated on (the rest of such a tensor, and other block sizes, through these ops
+on the GPU); they give the same bits -- codes, scales -- as the torch ops on the same GPU. ``backend="auto"``
+(the default) picks them for CUDA tensors on one device, else torch, logging once when CuPy is missing;
+``$DS_COMM_QUANT_BACKEND`` (``auto``, ``torch`` or ``cupy``) overrides ``auto``, which is how the collectives of
+:mod:`ds_comm.quantized` are steered. Asking for ``cupy`` without CuPy or for tensors off the GPU is an error,
+never a silent fallback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+from types import ModuleType
+from typing import Literal
 
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QMAX = {8: 127, 4: 7}
 _FP32_MAX = torch.finfo(torch.float32).max
+
+QuantBackendName = Literal["auto", "torch", "cupy"]
+_ENV_BACKEND = "DS_COMM_QUANT_BACKEND"
+_warned_no_cupy = False
+logger = logging.getLogger("ds_comm")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,15 +118,59 @@ def _check_input(x: object, name: str, op: str) -> torch.Tensor:
     return x
 
 
+# -- backend choice ------------------------------------------------------------------------------------------------
+def select_quant_backend(tensors: tuple[torch.Tensor, ...], backend: str = "auto",
+                         op: str = "quantize") -> ModuleType | None:
+    """The CuPy kernel module to run ``op`` on ``tensors`` with, or ``None`` for the torch reference.
+
+    ``backend`` argument, else ``$DS_COMM_QUANT_BACKEND``, else auto: CuPy when every tensor is on one CUDA
+    device and CuPy imports (logging once when it does not), torch otherwise. An explicit ``"cupy"`` that cannot
+    run raises (``ValueError``, or ``ImportError`` naming the package). The CuPy module itself sends only the
+    shapes its kernels were validated on to them (see ``_quant_cupy``) and the rest to these torch ops.
+    """
+    global _warned_no_cupy
+    if backend == "auto":
+        backend = os.environ.get(_ENV_BACKEND, "auto") or "auto"
+    if backend not in ("auto", "torch", "cupy"):
+        raise ValueError(f"{op}: unknown quantization backend {backend!r} (from argument or ${_ENV_BACKEND}); "
+                         "choose 'auto', 'torch' or 'cupy'")
+    if backend == "torch":
+        return None
+    devices = {t.device for t in tensors}
+    one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+    if backend == "cupy":
+        if not one_gpu:
+            raise ValueError(f"{op}: the cupy quantization backend needs CUDA tensors on one device, got tensors on "
+                             f"{', '.join(sorted(map(str, devices)))}")
+        from . import _quant_cupy  # raises ImportError naming the package to install
+
+        return _quant_cupy
+    if not one_gpu:
+        return None
+    try:
+        from . import _quant_cupy
+    except ImportError as exc:
+        if not _warned_no_cupy:
+            logger.warning("ds_comm: %s; using the torch quantization ops on CUDA (slower)", exc)
+            _warned_no_cupy = True
+        return None
+    return _quant_cupy
+
+
 # -- batched kernels: rows are quantized independently (blocks never cross a row) ---------------------------------
-def quantize_rows(x: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, bits: int, block_size: int, *,
+                  backend: QuantBackendName = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize each row of a 2-D float tensor ``(rows, n)``; returns ``(codes, scales)``.
 
     ``codes`` is ``(rows, payload_bytes(n, bits))`` (int8 for 8 bits, uint8 nibble pairs for 4 bits) and
     ``scales`` is ``(rows, num_blocks(n, block_size))`` fp32. Bitwise the same as :func:`quantize_blockwise` of
     each row on its own, which is what lets tests check collectives against single-tensor references.
+    ``backend``: see the module docstring (the CuPy kernels give the same bits).
     """
     rows, n = x.shape
+    kernels = select_quant_backend((x,), backend, "quantize_rows")
+    if kernels is not None:
+        return kernels.quantize_rows(x, bits, block_size)
     nb = num_blocks(n, block_size)
     qmax = _QMAX[bits]
     padded = torch.zeros(rows, nb * block_size, dtype=torch.float32, device=x.device)
@@ -131,8 +193,12 @@ def quantize_rows(x: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Te
     return codes[:, : payload_bytes(n, bits)].contiguous(), scales.view(rows, nb)
 
 
-def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int) -> torch.Tensor:
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int, *,
+                    backend: QuantBackendName = "auto") -> torch.Tensor:
     """Inverse of :func:`quantize_rows`: fp32 ``(rows, n)``. ``codes`` may be int8 or uint8 (raw wire bytes)."""
+    kernels = select_quant_backend((codes, scales), backend, "dequantize_rows")
+    if kernels is not None:
+        return kernels.dequantize_rows(codes, scales, n, bits, block_size)
     rows = codes.shape[0]
     nb = scales.shape[-1]
     values = torch.empty(rows, nb * block_size, dtype=torch.float32, device=codes.device)
@@ -154,27 +220,31 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int
 
 
 # -- public API ----------------------------------------------------------------------------------------------------
-def quantize_blockwise(x: torch.Tensor, bits: int = 8, block_size: int = 2048) -> QuantizedTensor:
+def quantize_blockwise(x: torch.Tensor, bits: int = 8, block_size: int = 2048, *,
+                       backend: QuantBackendName = "auto") -> QuantizedTensor:
     """Quantize ``x`` (float32 / float16 / bfloat16, any shape and size) to ``bits`` per element.
 
     One fp32 scale per ``block_size`` consecutive elements of the flattened tensor; see the module docstring for
-    the scheme, the error bound and NaN/inf handling. Raises ``TypeError`` for non-float, sparse or complex
-    tensors and ``ValueError`` for unsupported ``bits`` / ``block_size``.
+    the scheme, the error bound, NaN/inf handling and ``backend`` (``"auto"``, ``"torch"`` or ``"cupy"``).
+    Raises ``TypeError`` for non-float, sparse or complex tensors and ``ValueError`` for unsupported ``bits`` /
+    ``block_size`` or backend.
     """
     op = "quantize_blockwise"
     _check_input(x, "x", op)
     check_quantization_args(bits, block_size, op)
-    codes, scales = quantize_rows(x.reshape(1, -1), bits, block_size)
+    codes, scales = quantize_rows(x.reshape(1, -1), bits, block_size, backend=backend)
     return QuantizedTensor(codes.view(-1), scales.view(-1), x.numel(), x.shape, x.dtype, bits, block_size)
 
 
 def dequantize_blockwise(
-    q: QuantizedTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    q: QuantizedTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None, *,
+    backend: QuantBackendName = "auto",
 ) -> torch.Tensor:
     """Rebuild a tensor of ``q.shape`` from ``q``, in ``dtype`` (default: the original dtype).
 
-    Values are computed in fp32 and rounded once to the result dtype. With ``out`` (any float tensor of
-    ``q.numel`` elements, any shape) the result is written there and ``out`` is returned.
+    Values are computed in fp32 and rounded once to the result dtype (the CuPy kernels round in registers and
+    write the result dtype directly). With ``out`` (any float tensor of ``q.numel`` elements, any shape) the
+    result is written there and ``out`` is returned. ``backend``: see the module docstring.
     """
     op = "dequantize_blockwise"
     if not isinstance(q, QuantizedTensor):
@@ -196,7 +266,19 @@ def dequantize_blockwise(
             f"{q.numel} elements at bits={q.bits}, block_size={q.block_size} (expected {expected[0]} and "
             f"{expected[1]})"
         )
-    values = dequantize_rows(q.data.view(1, -1), q.scales.view(1, -1), q.numel, q.bits, q.block_size)
+    kernels = select_quant_backend((q.data, q.scales), backend, op)
+    if kernels is not None:
+        # straight into `out` when its elements are one run on the same GPU, else through a result-dtype tensor
+        direct = out is not None and out.is_contiguous() and out.device == q.data.device
+        values = kernels.dequantize_rows(q.data.view(1, -1), q.scales.view(1, -1), q.numel, q.bits, q.block_size,
+                                         dtype, out.view(1, -1) if direct else None)
+        if out is None:
+            return values.view(q.shape)
+        if not direct:
+            out.copy_(values.view(out.shape))
+        return out
+    values = dequantize_rows(q.data.view(1, -1), q.scales.view(1, -1), q.numel, q.bits, q.block_size,
+                             backend="torch")
     if out is None:
         return values.view(q.shape).to(dtype)
     out.copy_(values.view(out.shape))
