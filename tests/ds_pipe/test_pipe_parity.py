@@ -17,6 +17,8 @@ WORLD2 = {
     "1f1b-params": dict(stages=2, schedule="1f1b", micro=4, steps=STEPS, eval=True),
     "gpipe-uniform-ckpt": dict(stages=2, schedule="gpipe", micro=4, steps=STEPS, partition="uniform", ckpt=1),
     "1f1b-type": dict(stages=2, schedule="1f1b", micro=3, steps=2, partition="type:block|layernorm"),
+    # one stage x 2-way data parallel: torch's single-stage pipeline, gradients averaged over the replicas
+    "1stage-2dp": dict(stages=1, schedule="1f1b", micro=2, steps=2),
 }
 BAD2 = {
     "stages-not-dividing": dict(kind="module", stages=3, layers="layers"),
@@ -27,8 +29,8 @@ BAD2 = {
     "dry-iterator": dict(kind="dry_iterator", stages=2),
 }
 WORLD4 = {
-    "2x2-1f1b": dict(stages=2, schedule="1f1b", micro=2, steps=STEPS, eval=True),
-    "2x2-gpipe": dict(stages=2, schedule="gpipe", micro=2, steps=STEPS),
+    "2x2-1f1b": dict(stages=2, schedule="1f1b", micro=2, steps=2, eval=True),
+    "2x2-gpipe": dict(stages=2, schedule="gpipe", micro=2, steps=2),
     "4stages-1f1b": dict(stages=4, schedule="1f1b", micro=4, steps=2, blocks=3, partition="uniform"),
 }
 
