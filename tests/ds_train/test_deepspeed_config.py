@@ -90,7 +90,8 @@ def test_unbuilt_feature_is_refused_by_name(key):
 def test_unbuilt_keys_of_other_layers_are_refused_too():
     cases = [({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}},
               "zero_quantized_nontrainable_weights"),
-             ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
+             # CPU offload is built now (ds-zero); NVMe is not
+             ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "offload_optimizer"),
              ({"prescale_gradients": True}, "prescale_gradients"),
              ({"amp": {"enabled": True}}, "amp"),
              ({"dump_state": True}, "dump_state"),
@@ -167,8 +168,13 @@ def test_python_m_ds_train_config_prints_the_effective_config(tmp_path):
     assert eff["scheduler"]["params"]["warmup_type"] == "log"
     assert result.stderr == ""
 
+    # every problem in one run, one line each, the feature that is not built first (issue 12)
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"train_batch_size": 8, "pipeline": {"stages": 2}}))
+    bad.write_text(json.dumps({"train_batch_size": 8, "fp16": {"enabled": True, "loss_scael": 0},
+                               "pipeline": {"stages": 2}, "optimizer": {"type": "AdamW", "params": {"weight_decy": 0}}}))
     result = _cli(bad)
-    assert result.returncode == 2 and "pipeline" in result.stderr and "not supported yet" in result.stderr
-    assert result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: invalid DeepSpeed config (3 problems):", result.stderr
+    assert lines[1].startswith("  1. pipeline: pipeline parallelism (ds-pipe) is not supported yet")
+    assert lines[2].startswith("  2. fp16.loss_scael") and lines[3].startswith("  3. optimizer.params.weight_decy")

@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, DeepSpeedConfig, load_config
+from .config import ConfigError, DeepSpeedConfig, check_config
 from .data import DeepSpeedDataLoader
 from .dist import TORCH_DISTRIBUTED_DEFAULT_PORT, init_distributed
 from .engine import DeepSpeedEngine
-from .optimizers import COMPRESSED_OPTIMIZERS, KNOWN_OPTIMIZERS, build_optimizer, canonical_optimizer_name
+from .optimizers import build_optimizer
 from .schedulers import build_lr_scheduler
 
 logger = logging.getLogger("ds_train")
@@ -99,21 +99,6 @@ def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
     return factory
 
 
-def _check_compressed(cfg: DeepSpeedConfig) -> None:
-    """1-bit Adam, 1-bit LAMB and 0/1 Adam communicate compressed momenta themselves: the engine skips its
-    gradient all-reduce whenever ``optimizer.needs_grad_allreduce()`` says no, which only stage 0 can do (ZeRO
-    stages 1-2 partition the optimizer, which these optimizers cannot be; DeepSpeed refuses it too). The engine
-    itself refuses, naming the key, what else does not fit them (fp16/bf16, gradient_clipping, gradient
-    compression on top), for config-built and caller-built optimizers alike."""
-    key = canonical_optimizer_name(cfg.optimizer.type)
-    if key not in COMPRESSED_OPTIMIZERS:
-        return
-    stage = cfg.zero_optimization.stage
-    if stage != 0:
-        raise ConfigError(f"optimizer.type {KNOWN_OPTIMIZERS[key]!r} needs zero_optimization.stage 0 (it "
-                          f"communicates its own compressed momenta and cannot be partitioned), got stage {stage}")
-
-
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer: Any = None,
                model_parameters: Iterable | None = None, training_data: Any = None, lr_scheduler: Any = None,
                distributed_port: int = TORCH_DISTRIBUTED_DEFAULT_PORT, mpu: Any = None,
@@ -147,8 +132,11 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     source = _config_source(args, config, config_params)
     init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
-    cfg = load_config(source)
     group, dp_rank, dp_world = _data_parallel(mpu)
+    # every check of the config at once, the same ones `python -m ds_train.config --world-size N` runs: the
+    # model's, the batch sizes on this data-parallel size, what the 1-bit optimizers need (the engine would
+    # refuse those one by one, later)
+    cfg = check_config(source, dp_world)
 
     if optimizer is not None and cfg.optimizer is not None:
         raise ConfigError("an optimizer was passed to initialize() and the config has an 'optimizer' section too; "
@@ -162,7 +150,6 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     _to_local_device(model, optimizer)
     params = _optimizer_params(model_parameters, model)
     if optimizer is None:
-        _check_compressed(cfg)
         factory = _optimizer_factory(cfg, group)
         # the caller's param groups (weight-decay splits...) are kept: the engine is given an optimizer built
         # over them when they differ from the plain model parameters, else the factory

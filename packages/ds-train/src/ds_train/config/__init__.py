@@ -11,75 +11,56 @@ package owns the keys it uses and this one composes them. Rules, as the rest of 
   section that only switches its feature off (``"wandb": {"enabled": false}``) is accepted, since ignoring it
   changes nothing;
 - ``"auto"`` (Hugging Face Trainer's placeholder, which the Trainer fills in) is refused with its key path;
-- duplicate keys in a JSON file are an error (``json`` would keep the last one silently).
+- duplicate keys in a JSON file are an error (``json`` would keep the last one silently);
+- keys DeepSpeed itself accepts and ignores (``cuda_visible_devices``, ``vocabulary_size``) are accepted with a
+  warning naming them; ``"device": "none"`` / ``"None"`` / ``null`` switch an offload section off, as in DeepSpeed.
 
-Run ``python -m ds_train.config ds_config.json [--world-size N]`` to print the effective config (defaults filled
-in, batch triple resolved) as JSON.
+Every problem of a config is reported in one :class:`ConfigError` (one line each, naming its key path), the
+features that are not built first and instead of the keys inside their sections (see :mod:`._collect`).
+:func:`check_config` adds the checks ``initialize`` makes beyond the model (batch sizes on the data-parallel world
+size, what the 1-bit optimizers need; :mod:`._preflight`), so that
+
+``python -m ds_train.config ds_config.json [--world-size N]`` reports exactly what ``initialize`` would refuse, or
+prints the effective config (defaults filled in, batch triple resolved) as JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ds_zero import EngineConfig
 from ds_zero.config import StrictModel
 
 from ..optimizers import check_optimizer_params, effective_optimizer_params
 from ..schedulers import check_scheduler_params, effective_scheduler_params
+from ._collect import IGNORED_KEYS, ONLY_DEFAULT as _ONLY_DEFAULT, UNSUPPORTED_KEYS, collect
+from ._preflight import batch_problems, preflight_problems
 
-__all__ = ["DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "UNSUPPORTED_KEYS", "load_config",
-           "effective_config", "ConfigError"]
+__all__ = ["DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "UNSUPPORTED_KEYS", "IGNORED_KEYS", "load_config",
+           "check_config", "effective_config", "ConfigError"]
+
+logger = logging.getLogger("ds_train")
 
 
 class ConfigError(ValueError):
-    """A DeepSpeed config that cannot be used: the message names the key at fault."""
+    """A DeepSpeed config that cannot be used: the message names the key at fault -- every one of them, one line
+    each, when there are several (``problems`` holds them; the features not built come first)."""
 
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[str] = list(problems) if problems is not None else [message]
 
-#: DeepSpeed top-level keys of features not built in the ds-* suite yet -> what they are
-UNSUPPORTED_KEYS: dict[str, str] = {
-    "pipeline": "pipeline parallelism (ds-pipe)",
-    "flops_profiler": "the FLOPs profiler",
-    "tensorboard": "the TensorBoard monitor",
-    "wandb": "the Weights & Biases monitor",
-    "csv_monitor": "the CSV monitor",
-    "comet": "the Comet monitor",
-    "comms_logger": "the communication logger",
-    "autotuning": "autotuning",
-    "elasticity": "elastic training",
-    "compression_training": "compression training (quantization/pruning)",
-    "quantize_training": "quantization-aware training",
-    "data_efficiency": "data efficiency (curriculum learning, random layerwise token dropping)",
-    "curriculum_learning": "curriculum learning",
-    "progressive_layer_drop": "progressive layer drop",
-    "sparse_attention": "sparse attention",
-    "amp": "NVIDIA Apex AMP (use fp16 or bf16)",
-    "aio": "NVMe offload's async I/O",
-    "nebula": "the Nebula checkpoint engine",
-    "eigenvalue": "the eigenvalue computation",
-    "hybrid_engine": "the hybrid (RLHF) engine",
-    "compile": "torch.compile / DeepCompile through the engine",
-    "tensor_parallel": "tensor parallelism (AutoTP)",
-    "sequence_parallel_size": "sequence parallelism (Ulysses)",
-    "weight_quantization": "weight quantization",
-    "timers": "the throughput timers",
-    "data_types": "data_types (gradient accumulation dtype)",
-    "torch_autocast": "torch autocast through the engine (use bf16/fp16)",
-    "checkpoint": "checkpoint options (tag validation, universal checkpoints, node-local storage)",
-    "graph_harvesting": "CUDA graph harvesting",
-}
-#: DeepSpeed top-level keys whose default is what the suite does; any other value is not built yet (ds-zero's
-#: EngineConfig handles its own: prescale_gradients, gradient_predivide_factor, sparse_gradients, amp, ...)
-_ONLY_DEFAULT: dict[str, Any] = {
-    "seq_parallel_communication_data_type": None,
-    "disable_allgather": False,
-    "dump_state": False,
-    "memory_breakdown": False,
-    "use_data_before_expert_parallelism": False,
-}
+    @classmethod
+    def of(cls, problems: list[str]) -> "ConfigError":
+        if len(problems) == 1:
+            return cls(f"invalid DeepSpeed config: {problems[0]}", problems)
+        lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+        return cls(f"invalid DeepSpeed config ({len(problems)} problems):\n{lines}", problems)
 
 
 def _find_auto(value: Any, path: str) -> str | None:
@@ -168,9 +149,10 @@ class DeepSpeedConfig(EngineConfig):
             if key in _ONLY_DEFAULT and value != _ONLY_DEFAULT[key]:
                 raise ValueError(f"{key}={json.dumps(value)} is not supported yet (only the default "
                                  f"{json.dumps(_ONLY_DEFAULT[key])})")
-        # accepted and meaningless here: drop them before the strict field check
+        # accepted and meaningless here: drop them before the strict field check (load_config warns about the
+        # ignored ones; this validator is the model's own guard when it is validated directly)
         return {k: v for k, v in data.items() if k in cls.model_fields
-                or not (k in _ONLY_DEFAULT or (k in UNSUPPORTED_KEYS and _disabled(v)))}
+                or not (k in _ONLY_DEFAULT or k in IGNORED_KEYS or (k in UNSUPPORTED_KEYS and _disabled(v)))}
 
     def effective(self, dp_world_size: int = 1) -> dict[str, Any]:
         """The config as it will run on ``dp_world_size`` data-parallel ranks: every default filled in, the
@@ -211,42 +193,62 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _format(error: ValidationError) -> str:
-    lines = []
-    for e in error.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        named = msg.startswith(loc) or f" {loc}." in msg or f" {loc} " in msg  # the message names its key already
-        lines.append(msg if not loc or named else f"{loc}: {msg}")
-    return "invalid DeepSpeed config: " + "; ".join(lines)
+def _raw(config: Any) -> dict[str, Any]:
+    if isinstance(config, (str, os.PathLike)):
+        return _read_json(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise ConfigError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def _check(config: Any, dp_world_size: int | None) -> tuple[DeepSpeedConfig, list[str]]:
+    """The config and its warnings, or one :class:`ConfigError` with every problem: the model's (all sections,
+    see :mod:`._collect`) and, given ``dp_world_size``, the checks ``initialize`` adds (:mod:`._preflight`)."""
+    if isinstance(config, DeepSpeedConfig):
+        problems = [] if dp_world_size is None else preflight_problems(config, dp_world_size)
+        if problems:
+            raise ConfigError.of(problems)
+        return config, []
+    cfg, found, warnings, collector = collect(_raw(config), DeepSpeedConfig)
+    problems = [str(p) for p in found]
+    if dp_world_size is not None:
+        if cfg is not None:
+            later = preflight_problems(cfg, dp_world_size)
+        else:
+            # the model failed, but the batch arithmetic only needs the three sizes: the values left are valid
+            sizes = {k: collector.data.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                         "gradient_accumulation_steps")}
+            later = batch_problems(DeepSpeedConfig.model_construct(**sizes), dp_world_size)
+        # a check that judged a default in place of a removed (bad) value would only add noise
+        problems += [m for m in later if m not in problems and not collector.suspect(m)]
+    if problems or cfg is None:  # collect returns a config whenever it found no problem
+        raise ConfigError.of(problems or ["the config does not validate"])
+    return cfg, warnings
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        logger.warning("ds_train: %s", w)
 
 
 def load_config(config: "DeepSpeedConfig | Mapping[str, Any] | str | os.PathLike") -> DeepSpeedConfig:
-    """A :class:`DeepSpeedConfig` from a dict, a path to a JSON file, or one already parsed. Errors are
-    :class:`ConfigError` naming the key at fault."""
-    if isinstance(config, DeepSpeedConfig):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        data = _read_json(config)
-    elif isinstance(config, Mapping):
-        data = dict(config)
-    else:
-        raise ConfigError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
-    try:
-        return DeepSpeedConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+    """A :class:`DeepSpeedConfig` from a dict, a path to a JSON file, or one already parsed. Errors are one
+    :class:`ConfigError` naming every key at fault; ignored DeepSpeed keys are logged as warnings."""
+    cfg, warnings = _check(config, None)
+    _warn(warnings)
+    return cfg
+
+
+def check_config(config: Any, dp_world_size: int) -> DeepSpeedConfig:
+    """:func:`load_config` plus every check ``initialize`` makes of the config on ``dp_world_size``
+    data-parallel ranks (batch sizes, ZeRO++ hpZ groups, what the 1-bit optimizers need), all in one
+    :class:`ConfigError`. ``initialize`` and ``python -m ds_train.config`` both go through here."""
+    cfg, warnings = _check(config, dp_world_size)
+    _warn(warnings)
+    return cfg
 
 
 def effective_config(config, dp_world_size: int = 1) -> dict[str, Any]:
-    """:meth:`DeepSpeedConfig.effective` of anything :func:`load_config` takes."""
-    cfg = load_config(config)
-    try:
-        return cfg.effective(dp_world_size)
-    except ValidationError as e:
-        raise ConfigError(_format(e)) from None
-    except ConfigError:
-        raise
-    except ValueError as e:  # the batch triple does not fit this world size
-        raise ConfigError(f"invalid DeepSpeed config: {e}") from None
-
+    """:meth:`DeepSpeedConfig.effective` of anything :func:`load_config` takes, after every check
+    :func:`check_config` makes."""
+    return check_config(config, dp_world_size).effective(dp_world_size)
