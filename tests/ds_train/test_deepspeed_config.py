@@ -176,5 +176,6 @@ def test_python_m_ds_train_config_prints_the_effective_config(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines[0] == "error: invalid DeepSpeed config (3 problems):", result.stderr
-    assert lines[1].startswith("  1. pipeline: pipeline parallelism (ds-pipe) is not supported yet")
+    assert lines[1].startswith("  1. pipeline: pipeline parallelism (ds-pipe) of a model that is not a "
+                               "ds_pipe.PipelineModule is not supported yet")
     assert lines[2].startswith("  2. fp16.loss_scael") and lines[3].startswith("  3. optimizer.params.weight_decy")

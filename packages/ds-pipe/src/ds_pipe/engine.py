@@ -254,6 +254,14 @@ class PipelineEngine:
     def parameters(self):
         return self.module.parameters()
 
+    def train_micro_batch_size_per_gpu(self) -> int | None:
+        """The config's micro-batch size (``None`` when the config gave only the accumulation steps)."""
+        return self._config.micro_batch_size
+
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per ``train_batch`` (DeepSpeed's name for them)."""
+        return self.micro_batches
+
 
 def initialize(model: PipelineModule, optimizer: Any = None, config: dict[str, Any] | None = None,
                lr_scheduler: Any = None) -> tuple[PipelineEngine, Any, None, Any]:

@@ -9,8 +9,9 @@ and shards the data over the data-parallel ranks.
 Coming from DeepSpeed, change the import lines only: ``import deepspeed`` -> ``import ds_train as deepspeed``,
 ``from deepspeed.X import Y`` -> ``from ds_train.X import Y``. The module-level names (``add_config_arguments``,
 ``init_distributed``, ``initialize``, ``get_accelerator``, ``log_dist``, ``logger``) and the submodules
-``accelerator``, ``comm``, ``checkpointing``, ``utils``, ``zero`` follow DeepSpeed's; ``pipe`` and ``moe`` (and
-``PipelineModule``) raise ImportError until ds-pipe / ds-moe exist. ``python -m ds_train.alias script.py`` runs
+``accelerator``, ``comm``, ``checkpointing``, ``utils``, ``zero`` follow DeepSpeed's; ``pipe`` (and ``PipelineModule``,
+``PipelineEngine``) and ``moe`` re-export ds-pipe and ds-moe, and raise ImportError naming the package to install
+when it is not. ``python -m ds_train.alias script.py`` runs
 an unchanged script with ``deepspeed`` resolving to ds-train in that process only (see :mod:`ds_train.alias`).
 """
 
@@ -57,16 +58,15 @@ __all__ = [
     "zero",
 ]
 
-# DeepSpeed top-level names that need a package not built yet: importing them says so (never a stand-in)
+# DeepSpeed top-level names from an optional sibling package: without it, importing them says what to install
 _NEEDS_PACKAGE = {"pipe": "pipe", "PipelineModule": "pipe", "LayerSpec": "pipe", "TiedLayerSpec": "pipe",
-                  "moe": "moe"}
+                  "PipelineEngine": "pipe", "moe": "moe"}
 # DeepSpeed top-level names with no ds-train counterpart -> what they are
 NOT_SUPPORTED = {
     "init_inference": "DeepSpeed-Inference (init_inference)",
     "InferenceEngine": "DeepSpeed-Inference",
     "DeepSpeedInferenceConfig": "DeepSpeed-Inference",
     "default_inference_config": "DeepSpeed-Inference",
-    "PipelineEngine": "the pipeline engine (ds-pipe)",
     "DeepSpeedHybridEngine": "the hybrid (RLHF) engine",
     "DeepSpeedTransformerLayer": "DeepSpeed's fused transformer kernels",
     "DeepSpeedTransformerConfig": "DeepSpeed's fused transformer kernels",
@@ -85,7 +85,7 @@ def __getattr__(name: str):
     if name in _NEEDS_PACKAGE:
         import importlib
 
-        module = importlib.import_module(f"ds_train.{_NEEDS_PACKAGE[name]}")  # raises the "not built yet" ImportError
+        module = importlib.import_module(f"ds_train.{_NEEDS_PACKAGE[name]}")  # raises the "not installed" ImportError
         return module if name in ("pipe", "moe") else getattr(module, name)
     if name in NOT_SUPPORTED:
         raise AttributeError(f"deepspeed.{name} is not supported by ds-train yet: {NOT_SUPPORTED[name]} is not built")

@@ -7,6 +7,9 @@ config names -- never both); wraps the model in :class:`~ds_train.engine.DeepSpe
 DeepSpeed's engine surface); and, given ``training_data``, builds a :class:`~ds_train.data.DeepSpeedDataLoader`
 over the data-parallel group in micro-batches (also ``engine.training_dataloader``).
 
+A ds-pipe ``PipelineModule`` goes to ds-pipe's pipeline engine instead (:mod:`ds_train._pipeline`), as DeepSpeed's
+``initialize`` returns its ``PipelineEngine`` for one.
+
 The optimizer and scheduler from the config reach the engine as factories (``param_groups -> optimizer``,
 ``optimizer -> scheduler``): the engine decides which tensors the optimizer holds (under ZeRO, this rank's
 partition), exactly as for a callable passed by the caller.
@@ -25,6 +28,7 @@ from .config import ConfigError, DeepSpeedConfig, check_config
 from .data import DeepSpeedDataLoader
 from .dist import TORCH_DISTRIBUTED_DEFAULT_PORT, init_distributed
 from .engine import DeepSpeedEngine
+from ._optional import installed_sibling
 from .optimizers import build_optimizer
 from .schedulers import build_lr_scheduler
 
@@ -90,6 +94,12 @@ def _to_local_device(model: torch.nn.Module, optimizer: Any) -> None:
     model.to(device)
 
 
+def _is_pipeline_module(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is ds-pipe's ``PipelineModule`` (looked up only when ds-pipe is installed)."""
+    ds_pipe = installed_sibling("ds_pipe")
+    return ds_pipe is not None and isinstance(model, ds_pipe.PipelineModule)
+
+
 def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
     section = cfg.optimizer
 
@@ -132,6 +142,13 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         raise TypeError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     source = _config_source(args, config, config_params)
     init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
+    if _is_pipeline_module(model):
+        if mpu is not None:
+            raise ValueError("initialize: a PipelineModule brings its own topology (model.mpu()); do not pass mpu=")
+        from ._pipeline import initialize_pipeline
+
+        return initialize_pipeline(model, optimizer, model_parameters, training_data, lr_scheduler, source,
+                                   collate_fn)
     group, dp_rank, dp_world = _data_parallel(mpu)
     # every check of the config at once, the same ones `python -m ds_train.config --world-size N` runs: the
     # model's, the batch sizes on this data-parallel size, what the 1-bit optimizers need (the engine would

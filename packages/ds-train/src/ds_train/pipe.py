@@ -1,18 +1,15 @@
-"""DeepSpeed's ``deepspeed.pipe`` (``PipelineModule``, ``LayerSpec``, ``TiedLayerSpec``, ...): re-exported from
-ds-pipe when it is installed (``pip install ds-train[pipe]`` or ``pip install ds-pipe``). Without it, importing
-this module raises ImportError saying so -- never a stand-in class that would fail later, mid-training."""
+"""DeepSpeed's ``deepspeed.pipe`` (``PipelineModule``, ``LayerSpec``, ``TiedLayerSpec``, topologies,
+``PipelineEngine``): re-exported from ds-pipe (``pip install 'ds-train[pipe]'``). ``ds_train.initialize`` given a
+``PipelineModule`` returns ds-pipe's engine (``train_batch`` / ``eval_batch``). Without ds-pipe, importing this
+module raises ImportError saying what to install -- never a stand-in class that would fail later, mid-training."""
 
-try:
-    import ds_pipe as _ds_pipe
-except ImportError as _exc:
-    if _exc.name != "ds_pipe":  # ds-pipe is there but broken: show its own error
-        raise
-    # the wording is pinned by tests/ds_train/test_deepspeed_api.py (not ds-pipe's to edit): it should become
-    # "... which is not installed: pip install 'ds-train[pipe]'" together with that test
+from ._optional import installed_sibling
+
+_ds_pipe = installed_sibling("ds_pipe")
+if _ds_pipe is None:
     raise ImportError("ds_train.pipe (DeepSpeed's deepspeed.pipe: PipelineModule, LayerSpec, TiedLayerSpec) needs "
-                      "the ds-pipe package, which is not built yet; install ds-pipe once it is released. Pipeline "
-                      "parallelism is not available in ds-train meanwhile.", name="ds_train.pipe") from None
+                      "the ds-pipe package, which is not installed: pip install 'ds-train[pipe]' (or "
+                      "pip install ds-pipe)", name="ds_train.pipe")
 
-from ds_pipe import *  # noqa: E402,F401,F403 - the re-export is the point of this module
-
-__all__ = list(getattr(_ds_pipe, "__all__", []))
+__all__ = [name for name in _ds_pipe.__all__ if name != "initialize"]  # ds_train.initialize is the one call
+globals().update({name: getattr(_ds_pipe, name) for name in __all__})

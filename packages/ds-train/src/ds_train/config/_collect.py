@@ -36,7 +36,8 @@ __all__ = ["Problem", "IGNORED_KEYS", "UNSUPPORTED_KEYS", "ONLY_DEFAULT", "colle
 
 #: DeepSpeed top-level keys of features not built in the ds-* suite yet -> what they are
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "pipeline": "pipeline parallelism (ds-pipe)",
+    # a PipelineModule's config goes to ds-pipe before these checks (ds_train._pipeline): here the model is not one
+    "pipeline": "pipeline parallelism (ds-pipe) of a model that is not a ds_pipe.PipelineModule",
     "flops_profiler": "the FLOPs profiler",
     "tensorboard": "the TensorBoard monitor",
     "wandb": "the Weights & Biases monitor",
