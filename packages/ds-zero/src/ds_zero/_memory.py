@@ -37,7 +37,7 @@ def model_state_bytes(engine) -> dict[str, int]:
     offloaded = getattr(engine, "offload", None) is not None
     on_cpu_engine = engine.device.type == "cpu"
 
-    def add(kind: str, t: torch.Tensor | None) -> None:
+    def add(kind: str, t: torch.Tensor | None, offloaded_grad: bool = False) -> None:
         if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
             return
         key = _storage_key(t)
@@ -45,7 +45,7 @@ def model_state_bytes(engine) -> dict[str, int]:
             return
         seen.add(key)
         out[kind] += key[1]
-        host = (offloaded and kind in ("master_params", "optimizer_states")) or (
+        host = (offloaded and (kind in ("master_params", "optimizer_states") or offloaded_grad)) or (
             t.device.type == "cpu" and not on_cpu_engine)
         where["host" if host else "device"] += key[1]
 
@@ -63,7 +63,8 @@ def model_state_bytes(engine) -> dict[str, int]:
     for p in engine.module.parameters():
         if hasattr(p, "_local_tensor"):  # stage 3: FSDP2's fp32 shard is the master, its grad the reduced shard
             add("master_params", p._local_tensor)
-            add("grads", None if p.grad is None else p.grad._local_tensor)
+            # with stage-3 offload FSDP2 holds the reduced gradient shard on the CPU as well
+            add("grads", None if p.grad is None else p.grad._local_tensor, offloaded_grad=True)
             continue
         add("params", p.data)
         add("grads", p.grad)
@@ -83,7 +84,7 @@ def model_state_bytes(engine) -> dict[str, int]:
     out["total"] = sum(out.values())
     out.update(where)
     out["offload_buffers"] = 0
-    if offloaded and engine.masters is not None:
+    if offloaded and hasattr(engine.masters, "host_buffers"):  # stage 3's offload has no staging buffers
         staged = {_storage_key(t) for t in engine.masters.host_buffers(engine.optimizer) if t.numel()}
         out["offload_buffers"] = sum(nbytes for _, nbytes in staged)
     return out

@@ -25,9 +25,19 @@ optimizer then steps on the CPU with torch's kernels, a ds-optim one with its Nu
 params are cast into the device storage. Checkpoints need nothing new: the masters and states are the same
 tensors as without offload, only on the CPU, and ``CPUAdam`` belongs to the Adam family that loads across.
 
-Not built here (refused by the config, naming the key): NVMe, ``offload_param``, stage 3, ``ratio`` < 1, the
-speculative/overlapped step and 16-bit CPU states. The step is synchronous: copies, then the CPU step, then
-copies back.
+**Stage 3** (``offload_optimizer`` and/or ``offload_param`` with ``device: "cpu"``): at stage 3 the fp32 shards
+FSDP2 owns *are* the masters, so offloading the optimizer means offloading them: both keys (either alone, or
+together) give FSDP2's ``CPUOffloadPolicy`` (:meth:`CPUOffload.fsdp_policy`): shards and gradient shards on
+the CPU (pinned with ``pin_memory`` beside CUDA), a unit's shards copied to the device for its all-gather, its
+reduced gradients copied back in backward. The optimizer is rebuilt as above (CPUAdam for the Adam family) over
+the CPU shards, stepped in place through ds-optim's DTensor support (no copy-out: FSDP2 casts on the device).
+The persistent params (``param_persistence_threshold``) stay whole on the device in the model dtype; their
+fp32 masters and states move to the CPU with the rest. The GPU then holds only the gathered units, the
+persistent params and activations (DeepSpeed with ``offload_optimizer`` alone keeps 16-bit param shards on the
+GPU; here they are on the CPU too).
+
+Not built here (refused by the config, naming the key): NVMe, ``ratio`` < 1, the speculative/overlapped step
+and 16-bit CPU states. The step is synchronous: copies, then the CPU step, then copies back.
 """
 
 from __future__ import annotations
@@ -52,8 +62,11 @@ class CPUOffload:
     """The offload policy of one engine: where the host tensors are, whether they are pinned, and which
     optimizer steps them (see the module docstring)."""
 
-    def __init__(self, device: torch.device, pin_memory: bool, copy_dtype: torch.dtype | None) -> None:
+    def __init__(self, device: torch.device, pin_memory: bool, copy_dtype: torch.dtype | None,
+                 stage3: bool = False) -> None:
         self.device = device
+        #: stage 3: FSDP2's ``CPUOffloadPolicy`` holds the shards and their grads on the CPU (``fsdp_policy``)
+        self.stage3 = stage3
         # pinned memory only exists beside a CUDA device (and is only useful for its DMA copies)
         self.pin = bool(pin_memory) and device.type == "cuda"
         #: the 16-bit dtype CPUAdam writes its copy-out in (None: an fp32 model, masters copied as they are)
@@ -66,6 +79,16 @@ class CPUOffload:
     def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
                     model_dtype: torch.dtype) -> CPUOffload | None:
         off = config.zero_optimization.offload_optimizer
+        par = config.zero_optimization.offload_param
+        if mode_name == "stage3" and (off is not None or par is not None):
+            if off is None:
+                # FSDP2's CPU offload keeps the fp32 shards, which at stage 3 are the masters, on the CPU: the
+                # optimizer must step them there. DeepSpeed would keep the optimizer states on the GPU here.
+                logger.info("ds_zero: offload_param without offload_optimizer: the fp32 shards (the masters) are on "
+                            "the CPU, so the optimizer steps there too (as with offload_optimizer: cpu)")
+            pin = (par is not None and par.pin_memory) or (off is not None and off.pin_memory)
+            # no 16-bit copy-out: FSDP2 copies the fp32 shard to the device and casts it for the all-gather
+            return cls(device, pin, None, stage3=True)
         if off is None:
             return None
         if mode_name != "masters":  # the config refuses stage 3 and fp32 stage 0 already; this is the backstop
@@ -73,6 +96,15 @@ class CPUOffload:
                              f"stage 0 with fp16/bf16); this engine steps in mode {mode_name!r} (stage {stage})")
         copy_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
         return cls(device, off.pin_memory, copy_dtype)
+
+    def fsdp_policy(self):
+        """Stage 3: FSDP2's ``CPUOffloadPolicy``. FSDP2 keeps each param's padded fp32 shard (pinned when asked
+        and beside CUDA) and its reduced gradient shard on the CPU, copies a unit's shards host -> device right
+        before its all-gather (cast to the model dtype on the device), and copies each reduced gradient shard
+        device -> host in backward; the optimizer then steps the shards where they are."""
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        return CPUOffloadPolicy(pin_memory=self.pin)
 
     def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:
         self.masters = OffloadedMasters(buckets, num_groups, fp32_sources, self)

@@ -177,7 +177,8 @@ class Masters:
         DTensors reads ``.grad``); dropped again by :meth:`free_grads`."""
         out = []
         for p, g in zip([p for p in self.params if p is not None], grads):
-            p.grad = g.to(torch.float32, copy=True).mul_(scale)
+            # stage-3 offload: the masters are on the CPU, the reduced grads on the device
+            p.grad = g.to(device=p.device, dtype=torch.float32, copy=True).mul_(scale)
             out.append(p.grad)
         return out
 

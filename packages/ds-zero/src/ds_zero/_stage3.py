@@ -113,9 +113,10 @@ class FullyShardedParams(ShardingPolicy):
     """Stage 3's sharding policy: FSDP2 units over the data-parallel group (see the module docstring)."""
 
     def __init__(self, model: nn.Module, zero, group, device: torch.device, param_dtype: torch.dtype | None,
-                 reduce_dtype: torch.dtype | None, persistent: list[nn.Parameter]) -> None:
+                 reduce_dtype: torch.dtype | None, persistent: list[nn.Parameter], offload_policy=None) -> None:
+        """``offload_policy``: FSDP2's ``CPUOffloadPolicy`` for ZeRO-3 offload (``_offload``), None for none."""
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ZeRO stage 3 needs torch.distributed initialized (ds_train.init_distributed() or "
@@ -135,15 +136,17 @@ class FullyShardedParams(ShardingPolicy):
         self.schedule = schedule(numels, zero.prefetch_bucket_size, zero.max_live_parameters,
                                  zero.max_reuse_distance)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        self.offloaded = offload_policy is not None
+        offload = offload_policy if offload_policy is not None else OffloadPolicy()
         ignored = set(persistent)
         keep = dict(zip(in_order, self.schedule.keep_after_forward))
         for unit in self.units:
             # hpZ: after forward keep a copy sharded over hpz ranks (one node), so backward gathers intra-node
             reshard = False if keep[unit] else (hpz if hpz > 1 and hpz < self.shard_world else True)
             fully_shard(unit, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard,
-                        ignored_params=ignored & set(unit.parameters()) or None)
+                        ignored_params=ignored & set(unit.parameters()) or None, offload_policy=offload)
         self.root = fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False,
-                                ignored_params=ignored or None)
+                                ignored_params=ignored or None, offload_policy=offload)
         depth = self.schedule.prefetch_depth
         for i, unit in enumerate(in_order):
             if depth >= 1:
@@ -362,11 +365,19 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     kept = set(persistent)
     comm_dtype = engine.config.communication_data_type
     reduce_dtype = _DTYPES.get(comm_dtype) if comm_dtype else None
+    offload = engine.offload  # ZeRO-3 offload: shards, their grads and the optimizer on the CPU (_offload)
     engine.policy = FullyShardedParams(engine.module, zero, engine.process_group, engine.device,
-                                       dtype if engine.precision.mixed else None, reduce_dtype, persistent)
+                                       dtype if engine.precision.mixed else None, reduce_dtype, persistent,
+                                       offload.fsdp_policy() if offload is not None else None)
     if engine._init_records is not None:
         buffers = {name: b.to(engine.device) for name, b in engine.module.named_buffers()}
-        engine.module.to_empty(device=engine.device)  # this rank's shards (and the persistent params), empty
+        # this rank's shards (and the persistent params), empty; offloaded shards are made on the CPU, the
+        # persistent params stay on the device
+        engine.module.to_empty(device="cpu" if offload is not None else engine.device)
+        if offload is not None:
+            for p in engine.module.parameters():
+                if p not in engine.policy.sharded_set:
+                    p.data = torch.empty_like(p.data, device=engine.device)
         for name, b in buffers.items():
             owner, _, leaf = name.rpartition(".")
             engine.module.get_submodule(owner)._buffers[leaf] = b
@@ -377,7 +388,8 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
         kept = set(persistent)
     engine.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
     # fp32 masters of the persistent params, from the fp32 originals
-    engine.masters = Masters(engine.buckets, engine._num_groups, engine.device,
+    engine.masters = Masters(engine.buckets, engine._num_groups,
+                             torch.device("cpu") if offload is not None else engine.device,
                              [[p.detach() for p in b.params] for b in engine.buckets])
     if engine.precision.mixed:  # what is not sharded runs in the model dtype, as at stages 0-2
         with torch.no_grad():
@@ -406,7 +418,8 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     for gi, wrapper in enumerate(engine._master_dtensors):
         if wrapper is not None:
             groups[gi].append(wrapper)
-    engine.optimizer = rebuild_optimizer(user_opt, groups)
+    # offload: CPUAdam for the Adam family, stepping the CPU shards in place (ds-optim's DTensor support)
+    engine.optimizer = (offload.rebuild_optimizer if offload is not None else rebuild_optimizer)(user_opt, groups)
     #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
     engine._stage3_group_map = [gi for gi in range(engine._num_groups) if groups[gi]]
     register_engine_params(engine, engine.module)

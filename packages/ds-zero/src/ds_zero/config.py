@@ -30,6 +30,7 @@ __all__ = [
     "ZeroConfig",
     "GradientCompressionConfig",
     "OffloadOptimizerConfig",
+    "OffloadParamConfig",
     "EngineConfig",
     "NOT_BUILT",
 ]
@@ -171,8 +172,8 @@ def _stage3_aliases(data: Any) -> Any:
 
 class OffloadOptimizerConfig(StrictModel):
     """``zero_optimization.offload_optimizer`` (ZeRO-Offload): the fp32 masters and the optimizer states live in
-    host memory and the optimizer steps on the CPU (``ds_zero._offload``). Built: ``device: "cpu"`` at stages 1
-    and 2 (and stage 0 with fp16/bf16). ``pin_memory`` pins the host buffers that cross PCIe (the gradient
+    host memory and the optimizer steps on the CPU (``ds_zero._offload``). Built: ``device: "cpu"`` at stages 1,
+    2 and 3 (and stage 0 with fp16/bf16; stage 3 through FSDP2's ``CPUOffloadPolicy``). ``pin_memory`` pins the host buffers that cross PCIe (the gradient
     staging and the 16-bit copy-out) when the model is on CUDA. ``buffer_count`` and ``fast_init`` only matter
     for NVMe in DeepSpeed: accepted, no effect. NVMe (``device: "nvme"``, ``nvme_path``), partial offload
     (``ratio`` < 1) and the pipelined NVMe reads/writes are not built: errors naming the key."""
@@ -213,6 +214,46 @@ class OffloadOptimizerConfig(StrictModel):
         return value
 
 
+class OffloadParamConfig(StrictModel):
+    """``zero_optimization.offload_param`` (ZeRO-3 parameter offload), stage 3 only: this rank's fp32 shards of
+    the params (at stage 3 they are the masters), their gradients and the optimizer states live in host memory
+    (FSDP2's ``CPUOffloadPolicy``, ``ds_zero._offload``); a unit's shards are copied to the device for its
+    all-gather. ``pin_memory`` pins the shards and gradients when the model is on CUDA. ``buffer_count``,
+    ``buffer_size`` and ``max_in_cpu`` only matter for NVMe in DeepSpeed: accepted, no effect. NVMe
+    (``device: "nvme"``, ``nvme_path``) is not built: an error naming the key."""
+
+    device: Literal["cpu"] = "cpu"
+    pin_memory: bool = False
+    buffer_count: PositiveInt = 5
+    buffer_size: PositiveInt = 100_000_000
+    max_in_cpu: PositiveInt = 1_000_000_000
+
+    not_built_keys: ClassVar[dict[str, Any]] = {"nvme_path": None}
+    not_built_hint: ClassVar[dict[str, str]] = {"nvme_path": "parameter NVMe offload (ZeRO-Infinity) is not built"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nvme_first(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("device") == "nvme":
+            cls._device("nvme")
+        return data
+
+    @field_validator("buffer_size", "max_in_cpu", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any, info) -> Any:
+        return _integral(value, info.field_name)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        if value == "nvme":
+            raise ValueError("offload_param.device = 'nvme' is not supported yet by ds-zero: parameter NVMe offload "
+                             "(ZeRO-Infinity) is not built; use \"cpu\"")
+        if value != "cpu":
+            raise ValueError(f"offload_param.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
+        return value
+
+
 class ZeroConfig(StrictModel):
     """``zero_optimization``: stages 0-3 with DeepSpeed's bucket keys (sizes in *elements*, not bytes).
 
@@ -242,6 +283,10 @@ class ZeroConfig(StrictModel):
     offload_optimizer: OffloadOptimizerConfig | None = None
     cpu_offload: bool = False
     cpu_offload_use_pin_memory: bool = False
+    #: ZeRO-3 parameter offload (stage 3); ``cpu_offload_param: true`` is DeepSpeed's legacy spelling of
+    #: ``offload_param: {device: cpu, pin_memory: cpu_offload_use_pin_memory}``
+    offload_param: OffloadParamConfig | None = None
+    cpu_offload_param: bool = False
     # -- stage 3 (DeepSpeed's names without the stage3_ prefix; both spellings accepted) --------------
     prefetch_bucket_size: NonNegativeInt = 50_000_000
     param_persistence_threshold: NonNegativeInt = 100_000
@@ -259,8 +304,6 @@ class ZeroConfig(StrictModel):
     zero_quantized_gradients: bool = False
 
     not_built_keys: ClassVar[dict[str, Any]] = {
-        "offload_param": None,
-        "cpu_offload_param": False,
         "zero_quantized_nontrainable_weights": False,
         "mics_shard_size": -1,
         "mics_hierarchical_params_gather": False,
@@ -273,8 +316,6 @@ class ZeroConfig(StrictModel):
         **_STAGE3_REFUSED,
     }
     not_built_hint: ClassVar[dict[str, str]] = {
-        "offload_param": "parameter offload (ZeRO-3) is not built",
-        "cpu_offload_param": "parameter offload (ZeRO-3) is not built",
         "module_granularity_threshold": "stage-3 shard units are chosen by module class (zero_optimization."
                                         "shard_units), not by a size threshold",
         "use_all_reduce_for_fetch_params": "stage 3 gathers params with FSDP2's all-gather",
@@ -339,12 +380,17 @@ class ZeroConfig(StrictModel):
                 raise ValueError("both cpu_offload (DeepSpeed's legacy key) and offload_optimizer are set; keep "
                                  "offload_optimizer")
             self.offload_optimizer = OffloadOptimizerConfig(device="cpu", pin_memory=self.cpu_offload_use_pin_memory)
-        elif self.cpu_offload_use_pin_memory:
-            raise ValueError("cpu_offload_use_pin_memory only applies with cpu_offload: true; with offload_optimizer "
-                             "use offload_optimizer.pin_memory")
-        if self.offload_optimizer is not None and self.stage == 3:
-            raise ValueError("offload_optimizer at zero_optimization.stage 3 is not supported yet by ds-zero (CPU "
-                             "offload is built for stages 1 and 2, and stage 0 with fp16/bf16)")
+        if self.cpu_offload_param:
+            if self.offload_param is not None:
+                raise ValueError("both cpu_offload_param (DeepSpeed's legacy key) and offload_param are set; keep "
+                                 "offload_param")
+            self.offload_param = OffloadParamConfig(device="cpu", pin_memory=self.cpu_offload_use_pin_memory)
+        if self.cpu_offload_use_pin_memory and not (self.cpu_offload or self.cpu_offload_param):
+            raise ValueError("cpu_offload_use_pin_memory only applies with cpu_offload: true (or cpu_offload_param); "
+                             "with offload_optimizer / offload_param use their pin_memory")
+        if self.offload_param is not None and self.stage != 3:
+            raise ValueError(f"zero_optimization.offload_param (parameter offload) needs stage 3, got stage "
+                             f"{self.stage}; at stages 0-2 use offload_optimizer")
         return self
 
     @property
