@@ -137,6 +137,15 @@ def _all_scenarios(tmp):
     c = _engine({}, "bf16", sched=True, model=make_model(seed=6))
     c.load_checkpoint(tmp, tag="t")
     out["resume-plain"] = _train(c, 2, first=2)
+    # a model built under Init, materialised straight into the CPU shards, equals the eagerly built one
+    eager = make_model()
+    torch.manual_seed(0)  # make_model seeds inside; Init replays from the RNG state at its entry
+    with ds_zero.Init():
+        lazy = type(eager)()
+    out["init-offload"] = full_state(_engine(BOTH, model=lazy).module)
+    out["eager-offload"] = full_state(_engine(BOTH, model=eager).module)
+    out["init-shard-devices"] = sorted({p._local_tensor.device.type for p in dict.fromkeys(lazy.parameters())
+                                        if hasattr(p, "_local_tensor")})
     out["rank"] = rank
     return out
 
@@ -208,3 +217,10 @@ def test_stage3_offload_resume_bit_for_bit_and_into_no_offload(tmp_path_factory)
         _close(r["resume-offload"], r["resume-continued"], rtol=0, atol=0)
         # CPUAdam against torch AdamW from the same state: fp32 round-off, then bf16 rounding of the params
         _close(r["resume-plain"], r["resume-continued"], rtol=1e-2, atol=2e-3)
+
+
+def test_stage3_offload_of_a_model_built_under_init(tmp_path_factory):
+    for r in _results(tmp_path_factory):
+        assert r["init-shard-devices"] == ["cpu"]
+        for k, v in r["eager-offload"].items():
+            torch.testing.assert_close(r["init-offload"][k], v, rtol=0, atol=0)

@@ -80,7 +80,10 @@ class Init(contextlib.ContextDecorator):
             raise ValueError("ds_zero.Init(module=...) (partitioning an already built module) is not supported: "
                              "hand the module to the stage-3 engine, which shards it at construction")
         if remote_device not in (None, "none"):
-            raise ValueError(f"ds_zero.Init(remote_device={remote_device!r}): parameter offload is not built")
+            # where the shards live is the engine's decision (its config), made when it materialises the model
+            raise ValueError(f"ds_zero.Init(remote_device={remote_device!r}): Init's own offload is not built; "
+                             "set zero_optimization.offload_param: {\"device\": \"cpu\"} in the engine config "
+                             "instead (the engine then makes the shards on the CPU)")
         if param_init_fn is not None and not callable(param_init_fn):
             raise TypeError(f"param_init_fn must be callable, got {type(param_init_fn).__name__}")
         self.enabled = enabled
