@@ -90,9 +90,9 @@ def _conflicts():
     with pytest.raises(ValueError, match="ZeroOneAdam needs zero_optimization.stage 0"):
         ds_train.initialize(model=model, optimizer=lambda ps: ds_comm.ZeroOneAdam(ps),
                             config={"train_batch_size": 8, "zero_optimization": {"stage": 2}})
-    with pytest.raises(ValueError, match="gradient_clipping"):
+    with pytest.raises(ValueError, match="gradient_compression.type"):
         ds_train.initialize(model=model, optimizer=ds_comm.OnebitAdam(model.parameters()),
-                            config={"train_batch_size": 8, "gradient_clipping": 1.0})
+                            config={"train_batch_size": 8, "gradient_compression": {"type": "onebit"}})
     # the client's optimizer (no config section) is used, and a callable scheduler is called with it
     engine, optimizer, _, scheduler = ds_train.initialize(
         model=model, optimizer=client, config={"train_batch_size": 8},

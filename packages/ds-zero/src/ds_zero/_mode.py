@@ -5,7 +5,10 @@
   0/1 Adam, 1-bit LAMB): it may skip the gradient all-reduce and averages its compressed momenta itself, so
   its state is per rank.
 - ``masters`` (stage 0 with fp16/bf16, stages 1 and 2): the optimizer is rebuilt over fp32 masters (this rank's
-  shards, ``_partition.Masters``) and reads the reduced 16-bit grads (``_partition.GradShards``).
+  shards, ``_partition.Masters``) and reads the reduced 16-bit grads (``_partition.GradShards``). A compressed
+  optimizer at stage 0 with fp16/bf16 is ``masters`` too (rebuilt over the replicated fp32 masters, as
+  DeepSpeed's ``FP16_Optimizer`` wraps 1-bit Adam; ``_compressed``): it reads this rank's grads where it skipped
+  the all-reduce, and its state is per rank as in ``direct``.
 - ``stage3``: the optimizer is rebuilt over FSDP2's fp32 DTensor shards (plus fp32 masters of the params kept
   whole by the persistence threshold).
 """
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 class OptimizerMode:
     #: ``"direct"``, ``"masters"`` or ``"stage3"``: also the checkpoint's ``mode`` entry
     name: str
-    #: a ds-comm compressed optimizer (``direct`` only)
+    #: a ds-comm compressed optimizer (stage 0: ``direct`` in fp32, ``masters`` in fp16/bf16)
     compressed: bool = False
 
     @staticmethod
@@ -28,7 +31,7 @@ class OptimizerMode:
             return OptimizerMode("stage3")
         if stage == 0 and not mixed_precision:
             return OptimizerMode("direct", compressed)
-        return OptimizerMode("masters")
+        return OptimizerMode("masters", compressed and stage == 0)
 
     @property
     def steps_model_params(self) -> bool:
@@ -54,6 +57,6 @@ class OptimizerMode:
 
     def optimizer_state_in_rank_file(self, rank: int, shard_world: int) -> bool:
         """This rank saves its own optimizer state (its shards, or a compressed optimizer's per-rank state)."""
-        if self.name == "masters":
-            return rank < shard_world
-        return self.compressed
+        if self.compressed:
+            return True
+        return self.name == "masters" and rank < shard_world

@@ -11,7 +11,8 @@ The optimizer set-up is decided once (``_mode.OptimizerMode``): *direct* (stage 
 steps the model params; their grads are views of the all-reduced buckets, as DDP), *compressed* (direct with a
 ds-comm ``CompressedOptimizer``: at each accumulation boundary the reducer asks
 ``optimizer.needs_grad_allreduce()`` and skips the gradient all-reduce when it says no; the optimizer then
-averages its compressed momenta itself over its own process group, which must be the engine's), *masters*
+averages its compressed momenta itself over its own process group, which must be the engine's; with fp16/bf16
+it is rebuilt over fp32 masters instead, see ``_compressed``), *masters*
 (stage 0 with fp16/bf16, stages 1 and 2: model params live in flat per-bucket storage in the model dtype; the
 optimizer is rebuilt over fp32 masters, this rank's shards, and reads the reduced 16-bit grads; after the step
 the masters are cast back into the flat storage and, for stages 1/2, all-gathered) and *stage3* (FSDP2).
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from ._buckets import Bucket, assign_buckets
 from ._clip import clip_coefficient, clip_grads_, global_grad_norm
+from ._compressed import check_compressed, is_compressed, rebuild_compressed
 from ._memory import model_state_bytes
 from ._mode import OptimizerMode
 from ._offload import CPUOffload
@@ -118,9 +120,9 @@ class ZeroEngine:
         rebuilt = OptimizerMode.decide(self.stage, self.precision.mixed, False).rebuilds_optimizer
         user_opt = materialize_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                                          template_only=rebuilt)
-        compressed = _is_compressed(user_opt)
+        compressed = is_compressed(user_opt)
         if compressed:
-            check_compressed(self, user_opt)  # stage 0 in fp32 only: compressed implies the direct mode
+            check_compressed(self, user_opt)  # stage 0; fp16/bf16 rebuild it over fp32 masters (_compressed)
         self.mode = OptimizerMode.decide(self.stage, self.precision.mixed, compressed)
         #: ZeRO-Offload (``offload_optimizer``): masters, states and the step on the CPU (``_offload``); None: off
         self.offload = CPUOffload.from_config(config, self.stage, self.mode.name, self.device, self.precision.dtype)
@@ -147,6 +149,8 @@ class ZeroEngine:
             self._build_masters(zero.load_from_fp32_weights)
             self.grad_shards = GradShards(self.buckets, self._num_groups, self.device, self._reduce_dtype())
             rebuild = self.offload.rebuild_optimizer if self.offload is not None else rebuild_optimizer
+            if self.mode.compressed:
+                rebuild = rebuild_compressed
             self.optimizer = rebuild(user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
         self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
         self.reducer = self._build_reducer()
@@ -519,35 +523,3 @@ class ZeroEngine:
             msg += " " + " ".join(f"{k}={v / n * 1e3:.1f}ms" for k, v in self._timings.items())
             self._timings.clear()
         logger.info("ds_zero: %s", msg)
-
-
-def _is_compressed(opt) -> bool:
-    try:
-        from ds_comm.optim import CompressedOptimizer
-    except ImportError:  # pragma: no cover - ds-comm is a dependency
-        return False
-    return isinstance(opt, CompressedOptimizer)
-
-
-def check_compressed(engine: ZeroEngine, opt) -> None:
-    """What the compressed optimizers need from the engine; anything else is refused naming the config key."""
-    name = type(opt).__name__
-    cfg = engine.config
-    if engine.stage != 0:
-        raise ValueError(f"{name} needs zero_optimization.stage 0, got stage {engine.stage}: it averages its own "
-                         "compressed momenta, which cannot be partitioned (DeepSpeed refuses it too)")
-    if engine.precision.mixed:
-        raise ValueError(f"{name} through the engine is built for fp32 only: disable fp16.enabled / bf16.enabled "
-                         "(the engine would rebuild it over fp32 masters, which is not built for it yet)")
-    if cfg.gradient_clipping > 0:
-        raise ValueError(f"gradient_clipping={cfg.gradient_clipping:g} is not supported with {name}: after its "
-                         "warm-up the gradients are local, not averaged, so the engine cannot take the global norm "
-                         "(DeepSpeed refuses it too); set gradient_clipping to 0")
-    if cfg.gradient_compression.type != "none":
-        raise ValueError(f"gradient_compression.type={cfg.gradient_compression.type!r} with {name}: the optimizer "
-                         "already compresses its communication; set gradient_compression.type to 'none'")
-    world, rank = opt.transport.world_size, opt.transport.rank
-    if (world, rank) != (engine.dp_world_size, engine.dp_rank):
-        raise ValueError(f"{name} communicates over a group of {world} ranks (this rank {rank}) but the engine's "
-                         f"data-parallel group has {engine.dp_world_size} (rank {engine.dp_rank}); build it with "
-                         "process_group= the engine's data-parallel group")

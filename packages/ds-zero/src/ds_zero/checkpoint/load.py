@@ -145,20 +145,37 @@ def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
     _load_optimizer(engine, sd, "the resharded checkpoint")
 
 
-def _load_compressed(engine, model: dict, own: dict | None, ckpt_dir: str, with_states: bool) -> None:
-    """A ds-comm compressed optimizer (stage 0, direct): its state is per rank (error feedback, masks). Same
-    world size: this rank's own, bit-exact; another: rank 0's, whose error feedback ds-comm resets (logged),
-    momenta and variances being replicated."""
-    if model["mode"] != "direct":
+def _load_compressed(engine, model: dict, own: dict | None, ckpt_dir: str, with_states: bool,
+                     marker: dict | None = None) -> None:
+    """A ds-comm compressed optimizer (stage 0): its state is per rank (error feedback, masks). Same world size:
+    this rank's own, bit-exact; another: rank 0's, whose error feedback ds-comm resets (logged), momenta and
+    variances being replicated. In fp32 (*direct*) the params came with the module state; in fp16/bf16
+    (*masters*) the fp32 masters come from rank 0's file (replicated at stage 0), or from the module's 16-bit
+    weights without the optimizer states (DeepSpeed's ``refresh_fp32_params``)."""
+    if model["mode"] != engine.mode.name or model["stage"] != 0:
+        wanted = "stage-0 fp32" if engine.mode.name == "direct" else "stage-0 fp16/bf16"
         raise CheckpointError(f"{ckpt_dir}: saved in {model['mode']!r} mode (stage {model['stage']}); a compressed "
-                              "optimizer resumes only from a stage-0 fp32 checkpoint")
-    # the params came with the module state (fp32, direct mode): only the optimizer state is left
+                              f"optimizer in this precision resumes only from a {wanted} checkpoint")
+    if engine.mode.name == "masters":
+        if with_states:
+            rank0 = own if engine.dp_rank == 0 and own is not None else safe_load(ckpt_dir, optim_file(0), marker)
+            with torch.no_grad():
+                for p, saved in zip(engine.masters.params, rank0["masters"]):
+                    if p is not None:
+                        p.data.copy_(saved)
+        else:
+            engine.refresh_fp32_params()
     if not with_states:
         return
     if own is not None and own.get("optimizer") is not None:
         _load_optimizer(engine, own["optimizer"], os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
     elif model["optimizer"] is not None:
         _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))
+    else:  # another world size in fp16/bf16: rank 0's per-rank file holds the optimizer state
+        _load_optimizer(engine, safe_load(ckpt_dir, optim_file(0), marker)["optimizer"],
+                        os.path.join(ckpt_dir, optim_file(0)))
+    if engine.mode.name == "masters":
+        engine.masters.write_params()
 
 
 def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states: bool = True,
@@ -226,7 +243,7 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
         own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
 
     if engine.mode.compressed:
-        _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states)
+        _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states, marker)
     elif engine.mode.steps_model_params:
         if fast:
             if load_optimizer_states and model["optimizer"] is not None:
