@@ -1,0 +1,139 @@
+"""Moving tokens to their experts and back: the capacity path and the dropless path, with the all-to-alls.
+
+Capacity path (``drop_tokens=True``, DeepSpeed's semantics): every kept slot is written to row
+``expert * C + location`` of an ``[E*C, M]`` buffer (dropped slots to one junk row past the end, so nothing
+needs a host sync), the buffer goes through a fixed-size ``all_to_all_single`` (rank r receives, from every
+rank of its expert-parallel group, the C rows of each of its local experts), the experts run as a batch
+``[local, ep*C, M]``, the result comes back by the reverse all-to-all, and each token sums its k rows times the
+combine weights. Same output as DeepSpeed's einsums over ``[S, E, C]``, with O(S*k*M) work instead of O(S*E*C*M).
+
+Dropless path (``drop_tokens=False``): the S*k slots are sorted by expert (stable, so token order is kept inside
+an expert), run through the experts as contiguous groups (grouped GEMM), and put back by the inverse
+permutation. With ``ep_size`` > 1 the per-expert counts are exchanged first (a fixed-size all-to-all of E
+integers), then the sorted rows by a variable-size ``all_to_all_single`` (send splits = rows for each rank's
+experts), regrouped by local expert, and sent back the same way. A rank may send or receive zero rows for any
+expert: every expert still runs (on zero rows), so every rank takes part in every backward all-to-all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._gemm import compute_dtype
+from .gate import Routing
+
+
+class _AllToAll(torch.autograd.Function):
+    """DeepSpeed's ``_AllToAll``: equal splits over the group; the backward is the same all-to-all."""
+
+    @staticmethod
+    def forward(ctx, group, input: Tensor) -> Tensor:
+        ctx.group = group
+        input = input.contiguous()
+        out = torch.empty_like(input)
+        dist.all_to_all_single(out, input, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return None, out
+
+
+class _AllToAllV(torch.autograd.Function):
+    """Variable-size all-to-all on dim 0; the backward sends the gradients back with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, group, input: Tensor, output_splits: list, input_splits: list) -> Tensor:
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        out = input.new_empty((sum(output_splits),) + tuple(input.shape[1:]))
+        dist.all_to_all_single(out, input.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.new_empty((sum(ctx.input_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        return None, out, None, None
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def _combine(y_slots: Tensor, r: Routing) -> Tensor:
+    """sum over a token's k slots of weight * expert output; [S, k, M] -> [S, M]."""
+    w = r.weight.to(y_slots.dtype).unsqueeze(-1)
+    if y_slots.shape[1] == 1:
+        return (y_slots * w).squeeze(1)
+    return (y_slots * w).sum(dim=1)
+
+
+def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int) -> Tensor:
+    S, M = x.shape
+    k = r.expert.shape[1]
+    E, C = r.num_experts, int(r.capacity)
+    xc = x.to(compute_dtype(x))
+    junk = E * C
+    dest = torch.where(r.kept, r.expert * C + r.location, torch.full_like(r.expert, junk)).reshape(-1)
+    buf = xc.new_zeros(E * C + 1, M)
+    buf = buf.index_put((dest,), xc.unsqueeze(1).expand(S, k, M).reshape(S * k, M))
+    dispatched = buf[:junk].reshape(E, C, M)
+    if ep_size > 1:
+        dispatched = _AllToAll.apply(ep_group, dispatched)
+    # [ep (source rank), local expert, C, M] -> each local expert's rows from every source: [local, ep*C, M]
+    per_expert = dispatched.reshape(ep_size, num_local, C, M).transpose(0, 1).reshape(num_local, ep_size * C, M)
+    y = experts.forward_capacity(per_expert)
+    y = y.reshape(num_local, ep_size, C, M).transpose(0, 1).reshape(E, C, M)
+    if ep_size > 1:
+        y = _AllToAll.apply(ep_group, y)
+    y_flat = torch.cat([y.reshape(E * C, M), y.new_zeros(1, M)], dim=0)
+    return _combine(y_flat.index_select(0, dest).reshape(S, k, M), r)
+
+
+def dropless_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int,
+                     backend: Optional[str] = None) -> Tensor:
+    S, M = x.shape
+    k = r.expert.shape[1]
+    E = r.num_experts
+    xc = x.to(compute_dtype(x))
+    flat = r.expert.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    x_sorted = xc.index_select(0, order // k)
+    if ep_size == 1:
+        y_sorted = experts.forward_sorted(x_sorted, counts, backend=backend)
+    else:
+        y_sorted = _expert_parallel_sorted(x_sorted, counts, experts, ep_size, ep_group, num_local, backend)
+    y_slots = y_sorted.index_select(0, _inverse(order)).reshape(S, k, M)
+    return _combine(y_slots, r)
+
+
+def _expert_parallel_sorted(x_sorted: Tensor, counts: Tensor, experts, ep: int, group, num_local: int,
+                            backend: Optional[str]) -> Tensor:
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)  # [source rank, local expert]
+    # one host sync for both: the split sizes of all_to_all_single are Python ints
+    both = torch.stack([counts, recv_counts]).reshape(2, ep, num_local)
+    host = both.tolist()
+    send_splits = [sum(row) for row in host[0]]
+    recv_splits = [sum(row) for row in host[1]]
+    x_recv = _AllToAllV.apply(group, x_sorted, recv_splits, send_splits)
+    # rows arrive grouped by (source rank, local expert): regroup by local expert, stable in source order
+    local_counts_host = [sum(host[1][src][e] for src in range(ep)) for e in range(num_local)]
+    local_id = torch.repeat_interleave(torch.arange(num_local, device=x_sorted.device).repeat(ep),
+                                       recv_counts.reshape(-1), output_size=sum(recv_splits))
+    order = torch.argsort(local_id, stable=True)
+    local_counts = recv_counts.reshape(ep, num_local).sum(dim=0)
+    y_local = experts.forward_sorted(x_recv.index_select(0, order), local_counts, counts_host=local_counts_host,
+                                     backend=backend)
+    y_recv = y_local.index_select(0, _inverse(order))
+    return _AllToAllV.apply(group, y_recv, send_splits, recv_splits)

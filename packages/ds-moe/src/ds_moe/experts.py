@@ -1,0 +1,170 @@
+"""The experts of one rank: DeepSpeed's ``Experts`` (deep copies of any module) and ``GroupedExperts``.
+
+DeepSpeed copies the ``expert`` module once per local expert (every expert starts from the same weights; the
+router breaks the symmetry) and marks each parameter ``allreduce = False`` and ``group_name =
+'ep_size_<n>'``: those two attributes are how optimizers, ZeRO and ``is_moe_param`` tell expert parameters
+from dense ones. Both classes here do the same.
+
+When the expert is an ``FFNExpert`` (Linear -> activation -> Linear), the layer keeps the copies stacked in
+``GroupedExperts``: one ``[local_experts, out, in]`` tensor per Linear, so the capacity path is two batched
+matmuls and the dropless path two grouped GEMMs, instead of a Python loop over experts. Any other module runs
+through ``Experts`` with a loop, as in DeepSpeed. ``expert_state_dict(i)`` / ``load_expert_state_dict(i, sd)``
+give both the same per-expert view (the keys of the template module), which checkpoints use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _gemm
+from .errors import MoEError
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise MoEError(f"activation {name!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class FFNExpert(nn.Module):
+    """An expert ``out(act(fc(x)))`` with ``fc = Linear(hidden, ffn_hidden)``, ``out = Linear(ffn_hidden,
+    hidden)``. Passed as ``MoE(expert=FFNExpert(...))`` it lets the layer use batched and grouped GEMMs."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.activation = activation
+        self._act = _activation(activation)
+        self.fc = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.out = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self._act(self.fc(x)))
+
+
+def _mark(params, group_name: Optional[str]) -> None:
+    for p in params:
+        p.allreduce = False
+        p.group_name = group_name
+
+
+class Experts(nn.Module):
+    """DeepSpeed's ``Experts``: ``deepspeed_experts`` = a ModuleList of copies of ``expert``."""
+
+    def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: Optional[str] = None):
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        self.num_local_experts = num_local_experts
+        _mark(self.deepspeed_experts.parameters(), expert_group_name)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """DeepSpeed's call: ``[ep_size, local_experts, capacity, M]`` (or any ``[..., local, C, M]`` chunked
+        on dim 1) -> the same shape."""
+        chunks = inputs.chunk(self.num_local_experts, dim=1)
+        outs = []
+        for chunk, expert in zip(chunks, self.deepspeed_experts):
+            out = expert(chunk)
+            if isinstance(out, tuple):
+                out = out[0]  # DeepSpeed ignores a returned bias the same way
+            outs.append(out)
+        return torch.cat(outs, dim=1)
+
+    def forward_capacity(self, x: Tensor) -> Tensor:
+        """``[local_experts, T, M]`` -> ``[local_experts, T, M]``."""
+        return self(x.unsqueeze(0)).squeeze(0)
+
+    def forward_sorted(self, x: Tensor, counts: Tensor, counts_host: Optional[list] = None,
+                       backend: Optional[str] = None) -> Tensor:
+        """Rows of x sorted by local expert, ``counts[i]`` rows for expert i -> outputs in the same order.
+        Every expert runs, also on 0 rows (zero gradients, not none, whatever the routing)."""
+        sizes = counts_host if counts_host is not None else counts.tolist()
+        outs = []
+        for part, expert in zip(x.split(sizes, dim=0), self.deepspeed_experts):
+            out = expert(part)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs, dim=0)
+
+    def expert_state_dict(self, i: int) -> dict:
+        return {k: v.detach() for k, v in self.deepspeed_experts[i].state_dict().items()}
+
+    def load_expert_state_dict(self, i: int, sd: dict) -> None:
+        self.deepspeed_experts[i].load_state_dict(sd)
+
+
+class GroupedExperts(nn.Module):
+    """``num_local_experts`` copies of an ``FFNExpert`` stacked: ``weight1 [n, ffn, M]``, ``bias1 [n, ffn]``,
+    ``weight2 [n, M, ffn]``, ``bias2 [n, M]`` (nn.Linear's layout per expert)."""
+
+    def __init__(self, expert: FFNExpert, num_local_experts: int = 1, expert_group_name: Optional[str] = None,
+                 gemm_backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(expert, FFNExpert):
+            raise MoEError(f"GroupedExperts stacks FFNExpert modules, got {type(expert).__name__}")
+        n = num_local_experts
+        self.num_local_experts = n
+        self.activation = expert.activation
+        self._act = _activation(expert.activation)
+        self.gemm_backend = gemm_backend
+        self.weight1 = nn.Parameter(expert.fc.weight.detach().clone().unsqueeze(0).repeat(n, 1, 1))
+        self.weight2 = nn.Parameter(expert.out.weight.detach().clone().unsqueeze(0).repeat(n, 1, 1))
+        self.bias1 = (nn.Parameter(expert.fc.bias.detach().clone().unsqueeze(0).repeat(n, 1))
+                      if expert.fc.bias is not None else None)
+        self.bias2 = (nn.Parameter(expert.out.bias.detach().clone().unsqueeze(0).repeat(n, 1))
+                      if expert.out.bias is not None else None)
+        _mark(self.parameters(), expert_group_name)
+
+    def forward_capacity(self, x: Tensor) -> Tensor:
+        """``[n, T, M]`` -> ``[n, T, M]``: two batched matmuls, the bias fused (baddbmm)."""
+        w1 = self.weight1.transpose(1, 2)
+        w2 = self.weight2.transpose(1, 2)
+        h = torch.bmm(x, w1) if self.bias1 is None else torch.baddbmm(self.bias1.unsqueeze(1), x, w1)
+        a = self._act(h)
+        return torch.bmm(a, w2) if self.bias2 is None else torch.baddbmm(self.bias2.unsqueeze(1), a, w2)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """DeepSpeed's ``Experts`` call shape ``[ep, n, C, M]``."""
+        ep, n, C, M = inputs.shape
+        y = self.forward_capacity(inputs.transpose(0, 1).reshape(n, ep * C, M))
+        return y.reshape(n, ep, C, M).transpose(0, 1)
+
+    def forward_sorted(self, x: Tensor, counts: Tensor, counts_host: Optional[list] = None,
+                       backend: Optional[str] = None) -> Tensor:
+        H, M = self.weight1.shape[1], self.weight1.shape[2]
+        b = _gemm.choose_backend(x, M, H, backend or self.gemm_backend)
+        row_group = None
+        if b == "grouped_mm" and (self.bias1 is not None or self.bias2 is not None):
+            row_group = torch.repeat_interleave(torch.arange(self.num_local_experts, device=x.device), counts,
+                                                output_size=x.shape[0])
+        h = _gemm.grouped_linear(x, self.weight1, self.bias1, counts, b, counts_host, row_group)
+        a = self._act(h)
+        return _gemm.grouped_linear(a, self.weight2, self.bias2, counts, b, counts_host, row_group)
+
+    _KEYS = (("fc.weight", "weight1"), ("fc.bias", "bias1"), ("out.weight", "weight2"), ("out.bias", "bias2"))
+
+    def expert_state_dict(self, i: int) -> dict:
+        return {k: getattr(self, a)[i].detach() for k, a in self._KEYS if getattr(self, a) is not None}
+
+    def load_expert_state_dict(self, i: int, sd: dict) -> None:
+        want = {k for k, a in self._KEYS if getattr(self, a) is not None}
+        if set(sd) != want:
+            raise MoEError(f"expert state has keys {sorted(sd)}, this FFN expert has {sorted(want)}")
+        with torch.no_grad():
+            for k, a in self._KEYS:
+                if k in sd:
+                    dst = getattr(self, a)[i]
+                    if sd[k].shape != dst.shape:
+                        raise MoEError(f"expert state {k!r} has shape {tuple(sd[k].shape)}, expected "
+                                       f"{tuple(dst.shape)}")
+                    dst.copy_(sd[k])
