@@ -35,6 +35,11 @@ def model_state_bytes(engine) -> dict[str, int]:
     out = {"params": 0, "grads": 0, "master_params": 0, "optimizer_states": 0}
     where = {"device": 0, "host": 0}
     offloaded = getattr(engine, "offload", None) is not None
+    # NVMe offload: the masters and states are file mappings, bytes on the disk rather than in host memory
+    swapped = ({_storage_key(t) for t in engine.masters.swapped(engine.optimizer)}
+               if hasattr(engine.masters, "swapped") else None)
+    if swapped is not None:
+        where["nvme"] = 0
     on_cpu_engine = engine.device.type == "cpu"
 
     def add(kind: str, t: torch.Tensor | None, offloaded_grad: bool = False) -> None:
@@ -47,7 +52,7 @@ def model_state_bytes(engine) -> dict[str, int]:
         out[kind] += key[1]
         host = (offloaded and (kind in ("master_params", "optimizer_states") or offloaded_grad)) or (
             t.device.type == "cpu" and not on_cpu_engine)
-        where["host" if host else "device"] += key[1]
+        where["nvme" if swapped and key in swapped else "host" if host else "device"] += key[1]
 
     masters = set()
     if engine.masters is not None:

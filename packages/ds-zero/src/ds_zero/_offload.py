@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from ._buckets import Bucket
 from ._partition import Masters
@@ -74,10 +75,15 @@ class CPUOffload:
         #: CPU optimizer steps taken (skipped steps do not count): what the tests read to see the path ran
         self.cpu_steps = 0
         self.masters: OffloadedMasters | None = None
+        #: NVMe (``device: "nvme"``): the directory under which this rank's swap files go; None: host memory
+        self.nvme_path: str | None = None
+        self.sub_group_size = 1_000_000_000
+        self.group = None  # the data-parallel group: NVMe set-up errors are agreed over it
+        self.global_rank = 0
 
     @classmethod
     def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
-                    model_dtype: torch.dtype) -> CPUOffload | None:
+                    model_dtype: torch.dtype, process_group=None) -> CPUOffload | None:
         off = config.zero_optimization.offload_optimizer
         par = config.zero_optimization.offload_param
         if mode_name == "stage3" and (off is not None or par is not None):
@@ -91,11 +97,19 @@ class CPUOffload:
             return cls(device, pin, None, stage3=True)
         if off is None:
             return None
+        if off.device == "nvme" and mode_name == "stage3":  # the config refuses it already; the backstop
+            raise ValueError("zero_optimization.offload_optimizer.device 'nvme' is built for stages 0-2 only")
         if mode_name != "masters":  # the config refuses stage 3 and fp32 stage 0 already; this is the backstop
             raise ValueError(f"zero_optimization.offload_optimizer needs the engine's fp32 masters (stages 1/2, or "
                              f"stage 0 with fp16/bf16); this engine steps in mode {mode_name!r} (stage {stage})")
         copy_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
-        return cls(device, off.pin_memory, copy_dtype)
+        offload = cls(device, off.pin_memory, copy_dtype)
+        if off.device == "nvme":  # ZeRO-Infinity's optimizer swapping (_swap)
+            offload.nvme_path = off.nvme_path
+            offload.sub_group_size = config.zero_optimization.sub_group_size
+            offload.group = process_group
+            offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return offload
 
     def fsdp_policy(self):
         """Stage 3: FSDP2's ``CPUOffloadPolicy``. FSDP2 keeps each param's padded fp32 shard (pinned when asked
@@ -107,7 +121,8 @@ class CPUOffload:
         return CPUOffloadPolicy(pin_memory=self.pin)
 
     def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:
-        self.masters = OffloadedMasters(buckets, num_groups, fp32_sources, self)
+        self.masters = (NVMeMasters if self.nvme_path is not None else OffloadedMasters)(
+            buckets, num_groups, fp32_sources, self)
         return self.masters
 
     def rebuild_optimizer(self, template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]]):
@@ -116,7 +131,11 @@ class CPUOffload:
 
         from ._optim import rebuild_optimizer
 
-        if not isinstance(template, (torch.optim.Adam, torch.optim.AdamW, FusedAdam)):
+        adam = isinstance(template, (torch.optim.Adam, torch.optim.AdamW, FusedAdam))
+        if self.nvme_path is not None and not adam:
+            raise ValueError(f"zero_optimization.offload_optimizer.device 'nvme' swaps Adam's states: it steps "
+                             f"Adam/AdamW only, got {type(template).__name__}; use device 'cpu' for other optimizers")
+        if not adam:
             backend = getattr(template, "backend_request", None)
             if isinstance(template, FlatOptimizer) and backend in _GPU_BACKENDS:
                 raise ValueError(f"zero_optimization.offload_optimizer steps the masters on the CPU, but the "
@@ -125,10 +144,11 @@ class CPUOffload:
             logger.info("ds_zero: offload_optimizer: %s is not an Adam-family optimizer; it steps the CPU masters "
                         "as given (no fused 16-bit copy-out)", type(template).__name__)
             return rebuild_optimizer(template, group_params)
-        groups = []
-        for src, params in zip(template.param_groups, group_params):
+        groups, indices = [], []
+        for gi, (src, params) in enumerate(zip(template.param_groups, group_params)):
             if not params:
                 continue
+            indices.append(gi)
             if src.get("amsgrad"):
                 raise ValueError("zero_optimization.offload_optimizer: amsgrad=True is not supported by the CPU "
                                  "optimizer (ds_optim.CPUAdam); build the optimizer without amsgrad")
@@ -141,6 +161,14 @@ class CPUOffload:
         if not groups:
             raise ValueError("the optimizer has no trainable parameters (every param is frozen or in no group)")
         d = template.defaults
+        if self.nvme_path is not None:
+            from ._swap import build_nvme_adam
+
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+            defaults = {"lr": d.get("lr", 1e-3), "betas": d.get("betas", (0.9, 0.999)), "eps": d.get("eps", 1e-8),
+                        "weight_decay": d.get("weight_decay", 0.0), "adam_w_mode": _adam_w_mode(template, d),
+                        "bias_correction": d.get("bias_correction", True), "maximize": d.get("maximize", False)}
+            return build_nvme_adam(self, list(zip(indices, hyper)), defaults, self.masters)
         return CPUAdam(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
                        weight_decay=d.get("weight_decay", 0.0), adamw_mode=_adam_w_mode(template, d),
                        bias_correction=d.get("bias_correction", True), copy_dtype=self.copy_dtype,
@@ -216,3 +244,29 @@ class OffloadedMasters(Masters):
         if isinstance(optimizer, CPUAdam):
             out += optimizer.flat_copies()
         return out
+
+
+class NVMeMasters(OffloadedMasters):
+    """:class:`OffloadedMasters` whose fp32 masters live in swap files under ``nvme_path`` (``_swap``): the
+    params are shared mappings of the files, stepped by :class:`~._swap.NVMeAdam` sub-group by sub-group."""
+
+    def __init__(self, buckets: list[Bucket], num_groups: int, fp32_sources, offload: CPUOffload) -> None:
+        from ._swap import to_files
+
+        super().__init__(buckets, num_groups, fp32_sources, offload)
+        self.files = to_files(self, offload)
+
+    def step(self, optimizer, grads: list[torch.Tensor], scale: float) -> None:
+        optimizer.swap_step(self._to_host(grads), scale)
+        self.offload.cpu_steps += 1
+        self._copy_from = optimizer if optimizer.copy_dtype is not None else None
+
+    def host_buffers(self, optimizer) -> list[torch.Tensor]:
+        """The grad staging, the 16-bit copy-out and the two swap buffer sets."""
+        out = list(self.host_grads) + [c for c in optimizer.copies.values() if c is not None]
+        return out + [t for buffers in optimizer.buffers for t in buffers]
+
+    def swapped(self, optimizer) -> list[torch.Tensor]:
+        """The file-backed tensors: masters and states on the NVMe, not in host memory."""
+        return [p.data for p in self.params if p is not None] + [
+            optimizer.state[p][k] for p in optimizer.group_index for k in ("exp_avg", "exp_avg_sq")]

@@ -32,6 +32,7 @@ __all__ = [
     "OffloadOptimizerConfig",
     "OffloadParamConfig",
     "EngineConfig",
+    "ConfigProblems",
     "NOT_BUILT",
 ]
 
@@ -52,6 +53,34 @@ def _same(value: Any, default: Any) -> bool:
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
     return value == default
+
+
+def _is_root(message: str) -> bool:
+    """A feature that is not built: the root cause, reported before the conflicts it would otherwise explain."""
+    return "not supported yet" in message or "not built" in message
+
+
+class ConfigProblems(ValueError):
+    """Several problems of one config check, in one error; ``problems`` holds each message (root causes first).
+    Inside a pydantic validator it reaches the caller as the ``ctx["error"]`` of its ``ValidationError`` entry,
+    so a front end can list the problems one by one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(self.problems, 1))
+            super().__init__(f"{len(self.problems)} problems:\n{lines}")
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise every problem a cross-field check found as ONE :class:`ConfigProblems` (a ``ValueError``; nothing
+    when the list is empty), the features not built first, then the file's conflicts in the order checked: a
+    user fixes a config in one run, not one per problem. Several problems read ``"N problems:"`` and one
+    numbered line each."""
+    if problems:
+        raise ConfigProblems([p for p in problems if _is_root(p)] + [p for p in problems if not _is_root(p)])
 
 
 class StrictModel(BaseModel):
@@ -170,48 +199,49 @@ def _stage3_aliases(data: Any) -> Any:
     return data
 
 
+def _offload_device_off(device: Any) -> bool:
+    return device is None or (isinstance(device, str) and device.strip().lower() == "none")
+
+
 class OffloadOptimizerConfig(StrictModel):
     """``zero_optimization.offload_optimizer`` (ZeRO-Offload): the fp32 masters and the optimizer states live in
     host memory and the optimizer steps on the CPU (``ds_zero._offload``). Built: ``device: "cpu"`` at stages 1,
     2 and 3 (and stage 0 with fp16/bf16; stage 3 through FSDP2's ``CPUOffloadPolicy``). ``pin_memory`` pins the host buffers that cross PCIe (the gradient
     staging and the 16-bit copy-out) when the model is on CUDA. ``buffer_count`` and ``fast_init`` only matter
     for NVMe in DeepSpeed: accepted, no effect. NVMe (``device: "nvme"``, ``nvme_path``), partial offload
-    (``ratio`` < 1) and the pipelined NVMe reads/writes are not built: errors naming the key."""
+    (``ratio`` < 1) is not built: an error naming the key. ``device: "nvme"`` with ``nvme_path`` (stages 0-2):
+    the masters and Adam's states in swap files (``ds_zero._swap``), stepped in ``sub_group_size`` pieces."""
 
-    device: Literal["cpu"] = "cpu"
+    device: Literal["cpu", "nvme"] = "cpu"
+    #: NVMe: the directory of the swap files (``ds_zero._swap``); ignored with ``device: "cpu"``, as DeepSpeed
+    nvme_path: str | None = None
     pin_memory: bool = False
     buffer_count: PositiveInt = 4
     fast_init: bool = False
+    #: DeepSpeed's NVMe pipelining switches: ds-zero always overlaps the next sub-group's read and the last
+    #: one's write with the step; accepted, no effect
+    pipeline_read: bool = False
+    pipeline_write: bool = False
+    pipeline: bool = False
 
-    not_built_keys: ClassVar[dict[str, Any]] = {
-        "nvme_path": None,
-        "ratio": 1.0,
-        "pipeline_read": False,
-        "pipeline_write": False,
-        "pipeline": False,
-    }
+    not_built_keys: ClassVar[dict[str, Any]] = {"ratio": 1.0}
     not_built_hint: ClassVar[dict[str, str]] = {
-        "nvme_path": "NVMe offload (ZeRO-Infinity) is not built",
         "ratio": "partial offload is not built: the whole optimizer state goes to the CPU (ratio 1.0)",
     }
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nvme_first(cls, data: Any) -> Any:
-        # name the missing feature (NVMe) rather than the first of its keys (nvme_path) the key check meets
-        if isinstance(data, dict) and data.get("device") == "nvme":
-            cls._device("nvme")
-        return data
 
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, value: Any) -> Any:
-        if value == "nvme":
-            raise ValueError("offload_optimizer.device = 'nvme' is not supported yet by ds-zero: NVMe offload "
-                             "(ZeRO-Infinity) is not built; use \"cpu\"")
-        if value != "cpu":
+        if value not in ("cpu", "nvme"):
             raise ValueError(f"offload_optimizer.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _nvme_path(self) -> "OffloadOptimizerConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("offload_optimizer.device = 'nvme' needs offload_optimizer.nvme_path (a directory on "
+                             "the NVMe drive for the swap files)")
+        return self
 
 
 class OffloadParamConfig(StrictModel):
@@ -341,12 +371,13 @@ class ZeroConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _offload_off(cls, data: Any) -> Any:
-        # {"device": "none"} is DeepSpeed's spelled-out "off" for both offload sections
+        # DeepSpeed's OffloadDeviceEnum spells "off" "none" (also its default); configs in the wild write "None"
+        # and null too, which DeepSpeed takes as off as well: the section then has no effect, whatever else it holds
         if isinstance(data, dict):
             data = dict(data)
             for key in ("offload_optimizer", "offload_param"):
                 value = data.get(key)
-                if isinstance(value, dict) and value.get("device", "none") in ("none", None):
+                if isinstance(value, dict) and _offload_device_off(value.get("device", "none")):
                     data.pop(key)
         return data
 
@@ -359,18 +390,20 @@ class ZeroConfig(StrictModel):
 
     @model_validator(mode="after")
     def _stage3_only(self) -> "ZeroConfig":
+        problems = []
         if self.stage != 3:
             if self.zero_hpz_partition_size != 1:
-                raise ValueError(f"zero_hpz_partition_size={self.zero_hpz_partition_size} (ZeRO++ hpZ) needs stage 3, "
-                                 f"got stage {self.stage}")
+                problems.append(f"zero_hpz_partition_size={self.zero_hpz_partition_size} (ZeRO++ hpZ) needs stage "
+                                f"3, got stage {self.stage}")
             if self.zero_quantized_gradients:
-                raise ValueError(f"zero_quantized_gradients (ZeRO++ qgZ) is built for stage 3 (got stage "
-                                 f'{self.stage}); at stages 1/2 use "gradient_compression": {{"type": "int8"}}')
+                problems.append(f"zero_quantized_gradients (ZeRO++ qgZ) is built for stage 3 (got stage "
+                                f'{self.stage}); at stages 1/2 use "gradient_compression": {{"type": "int8"}}')
             if self.zero_quantized_weights:
-                raise ValueError(f"zero_quantized_weights (ZeRO++ qwZ) quantizes the stage-3 parameter all-gather; "
-                                 f"it needs stage 3, got stage {self.stage}")
+                problems.append(f"zero_quantized_weights (ZeRO++ qwZ) quantizes the stage-3 parameter all-gather; "
+                                f"it needs stage 3, got stage {self.stage}")
             if self.shard_units is not None:
-                raise ValueError(f"shard_units only applies to stage 3, got stage {self.stage}")
+                problems.append(f"shard_units only applies to stage 3, got stage {self.stage}")
+        raise_problems(problems)
         return self
 
     @model_validator(mode="after")
@@ -388,6 +421,9 @@ class ZeroConfig(StrictModel):
         if self.cpu_offload_use_pin_memory and not (self.cpu_offload or self.cpu_offload_param):
             raise ValueError("cpu_offload_use_pin_memory only applies with cpu_offload: true (or cpu_offload_param); "
                              "with offload_optimizer / offload_param use their pin_memory")
+        if self.offload_optimizer is not None and self.offload_optimizer.device == "nvme" and self.stage == 3:
+            raise ValueError("offload_optimizer.device = 'nvme' at zero_optimization.stage 3 is not supported yet by "
+                             "ds-zero (NVMe offload is built for stages 0-2; at stage 3 use \"cpu\")")
         if self.offload_param is not None and self.stage != 3:
             raise ValueError(f"zero_optimization.offload_param (parameter offload) needs stage 3, got stage "
                              f"{self.stage}; at stages 0-2 use offload_optimizer")
@@ -458,31 +494,28 @@ class EngineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> EngineConfig:
+        # every conflict at once, the features not built first (raise_problems)
+        problems = []
         if self.fp16.enabled and self.bf16.enabled:
-            raise ValueError("fp16.enabled and bf16.enabled are both true; enable at most one")
+            problems.append("fp16.enabled and bf16.enabled are both true; enable at most one")
         kind, stage = self.gradient_compression.type, self.zero_optimization.stage
         if kind == "onebit" and stage != 0:
-            raise ValueError(
-                f'gradient_compression.type "onebit" needs zero_optimization.stage 0 (got stage {stage}); '
-                'for stages 1/2 use "int8" or "int4"'
-            )
+            problems.append(f'gradient_compression.type "onebit" needs zero_optimization.stage 0 (got stage {stage}); '
+                            'for stages 1/2 use "int8" or "int4"')
         if kind in ("int8", "int4") and stage == 3:
-            raise ValueError(
-                f'gradient_compression.type "{kind}" is built for stages 1 and 2; at stage 3 the gradient '
-                'reduce-scatter is FSDP2\'s (quantized stage-3 gradients, ZeRO++ qgZ, are not built yet)'
-            )
+            problems.append(f'gradient_compression.type "{kind}" is built for stages 1 and 2; at stage 3 the gradient '
+                            'reduce-scatter is FSDP2\'s (quantized stage-3 gradients, ZeRO++ qgZ, are not built yet)')
         if kind in ("int8", "int4") and stage == 0:
-            raise ValueError(
-                f'gradient_compression.type "{kind}" (quantized reduce-scatter) needs zero_optimization.stage 1 '
-                'or 2; for stage 0 use "onebit"'
-            )
+            problems.append(f'gradient_compression.type "{kind}" (quantized reduce-scatter) needs '
+                            'zero_optimization.stage 1 or 2; for stage 0 use "onebit"')
         if self.zero_optimization.offload_optimizer is not None and stage == 0 and not (
                 self.fp16.enabled or self.bf16.enabled):
-            raise ValueError("zero_optimization.offload_optimizer at stage 0 in fp32 is not supported yet by ds-zero: "
-                             "offload at stage 0 needs fp16 or bf16 (there the engine keeps fp32 masters it can move "
-                             "to the CPU; an fp32 stage-0 run steps the model's own params); use stage 1 or 2")
+            problems.append("zero_optimization.offload_optimizer at stage 0 in fp32 is not supported yet by ds-zero: "
+                            "offload at stage 0 needs fp16 or bf16 (there the engine keeps fp32 masters it can move "
+                            "to the CPU; an fp32 stage-0 run steps the model's own params); use stage 1 or 2")
         if kind != "none" and self.communication_data_type is not None:
-            raise ValueError("communication_data_type and gradient_compression cannot both be set")
+            problems.append("communication_data_type and gradient_compression cannot both be set")
+        raise_problems(problems)
         return self
 
     @property

@@ -125,7 +125,8 @@ class ZeroEngine:
             check_compressed(self, user_opt)  # stage 0; fp16/bf16 rebuild it over fp32 masters (_compressed)
         self.mode = OptimizerMode.decide(self.stage, self.precision.mixed, compressed)
         #: ZeRO-Offload (``offload_optimizer``): masters, states and the step on the CPU (``_offload``); None: off
-        self.offload = CPUOffload.from_config(config, self.stage, self.mode.name, self.device, self.precision.dtype)
+        self.offload = CPUOffload.from_config(config, self.stage, self.mode.name, self.device, self.precision.dtype,
+                                              process_group)
         named = self._trainable(user_opt)
         self._num_groups = len(user_opt.param_groups)
         self.masters: Masters | None = None

@@ -1,0 +1,362 @@
+"""NVMe offload of the optimizer (ZeRO-Infinity's optimizer-state swapping), stages 0-2 in the *masters* mode.
+
+``offload_optimizer: {device: "nvme", nvme_path, pin_memory}``: this rank's fp32 masters and Adam's two moments
+live in three files per param group under ``nvme_path/ds_zero_swap/rank<R>/``, not in host memory. What stays in
+host memory: the 16-bit staging of the reduced grads and the 16-bit copy-out of the new params (2 + 2 bytes per
+param of the shard, as CPU offload), and two sets of swap buffers of ``sub_group_size`` elements each (12 bytes
+per element per set: master, exp_avg, exp_avg_sq), pinned when ``pin_memory`` and CUDA.
+
+The step (:meth:`NVMeAdam.swap_step`) walks each group's master in sub-groups of ``sub_group_size`` elements
+(DeepSpeed's key: the optimizer step's unit): a pool of I/O threads reads sub-group ``i + 1`` from the files into
+one buffer set (``os.preadv``: positional reads, no seek, no shared file offset) while ds-optim's Numba Adam
+kernel steps sub-group ``i`` in the other set, writing the 16-bit copy of the new params in the same pass; the
+updated set is then written back (``os.pwritev``) by the pool while the next sub-group steps. A buffer set is
+reused only once its write has landed. This is DeepSpeed's pipelined swapper without libaio: no compiler at
+install time. Buffered I/O (no ``O_DIRECT``): the files are also memory-mapped (below), and a direct write would
+bypass the page cache the mapping reads.
+
+The masters and states are also ``torch.from_file(..., shared=True)`` tensors over the same files: the engine,
+checkpoints and ``state_dict`` read and write them as ordinary tensors (the kernel's page cache keeps the mapping
+and the positional I/O coherent), so checkpoints need nothing new: an NVMe-offloaded run saves what a CPU
+offloaded run saves, resumes bit for bit, and loads into CPU offload or no offload (Adam family).
+
+Faults, each a named error before or instead of a wrong result: ``nvme_path`` missing, not a directory or not
+writable, or with less free space than the three files need (how much is asked, how much is free); swap buffers
+larger than the host's available memory; a directory in use by a live process; a write that fails mid-step
+(``ENOSPC``: the disk filled) names the file and offset. A setup error on one rank is raised on every rank (the
+others name that rank). Swap files of a killed run are removed at the next start on the same ``nvme_path``; the
+directory is removed when the engine is garbage collected or the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import logging
+import os
+import shutil
+import socket
+import weakref
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("ds_zero")
+
+STATES = ("exp_avg", "exp_avg_sq")
+#: files per param group: the fp32 master and Adam's two moments
+KINDS = ("param", *STATES)
+
+
+class NVMeSwapError(RuntimeError):
+    """An NVMe offload failure: a bad ``nvme_path``, too little space or memory, a failed read or write."""
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class SwapDir:
+    """This rank's swap directory ``nvme_path/ds_zero_swap/rank<R>``: checked, locked by a pid file, emptied of a
+    dead run's files, removed at the end."""
+
+    def __init__(self, nvme_path: str, rank: int, needed_bytes: int) -> None:
+        if not nvme_path:
+            raise NVMeSwapError("zero_optimization.offload_optimizer.device is 'nvme' but nvme_path is not set")
+        root = os.fspath(nvme_path)
+        if not os.path.exists(root):
+            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} does not exist")
+        if not os.path.isdir(root):
+            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} is not a directory")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} is not writable")
+        self.path = os.path.join(root, "ds_zero_swap", f"rank{rank}")
+        os.makedirs(self.path, exist_ok=True)
+        self._claim()
+        free = shutil.disk_usage(self.path).free
+        if free < needed_bytes:
+            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r}: the swap files need "
+                                f"{_gib(needed_bytes)} on this rank, the file system has {_gib(free)} free")
+
+    def _claim(self) -> None:
+        owner = os.path.join(self.path, "owner")
+        host = socket.gethostname()
+        try:
+            with open(owner) as f:
+                old_host, old_pid = f.read().split()
+            alive = old_host == host and _pid_alive(int(old_pid)) and int(old_pid) != os.getpid()
+        except (OSError, ValueError):
+            old_pid, alive = None, False
+        if alive:
+            raise NVMeSwapError(f"the NVMe swap directory {self.path!r} is in use by process {old_pid} on this host; "
+                                "give each run its own nvme_path")
+        stale = [n for n in os.listdir(self.path) if n != "owner"]
+        if stale:  # a killed run's files: they would hold the disk space this run needs
+            logger.warning("ds_zero: removing %d stale NVMe swap files of process %s in %s", len(stale), old_pid,
+                           self.path)
+            for name in stale:
+                full = os.path.join(self.path, name)
+                shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+        with open(owner, "w") as f:
+            f.write(f"{host} {os.getpid()}\n")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dir(path: str, fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _np(t: torch.Tensor):
+    return memoryview(t.numpy()).cast("B")
+
+
+class SwapFiles:
+    """One file per (param group, kind), opened once; positional reads and writes of element ranges."""
+
+    def __init__(self, swap_dir: SwapDir, sizes: list[int]) -> None:
+        self.dir = swap_dir
+        self.fds: dict[tuple[int, str], int] = {}
+        self.names: dict[tuple[int, str], str] = {}
+        opened: list[int] = []  # closed before the directory is removed
+        self._finalizer = weakref.finalize(self, _remove_dir, swap_dir.path, opened)
+        for gi, n in enumerate(sizes):
+            if not n:
+                continue
+            for kind in KINDS:
+                name = swap_dir.file(f"group{gi}.{kind}")
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                opened.append(fd)
+                self.fds[gi, kind], self.names[gi, kind] = fd, name
+                try:
+                    os.posix_fallocate(fd, 0, 4 * n)  # reserve the space now: a full disk fails here, not mid-step
+                except OSError as exc:
+                    raise NVMeSwapError(f"cannot reserve {_gib(4 * n)} for the NVMe swap file {name!r}: {exc}") from None
+
+    def mapped(self, gi: int, kind: str, n: int) -> torch.Tensor:
+        """The whole file as an fp32 tensor (shared mapping: writes go to the file)."""
+        return torch.from_file(self.names[gi, kind], shared=True, size=n, dtype=torch.float32)
+
+    def read(self, gi: int, kind: str, out: torch.Tensor, offset: int) -> None:
+        view, done, total = _np(out), 0, out.numel() * 4
+        try:
+            while done < total:
+                got = os.preadv(self.fds[gi, kind], [view[done:]], offset * 4 + done)
+                if got <= 0:
+                    raise OSError(f"unexpected end of file after {done} of {total} bytes")
+                done += got
+        except OSError as exc:
+            raise NVMeSwapError(f"NVMe swap read of {self.names[gi, kind]!r} at element {offset} failed: {exc}") from None
+
+    def write(self, gi: int, kind: str, src: torch.Tensor, offset: int) -> None:
+        view, done, total = _np(src), 0, src.numel() * 4
+        try:
+            while done < total:
+                done += os.pwritev(self.fds[gi, kind], [view[done:]], offset * 4 + done)
+        except OSError as exc:
+            full = " (the disk under nvme_path is full)" if getattr(exc, "errno", None) == 28 else ""
+            raise NVMeSwapError(f"NVMe swap write of {self.names[gi, kind]!r} at element {offset} failed{full}: "
+                                f"{exc}") from None
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def agree_on_setup(error: BaseException | None, group) -> None:
+    """Every rank learns whether any rank failed to set up its swap files, so that none goes on into a
+    collective the failed one never joins: the failing rank raises its own error, the others name it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is None:
+            failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+            if failed:
+                rank, message = failed[0]
+                raise NVMeSwapError(f"NVMe offload set-up failed on rank {rank}: {message}")
+    if error is not None:
+        raise error
+
+
+class NVMeAdam(torch.optim.Optimizer):
+    """Adam/AdamW over file-backed fp32 masters and states, stepped sub-group by sub-group through swap buffers
+    (see the module docstring). One param (a group's flat master) per group; ``state_dict`` is torch's Adam
+    layout (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints load across CPUAdam, FusedAdam(W) and torch's
+    Adam(W)."""
+
+    def __init__(self, groups: list[dict], defaults: dict, files: SwapFiles, sub_group_size: int,
+                 copy_dtype: torch.dtype | None, pin: bool, io_threads: int = 3) -> None:
+        super().__init__(groups, defaults)
+        self.files = files
+        self.copy_dtype = copy_dtype
+        self.pin = pin
+        self.group_index: dict[torch.nn.Parameter, int] = {}
+        for group in self.param_groups:
+            (p,) = group["params"]
+            gi = group.pop("_master_index")
+            self.group_index[p] = gi
+            st = self.state[p]
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            for kind in STATES:
+                st[kind] = files.mapped(gi, kind, p.numel())
+        biggest = max(p.numel() for p in self.group_index)
+        self.sub_group_size = max(1, min(sub_group_size, biggest))
+        #: two swap buffer sets, each a (master, exp_avg, exp_avg_sq) of sub_group_size elements
+        self.buffers = [[torch.empty(self.sub_group_size, dtype=torch.float32, pin_memory=pin) for _ in KINDS]
+                        for _ in range(2)]
+        #: the 16-bit copy of each group's new params written by the kernel (None for an fp32 model)
+        self.copies = {p: (torch.empty(p.numel(), dtype=copy_dtype, pin_memory=pin) if copy_dtype else None)
+                       for p in self.group_index}
+        self.pool = futures.ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="ds_zero_swap")
+        weakref.finalize(self, self.pool.shutdown, wait=False)
+        from ds_optim.kernels import select_backend
+
+        self.kernels = select_backend(torch.device("cpu"))
+        #: bytes moved by the last step (reads + writes), for bandwidth reports
+        self.last_swap_bytes = 0
+
+    def copy_of(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The 16-bit copy of ``p``'s new values written by the last step's kernel."""
+        return self.copies[p]
+
+    def step(self, closure=None):
+        raise RuntimeError("NVMeAdam steps inside the engine (swap_step with the reduced gradient shards)")
+
+    @torch.no_grad()
+    def swap_step(self, grads: list[torch.Tensor], scale: float) -> None:
+        """One Adam step of every group's master from ``grads * scale`` (host 16-bit or fp32 flat grads, one per
+        group in the masters' order), swapping sub-groups through the buffers."""
+        moved = 0
+        for group, g in zip(self.param_groups, grads):
+            (p,) = group["params"]
+            st = self.state[p]
+            st["step"] += 1
+            moved += self._step_group(group, self.group_index[p], p.numel(), g.reshape(-1), float(st["step"]), scale,
+                                      self.copies[p])
+        self.last_swap_bytes = moved
+
+    def _step_group(self, group, gi, n, g, step, scale, copy) -> int:
+        sub = self.sub_group_size
+        ranges = [(lo, min(lo + sub, n)) for lo in range(0, n, sub)]
+        writes: list[list | None] = [None, None]
+
+        def issue_reads(i):
+            lo, hi = ranges[i]
+            _wait(writes[i % 2])  # the set is reused only once its last write landed
+            bufs = self.buffers[i % 2]
+            return [self.pool.submit(self.files.read, gi, kind, buf[:hi - lo], lo) for kind, buf in zip(KINDS, bufs)]
+
+        beta1, beta2 = group["betas"]
+        reads = issue_reads(0)
+        try:
+            for i, (lo, hi) in enumerate(ranges):
+                _wait(reads)
+                reads = issue_reads(i + 1) if i + 1 < len(ranges) else None
+                p, m, v = (buf[:hi - lo] for buf in self.buffers[i % 2])
+                self.kernels.adam(p, g[lo:hi], m, v, step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                  weight_decay=group["weight_decay"], adam_w_mode=group["adam_w_mode"],
+                                  bias_correction=group["bias_correction"], maximize=group["maximize"],
+                                  grad_scale=1.0 / scale, out=None if copy is None else copy[lo:hi])
+                writes[i % 2] = [self.pool.submit(self.files.write, gi, kind, t, lo)
+                                 for kind, t in zip(KINDS, (p, m, v))]
+        finally:
+            for pending in (reads, *writes):  # never leave I/O running into buffers the next step reuses
+                _wait(pending, raise_errors=False)
+        for pending in writes:
+            _wait(pending)
+        return 2 * 12 * n
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then the loaded moments are copied into the files and the state points at them again."""
+        mapped = {p: {k: self.state[p][k] for k in STATES} for p in self.group_index}
+        super().load_state_dict(state_dict)
+        for p, tensors in mapped.items():
+            st = self.state[p]
+            for kind, target in tensors.items():
+                if kind in st and st[kind] is not target:
+                    target.copy_(st[kind].reshape(-1))
+                elif kind not in st:
+                    target.zero_()
+                st[kind] = target
+            step = st.get("step", 0)
+            st["step"] = torch.as_tensor(float(step), dtype=torch.float32).clone()
+
+
+def _wait(pending, raise_errors: bool = True) -> None:
+    if not pending:
+        return
+    first = None
+    for f in pending:
+        exc = f.exception()
+        if exc is not None and first is None:
+            first = exc
+    if first is not None and raise_errors:
+        raise first
+
+
+def check_host_memory(what: str, needed: int) -> None:
+    """Refuse, before training starts, host buffers larger than the memory available now."""
+    available = _mem_available()
+    if available is not None and needed > available:
+        raise NVMeSwapError(f"{what} needs {_gib(needed)} of host memory, {_gib(available)} is available; lower "
+                            "zero_optimization.sub_group_size (each of the two swap buffer sets holds 12 bytes per "
+                            "element of a sub-group)")
+
+
+def build_nvme_adam(offload, groups: list[tuple[int, dict]], defaults: dict, masters) -> NVMeAdam:
+    """The NVMe optimizer over ``masters`` (file-backed): ``groups`` pairs each master's group index with its
+    hyper-parameters. Host memory for the swap buffers and the 16-bit copy-out is checked on every rank first."""
+    numels = [masters.params[gi].numel() for gi, _ in groups]
+    sub = max(1, min(offload.sub_group_size, max(numels)))
+    copy_bytes = (sum(numels) * offload.copy_dtype.itemsize) if offload.copy_dtype is not None else 0
+    error = None
+    try:
+        check_host_memory("NVMe offload's swap buffers and 16-bit copy-out", 2 * 12 * sub + copy_bytes)
+    except NVMeSwapError as exc:
+        error = exc
+    agree_on_setup(error, offload.group)
+    param_groups = [{**hyper, "params": [masters.params[gi]], "_master_index": gi} for gi, hyper in groups]
+    return NVMeAdam(param_groups, defaults, masters.files, offload.sub_group_size, offload.copy_dtype, offload.pin)
+
+
+def to_files(masters, offload) -> SwapFiles:
+    """Move each fp32 master of ``masters`` (in host memory) into its swap file; the param becomes the mapping."""
+    sizes = [0 if p is None else p.numel() for p in masters.params]
+    files, error = None, None
+    try:
+        swap_dir = SwapDir(offload.nvme_path, offload.global_rank, 4 * len(KINDS) * sum(sizes))
+        files = SwapFiles(swap_dir, sizes)
+    except NVMeSwapError as exc:
+        error = exc
+    agree_on_setup(error, offload.group)
+    for gi, p in enumerate(masters.params):
+        if p is not None:
+            mapped = files.mapped(gi, "param", p.numel())
+            mapped.copy_(p.data)
+            p.data = mapped  # the in-memory master is freed here
+    return files
