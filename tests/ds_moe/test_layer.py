@@ -1,0 +1,164 @@
+"""The MoE layer on one process: the dropless path exact against a per-token loop (float64), the capacity path
+against DeepSpeed's dense einsum formulation, both paths equal when nothing is dropped, the grouped-GEMM
+backend against the loop, residual MoE, experts with no tokens, parameter marking and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from ds_moe import (Experts, FFNExpert, GroupedExperts, MoE, MoEError, is_moe_param,
+                    split_params_into_different_moe_groups_for_optimizer)
+
+M, H, E = 16, 24, 4
+
+
+def _distinct(moe, seed=0):
+    """Give every expert its own weights (DeepSpeed starts them all equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moe.deepspeed_moe.experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def _layer(kind, k, drop, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    expert = FFNExpert(M, H) if kind == "ffn" else nn.Sequential(nn.Linear(M, H), nn.GELU(), nn.Linear(H, M))
+    moe = MoE(M, expert, num_experts=E, k=k, capacity_factor=kw.pop("cf", 1.0), min_capacity=1,
+              drop_tokens=drop, top2_2nd_expert_sampling=False, use_rts=False, **kw).to(dtype)
+    _distinct(moe)
+    return moe
+
+
+def _expert_fn(moe, e):
+    ex = moe.deepspeed_moe.experts
+    if isinstance(ex, GroupedExperts):
+        sd = ex.expert_state_dict(e)
+        ref = FFNExpert(M, H).to(sd["fc.weight"].dtype)
+        ref.load_state_dict(sd)
+        return ref
+    return ex.deepspeed_experts[e]
+
+
+@pytest.mark.parametrize("kind", ["ffn", "module"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dropless_equals_per_token_loop(kind, k):
+    moe = _layer(kind, k, drop=False)
+    x = torch.randn(3, 7, M, dtype=torch.float64)
+    out, l_aux, counts = moe(x)
+    r = moe.deepspeed_moe.gate.route(x.reshape(-1, M))
+    xs = x.reshape(-1, M)
+    want = torch.zeros_like(xs)
+    for s in range(xs.shape[0]):
+        for j in range(k):
+            e = int(r.expert[s, j])
+            want[s] += r.weight[s, j] * _expert_fn(moe, e)(xs[s:s + 1])[0]
+    torch.testing.assert_close(out.reshape(-1, M), want.detach(), rtol=1e-12, atol=1e-12)
+    assert int(counts.sum()) == xs.shape[0] * k
+
+
+def _deepspeed_einsum(moe, x):
+    """DeepSpeed's MOELayer.forward at ep_size 1: einsum dispatch over [S, E, C], experts, einsum combine."""
+    l_aux, combine, dispatch, _ = moe.deepspeed_moe.gate(x)
+    dispatched = torch.einsum("sec,sm->ecm", dispatch.type_as(x), x)
+    ex = moe.deepspeed_moe.experts
+    y = ex(dispatched.reshape(1, E, -1, M)).reshape(E, -1, M)
+    return torch.einsum("sec,ecm->sm", combine.type_as(x), y), l_aux
+
+
+@pytest.mark.parametrize("kind", ["ffn", "module"])
+@pytest.mark.parametrize("k,cf", [(1, 0.5), (2, 0.5), (2, 1.25), (3, 0.6)])
+def test_capacity_path_equals_deepspeed_einsums(kind, k, cf):
+    moe = _layer(kind, k, drop=True, cf=cf)
+    x = torch.randn(20, M, dtype=torch.float64)
+    out, l_aux, _ = moe(x)
+    want, want_l = _deepspeed_einsum(moe, x)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l_aux, want_l)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_equals_dropless_when_nothing_dropped(k):
+    cap, free = _layer("ffn", k, drop=True, cf=float(E)), _layer("ffn", k, drop=False)
+    x = torch.randn(2, 9, M, dtype=torch.float64, requires_grad=True)
+    (a, la, _), (b, lb, _) = cap(x), free(x)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad((a ** 2).sum() + la, [x, *cap.parameters()])
+    gb = torch.autograd.grad((b ** 2).sum() + lb, [x, *free.parameters()])
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_backend_matches_loop(dtype):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    grads = {}
+    for backend in ("loop", "grouped_mm"):
+        moe = _layer("ffn", 2, drop=False, dtype=dtype, gemm_backend=backend)
+        x = torch.randn(40, M, dtype=dtype, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out, l_aux, _ = moe(x)
+        (out.float().pow(2).sum() + l_aux).backward()
+        grads[backend] = [out.detach().float(), x.grad.float()] + [p.grad.float() for p in moe.parameters()]
+    for a, b in zip(grads["loop"], grads["grouped_mm"]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        else:  # bf16: the bias is added after the GEMM's rounding instead of inside it; compare whole tensors
+            assert float((b - a).norm() / a.norm()) < 1e-2
+
+
+def test_experts_without_tokens_get_zero_gradients():
+    for drop in (True, False):
+        for kind in ("ffn", "module"):
+            moe = _layer(kind, 1, drop=drop, dtype=torch.float32)
+            with torch.no_grad():  # every token to expert 0
+                moe.deepspeed_moe.gate.wg.weight.zero_()
+                moe.deepspeed_moe.gate.wg.weight[0, 0] = 50.0
+            x = torch.randn(6, M).abs()
+            out, l_aux, counts = moe(x)
+            assert counts.tolist() == [6, 0, 0, 0]
+            out.sum().backward()
+            for p in moe.deepspeed_moe.experts.parameters():
+                assert p.grad is not None, (drop, kind)
+
+
+def test_residual_moe_mixes_with_coefficient():
+    moe = _layer("ffn", 2, drop=False, use_residual=True)
+    x = torch.randn(5, M, dtype=torch.float64)
+    out, _, _ = moe(x)
+    plain = moe.deepspeed_moe(x)
+    coef = torch.softmax(moe.coefficient(x), dim=-1)
+    torch.testing.assert_close(out, plain * coef[:, :1] + moe.mlp(x) * coef[:, 1:])
+    assert not is_moe_param(moe.coefficient.weight) and not is_moe_param(next(moe.mlp.parameters()))
+
+
+def test_expert_params_marked_and_split_for_optimizer():
+    moe = _layer("module", 2, drop=True)
+    names = {n for n, p in moe.named_parameters() if is_moe_param(p)}
+    assert names and all(n.startswith("deepspeed_moe.experts.deepspeed_experts.") for n in names)
+    assert {p.group_name for p in moe.parameters() if is_moe_param(p)} == {"ep_size_1"}
+    assert isinstance(moe.deepspeed_moe.experts, Experts)
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(moe.parameters()), "name": "dense", "lr": 0.1}, max_group_size=H * M + 1)
+    assert groups[0]["name"] == "dense" and not any(is_moe_param(p) for p in groups[0]["params"])
+    moe_groups = groups[1:]
+    assert all(g["moe"] and g["name"] == "ep_size_1" and g["lr"] == 0.1 for g in moe_groups)
+    assert sum(len(g["params"]) for g in moe_groups) == len(names)
+    assert all(sum(p.numel() for p in g["params"]) <= H * M + 1 for g in moe_groups)
+
+
+def test_layer_errors():
+    ex = FFNExpert(M, H)
+    with pytest.raises(MoEError, match="not divisible by ep_size=3"):
+        MoE(M, ex, num_experts=4, ep_size=3)
+    with pytest.raises(MoEError, match="k=5"):
+        MoE(M, ex, num_experts=4, k=5)
+    with pytest.raises(MoEError, match="capacity_factor"):
+        MoE(M, ex, num_experts=4, capacity_factor=0.0)
+    with pytest.raises(MoEError, match="expert takes inputs of size 16"):
+        MoE(32, ex, num_experts=4)
+    moe = MoE(M, ex, num_experts=4)
+    with pytest.raises(MoEError, match="hidden size 17"):
+        moe(torch.randn(2, 17))
+    with pytest.raises(MoEError, match="torch.distributed"):
+        MoE(M, ex, num_experts=4, ep_size=2)(torch.randn(8, M))
