@@ -83,9 +83,11 @@ def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num
     E, C = r.num_experts, int(r.capacity)
     xc = x.to(compute_dtype(x))
     junk = E * C
-    dest = torch.where(r.kept, r.expert * C + r.location, torch.full_like(r.expert, junk)).reshape(-1)
+    dest = torch.where(r.kept, r.expert * C + r.location, torch.full_like(r.expert, junk))  # [S, k]
     buf = xc.new_zeros(E * C + 1, M)
-    buf = buf.index_put((dest,), xc.unsqueeze(1).expand(S, k, M).reshape(S * k, M))
+    # values [S, 1, M] broadcast over the k slots: no [S*k, M] copy of the tokens
+    buf.index_put_((dest,), xc.unsqueeze(1))
+    dest = dest.reshape(-1)
     dispatched = buf[:junk].reshape(E, C, M)
     if ep_size > 1:
         dispatched = _AllToAll.apply(ep_group, dispatched)

@@ -63,23 +63,33 @@ def choose_backend(x: Tensor, in_features: int, out_features: int, backend: Opti
 
 
 class _AddGroupedBias(torch.autograd.Function):
-    """h + bias[group of each row]. The bias gradient is a segment sum over the sorted rows: autograd's own
-    backward of the gather would be an index_add, i.e. atomics into G rows from N rows on the GPU."""
+    """h += bias[group of each row], in place, as ``h.addmm_(onehot [N, G], bias [G, out])``: one GEMM with
+    K = G that reads and writes h once, instead of materialising the [N, out] gathered bias. The bias gradient
+    is ``onehot^T @ grad`` (a GEMM accumulating in fp32), not autograd's backward of a gather (an index_add:
+    atomics from N rows into G rows on the GPU)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, bias: Tensor, counts: Tensor, row_group: Tensor) -> Tensor:
-        ctx.save_for_backward(counts)
+    def forward(ctx, h: Tensor, bias: Tensor, onehot: Tensor) -> Tensor:
+        ctx.save_for_backward(onehot)
         ctx.bias_dtype = bias.dtype
-        return h + bias.to(h.dtype).index_select(0, row_group)
+        h.addmm_(onehot, bias.to(h.dtype))
+        ctx.mark_dirty(h)
+        return h
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (counts,) = ctx.saved_tensors
+        (onehot,) = ctx.saved_tensors
         gb = None
         if ctx.needs_input_grad[1]:
-            # unsafe=True skips the length checks that would sync with the host
-            gb = torch.segment_reduce(grad.float(), "sum", lengths=counts, axis=0, unsafe=True).to(ctx.bias_dtype)
-        return grad, gb, None, None
+            gb = (onehot.t() @ grad).to(ctx.bias_dtype)
+        return grad, gb, None
+
+
+def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """[rows, G] one-hot of each sorted row's group, built on the device (no host sync)."""
+    G = counts.shape[0]
+    row_group = torch.repeat_interleave(torch.arange(G, device=counts.device), counts, output_size=rows)
+    return F.one_hot(row_group, G).to(dtype)
 
 
 def group_offsets(counts: Tensor) -> Tensor:
@@ -87,7 +97,7 @@ def group_offsets(counts: Tensor) -> Tensor:
 
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: Tensor, backend: str,
-                   counts_host: Optional[list] = None, row_group: Optional[Tensor] = None) -> Tensor:
+                   counts_host: Optional[list] = None, onehot: Optional[Tensor] = None) -> Tensor:
     """y[rows of group g] = x[rows of g] @ weight[g]^T + bias[g], groups contiguous in x with ``counts``.
 
     weight is ``[G, out, in]`` (nn.Linear's layout per group), bias ``[G, out]`` or None."""
@@ -104,7 +114,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: Te
     w = weight.to(dt)
     h = torch._grouped_mm(xs, w.transpose(-2, -1), offs=group_offsets(counts))
     if bias is not None:
-        if row_group is None:
-            row_group = torch.repeat_interleave(torch.arange(G, device=x.device), counts, output_size=x.shape[0])
-        h = _AddGroupedBias.apply(h, bias, counts, row_group)
+        if onehot is None:
+            onehot = group_onehot(counts, x.shape[0], dt)
+        h = _AddGroupedBias.apply(h, bias, onehot.to(dt))
     return h

@@ -143,13 +143,12 @@ class GroupedExperts(nn.Module):
                        backend: Optional[str] = None) -> Tensor:
         H, M = self.weight1.shape[1], self.weight1.shape[2]
         b = _gemm.choose_backend(x, M, H, backend or self.gemm_backend)
-        row_group = None
+        onehot = None
         if b == "grouped_mm" and (self.bias1 is not None or self.bias2 is not None):
-            row_group = torch.repeat_interleave(torch.arange(self.num_local_experts, device=x.device), counts,
-                                                output_size=x.shape[0])
-        h = _gemm.grouped_linear(x, self.weight1, self.bias1, counts, b, counts_host, row_group)
+            onehot = _gemm.group_onehot(counts, x.shape[0], _gemm.compute_dtype(x))
+        h = _gemm.grouped_linear(x, self.weight1, self.bias1, counts, b, counts_host, onehot)
         a = self._act(h)
-        return _gemm.grouped_linear(a, self.weight2, self.bias2, counts, b, counts_host, row_group)
+        return _gemm.grouped_linear(a, self.weight2, self.bias2, counts, b, counts_host, onehot)
 
     _KEYS = (("fc.weight", "weight1"), ("fc.bias", "bias1"), ("out.weight", "weight2"), ("out.bias", "bias2"))
 
