@@ -31,7 +31,8 @@ def test_port_in_use_is_a_clear_error(out):
     (["--hostfile", "/nonexistent/hostfile", "{script}"], "cannot read hostfile '/nonexistent/hostfile'"),
     (["--nnodes", "1:4", "{script}"], "elastic MIN:MAX node counts are not built"),
     (["--elastic_training", "{script}"], "--elastic_training: elastic training"),
-    (["--autotuning", "tune", "{script}"], "--autotuning: autotuning is not built"),
+    (["--autotuning", "tune", "{script}"], "--autotuning tune: DeepSpeed's autotuner (trial runs over ZeRO stages "
+                                           "and micro-batch sizes) is not built in ds-launch"),
     (["--nproc_per_node", "2", "--num_gpus", "3", "{script}"], "disagree"),
     (["--nproc_per_node", "0", "{script}"], "must be >= 1"),
     (["--nproc_per_node", "two", "{script}"], "--nproc_per_node must be an integer"),

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_each_rank_log", default=None)
     p.add_argument("--export", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--watch_stdin", action="store_true")
+    p.add_argument("--bind_cores_to_rank", action="store_true")
+    p.add_argument("--bind_core_list", default=None)
     p.add_argument("--term_timeout", type=float, default=5.0)
     p.add_argument("--monitor_interval", type=float, default=0.1)
     p.add_argument("--heartbeat_timeout", type=float, default=600.0)
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             resources=resources, node_rank=node_rank, master_addr=args.master_addr, master_port=args.master_port,
             user_command=command, module=args.module, no_python=args.no_python, no_local_rank=args.no_local_rank,
             set_visible_devices=not args.cpu, log_dir=args.enable_each_rank_log, max_restarts=args.max_restarts,
-            run_id=args.run_id, base_env=env,
+            run_id=args.run_id, base_env=env, bind_cores_to_rank=args.bind_cores_to_rank,
+            bind_core_list=args.bind_core_list,
         )
         if not (args.heartbeat_timeout >= 0 and args.stopped_timeout >= 0):
             raise LaunchError(f"--heartbeat_timeout/--stopped_timeout must be >= 0, got {args.heartbeat_timeout:g}/"

@@ -20,6 +20,7 @@ from .errors import USAGE_EXIT_CODE, LaunchError
 from .heartbeat import heartbeat_directory
 from .hostfile import DEFAULT_HOSTFILE, check_hostname, parse_hostfile
 from .node import NodeJob
+from .binding import format_core_list
 from .ports import check_port_free, free_port, is_local_address
 from .resources import detect_local_gpus, filter_resources
 from .runners import RUNNERS, LaunchPlan, make_runner
@@ -48,11 +49,15 @@ def _exit_codes(text: str) -> tuple[int, ...]:
 _NOT_BUILT = {  # DeepSpeed / torchrun flags that ds-launch 0.1 refuses with a clear message
     "elastic_training": "elastic training (torch elastic rendezvous)",
     "min_elastic_nodes": "elastic training", "max_elastic_nodes": "elastic training",
-    "autotuning": "autotuning", "bind_cores_to_rank": "core binding (numactl)", "bind_core_list": "core binding",
+    "autotuning": "DeepSpeed's autotuner (trial runs over ZeRO stages and micro-batch sizes)",
     "save_pid": "--save_pid", "venv_script": "--venv_script", "rdzv_backend": "rendezvous backends",
     "rdzv_endpoint": "rendezvous backends", "rdzv_id": "rendezvous backends",
 }
-_NOT_BUILT_SWITCHES = {"elastic_training", "bind_cores_to_rank", "save_pid"}
+_NOT_BUILT_SWITCHES = {"elastic_training", "save_pid"}
+_NOT_BUILT_HINTS = {"autotuning": "; run the script without --autotuning, with the ZeRO stage and micro-batch size "
+                                  "set in the config"}
+#: runners whose workers ds-launch does not start itself (mpirun/mpiexec start them): binding is theirs
+_BINDS_ITSELF = {"openmpi": "--bind-to core --map-by socket:PE=N", "mpich": "-bind-to core", "impi": "-bind-to core"}
 
 
 def _spellings(name: str, *short: str) -> list[str]:
@@ -121,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_spellings("stopped_timeout"), type=float, default=DEFAULT_STOPPED_TIMEOUT, metavar="S",
                    help="a worker stopped (SIGSTOP, debugger) for S seconds is hung, as above "
                         f"(default {DEFAULT_STOPPED_TIMEOUT:g}; 0: off)")
+    g.add_argument(*_spellings("bind_cores_to_rank"), action="store_true",
+                   help="pin each local worker to its share of the cores (numactl, else sched_setaffinity) and set "
+                        "OMP_NUM_THREADS to the cores per worker (DeepSpeed's)")
+    g.add_argument(*_spellings("bind_core_list"), default=None, metavar="CORES",
+                   help="with --bind_cores_to_rank: the cores to share, e.g. '0-15,32-47' (default: the node's "
+                        "physical cores)")
     g.add_argument(*_spellings("dry_run"), action="store_true", help="print the command for each node and exit")
     g.add_argument("-q", "--quiet", action="store_true", help="no launcher messages (worker output only)")
     for name in _NOT_BUILT:  # accepted with DeepSpeed's arity, so that the refusal names the flag
@@ -170,7 +181,13 @@ def resolve(args) -> dict:
     """Turn the parsed flags into the world and launch mode (no process is started here)."""
     for name, what in _NOT_BUILT.items():
         if getattr(args, name) is not None:
-            raise LaunchError(f"--{name}: {what} is not built in ds-launch {__version__}")
+            value = "" if getattr(args, name) is True else f" {getattr(args, name)}"
+            raise LaunchError(f"--{name}{value}: {what} is not built in ds-launch {__version__}"
+                              f"{_NOT_BUILT_HINTS.get(name, '')}")
+    if args.bind_core_list is not None and not args.bind_cores_to_rank:
+        # DeepSpeed ignores it silently; say so instead of binding nothing behind the user's back
+        print("ds-launch: warning: --bind_core_list has no effect without --bind_cores_to_rank (as in DeepSpeed)",
+              file=sys.stderr)
     if args.nnodes is not None and ":" in str(args.nnodes):
         raise LaunchError(f"--nnodes {args.nnodes}: elastic MIN:MAX node counts are not built; give one number")
     nnodes = _int_or(args.nnodes, "--nnodes")
@@ -242,7 +259,8 @@ def _plan(args, world: dict, master_addr: str, master_port: int) -> LaunchPlan:
         max_restarts=args.max_restarts, run_id=uuid.uuid4().hex, exports=collect_exports(
             os.environ, os.getcwd(), file_values), launcher_args=shlex.split(args.launcher_args),
         ssh_port=args.ssh_port, term_timeout=args.term_timeout, heartbeat_timeout=args.heartbeat_timeout,
-        stopped_timeout=args.stopped_timeout,
+        stopped_timeout=args.stopped_timeout, bind_cores_to_rank=args.bind_cores_to_rank,
+        bind_core_list=args.bind_core_list,
     )
 
 
@@ -271,17 +289,25 @@ def main(argv: list[str] | None = None) -> int:
                 no_local_rank=args.no_local_rank, set_visible_devices=not world["cpu"],
                 device_tokens=world["device_tokens"], log_dir=args.enable_each_rank_log,
                 max_restarts=args.max_restarts, run_id=uuid.uuid4().hex, base_env={**os.environ, **file_values},
+                bind_cores_to_rank=args.bind_cores_to_rank, bind_core_list=args.bind_core_list,
             )
             if args.dry_run:
                 for spec in job.specs(0):
-                    env = {k: spec.env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                    "MASTER_PORT", "CUDA_VISIBLE_DEVICES") if k in spec.env}
+                    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+                    keys += ("OMP_NUM_THREADS",) if args.bind_cores_to_rank else ()
+                    env = {k: spec.env[k] for k in keys if k in spec.env}
+                    if spec.cpu_affinity is not None:
+                        env["(cores)"] = format_core_list(list(spec.cpu_affinity))
                     print(f"{job.host} {spec.label}: {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())} "
                           f"{shlex.join(spec.argv)}")
                 return 0
             make_specs, on_stop, name = job.specs, None, "ds-launch"
             watchdog = Watchdog(args.heartbeat_timeout, args.stopped_timeout)
         else:
+            if args.bind_cores_to_rank and args.launcher in _BINDS_ITSELF:
+                raise LaunchError(f"--bind_cores_to_rank with --launcher {args.launcher}: mpirun starts the workers, "
+                                  f"so bind them with its own options (--launcher_args "
+                                  f"'{_BINDS_ITSELF[args.launcher]}'); ssh, pdsh and slurm bind through the agent")
             runner = make_runner(args.launcher, _plan(args, world, master_addr, master_port))
             if args.dry_run:
                 print("\n".join(runner.describe(0)))

@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 
+from .binding import plan_binding
 from .environment import worker_env
 from .errors import LaunchError
 from .heartbeat import HEARTBEAT_ENV
@@ -46,10 +47,17 @@ class NodeJob:
     base_env: dict | None = None
     heartbeat_dir: str | None = None  # where the workers' heartbeat files go (None: no heartbeat files)
     timestamp: str = dataclasses.field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
+    bind_cores_to_rank: bool = False  # each worker pinned to its share of the cores (ds_launch.binding)
+    bind_core_list: str | None = None  # the cores to share ("0-3,8"); None: the node's physical cores
 
     def __post_init__(self) -> None:
         if not 0 <= self.node_rank < len(self.resources):
             raise LaunchError(f"--node_rank {self.node_rank} is out of range for {len(self.resources)} node(s)")
+        # decided here, so that a core list that cannot be served is a usage error before any worker starts
+        self.bindings = None
+        if self.bind_cores_to_rank:
+            base = os.environ if self.base_env is None else self.base_env
+            self.bindings = plan_binding(len(self.slots), self.bind_core_list, base)
 
     @property
     def host(self) -> str:
@@ -92,6 +100,10 @@ class NodeJob:
             )
             argv = worker_command(self.user_command, module=self.module, no_python=self.no_python,
                                   local_rank=None if self.no_local_rank else local_rank)
+            binding = self.bindings[local_rank] if self.bindings else None
+            if binding is not None:  # DeepSpeed's: numactl before the command, OMP threads = cores per rank
+                argv = [*binding.prefix, *argv]
+                env["OMP_NUM_THREADS"] = binding.omp_num_threads
             log = os.path.join(self.log_dir, f"{self.timestamp}_rank{rank}.log") if self.log_dir else None
             # one file per rank and attempt: a restarted worker is never judged by its predecessor's beats
             heartbeat = os.path.join(self.heartbeat_dir, f"rank{rank}.attempt{restart_count}") \
@@ -101,7 +113,8 @@ class NodeJob:
             else:  # an outer launcher's file is not ours to write
                 env.pop(HEARTBEAT_ENV, None)
             out.append(ProcSpec(argv=argv, env=env, label=f"rank {rank}", prefix=f"[rank{rank}]: ", log_path=log,
-                                watch=True, heartbeat_path=heartbeat, host=self.host))
+                                watch=True, heartbeat_path=heartbeat, host=self.host,
+                                cpu_affinity=binding.affinity if binding is not None else None))
         return out
 
 

@@ -65,6 +65,7 @@ class ProcSpec:
     watch: bool = False  # a worker: judged by the watchdog (stopped / silent) and by its "done" heartbeat
     heartbeat_path: str | None = None  # its $DS_LAUNCH_HEARTBEAT_FILE
     host: str = "localhost"  # for messages
+    cpu_affinity: tuple[int, ...] | None = None  # cores it is pinned to before exec (--bind_cores_to_rank)
 
 
 def exit_code_of(returncode: int) -> int:
@@ -72,19 +73,25 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
+def _die_with_parent(parent_pid: int, affinity: tuple[int, ...] | None = None) -> Callable[[], None] | None:
+    """The child's set-up between fork and exec: die with the parent (Linux), and pin it to ``affinity``
+    (``--bind_cores_to_rank`` without numactl; the exec'd program and everything it forks inherit it)."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+    if prctl is None and affinity is None:
         return None
 
     def preexec() -> None:  # runs in the child between fork and exec
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)  # an error here fails Popen in the parent, naming it
 
     return preexec
 
@@ -188,7 +195,7 @@ class Supervisor:
             stderr=err,
             start_new_session=spec.new_session,
             pass_fds=spec.pass_fds,
-            preexec_fn=_die_with_parent(os.getpid()),
+            preexec_fn=_die_with_parent(os.getpid(), spec.cpu_affinity),
         )
         threads = []
         if log is None:

@@ -33,6 +33,8 @@ class LaunchPlan:
     term_timeout: float = 5.0
     heartbeat_timeout: float = 600.0  # the agents' watchdog (see ds_launch.watchdog); cli.py's defaults
     stopped_timeout: float = 60.0
+    bind_cores_to_rank: bool = False  # the agents pin their workers (ds_launch.binding)
+    bind_core_list: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -69,6 +71,10 @@ def agent_argv(plan: LaunchPlan, node: list[str], restart_count: int, *, watch_s
         argv.append("--no_python")
     if plan.log_dir:
         argv.append(f"--enable_each_rank_log={os.path.abspath(plan.log_dir)}")
+    if plan.bind_cores_to_rank:
+        argv.append("--bind_cores_to_rank")
+        if plan.bind_core_list is not None:
+            argv.append(f"--bind_core_list={plan.bind_core_list}")
     if watch_stdin:
         argv.append("--watch_stdin")
     for k, v in plan.exports.items():
