@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from ds_zero import ZeroEngine
 
+from . import _engine_features
+
 logger = logging.getLogger("ds_train")
 
 __all__ = ["DeepSpeedEngine", "NOT_SUPPORTED", "ROUTE_TRAIN", "ROUTE_EVAL", "ROUTE_PREDICT"]
@@ -50,7 +52,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "offload_states": "offloading optimizer/param states to the CPU",
     "reload_states": "reloading offloaded states",
     "set_data_post_process_func": "data efficiency (curriculum learning)",
-    "set_custom_curriculum_learning_schedule": "curriculum learning",
     "get_sequence_parallel_group": "sequence parallelism (Ulysses)",
 }
 
@@ -81,7 +82,7 @@ def _local_rank(args: Any) -> int:
     return arg if arg is not None and arg >= 0 else 0
 
 
-class DeepSpeedEngine(ZeroEngine, torch.nn.Module):
+class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Module):
     """:class:`ds_zero.ZeroEngine` as DeepSpeed's ``DeepSpeedEngine`` (see the module docstring).
 
     Args are ZeroEngine's (``model``, ``optimizer``, ``config``, ``lr_scheduler``, ``process_group``) plus
@@ -107,6 +108,8 @@ class DeepSpeedEngine(ZeroEngine, torch.nn.Module):
                                     else dist.group.WORLD if self.distributed else None)
         self.training_dataloader = None
         self._step_applied = False
+        # activation_checkpointing, flops_profiler, curriculum_learning (ds_train._engine_features)
+        _engine_features.attach(self)
         self._ds_ready = True  # from here on unknown attributes are looked up on the wrapped model
 
     # -- nn.Module behaviour ---------------------------------------------------------------------------
@@ -244,14 +247,22 @@ class DeepSpeedEngine(ZeroEngine, torch.nn.Module):
                                   "load_module_state_dict")
 
     # -- the loop --------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward; in training mode with curriculum learning (``curriculum_type: "seqlen"``)
+        it gets ``curriculum_seqlen=`` as under DeepSpeed; profiled at ``flops_profiler.profile_step``."""
+        kwargs = _engine_features.curriculum_kwargs(self, kwargs)
+        with _engine_features.profiled(self, "forward"):
+            return ZeroEngine.forward(self, *args, **kwargs)
+
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """DeepSpeed's ``backward``. ``scale_wrt_gas=False``: the gradient of ``loss`` itself is accumulated (the
         engine otherwise divides by ``gradient_accumulation_steps``)."""
         gas = self.gradient_accumulation_steps()
-        if not scale_wrt_gas and gas > 1 and isinstance(loss, torch.Tensor):
-            ZeroEngine.backward(self, loss * gas, retain_graph=retain_graph)
-            return loss
-        return ZeroEngine.backward(self, loss, retain_graph=retain_graph)
+        with _engine_features.profiled(self, "backward"):
+            if not scale_wrt_gas and gas > 1 and isinstance(loss, torch.Tensor):
+                ZeroEngine.backward(self, loss * gas, retain_graph=retain_graph)
+                return loss
+            return ZeroEngine.backward(self, loss, retain_graph=retain_graph)
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """DeepSpeed's ``step``: an optimizer step on the gradient-accumulation boundary, else only counting."""
@@ -259,7 +270,8 @@ class DeepSpeedEngine(ZeroEngine, torch.nn.Module):
             raise NotImplementedError("DeepSpeedEngine.step(lr_kwargs=...) is not supported yet: the LR scheduler is "
                                       "stepped without arguments")
         boundary = self.is_gradient_accumulation_boundary()
-        ZeroEngine.step(self)
+        with _engine_features.profiled(self, "step"):
+            ZeroEngine.step(self)
         self._step_applied = boundary and not self.was_step_skipped
 
     def was_step_applied(self) -> bool:
@@ -476,8 +488,8 @@ class DeepSpeedEngine(ZeroEngine, torch.nn.Module):
         return False
 
     # monitors, profilers and the other DeepSpeed features the config refuses: never enabled here
-    tensorboard_enabled = wandb_enabled = csv_monitor_enabled = comet_enabled = flops_profiler_enabled = \
-        elasticity_enabled = pld_enabled = curriculum_enabled_legacy = eigenvalue_enabled = memory_breakdown
+    tensorboard_enabled = wandb_enabled = csv_monitor_enabled = comet_enabled = \
+        elasticity_enabled = pld_enabled = eigenvalue_enabled = memory_breakdown
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state: dict | None = None, save_latest: bool = True,

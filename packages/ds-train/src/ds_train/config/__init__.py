@@ -131,6 +131,25 @@ class DeepSpeedConfig(EngineConfig):
                 raise ValueError(str(e)) from None
         return value
 
+    #: the FLOPs profiler (ds_train.profiling.engine_hook) and legacy curriculum learning (ds_train.curriculum):
+    #: validated here by their owners' check_section, read by the engine
+    flops_profiler: dict[str, Any] | None = None
+    curriculum_learning: dict[str, Any] | None = None
+
+    @field_validator("flops_profiler")
+    @classmethod
+    def _check_flops_profiler(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from ..profiling.engine_hook import check_section
+
+        return None if value is None else check_section(value)
+
+    @field_validator("curriculum_learning")
+    @classmethod
+    def _check_curriculum_learning(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from ..curriculum import check_section
+
+        return None if value is None else check_section(value)
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_unbuilt(cls, data: Any) -> Any:

@@ -38,7 +38,6 @@ __all__ = ["Problem", "IGNORED_KEYS", "UNSUPPORTED_KEYS", "ONLY_DEFAULT", "colle
 UNSUPPORTED_KEYS: dict[str, str] = {
     # a PipelineModule's config goes to ds-pipe before these checks (ds_train._pipeline): here the model is not one
     "pipeline": "pipeline parallelism (ds-pipe) of a model that is not a ds_pipe.PipelineModule",
-    "flops_profiler": "the FLOPs profiler",
     "tensorboard": "the TensorBoard monitor",
     "wandb": "the Weights & Biases monitor",
     "csv_monitor": "the CSV monitor",
@@ -49,7 +48,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "compression_training": "compression training (quantization/pruning)",
     "quantize_training": "quantization-aware training",
     "data_efficiency": "data efficiency (curriculum learning, random layerwise token dropping)",
-    "curriculum_learning": "curriculum learning",
     "progressive_layer_drop": "progressive layer drop",
     "sparse_attention": "sparse attention",
     "amp": "NVIDIA Apex AMP (use fp16 or bf16)",
