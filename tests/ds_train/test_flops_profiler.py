@@ -1,0 +1,135 @@
+"""The FLOPs profiler (DeepSpeed's ``get_model_profile`` / ``FlopsProfiler`` on torch.utils.flop_counter): the total
+FLOPs of the README's GPT within 5% of the analytic count (2 x matmul params x tokens + attention for the forward,
+6 x ... for forward+backward through the engine at ``profile_step``), the per-module table summing to the total,
+ignored module types, and the printed/written report."""
+
+import pathlib
+import sys
+
+import pytest
+import torch
+from harness import run_distributed
+
+from ds_train.profiling import FlopsProfiler, get_model_profile
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+from train_gpt import GPT  # noqa: E402
+
+VOCAB, CONTEXT, DIM, HEADS, LAYERS, BATCH = 256, 32, 64, 4, 2, 2
+
+
+def _gpt():
+    torch.manual_seed(0)
+    return GPT(vocab=VOCAB, context=CONTEXT, dim=DIM, heads=HEADS, layers=LAYERS)
+
+
+def _analytic(model, passes):
+    """``passes`` x 2 x (weights of the matrix multiplications) x tokens + attention (QK^T and AV: 2 x 2 x S^2 x D
+    per layer and sample, times ``passes``). An embedding is a lookup, not a multiplication: not counted."""
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("tok", "pos")))
+    tokens = BATCH * CONTEXT
+    return passes * 2 * matmul_params * tokens + passes * 4 * LAYERS * BATCH * CONTEXT ** 2 * DIM
+
+
+def _tokens():
+    return torch.randint(0, VOCAB, (BATCH, CONTEXT), generator=torch.Generator().manual_seed(1))
+
+
+def test_forward_flops_of_the_gpt_match_the_analytic_count(tmp_path, capsys):
+    model = _gpt()
+    out = tmp_path / "profile.txt"
+    flops, macs, params = get_model_profile(model, args=[_tokens()], module_depth=2, top_modules=2, as_string=False,
+                                            output_file=str(out))
+    expected = _analytic(model, 1)
+    assert abs(flops - expected) / expected < 0.05, (flops, expected)
+    assert macs == flops // 2 and params == sum(p.numel() for p in model.parameters())
+    text = out.read_text()
+    assert text in capsys.readouterr().out  # printed and written, the same text
+    assert "fwd flops per GPU" in text and "Aggregated Profile per GPU" in text and "Detailed Profile" in text
+    for row in ("(model)", "  blocks", "    0", "  head"):
+        assert any(line.startswith(row) for line in text.splitlines()), row
+    assert not any(line.startswith("      attn") for line in text.splitlines())  # depth 3 is below module_depth=2
+    s_flops, s_macs, s_params = get_model_profile(model, args=[_tokens()], print_profile=False)
+    assert s_flops.endswith(" M") and s_macs.endswith(" MMACs") and s_params.endswith(" K")
+
+
+def test_the_per_module_table_sums_to_the_total():
+    model = _gpt()
+    prof = FlopsProfiler(model)
+    prof.start_profile()
+    model(_tokens())
+    prof.stop_profile()
+    rows = {p.name: p for p in prof.module_profiles()}
+    total = prof.get_total_flops()
+    root = rows[""]
+    assert root.flops == total > 0
+    # the GPT does no multiplication of its own: its children's rows add up to the total exactly
+    assert sum(c.flops for c in root.children) == total
+    # a container that is never called (ModuleList) gets its children's sums; every parent covers its children
+    assert rows["blocks"].calls == 0 and rows["blocks"].flops == sum(rows[f"blocks.{i}"].flops for i in range(LAYERS))
+    for p in rows.values():
+        assert p.flops >= sum(c.flops for c in p.children), p
+    # inside attention: the two projections plus the attention kernel itself (4 x S^2 x D per sample)
+    attn = rows["blocks.0.attn"]
+    assert attn.flops - rows["blocks.0.attn.qkv"].flops - rows["blocks.0.attn.proj"].flops == 4 * BATCH * CONTEXT ** 2 * DIM
+    assert rows["blocks.0.attn.qkv"].flops == 2 * BATCH * CONTEXT * DIM * 3 * DIM
+    assert all(p.latency > 0 and p.calls == 1 for n, p in rows.items() if n and n != "blocks")
+    assert root.params == prof.get_total_params() and prof.get_total_duration() > 0
+    prof.end_profile()
+    with pytest.raises(RuntimeError, match="nothing profiled yet"):
+        prof.get_total_flops()
+
+
+def test_ignored_module_types_are_left_out():
+    model = _gpt()
+    flops, _, _ = get_model_profile(model, args=[_tokens()], print_profile=False, as_string=False,
+                                    ignore_modules=[torch.nn.Linear])
+    assert flops == 4 * LAYERS * BATCH * CONTEXT ** 2 * DIM  # only the attention kernels remain
+    with pytest.raises(ValueError, match="input_shape or args/kwargs, not both"):
+        get_model_profile(model, input_shape=(2, 3), args=[_tokens()])
+    with pytest.raises(ValueError, match="args and/or kwargs must be given"):
+        get_model_profile(model)
+    linear = torch.nn.Linear(8, 4)
+    assert get_model_profile(linear, input_shape=(3, 8), print_profile=False, as_string=False)[0] == 2 * 3 * 8 * 4
+
+
+def _profile_through_the_engine(output_file):
+    import contextlib
+    import io
+
+    import ds_train
+
+    model = _gpt()
+    engine, *_ = ds_train.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "flops_profiler": {"enabled": True, "profile_step": 1, "module_depth": 1, "top_modules": 3,
+                           "output_file": output_file}})
+    tokens = _tokens()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for _ in range(3 * 2):
+            loss = engine(tokens, tokens)
+            engine.backward(loss)
+            engine.step()
+    result = {k: v for k, v in engine._flops_hook.result.items() if k != "modules"}
+    depth1 = sum(m.flops for m in engine._flops_hook.result["modules"] if m.depth == 1)
+    return (result, depth1, printed.getvalue().count("DeepSpeed Flops Profiler"), engine.flops_profiler_enabled(),
+            engine.flops_profiler_profile_step(), _analytic(model, 1), _analytic(model, 3))
+
+
+def test_the_engine_profiles_profile_step(tmp_path):
+    out = tmp_path / "flops.txt"
+    result, depth1, reports, enabled, step, fwd_expected, fwd_bwd_expected = run_distributed(
+        _profile_through_the_engine, 1, str(out), timeout=180)[0]
+    assert reports == 1 and enabled and step == 1 and result["step"] == 1  # once, at global step 1
+    # the model returns the loss, whose cross-entropy is no multiplication: the analytic count holds
+    assert abs(result["fwd_flops"] - fwd_expected) / fwd_expected < 0.05
+    fwd_bwd = result["fwd_flops"] + result["bwd_flops"]
+    assert abs(fwd_bwd - fwd_bwd_expected) / fwd_bwd_expected < 0.05, (fwd_bwd, fwd_bwd_expected)
+    assert depth1 == result["fwd_flops"]
+    assert result["bwd_latency"] > 0 and result["step_latency"] > 0 and result["fwd_latency"] > 0
+    text = out.read_text()
+    assert "Profile Summary at step 1" in text and "bwd flops per GPU (measured)" in text and "iter latency" in text
+    assert "batch size per GPU:" in text and "samples/second" in text
