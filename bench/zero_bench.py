@@ -9,6 +9,14 @@ gradients in fp32 (the FSDP2 anchor's reduce_dtype; the default is bf16, as Deep
 stage3_max_reuse_distance (0 frees every unit after forward, FSDP2's default). OFFLOAD=1 (stages 0-2): ZeRO-Offload,
 ``offload_optimizer: {device: cpu, pin_memory: true}`` as the anchor's ``ds2off`` -- the FusedAdamW template becomes
 ds-optim's CPUAdam on the CPU masters; the printed line adds the host bytes of the masters and states.
+OFFLOAD=1 with z3: ZeRO-3 offload as the anchor's ``ds3off`` (``offload_optimizer`` and ``offload_param`` cpu,
+pinned: FSDP2's CPUOffloadPolicy, CPUAdam stepping the CPU shards); OFFLOAD=opt with z3: ``offload_optimizer``
+alone (served the same way, see the ds-zero README). MEM_CAP_GIB=N caps the process's GPU memory as the anchor.
+OFFLOAD=nvme (z0 with bf16, z1, z2): ZeRO-Infinity's optimizer swapping, ``offload_optimizer: {device: nvme,
+nvme_path: $NVME_PATH (default /tmp/ds_zero_nvme), pin_memory: true}``, ``sub_group_size`` $SUB_GROUP (default
+1e8); the line adds the bytes on the disk, the optimizer step's time and its swap bandwidth (masters and both
+moments read and written once per step), and the disk's raw bandwidth measured first with the same positional
+I/O on a 1 GiB file (write + fsync, then read after dropping it from the page cache).
 
 bf16 params with fp32 masters, ds-optim FusedAdamW (CuPy kernels when installed) on the fp32 partitions,
 NCCL, overlapped bucketed reduction (overlap_comm, contiguous_gradients), DeepSpeed's default bucket sizes.
@@ -36,6 +44,9 @@ def main():
         raise SystemExit(f"engine must be one of {sorted(stages)}, got {name!r}")
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
+    if os.environ.get("MEM_CAP_GIB"):  # emulate a smaller GPU, as the anchor
+        total = torch.cuda.get_device_properties(local).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(os.environ["MEM_CAP_GIB"]) * 2**30 / total), local)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -57,8 +68,20 @@ def main():
     }
     if os.environ.get("REUSE"):  # stage3_max_reuse_distance (0: free every unit after forward, as FSDP2)
         cfg["zero_optimization"]["stage3_max_reuse_distance"] = int(float(os.environ["REUSE"]))
-    if os.environ.get("OFFLOAD") == "1":
+    offload = os.environ.get("OFFLOAD", "")
+    nvme_path = os.environ.get("NVME_PATH", "/tmp/ds_zero_nvme")
+    raw = None
+    if offload in ("1", "opt"):
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if name == "z3" and offload == "1":
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    elif offload == "nvme":
+        os.makedirs(nvme_path, exist_ok=True)
+        raw = raw_disk_bandwidth(nvme_path, rank)
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": nvme_path, "pin_memory": True}
+        cfg["zero_optimization"]["sub_group_size"] = int(float(os.environ.get("SUB_GROUP", "1e8")))
+    elif offload:
+        raise SystemExit(f"OFFLOAD must be 1, opt or nvme, got {offload!r}")
     if os.environ.get("COMM_DTYPE"):
         cfg["communication_data_type"] = os.environ["COMM_DTYPE"]
     if os.environ.get("BUCKET"):
@@ -67,16 +90,22 @@ def main():
     engine = ds_zero.ZeroEngine(model, lambda params: ds_optim.FusedAdamW(params, lr=1e-4, weight_decay=0.01),
                                 cfg)
 
+    step_times = []
+
     def step():
         loss = engine(x, y)
         engine.backward(loss)
+        t0 = time.perf_counter()
         engine.step()
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
         return loss
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     dist.barrier()
+    step_times.clear()
     t = time.perf_counter()
     for _ in range(STEPS):
         loss = step()
@@ -88,12 +117,46 @@ def main():
     peak = torch.cuda.max_memory_allocated() / 2**30
     held = engine.model_state_bytes()
     states, host = held["total"] / 2**30, held["host"] / 2**30
+    opt_ms = sum(step_times) / len(step_times) * 1e3
+    extra = f" engine.step={opt_ms:.0f} ms"
+    if offload == "nvme":
+        swap = engine.optimizer.last_swap_bytes
+        extra += (f" nvme={held['nvme'] / 2**30:.1f} GiB swap={swap / 2**30:.1f} GiB/step at "
+                  f"{swap / 2**30 / (opt_ms / 1e3):.2f} GiB/s (raw disk: write {raw[0]:.2f}, read {raw[1]:.2f} GiB/s) "
+                  f"sub_group_size={engine.optimizer.sub_group_size:.0e}")
     if rank == 0:
-        label = name + ("off" if os.environ.get("OFFLOAD") == "1" else "")
+        label = name + {"1": "off", "opt": "offopt", "nvme": "nvme"}.get(offload, "")
         print(f"[ds-zero {label}] world={world} params={nparams/1e9:.2f}B step={dt*1e3:.0f} ms tokens/s={tok:,.0f} "
               f"MFU~{mfu*100:.1f}% (of 989 TF bf16 dense) peak_mem={peak:.1f} GiB loss={loss.item():.3f} "
-              f"model_states={states:.1f} GiB (host {host:.1f}) optimizer={type(engine.optimizer).__name__}", flush=True)
+              f"model_states={states:.1f} GiB (host {host:.1f}) optimizer={type(engine.optimizer).__name__}{extra}",
+              flush=True)
     dist.destroy_process_group()
+
+
+def raw_disk_bandwidth(path: str, rank: int, size: int = 1 << 30) -> tuple[float, float]:
+    """GiB/s of one positional write (then fsync) and one positional read of ``size`` bytes under ``path``, in
+    64 MiB pieces from a pinned buffer as the swapper does; the file is dropped from the page cache before the
+    read (POSIX_FADV_DONTNEED after the fsync), so the read comes from the disk."""
+    name = os.path.join(path, f"raw_bw_rank{rank}.bin")
+    piece = 64 << 20
+    buf = torch.empty(piece, dtype=torch.uint8, pin_memory=True)
+    view = memoryview(buf.numpy())
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        t = time.perf_counter()
+        for off in range(0, size, piece):
+            os.pwrite(fd, view, off)
+        os.fsync(fd)
+        write = size / 2**30 / (time.perf_counter() - t)
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        for off in range(0, size, piece):
+            os.preadv(fd, [view], off)
+        read = size / 2**30 / (time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.remove(name)
+    return write, read
 
 
 if __name__ == "__main__":
