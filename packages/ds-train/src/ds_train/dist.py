@@ -23,11 +23,17 @@ import subprocess
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: its functions take ``group=group.WORLD`` as a default
+# argument, evaluated at import. Imported after init_process_group (torch.optim's state_dict pulls it in through
+# torch._dynamo, so every checkpointing script does), they hold the default group forever: destroy_process_group()
+# cannot free it, gloo's threads outlive the interpreter's shutdown and it aborts ("terminate called without an
+# active exception") now and then. Imported here, the defaults are None. (examples/train_gpt.py found it.)
+import torch.distributed.nn.functional  # noqa: F401,E402
 
 logger = logging.getLogger("ds_train")
 
 __all__ = ["init_distributed", "mpi_discovery", "default_backend", "local_cuda_device", "default_pg_timeout",
-           "TORCH_DISTRIBUTED_DEFAULT_PORT"]
+           "process_group_timeout", "TORCH_DISTRIBUTED_DEFAULT_PORT"]
 
 #: DeepSpeed's default ``distributed_port`` (the MASTER_PORT MPI discovery sets)
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500
@@ -41,8 +47,18 @@ def _timeout_from_env() -> datetime.timedelta:
         raise ValueError(f"DEEPSPEED_TIMEOUT={value!r} must be a whole number of minutes") from None
 
 
-#: DeepSpeed's default collective timeout: 30 minutes, or ``DEEPSPEED_TIMEOUT`` minutes (read at import, as there)
+#: DeepSpeed's default collective timeout: 30 minutes, or ``DEEPSPEED_TIMEOUT`` minutes (read at import, as there;
+#: ``deepspeed.constants.default_pg_timeout``)
 default_pg_timeout = _timeout_from_env()
+_world_timeout: datetime.timedelta | None = None  # what init_distributed gave the default group
+
+
+def process_group_timeout() -> datetime.timedelta:
+    """The collective timeout of the default group as :func:`init_distributed` set it (else
+    :data:`default_pg_timeout`): what groups made later should get too. torch's ``new_group`` does not inherit
+    the default group's timeout -- without ``timeout=`` an NCCL group gets torch's 10 minutes, whatever
+    ``DEEPSPEED_TIMEOUT`` or ``init_distributed(timeout=)`` said."""
+    return _world_timeout if _world_timeout is not None else default_pg_timeout
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # (rank, size, local rank, local size) per MPI family, as the launchers set them
@@ -172,6 +188,8 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
         raise TypeError(f"init_distributed: timeout must be a datetime.timedelta, got {type(timeout).__name__}")
     backend = dist_backend or default_backend()
     kwargs = {"timeout": timeout}
+    global _world_timeout
+    _world_timeout = timeout
 
     if init_method is not None and init_method != "env://":
         rank = rank if rank >= 0 else (_env_int("RANK") if "RANK" in os.environ else -1)
