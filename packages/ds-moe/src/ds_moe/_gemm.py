@@ -62,27 +62,72 @@ def choose_backend(x: Tensor, in_features: int, out_features: int, backend: Opti
     return b
 
 
-class _AddGroupedBias(torch.autograd.Function):
-    """h += bias[group of each row], in place, as ``h.addmm_(onehot [N, G], bias [G, out])``: one GEMM with
-    K = G that reads and writes h once, instead of materialising the [N, out] gathered bias. The bias gradient
-    is ``onehot^T @ grad`` (a GEMM accumulating in fp32), not autograd's backward of a gather (an index_add:
-    atomics from N rows into G rows on the GPU)."""
+def _mm(x: Tensor, w: Tensor, counts: Tensor, backend: str, sizes: Optional[list]) -> Tensor:
+    """Per group g: x_g @ w[g]^T, with w [G, out, in] -> [N, out]."""
+    if backend == "grouped_mm":
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=group_offsets(counts))
+    return torch.cat([p @ w[g].t() for g, p in enumerate(x.split(sizes, dim=0))], dim=0)
+
+
+def _mm_t(g: Tensor, w: Tensor, counts: Tensor, backend: str, sizes: Optional[list]) -> Tensor:
+    """Per group: g_g @ w[g], with w [G, out, in], g [N, out] -> [N, in] (the input gradient)."""
+    if backend == "grouped_mm":
+        return torch._grouped_mm(g, w, offs=group_offsets(counts))
+    return torch.cat([p @ w[i] for i, p in enumerate(g.split(sizes, dim=0))], dim=0)
+
+
+def _wgrad(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional[list]) -> Tensor:
+    """Per group: g_g^T @ x_g -> [G, out, in] (the weight gradient; zeros for an empty group)."""
+    if backend == "grouped_mm":
+        out = torch._grouped_mm(g.t(), x, offs=group_offsets(counts))
+        if g.is_cuda and torch.cuda.get_device_capability(g.device)[0] >= 10:
+            # pytorch#172439: on sm100 the kernel leaves garbage for groups of 0 rows (sm90 writes zeros)
+            out = torch.where((counts > 0).view(-1, 1, 1), out, out.new_zeros(()))
+        return out
+    return torch.stack([gp.t() @ xp for gp, xp in zip(g.split(sizes, dim=0), x.split(sizes, dim=0))])
+
+
+class GroupedFFN(torch.autograd.Function):
+    """y = act(x @ w1^T + b1) @ w2^T + b2 per expert group, memory-optimised: the forward saves only x and the
+    pre-activation h (both in the compute dtype) and the fp32 weights it was given; the backward re-casts the
+    weights and recomputes act(h). Autograd's composition would also keep act(h) ([N, ffn]) and a bf16 copy of
+    each weight per layer -- the difference between beating DeepSpeed's peak memory and not.
+
+    x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, bias: Tensor, onehot: Tensor) -> Tensor:
-        ctx.save_for_backward(onehot)
-        ctx.bias_dtype = bias.dtype
-        h.addmm_(onehot, bias.to(h.dtype))
-        ctx.mark_dirty(h)
-        return h
+    def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes):
+        dt = x.dtype
+        onehot = group_onehot(counts, x.shape[0], dt) if (b1 is not None or b2 is not None) else None
+        h = _mm(x, w1.to(dt), counts, backend, sizes)
+        if b1 is not None:
+            h.addmm_(onehot, b1.to(dt))  # the bias of each row's group, as one K=G GEMM, in place
+        y = _mm(activation(h), w2.to(dt), counts, backend, sizes)
+        if b2 is not None:
+            y.addmm_(onehot, b2.to(dt))
+        ctx.save_for_backward(x, h, w1, w2, counts, onehot)
+        ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (onehot,) = ctx.saved_tensors
-        gb = None
-        if ctx.needs_input_grad[1]:
-            gb = (onehot.t() @ grad).to(ctx.bias_dtype)
-        return grad, gb, None
+    def backward(ctx, gy):
+        x, h, w1, w2, counts, onehot = ctx.saved_tensors
+        act, backend, sizes = ctx.activation, ctx.backend, ctx.sizes
+        dt = x.dtype
+        gy = gy.to(dt).contiguous()
+        with torch.enable_grad():
+            hh = h.detach().requires_grad_(True)
+            a = act(hh)
+        gw2 = _wgrad(gy, a.detach(), counts, backend, sizes).to(w2.dtype)
+        gb2 = (onehot.t() @ gy).to(w2.dtype) if ctx.has_bias[1] else None
+        ga = _mm_t(gy, w2.to(dt), counts, backend, sizes)
+        (gh,) = torch.autograd.grad(a, hh, ga)
+        del a, hh, ga
+        gw1 = _wgrad(gh, x, counts, backend, sizes).to(w1.dtype)
+        gb1 = (onehot.t() @ gh).to(w1.dtype) if ctx.has_bias[0] else None
+        gx = _mm_t(gh, w1.to(dt), counts, backend, sizes)
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None
 
 
 def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
@@ -94,27 +139,3 @@ def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
 
 def group_offsets(counts: Tensor) -> Tensor:
     return torch.cumsum(counts, dim=0).to(torch.int32)
-
-
-def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: Tensor, backend: str,
-                   counts_host: Optional[list] = None, onehot: Optional[Tensor] = None) -> Tensor:
-    """y[rows of group g] = x[rows of g] @ weight[g]^T + bias[g], groups contiguous in x with ``counts``.
-
-    weight is ``[G, out, in]`` (nn.Linear's layout per group), bias ``[G, out]`` or None."""
-    G, out_f, in_f = weight.shape
-    if backend == "loop":
-        sizes = counts_host if counts_host is not None else counts.tolist()
-        parts = x.split(sizes, dim=0)
-        # every group runs, even on 0 rows: its weights then get zero gradients instead of none, so hooks
-        # that reduce expert gradients fire on every rank whatever the routing
-        return torch.cat([F.linear(p, weight[g], None if bias is None else bias[g]) for g, p in enumerate(parts)],
-                         dim=0)
-    dt = compute_dtype(x)
-    xs = x.to(dt).contiguous()
-    w = weight.to(dt)
-    h = torch._grouped_mm(xs, w.transpose(-2, -1), offs=group_offsets(counts))
-    if bias is not None:
-        if onehot is None:
-            onehot = group_onehot(counts, x.shape[0], dt)
-        h = _AddGroupedBias.apply(h, bias, onehot.to(dt))
-    return h

@@ -126,12 +126,10 @@ class GroupedExperts(nn.Module):
         _mark(self.parameters(), expert_group_name)
 
     def forward_capacity(self, x: Tensor) -> Tensor:
-        """``[n, T, M]`` -> ``[n, T, M]``: two batched matmuls, the bias fused (baddbmm)."""
-        w1 = self.weight1.transpose(1, 2)
-        w2 = self.weight2.transpose(1, 2)
-        h = torch.bmm(x, w1) if self.bias1 is None else torch.baddbmm(self.bias1.unsqueeze(1), x, w1)
-        a = self._act(h)
-        return torch.bmm(a, w2) if self.bias2 is None else torch.baddbmm(self.bias2.unsqueeze(1), a, w2)
+        """``[n, T, M]`` -> ``[n, T, M]``: the sorted path with T rows for every expert."""
+        n, T, M = x.shape
+        counts = torch.full((n,), T, dtype=torch.int64, device=x.device)
+        return self.forward_sorted(x.reshape(n * T, M), counts, [T] * n).reshape(n, T, M)
 
     def forward(self, inputs: Tensor) -> Tensor:
         """DeepSpeed's ``Experts`` call shape ``[ep, n, C, M]``."""
@@ -141,14 +139,18 @@ class GroupedExperts(nn.Module):
 
     def forward_sorted(self, x: Tensor, counts: Tensor, counts_host: Optional[list] = None,
                        backend: Optional[str] = None) -> Tensor:
+        """Rows sorted by local expert (``counts`` rows each) -> outputs in the same order, through
+        ``GroupedFFN`` (grouped GEMM or a loop; see ``_gemm``)."""
         H, M = self.weight1.shape[1], self.weight1.shape[2]
         b = _gemm.choose_backend(x, M, H, backend or self.gemm_backend)
-        onehot = None
-        if b == "grouped_mm" and (self.bias1 is not None or self.bias2 is not None):
-            onehot = _gemm.group_onehot(counts, x.shape[0], _gemm.compute_dtype(x))
-        h = _gemm.grouped_linear(x, self.weight1, self.bias1, counts, b, counts_host, onehot)
-        a = self._act(h)
-        return _gemm.grouped_linear(a, self.weight2, self.bias2, counts, b, counts_host, onehot)
+        x = x.to(_gemm.compute_dtype(x))
+        sizes = None
+        if x.shape[0] == 0:  # an expert-parallel rank that received no token at all: nothing for a kernel
+            b = "loop"
+        if b == "loop":
+            sizes = counts_host if counts_host is not None else counts.tolist()
+        return _gemm.GroupedFFN.apply(x, self.weight1, self.bias1, self.weight2, self.bias2, counts, self._act, b,
+                                      sizes)
 
     _KEYS = (("fc.weight", "weight1"), ("fc.bias", "bias1"), ("out.weight", "weight2"), ("out.bias", "bias2"))
 

@@ -1,0 +1,197 @@
+"""GPU benchmark: ds-moe beside ../shared/anchors/moe_anchor.py, same shapes, same printed line.
+
+    torchrun --nproc_per_node 1 bench/moe_bench.py MODE [--smoke] [--out results.json]
+
+MODE: capacity | dropless (ds-moe, top-K, E experts: the anchor's dsmoe setting with drop_tokens=True / False),
+      dense | dense_topk (the anchor's baselines, measured here too so the ratios come from one process),
+      any of those with -top1 (K=1) or -e64 (E=64) appended (e.g. dropless-e64), or ``all``: the floor
+      (dense_topk), capacity, dropless, and the top-1 and 64-expert variants of both, one after another,
+      then the ratios to the floor.
+Sizes as the anchor: D, E, K, CF, LAYERS, TOKENS, STEPS (env). 4 stacked MoE FFN layers (D -> 4D -> D experts,
+GELU, biases), x = x + moe(x), bf16 autocast over fp32 params, forward + backward + AdamW (fused on CUDA),
+loss = mean(out^2) + 0.01 * sum(l_aux). ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
+``DS_MOE_GEMM_BACKEND=loop`` forces the per-expert loop on the dropless path (grouped_mm is the CUDA default).
+
+On CUDA the dropless path first checks its grouped GEMM against the loop on a small problem (forward and
+gradients, bf16) and prints the relative error, so a wrong kernel shows before any timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sizes(smoke: bool) -> dict:
+    env = os.environ.get
+    if smoke:
+        return dict(D=int(env("D", "64")), E=int(env("E", "8")), K=int(env("K", "2")), CF=float(env("CF", "1.25")),
+                    LAYERS=int(env("LAYERS", "2")), TOKENS=int(env("TOKENS", "256")), STEPS=int(env("STEPS", "2")))
+    return dict(D=int(env("D", "2048")), E=int(env("E", "8")), K=int(env("K", "2")), CF=float(env("CF", "1.25")),
+                LAYERS=int(env("LAYERS", "4")), TOKENS=int(env("TOKENS", "16384")), STEPS=int(env("STEPS", "10")))
+
+
+class FFN(nn.Module):  # the anchor's dense FFN
+    def __init__(self, D):
+        super().__init__()
+        self.fc = nn.Linear(D, 4 * D)
+        self.out = nn.Linear(4 * D, D)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc(x)))
+
+
+class Stack(nn.Module):  # the anchor's Stack
+    def __init__(self, make, layers, repeat=1):
+        super().__init__()
+        self.layers = nn.ModuleList(make() for _ in range(layers))
+        self.repeat = repeat
+
+    def forward(self, x):
+        aux = x.new_zeros(())
+        for layer in self.layers:
+            y = layer(x)
+            if isinstance(y, tuple):
+                y, l_aux, _ = y
+                aux = aux + l_aux
+            for _ in range(self.repeat - 1):
+                y = y + layer(x)
+            x = x + y
+        return x, aux
+
+
+def parse_mode(mode: str, base: dict) -> tuple[str, dict]:
+    s = dict(base)
+    engine = mode
+    for suffix, key, val in (("-top1", "K", 1), ("-e64", "E", 64)):
+        if engine.endswith(suffix):
+            engine = engine[: -len(suffix)]
+            s[key] = val
+    if engine not in ("capacity", "dropless", "dense", "dense_topk"):
+        raise SystemExit(f"unknown mode {mode!r}: capacity|dropless|dense|dense_topk[-top1|-e64] or all")
+    return engine, s
+
+
+def build(engine: str, s: dict):
+    from ds_moe import FFNExpert, MoE
+
+    D, L = s["D"], s["LAYERS"]
+    if engine == "dense":
+        return Stack(lambda: FFN(D), L)
+    if engine == "dense_topk":
+        return Stack(lambda: FFN(D), L, repeat=s["K"])
+    return Stack(lambda: MoE(hidden_size=D, expert=FFNExpert(D, 4 * D), num_experts=s["E"], ep_size=1, k=s["K"],
+                             capacity_factor=s["CF"], eval_capacity_factor=s["CF"], min_capacity=4,
+                             drop_tokens=(engine == "capacity")), L)
+
+
+def check_grouped_gemm(dev) -> str:
+    """bf16 grouped_mm against the per-expert loop on a small dropless layer: forward and gradients."""
+    from ds_moe import FFNExpert, MoE
+
+    res = {}
+    for backend in ("loop", "grouped_mm"):
+        torch.manual_seed(1)
+        moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, drop_tokens=False, gemm_backend=backend).to(dev)
+        with torch.no_grad():
+            for p in moe.deepspeed_moe.experts.parameters():
+                p.normal_(0, 0.05)
+        x = torch.randn(1000, 256, device=dev, generator=torch.Generator(dev).manual_seed(2), requires_grad=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            out, l_aux, _ = moe(x)
+        out.float().pow(2).sum().backward()
+        res[backend] = [out.float(), x.grad] + [p.grad.float() for p in moe.deepspeed_moe.experts.parameters()]
+    errs = [float((b - a).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(res["loop"], res["grouped_mm"])]
+    worst = max(errs)
+    if worst > 2e-2:
+        raise SystemExit(f"grouped_mm disagrees with the loop: relative errors {errs}")
+    return f"grouped_mm vs loop (bf16): max relative error {worst:.1e}"
+
+
+def run(engine: str, s: dict, dev, smoke: bool) -> dict:
+    from ds_moe._gemm import choose_backend
+
+    torch.manual_seed(0)
+    model = build(engine, s).to(dev)
+    nparams = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    T, D = s["TOKENS"], s["D"]
+    x = torch.randn(T // 2048 if T >= 2048 else 1, min(T, 2048), D, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            out, aux = model(x)
+            loss = out.float().pow(2).mean() + 0.01 * aux
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(1 if smoke else 3):
+        loss = step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(s["STEPS"]):
+        loss = step()
+    sync()
+    dt = (time.perf_counter() - t) / s["STEPS"]
+    tokens = x.shape[0] * x.shape[1]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    backend = ""
+    if engine == "dropless":
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            backend = f" gemm={choose_backend(x, D, 4 * D)}"
+    name = engine + ("" if s["K"] == 2 or engine.startswith("dense") else f"-top{s['K']}") + \
+        ("-e64" if s["E"] == 64 and not engine.startswith("dense") else "")
+    print(f"[ds-moe {name}] D={D} E={s['E']} K={s['K']} CF={s['CF']} layers={s['LAYERS']} tokens={tokens} "
+          f"params={nparams / 1e6:.0f}M step={dt * 1e3:.1f} ms tokens/s={tokens / dt:,.0f} "
+          f"peak_mem={peak:.1f} GiB{backend} loss={float(loss.detach()):.4f}", flush=True)
+    row = dict(mode=name, **s, tokens=tokens, params=nparams, ms=dt * 1e3, tokens_per_s=tokens / dt, peak_gib=peak)
+    del model, opt, x
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    base = sizes(args.smoke)
+    modes = (["dense_topk", "capacity", "dropless", "capacity-top1", "dropless-top1", "capacity-e64",
+              "dropless-e64"] if args.mode == "all" else [args.mode])
+    if use_cuda and any(m.startswith("dropless") for m in modes):
+        print(check_grouped_gemm(dev), flush=True)
+    rows = [run(*parse_mode(m, base), dev, args.smoke) for m in modes]
+    floor = next((r for r in rows if r["mode"] == "dense_topk"), None)
+    if floor:
+        for r in rows:
+            print(f"  {r['mode']:>16}: {r['ms'] / floor['ms']:.2f}x the floor's step time", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(dev) if use_cuda else "cpu",
+                           torch=torch.__version__, rows=rows), f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
