@@ -255,9 +255,10 @@ class NVMeAdam(torch.optim.Optimizer):
         for group, g in zip(self.param_groups, grads):
             (p,) = group["params"]
             st = self.state[p]
-            st["step"] += 1
-            moved += self._step_group(group, self.group_index[p], p.numel(), g.reshape(-1), float(st["step"]), scale,
+            step = float(st["step"]) + 1
+            moved += self._step_group(group, self.group_index[p], p.numel(), g.reshape(-1), step, scale,
                                       self.copies[p])
+            st["step"].fill_(step)  # counted once every sub-group's write landed (a failed step is not counted)
         self.last_swap_bytes = moved
 
     def _step_group(self, group, gi, n, g, step, scale, copy) -> int:
