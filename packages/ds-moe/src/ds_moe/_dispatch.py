@@ -109,7 +109,8 @@ def dropless_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num
     xc = x.to(compute_dtype(x))
     flat = r.expert.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
+    # scatter_add, not bincount: bincount sizes its output from the input's max, a host sync on the GPU
+    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     x_sorted = xc.index_select(0, order // k)
     if ep_size == 1:
         y_sorted = experts.forward_sorted(x_sorted, counts, backend=backend)

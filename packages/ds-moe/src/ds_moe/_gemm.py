@@ -20,7 +20,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import MoEError
@@ -134,7 +133,8 @@ def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
     """[rows, G] one-hot of each sorted row's group, built on the device (no host sync)."""
     G = counts.shape[0]
     row_group = torch.repeat_interleave(torch.arange(G, device=counts.device), counts, output_size=rows)
-    return F.one_hot(row_group, G).to(dtype)
+    # a comparison, not F.one_hot: nothing here may wait for the device (F.one_hot may check its input's range)
+    return (row_group.unsqueeze(1) == torch.arange(G, device=counts.device)).to(dtype)
 
 
 def group_offsets(counts: Tensor) -> Tensor:

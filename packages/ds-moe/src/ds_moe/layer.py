@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Optional, Tuple
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
