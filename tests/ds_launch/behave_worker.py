@@ -37,6 +37,9 @@ if os.environ.get("BEHAVE_PRINT") == "1":
         print(f"line {i} of rank {rank} " + "x" * 2000, flush=True)
         sys.stderr.write(f"err {i} of rank {rank} " + "y" * 2000 + "\n")
         sys.stderr.flush()
+if os.environ.get("BEHAVE_OWN_PREFIX") == "1":  # as torch prints a traceback: its own "[rankN]: " prefix
+    sys.stderr.write(f"[rank{rank}]: Traceback line of rank {rank}\n")
+    sys.stderr.flush()
 if os.environ.get("BEHAVE_PROGRESS") == "1":
     for i in range(1, 4):
         sys.stderr.write(f"\rprogress {i}/3 of rank {rank}")

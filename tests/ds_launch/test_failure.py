@@ -121,14 +121,37 @@ def test_output_lines_are_whole_and_prefixed(out):
 
 @pytest.mark.timeout(60)
 def test_progress_bar_redraws_are_relayed_with_their_prefix(out):
-    """tqdm redraws with carriage returns and no newline: each redraw is its own prefixed segment (read here with
-    universal newlines, so every \\r shows up as a line end)."""
-    env = base_env(out, BEHAVE_PROGRESS="1", BEHAVE_SLEEP="0")
+    """tqdm redraws with carriage returns and no newline: with DS_LAUNCH_REDRAW_INTERVAL=0 each redraw is its own
+    prefixed segment (read here with universal newlines, so every \\r shows up as a line end)."""
+    env = base_env(out, BEHAVE_PROGRESS="1", BEHAVE_SLEEP="0", DS_LAUNCH_REDRAW_INTERVAL="0")
     res = run_launcher(["--nproc_per_node", "2", BEHAVE], env)
     assert res.returncode == 0, res.stderr
     for rank in (0, 1):
         for i in (1, 2, 3):
             assert f"[rank{rank}]: progress {i}/3 of rank {rank}" in res.stderr.splitlines(), res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_progress_bar_redraws_into_a_pipe_are_thinned(out):
+    """Into a pipe (or a file) the redraws are thinned to one per DS_LAUNCH_REDRAW_INTERVAL s (default 10): the
+    first and the final state are there, each on a line of its own, the ones between are not."""
+    env = base_env(out, BEHAVE_PROGRESS="1", BEHAVE_SLEEP="0")
+    res = run_launcher(["--nproc_per_node", "2", BEHAVE], env)
+    assert res.returncode == 0, res.stderr
+    for rank in (0, 1):
+        mine = [line for line in res.stderr.split("\n") if line.startswith(f"[rank{rank}]: progress")]
+        assert mine == [f"[rank{rank}]: progress 1/3 of rank {rank}", f"[rank{rank}]: progress 3/3 of rank {rank}"], \
+            res.stderr
+    assert "\r" not in res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_line_with_its_own_rank_prefix_gets_no_second_one(out):
+    res = run_launcher(["--nproc_per_node", "2", BEHAVE], base_env(out, BEHAVE_OWN_PREFIX="1", BEHAVE_SLEEP="0"))
+    assert res.returncode == 0, res.stderr
+    for rank in (0, 1):
+        assert f"[rank{rank}]: Traceback line of rank {rank}" in res.stderr.splitlines(), res.stderr
+    assert "]: [rank" not in res.stderr
 
 
 @pytest.mark.timeout(60)

@@ -73,6 +73,25 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+#: seconds between progress-bar redraws relayed into a file or a pipe (``DS_LAUNCH_REDRAW_INTERVAL`` overrides)
+DEFAULT_REDRAW_INTERVAL = 10.0
+
+
+def _redraw_interval() -> float:
+    value = os.environ.get("DS_LAUNCH_REDRAW_INTERVAL", "")
+    try:
+        return max(0.0, float(value)) if value.strip() else DEFAULT_REDRAW_INTERVAL
+    except ValueError:
+        return DEFAULT_REDRAW_INTERVAL
+
+
+def _isatty(out) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _die_with_parent(parent_pid: int, affinity: tuple[int, ...] | None = None) -> Callable[[], None] | None:
     """The child's set-up between fork and exec: die with the parent (Linux), and pin it to ``affinity``
     (``--bind_cores_to_rank`` without numactl; the exec'd program and everything it forks inherit it)."""
@@ -123,6 +142,7 @@ class Supervisor:
         watchdog: Watchdog | None = None,
         watchdog_interval: float = 0.5,
         fatal_exit_codes: Sequence[int] = (),
+        redraw_interval: float | None = None,
     ):
         self.make_specs = make_specs
         self.max_restarts = max_restarts
@@ -135,6 +155,8 @@ class Supervisor:
         self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
         self.watchdog_interval = watchdog_interval
         self.fatal_exit_codes = frozenset(fatal_exit_codes)
+        #: seconds between progress-bar redraws relayed into a file or pipe (0: every one); see _relay
+        self.redraw_interval = _redraw_interval() if redraw_interval is None else redraw_interval
         self._lock = threading.Lock()
         self._signal: int | None = None
         self._running: list[_Running] = []
@@ -151,8 +173,34 @@ class Supervisor:
     def _relay(self, stream, out, prefix: bytes) -> None:
         """Copy a worker's output with ``prefix`` before every line. A carriage return ends a line too: progress
         bars (tqdm) redraw themselves with ``\\r`` and no newline, so waiting for ``\\n`` would show nothing until
-        the bar closes; each redraw is relayed with its prefix and keeps updating in place on a terminal."""
+        the bar closes. On a terminal each redraw is relayed with its prefix and keeps updating in place; into a
+        file or a pipe (``out`` not a TTY) the redraws would be thousands of lines, so one is written at most every
+        ``redraw_interval`` s, ending in a newline (the first at once, the latest held at the end; a real line
+        supersedes a held one). A line that already starts with the prefix -- torch prints its tracebacks as
+        ``[rank0]: ...`` -- is relayed as it is, so the prefix shows once."""
         pending = b""
+        marker = prefix.rstrip()
+        thin = bool(prefix) and self.redraw_interval > 0 and not _isatty(out)
+        held, last_redraw = None, None
+
+        def lines(segments):
+            out_segs = []
+            nonlocal held, last_redraw
+            for seg in segments:
+                if thin and seg.endswith(b"\r"):
+                    if not seg.strip():
+                        continue  # the bare \r before a bar's first draw
+                    now = time.monotonic()
+                    if last_redraw is not None and now - last_redraw < self.redraw_interval:
+                        held = seg
+                        continue
+                    last_redraw, held = now, None
+                    seg = seg[:-1] + b"\n"
+                elif thin:
+                    held = None
+                out_segs.append(seg if marker and seg.startswith(marker) else prefix + seg)
+            return out_segs
+
         try:
             while True:
                 chunk = os.read(stream.fileno(), 65536)
@@ -165,20 +213,24 @@ class Supervisor:
                 pending = segments.pop()
                 if pending == b"" and segments and segments[-1].endswith(b"\r"):
                     pending = segments.pop()
+                segments = lines(segments)
                 if segments:
                     with self._lock:
-                        out.write(b"".join(prefix + seg for seg in segments))
+                        out.write(b"".join(segments))
                         out.flush()
-            if pending:
+            tail = lines([pending]) if pending else []
+            if held is not None and not tail:
+                tail = [prefix + held[:-1] + b"\n"]
+            if tail:
+                text = tail[0]
                 with self._lock:
-                    out.write(prefix + pending + (b"" if pending.endswith((b"\n", b"\r")) else b"\n"))
+                    out.write(text + (b"" if text.endswith((b"\n", b"\r")) else b"\n"))
                     out.flush()
         except (OSError, ValueError):
             pass
         finally:
             stream.close()
 
-    # -- start / stop ---------------------------------------------------------------------------------------
     def _start(self, spec: ProcSpec) -> _Running:
         log = None
         if spec.log_path:
