@@ -121,7 +121,7 @@ def test_deepspeed_spellings_of_no_offload_are_off(device):
 # -- python -m ds_train.config and initialize agree ----------------------------------------------------------------
 WORLD = 2
 BAD_CONFIGS = {
-    "multi": {"train_batch_size": 8, "fp16": {"enabled": True, "loss_scael": 0}, "tensorboard": {"enabled": True},
+    "multi": {"train_batch_size": 8, "fp16": {"enabled": True, "loss_scael": 0}, "comet": {"enabled": True},
               "optimizer": {"type": "AdamW", "params": {"weight_decy": 0.1}}},
     "batch_on_world": {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                        "optimizer": {"type": "AdamW"}},

@@ -121,10 +121,8 @@ def _collectives():
     out["has"] = (comm.has_all_gather_into_tensor(), comm.has_reduce_scatter_tensor(), comm.has_all_reduce_coalesced())
     out["world_group"] = comm.get_world_group() is dist.group.WORLD
     comm.configure(enabled=False)  # leaving the logger off is fine
-    with pytest.raises(NotImplementedError, match="communication logger is not supported yet"):
-        comm.configure(enabled=True)
-    with pytest.raises(NotImplementedError, match="communication logger"):
-        comm.log_summary()
+    with pytest.raises(RuntimeError, match="communication logger is off"):
+        comm.log_summary()  # the logger itself: tests/ds_train/test_comms_logger.py
     out["log_dist"] = _log_on_ranks()
     return out
 

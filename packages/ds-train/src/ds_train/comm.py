@@ -5,9 +5,9 @@ DeepSpeed keeps its communication module signature-compatible with ``torch.distr
 function is a thin call into ``torch.distributed`` with DeepSpeed's signature, so a script that imports
 ``deepspeed.comm`` runs on the same process group the engine uses. Differences, on purpose:
 
-- DeepSpeed's profiling keywords (``prof``, ``log_name``, ``debug``) are accepted and unused: its communication
-  logger is not built (``configure(enabled=True)`` and ``log_summary()`` raise NotImplementedError, and the config
-  refuses an enabled ``comms_logger``).
+- DeepSpeed's communication logger: ``configure(...)``/``log_summary()`` and the profiling keywords (``prof``,
+  ``log_name``, ``debug``) of every collective work as there (:mod:`ds_train.monitor.comms`); ``isend``/``irecv``
+  are not timed (see :mod:`ds_train.monitor._patch`).
 - A call before the process group exists raises RuntimeError naming the function and what to call first
   (DeepSpeed asserts).
 - ``isend``/``irecv`` are non-blocking and return torch's work handle (DeepSpeed's block and return None).
@@ -26,6 +26,7 @@ import torch.distributed as _dist
 from torch.distributed import ReduceOp
 
 from .dist import init_distributed
+from .monitor.comms import comms_logger
 
 __all__ = [
     "ReduceOp", "init_distributed", "is_initialized", "is_available", "destroy_process_group", "new_group",
@@ -125,7 +126,7 @@ def get_backend(group=None) -> str:
 # (prof, log_name, debug: DeepSpeed's comms-logger keywords; accepted, unused -- see the module docstring)
 @_requires_group
 def broadcast(tensor, src, group=None, async_op=False, prof=False, log_name="broadcast", debug=None):
-    return _dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    return _logged('broadcast', log_name, prof, debug, _dist.broadcast, tensor, src=src, group=group, async_op=async_op)
 
 
 @_requires_group
@@ -135,7 +136,8 @@ def broadcast_object_list(object_list, src, group=None, device=None):
 
 @_requires_group
 def all_gather(tensor_list, tensor, group=None, async_op=False, prof=False, log_name="all_gather", debug=None):
-    return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    return _logged('all_gather', log_name, prof, debug, _dist.all_gather,
+                   tensor_list, tensor, group=group, async_op=async_op)
 
 
 @_requires_group
@@ -146,42 +148,48 @@ def all_gather_object(object_list, obj, group=None, prof=False, log_name="all_ga
 @_requires_group
 def all_gather_into_tensor(output_tensor, tensor, group=None, async_op=False, prof=False,
                            log_name="all_gather_into_tensor", debug=None):
-    return _all_gather_single(output_tensor, tensor, group=group, async_op=async_op)
+    return _logged('all_gather_into_tensor', log_name, prof, debug, _all_gather_single,
+                   output_tensor, tensor, group=group, async_op=async_op)
 
 
 @_requires_group
 def allgather_fn(output_tensor, input_tensor, group=None, async_op=False, debug=None):
     """DeepSpeed's portable all-gather into one tensor (torch has had ``all_gather_into_tensor`` since 1.13)."""
-    return _all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+    return _logged('all_gather_into_tensor', 'all_gather_into_tensor', False, debug, _all_gather_single,
+                   output_tensor, input_tensor, group=group, async_op=async_op)
 
 
 @_requires_group
 def reduce_scatter_tensor(output_tensor, tensor, op=ReduceOp.SUM, group=None, async_op=False, prof=False,
                           log_name="reduce_scatter_tensor", debug=None):
-    return _reduce_scatter_single(output_tensor, tensor, op=op, group=group, async_op=async_op)
+    return _logged('reduce_scatter_tensor', log_name, prof, debug, _reduce_scatter_single,
+                   output_tensor, tensor, op=op, group=group, async_op=async_op)
 
 
 @_requires_group
 def reduce_scatter_fn(output_tensor, tensor, op=ReduceOp.SUM, group=None, async_op=False, prof=False, debug=None):
-    return _reduce_scatter_single(output_tensor, tensor, op=op, group=group, async_op=async_op)
+    return _logged('reduce_scatter_tensor', 'reduce_scatter_tensor', prof, debug, _reduce_scatter_single,
+                   output_tensor, tensor, op=op, group=group, async_op=async_op)
 
 
 @_requires_group
 def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op=False, prof=False,
                    log_name="reduce_scatter", debug=None):
-    return _dist.reduce_scatter(output, list(input_list), op=op, group=group, async_op=async_op)
+    return _logged('reduce_scatter', log_name, prof, debug, _dist.reduce_scatter,
+                   output, list(input_list), op=op, group=group, async_op=async_op)
 
 
 @_requires_group
 def all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False, prof=False, log_name="all_reduce", debug=None):
-    return _dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return _logged('all_reduce', log_name, prof, debug, _dist.all_reduce, tensor, op=op, group=group, async_op=async_op)
 
 
 @_requires_group
 def inference_all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False, prof=False, log_name="all_reduce",
                          debug=None):
     """DeepSpeed's low-latency all-reduce for inference (a custom kernel there): torch's all-reduce here."""
-    return _dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return _logged('inference_all_reduce', log_name, prof, debug, _dist.all_reduce,
+                   tensor, op=op, group=group, async_op=async_op)
 
 
 @_requires_group
@@ -197,7 +205,8 @@ def all_reduce_coalesced(tensors, op=ReduceOp.SUM, group=None, async_op=False, p
         raise ValueError(f"all_reduce_coalesced: tensors must share one dtype and device, got "
                          f"{sorted(map(str, kinds))}")
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    work = _dist.all_reduce(flat, op=op, group=group, async_op=async_op)
+    work = _logged("all_reduce_coalesced", log_name, prof, debug, _dist.all_reduce, flat, op=op, group=group,
+                   async_op=async_op)
 
     def copy_back():
         offset = 0
@@ -230,39 +239,44 @@ class _CopyBackWork:
 
 @_requires_group
 def reduce(tensor, dst, op=ReduceOp.SUM, group=None, async_op=False, prof=False, log_name="reduce", debug=None):
-    return _dist.reduce(tensor, dst=dst, op=op, group=group, async_op=async_op)
+    return _logged('reduce', log_name, prof, debug, _dist.reduce,
+                   tensor, dst=dst, op=op, group=group, async_op=async_op)
 
 
 @_requires_group
 def gather(tensor, gather_list=None, dst=0, group=None, async_op=False, prof=False, log_name="gather", debug=None):
-    return _dist.gather(tensor, gather_list=gather_list, dst=dst, group=group, async_op=async_op)
+    return _logged('gather', log_name, prof, debug, _dist.gather,
+                   tensor, gather_list=gather_list, dst=dst, group=group, async_op=async_op)
 
 
 @_requires_group
 def scatter(tensor, scatter_list=None, src=0, group=None, async_op=False, prof=False, log_name="scatter", debug=None):
-    return _dist.scatter(tensor, scatter_list=scatter_list, src=src, group=group, async_op=async_op)
+    return _logged('scatter', log_name, prof, debug, _dist.scatter,
+                   tensor, scatter_list=scatter_list, src=src, group=group, async_op=async_op)
 
 
 @_requires_group
 def all_to_all_single(output, tensor, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False,
                       prof=False, log_name="all_to_all_single", debug=None):
-    return _dist.all_to_all_single(output, tensor, output_split_sizes=output_split_sizes,
+    return _logged('all_to_all_single', log_name, prof, debug, _dist.all_to_all_single,
+                   output, tensor, output_split_sizes=output_split_sizes,
                                    input_split_sizes=input_split_sizes, group=group, async_op=async_op)
 
 
 @_requires_group
 def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):
-    return _dist.all_to_all(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
+    return _logged('all_to_all', 'all_to_all', False, None, _dist.all_to_all,
+                   output_tensor_list, input_tensor_list, group=group, async_op=async_op)
 
 
 @_requires_group
 def send(tensor, dst, group=None, tag=0, prof=False, log_name="send", debug=None):
-    return _dist.send(tensor, dst=dst, group=group, tag=tag)
+    return _logged('send', log_name, prof, debug, _dist.send, tensor, dst=dst, group=group, tag=tag)
 
 
 @_requires_group
 def recv(tensor, src=None, group=None, tag=0, prof=False, log_name="recv", debug=None):
-    return _dist.recv(tensor, src=src, group=group, tag=tag)
+    return _logged('recv', log_name, prof, debug, _dist.recv, tensor, src=src, group=group, tag=tag)
 
 
 @_requires_group
@@ -277,14 +291,16 @@ def irecv(tensor, src=None, group=None, tag=0, prof=False, log_name="irecv", deb
 
 @_requires_group
 def barrier(group=None, async_op=False, device_ids=None, prof=False, log_name="barrier", debug=None):
-    return _dist.barrier(group=group, async_op=async_op, device_ids=device_ids)
+    return _logged('barrier', log_name, prof, debug, _dist.barrier,
+                   group=group, async_op=async_op, device_ids=device_ids)
 
 
 @_requires_group
 def monitored_barrier(group=None, timeout=None, wait_all_ranks=False, prof=False, log_name="monitored_barrier",
                       debug=None):
     """Torch's monitored barrier (gloo only; it names the ranks that did not arrive)."""
-    return _dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=wait_all_ranks)
+    return _logged('barrier', log_name, prof, debug, _dist.monitored_barrier,
+                   group=group, timeout=timeout, wait_all_ranks=wait_all_ranks)
 
 
 # -- capability queries (all true on the torch versions the suite supports) -----------------------------------
@@ -308,15 +324,46 @@ def has_coalescing_manager() -> bool:
     return hasattr(_dist, "_coalescing_manager")
 
 
-# -- DeepSpeed's communication logger: not built ----------------------------------------------------------------
+# -- DeepSpeed's communication logger (ds_train.monitor.comms) -------------------------------------------------
+def _logged(raw_name: str, log_name: str, prof: bool, debug, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, timed and recorded by the comms logger when it is on and wants ``log_name``."""
+    if not comms_logger.enabled:
+        return fn(*args, **kwargs)
+    return comms_logger.timed(raw_name, log_name, fn, args, kwargs, prof=bool(prof), debug=debug)
+
+
 def configure(deepspeed_config: Any = None, enabled: bool | None = None, prof_all: bool | None = None,
               prof_ops: list | None = None, verbose: bool | None = None, debug: bool | None = None) -> None:
-    """DeepSpeed's comms-logger switch. Switching it on raises NotImplementedError (not built yet); anything
-    that leaves it off is accepted."""
-    if enabled:
-        raise NotImplementedError("ds_train.comm.configure(enabled=True): DeepSpeed's communication logger is not "
-                                  "supported yet (profile collectives with torch.profiler meanwhile)")
+    """DeepSpeed's ``deepspeed.comm.configure``: switch the communication logger from a config (its
+    ``comms_logger`` section: a :class:`~ds_train.config.DeepSpeedConfig`, a dict or a JSON path) and/or keywords
+    (keywords win). While it is on, ``torch.distributed``'s collectives are timed too (the engine's own)."""
+    section = None
+    if deepspeed_config is not None:
+        if not hasattr(deepspeed_config, "comms_logger"):
+            from .config import load_config
+
+            deepspeed_config = load_config(deepspeed_config)
+        section = deepspeed_config.comms_logger
+    comms_logger.configure(section, enabled=enabled, verbose=verbose, prof_all=prof_all, prof_ops=prof_ops,
+                           debug=debug)
 
 
 def log_summary(show_straggler: bool = False, return_dict: bool = False):
-    raise NotImplementedError("ds_train.comm.log_summary(): DeepSpeed's communication logger is not supported yet")
+    """DeepSpeed's ``log_summary``: every rank meets at a barrier, rank 0 prints the table (per collective and
+    message size: count, total and average latency, algbw, busbw; ds-comm's compressed collectives with their
+    wire bytes), then a second barrier. Returns the summary dict with ``return_dict=True``."""
+    if show_straggler:
+        raise NotImplementedError("log_summary(show_straggler=True) is not supported yet (it needs each rank's "
+                                  "latencies gathered)")
+    if not comms_logger.enabled and not comms_logger.comms_dict:
+        raise RuntimeError("ds_train.comm.log_summary(): the communication logger is off; enable it with the "
+                           "config's \"comms_logger\": {\"enabled\": true} or ds_train.comm.configure(enabled=True)")
+    synced = is_initialized()
+    if synced:
+        with comms_logger.paused():  # the summary's own barriers are not the run's communication
+            _dist.barrier()
+    summary = comms_logger.log_all(print_log=not synced or _dist.get_rank() == 0)
+    if synced:
+        with comms_logger.paused():
+            _dist.barrier()
+    return summary if return_dict else None

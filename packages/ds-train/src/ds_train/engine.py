@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ds_zero import ZeroEngine
 
 from . import _engine_features
+from .monitor._engine import EngineMonitoring, MonitorGetters
 
 logger = logging.getLogger("ds_train")
 
@@ -82,7 +83,7 @@ def _local_rank(args: Any) -> int:
     return arg if arg is not None and arg >= 0 else 0
 
 
-class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Module):
+class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngine, torch.nn.Module):
     """:class:`ds_zero.ZeroEngine` as DeepSpeed's ``DeepSpeedEngine`` (see the module docstring).
 
     Args are ZeroEngine's (``model``, ``optimizer``, ``config``, ``lr_scheduler``, ``process_group``) plus
@@ -110,6 +111,10 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Modu
         self._step_applied = False
         # activation_checkpointing, flops_profiler, curriculum_learning (ds_train._engine_features)
         _engine_features.attach(self)
+        # monitors, wall_clock_breakdown timers, throughput and the comms logger (ds_train.monitor._engine)
+        self._monitoring = EngineMonitoring(self)
+        self.monitor, self.timers = self._monitoring.monitor, self._monitoring.timers
+        self.tput_timer, self.comms_logger = self._monitoring.tput_timer, self._monitoring.comms_logger
         self._ds_ready = True  # from here on unknown attributes are looked up on the wrapped model
 
     # -- nn.Module behaviour ---------------------------------------------------------------------------
@@ -251,14 +256,15 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Modu
         """The wrapped model's forward; in training mode with curriculum learning (``curriculum_type: "seqlen"``)
         it gets ``curriculum_seqlen=`` as under DeepSpeed; profiled at ``flops_profiler.profile_step``."""
         kwargs = _engine_features.curriculum_kwargs(self, kwargs)
-        with _engine_features.profiled(self, "forward"):
+        with _engine_features.profiled(self, "forward"), self._monitoring.forward():
             return ZeroEngine.forward(self, *args, **kwargs)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """DeepSpeed's ``backward``. ``scale_wrt_gas=False``: the gradient of ``loss`` itself is accumulated (the
         engine otherwise divides by ``gradient_accumulation_steps``)."""
         gas = self.gradient_accumulation_steps()
-        with _engine_features.profiled(self, "backward"):
+        with _engine_features.profiled(self, "backward"), \
+                self._monitoring.backward(loss, self.is_gradient_accumulation_boundary(), scale_wrt_gas):
             if not scale_wrt_gas and gas > 1 and isinstance(loss, torch.Tensor):
                 ZeroEngine.backward(self, loss * gas, retain_graph=retain_graph)
                 return loss
@@ -270,9 +276,10 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Modu
             raise NotImplementedError("DeepSpeedEngine.step(lr_kwargs=...) is not supported yet: the LR scheduler is "
                                       "stepped without arguments")
         boundary = self.is_gradient_accumulation_boundary()
-        with _engine_features.profiled(self, "step"):
+        with _engine_features.profiled(self, "step"), self._monitoring.step():
             ZeroEngine.step(self)
         self._step_applied = boundary and not self.was_step_skipped
+        self._monitoring.after_step(boundary)
 
     def was_step_applied(self) -> bool:
         """Whether the last ``step()`` updated the weights (False between boundaries and on a skipped fp16 step)."""
@@ -306,9 +313,9 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Modu
             self.policy.reshard()
 
     def destroy(self) -> None:
-        """DeepSpeed releases its optimizer's hooks and buffers here; this engine holds nothing beyond what
-        dropping the engine object frees, so there is nothing to do."""
-        return None
+        """DeepSpeed releases its optimizer's hooks and buffers here; this engine closes its monitors (flushing
+        their files); the rest is freed by dropping the engine object."""
+        self._monitoring.close()
 
     @property
     def is_compiled(self) -> bool:
@@ -487,8 +494,8 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, ZeroEngine, torch.nn.Modu
     def dump_state(self) -> bool:
         return False
 
-    # monitors, profilers and the other DeepSpeed features the config refuses: never enabled here
-    tensorboard_enabled = wandb_enabled = csv_monitor_enabled = comet_enabled = \
+    # the DeepSpeed features the config refuses: never enabled here (the monitors': MonitorGetters)
+    comet_enabled = \
         elasticity_enabled = pld_enabled = eigenvalue_enabled = memory_breakdown
 
     # -- checkpoints -------------------------------------------------------------------------------------

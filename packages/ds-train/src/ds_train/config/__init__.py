@@ -6,9 +6,9 @@ package owns the keys it uses and this one composes them. Rules, as the rest of 
 
 - an unknown key is an error naming its path with the closest known spelling
   (``optimizer.params.betaz ... did you mean 'betas'``);
-- a key DeepSpeed knows for a feature not built here (``activation_checkpointing``, ``pipeline``,
-  ``tensorboard``, ...) is an error naming it and saying "not supported yet" -- never silently ignored. A
-  section that only switches its feature off (``"wandb": {"enabled": false}``) is accepted, since ignoring it
+- a key DeepSpeed knows for a feature not built here (``pipeline`` of a plain model, ``comet``,
+  ``autotuning``, ...) is an error naming it and saying "not supported yet" -- never silently ignored. A
+  section that only switches its feature off (``"comet": {"enabled": false}``) is accepted, since ignoring it
   changes nothing;
 - ``"auto"`` (Hugging Face Trainer's placeholder, which the Trainer fills in) is refused with its key path;
 - duplicate keys in a JSON file are an error (``json`` would keep the last one silently);
@@ -38,10 +38,12 @@ from ds_zero.config import StrictModel
 
 from ..optimizers import check_optimizer_params, effective_optimizer_params
 from ..schedulers import check_scheduler_params, effective_scheduler_params
+from ._monitor import CommsLoggerConfig, CSVConfig, TensorBoardConfig, WandbConfig
 from ._collect import IGNORED_KEYS, ONLY_DEFAULT as _ONLY_DEFAULT, UNSUPPORTED_KEYS, collect
 from ._preflight import batch_problems, preflight_problems
 
-__all__ = ["DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "UNSUPPORTED_KEYS", "IGNORED_KEYS", "load_config",
+__all__ = ["DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "TensorBoardConfig", "CSVConfig", "WandbConfig",
+           "CommsLoggerConfig", "UNSUPPORTED_KEYS", "IGNORED_KEYS", "load_config",
            "check_config", "effective_config", "ConfigError"]
 
 logger = logging.getLogger("ds_train")
@@ -118,6 +120,11 @@ class DeepSpeedConfig(EngineConfig):
     #: read by ``ds_train.checkpointing.configure(mpu, deepspeed_config=...)``, as DeepSpeed's section is (its engine
     #: does not use it either); validated here so that a bad section fails when the config is loaded
     activation_checkpointing: dict[str, Any] | None = None
+    #: the monitors (ds_train.monitor) and the communication logger (ds_train.monitor.comms), DeepSpeed's keys
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
+    csv_monitor: CSVConfig = Field(default_factory=CSVConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
 
     @field_validator("activation_checkpointing")
     @classmethod

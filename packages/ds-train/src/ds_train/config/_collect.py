@@ -38,11 +38,7 @@ __all__ = ["Problem", "IGNORED_KEYS", "UNSUPPORTED_KEYS", "ONLY_DEFAULT", "colle
 UNSUPPORTED_KEYS: dict[str, str] = {
     # a PipelineModule's config goes to ds-pipe before these checks (ds_train._pipeline): here the model is not one
     "pipeline": "pipeline parallelism (ds-pipe) of a model that is not a ds_pipe.PipelineModule",
-    "tensorboard": "the TensorBoard monitor",
-    "wandb": "the Weights & Biases monitor",
-    "csv_monitor": "the CSV monitor",
     "comet": "the Comet monitor",
-    "comms_logger": "the communication logger",
     "autotuning": "autotuning",
     "elasticity": "elastic training",
     "compression_training": "compression training (quantization/pruning)",

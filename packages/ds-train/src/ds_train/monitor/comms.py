@@ -1,0 +1,329 @@
+"""DeepSpeed's communication logger (``deepspeed.utils.comms_logging``): per collective and message size, the
+count, total and average latency, algorithm and bus bandwidth.
+
+What is timed, while the logger is enabled (``comms_logger.enabled`` in the config, or
+``ds_train.comm.configure(enabled=True)``):
+
+- every collective called through :mod:`ds_train.comm` (DeepSpeed's ``prof``/``log_name``/``debug`` keywords
+  work as there);
+- the engine's own collectives and any other caller's: the ``torch.distributed`` functions (``all_reduce``,
+  ``all_gather_into_tensor``/``all_gather_single``, ``reduce_scatter_tensor``/``reduce_scatter_single``,
+  ``broadcast``, ``all_to_all_single``, ...) are replaced by timed wrappers while the logger is on, and so are the
+  aliases ds-zero and ds-comm bind at import (``ds_zero._comm``, ``ds_comm.transport._torch``). FSDP2's
+  collectives (ZeRO stage 3's gathers and reduce-scatters) run in C++ and are not seen;
+- ds-comm's compressed collectives (``compressed_allreduce``, ``quantized_all_gather``,
+  ``quantized_reduce_scatter``), each as one record whose message size is the bytes this rank really sent, read
+  from ``ds_comm.global_stats`` around the call (their inner torch collectives are not counted twice).
+
+As DeepSpeed does, a logged collective is made blocking to time it (an ``async_op`` handle is waited for, CUDA is
+synchronized), so logging costs the overlap of communication with computation.
+
+Message sizes and bandwidths. DeepSpeed's formulas (``calc_bw_log``) are kept: ``all_reduce``: algbw ``2S/t``,
+busbw ``S/t * 2(n-1)/n``; ``all_gather*``/``reduce_scatter*``: ``S*n/t`` and ``S*n/t * (n-1)/n``;
+``all_to_all*``: ``S/t`` and ``S/t * (n-1)/n``; point-to-point, broadcast, reduce, gather, scatter: ``S/t``
+both. ``S`` is the bytes of the tensor an all-reduce reduces and, for the gather/scatter family, of one rank's
+shard (the input of an all-gather, the output of a reduce-scatter) -- so ``S*n`` is the whole buffer, as the
+formula means (DeepSpeed itself passes the gathered output there, counting the world size twice). ``n`` is the
+size of the collective's group. Bandwidths are in Gbps (``bytes/ms * 8 / 1e6``), latencies in ms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as _dist
+
+logger = logging.getLogger("ds_train")
+
+__all__ = ["CommsLogger", "comms_logger", "calc_bw_log", "convert_size", "msg_size", "timed_call"]
+
+_SHARD_OPS = ("all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor")
+_ALL_REDUCE_OPS = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce")
+_ALL_TO_ALL_OPS = ("all_to_all_single", "all_to_all")
+_COMPRESSED_OPS = ("compressed_allreduce", "quantized_all_gather", "quantized_reduce_scatter")
+
+
+def convert_size(size_bytes: int) -> str:
+    """DeepSpeed's human-readable message size (``1.5 KB``)."""
+    if size_bytes <= 0:
+        return "0B"
+    names = ("B", "KB", "MB", "GB", "TB", "PB")
+    i = min(int(math.floor(math.log(size_bytes, 1024))), len(names) - 1)
+    return f"{round(size_bytes / math.pow(1024, i), 2)} {names[i]}"
+
+
+def calc_bw_log(op: str, size: int, duration_ms: float, n: int) -> tuple[float, float]:
+    """(algbw, busbw) in Gbps of ``op`` moving ``size`` bytes (see the module docstring) in ``duration_ms`` on
+    ``n`` ranks: DeepSpeed's formulas."""
+    duration = max(duration_ms, 1e-6)
+    n = max(n, 1)
+    if op in _ALL_TO_ALL_OPS:
+        tput = size / duration
+        busbw = tput * (n - 1) / n
+    elif op in _SHARD_OPS:
+        tput = size * n / duration
+        busbw = tput * (n - 1) / n
+    elif op in _ALL_REDUCE_OPS:
+        tput = size * 2 / duration
+        busbw = size / duration * (2 * (n - 1) / n)
+    else:  # point-to-point, broadcast, reduce, gather, scatter, barrier; compressed ops: the bytes sent
+        tput = busbw = size / duration
+    return tput * 8 / 1e6, busbw * 8 / 1e6
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _arg(args: tuple, kwargs: dict, index: int, *names: str) -> Any:
+    if len(args) > index:
+        return args[index]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return None
+
+
+def msg_size(op: str, args: tuple, kwargs: dict) -> int:
+    """The message size ``S`` of a call of ``op`` with torch.distributed's signature (see the module docstring)."""
+    if op in ("all_gather_into_tensor", "all_gather"):  # (output, input): one rank's shard is the input
+        return _nbytes(_arg(args, kwargs, 1, "input_tensor", "tensor"))
+    if op == "reduce_scatter_tensor":  # (output, input): one rank's shard is the output
+        return _nbytes(_arg(args, kwargs, 0, "output", "output_tensor"))
+    if op == "reduce_scatter":  # (output, input_list)
+        return _nbytes(_arg(args, kwargs, 0, "output"))
+    if op in _ALL_TO_ALL_OPS:  # (output, input)
+        return _nbytes(_arg(args, kwargs, 1, "input", "input_tensor_list", "tensor"))
+    if op == "barrier":
+        return 0
+    return _nbytes(_arg(args, kwargs, 0, "tensor", "tensors"))  # all_reduce, broadcast, reduce, gather, send...
+
+
+def _group_size(args: tuple, kwargs: dict) -> int:
+    group = kwargs.get("group")
+    if group is None:
+        group = next((a for a in args if isinstance(a, _dist.ProcessGroup)), None)
+    try:
+        return _dist.get_world_size(group) if _dist.is_initialized() else 1
+    except (RuntimeError, ValueError):  # a group this rank is not in: the call itself will say so
+        return 1
+
+
+class CommsLogger:
+    """DeepSpeed's ``CommsLogger``: ``comms_dict[record_name][msg_size] = [count, latencies, algbws, busbws]``
+    (latencies in ms), plus ``wire_bytes`` of ds-comm's compressed collectives (``[sent, uncompressed]`` per
+    record and size)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.verbose = False
+        self.prof_all = True
+        self.prof_ops: list[str] = []
+        self.debug = False
+        self.comms_dict: dict[str, dict[int, list]] = {}
+        self.wire_bytes: dict[str, dict[int, list[int]]] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()  # "inside a logged call": inner collectives are not counted again
+
+    # -- DeepSpeed's switches ----------------------------------------------------------------------------
+    def configure(self, section: Any = None, *, enabled: bool | None = None, verbose: bool | None = None,
+                  prof_all: bool | None = None, prof_ops: list | None = None, debug: bool | None = None) -> None:
+        """From a ``comms_logger`` section (the config model or its dict) and/or keywords (keywords win)."""
+        if section is not None:
+            get = section.get if isinstance(section, dict) else lambda k, d=None: getattr(section, k, d)
+            enabled = get("enabled", False) if enabled is None else enabled
+            verbose = get("verbose", False) if verbose is None else verbose
+            prof_all = get("prof_all", True) if prof_all is None else prof_all
+            prof_ops = get("prof_ops", []) if prof_ops is None else prof_ops
+            debug = get("debug", False) if debug is None else debug
+        for name, value in (("verbose", verbose), ("prof_all", prof_all), ("debug", debug)):
+            if value is not None:
+                setattr(self, name, bool(value))
+        if prof_ops is not None:
+            self.prof_ops = list(prof_ops)
+        if enabled is not None:
+            self.enabled = bool(enabled)
+            from . import _patch
+
+            (_patch.install if self.enabled else _patch.uninstall)()
+
+    def start_profiling_comms(self) -> None:
+        self.prof_all = True
+
+    def stop_profiling_comms(self) -> None:
+        self.prof_all = False  # DeepSpeed sets True here (a bug): stopping means stopping
+
+    def start_profiling_op(self, op_name_list) -> None:
+        self.prof_ops = sorted(set(self.prof_ops) | set(op_name_list))
+
+    def stop_profiling_op(self, op_name_list) -> None:
+        self.prof_ops = [op for op in self.prof_ops if op not in op_name_list]
+
+    def reset(self) -> None:
+        with self._lock:
+            self.comms_dict.clear()
+            self.wire_bytes.clear()
+
+    def wants(self, log_name: str, prof: bool) -> bool:
+        return self.enabled and (prof or self.prof_all or log_name in self.prof_ops)
+
+    # -- records -----------------------------------------------------------------------------------------
+    def append(self, raw_name: str, record_name: str, latency_ms: float, size: int, n: int,
+               uncompressed: int | None = None) -> None:
+        algbw, busbw = calc_bw_log(raw_name, size, latency_ms, n)
+        with self._lock:
+            entry = self.comms_dict.setdefault(record_name, {}).setdefault(size, [0, [], [], []])
+            entry[0] += 1
+            entry[1].append(latency_ms)
+            entry[2].append(algbw)
+            entry[3].append(busbw)
+            if uncompressed is not None:
+                wire = self.wire_bytes.setdefault(record_name, {}).setdefault(size, [0, 0])
+                wire[0] += size
+                wire[1] += uncompressed
+        if self.verbose:
+            rank = _dist.get_rank() if _dist.is_initialized() else 0
+            logger.info("rank=%d | comm op: %s | time (ms): %.2f | msg size: %s | algbw (Gbps): %.2f | busbw (Gbps): "
+                        "%.2f", rank, record_name, latency_ms, convert_size(size), algbw, busbw)
+
+    def summary(self) -> dict[str, dict[int, dict[str, float]]]:
+        """``{record: {msg_size: {count, total_latency, avg_latency, algbw, busbw[, wire_bytes,
+        uncompressed_bytes]}}}`` (latencies in ms, bandwidths in Gbps, averages trimmed of 10% outliers on each
+        side as DeepSpeed's ``trim_mean``)."""
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        with self._lock:
+            for record, sizes in self.comms_dict.items():
+                for size, (count, lats, algbws, busbws) in sorted(sizes.items()):
+                    row = {"count": count, "total_latency": sum(lats), "avg_latency": _trim_mean(lats),
+                           "algbw": _trim_mean(algbws), "busbw": _trim_mean(busbws)}
+                    wire = self.wire_bytes.get(record, {}).get(size)
+                    if wire is not None:
+                        row.update(wire_bytes=wire[0], uncompressed_bytes=wire[1])
+                    out.setdefault(record, {})[size] = row
+        return out
+
+    def format_summary(self) -> str:
+        """DeepSpeed's table (``log_all``), one line per record and message size."""
+        cols = ("Comm. Op", "Message Size", "Count", "Total Latency(ms)", "Avg Latency(ms)", "tput_avg (Gbps)",
+                "busbw_avg (Gbps)")
+        lines = ["".join(f"{c: <20}" for c in cols)]
+        for record, sizes in self.summary().items():
+            lines.append(record)
+            for size, r in sizes.items():
+                line = (f"{' ': <20}{convert_size(size): <20}{r['count']: <20}{r['total_latency']: <20.2f}"
+                        f"{r['avg_latency']: <20.2f}{r['algbw']: <20.2f}{r['busbw']: <20.2f}")
+                if "wire_bytes" in r:
+                    ratio = r["uncompressed_bytes"] / r["wire_bytes"] if r["wire_bytes"] else 0.0
+                    line += f"wire {convert_size(int(r['wire_bytes']))} (x{ratio:.1f} compressed)"
+                lines.append(line)
+        return "\n".join(lines)
+
+    def log_all(self, print_log: bool = True) -> dict:
+        if print_log:
+            print(self.format_summary(), flush=True)
+        return self.summary()
+
+    # -- timing one call -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self):
+        """Collectives inside are not recorded (this thread)."""
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+    @property
+    def inside(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    def timed(self, raw_name: str, log_name: str, fn: Callable, args: tuple, kwargs: dict, *,
+              size: int | None = None, prof: bool = False, debug: bool | None = None):
+        """Run ``fn(*args, **kwargs)``, timed and recorded when the logger wants ``log_name``."""
+        if not self.wants(log_name, prof) or self.inside:
+            return fn(*args, **kwargs)
+        if debug or (debug is None and self.debug):
+            log_name = f"{log_name} | [Caller Func: {_caller()}]"
+        n = _group_size(args, kwargs)
+        nbytes = msg_size(raw_name, args, kwargs) if size is None else size
+        stats = _ds_comm_stats() if raw_name in _COMPRESSED_OPS else None
+        before = (stats.bytes_sent, stats.uncompressed_bytes) if stats is not None else None
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            _sync(args, kwargs)
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            if result is not None and callable(getattr(result, "wait", None)):
+                result.wait()  # async_op: made blocking to be timed, as DeepSpeed synchronizes
+            _sync(args, kwargs)
+            latency = (time.perf_counter() - t0) * 1e3
+        finally:
+            self._local.depth -= 1
+        uncompressed = None
+        if before is not None:
+            nbytes = stats.bytes_sent - before[0]
+            uncompressed = stats.uncompressed_bytes - before[1]
+        self.append(raw_name, log_name, latency, nbytes, n, uncompressed)
+        return result
+
+
+def _trim_mean(values: list[float], trim: float = 0.1) -> float:
+    if not values:
+        return 0.0
+    data = sorted(values)
+    k = int(len(data) * trim)
+    kept = data[k:len(data) - k] or data
+    return sum(kept) / len(kept)
+
+
+def _caller() -> str:
+    # the first frame outside this package and torch.distributed: the code that asked for the collective
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_globals.get("__name__", "").startswith(("ds_train.monitor", "ds_train.comm",
+                                                                                 "torch.distributed"))):
+        frame = frame.f_back
+    return frame.f_code.co_name if frame is not None else "<unknown>"
+
+
+def _sync(args: tuple, kwargs: dict) -> None:
+    for x in list(args) + list(kwargs.values()):
+        t = x[0] if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor) else x
+        if isinstance(t, torch.Tensor):
+            if t.device.type == "cuda":
+                torch.cuda.synchronize(t.device)
+            return
+
+
+def _ds_comm_stats():
+    mod = sys.modules.get("ds_comm.stats")
+    return getattr(mod, "global_stats", None)
+
+
+#: the process-wide logger: ``ds_train.comm`` and the engine (``engine.comms_logger``) share it, as DeepSpeed's
+comms_logger = CommsLogger()
+
+
+def timed_call(raw_name: str, fn: Callable, log_name: str | None = None, prof: bool = False,
+               debug: bool | None = None) -> Callable:
+    """``fn`` wrapped so that every call is recorded as ``raw_name`` (under ``log_name``) while the logger is on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not comms_logger.enabled:
+            return fn(*args, **kwargs)
+        return comms_logger.timed(raw_name, log_name or raw_name, fn, args, kwargs, prof=prof, debug=debug)
+
+    wrapper.__ds_train_timed__ = fn
+    return wrapper
