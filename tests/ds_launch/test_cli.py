@@ -89,3 +89,11 @@ def test_console_scripts_installed():
         assert exe, f"{name} not installed next to {sys.executable}"
         res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=20)
         assert res.returncode == 0 and "usage:" in res.stdout
+
+
+@pytest.mark.timeout(30)
+def test_deepspeeds_slurm_only_flags_are_accepted_and_named_elsewhere(out):
+    res = run_launcher(["--dry_run", "--comment", "run 7", "--account", "proj", ALLREDUCE], base_env(out))
+    assert res.returncode == 0, res.stderr
+    assert "--comment is only passed to srun (--launcher slurm); ignored with --launcher ssh" in res.stderr
+    assert "--account is only passed to srun" in res.stderr

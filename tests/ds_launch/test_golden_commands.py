@@ -79,6 +79,13 @@ def test_slurm():
                          *_agent("--node_rank=auto", extra=["--enable_each_rank_log=/logs"])]
 
 
+def test_slurm_comment_and_account_go_to_srun():
+    [spec] = make_runner("slurm", _plan(slurm_comment="run 7", slurm_account="proj")).specs(0)
+    assert spec.argv[:10] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                              "--nodelist=worker-0,worker-1", "--kill-on-bad-exit=1", "--comment", "run 7",
+                              "--account", "proj"]
+
+
 @pytest.mark.parametrize("name", ["openmpi", "mpich", "slurm"])
 def test_user_at_host_refused_where_not_understood(name):
     with pytest.raises(LaunchError, match="user@host"):

@@ -56,8 +56,8 @@ _NOT_BUILT = {  # DeepSpeed / torchrun flags that ds-launch 0.1 refuses with a c
 _NOT_BUILT_SWITCHES = {"elastic_training", "save_pid"}
 _NOT_BUILT_HINTS = {"autotuning": "; run the script without --autotuning, with the ZeRO stage and micro-batch size "
                                   "set in the config"}
-#: runners whose workers ds-launch does not start itself (mpirun/mpiexec start them): binding is theirs
-_BINDS_ITSELF = {"openmpi": "--bind-to core --map-by socket:PE=N", "mpich": "-bind-to core", "impi": "-bind-to core"}
+#: runners whose workers ds-launch does not start itself: mpirun/mpiexec start them through the shim
+_BINDS_ITSELF = ("openmpi", "mpich", "impi")
 
 
 def _spellings(name: str, *short: str) -> list[str]:
@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_spellings("no_ssh"), action="store_true",
                    help="run only this node's workers (--node_rank K); every node runs ds-launch itself")
     g.add_argument(*_spellings("ssh_port"), type=int, default=None)
+    g.add_argument("--comment", default="", help="--launcher slurm: srun's --comment (DeepSpeed's)")
+    g.add_argument("--account", default="", help="--launcher slurm: srun's --account (DeepSpeed's)")
     g.add_argument(*_spellings("force_multi"), action="store_true", help="use the runner even for one node")
     g.add_argument(*_spellings("no_ssh_check"), action="store_true", help="accepted; ds-launch runs no ssh check")
     g = p.add_argument_group("workers")
@@ -184,6 +186,10 @@ def resolve(args) -> dict:
             value = "" if getattr(args, name) is True else f" {getattr(args, name)}"
             raise LaunchError(f"--{name}{value}: {what} is not built in ds-launch {__version__}"
                               f"{_NOT_BUILT_HINTS.get(name, '')}")
+    for flag in ("comment", "account"):
+        if getattr(args, flag) and args.launcher != "slurm":  # DeepSpeed ignores them silently there
+            print(f"ds-launch: warning: --{flag} is only passed to srun (--launcher slurm); ignored with --launcher "
+                  f"{args.launcher}", file=sys.stderr)
     if args.bind_core_list is not None and not args.bind_cores_to_rank:
         # DeepSpeed ignores it silently; say so instead of binding nothing behind the user's back
         print("ds-launch: warning: --bind_core_list has no effect without --bind_cores_to_rank (as in DeepSpeed)",
@@ -260,7 +266,7 @@ def _plan(args, world: dict, master_addr: str, master_port: int) -> LaunchPlan:
             os.environ, os.getcwd(), file_values), launcher_args=shlex.split(args.launcher_args),
         ssh_port=args.ssh_port, term_timeout=args.term_timeout, heartbeat_timeout=args.heartbeat_timeout,
         stopped_timeout=args.stopped_timeout, bind_cores_to_rank=args.bind_cores_to_rank,
-        bind_core_list=args.bind_core_list,
+        bind_core_list=args.bind_core_list, slurm_comment=args.comment, slurm_account=args.account,
     )
 
 
@@ -305,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             watchdog = Watchdog(args.heartbeat_timeout, args.stopped_timeout)
         else:
             if args.bind_cores_to_rank and args.launcher in _BINDS_ITSELF:
-                raise LaunchError(f"--bind_cores_to_rank with --launcher {args.launcher}: mpirun starts the workers, "
-                                  f"so bind them with its own options (--launcher_args "
-                                  f"'{_BINDS_ITSELF[args.launcher]}'); ssh, pdsh and slurm bind through the agent")
+                raise LaunchError(f"--bind_cores_to_rank with --launcher {args.launcher} is not supported yet: mpirun "
+                                  "starts the workers there, not a ds-launch agent; use --launcher ssh, pdsh or "
+                                  "slurm, whose agents bind")
             runner = make_runner(args.launcher, _plan(args, world, master_addr, master_port))
             if args.dry_run:
                 print("\n".join(runner.describe(0)))

@@ -35,6 +35,8 @@ class LaunchPlan:
     stopped_timeout: float = 60.0
     bind_cores_to_rank: bool = False  # the agents pin their workers (ds_launch.binding)
     bind_core_list: str | None = None
+    slurm_comment: str = ""  # srun --comment / --account (DeepSpeed's --comment, --account)
+    slurm_account: str = ""
 
     @property
     def world_size(self) -> int:

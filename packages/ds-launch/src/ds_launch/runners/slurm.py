@@ -30,8 +30,13 @@ class SlurmRunner(Runner):
 
     def srun_argv(self, restart_count: int) -> list[str]:
         n = len(self.plan.hosts)
+        meta = []  # DeepSpeed's --comment / --account, passed on as srun's own
+        if self.plan.slurm_comment:
+            meta += ["--comment", self.plan.slurm_comment]
+        if self.plan.slurm_account:
+            meta += ["--account", self.plan.slurm_account]
         return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
-                f"--nodelist={','.join(self.plan.hosts)}", "--kill-on-bad-exit=1", *self.plan.launcher_args,
+                f"--nodelist={','.join(self.plan.hosts)}", "--kill-on-bad-exit=1", *meta, *self.plan.launcher_args,
                 *agent_argv(self.plan, ["--node_rank=auto"], restart_count)]
 
     def specs(self, restart_count: int) -> list[ProcSpec]:
