@@ -25,6 +25,13 @@ class Net(nn.Module):
         self.moe = MoE(M, expert, num_experts=case.get("E", E), ep_size=ep_size, k=case["k"],
                        capacity_factor=case.get("cf", 1.0), min_capacity=1, drop_tokens=case["drop"])
         set_expert_weights(self.moe)
+        if case.get("starve"):
+            # w1 = -w0 and w2 = w3 = 0: max(l0, l1) = |x.w0| > 0 = l2 = l3, so top-1 never picks experts 2, 3 --
+            # with ep_size 2 their rank receives no token at all and must still take part in every all-to-all
+            with torch.no_grad():
+                w = self.moe.deepspeed_moe.gate.wg.weight
+                w[1] = -w[0]
+                w[2:] = 0
 
     def forward(self, x):
         out, l_aux, counts = self.moe(torch.tanh(self.pre(x)))

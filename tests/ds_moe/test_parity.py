@@ -25,6 +25,7 @@ WORLD2 = {
     "ep2-dropless-top2-unequal": dict(ep=2, k=2, drop=False, kind="ffn", tokens=[9, 14]),
     "ep2-dropless-top1-2tokens": dict(ep=2, k=1, drop=False, kind="module", tokens=[2, 1]),
     "ep2-dropless-top3": dict(ep=2, k=3, drop=False, kind="ffn", tokens=[7, 5]),
+    "ep2-dropless-rank1-gets-nothing": dict(ep=2, k=1, drop=False, kind="ffn", tokens=[6, 4], starve=True),
 }
 WORLD4 = {
     "ep4-capacity-top2": dict(ep=4, k=2, drop=True, kind="ffn", tokens=8, cf=1.0),
@@ -75,6 +76,10 @@ def test_expert_parallel_matches_single_process(world, name, ckpt_root):
                 torch.testing.assert_close(g, ref["experts"][e][key], **TOL,
                                            msg=lambda m: f"{where} expert {e} {key}: {m}")
     assert seen == set(range(4))  # every expert lives on some rank
+    if case.get("starve"):
+        assert all(r["counts"][2:].sum() == 0 for r in got)
+        for e in (2, 3):  # no token reached them: zero gradients, present on their rank
+            assert all(float(g.abs().sum()) == 0 for g in got[1]["experts"][e].values())
 
 
 def test_checkpoint_resumes_with_another_ep_size(ckpt_root):
