@@ -255,3 +255,25 @@ def test_gate_errors():
         g.route(torch.randn(3, M), used_token=torch.ones(3))
     with pytest.raises(MoEError, match="min_capacity"):
         TopKGate(M, E, k=1, min_capacity=8)(torch.randn(4, M))
+
+
+def test_noise_policies_draw_in_deepspeeds_order():
+    x = _input()
+    g = _gate(1, 4.0, noisy_gate_policy="RSample")
+    logits = x @ g.wg.weight.detach().t()
+    torch.manual_seed(11)
+    noisy = logits + torch.distributions.gumbel.Gumbel(torch.tensor(0.0), torch.tensor(1.0)).rsample(logits.shape)
+    torch.manual_seed(11)
+    r = g.route(x)
+    assert torch.equal(r.expert[:, 0], noisy.argmax(1))
+    assert not torch.equal(noisy.argmax(1), logits.argmax(1))
+    torch.testing.assert_close(r.weight[:, 0].detach(), F.softmax(logits, 1).gather(1, noisy.argmax(1, True))[:, 0])
+    g.eval()  # no noise in eval
+    assert torch.equal(g.route(x).expert[:, 0], logits.argmax(1))
+
+    j = _gate(2, 4.0, noisy_gate_policy="Jitter", top2_2nd_expert_sampling=False)
+    torch.manual_seed(12)
+    jit = x * torch.distributions.uniform.Uniform(torch.tensor(0.99), torch.tensor(1.01)).rsample(x.shape)
+    want = torch.topk(jit @ j.wg.weight.detach().t(), 2, dim=1)[1]
+    torch.manual_seed(12)
+    assert torch.equal(j.route(x).expert, want)

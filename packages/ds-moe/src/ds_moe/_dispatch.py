@@ -64,9 +64,7 @@ class _AllToAllV(torch.autograd.Function):
 
 
 def _inverse(perm: Tensor) -> Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _combine(y_slots: Tensor, r: Routing) -> Tensor:

@@ -1,0 +1,66 @@
+"""On a GPU (run on the GPU machine: ``pytest -m gpu tests/ds_moe``): the grouped GEMM against the per-expert
+loop in bf16 under autocast, for both token paths, with an expert that gets no token; and the single-rank
+dropless step with no host synchronisation."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from harness import requires_gpus
+
+from ds_moe import FFNExpert, MoE
+
+pytestmark = [pytest.mark.gpu, requires_gpus(1)]
+
+
+def _run(backend, drop, starve=False):
+    torch.manual_seed(0)
+    moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, capacity_factor=1.25, drop_tokens=drop,
+              gemm_backend=backend, top2_2nd_expert_sampling=False).cuda()
+    with torch.no_grad():
+        for p in moe.deepspeed_moe.experts.parameters():
+            p.normal_(0, 0.05, generator=torch.Generator("cuda").manual_seed(p.numel()))
+        if starve:
+            moe.deepspeed_moe.gate.wg.weight[5:] = -1e4  # assumes non-negative inputs below: experts 5-7 get none
+    x = torch.randn(2000, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    if starve:
+        x = x.abs()
+    x.requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, l_aux, counts = moe(x)
+    (out.float().pow(2).sum() + l_aux).backward()
+    return [out.float(), x.grad] + [p.grad.float() for p in moe.parameters()], counts
+
+
+@pytest.mark.parametrize("drop", [True, False])
+@pytest.mark.parametrize("starve", [False, True])
+def test_grouped_mm_matches_loop_bf16(drop, starve):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the grouped_mm path is taken on compute capability >= 9")
+    a, counts = _run("loop", drop, starve)
+    b, _ = _run("grouped_mm", drop, starve)
+    if starve:
+        assert int(counts[5:].sum()) == 0
+    for u, v in zip(a, b):
+        assert float((v - u).norm() / u.norm().clamp_min(1e-30)) < 1e-2
+
+
+def test_dropless_single_rank_has_no_host_sync():
+    torch.manual_seed(0)
+    moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, drop_tokens=False).cuda()
+    x = torch.randn(1024, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        moe(x)  # warm-up: lazy initialisation may sync once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out, l_aux, _ = moe(x)
+            (out.float().sum() + l_aux).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert not syncs, syncs[:3]
