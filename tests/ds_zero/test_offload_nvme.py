@@ -156,6 +156,25 @@ def test_nvme_equals_cpu_offload_bit_for_bit_and_resumes(tmp_path_factory):
         assert b["nvme"] == b["master_params"] + b["optimizer_states"] and b["host"] == 0 and b["nvme"] > 0
         assert r["files_after"] is False  # removed with the engine
         assert r["resume_nvme"] and r["resume_cpu"]
+    # the 2-rank NVMe checkpoint resharded into one process (stage 0 bf16: masters and states rebuilt by name),
+    # NVMe against CPU offload: the loaded states went into the swap files, the step is the same kernel
+    runs = {}
+    for name, zero in (("nvme", _nvme(os.path.join(tmp, "one"))), ("cpu", CPU)):
+        os.makedirs(os.path.join(tmp, "one"), exist_ok=True)
+        engine = _engine(0, "bf16", zero, ga=1)
+        engine.load_checkpoint(os.path.join(tmp, "ckpt"), tag="t")
+        x, y = micro_batch(2, 0, 0, 1, 2, 1)
+        engine.backward(engine(x, y))
+        engine.step()
+        runs[name] = ([p.detach().clone() for p in engine.masters.params if p is not None],
+                      engine.optimizer.state_dict()["state"])
+        del engine
+        gc.collect()
+    assert all(torch.equal(a, b) for a, b in zip(runs["nvme"][0], runs["cpu"][0]))
+    for i, st in runs["cpu"][1].items():
+        assert float(runs["nvme"][1][i]["step"]) == float(st["step"]) == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(runs["nvme"][1][i][k], st[k]) and st[k].abs().sum() > 0
 
 
 def _bad_path_on_one_rank(tmp):
