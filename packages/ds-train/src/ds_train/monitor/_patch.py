@@ -42,7 +42,7 @@ TORCH_OPS: dict[str, str] = {
 }
 COMPRESSED_OPS = ("compressed_allreduce", "quantized_all_gather", "quantized_reduce_scatter")
 #: modules scanned for import-time aliases of the replaced functions
-_SUITE_PREFIXES = ("ds_zero", "ds_comm", "ds_pipe", "ds_moe", "ds_train")
+_SUITE_PREFIXES = ("ds_zero", "ds_optim", "ds_comm", "ds_pipe", "ds_moe", "ds_train")
 
 _lock = threading.Lock()
 _replaced: list[tuple[object, str, object]] = []  # (owner, attribute, original), in install order
