@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from ds_moe import FFNExpert, GroupedExperts, MoE, reduce_gradients, save_moe_checkpoint
+from ds_moe import FFNExpert, GroupedExperts, MoE, MoEError, reduce_gradients, save_moe_checkpoint
 from ds_moe.checkpoint import load_moe_checkpoint
 
 M, H, E = 8, 16, 4
@@ -86,6 +86,14 @@ def run_cases(cases, ckpt_root=None):
     rank = dist.get_rank()
     results = []
     for ci, case in enumerate(cases):
+        if case.get("bad"):
+            try:
+                Net(case, case["ep"])
+            except MoEError as exc:
+                results.append({"error": str(exc)})
+            else:
+                results.append({"error": None})
+            continue
         model = Net(case, case["ep"])
         out, l_aux, counts, loss = _step(model, data(case, rank), rank)
         loss.backward()

@@ -27,6 +27,7 @@ WORLD2 = {
     "ep2-dropless-top3": dict(ep=2, k=3, drop=False, kind="ffn", tokens=[7, 5]),
     "ep2-dropless-rank1-gets-nothing": dict(ep=2, k=1, drop=False, kind="ffn", tokens=[6, 4], starve=True),
 }
+BAD2 = {"ep4-in-world-2": dict(ep=4, k=1, drop=True, kind="ffn", bad=True)}
 WORLD4 = {
     "ep4-capacity-top2": dict(ep=4, k=2, drop=True, kind="ffn", tokens=8, cf=1.0),
     "ep4-dropless-top2-unequal": dict(ep=4, k=2, drop=False, kind="ffn", tokens=[3, 1, 6, 2]),
@@ -39,7 +40,7 @@ _cache: dict = {}
 
 def _results(world, tmp_root):
     if world not in _cache:
-        cases = WORLD2 if world == 2 else WORLD4
+        cases = dict(WORLD2, **BAD2) if world == 2 else WORLD4
         per_rank = run_distributed(run_cases, world, list(cases.values()), tmp_root, timeout=240)
         _cache[world] = {n: [per_rank[r][i] for r in range(world)] for i, n in enumerate(cases)}
     return _cache[world]
@@ -101,3 +102,9 @@ def test_checkpoint_resumes_with_another_ep_size(ckpt_root):
             for rank in range(2):  # the ranks resumed with ep_size 1 too
                 torch.testing.assert_close(got[rank]["resumed_ep1"][e][key], want[e][key], **TOL)
     torch.testing.assert_close(fresh.pre.weight, model.pre.weight, **TOL)
+
+
+def test_ep_size_not_dividing_the_world_is_a_named_error_on_every_rank(ckpt_root):
+    got = _results(2, ckpt_root)["ep4-in-world-2"]
+    for rank, res in enumerate(got):
+        assert res["error"] and "ep_size=4 does not divide the world size 2" in res["error"], (rank, res)

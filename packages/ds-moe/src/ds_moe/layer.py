@@ -64,7 +64,7 @@ class MOELayer(nn.Module):
         self.l_aux, self.exp_counts, self.z_loss = r.l_aux, r.exp_counts, r.z_loss
         if r.capacity is not None:
             out = _dispatch.capacity_forward(reshaped, r, self.experts, self.ep_size, self.ep_group,
-                                             self.num_local_experts)
+                                             self.num_local_experts, self.gemm_backend)
         else:
             out = _dispatch.dropless_forward(reshaped, r, self.experts, self.ep_size, self.ep_group,
                                              self.num_local_experts, self.gemm_backend)
