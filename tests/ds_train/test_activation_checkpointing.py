@@ -1,0 +1,153 @@
+"""Activation checkpointing through ``initialize``: the config's ``activation_checkpointing`` section configures
+``ds_train.checkpointing`` from the engine, and a model whose blocks run under ``checkpointing.checkpoint`` trains
+with the same losses and gradients as without checkpointing (fp32, 2 gloo ranks, dropout in the blocks), with
+``cpu_checkpointing`` too (its host-offload path forced on the CPU tensors here; on a GPU it moves the device
+tensors, see the GPU test)."""
+
+import pytest
+import torch
+from harness import requires_gpus, run_distributed
+
+from ds_train import checkpointing
+
+STEPS = 3
+_ON_DEVICE = checkpointing._on_device
+LR = 0.5
+
+
+class Net(torch.nn.Module):
+    def __init__(self, ckpt, reentrant=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ckpt, self.reentrant = ckpt, reentrant
+        self.inp = torch.nn.Linear(8, 32)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Dropout(0.2), torch.nn.Linear(64, 32)) for _ in range(3))
+        self.head = torch.nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        run = checkpointing.checkpoint if self.reentrant else checkpointing.non_reentrant_checkpoint
+        for block in self.blocks:
+            h = h + (run(block, h) if self.ckpt else block(h))
+        return self.head(h).pow(2).mean()
+
+
+def _train(section, ckpt, reentrant=True, force_offload=False):
+    import torch.distributed as dist
+
+    import ds_train
+
+    checkpointing._configured = False  # each run configures from its own config, as a fresh process would
+    checkpointing._options.update(checkpointing._DEFAULTS)
+    # force_offload: take the host-offload path with CPU tensors (nothing else to offload from on the CPU)
+    checkpointing._on_device = (lambda t: isinstance(t, torch.Tensor)) if force_offload else _ON_DEVICE
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": LR}}}
+    if section is not None:
+        config["activation_checkpointing"] = section
+    engine, *_ = ds_train.initialize(model=Net(ckpt, reentrant), config=config)
+    gen = torch.Generator().manual_seed(10 + dist.get_rank())
+    losses, grads = [], []
+    for step in range(STEPS):
+        x = torch.randn(4, 8, generator=gen)
+        torch.manual_seed(100 + step)  # the dropout masks: the same in every run
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        loss = engine(x)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+        # the averaged gradient the step applied (plain SGD: p -= lr * g); read from the params because .grad
+        # right after backward may still be under the engine's asynchronous all-reduce
+        grads.append([(b - p.detach()) / LR for b, p in zip(before, engine.module.parameters())])
+    return losses, grads, dict(checkpointing._options), checkpointing.is_configured(), \
+        dict(checkpointing._offload_stats)
+
+
+def _same(a, b):
+    for la, lb in zip(a[0], b[0]):
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-7)
+    for ga, gb in zip(a[1], b[1]):
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 1e-3 for step in a[1] for g in step)  # the steps did move the params
+
+
+def _three_runs(reentrant):
+    section = {"partition_activations": False, "contiguous_memory_optimization": False,
+               "synchronize_checkpoint_boundary": True, "number_checkpoints": 3}
+    return (_train(None, False), _train(section, True, reentrant),
+            _train({"cpu_checkpointing": True}, True, reentrant, True))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["checkpoint", "non_reentrant_checkpoint"])
+def test_same_losses_and_grads_as_without_checkpointing_through_initialize(reentrant):
+    plain, ckpt, offload = zip(*run_distributed(_three_runs, 2, reentrant, timeout=240))
+    for rank in range(2):
+        _same(plain[rank], ckpt[rank])
+        _same(plain[rank], offload[rank])
+        # the two ranks saw different data: the gradients were averaged, the losses differ
+        assert not torch.equal(plain[0][0][0], plain[1][0][0])
+    opts, configured = ckpt[0][2], ckpt[0][3]
+    assert configured and opts["synchronize"] and opts["num_checkpoints"] == 3 and not opts["checkpoint_in_cpu"]
+    opts, stats = offload[0][2], offload[0][4]
+    assert opts["checkpoint_in_cpu"]
+    assert stats["regions"] == 3 * STEPS and stats["bytes"] == 3 * STEPS * 4 * 32 * 4  # 3 blocks' inputs a step
+    assert plain[0][3] is False  # no section: the engine leaves checkpointing unconfigured
+
+
+def test_a_scripts_own_configure_wins():
+    # configured before initialize (Megatron calls configure itself): the engine does not overwrite it
+    result = run_distributed(_configured_first, 1, timeout=120)[0]
+    assert result == (True, 7)
+
+
+def _configured_first():
+    import ds_train
+
+    checkpointing.configure(None, num_checkpoints=7)
+    ds_train.initialize(model=Net(True), config={
+        "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
+        "activation_checkpointing": {"number_checkpoints": 2}})
+    return checkpointing.is_configured(), checkpointing._options["num_checkpoints"]
+
+
+@pytest.mark.gpu
+@requires_gpus(1)
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_cpu_checkpointing_moves_the_saved_inputs_off_the_gpu(reentrant):
+    """On a GPU: the same gradients, and the peak memory of a deep stack drops when the checkpointed inputs live
+    on the host."""
+    width, depth, tokens = 1024, 16, 4096
+
+    def run(ckpt, offload):
+        checkpointing.configure(None, checkpoint_in_cpu=offload)
+        torch.manual_seed(0)
+        blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
+                                                         torch.nn.Dropout(0.1)) for _ in range(depth)).cuda()
+        x = torch.randn(tokens, width, device="cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.manual_seed(1)
+        h = x
+        fn = checkpointing.checkpoint if reentrant else checkpointing.non_reentrant_checkpoint
+        for b in blocks:
+            h = fn(b, h) if ckpt else b(h)
+        peak_fwd = torch.cuda.max_memory_allocated() - base
+        h.square().mean().backward()
+        return peak_fwd, [p.grad for p in blocks.parameters()] + [x.grad]
+
+    try:
+        plain_peak, plain = run(False, False)
+        ckpt_peak, ckpt = run(True, False)
+        off_peak, off = run(True, True)
+    finally:
+        checkpointing.configure(None)
+    for a, b, c in zip(plain, ckpt, off):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+    activation = tokens * width * 4
+    assert ckpt_peak < 0.75 * plain_peak
+    assert off_peak < ckpt_peak - (depth // 2) * activation  # the block inputs are no longer on the GPU
