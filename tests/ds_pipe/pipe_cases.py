@@ -174,12 +174,3 @@ def _errors(case):
         return None
     except Exception as exc:  # noqa: BLE001 - the test reads the type and message
         return type(exc).__name__, str(exc)
-
-
-def run_cases(cases):
-    """Every case in this one spawn, in order (process start-up dominates on the 2-core CI machine)."""
-    out = []
-    for case in cases:
-        out.append(_errors(case) if "kind" in case else _train(case))
-        dist.barrier()
-    return out

@@ -7,48 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import run_distributed
-from pipe_cases import reference, run_cases
+from pipe_cases import reference
+from pipe_runs import BAD2, WORLD2, WORLD4, results  # noqa: F401 - BAD2 names the bad-input cases
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-STEPS = 3
-
-WORLD2 = {
-    "1f1b-params": dict(stages=2, schedule="1f1b", micro=4, steps=STEPS, eval=True),
-    "gpipe-uniform-ckpt": dict(stages=2, schedule="gpipe", micro=4, steps=STEPS, partition="uniform", ckpt=1),
-    "1f1b-type": dict(stages=2, schedule="1f1b", micro=3, steps=2, partition="type:block|layernorm"),
-    # one stage x 2-way data parallel: torch's single-stage pipeline, gradients averaged over the replicas
-    "1stage-2dp": dict(stages=1, schedule="1f1b", micro=2, steps=2),
-}
-BAD2 = {
-    "stages-not-dividing": dict(kind="module", stages=3, layers="layers"),
-    "empty-stage": dict(kind="module", stages=2, layers="one", partition="uniform"),
-    "tie-once": dict(kind="module", stages=2, layers="tie_once"),
-    "schedule-not-built": dict(kind="schedule", stages=2, schedule="zbv"),
-    "schedule-unknown": dict(kind="schedule", stages=2, schedule="1f1f"),
-    "dry-iterator": dict(kind="dry_iterator", stages=2),
-}
-WORLD4 = {
-    "2x2-1f1b": dict(stages=2, schedule="1f1b", micro=2, steps=2, eval=True),
-    "2x2-gpipe": dict(stages=2, schedule="gpipe", micro=2, steps=2),
-    "4stages-1f1b": dict(stages=4, schedule="1f1b", micro=4, steps=2, blocks=3, partition="uniform"),
-}
-
-_cache: dict = {}
 
 
 def _results(world):
-    if world not in _cache:
-        cases = WORLD2 if world == 2 else WORLD4
-        payload = list(cases.values())
-        if world == 2:
-            payload += list(BAD2.values())
-            names = list(cases) + list(BAD2)
-        else:
-            names = list(cases)
-        per_rank = run_distributed(run_cases, world, payload, timeout=240)
-        _cache[world] = {n: [per_rank[r][i] for r in range(world)] for i, n in enumerate(names)}
-    return _cache[world]
+    return results(world)
 
 
 PARITY = [(2, n) for n in WORLD2] + [(4, n) for n in WORLD4]

@@ -52,7 +52,7 @@ def _worker():
     out["params"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     errors = {}
     for name, bad in {
-        "fp16": {**CONFIG, "fp16": {"enabled": True}},
+        "zero": {**CONFIG, "zero_optimization": {"stage": 1}},
         "onebit": {**CONFIG, "optimizer": {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 2}}},
         "both-optimizers": CONFIG,
         "typo": {**CONFIG, "pipline": {}},
@@ -120,7 +120,7 @@ def test_initialize_with_a_pipeline_module_trains_like_one_process():
 
     for out in ranks:  # every rank raises, with the same message
         errors = out["errors"]
-        assert "'fp16'" in errors["fp16"] and "not built yet" in errors["fp16"]
+        assert "'zero_optimization'" in errors["zero"] and "not built yet" in errors["zero"]
         assert errors["onebit"].startswith("ConfigError") and "not supported with a PipelineModule" in errors["onebit"]
         assert errors["both-optimizers"].startswith("ConfigError") and "remove one of them" in errors["both-optimizers"]
         assert "unknown config key 'pipline'; did you mean 'pipeline'?" in errors["typo"]

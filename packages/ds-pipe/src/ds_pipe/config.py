@@ -12,6 +12,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ._precision import parse_precision
+
 __all__ = ["PipeConfig", "SCHEDULES_BUILT", "SCHEDULES_NOT_BUILT"]
 
 SCHEDULES_BUILT = ("1f1b", "gpipe")
@@ -19,7 +23,7 @@ SCHEDULES_BUILT = ("1f1b", "gpipe")
 SCHEDULES_NOT_BUILT = ("interleaved", "looped_bfs", "zero_bubble", "zbv", "dualpipev")
 
 _TOP_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "pipeline",
-             "steps_per_print", "wall_clock_breakdown"}
+             "steps_per_print", "wall_clock_breakdown", "fp16", "bf16", "gradient_clipping"}
 _PIPELINE_KEYS = {
     "schedule",                        # ds-pipe's: which torch schedule runs the micro-batches
     "stages",                          # DeepSpeed: "auto" (the module's num_stages) or that same number
@@ -29,15 +33,15 @@ _PIPELINE_KEYS = {
     "pipe_partitioned",                # DeepSpeed's activation/grad sharding over tensor-parallel ranks: with
     "grad_partitioned",                # no model axis (0.1.0) there is nothing to shard; accepted as no-ops
 }
-_NOT_HERE = {"zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "gradient_clipping"}
+_NOT_HERE = {"zero_optimization", "optimizer", "scheduler"}
 
 
 def _unknown(key: str, known: set[str], where: str) -> ValueError:
     hint = difflib.get_close_matches(key, sorted(known), n=1)
     if key in _NOT_HERE:
-        return ValueError(f"config key {key!r}: ds-pipe 0.1.0's engine runs fp32 with the optimizer you pass; "
-                          f"{key!r} (ZeRO, mixed precision, optimizer/scheduler sections, clipping) with a "
-                          f"pipeline is not built yet")
+        return ValueError(f"config key {key!r}: ds-pipe's engine steps the optimizer you pass (ds-train builds "
+                          f"one from an 'optimizer'/'scheduler' section); {key!r} (ZeRO, or those sections given "
+                          f"to ds-pipe directly) with a pipeline is not built yet")
     return ValueError(f"unknown {where} key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
@@ -46,6 +50,9 @@ class PipeConfig:
     micro_batches: int
     micro_batch_size: int | None
     schedule: str
+    dtype: torch.dtype = torch.float32
+    fp16: dict[str, Any] | None = None  # the dynamic/static loss scaler's arguments when fp16 is on
+    gradient_clipping: float = 0.0
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None, dp_size: int, module: Any) -> "PipeConfig":
@@ -95,4 +102,6 @@ class PipeConfig:
         if total is not None and micro is not None and total != micro * ga * dp_size:
             raise ValueError(f"train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
                              f"gradient_accumulation_steps={ga} x data-parallel size {dp_size}")
-        return cls(micro_batches=ga, micro_batch_size=micro, schedule=schedule)
+        dtype, fp16, clip = parse_precision(config)
+        return cls(micro_batches=ga, micro_batch_size=micro, schedule=schedule, dtype=dtype, fp16=fp16,
+                   gradient_clipping=clip)

@@ -10,9 +10,12 @@ One ``train_batch(data_iter)``:
    ``PipelineStage`` of this rank's ``PipelineModule``, sending activations and gradients point to point
    within this data-parallel replica's pipe group; it averages the gradients over the micro-batches
    (DeepSpeed's loss / gradient_accumulation_steps);
-3. tied weights' gradients are summed over the stages sharing them, then gradients are averaged over the
-   data-parallel group (one flat all-reduce per stage);
-4. the optimizer steps this stage's parameters (and the LR scheduler, if any), gradients are cleared;
+3. the gradients go to the optimizer's tensors (fp32 masters with bf16/fp16, see ``_precision``); tied weights'
+   gradients are summed over the stages sharing them, then gradients are averaged over the data-parallel group
+   (one flat all-reduce per stage); fp16 unscales and skips on an overflow anywhere, ``gradient_clipping``
+   clips by the global norm;
+4. the optimizer steps this stage's parameters (and the LR scheduler, if any), masters are copied back into
+   the 16-bit parameters, gradients are cleared;
 5. the mean micro-batch loss, averaged over data-parallel replicas, is broadcast from the last stage and
    returned on every rank, as DeepSpeed's.
 """
@@ -26,6 +29,8 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from . import checkpoint as _ckpt
+from ._precision import Precision
 from .config import PipeConfig
 from .module import PipelineModule
 
@@ -70,6 +75,11 @@ class PipelineEngine:
         self.device = self._device()
         model.to(self.device)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._check_optimizer(optimizer)
+        # 16-bit: the module's parameters become 16-bit copies, the fp32 originals the optimizer's masters
+        self.precision = Precision(model, self._config.dtype, self._config.fp16, self._config.gradient_clipping,
+                                   self.grid, model.tied_comms, model.tied_modules, model.tied_weight_attrs)
+        self._params = self.precision.opt_params
         self.optimizer = self._make_optimizer(optimizer)
         self.lr_scheduler = lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(
             lr_scheduler, "step") else lr_scheduler
@@ -83,7 +93,7 @@ class PipelineEngine:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _make_optimizer(self, optimizer: Any):
+    def _check_optimizer(self, optimizer: Any) -> None:
         if optimizer is None:
             raise ValueError("PipelineEngine: pass optimizer= (a torch optimizer over this stage's parameters, or "
                              "a callable params -> optimizer)")
@@ -94,11 +104,14 @@ class PipelineEngine:
                 raise ValueError(f"PipelineEngine: the optimizer holds {len(foreign)} tensor(s) that are not this "
                                  f"stage's ({self.stage_id}) parameters; build it over model.parameters() after "
                                  f"the PipelineModule is made")
-            return optimizer
-        if callable(optimizer):
-            return optimizer(self._params) if self._params else None
-        raise TypeError(f"PipelineEngine: optimizer must be a torch.optim.Optimizer or a callable, got "
-                        f"{type(optimizer).__name__}")
+        elif not callable(optimizer):
+            raise TypeError(f"PipelineEngine: optimizer must be a torch.optim.Optimizer or a callable, got "
+                            f"{type(optimizer).__name__}")
+
+    def _make_optimizer(self, optimizer: Any):
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer  # over the fp32 parameters, which are the masters in 16-bit
+        return optimizer(self._params) if self._params else None
 
     def _runner(self, mode: str, n_micro: int):
         """The (stage, schedule) for a mode and micro-batch count, made once. A stage keeps per-count
@@ -108,7 +121,8 @@ class PipelineEngine:
             stage = PipelineStage(self.module, self.stage_id, self.num_stages, self.device,
                                   group=self.grid.get_pipe_parallel_group())
             cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleGPipe
-            loss_fn = self.module.loss_fn if mode != "logits" else None
+            loss_fn = {"train": self.precision.wrap_loss(self.module.loss_fn), "eval": self.module.loss_fn,
+                       "logits": None}[mode]
             self._runners[key] = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=True)
         return self._runners[key]
 
@@ -177,18 +191,23 @@ class PipelineEngine:
         self.module.train()
         inputs, labels = self._load(data_iter, self.micro_batches)
         schedule = self._runner("train", self.micro_batches)
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.precision.zero_grad()
         losses: list[torch.Tensor] = []
         schedule.step(*(inputs or ()), target=labels, losses=losses if self.is_last_stage() else None,
                       return_outputs=False)
-        self.module.allreduce_tied_weight_gradients()
+        scale = self.precision.loss_scale  # the scale these losses were multiplied by (the step may change it)
+        losses = [loss.detach().float() / scale for loss in losses]
+        self.precision.grads_to_masters()
+        self.precision.reduce_tied()  # fp32 sums: one weight over the stages that use it
         self._average_data_parallel_grads()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+        skip = self.precision.unscale_clip_check()
+        if not skip:
+            if self.optimizer is not None:
+                self.optimizer.step()
+            self.precision.masters_to_params()
+            if self.lr_scheduler is not None:  # DeepSpeed: a skipped (overflow) step does not advance it
+                self.lr_scheduler.step()
+        self.precision.zero_grad()
         self.global_steps += 1
         return self._aggregate_loss(losses, broadcast=True)
 
@@ -220,9 +239,7 @@ class PipelineEngine:
     def _average_data_parallel_grads(self) -> None:
         if self.dp_world_size == 1 or not self._params:
             return
-        for p in self._params:
-            if p.grad is None:  # a parameter this step did not reach: zeros, so the flat buffers line up
-                p.grad = torch.zeros_like(p)
+        # every parameter has a gradient here (zeros where the step reached none): the flat buffers line up
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self._params:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
@@ -247,7 +264,51 @@ class PipelineEngine:
             dist.broadcast(loss, src=self._last_rank, group=self.grid.get_pipe_parallel_group())
         return loss if (broadcast or self.is_last_stage()) else None
 
+    # ----- checkpoints
+    def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
+                        save_latest: bool = True) -> str:
+        """DeepSpeed's per-layer pipeline checkpoint (see :mod:`ds_pipe.checkpoint`); every rank calls it.
+        Returns the checkpoint directory."""
+        if not save_latest:
+            raise NotImplementedError("save_checkpoint(save_latest=False): 'latest' is always written")
+        return _ckpt.save_checkpoint(self, save_dir, tag, client_state)
+
+    def load_checkpoint(self, load_dir, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True):
+        """``(load_path, client_state)``; ``(None, None)`` when there is no ``latest`` and no ``tag``. Works on
+        another stage count or data-parallel size (weights by layer index, optimizer state by parameter name)."""
+        if not load_module_strict:
+            raise NotImplementedError("load_checkpoint(load_module_strict=False): layers load strictly")
+        return _ckpt.load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+
+    def precision_state(self) -> dict:
+        return self.precision.state_dict()
+
+    def load_precision_state(self, state: dict | None) -> None:
+        self.precision.load_state_dict(state)
+
+    def master_state(self):
+        return self.precision.master_state()
+
+    def load_master_state(self, masters) -> None:
+        self.precision.load_master_state(masters)
+
+    def optimizer_param_names(self) -> dict[int, str]:
+        """``id(tensor the optimizer steps) -> module parameter name`` (the fp32 masters in 16-bit)."""
+        return {id(p): n for p, n in zip(self.precision.opt_params, self.precision.names)}
+
     # ----- DeepSpeed's small accessors
+    @property
+    def skipped_steps(self) -> int:
+        return self.precision.skipped_steps
+
+    def get_loss_scale(self) -> float:
+        return self.precision.loss_scale
+
+    def get_global_grad_norm(self) -> float | None:
+        """The last step's global gradient norm (computed with clipping or fp16 only)."""
+        return getattr(self.precision, "norm", None)
+
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
 
