@@ -14,7 +14,9 @@ Checkpoints: every ``--save-interval`` steps into ``--save-dir`` (``engine.save_
 position and the loss history in ``client_state``); a run started with a ``--save-dir`` that holds a
 checkpoint resumes from its latest one and continues the same loss curve. At the end: the final train and
 validation loss, the checkpoint path, the loss curve as a PNG (``--plot``; skipped with a message when
-matplotlib is missing) and, with ``--out``, the metrics as JSON.
+matplotlib is missing) and, with ``--out``, the metrics as JSON. ``--tensorboard DIR`` adds the config's
+``tensorboard`` section: the engine writes DeepSpeed's ``Train/Samples/*`` scalars (loss, lr, samples/s) into
+``DIR/train_gpt`` on every optimizer step.
 
 Resuming, the rule: the checkpoint gives the *state* (weights, optimizer moments and step counts, the step
 number, the data position, the loss history); this command line and its config give the *settings*
@@ -178,6 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step as if interrupted (after its checkpoint, if one is due): for resume tests")
     p.add_argument("--plot", default="out/loss.png", help="loss-curve PNG ('' to skip)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="TensorBoard event files into DIR/train_gpt (the config's tensorboard section; needs the "
+                        "tensorboard package), e.g. --tensorboard out/tensorboard beside the plot")
     p.add_argument("--out", default=None, help="write the metrics (loss per step, tokens/s, val loss) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line every 50 steps instead)")
     p.add_argument("--comms-timeout", type=float, default=None, metavar="S",
@@ -201,6 +206,9 @@ def build_config(args: argparse.Namespace) -> dict:
         params = sched.setdefault("params", {})
         params["total_num_steps"] = args.steps
         params["warmup_num_steps"] = max(1, min(params.get("warmup_num_steps", 1000), args.steps // 2))
+    if args.tensorboard:
+        # DeepSpeed's monitor section: train_loss, lr, samples/s per step as Train/Samples/*, written by rank 0
+        cfg["tensorboard"] = {"enabled": True, "output_path": args.tensorboard, "job_name": "train_gpt"}
     return cfg
 
 
@@ -636,6 +644,7 @@ def run(args, cfg, engine, position: DataPosition, val_set, beat, rank: int, wor
     batches.close()
     if bar is not None:
         bar.close()
+    engine.destroy()  # closes the monitors (the TensorBoard event file)
     beat("report")
     elapsed = time.perf_counter() - start
     steps_run = engine.global_steps - start_step
