@@ -4,9 +4,10 @@
 
 MODE: capacity | dropless (ds-moe, top-K, E experts: the anchor's dsmoe setting with drop_tokens=True / False),
       dense | dense_topk (the anchor's baselines, measured here too so the ratios come from one process),
-      any of those with -top1 (K=1) or -e64 (E=64) appended (e.g. dropless-e64), or ``all``: the floor
-      (dense_topk), capacity, dropless, and the top-1 and 64-expert variants of both, one after another,
-      then the ratios to the floor.
+      any of those with -top1 (K=1) or -e64 (E=64, and LAYERS=2 unless set: 4 layers of 64 such experts
+      do not fit with AdamW) appended (e.g. dropless-e64), or ``all``: the floor
+      (dense_topk), capacity, dropless, then dense (the top-1 floor) and the top-1 variants, then the 64-expert
+      floor and variants, one after another, then each ds-moe row's step time over its floor's.
 Sizes as the anchor: D, E, K, CF, LAYERS, TOKENS, STEPS (env). 4 stacked MoE FFN layers (D -> 4D -> D experts,
 GELU, biases), x = x + moe(x), bf16 autocast over fp32 params, forward + backward + AdamW (fused on CUDA),
 loss = mean(out^2) + 0.01 * sum(l_aux). ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
@@ -74,6 +75,11 @@ def parse_mode(mode: str, base: dict) -> tuple[str, dict]:
         if engine.endswith(suffix):
             engine = engine[: -len(suffix)]
             s[key] = val
+            if suffix == "-e64" and "LAYERS" not in os.environ and s["LAYERS"] > 2:
+                # 64 experts of D -> 4D -> D are 2.1 B parameters a layer at D 2048: with AdamW's fp32 states
+                # (16 bytes a parameter) 4 layers do not fit in an H200's 141 GB, 2 do (run the anchor with
+                # E=64 LAYERS=2 beside it)
+                s["LAYERS"] = 2
     if engine not in ("capacity", "dropless", "dense", "dense_topk"):
         raise SystemExit(f"unknown mode {mode!r}: capacity|dropless|dense|dense_topk[-top1|-e64] or all")
     return engine, s
@@ -165,12 +171,11 @@ def run(engine: str, s: dict, dev, smoke: bool) -> dict:
     if engine == "dropless":
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             backend = f" gemm={choose_backend(x, D, 4 * D)}"
-    name = engine + ("" if s["K"] == 2 or engine.startswith("dense") else f"-top{s['K']}") + \
-        ("-e64" if s["E"] == 64 and not engine.startswith("dense") else "")
+    name = engine + ("" if s["K"] == 2 else f"-top{s['K']}") + ("-e64" if s["E"] == 64 else "")
     print(f"[ds-moe {name}] D={D} E={s['E']} K={s['K']} CF={s['CF']} layers={s['LAYERS']} tokens={tokens} "
           f"params={nparams / 1e6:.0f}M step={dt * 1e3:.1f} ms tokens/s={tokens / dt:,.0f} "
           f"peak_mem={peak:.1f} GiB{backend} loss={float(loss.detach()):.4f}", flush=True)
-    row = dict(mode=name, **s, tokens=tokens, params=nparams, ms=dt * 1e3, tokens_per_s=tokens / dt, peak_gib=peak)
+    row = dict(mode=name, engine=engine, **s, tokens=tokens, params=nparams, ms=dt * 1e3, tokens_per_s=tokens / dt, peak_gib=peak)
     model = opt = x = None  # free before the next mode (step() still closes over the names)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -190,15 +195,22 @@ def main():
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     base = sizes(args.smoke)
-    modes = (["dense_topk", "capacity", "dropless", "capacity-top1", "dropless-top1", "capacity-e64",
-              "dropless-e64"] if args.mode == "all" else [args.mode])
+    modes = (["dense_topk", "capacity", "dropless", "dense", "capacity-top1", "dropless-top1", "dense_topk-e64",
+              "capacity-e64", "dropless-e64"] if args.mode == "all" else [args.mode])
     if use_cuda and any(m.startswith("dropless") for m in modes):
         print(check_grouped_gemm(dev), flush=True)
     rows = [run(*parse_mode(m, base), dev, args.smoke) for m in modes]
-    floor = next((r for r in rows if r["mode"] == "dense_topk"), None)
-    if floor:
-        for r in rows:
-            print(f"  {r['mode']:>16}: {r['ms'] / floor['ms']:.2f}x the floor's step time", flush=True)
+    # the floor of a row: K dense FFN applications per token over the same number of layers (dense for K=1)
+    # (the latest one measured before the row, so the run's order pairs them)
+    floors: dict = {}
+    for r in rows:
+        if r["engine"] in ("dense", "dense_topk"):
+            floors[(1 if r["engine"] == "dense" else r["K"], r["LAYERS"])] = r
+            continue
+        f = floors.get((r["K"], r["LAYERS"]))
+        if f:
+            print(f"  {r['mode']:>16}: {r['ms'] / f['ms']:.2f}x the step time of its floor ({f['mode']}, "
+                  f"{f['ms']:.1f} ms)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(dev) if use_cuda else "cpu",
