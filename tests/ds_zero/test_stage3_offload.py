@@ -26,6 +26,7 @@ Z3 = {"param_persistence_threshold": 30, "shard_units": ["Linear"]}  # biases pe
 BOTH = {"offload_optimizer": {"device": "cpu", "pin_memory": True},
         "offload_param": {"device": "cpu", "pin_memory": True}}
 OPT_ONLY = {"offload_optimizer": {"device": "cpu"}}
+PARAM_ONLY = {"offload_param": {"device": "cpu"}}  # served as both: the shards are the masters
 STEPS, GA, CLIP = 4, 2, 0.05
 
 
@@ -116,7 +117,7 @@ def _evidence(engine):
 def _all_scenarios(tmp):
     rank = dist.get_rank()
     out = {}
-    for name, offload in (("plain", {}), ("both", BOTH), ("opt-only", OPT_ONLY)):
+    for name, offload in (("plain", {}), ("both", BOTH), ("opt-only", OPT_ONLY), ("param-only", PARAM_ONLY)):
         engine = _engine(offload)
         out[f"fp32-{name}"] = _train(engine, STEPS)
         out[f"fp32-{name}-states"] = _states(engine)
@@ -168,7 +169,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
                                        msg=lambda m: f"step {step} {k}: {m}")
 
 
-@pytest.mark.parametrize("which", ["both", "opt-only"])
+@pytest.mark.parametrize("which", ["both", "opt-only", "param-only"])
 def test_stage3_offload_equals_reference_and_no_offload(tmp_path_factory, which):
     res = _results(tmp_path_factory)
     # against the single-process reference, with the stage-3 tests' fp32 tolerances
