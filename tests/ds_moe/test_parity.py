@@ -25,6 +25,7 @@ WORLD2 = {
     "ep2-dropless-top2-unequal": dict(ep=2, k=2, drop=False, kind="ffn", tokens=[9, 14]),
     "ep2-dropless-top1-2tokens": dict(ep=2, k=1, drop=False, kind="module", tokens=[2, 1]),
     "ep2-dropless-top3": dict(ep=2, k=3, drop=False, kind="ffn", tokens=[7, 5]),
+    "ep1-replicated-capacity-top2": dict(ep=1, k=2, drop=True, kind="ffn", tokens=10, cf=0.75),
     "ep2-dropless-rank1-gets-nothing": dict(ep=2, k=1, drop=False, kind="ffn", tokens=[6, 4], starve=True),
 }
 BAD2 = {"ep4-in-world-2": dict(ep=4, k=1, drop=True, kind="ffn", bad=True)}
@@ -70,7 +71,7 @@ def test_expert_parallel_matches_single_process(world, name, ckpt_root):
         for pname, g in mine["pre"].items():
             torch.testing.assert_close(g, ref["pre"][pname], **TOL, msg=lambda m: f"{where} pre.{pname}: {m}")
         torch.testing.assert_close(mine["gate"], ref["gate"], **TOL, msg=lambda m: f"{where} gate grad: {m}")
-        assert len(mine["experts"]) == 4 // case["ep"]
+        assert len(mine["experts"]) == 4 // case["ep"]  # this rank holds num_experts / ep_size experts
         for e, grads in mine["experts"].items():
             seen.add(e)
             for key, g in grads.items():

@@ -75,6 +75,10 @@ def create_expert_and_data_parallel(expert_parallel_size_: int, use_data_before_
 
 
 def _lookup(table: dict, name: str):
+    if name not in table and name == group_name(1) and dist.is_available() and dist.is_initialized():
+        # ep_size 1 makes no new group (its expert-data-parallel group is the world): safe to register lazily,
+        # on any rank, at any time
+        create_expert_and_data_parallel(1)
     if name not in table:
         raise MoEError(f"no expert groups named {name!r} yet: build the MoE layer (or call "
                        f"create_expert_and_data_parallel) first; known: {sorted(table)}")
