@@ -52,6 +52,9 @@ class Bucket:
         self.padded_numel = padded_numel
         self.shard_world = shard_world
         self.shard_rank = shard_rank
+        #: an expert param group's bucket (``_expert``): its ExpertGroup, whose process group reduces and
+        #: partitions it instead of the data-parallel group; None for dense buckets
+        self.expert = None
         #: where this bucket's shard starts inside its param group's masters and GradShards (set once, by
         #: ``_partition.assign_group_offsets``)
         self.master_offset = 0
@@ -250,8 +253,12 @@ def assign_buckets(
     bucket_size: int,
     shard_world: int,
     shard_rank: int,
+    expert_groups: dict | None = None,
 ) -> list[Bucket]:
-    """Buckets for ``(name, param, group_index)`` triples given in registration order (see module doc)."""
+    """Buckets for ``(name, param, group_index)`` triples given in registration order (see module doc).
+    ``expert_groups`` (``{group_index: _expert.ExpertGroup}``): those groups' buckets are sharded over their
+    expert-data-parallel group (``shard_world > 1``: its size and this rank's place in it) instead."""
+    expert_groups = expert_groups or {}
     if bucket_size < 1:
         raise ValueError(f"reduce_bucket_size must be >= 1 element, got {bucket_size}")
     open_runs: dict[tuple[int, torch.dtype], list[tuple[str, torch.nn.Parameter]]] = {}
@@ -274,9 +281,12 @@ def assign_buckets(
         offsets = [0]
         for _, p in run:
             offsets.append(offsets[-1] + p.numel())
-        buckets.append(Bucket(
+        eg = expert_groups.get(gi)
+        world, rank = (eg.world, eg.rank) if eg is not None and shard_world > 1 else (shard_world, shard_rank)
+        bucket = Bucket(
             index=index, group_index=gi, dtype=dtype, names=[n for n, _ in run], params=[p for _, p in run],
-            offsets=offsets, padded_numel=padded_length(offsets[-1], shard_world), shard_world=shard_world,
-            shard_rank=shard_rank,
-        ))
+            offsets=offsets, padded_numel=padded_length(offsets[-1], world), shard_world=world, shard_rank=rank,
+        )
+        bucket.expert = eg
+        buckets.append(bucket)
     return buckets

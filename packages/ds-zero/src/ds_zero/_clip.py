@@ -5,6 +5,11 @@ padding is zero, so it adds nothing). The squared norms of the local pieces are 
 shards the sum is all-reduced over the data-parallel group, so every rank computes the same norm -- the norm
 of the full averaged gradient -- and the same coefficient. The coefficient follows
 ``torch.nn.utils.clip_grad_norm_``: ``max_norm / (norm + 1e-6)``, applied only when it is below one.
+
+Expert (MoE) gradients (``expert_divisors``, see ``_expert.norm_divisors``) differ across the expert-parallel
+group, so their squared norms are always summed over the world -- divided first by the number of whole copies
+the world holds (stage 0: the expert-data-parallel group's size) -- and each expert counts once, as in one
+process holding all experts.
 """
 
 from __future__ import annotations
@@ -29,16 +34,31 @@ def _sq_sum(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 
 def global_grad_norm(grads: Sequence[torch.Tensor], sharded: bool, group,
-                     replicated: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                     replicated: Sequence[torch.Tensor] = (),
+                     expert_divisors: Sequence[int | None] | None = None) -> torch.Tensor:
     """The L2 norm (fp32 0-d tensor) of the full gradient from this rank's pieces: ``grads`` (shards when
-    ``sharded``) and ``replicated`` (whole on every rank: added after the all-reduce, not summed over ranks)."""
+    ``sharded``) and ``replicated`` (whole on every rank: added after the all-reduce, not summed over ranks).
+    ``expert_divisors`` (aligned with ``grads``; None entries are dense): see the module docstring."""
     extra = _sq_sum(replicated)
+    experts = None
+    if expert_divisors is not None and any(d is not None for d in expert_divisors):
+        dense = [g for g, d in zip(grads, expert_divisors) if d is None]
+        parts = [s / d for g, d in zip(grads, expert_divisors) if d is not None
+                 for s in [_sq_sum([g])] if s is not None]
+        experts = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float32)
+        grads = dense
     sq = _sq_sum(grads)
     if sq is None:
-        device = torch.device("cpu")
-        sq = torch.zeros((), dtype=torch.float32)
+        device = experts.device if experts is not None else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
     else:
         device = sq.device
+    if experts is not None:
+        if not sharded:  # dense grads are whole and equal on every rank: added once, after the sum
+            extra = sq if extra is None else extra.to(sq.device) + sq
+            sq = torch.zeros((), dtype=torch.float32, device=device)
+        sq = sq + experts.to(device)
+        sharded = True  # expert squares are always summed over the world
     if sharded and dist.is_initialized() and dist.get_world_size(group) > 1:
         if "nccl" in str(dist.get_backend(group)).lower() and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
@@ -57,9 +77,9 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
 
 
 def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float, sharded: bool, group,
-                replicated: Sequence[torch.Tensor] = ()) -> float:
+                replicated: Sequence[torch.Tensor] = (), expert_divisors: Sequence[int | None] | None = None) -> float:
     """Clip in place to ``max_norm`` by the global norm; returns the norm before clipping."""
-    norm = global_grad_norm(grads, sharded, group, replicated)
+    norm = global_grad_norm(grads, sharded, group, replicated, expert_divisors)
     grads = list(grads) + list(replicated)
     value = float(norm)
     coef = clip_coefficient(value, max_norm)

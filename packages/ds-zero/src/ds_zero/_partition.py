@@ -72,14 +72,18 @@ class DataParallelShards(ShardingPolicy):
         for bucket in buckets:
             flat = bucket.param_flat
             n = bucket.shard_numel
+            # an expert param group's bucket is sharded over its expert-data-parallel group (``_expert``)
+            group = bucket.expert.group if bucket.expert is not None else self.group
+            if not _comm.active(group):
+                continue
             if not self.allgather_partitions:
-                for owner in range(self.shard_world):
+                for owner in range(bucket.shard_world):
                     piece = flat[owner * n:(owner + 1) * n]
-                    dist.broadcast(piece, src=dist.get_global_rank(self.group, owner) if self.group is not None
-                                   else owner, group=self.group)
+                    dist.broadcast(piece, src=dist.get_global_rank(group, owner) if group is not None
+                                   else owner, group=group)
                 continue
             if bucket.padded_numel > self.allgather_bucket_size:
-                self._gather_in_pieces(bucket)
+                self._gather_in_pieces(bucket, group)
                 continue
             while pending and in_flight + bucket.padded_numel > self.allgather_bucket_size:
                 work, size = pending.pop(0)
@@ -87,13 +91,13 @@ class DataParallelShards(ShardingPolicy):
                 in_flight -= size
             lo, hi = bucket.shard_range
             shard = flat[lo:hi] if self.in_place else flat[lo:hi].clone()
-            pending.append((_comm.all_gather(flat, shard, self.group), bucket.padded_numel))
+            pending.append((_comm.all_gather(flat, shard, group), bucket.padded_numel))
             in_flight += bucket.padded_numel
         for work, _ in pending:
             _comm.wait(work)
 
-    def _gather_in_pieces(self, bucket: Bucket) -> None:
-        world, n = self.shard_world, bucket.shard_numel
+    def _gather_in_pieces(self, bucket: Bucket, group) -> None:
+        world, n = bucket.shard_world, bucket.shard_numel
         piece = max(1, self.allgather_bucket_size // world)
         by_rank = bucket.param_flat.view(world, n)
         lo = bucket.shard_range[0]
@@ -102,7 +106,7 @@ class DataParallelShards(ShardingPolicy):
             width = min(piece, n - start)
             out = staging[:world * width]
             mine = bucket.param_flat[lo + start:lo + start + width].clone()
-            _comm.wait(_comm.all_gather(out, mine, self.group))
+            _comm.wait(_comm.all_gather(out, mine, group))
             by_rank[:, start:start + width].copy_(out.view(world, width))
 
 

@@ -107,8 +107,14 @@ class GradReducer:
             return flat
         return flat.to(self.reduce_dtype)
 
-    def _all_reduce(self, tensor: torch.Tensor):
-        return _comm.all_reduce(tensor, self.group)
+    def _group_of(self, bucket: Bucket):
+        """The process group that reduces ``bucket``: its expert-data-parallel group for an expert param group's
+        bucket (``_expert``: the all-to-all's backward already summed over the expert-parallel ranks), else the
+        data-parallel group. Both sum, so ``average_factor``'s ``1 / world`` serves both."""
+        return bucket.expert.group if bucket.expert is not None else self.group
+
+    def _all_reduce(self, tensor: torch.Tensor, bucket: Bucket | None = None):
+        return _comm.all_reduce(tensor, self.group if bucket is None else self._group_of(bucket))
 
     # -- to implement ------------------------------------------------------------------------------------
     def _on_grad(self, bucket: Bucket, i: int) -> None:

@@ -43,7 +43,7 @@ class AllReduceReducer(GradReducer):
 
     def _launch(self, bucket: Bucket) -> None:
         send = self._comm_input(bucket.ensure_full_grads(self.device))
-        self._pending.append((bucket, self._all_reduce(send), send))
+        self._pending.append((bucket, self._all_reduce(send, bucket), send))
 
     def _finish(self) -> None:
         for bucket, work, send in self._pending:

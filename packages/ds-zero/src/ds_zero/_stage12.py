@@ -44,20 +44,21 @@ class _ScatterMixin:
         """Start the reduction into ``out`` (a shard-sized tensor; None: a new one); returns ``(work or None,
         the tensor that holds the shard once work is done)``."""
         lo, hi = bucket.shard_range
+        group = self._group_of(bucket)
         if out is None and (self.quantize is not None or self.use_reduce_scatter):
             out = torch.empty(bucket.shard_numel, dtype=send.dtype, device=send.device)
         if self.quantize is not None:
             from ds_comm import quantized_reduce_scatter
 
-            quantized_reduce_scatter(out, send, self.group, bits=self.quantize["bits"],
+            quantized_reduce_scatter(out, send, group, bits=self.quantize["bits"],
                                      block_size=self.quantize["block_size"], node_size=self.quantize["node_size"],
                                      average=True, check_sizes=not self._checked_sizes)
             self._checked_sizes = True
             return None, out
         if not self.use_reduce_scatter:
-            work = _comm.all_reduce(send, self.group)
+            work = _comm.all_reduce(send, group)
             return work, send[lo:hi]
-        work = _comm.reduce_scatter(out, send, self.group)
+        work = _comm.reduce_scatter(out, send, group)
         return work, out
 
 

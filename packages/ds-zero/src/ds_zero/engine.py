@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ._buckets import Bucket, assign_buckets
 from ._clip import clip_coefficient, clip_grads_, global_grad_norm
 from ._compressed import check_compressed, is_compressed, rebuild_compressed
+from ._expert import ExpertGroups, broadcast_params, is_expert_param, norm_divisors
 from ._memory import model_state_bytes
 from ._mode import OptimizerMode
 from ._offload import CPUOffload
@@ -63,10 +64,14 @@ class ZeroEngine:
         lr_scheduler: an ``LRScheduler`` over ``optimizer`` or a callable ``optimizer -> scheduler``.
         process_group: the data-parallel group (default: the world; a single process without
             ``torch.distributed``).
+        expert_data_parallel_groups: for mixture-of-experts models, ``{expert group name: ProcessGroup}`` or a
+            callable ``name -> ProcessGroup`` (DeepSpeed's ``groups._get_expert_data_parallel_group``): optimizer
+            param groups flagged ``"moe": True`` are reduced and partitioned over the group of their ``"name"``
+            (``_expert``).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerArg, config: EngineConfig | dict,
-                 lr_scheduler=None, process_group=None) -> None:
+                 lr_scheduler=None, process_group=None, expert_data_parallel_groups=None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(config, dict):
@@ -113,6 +118,8 @@ class ZeroEngine:
         self._backward_pending = False
         self._grads_reduced = False
         self._timings: dict[str, float] = {}
+        self.experts = ExpertGroups(expert_data_parallel_groups, self.distributed, process_group, self.dp_world_size)
+        self._has_expert_params = any(is_expert_param(p) for p in model.parameters())
 
         self._broadcast_module()
         # stage 0 in fp32 steps the user's optimizer itself; every other set-up rebuilds it over the engine's
@@ -129,6 +136,10 @@ class ZeroEngine:
                                               process_group)
         named = self._trainable(user_opt)
         self._num_groups = len(user_opt.param_groups)
+        #: ``{param group index: _expert.ExpertGroup}`` of the optimizer's ``moe`` groups (empty: a dense model)
+        self.expert_groups = self.experts.of_param_groups(user_opt.param_groups)
+        if self.expert_groups:
+            self._check_experts(compressed)
         self.masters: Masters | None = None
         self.grad_shards: GradShards | None = None
         if self.stage == 3:
@@ -143,7 +154,7 @@ class ZeroEngine:
                                              zero.allgather_bucket_size, zero.allgather_partitions,
                                              in_place="nccl" in self._backend)
         self.buckets: list[Bucket] = assign_buckets(named, zero.reduce_bucket_size, self.policy.shard_world,
-                                                    self.policy.shard_rank)
+                                                    self.policy.shard_rank, self.expert_groups)
         if self.mode.steps_model_params:
             self.optimizer = user_opt
         else:
@@ -161,12 +172,41 @@ class ZeroEngine:
     def _broadcast_module(self) -> None:
         """Every rank starts from rank 0's params and buffers (as DDP and DeepSpeed do); params built under
         Init are initialised identically on every rank instead."""
-        if not self.distributed or self.dp_world_size == 1:
+        if not self.distributed:
+            return
+        if self._has_expert_params:  # experts from their expert-data-parallel group's first rank
+            broadcast_params(self.module, self.experts, self.process_group, self.dp_world_size)
+            return
+        if self.dp_world_size == 1:
             return
         src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
         with torch.no_grad():
             for t in [p for p in self.module.parameters() if not p.is_meta] + list(self.module.buffers()):
                 dist.broadcast(t.data, src=src, group=self.process_group)
+
+    def _check_experts(self, compressed: bool) -> None:
+        """What is not built for expert param groups yet, refused by name rather than reduced wrongly."""
+        where = f"the optimizer has expert (moe) param groups {sorted({g.name for g in self.expert_groups.values()})}"
+        if self.stage == 3:
+            raise ValueError(f"{where}; zero_optimization.stage 3 does not support MoE expert groups yet (their "
+                             "params would be sharded over the whole world): use zero_optimization.stage 0, 1 or 2")
+        if compressed or self.config.gradient_compression.type != "none":
+            raise ValueError(f"{where}; gradient_compression / a compressed (1-bit) optimizer is not supported with "
+                             "expert groups yet (their averages are over the whole world)")
+        if self.offload is not None:
+            raise ValueError(f"{where}; zero_optimization.offload_optimizer is not supported with expert groups "
+                             "yet: set offload_optimizer.device to none")
+
+    def _expert_divisors(self, per_bucket: bool) -> list[int | None] | None:
+        """The norm divisors (``_expert.norm_divisors``) aligned with the grads the step norms: one per bucket
+        (*direct*) or one per param group with buckets (*masters*)."""
+        if not self.expert_groups:
+            return None
+        if per_bucket:
+            flags = [b.expert for b in self.buckets]
+        else:
+            flags = [self.expert_groups.get(gi) for gi, group in enumerate(self.grad_shards.by_group) if group]
+        return norm_divisors(flags, sharded=self.stage > 0)
 
     def _trainable(self, opt: torch.optim.Optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
         group_of = {}
@@ -376,14 +416,17 @@ class ZeroEngine:
         clipped in place."""
         max_norm = self.config.gradient_clipping
         if self.mode.name == "masters":
-            norm = float(global_grad_norm(grads, sharded=self.stage > 0, group=self.process_group)) * scale
+            norm = float(global_grad_norm(grads, sharded=self.stage > 0, group=self.process_group,
+                                          expert_divisors=self._expert_divisors(per_bucket=False))) * scale
             self.global_grad_norm = norm
             scale *= clip_coefficient(norm, max_norm)
             self.masters.step(self.optimizer, grads, scale)
             return
         # clip_grads_ with max_norm 0 only measures (the norm is reported like DeepSpeed's, clipping or not)
         self.global_grad_norm = clip_grads_(grads, max_norm, sharded=self.stage > 0, group=self.process_group,
-                                            replicated=replicated)
+                                            replicated=replicated,
+                                            expert_divisors=(self._expert_divisors(per_bucket=True)
+                                                             if self.stage != 3 else None))
         if self.stage == 3:
             self._attach_master_grads()
             try:
