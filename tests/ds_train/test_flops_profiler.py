@@ -59,7 +59,9 @@ def test_the_per_module_table_sums_to_the_total():
     prof = FlopsProfiler(model)
     prof.start_profile()
     model(_tokens())
+    running = prof.get_total_flops()  # DeepSpeed's example reads the totals before stop_profile()
     prof.stop_profile()
+    assert running == prof.get_total_flops()
     rows = {p.name: p for p in prof.module_profiles()}
     total = prof.get_total_flops()
     root = rows[""]

@@ -188,7 +188,7 @@ class FlopsProfiler:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._tree = self._build_tree({name: sum(ops.values()) for name, ops in mode.get_flop_counts().items()})
+        self._tree = self._build_tree(_counts(mode))
         self.started = False
 
     def reset_profile(self) -> None:
@@ -209,10 +209,13 @@ class FlopsProfiler:
         self.reset_profile()
 
     def _need_tree(self, what: str) -> ModuleProfile:
+        if self.started:
+            # DeepSpeed's own example reads the totals and prints before stop_profile(): a snapshot so far
+            self._duration = self._now() - self._t0
+            return self._build_tree(_counts(self._mode))
         if self._tree is None:
-            raise RuntimeError(f"FlopsProfiler.{what}: nothing profiled yet (start_profile(), run the model, "
-                               "stop_profile())" if not self.started else
-                               f"FlopsProfiler.{what}: call stop_profile() first")
+            raise RuntimeError(f"FlopsProfiler.{what}: nothing profiled yet (start_profile(), run the model, then "
+                               "read the results)")
         return self._tree
 
     def get_total_flops(self, as_string: bool = False):
@@ -308,6 +311,10 @@ class FlopsProfiler:
                 walk(child, ancestors + [node])
 
         walk(root, [])
+
+
+def _counts(mode: FlopCounterMode) -> dict[str, int]:
+    return {name: sum(ops.values()) for name, ops in mode.get_flop_counts().items()}
 
 
 def _trainable(module: torch.nn.Module) -> int:
