@@ -11,7 +11,6 @@ import torch.distributed as dist
 from harness import DistributedTestError, requires_gpus, run_distributed
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import ds_comm
 from ds_comm import OnebitErrorFeedback, OnebitAdam, simulate_compressed_allreduce
 
 LR, WD, BETAS, EPS = 1e-2, 0.01, (0.9, 0.999), 1e-8

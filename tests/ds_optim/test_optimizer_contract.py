@@ -1,6 +1,5 @@
 """The torch.optim.Optimizer contract, checked against torch's own optimizers on the same model and data."""
 
-import copy
 
 import pytest
 import torch

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["DeepSpeedDataLoader", "RepeatingLoader"]
