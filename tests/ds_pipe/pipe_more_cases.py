@@ -65,9 +65,9 @@ def _specs(case):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _config(case, n_micro):
+def _config(case, n_micro, schedule):
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": n_micro,
-           "pipeline": {"schedule": case.get("schedule", "1f1b")}}
+           "pipeline": {"schedule": schedule}}
     if case.get("dtype") == "bf16":
         cfg["bf16"] = {"enabled": True}
     if case.get("dtype") == "fp16":
@@ -201,12 +201,15 @@ def _ref_step(case, step, n_micro, dp, masters, copy_params, funcs, opt, sched, 
             "params": {n: m.detach().clone() for n, m in masters.items()}}
 
 
-def _engine(case, stages, n_micro, base_seed=BASE_SEED):
+def _engine(case, stages, n_micro, base_seed=BASE_SEED, resumed=False):
+    """The case's engine; ``resumed``: the layout a checkpoint is loaded into (one chunk per rank, 1F1B)."""
+    virtual, schedule = (1, "1f1b") if resumed else (case.get("virtual", 1), case.get("schedule", "1f1b"))
     module = PipelineModule(_specs(case), num_stages=stages, loss_fn=lm_loss, seed_layers=True,
-                            base_seed=base_seed, partition_method=case.get("partition", "uniform"))
+                            base_seed=base_seed, partition_method=case.get("partition", "uniform"),
+                            virtual_stages=virtual)
     sched = (lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=case["gamma"])) if case.get("gamma") else None
     engine = PipelineEngine(module, lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM),
-                            config=_config(case, n_micro), lr_scheduler=sched)
+                            config=_config(case, n_micro, schedule), lr_scheduler=sched)
     return engine
 
 
@@ -280,7 +283,7 @@ def ckpt_case(case):
     del engine
     out["resumed"] = {}
     for stages in case["load_stages"]:
-        fresh = _engine(case, stages, total_micro // (world // stages), base_seed=BASE_SEED + 1000)
+        fresh = _engine(case, stages, total_micro // (world // stages), base_seed=BASE_SEED + 1000, resumed=True)
         loaded, client = fresh.load_checkpoint(save_dir)
         out["resumed"][stages] = {
             "path": loaded, "client": client, "global_steps": fresh.global_steps, "stage": fresh.stage_id,

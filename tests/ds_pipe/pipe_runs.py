@@ -21,6 +21,12 @@ WORLD2 = {
     "1f1b-type": dict(stages=2, schedule="1f1b", micro=3, steps=2, partition="type:block|layernorm"),
     # one stage x 2-way data parallel: torch's single-stage pipeline, gradients averaged over the replicas
     "1stage-2dp": dict(stages=1, schedule="1f1b", micro=2, steps=2),
+    # 2 chunks per rank: 7 layers in 4 chunks, rank 0 holds chunks 0 and 2, rank 1 chunks 1 and 3
+    "interleaved-v2": dict(stages=2, virtual=2, schedule="interleaved", micro=4, steps=2, blocks=3,
+                           partition="uniform", eval=True),
+    "looped-bfs-v2": dict(stages=2, virtual=2, schedule="looped_bfs", micro=2, steps=2, blocks=3),
+    "zero-bubble-v2": dict(stages=2, virtual=2, schedule="zero_bubble", micro=4, steps=2, blocks=3,
+                           partition="uniform"),
 }
 BAD2 = {
     "stages-not-dividing": dict(kind="module", stages=3, layers="layers"),
@@ -34,6 +40,10 @@ WORLD4 = {
     "2x2-1f1b": dict(stages=2, schedule="1f1b", micro=2, steps=2, eval=True),
     "2x2-gpipe": dict(stages=2, schedule="gpipe", micro=2, steps=2),
     "4stages-1f1b": dict(stages=4, schedule="1f1b", micro=4, steps=2, blocks=3, partition="uniform"),
+    "2x2-interleaved-v2": dict(stages=2, virtual=2, schedule="interleaved", micro=2, steps=2, blocks=3,
+                               partition="uniform"),
+    "4stages-zero-bubble-v2": dict(stages=4, virtual=2, schedule="zero_bubble", micro=4, steps=2, blocks=6,
+                                   partition="uniform"),
 }
 # mixed precision and clipping, against pipe_more_cases.reference_mixed
 FP16 = {"initial_scale_power": 8, "hysteresis": 1, "loss_scale_window": 2}
@@ -52,6 +62,9 @@ PREC4 = {
 CKPT2 = {
     "ckpt-2to2-and-1x2dp": dict(kind="ckpt", save_stages=2, load_stages=[2, 1], micro=4, steps=4, save_at=2,
                                 gamma=0.5, partition="parameters"),
+    # saved from 2 ranks x 2 chunks (interleaved), resumed on one chunk per rank
+    "ckpt-interleaved-to-1f1b": dict(kind="ckpt", save_stages=2, virtual=2, schedule="interleaved", load_stages=[2, 1],
+                                     micro=4, steps=3, save_at=2, gamma=0.5, blocks=3, partition="uniform"),
     "ckpt-bf16-2to1x2dp": dict(kind="ckpt", save_stages=2, load_stages=[1], micro=2, steps=3, save_at=2,
                                dtype="bf16", partition="uniform"),
 }

@@ -105,7 +105,11 @@ def test_layer_spec_counts_parameters_without_building_on_this_device():
 
 
 class _Stub:
-    num_stages, seed_layers, activation_checkpoint_interval = 2, False, 0
+    num_stages, seed_layers, activation_checkpoint_interval, virtual_stages = 2, False, 0, 1
+
+
+class _Stub2(_Stub):
+    virtual_stages = 2
 
 
 @pytest.mark.parametrize("config,err,text", [
@@ -117,10 +121,34 @@ class _Stub:
      ValueError, "train_batch_size=10 != "),
     ({"pipeline": {"stages": 4}}, ValueError, "pipeline.stages=4 but the PipelineModule has 2"),
     ({"pipeline": {"seed_layers": True}}, ValueError, "pipeline.seed_layers=True but the PipelineModule"),
+    ({"pipeline": {"schedule": "interleaved"}}, ValueError, "runs several chunks per rank: build the "
+                                                            "PipelineModule with virtual_stages >= 2"),
+    ({"pipeline": {"schedule": "zero_bubble", "virtual_stages": 2}}, ValueError,
+     r"pipeline.virtual_stages=2 but the PipelineModule was built with virtual_stages=1"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, ValueError, "fp16 and bf16 are both enabled"),
+    ({"fp16": {"enabled": True, "auto_cast": True}}, ValueError, "fp16.auto_cast is not supported with a pipeline"),
+    ({"bf16": True}, ValueError, "'bf16' must be a dict"),
+    ({"gradient_clipping": -1}, ValueError, "gradient_clipping must be a finite number >= 0"),
 ])
 def test_config_errors(config, err, text):
     with pytest.raises(err, match=text):
         PipeConfig.from_dict(config, dp_size=2, module=_Stub())
+
+
+def test_config_virtual_stages_need_a_multi_chunk_schedule():
+    with pytest.raises(ValueError, match="virtual_stages=2; pipeline.schedule='1f1b' runs one chunk per rank"):
+        PipeConfig.from_dict({}, dp_size=1, module=_Stub2())
+    assert PipeConfig.from_dict({"pipeline": {"schedule": "looped_bfs", "virtual_stages": 2}}, 1,
+                                _Stub2()).schedule == "looped_bfs"
+
+
+def test_config_precision_sections():
+    cfg = PipeConfig.from_dict({"fp16": {"enabled": True, "initial_scale_power": 12}, "gradient_clipping": 1.0},
+                               1, _Stub())
+    assert cfg.dtype == torch.float16 and cfg.fp16 == {"initial_scale_power": 12} and cfg.gradient_clipping == 1.0
+    assert PipeConfig.from_dict({"bf16": {"enabled": True}}, 1, _Stub()).dtype == torch.bfloat16
+    assert PipeConfig.from_dict({"bf16": {"enabled": False}, "fp16": {"enabled": False}}, 1, _Stub()).dtype \
+        == torch.float32
 
 
 def test_config_batch_arithmetic():

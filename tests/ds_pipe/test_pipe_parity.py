@@ -1,5 +1,6 @@
 """Pipeline training against one process, on gloo: losses, gradients and parameters after each step within
-1e-5 relative (fp32), for 1F1B and GPipe, with a tied embedding / LM head on the first and last stage.
+1e-5 relative (fp32), for 1F1B, GPipe and the interleaved schedules (Interleaved1F1B, LoopedBFS,
+InterleavedZeroBubble; 2 chunks per rank), with a tied embedding / LM head on the first and last stage.
 
 All scenarios of a world size run in one spawn (rank start-up dominates the CI time on 2 cores)."""
 
@@ -32,6 +33,10 @@ def test_matches_single_process(world, name):
     for rank, res in enumerate(got):
         # each stage built only its own layers (LayerSpec's point)
         own = {str(i) for i in range(res["parts"][res["stage"]], res["parts"][res["stage"] + 1])}
+        if case.get("virtual", 1) > 1:  # chunk c on rank c % stages: this rank's chunks' layers
+            chunks = range(res["stage"], case["stages"] * case["virtual"], case["stages"])
+            own = {str(i) for c in chunks for i in range(res["parts"][c], res["parts"][c + 1])}
+        assert set(res["own"]) == own, (rank, res["own"], own)
         assert set(res["built"]) - {"tied_modules"} <= own, (rank, res["built"], own)
         for step, (mine, want) in enumerate(zip(res["steps"], ref)):
             torch.testing.assert_close(torch.tensor(mine["loss"]), torch.tensor(want["loss"]), **TOL,

@@ -58,9 +58,10 @@ def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
     return parts
 
 
-def check_parts(parts: list[int], num_stages: int, method: str, names: list[str]) -> None:
+def check_parts(parts: list[int], num_stages: int, method: str, names: list[str],
+                unit: str = "pipeline stage") -> None:
     for s in range(num_stages):
         if parts[s + 1] <= parts[s]:
             raise ValueError(
-                f"partition_method={method!r} leaves pipeline stage {s} of {num_stages} with no layers "
+                f"partition_method={method!r} leaves {unit} {s} of {num_stages} with no layers "
                 f"(boundaries {parts}, {len(names)} layers: {names}); use fewer stages or more layers")

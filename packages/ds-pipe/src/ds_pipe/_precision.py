@@ -151,11 +151,14 @@ class Precision:
             for m in self.opt_params:
                 m.grad = None
 
-    def grads_to_masters(self) -> list[torch.Tensor]:
+    def grads_to_masters(self, n_micro: int) -> list[torch.Tensor]:
         """Every optimizer parameter's fp32 gradient (zeros where the step reached none), in place on
-        ``opt_params``; the 16-bit gradients are dropped."""
+        ``opt_params``, averaged over the ``n_micro`` micro-batches (in the parameter's dtype, as torch's
+        ``scale_grads`` would); the 16-bit gradients are dropped."""
         grads = []
         for p, m in zip(self.module_params, self.opt_params):
+            if p.grad is not None and n_micro != 1:
+                p.grad.div_(n_micro)
             if self.mixed:
                 m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
                 p.grad = None

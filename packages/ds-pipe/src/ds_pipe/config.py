@@ -16,11 +16,13 @@ import torch
 
 from ._precision import parse_precision
 
-__all__ = ["PipeConfig", "SCHEDULES_BUILT", "SCHEDULES_NOT_BUILT"]
+__all__ = ["PipeConfig", "SCHEDULES_BUILT", "SCHEDULES_NOT_BUILT", "MULTI_CHUNK_SCHEDULES"]
 
-SCHEDULES_BUILT = ("1f1b", "gpipe")
-# torch has these; ds-pipe 0.1.0 does not wire them (they need several stages per rank or split backward)
-SCHEDULES_NOT_BUILT = ("interleaved", "looped_bfs", "zero_bubble", "zbv", "dualpipev")
+SCHEDULES_BUILT = ("1f1b", "gpipe", "interleaved", "looped_bfs", "zero_bubble")
+# several chunks per rank: the PipelineModule is built with virtual_stages >= 2
+MULTI_CHUNK_SCHEDULES = ("interleaved", "looped_bfs", "zero_bubble")
+# torch has these; ds-pipe does not wire them (they need a V-shaped chunk placement, not the looped one)
+SCHEDULES_NOT_BUILT = ("zbv", "dualpipev")
 
 _TOP_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "pipeline",
              "steps_per_print", "wall_clock_breakdown", "fp16", "bf16", "gradient_clipping"}
@@ -32,6 +34,7 @@ _PIPELINE_KEYS = {
     "activation_checkpoint_interval",  # differing from the module's is an error, not silently ignored
     "pipe_partitioned",                # DeepSpeed's activation/grad sharding over tensor-parallel ranks: with
     "grad_partitioned",                # no model axis (0.1.0) there is nothing to shard; accepted as no-ops
+    "virtual_stages",                  # ds-pipe's: chunks per rank; must equal the PipelineModule's
 }
 _NOT_HERE = {"zero_optimization", "optimizer", "scheduler"}
 
@@ -66,10 +69,21 @@ class PipeConfig:
                 raise _unknown(key, _PIPELINE_KEYS, "'pipeline'")
         schedule = str(pipe.get("schedule", "1f1b")).lower()
         if schedule in SCHEDULES_NOT_BUILT:
-            raise NotImplementedError(f"pipeline.schedule={schedule!r} is not built in ds-pipe 0.1.0; built: "
+            raise NotImplementedError(f"pipeline.schedule={schedule!r} is not built in ds-pipe; built: "
                                       f"{list(SCHEDULES_BUILT)}")
         if schedule not in SCHEDULES_BUILT:
             raise ValueError(f"pipeline.schedule={schedule!r}: use one of {list(SCHEDULES_BUILT)}")
+        virtual = module.virtual_stages
+        if "virtual_stages" in pipe and pipe["virtual_stages"] != virtual:
+            raise ValueError(f"pipeline.virtual_stages={pipe['virtual_stages']!r} but the PipelineModule was built "
+                             f"with virtual_stages={virtual}; the module decides which layers a rank builds, pass "
+                             f"PipelineModule(..., virtual_stages={pipe['virtual_stages']!r})")
+        if schedule in MULTI_CHUNK_SCHEDULES and virtual < 2:
+            raise ValueError(f"pipeline.schedule={schedule!r} runs several chunks per rank: build the "
+                             f"PipelineModule with virtual_stages >= 2 (it has {virtual})")
+        if schedule not in MULTI_CHUNK_SCHEDULES and virtual > 1:
+            raise ValueError(f"the PipelineModule has virtual_stages={virtual}; pipeline.schedule={schedule!r} runs "
+                             f"one chunk per rank: use one of {list(MULTI_CHUNK_SCHEDULES)}")
         stages = pipe.get("stages", "auto")
         if stages != "auto" and stages != module.num_stages:
             raise ValueError(f"pipeline.stages={stages!r} but the PipelineModule has {module.num_stages} stages")

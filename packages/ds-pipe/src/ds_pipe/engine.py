@@ -26,7 +26,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble, ScheduleLoopedBFS)
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as _ckpt
@@ -36,7 +37,8 @@ from .module import PipelineModule
 
 __all__ = ["PipelineEngine", "PipelineError"]
 
-_SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+_SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B,
+                     "looped_bfs": ScheduleLoopedBFS, "zero_bubble": ScheduleInterleavedZeroBubble}
 
 
 class PipelineError(RuntimeError):
@@ -118,12 +120,21 @@ class PipelineEngine:
         buffers, so training and evaluation (which may use another count) each get their own."""
         key = (mode, n_micro)
         if key not in self._runners:
-            stage = PipelineStage(self.module, self.stage_id, self.num_stages, self.device,
-                                  group=self.grid.get_pipe_parallel_group())
-            cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleGPipe
-            loss_fn = {"train": self.precision.wrap_loss(self.module.loss_fn), "eval": self.module.loss_fn,
+            module, group = self.module, self.grid.get_pipe_parallel_group()
+            loss_fn = {"train": self.precision.wrap_loss(module.loss_fn), "eval": module.loss_fn,
                        "logits": None}[mode]
-            self._runners[key] = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=True)
+            # the engine divides the gradients by the micro-batch count itself (Precision.grads_to_masters):
+            # torch's stages would each divide their parameters', and a tie held by two chunks of one rank
+            # would be divided twice
+            if module.virtual_stages == 1:
+                stage = PipelineStage(module, self.stage_id, self.num_stages, self.device, group=group)
+                cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleGPipe
+                self._runners[key] = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+            else:
+                stages = [PipelineStage(module.chunk_module(k), c, module.num_chunks, self.device, group=group)
+                          for k, c in enumerate(module.chunk_ids)]
+                cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleLoopedBFS
+                self._runners[key] = cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
         return self._runners[key]
 
     # ----- data
@@ -197,7 +208,7 @@ class PipelineEngine:
                       return_outputs=False)
         scale = self.precision.loss_scale  # the scale these losses were multiplied by (the step may change it)
         losses = [loss.detach().float() / scale for loss in losses]
-        self.precision.grads_to_masters()
+        self.precision.grads_to_masters(self.micro_batches)
         self.precision.reduce_tied()  # fp32 sums: one weight over the stages that use it
         self._average_data_parallel_grads()
         skip = self.precision.unscale_clip_check()

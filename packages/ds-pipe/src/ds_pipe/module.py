@@ -94,14 +94,24 @@ class PipelineModule(nn.Module):
       before building each layer, so a layer's initial weights do not depend on the stage count.
     - ``activation_checkpoint_interval``: recompute each run of that many layers in the backward pass
       (``torch.utils.checkpoint``, non-reentrant) instead of keeping its activations; 0 = off.
+    - ``virtual_stages`` (ds-pipe's; DeepSpeed has no such thing): ``V`` chunks per pipeline rank for the
+      interleaved schedules. The layer list is cut into ``num_stages * V`` contiguous chunks by the
+      ``partition_method``; chunk ``c`` (torch's stage index) runs on pipeline rank ``c % num_stages`` as its
+      local chunk ``c // num_stages`` (torch's and Megatron's looped placement), so rank 0 holds chunks 0,
+      ``num_stages``, ``2 * num_stages``... and the last rank the last chunk. ``parts`` then has
+      ``num_stages * V + 1`` boundaries, and ``stage_layers()`` lists every layer of this rank's chunks.
     """
 
     def __init__(self, layers: list[Any], num_stages: int | None = None, topology: ProcessTopology | None = None,
                  loss_fn: Callable | None = None, seed_layers: bool = False, seed_fn: Callable | None = None,
                  base_seed: int = 1234, partition_method: str = "parameters",
                  activation_checkpoint_interval: int = 0, activation_checkpoint_func: Callable | None = None,
-                 checkpointable_layers: list[str] | None = None, dynamic_shape: bool = False):
+                 checkpointable_layers: list[str] | None = None, dynamic_shape: bool = False,
+                 virtual_stages: int = 1):
         super().__init__()
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ValueError(f"PipelineModule: virtual_stages must be an integer >= 1, got {virtual_stages!r}")
+        self.virtual_stages = virtual_stages
         if checkpointable_layers is not None or dynamic_shape:
             raise NotImplementedError("PipelineModule: checkpointable_layers and dynamic_shape are not supported "
                                       "in ds-pipe 0.1.0")
@@ -129,16 +139,19 @@ class PipelineModule(nn.Module):
                                       "than 1 is not supported in ds-pipe 0.1.0")
         self._check_ties(layers)
         self.partition_method = partition_method
+        self.num_chunks = self.num_stages * virtual_stages
         self.parts = self._partition(layers, partition_method)
 
         # collectives start here; everything above fails the same way on every rank, before any of them
         self._grid = PipelineParallelGrid(self._topo) if dist.is_initialized() else None
         self.global_rank = dist.get_rank() if dist.is_initialized() else 0
         self.stage_id = self._grid.get_stage_id() if self._grid else 0
-        self._local_start, self._local_stop = self.parts[self.stage_id], self.parts[self.stage_id + 1]
+        # torch's stage indices of this rank's chunks, in local order
+        self.chunk_ids = [self.stage_id + k * self.num_stages for k in range(virtual_stages)]
         self.tied_modules = nn.ModuleDict()
         self.tied_weight_attrs: dict[str, list[str]] = {}
         self.forward_funcs: list[Callable] = []
+        self._chunk_funcs: list[list[Callable]] = []
         self._build()
         self.tied_comms = self._tie_groups() if self._grid else {}
         self._sync_tied_weights()
@@ -180,7 +193,7 @@ class PipelineModule(nn.Module):
 
     def _partition(self, layers, method: str) -> list[int]:
         names = [_layer_name(layer) for layer in layers]
-        n, k = len(layers), self.num_stages
+        n, k = len(layers), self.num_chunks
         low = method.lower()
         if low == "uniform":
             parts = partition_uniform(n, k)
@@ -196,11 +209,17 @@ class PipelineModule(nn.Module):
             raise NotImplementedError("partition_method='profile' is not implemented (neither is it in DeepSpeed)")
         else:
             raise ValueError(f"partition_method={method!r}: use 'parameters', 'uniform' or 'type:REGEX'")
-        check_parts(parts, k, method, names)
+        check_parts(parts, k, method, names, "pipeline stage" if self.virtual_stages == 1 else "virtual stage")
         return parts
 
     def _build(self) -> None:
-        for idx in range(self._local_start, self._local_stop):
+        for c in self.chunk_ids:
+            start = len(self.forward_funcs)
+            self._build_range(range(self.parts[c], self.parts[c + 1]))
+            self._chunk_funcs.append(self.forward_funcs[start:])
+
+    def _build_range(self, indices: range) -> None:
+        for idx in indices:
             layer = self._layer_specs[idx]
             if self.seed_layers:
                 seed = self.base_seed + idx
@@ -229,8 +248,7 @@ class PipelineModule(nn.Module):
         stages_of: dict[str, set[int]] = {}
         for i, layer in enumerate(self._layer_specs):
             if isinstance(layer, TiedLayerSpec):
-                stage = next(s for s in range(self.num_stages) if self.parts[s] <= i < self.parts[s + 1])
-                stages_of.setdefault(layer.key, set()).add(stage)
+                stages_of.setdefault(layer.key, set()).add(self.stage_of_layer(i))
         comms = {}
         for key in sorted(stages_of):
             stages = sorted(stages_of[key])
@@ -260,16 +278,22 @@ class PipelineModule(nn.Module):
 
     # ----- running
     def forward(self, *inputs: Any) -> Any:
+        if self.virtual_stages > 1:
+            raise RuntimeError("PipelineModule with virtual_stages > 1: each chunk runs on its own "
+                               "(chunk_module(k)); the module as a whole has no single forward")
+        return self._run(self.forward_funcs, inputs)
+
+    def _run(self, funcs: list[Callable], inputs: tuple) -> Any:
         # torch's stage passes a multi-tensor activation as several arguments; layers see it as one tuple,
         # DeepSpeed's convention
         x = inputs[0] if len(inputs) == 1 else inputs
         interval = self.activation_checkpoint_interval
         if interval == 0 or not torch.is_grad_enabled():
-            for fn in self.forward_funcs:
+            for fn in funcs:
                 x = fn(x)
             return x
-        for start in range(0, len(self.forward_funcs), interval):
-            chunk = self.forward_funcs[start:start + interval]
+        for start in range(0, len(funcs), interval):
+            chunk = funcs[start:start + interval]
 
             def run(*args, chunk=chunk):
                 y = args[0] if len(args) == 1 else args
@@ -296,7 +320,40 @@ class PipelineModule(nn.Module):
     def is_last_stage(self) -> bool:
         return self.stage_id == self.num_stages - 1
 
-    def stage_layers(self, stage_id: int | None = None) -> range:
-        """Global indices of the layers of ``stage_id`` (default: this rank's)."""
+    def stage_layers(self, stage_id: int | None = None) -> list[int]:
+        """Global indices of the layers of pipeline rank ``stage_id`` (default: this rank's), every chunk's."""
         s = self.stage_id if stage_id is None else stage_id
-        return range(self.parts[s], self.parts[s + 1])
+        return [i for c in range(s, self.num_chunks, self.num_stages) for i in range(self.parts[c], self.parts[c + 1])]
+
+    def stage_of_layer(self, idx: int) -> int:
+        """The pipeline rank (stage id) that holds layer ``idx``."""
+        chunk = next(c for c in range(self.num_chunks) if self.parts[c] <= idx < self.parts[c + 1])
+        return chunk % self.num_stages
+
+    def chunk_module(self, k: int) -> nn.Module:
+        """This rank's local chunk ``k`` as a module for torch's ``PipelineStage`` (its stage index is
+        ``chunk_ids[k]``): runs that chunk's layers and holds their parameters (shared with this module)."""
+        if self.virtual_stages == 1:
+            return self
+        return _Chunk(self, k)
+
+
+class _Chunk(nn.Module):
+    """One chunk of a ``PipelineModule``: its layers registered by global index (the same objects), its tied
+    modules under ``tied_modules``, so ``parameters()`` is the chunk's."""
+
+    def __init__(self, parent: PipelineModule, k: int):
+        super().__init__()
+        c = parent.chunk_ids[k]
+        self._funcs = parent._chunk_funcs[k]
+        self._run = parent._run
+        self.tied_modules = nn.ModuleDict()
+        for idx in range(parent.parts[c], parent.parts[c + 1]):
+            spec = parent._layer_specs[idx]
+            if isinstance(spec, TiedLayerSpec):
+                self.tied_modules[spec.key] = parent.tied_modules[spec.key]
+            elif str(idx) in parent._modules:
+                self.add_module(str(idx), parent._modules[str(idx)])
+
+    def forward(self, *inputs: Any) -> Any:
+        return self._run(self._funcs, inputs)
