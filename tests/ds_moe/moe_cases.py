@@ -86,6 +86,9 @@ def run_cases(cases, ckpt_root=None):
     rank = dist.get_rank()
     results = []
     for ci, case in enumerate(cases):
+        if case.get("a2a_check"):
+            results.append(a2a_check())
+            continue
         if case.get("bad"):
             try:
                 Net(case, case["ep"])
@@ -132,3 +135,23 @@ def reference(case, world):
     total.backward()
     per_rank = [_snapshot(model, *s) for s in snaps]
     return model, per_rank
+
+
+def a2a_sends(rank: int, world: int) -> list:
+    """Rows rank `rank` sends to each rank: zero to itself (and to the next rank when world > 2), rank+1 to the
+    others."""
+    return [0 if dst == rank or (world > 2 and dst == (rank + 1) % world) else rank + 1 for dst in range(world)]
+
+
+def a2a_check() -> dict:
+    """gloo's all_to_all_single with uneven split sizes, zeros included, for the dtypes the MoE moves."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    send = a2a_sends(rank, world)
+    recv = [a2a_sends(src, world)[rank] for src in range(world)]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        x = torch.cat([torch.full((n, 3), 100 * rank + dst, dtype=dtype) for dst, n in enumerate(send)])
+        y = torch.empty((sum(recv), 3), dtype=dtype)
+        dist.all_to_all_single(y, x, recv, send)
+        out[str(dtype)] = y
+    return {"a2a": out, "recv": recv}

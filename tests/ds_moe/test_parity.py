@@ -28,7 +28,7 @@ WORLD2 = {
     "ep1-replicated-capacity-top2": dict(ep=1, k=2, drop=True, kind="ffn", tokens=10, cf=0.75),
     "ep2-dropless-rank1-gets-nothing": dict(ep=2, k=1, drop=False, kind="ffn", tokens=[6, 4], starve=True),
 }
-BAD2 = {"ep4-in-world-2": dict(ep=4, k=1, drop=True, kind="ffn", bad=True)}
+BAD2 = {"ep4-in-world-2": dict(ep=4, k=1, drop=True, kind="ffn", bad=True), "a2a": dict(a2a_check=True)}
 WORLD4 = {
     "ep4-capacity-top2": dict(ep=4, k=2, drop=True, kind="ffn", tokens=8, cf=1.0),
     "ep4-dropless-top2-unequal": dict(ep=4, k=2, drop=False, kind="ffn", tokens=[3, 1, 6, 2]),
@@ -41,7 +41,7 @@ _cache: dict = {}
 
 def _results(world, tmp_root):
     if world not in _cache:
-        cases = dict(WORLD2, **BAD2) if world == 2 else WORLD4
+        cases = dict(WORLD2, **BAD2) if world == 2 else dict(WORLD4, a2a=dict(a2a_check=True))
         per_rank = run_distributed(run_cases, world, list(cases.values()), tmp_root, timeout=240)
         _cache[world] = {n: [per_rank[r][i] for r in range(world)] for i, n in enumerate(cases)}
     return _cache[world]
@@ -109,3 +109,16 @@ def test_ep_size_not_dividing_the_world_is_a_named_error_on_every_rank(ckpt_root
     got = _results(2, ckpt_root)["ep4-in-world-2"]
     for rank, res in enumerate(got):
         assert res["error"] and "ep_size=4 does not divide the world size 2" in res["error"], (rank, res)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_all_to_all_single_with_uneven_and_zero_splits(world, ckpt_root):
+    """The transport the dropless path needs, checked on its own (torch 2.13 gloo)."""
+    from moe_cases import a2a_sends
+
+    for rank, res in enumerate(_results(world, ckpt_root)["a2a"]):
+        for dtype, y in res["a2a"].items():
+            want = torch.cat([torch.full((a2a_sends(src, world)[rank], 3), 100 * src + rank, dtype=y.dtype)
+                              for src in range(world)])
+            assert torch.equal(y, want), (world, rank, dtype)
+        assert 0 in res["recv"] and sum(res["recv"]) > 0
