@@ -92,9 +92,10 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, config, lr_scheduler=None, process_group=None, *,
-                 mpu: Any = None, args: Any = None) -> None:
+                 mpu: Any = None, args: Any = None, expert_data_parallel_groups: Any = None) -> None:
         torch.nn.Module.__init__(self)  # first: ZeroEngine's `self.module = model` registers the child module
-        ZeroEngine.__init__(self, model, optimizer, config, lr_scheduler=lr_scheduler, process_group=process_group)
+        ZeroEngine.__init__(self, model, optimizer, config, lr_scheduler=lr_scheduler, process_group=process_group,
+                            expert_data_parallel_groups=expert_data_parallel_groups)
         self.training = model.training
         self.mpu = mpu
         self.local_rank = _local_rank(args)

@@ -100,6 +100,30 @@ def _is_pipeline_module(model: torch.nn.Module) -> bool:
     return ds_pipe is not None and isinstance(model, ds_pipe.PipelineModule)
 
 
+def _moe(model: torch.nn.Module):
+    """For a model with ds-moe layers: ``(configure_moe_param_groups, the expert-data-parallel group resolver)``,
+    what DeepSpeed's engine does for MoE models (param groups split into dense and ``moe`` groups; those reduced
+    over ``groups._get_expert_data_parallel_group(name)``); ``(None, None)`` otherwise."""
+    ds_moe = installed_sibling("ds_moe")
+    if ds_moe is None or not ds_moe.has_moe_layers(model)[0]:
+        return None, None
+    from ds_moe import groups
+
+    real = [p for p in model.parameters() if p.requires_grad]
+
+    def configure(params):
+        params = list(params)
+        if params and isinstance(params[0], torch.Tensor) and len(params) == len(real):
+            # the engine may build the optimizer over meta stand-ins (same order and shapes): give them the
+            # experts' markers, which the split reads
+            for s, p in zip(params, real):
+                if s is not p and s.shape == p.shape and ds_moe.is_moe_param(p):
+                    s.allreduce, s.group_name = False, p.group_name
+        return ds_moe.configure_moe_param_groups(params)
+
+    return configure, groups.get_expert_data_parallel_group
+
+
 def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
     section = cfg.optimizer
 
@@ -166,8 +190,11 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
 
     _to_local_device(model, optimizer)
     params = _optimizer_params(model_parameters, model)
+    moe_configure, expert_groups = _moe(model)
     if optimizer is None:
         factory = _optimizer_factory(cfg, group)
+        if moe_configure is not None:  # DeepSpeed splits MoE models' param groups before building the optimizer
+            factory = (lambda make: lambda trainable: make(moe_configure(trainable)))(factory)
         # the caller's param groups (weight-decay splits...) are kept: the engine is given an optimizer built
         # over them when they differ from the plain model parameters, else the factory
         engine_optimizer: Any = factory if model_parameters is None else factory(params)
@@ -175,7 +202,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         engine_optimizer = optimizer
     elif callable(optimizer):
         def built(trainable, make=optimizer):
-            return make(trainable if model_parameters is None else params)
+            chosen = trainable if model_parameters is None else params
+            return make(moe_configure(chosen) if moe_configure is not None else chosen)
 
         engine_optimizer = built
     else:
@@ -188,7 +216,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         engine_scheduler = lr_scheduler
 
     engine = DeepSpeedEngine(model, engine_optimizer, cfg, lr_scheduler=engine_scheduler, process_group=group,
-                             mpu=mpu, args=args)
+                             mpu=mpu, args=args, expert_data_parallel_groups=expert_groups)
 
     loader = None
     if training_data is not None:
