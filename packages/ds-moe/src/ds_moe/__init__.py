@@ -7,6 +7,7 @@ padding. Experts are split over ``ep_size`` ranks and tokens moved with ``torch.
 ``reduce_gradients`` averages expert gradients over their expert-data-parallel group.
 """
 
+from . import checkpoint, experts, gate, groups, layer, sharded_moe, utils  # DeepSpeed's module paths too
 from ._version import __version__
 from .checkpoint import load_moe_checkpoint, load_moe_state_dict, moe_state_dict, save_moe_checkpoint
 from .errors import MoEError
@@ -50,4 +51,12 @@ __all__ = [
     "top1gating",
     "top2gating",
     "topkgating",
+    # submodules, as deepspeed.moe's: layer (MoE), utils, sharded_moe (TopKGate, MOELayer), experts, groups
+    "checkpoint",
+    "experts",
+    "gate",
+    "groups",
+    "layer",
+    "sharded_moe",
+    "utils",
 ]
