@@ -139,7 +139,8 @@ def run(engine: str, s: dict, dev, smoke: bool) -> dict:
     from ds_moe._gemm import choose_backend
 
     torch.manual_seed(0)
-    model = build(engine, s).to(dev)
+    with torch.device(dev):  # parameters made on the GPU directly (the 64-expert stack is 17 GB of fp32)
+        model = build(engine, s)
     nparams = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     T, D = s["TOKENS"], s["D"]
