@@ -20,7 +20,7 @@ import random
 import torch
 
 from ._io import CheckpointError, model_file, optim_file, read_marker, resolve_tag, safe_load
-from . import stage3
+from . import experts, stage3
 from .reshard import bucket_full, full_from_direct, full_from_master_shards, master_states_from_full
 
 logger = logging.getLogger("ds_zero")
@@ -241,12 +241,18 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
     own = None
     if same_world:
         own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
+    experts.check_same_layout(engine, model, fast, ckpt_dir)
+    has_experts = experts.layout(engine) is not None  # this rank's experts and states come from its own file
+    if has_experts:
+        experts.load_rank_experts(engine, own, os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
 
     if engine.mode.compressed:
         _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states, marker)
     elif engine.mode.steps_model_params:
         if fast:
-            if load_optimizer_states and model["optimizer"] is not None:
+            if load_optimizer_states and has_experts:
+                _load_optimizer(engine, own["optimizer"], os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
+            elif load_optimizer_states and model["optimizer"] is not None:
                 _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))
         else:
             _load_direct_from_full(engine, _saved_full(ckpt_dir, marker, model), load_optimizer_states)
@@ -261,13 +267,14 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
                 states["params"] = full["params"]
                 _load_masters_from_full(engine, states, with_states=True)
         elif fast:
-            src = own if engine.policy.shard_world > 1 else safe_load(ckpt_dir, optim_file(0), marker)
+            per_rank = engine.policy.shard_world > 1 or has_experts
+            src = own if per_rank else safe_load(ckpt_dir, optim_file(0), marker)
             with torch.no_grad():
                 for p, saved in zip(engine.masters.params, src["masters"]):
                     if p is not None:
                         p.data.copy_(saved)
             _load_optimizer(engine, src["optimizer"], os.path.join(ckpt_dir, optim_file(
-                engine.dp_rank if engine.policy.shard_world > 1 else 0)))
+                engine.dp_rank if per_rank else 0)))
         else:
             _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model), with_states=True)
         engine.masters.write_params()  # stages 1/2 all-gather after the ranks agree (load_checkpoint)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import stage3
+from . import experts, stage3
 from ._io import (FORMAT, LATEST, MARKER, VERSION, CheckpointError, atomic_torch_save, atomic_write_text, check_tag,
                   model_file, optim_file, remove_files, remove_stale_temporaries, write_marker)
 
@@ -218,11 +218,13 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
             "precision": engine.precision.state_dict(),
             "compression_full": full_compression,
             "client_state": client_state,
+            "expert_groups": experts.layout(engine),
         }
         if engine.mode.name == "stage3":
             model_states.update(stage3.model_entries(engine))
         digests[model_file()] = atomic_torch_save(model_states, os.path.join(ckpt_dir, model_file()))
-    owns = engine.mode.name == "masters" and rank < engine.policy.shard_world  # saves its master shards
+    has_experts = experts.layout(engine) is not None  # every rank saves its own experts' state (checkpoint.experts)
+    owns = engine.mode.name == "masters" and (rank < engine.policy.shard_world or has_experts)
     rank_state = {
         "format": FORMAT, "version": VERSION, "rank": rank, "dp_world_size": engine.dp_world_size,
         "rng": rng_state(),
@@ -230,7 +232,9 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
         "masters": [None if p is None else p.data.detach().cpu().clone() for p in engine.masters.params] if owns else None,
         # a compressed optimizer's state is per rank (error feedback), so every rank saves its own
         "optimizer": (engine.optimizer.state_dict()
-                      if engine.mode.optimizer_state_in_rank_file(rank, engine.policy.shard_world) else None),
+                      if engine.mode.optimizer_state_in_rank_file(rank, engine.policy.shard_world) or has_experts
+                      else None),
+        **experts.rank_entries(engine),
     }
     if engine.mode.name == "stage3":
         rank_state.update(stage3.rank_entries(engine))
