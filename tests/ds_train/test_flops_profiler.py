@@ -135,3 +135,54 @@ def test_the_engine_profiles_profile_step(tmp_path):
     text = out.read_text()
     assert "Profile Summary at step 1" in text and "bwd flops per GPU (measured)" in text and "iter latency" in text
     assert "batch size per GPU:" in text and "samples/second" in text
+
+
+class _Checkpointed(torch.nn.Module):
+    """Two Linear blocks, optionally each under ds_train.checkpointing.checkpoint (recomputed in backward; the
+    reentrant one: torch runs the non-reentrant recomputation where dispatch modes do not see it)."""
+
+    def __init__(self, ckpt):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ckpt = ckpt
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x):
+        from ds_train import checkpointing
+
+        for b in self.blocks:
+            x = checkpointing.checkpoint(b, x) if self.ckpt else b(x)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_the_engine_hook_counts_the_backward_including_recomputation(ckpt, capsys):
+    """The engine's hooks (driven by hand on a stand-in engine): the backward's FLOPs are counted, so a
+    checkpointed model's recomputed forward shows up (3 x fwd instead of 2 x fwd)."""
+    import types
+
+    from ds_train.profiling.engine_hook import EngineFlopsProfiler
+
+    model = _Checkpointed(ckpt)
+    engine = types.SimpleNamespace(module=model, global_rank=0, global_steps=0,
+                                   is_gradient_accumulation_boundary=lambda: True)
+    hook = EngineFlopsProfiler(engine, {"enabled": True, "profile_step": 1, "detailed": False})
+    x = torch.randn(8, 16, requires_grad=True)
+    for step in range(3):
+        with hook.forward():
+            loss = model(x)
+        with hook.backward():
+            loss.backward()
+        with hook.step():
+            engine.global_steps += 1
+    result = hook.result
+    assert result["step"] == 1 and capsys.readouterr().out.count("DeepSpeed Flops Profiler") == 1
+    fwd = 2 * 2 * 8 * 16 * 16
+    assert result["fwd_flops"] == fwd
+    # backward: grad of the input and of the weight per Linear (2 x fwd), plus the recomputed forward
+    assert result["bwd_flops"] == (3 if ckpt else 2) * fwd
+    engine.global_rank = 1  # other ranks never profile
+    other = EngineFlopsProfiler(engine, {"enabled": True, "profile_step": 3})
+    with other.forward():
+        model(x)
+    assert not other.profiler.started and other._phase == "idle"

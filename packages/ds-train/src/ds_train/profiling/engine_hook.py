@@ -3,7 +3,8 @@
 At ``profile_step`` (compared with ``engine.global_steps`` at the forward, as DeepSpeed does: ``1`` profiles the
 second optimizer step) rank 0 profiles the first micro-batch of that step: the forward per module
 (:class:`~ds_train.profiling.FlopsProfiler`), the backward's FLOPs and latency (counted, not estimated: with
-activation checkpointing the recomputed forward is in them), and the optimizer step's latency; at the step's
+reentrant activation checkpointing -- DeepSpeed's ``checkpoint`` -- the recomputed forward is in them; torch runs
+the non-reentrant recomputation outside dispatch modes, so there it is not), and the optimizer step's latency; at the step's
 gradient-accumulation boundary it prints the profile and writes it to ``output_file``. Other ranks run as usual.
 """
 
