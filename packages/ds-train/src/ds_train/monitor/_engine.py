@@ -49,6 +49,12 @@ class MonitorGetters:
     def csv_monitor_enabled(self) -> bool:
         return self.config.csv_monitor.enabled
 
+    @property
+    def losses(self):
+        """DeepSpeed's ``engine.losses``: the loss of the current optimizer step so far (the sum of each micro-batch
+        loss / gradient_accumulation_steps, a 0-d fp32 tensor), None right after a step."""
+        return self._monitoring.losses
+
     def comms_logger_enabled(self) -> bool:
         return self.config.comms_logger.enabled
 
