@@ -129,3 +129,18 @@ def test_the_config_section_is_validated_at_load_and_read_by_configure():
         load_config({"train_batch_size": 8, "activation_checkpointing": {"contiguous_memory_optimization": True}})
     with pytest.raises(ConfigError, match="unknown key 'profiles'; did you mean 'profile'"):
         load_config({"train_batch_size": 8, "activation_checkpointing": {"profiles": True}})
+
+
+@pytest.mark.parametrize("api", ["checkpoint", "non_reentrant_checkpoint"])
+def test_profile_times_each_forward_and_recomputation(api, caplog):
+    checkpointing.configure(None, profile=True)
+    checkpointing.reset_profile_stats()
+    fn = getattr(checkpointing, api)
+    with caplog.at_level("INFO", logger="ds_train"):
+        plain = _grads(lambda block, x: block(x))
+        ckpt = _grads(lambda block, x: fn(block, x))
+    assert torch.equal(plain[0], ckpt[0])
+    stats = checkpointing.profile_stats()
+    assert stats["forwards"] == 1 and stats["recomputes"] == 1 and stats["forward_s"] > 0 and stats["recompute_s"] > 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint forward" in m for m in messages) and any("checkpoint recompute" in m for m in messages)

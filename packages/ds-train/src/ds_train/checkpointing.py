@@ -21,7 +21,9 @@ DeepSpeed's options (``configure(...)`` or the config's ``activation_checkpointi
 ``contiguous_memory_optimization``  **no effect**: DeepSpeed copies checkpoints into one preallocated buffer to
 (``contiguous_checkpointing``),     avoid fragmentation; here they are ordinary tensors. Accepted because it
 ``number_checkpoints``              changes memory layout only, never results
-``profile``                         **no effect**: DeepSpeed's per-region timers are not built (use torch.profiler)
+``profile``                         **works**: each region's forward and recomputation are timed (the device
+                                    synchronized around them) and logged at INFO, as DeepSpeed's timers log
+                                    them; the totals are in ``profile_stats()``
 ==================================  =============================================================================
 """
 
@@ -32,6 +34,7 @@ import difflib
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -39,7 +42,8 @@ import torch.utils.checkpoint as _torch_ckpt
 
 __all__ = ["checkpoint", "non_reentrant_checkpoint", "configure", "check_section", "is_configured", "reset",
            "partition_activations_in_checkpoint", "set_num_layers", "get_cuda_rng_tracker",
-           "model_parallel_cuda_manual_seed", "model_parallel_reconfigure_tp_seed", "CudaRNGStatesTracker"]
+           "model_parallel_cuda_manual_seed", "model_parallel_reconfigure_tp_seed", "CudaRNGStatesTracker",
+           "profile_stats", "reset_profile_stats"]
 
 logger = logging.getLogger("ds_train")
 
@@ -214,9 +218,6 @@ def configure(mpu_, deepspeed_config: Any = None, partition_activations: bool | 
     _mpu, _configured = mpu_, True
     _options.clear()
     _options.update(options)
-    if options["profile"]:
-        logger.warning("ds_train.checkpointing: profile=true has no effect (DeepSpeed's per-region timers are not "
-                       "built; use torch.profiler)")
 
 
 def _check_partitioning(partition: bool, mpu_) -> None:
@@ -270,6 +271,40 @@ def _replaying_tracker(function: Callable) -> Callable:
             return function(*args)
         finally:
             _RNG_TRACKER.set_states(current)
+
+    return run
+
+
+_profile = {"forward_s": 0.0, "recompute_s": 0.0, "forwards": 0, "recomputes": 0}
+
+
+def profile_stats() -> dict[str, float]:
+    """With ``profile``: seconds spent in checkpointed regions' forwards and recomputations, and their counts,
+    since the process started (or :func:`reset_profile_stats`)."""
+    return dict(_profile)
+
+
+def reset_profile_stats() -> None:
+    _profile.update(forward_s=0.0, recompute_s=0.0, forwards=0, recomputes=0)
+
+
+def _timed(function: Callable) -> Callable:
+    """``profile``: time the first call (the forward) and the later ones (the recomputation in backward)."""
+    calls = [0]
+
+    def run(*args):
+        kind = "forward" if calls[0] == 0 else "recompute"
+        calls[0] += 1
+        _sync()
+        t0 = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            _sync()
+            elapsed = time.perf_counter() - t0
+            _profile[f"{kind}_s"] += elapsed
+            _profile[f"{kind}s"] += 1
+            logger.info("ds_train.checkpointing: checkpoint %s %.3f ms", kind, elapsed * 1e3)
 
     return run
 
@@ -338,6 +373,8 @@ def _run(function: Callable, args: tuple, reentrant: bool):
     if not callable(function):
         raise TypeError(f"checkpoint: function must be callable, got {type(function).__name__}")
     fn = _replaying_tracker(function)
+    if _options["profile"]:
+        fn = _timed(fn)
     if _options["checkpoint_in_cpu"] and any(_on_device(a) for a in args):
         fn, args = _to_host(fn, args, _on_device)
     sync = _options["synchronize"]
