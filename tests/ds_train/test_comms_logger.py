@@ -29,7 +29,14 @@ def _direct():
     try:
         for _ in range(3):
             comm.all_reduce(torch.ones(1000))
+        lines = []
+        handler = logging.Handler()
+        handler.emit = lambda r: lines.append(r.getMessage())
+        ds_train.utils.logger.addHandler(handler)
+        comm.configure(verbose=True)  # every logged op printed as it completes (DeepSpeed's line)
         comm.all_reduce(torch.ones(10, dtype=torch.float64), log_name="my_all_reduce")
+        comm.configure(verbose=False)
+        ds_train.utils.logger.removeHandler(handler)
         out = torch.empty(2 * 250)
         comm.all_gather_into_tensor(out, torch.full((250,), float(dist.get_rank())))
         shard = torch.empty(100)
@@ -53,7 +60,7 @@ def _direct():
     finally:
         comm.configure(enabled=False, prof_all=True, prof_ops=[])
     return {"summary": summary, "selective": selective, "patched": patched, "restored": dist.all_reduce is original,
-            "table": table}
+            "table": table, "verbose": lines}
 
 
 def test_byte_counts_equal_the_collectives_sizes():
@@ -74,6 +81,9 @@ def test_byte_counts_equal_the_collectives_sizes():
         assert _sizes(got["selective"], "all_reduce") == {5 * F32: 1}  # only the prof=True call
         assert got["patched"] and got["restored"]
         assert "Comm. Op" in got["table"] and "3.91 KB" in got["table"]
+        [line] = got["verbose"]
+        assert line.startswith("rank=") and "| comm op: my_all_reduce | time (ms): " in line
+        assert "| msg size: 80.0 B | algbw (Gbps): " in line and "| busbw (Gbps): " in line
 
 
 def test_bandwidth_formulas_are_deepspeeds():
@@ -103,6 +113,7 @@ def _engine_collectives():
     log = logging.getLogger("ds_train")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    ds_train.utils.logger.addHandler(handler)  # DeepSpeed's logger (stdout): the lines the config asked for
     torch.manual_seed(0)
     model = _Net()
     config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 2,
@@ -130,6 +141,7 @@ def _engine_collectives():
     finally:
         comm.configure(enabled=False)
         log.removeHandler(handler)
+        ds_train.utils.logger.removeHandler(handler)
     params = sum(p.numel() for p in model.parameters())
     return {"summary": summary, "params": params, "buckets": buckets, "enabled": enabled, "compressed": compressed,
             "sent": stats.bytes_sent, "uncompressed": stats.uncompressed_bytes, "log": records}

@@ -36,6 +36,7 @@ def _train(out_dir, wall_clock):
     log = logging.getLogger("ds_train")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    ds_train.utils.logger.addHandler(handler)  # DeepSpeed's logger (stdout): the lines the config asked for
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     engine, *_ = ds_train.initialize(model=model, config=_config(out_dir, wall_clock_breakdown=wall_clock))
@@ -57,6 +58,7 @@ def _train(out_dir, wall_clock):
         engine.destroy()
     finally:
         log.removeHandler(handler)
+        ds_train.utils.logger.removeHandler(handler)
     return {"losses": losses, "lrs": lrs, "samples": samples, "log": records, "flags": flags}
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import MonitorMaster
+from ..utils import logger as shown
 from .comms import comms_logger
 from .timers import (BACKWARD_GLOBAL_TIMER, BACKWARD_REDUCE_GLOBAL_TIMER, FORWARD_GLOBAL_TIMER, STEP_GLOBAL_TIMER,
                      ThroughputTimer, Timers)
@@ -170,10 +171,12 @@ class EngineMonitoring:
         if self.rank == 0:
             if self.tput_timer.global_step_count:
                 logger.info("[Rank 0] %s", self.tput_timer.log_line())
+            # what the config asked for is printed (DeepSpeed's logger, stdout); the progress lines stay on the
+            # suite's quiet logger, as ds-zero's did
             if self.wall_clock:
-                logger.info("[Rank 0] %s", self.timers.log_line(normalizer=max(self._window_steps, 1)))
+                shown.info("[Rank 0] %s", self.timers.log_line(normalizer=max(self._window_steps, 1)))
             if self.comms_logger.enabled:
-                logger.info("[Rank 0] communication summary after step %d:\n%s", engine.global_steps,
+                shown.info("[Rank 0] communication summary after step %d:\n%s", engine.global_steps,
                             self.comms_logger.format_summary())
         elif self.wall_clock:
             self.timers.log_line(reset=True)  # every rank's window starts again

@@ -195,7 +195,9 @@ class CommsLogger:
                 wire[1] += uncompressed
         if self.verbose:
             rank = _dist.get_rank() if _dist.is_initialized() else 0
-            logger.info("rank=%d | comm op: %s | time (ms): %.2f | msg size: %s | algbw (Gbps): %.2f | busbw (Gbps): "
+            from ..utils import logger as shown  # DeepSpeed's logger (stdout): verbose was asked for
+
+            shown.info("rank=%d | comm op: %s | time (ms): %.2f | msg size: %s | algbw (Gbps): %.2f | busbw (Gbps): "
                         "%.2f", rank, record_name, latency_ms, convert_size(size), algbw, busbw)
 
     def summary(self) -> dict[str, dict[int, dict[str, float]]]:
