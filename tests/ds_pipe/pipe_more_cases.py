@@ -291,4 +291,11 @@ def ckpt_case(case):
         dist.barrier()
     missing = _engine(case, case["save_stages"], n_micro)
     out["nothing"] = missing.load_checkpoint(os.path.join(save_dir, "no-such-run"))
+    # another layer list (one block more): refused by name on every rank, not loaded half-way
+    other = _engine({**case, "blocks": case.get("blocks", 2) + 1}, case["save_stages"], n_micro, resumed=True)
+    try:
+        other.load_checkpoint(save_dir)
+        out["other_layers"] = None
+    except Exception as exc:  # noqa: BLE001 - the test reads it
+        out["other_layers"] = (type(exc).__name__, str(exc))
     return out

@@ -86,6 +86,9 @@ def test_checkpoint_files_latest_and_a_failed_save(world, name):
             assert kind == "CheckpointError" and f"failed on rank {world - 1}" in msg, res["broken"]
         assert res["listing"] == ["global_step2", "latest"], res["listing"]
         assert res["nothing"] == (None, None)  # no 'latest' in a directory: nothing loaded, as DeepSpeed
+        kind, msg = res["other_layers"]
+        assert kind == "CheckpointError" and ("saved from another layer list" in msg
+                                              or "failed on rank" in msg), res["other_layers"]
     with open(os.path.join(save_dir, "latest")) as f:
         assert f.read() == "global_step2"
 

@@ -191,7 +191,11 @@ class PipelineEngine:
             # when they are all one size
             raise ValueError(f"stage {self.stage_id}: micro-batches of different sizes {sorted(sizes)}; ds-pipe "
                              f"needs one micro-batch size per train_batch")
-        inputs = tuple(torch.cat(col).to(self.device) for col in columns)
+        # 16-bit stages take 16-bit activations: floating-point inputs are cast to the stage's dtype (token ids
+        # and other integer inputs stay as they are); labels are the loss function's business
+        dtype = self.precision.dtype
+        inputs = tuple(torch.cat(col).to(self.device, dtype=dtype if col[0].is_floating_point() else None)
+                       for col in columns)
         labels = torch.cat([b[1] for b in batches]).to(self.device)
         return inputs, labels
 
