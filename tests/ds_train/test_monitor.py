@@ -178,3 +178,27 @@ def test_a_missing_package_names_what_to_install(monkeypatch):
         MonitorMaster(load_config({"train_batch_size": 1, "tensorboard": {"enabled": True}}), rank=1)
     with pytest.raises(ImportError, match="pip install wandb"):
         MonitorMaster(load_config({"train_batch_size": 1, "wandb": {"enabled": True}}), rank=0)
+
+
+def _fp16(out_dir):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    cfg = {"train_batch_size": 2, "fp16": {"enabled": True, "initial_scale_power": 40, "hysteresis": 1},
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+           "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": "fp16"}}
+    engine, *_ = ds_train.initialize(model=model, config=cfg)
+    scales, skipped = [], []
+    for _ in range(3):
+        x, y = torch.randn(2, 4).half(), torch.randn(2, 1).half()
+        engine.backward(torch.nn.functional.mse_loss(engine(x).float(), y.float()))
+        engine.step()
+        scales.append(engine.loss_scale)
+        skipped.append(not engine.was_step_applied())
+    return scales, skipped
+
+
+def test_fp16_writes_the_loss_scale_of_every_step(tmp_path):
+    scales, skipped = run_distributed(_fp16, 1, str(tmp_path), timeout=120)[0]
+    header, rows = _csv(tmp_path / "fp16" / "Train_Samples_loss_scale.csv")
+    assert header == ["step", "loss_scale"] and rows == [(2 * (i + 1), s) for i, s in enumerate(scales)]
+    assert any(skipped) and len(set(scales)) > 1  # 2^40 overflows: the scale the rows follow moves
