@@ -14,10 +14,10 @@ DeepSpeed's options (``configure(...)`` or the config's ``activation_checkpointi
                                     with both implementations; nothing to move on the CPU
 ``synchronize``                     **works**: the device is synchronized before and after each region's forward
 (``synchronize_checkpoint_boundary``) and when its backward starts
-``partition_activations``           **no effect**: DeepSpeed splits the saved activations across model-parallel
-                                    ranks; with no model parallelism (no ``mpu``, or an ``mpu`` of one rank) it
-                                    does nothing there either. With a model-parallel ``mpu`` of more ranks it is
-                                    refused (NotImplementedError), not silently ignored
+``partition_activations``           **works** with an ``mpu`` of more than one model-parallel rank: each rank keeps
+                                    its slice of each region's inputs, all-gathered for the recomputation
+                                    (:mod:`ds_train._ckpt_partition`); with no model parallelism it does nothing,
+                                    as in DeepSpeed
 ``contiguous_memory_optimization``  **no effect**: DeepSpeed copies checkpoints into one preallocated buffer to
 (``contiguous_checkpointing``),     avoid fragmentation; here they are ordinary tensors. Accepted because it
 ``number_checkpoints``              changes memory layout only, never results
@@ -220,13 +220,27 @@ def configure(mpu_, deepspeed_config: Any = None, partition_activations: bool | 
     _options.update(options)
 
 
+def _mp_attr(mpu_, *names):
+    for name in names:
+        if callable(getattr(mpu_, name, None)):
+            return getattr(mpu_, name)()
+    return None
+
+
+def _mp_world_size(mpu_) -> int:
+    if mpu_ is None:
+        return 1
+    size = _mp_attr(mpu_, "get_tensor_model_parallel_world_size", "get_model_parallel_world_size")
+    return 1 if size is None else int(size)
+
+
 def _check_partitioning(partition: bool, mpu_) -> None:
-    if not partition or mpu_ is None:
+    """Partitioning across a model-parallel group of more than one rank needs the group itself."""
+    if not partition or _mp_world_size(mpu_) <= 1:
         return
-    for name in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
-        if callable(getattr(mpu_, name, None)) and int(getattr(mpu_, name)()) > 1:
-            raise NotImplementedError("activation checkpointing with partition_activations across model-parallel "
-                                      "ranks is not supported yet; set partition_activations to false")
+    if _mp_attr(mpu_, "get_tensor_model_parallel_group", "get_model_parallel_group") is None:
+        raise ValueError("partition_activations: the mpu has a model-parallel world size above 1 but no "
+                         "get_model_parallel_group() / get_tensor_model_parallel_group() to gather the slices over")
 
 
 def is_configured() -> bool:
@@ -375,6 +389,12 @@ def _run(function: Callable, args: tuple, reentrant: bool):
     fn = _replaying_tracker(function)
     if _options["profile"]:
         fn = _timed(fn)
+    size = _mp_world_size(_mpu) if _options["partition_activations"] else 1
+    if size > 1:
+        from ._ckpt_partition import partitioned
+
+        group = _mp_attr(_mpu, "get_tensor_model_parallel_group", "get_model_parallel_group")
+        fn, args = partitioned(fn, args, group, _tensor_parallel_rank(), size)
     if _options["checkpoint_in_cpu"] and any(_on_device(a) for a in args):
         fn, args = _to_host(fn, args, _on_device)
     sync = _options["synchronize"]
