@@ -78,7 +78,9 @@ def _load(path: str) -> Any:
 def _agree(error: BaseException | None, what: str) -> None:
     """Every rank learns whether any rank failed (one scalar all-reduce, also a barrier); the failing rank
     re-raises its own error, the others raise naming it, so no rank goes on to wait in a collective."""
-    failed = torch.tensor([dist.get_rank() + 1 if error is not None else 0], dtype=torch.int64)
+    # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    failed = torch.tensor([dist.get_rank() + 1 if error is not None else 0], dtype=torch.int64, device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error

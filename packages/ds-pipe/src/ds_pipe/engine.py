@@ -157,7 +157,7 @@ class PipelineEngine:
                 inputs, labels = self._take(data_iter, n_micro)
             except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
                 error = exc
-        failed = torch.tensor([dist.get_rank() + 1 if error else 0], dtype=torch.int64)
+        failed = torch.tensor([dist.get_rank() + 1 if error else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if error is not None:
             raise error

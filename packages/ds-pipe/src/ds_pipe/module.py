@@ -153,6 +153,10 @@ class PipelineModule(nn.Module):
         self.forward_funcs: list[Callable] = []
         self._chunk_funcs: list[list[Callable]] = []
         self._build()
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            # as DeepSpeed's PipelineModule: onto this rank's GPU before the tied weights are broadcast (NCCL
+            # moves CUDA tensors only)
+            self.to(torch.device("cuda", torch.cuda.current_device()))
         self.tied_comms = self._tie_groups() if self._grid else {}
         self._sync_tied_weights()
 
