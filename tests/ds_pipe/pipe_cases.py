@@ -4,7 +4,6 @@ single-process reference, and the rank worker that runs several pipeline scenari
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
