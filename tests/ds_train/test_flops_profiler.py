@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from harness import run_distributed
+from harness import requires_gpus, run_distributed
 
 from ds_train.profiling import FlopsProfiler, get_model_profile
 
@@ -186,3 +186,20 @@ def test_the_engine_hook_counts_the_backward_including_recomputation(ckpt, capsy
     with other.forward():
         model(x)
     assert not other.profiler.started and other._phase == "idle"
+
+
+@pytest.mark.gpu
+@requires_gpus(1)
+def test_on_a_gpu_flash_attention_is_counted_and_latency_synchronized():
+    model = _gpt().cuda()
+    tokens = _tokens().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16 sends sdpa to the flash / efficient kernels
+        flops, macs, _ = get_model_profile(model, args=[tokens], print_profile=False, as_string=False)
+    expected = _analytic(model, 1)
+    assert abs(flops - expected) / expected < 0.05, (flops, expected)
+    prof = FlopsProfiler(model)
+    prof.start_profile()
+    model(tokens)
+    prof.stop_profile()
+    rows = {p.name: p for p in prof.module_profiles()}
+    assert rows[""].latency >= rows["blocks"].latency > 0
