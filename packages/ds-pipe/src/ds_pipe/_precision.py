@@ -193,6 +193,7 @@ class Precision:
             flag = (~torch.isfinite(sq)).to(torch.float32).reshape(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item():
+                self.norm = float("inf")  # what this step's norm was; get_global_grad_norm reports it
                 self.scaler.update_scale(True)
                 self.skipped_steps += 1
                 return True
