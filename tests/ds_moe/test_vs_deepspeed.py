@@ -16,13 +16,17 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-try:  # probe here; the ranks import it again
+_saved = os.environ.get("DS_ACCELERATOR")
+os.environ["DS_ACCELERATOR"] = _saved or "cpu"  # DeepSpeed picks its accelerator at import
+try:
     import deepspeed.moe.layer  # noqa: F401
 
     HAVE_DS = True
 except Exception:  # a missing or broken DeepSpeed install: skip, it is only the reference
     HAVE_DS = False
+finally:  # leave the environment of the rest of the session as it was
+    if _saved is None:
+        os.environ.pop("DS_ACCELERATOR", None)
 
 pytestmark = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed is not importable (it is only the reference)")
 
