@@ -293,7 +293,8 @@ class TopKGate(torch.nn.Module):
                 r.l_aux = r.l_aux + self.router_z_loss_coef * r.z_loss
         return r
 
-    def forward(self, input: Tensor, used_token: Optional[Tensor] = None):
+    def forward(self, input: Tensor, used_token: Optional[Tensor] = None, use_tutel: bool = False):
+        """DeepSpeed's call; ``use_tutel`` is accepted for its signature and ignored (no Tutel layout here)."""
         r = self.route(input, used_token)
         combine, dispatch = r.dense()
         return r.l_aux, combine, dispatch, r.exp_counts
