@@ -53,8 +53,8 @@ def test_unbuilt_features_come_first_and_instead_of_their_sub_keys():
     err = _problems({
         "train_batch_size": 8,
         "fp16": {"enabled": True, "loss_scael": 0},
-        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme",
-                                                                "pipeline_read": True, "buffer_count": 0}},
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme",
+                                                            "max_in_cpu": -1, "buffer_count": 0}},
         "optimizer": {"type": "MuAdam", "params": {"not_a_param": 1}},
         "pipeline": {"stages": 2, "partition_method": "bogus"},
         "prescale_gradients": True,
@@ -64,9 +64,9 @@ def test_unbuilt_features_come_first_and_instead_of_their_sub_keys():
     assert roots == list(range(4)), lines  # all four root causes first, then the rest
     assert lines[4].startswith("fp16.loss_scael") and len(lines) == 5, lines
     text = str(err)
-    for sub_key in ("nvme_path", "pipeline_read", "buffer_count", "not_a_param", "partition_method"):
+    for sub_key in ("nvme_path", "max_in_cpu", "buffer_count", "not_a_param", "partition_method"):
         assert sub_key not in text, (sub_key, text)
-    assert any(line.startswith("zero_optimization.offload_optimizer.device = 'nvme'") for line in lines)
+    assert any(line.startswith("zero_optimization.offload_param.device = 'nvme'") for line in lines)
     assert any(line.startswith("optimizer.type 'MuAdam'") for line in lines)
 
 

@@ -78,7 +78,7 @@ def test_missing_required_scheduler_param_is_named():
 
 
 @pytest.mark.parametrize("key", ["pipeline", "comet", "autotuning", "elasticity", "compression_training",
-                                 "data_efficiency", "sparse_attention", "aio", "checkpoint"])
+                                 "data_efficiency", "sparse_attention", "checkpoint"])
 def test_unbuilt_feature_is_refused_by_name(key):
     assert key in UNSUPPORTED_KEYS
     with pytest.raises(ConfigError) as err:
@@ -89,8 +89,9 @@ def test_unbuilt_feature_is_refused_by_name(key):
 def test_unbuilt_keys_of_other_layers_are_refused_too():
     cases = [({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}},
               "zero_quantized_nontrainable_weights"),
-             # CPU offload is built now (ds-zero); NVMe is not
-             ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "offload_optimizer"),
+             # the optimizer's NVMe offload is built (ds-zero; below); the params' is not
+             ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
+              "offload_param"),
              ({"prescale_gradients": True}, "prescale_gradients"),
              ({"amp": {"enabled": True}}, "amp"),
              ({"dump_state": True}, "dump_state"),
@@ -99,6 +100,8 @@ def test_unbuilt_keys_of_other_layers_are_refused_too():
         with pytest.raises(ConfigError) as err:
             load_config(config)
         assert key in str(err.value) and "not supported yet" in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match=r"offload_optimizer.device = 'nvme' needs offload_optimizer.nvme_path"):
+        load_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}})
 
 
 def test_sections_that_only_switch_a_feature_off_are_accepted():

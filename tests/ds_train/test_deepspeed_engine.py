@@ -254,3 +254,30 @@ def _initialize_arguments(config_path):
     with pytest.raises(ValueError, match="args.local_rank=3 but the launcher set LOCAL_RANK=0"):
         ds_train.initialize(args=argparse.Namespace(deepspeed_config=config_path, local_rank=3), model=Model())
     return True
+
+
+def _offload_accessors(nvme_dir):
+    """DeepSpeed's offload getters read the config's sections; an NVMe config with its `aio` section (which every
+    DeepSpeed NVMe config carries) is accepted, the aio keys with a warning that they have no effect."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ds_train").addHandler(handler)
+    out = {}
+    for name, offload in (("cpu", {"device": "cpu"}), ("nvme", {"device": "nvme", "nvme_path": nvme_dir})):
+        config = {**_config(2, bf16={"enabled": True}),
+                  "zero_optimization": {"stage": 2, "offload_optimizer": offload}}
+        if name == "nvme":
+            config["aio"] = {"block_size": 1048576, "queue_depth": 8, "thread_count": 1}
+        engine, *_ = ds_train.initialize(model=Model(), config=config)
+        section = engine.zero_offload_optimizer()
+        out[name] = (section.device, engine.zero_cpu_offload(), engine.zero_offload_param())
+    out["warned"] = [r.getMessage() for r in records if "aio" in r.getMessage()]
+    return out
+
+
+def test_offload_getters_follow_the_config_and_nvme_configs_carry_aio(tmp_path):
+    out, = run_distributed(_offload_accessors, 1, str(tmp_path), timeout=120)
+    assert out["cpu"] == ("cpu", True, None) and out["nvme"] == ("nvme", False, None)
+    assert len(out["warned"]) == 1 and "aio: accepted and ignored" in out["warned"][0], out["warned"]
+    assert "no libaio" in out["warned"][0]

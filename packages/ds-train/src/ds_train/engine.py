@@ -412,13 +412,18 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
         return self._zero().elastic_checkpoint
 
     def zero_offload_optimizer(self):
-        return None  # offload is refused by the config
+        """The ``zero_optimization.offload_optimizer`` section (``device``, ``pin_memory``, ``nvme_path``...), or
+        ``None`` when the optimizer is not offloaded -- DeepSpeed's accessor."""
+        return self.config.zero_optimization.offload_optimizer
 
     def zero_offload_param(self):
-        return None
+        """The ``zero_optimization.offload_param`` section, or ``None`` (stage 3 only)."""
+        return self.config.zero_optimization.offload_param
 
     def zero_cpu_offload(self) -> bool:
-        return False
+        """Whether the optimizer state lives in CPU memory (DeepSpeed: ``offload_optimizer.device == "cpu"``)."""
+        section = self.config.zero_optimization.offload_optimizer
+        return section is not None and section.device == "cpu"
 
     def zero_allow_untested_optimizer(self) -> bool:
         return self.config.zero_allow_untested_optimizer

@@ -15,7 +15,8 @@ What is decided here, before pydantic sees the config:
 - ``"auto"`` placeholders, each with its path;
 - keys DeepSpeed itself reads and ignores (:data:`IGNORED_KEYS`) are dropped with a warning;
 - the spellings DeepSpeed takes for "no offload" (``"device": "none"``, ``"None"``, ``null``) switch the offload
-  section off, and ``"device": "nvme"`` is refused as the root cause of its section.
+  section off, and ``offload_param.device: "nvme"`` is refused as the root cause of its section (the
+  optimizer's NVMe offload is built, and validated by ds-zero).
 
 Cross-field checks (``fp16`` and ``bf16`` both enabled, a stage that does not fit a key, ...) are reported
 unless they involve a section where a value had to be removed: they would then judge a default, not what
@@ -47,7 +48,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "progressive_layer_drop": "progressive layer drop",
     "sparse_attention": "sparse attention",
     "amp": "NVIDIA Apex AMP (use fp16 or bf16)",
-    "aio": "NVMe offload's async I/O",
     "nebula": "the Nebula checkpoint engine",
     "eigenvalue": "the eigenvalue computation",
     "hybrid_engine": "the hybrid (RLHF) engine",
@@ -76,6 +76,9 @@ IGNORED_KEYS: dict[str, str] = {
     "cuda_visible_devices": "DeepSpeed never reads it; the GPUs are chosen by the launcher (--include, --num_gpus) "
                             "or the CUDA_VISIBLE_DEVICES environment variable",
     "vocabulary_size": "DeepSpeed only warns when it is not a multiple of 8 (tensor-core alignment)",
+    # every DeepSpeed NVMe config carries it; refusing it would refuse NVMe offload itself
+    "aio": "ds-zero's NVMe offload does its own file I/O (a thread pool over plain reads and writes, no libaio), so "
+           "block_size, queue_depth, thread_count, single_submit and overlap_events have no effect",
 }
 
 _AUTO_HINT = "\"auto\" is a Hugging Face Trainer placeholder (the Trainer replaces it); give the value itself"
@@ -183,9 +186,10 @@ class _Collector:
             if is_offload_off(device):
                 # off, however DeepSpeed lets it be spelled: the section's other keys have no effect there either
                 del zero[name]
-            elif device == "nvme":
-                # the root cause: nvme_path, buffer_count, pipeline_read... only matter for NVMe
-                self.add(f"{path}.device", f"{path}.device = 'nvme' is not supported yet: NVMe offload "
+            elif device == "nvme" and name == "offload_param":
+                # the root cause: nvme_path, buffer_count, max_in_cpu... only matter for parameter NVMe offload.
+                # (offload_optimizer's NVMe is built: ds-zero validates that section, nvme_path included)
+                self.add(f"{path}.device", f"{path}.device = 'nvme' is not supported yet: parameter NVMe offload "
                                            "(ZeRO-Infinity) is not built; use \"cpu\"", root=True)
                 del zero[name]
 
