@@ -56,6 +56,7 @@ def _worker():
         "onebit": {**CONFIG, "optimizer": {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 2}}},
         "both-optimizers": CONFIG,
         "typo": {**CONFIG, "pipline": {}},
+        "monitor": {**CONFIG, "tensorboard": {"enabled": True, "output_path": "/tmp"}, "wandb": {"enabled": False}},
     }.items():
         try:
             extra = {"optimizer": lambda p: torch.optim.SGD(p, lr=0.1)} if name == "both-optimizers" else {}
@@ -124,4 +125,7 @@ def test_initialize_with_a_pipeline_module_trains_like_one_process():
         assert errors["onebit"].startswith("ConfigError") and "not supported with a PipelineModule" in errors["onebit"]
         assert errors["both-optimizers"].startswith("ConfigError") and "remove one of them" in errors["both-optimizers"]
         assert "unknown config key 'pipline'; did you mean 'pipeline'?" in errors["typo"]
+        # a monitor ds-pipe's engine does not run is named (the disabled one is taken as absent)
+        assert errors["monitor"].startswith("ConfigError: invalid DeepSpeed config: tensorboard: the TensorBoard "
+                                            "monitor with a PipelineModule is not supported yet"), errors["monitor"]
     assert ranks[0]["errors"] == ranks[1]["errors"]

@@ -23,7 +23,19 @@ from .schedulers import build_lr_scheduler
 __all__ = ["initialize_pipeline"]
 
 
+# what ds-train's engine runs for other models but ds-pipe's engine does not (yet): named, not passed on as unknown
+_NOT_WITH_A_PIPELINE = {
+    "tensorboard": "the TensorBoard monitor", "csv_monitor": "the CSV monitor", "wandb": "the wandb monitor",
+    "comms_logger": "the communication logger", "flops_profiler": "the FLOPs profiler",
+    "curriculum_learning": "curriculum learning",
+    "activation_checkpointing": "the activation_checkpointing section (PipelineModule has its own "
+                                "activation_checkpoint_interval)",
+}
+
+
 def _is_off(key: str, value: Any) -> bool:
+    if isinstance(value, Mapping) and "enabled" in value and key != "pipeline":
+        return not value["enabled"]  # fp16/bf16/monitors/... with enabled: false are absent, as in DeepSpeed
     if key in ("fp16", "bf16", "amp", "torch_autocast"):
         return isinstance(value, Mapping) and not value.get("enabled", False)
     if key == "zero_optimization":
@@ -51,6 +63,10 @@ def _sections(source: Any) -> tuple[dict[str, Any], OptimizerConfig | None, Sche
     if optimizer is not None and canonical_optimizer_name(optimizer.type) in COMPRESSED_OPTIMIZERS:
         problems.append(f"optimizer.type={optimizer.type!r}: the 1-bit optimizers average gradients themselves, "
                         f"and a pipeline already does; they are not supported with a PipelineModule yet")
+    for key, what in _NOT_WITH_A_PIPELINE.items():
+        if key in data and not _is_off(key, data[key]):
+            problems.append(f"{key}: {what} with a PipelineModule is not supported yet (ds-pipe's engine); remove "
+                            f"the {key!r} section or set \"enabled\": false")
     if problems:
         raise ConfigError.of(problems)
     drop_last = bool(data.get("dataloader_drop_last", False))
