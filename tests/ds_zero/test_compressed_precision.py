@@ -197,3 +197,28 @@ def test_unsupported_setups_are_refused_together(extra, match):
     cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 0}, **extra}
     with pytest.raises(ValueError, match=match):
         ds_zero.ZeroEngine(_model(), lambda ps: ds_comm.OnebitAdam(ps, freeze_step=2), cfg)
+
+
+def _resume_elsewhere(ckpt, saved_masters):
+    engine = ds_zero.ZeroEngine(_model(), lambda ps: _opt(ps, ds_comm.OnebitAdam), _config(torch.float16))
+    engine.load_checkpoint(ckpt)  # rank 0's masters and optimizer state; ds-comm resets the error feedback
+    assert engine.optimizer.global_step == engine.global_steps == 5
+    assert torch.equal(_flat_masters(engine), saved_masters), "the fp32 masters were not restored"
+    moments = engine.optimizer.state_dict()["state"][0]["exp_avg_sq"]
+    assert moments.abs().sum() > 0, "the (replicated) variance was not restored"
+    masters = _flat_masters(engine).clone()
+    fresh = ds_zero.ZeroEngine(_model(), lambda ps: _opt(ps, ds_comm.OnebitAdam), _config(torch.float16))
+    fresh.load_checkpoint(ckpt, load_optimizer_states=False)  # masters from the 16-bit weights
+    assert fresh.optimizer.global_step == 0
+    assert torch.equal(_flat(fresh.module), _flat(engine.module))
+    assert torch.equal(_flat_masters(fresh), _flat_masters(fresh).half().float())  # exactly the fp16 values
+    assert (masters - _flat_masters(fresh)).abs().max() < 1e-2  # the fp32 masters, rounded to fp16
+    for t in range(6, STEPS + 1):
+        engine.backward(_loss(engine, t, 0, torch.float16))
+        engine.step()
+    return bool(torch.isfinite(_flat(engine.module)).all())
+
+
+def test_fp16_resume_on_another_world_size(tmp_path):
+    first = run_distributed(_resume_case, 2, str(tmp_path), "first", timeout=180)
+    assert run_distributed(_resume_elsewhere, 1, str(tmp_path), first[0][2], timeout=180) == [True]
