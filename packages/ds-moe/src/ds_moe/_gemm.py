@@ -7,8 +7,8 @@ Backends (``DS_MOE_GEMM_BACKEND`` or the ``backend=`` argument overrides the cho
   features multiples of 8 for bf16), no bias argument; the CUTLASS kernel runs on sm90/sm100, other GPUs take
   torch's per-group fallback. bf16 needs no padding of the token groups and empty groups are fine. No host
   sync: the offsets stay on the device.
-- ``loop``: ``F.linear`` per expert on its slice (exact, any dtype, any expert count); one host sync for the
-  counts. The reference for the conformance test and the CPU default.
+- ``loop``: one matmul per expert on its slice (any dtype, any expert count); one host sync for the counts.
+  The reference for the conformance test and the CPU default.
 
 ``auto`` takes ``grouped_mm`` on CUDA devices of compute capability >= 9 when the compute dtype (autocast's or
 the input's) is bf16 and the shapes are aligned, ``loop`` otherwise.

@@ -6,8 +6,8 @@ router breaks the symmetry) and marks each parameter ``allreduce = False`` and `
 from dense ones. Both classes here do the same.
 
 When the expert is an ``FFNExpert`` (Linear -> activation -> Linear), the layer keeps the copies stacked in
-``GroupedExperts``: one ``[local_experts, out, in]`` tensor per Linear, so the capacity path is two batched
-matmuls and the dropless path two grouped GEMMs, instead of a Python loop over experts. Any other module runs
+``GroupedExperts``: one ``[local_experts, out, in]`` tensor per Linear, run by ``_gemm.GroupedFFN`` (two grouped
+GEMMs for all local experts, memory-optimised backward) on both token paths, instead of a Python loop. Any other module runs
 through ``Experts`` with a loop, as in DeepSpeed. ``expert_state_dict(i)`` / ``load_expert_state_dict(i, sd)``
 give both the same per-expert view (the keys of the template module), which checkpoints use.
 """
