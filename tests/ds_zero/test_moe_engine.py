@@ -216,7 +216,7 @@ def test_moe_group_refusals():
     with pytest.raises(ValueError, match="has no 'name'"):
         ds_zero.ZeroEngine(model, torch.optim.AdamW(groups, lr=1e-2), _config(1))
     model = Net([0], 2)
-    with pytest.raises(ValueError, match="zero_optimization.stage 3"):
+    with pytest.raises(ValueError, match="not under an MoE layer"):  # stage 3 shards DeepSpeed-shaped MoE layers only
         ds_zero.ZeroEngine(model, torch.optim.AdamW(_groups(model), lr=1e-2), _config(3))
 
 

@@ -15,17 +15,26 @@ M, H, E, TOKENS, STEPS, CLIP, AUX, LR = 8, 16, 4, 6, 3, 0.05, 0.1, 1e-2
 
 
 class Net(nn.Module):
-    def __init__(self, ep: int):
+    def __init__(self, ep: int, starve: bool = False):
         super().__init__()
         from ds_moe import FFNExpert, MoE
 
         torch.manual_seed(0)
         self.pre = nn.Linear(M, M)
-        self.moe = MoE(M, FFNExpert(M, H), num_experts=E, ep_size=ep, k=2, min_capacity=1, drop_tokens=False)
+        self.moe = MoE(M, FFNExpert(M, H), num_experts=E, ep_size=ep, k=1 if starve else 2, min_capacity=1,
+                       drop_tokens=False)
         torch.manual_seed(1)
         with torch.no_grad():
             self.pre.weight.copy_(torch.randn(M, M) * 0.5)
-            self.moe.deepspeed_moe.gate.wg.weight.copy_(torch.randn(E, M))
+            w = self.moe.deepspeed_moe.gate.wg.weight
+            w.copy_(torch.randn(E, M))
+            if starve:
+                # w1 = -w0, w2 = w3 = 0: top-1 picks expert 0 or 1 for every token (|x.w0| > 0), so with ep 2 the
+                # ranks holding experts 2 and 3 receive no token at all: their experts still run (on zero rows)
+                w[1] = -w[0]
+                w[2:] = 0
+        if starve:  # a frozen gate keeps starving them in every step
+            w.requires_grad_(False)
         for i in range(self.moe.num_local_experts):
             g = torch.Generator().manual_seed(100 + self.moe.global_expert_index(i))
             sd = self.moe.deepspeed_moe.experts.expert_state_dict(i)
@@ -42,19 +51,26 @@ def _data(step, rank):
     return torch.randn(TOKENS, M, generator=torch.Generator().manual_seed(10 * step + rank))
 
 
+def _full(p):
+    """Stage 3's DTensor shards gathered (collective over the param's mesh); others as they are."""
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
 def _experts(model) -> dict:
     moe = model.moe
-    return {moe.global_expert_index(i): {k: v.clone() for k, v in moe.deepspeed_moe.experts.expert_state_dict(i).items()}
+    ex = moe.deepspeed_moe.experts
+    full = {attr: _full(getattr(ex, attr)) for _, attr in ex._KEYS}
+    return {moe.global_expert_index(i): {k: full[attr][i] for k, attr in ex._KEYS}
             for i in range(moe.num_local_experts)}
 
 
 def _dense(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "deepspeed_experts" not in n
+    return {n: _full(p) for n, p in model.named_parameters() if "deepspeed_experts" not in n
             and "experts.weight" not in n and "experts.bias" not in n}
 
 
-def _reference(world):
-    model = Net(1)
+def _reference(world, starve=False):
+    model = Net(1, starve)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, norms = [], []
     for step in range(STEPS):
@@ -63,7 +79,7 @@ def _reference(world):
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
         opt.zero_grad()
-        losses.append([float(v) for v in per_rank])
+        losses.append([float(v.detach()) for v in per_rank])
     return _dense(model), _experts(model), losses, norms
 
 
@@ -96,20 +112,32 @@ def _train_and_compare(engine, model, ref, rank, what):
     return problems
 
 
-def _worker(ep, stages):
+def _worker(ep, stages, starve=False, root=None):
     import ds_zero
     from ds_moe import groups, split_params_into_different_moe_groups_for_optimizer
 
     rank = dist.get_rank()
-    ref = _reference(dist.get_world_size())
+    ref = _reference(dist.get_world_size(), starve)
     problems = []
     for stage in stages:
-        model = Net(ep)
+        model = Net(ep, starve)
         opt = torch.optim.AdamW(split_params_into_different_moe_groups_for_optimizer(
             {"params": list(model.parameters()), "name": "dense"}), lr=LR)
         engine = ds_zero.ZeroEngine(model, opt, _config(stage),
                                     expert_data_parallel_groups=groups.get_expert_data_parallel_group)
         problems += _train_and_compare(engine, model, ref, rank, f"stage {stage}")
+        if root is not None and stage == 3:  # stage 3's checkpoint files do not know experts yet: refused
+            from ds_zero import CheckpointError
+
+            try:
+                engine.save_checkpoint(root, tag="z3")
+                problems.append("stage 3 saved a checkpoint of expert groups")
+            except CheckpointError as exc:
+                if "zero_optimization.stage 3" not in str(exc):
+                    problems.append(f"unhelpful error: {exc}")
+        counts = model.moe.deepspeed_moe.exp_counts
+        if starve and int(counts[2:].sum()) != 0:
+            problems.append(f"the starving gate routed tokens to experts 2, 3: {counts.tolist()}")
     return problems
 
 
@@ -117,6 +145,22 @@ def _worker(ep, stages):
 def test_moe_through_engine_matches_one_process(world):
     results = run_distributed(_worker, world, 2, (0, 1, 2), timeout=300)
     assert results == [[]] * world, results
+
+
+@pytest.mark.parametrize("world", [4, 2])
+def test_moe_stage3_matches_one_process(world, tmp_path):
+    """Stage 3 (FSDP2): the MoE layer a unit sharded over the expert-data-parallel group, the gate kept whole;
+    save_checkpoint refused by name."""
+    results = run_distributed(_worker, world, 2, (3,), False, str(tmp_path), timeout=300)
+    assert results == [[]] * world, results
+
+
+def test_moe_stage3_rank_without_tokens():
+    """Stage 3 on 4 ranks, ep 2: the ranks holding experts 2 and 3 receive no token in any step. FSDP2 still
+    gathers and reduces their unit (the layer runs its experts on zero rows): no hang, zero expert gradients
+    (the experts' Adam steps stay those of the reference), everything else as the one-process run."""
+    results = run_distributed(_worker, 4, 2, (3,), True, timeout=300)
+    assert results == [[]] * 4, results
 
 
 def _initialize_worker(stage):

@@ -141,3 +141,39 @@ def norm_divisors(expert_flags: list[ExpertGroup | None], sharded: bool) -> list
     the sum over the world counts each expert once) and disjoint shards of it at stages 1/2 (divide by 1); across
     the expert-parallel group they are different experts, so the sum over the world adds each expert once."""
     return [None if eg is None else (1 if sharded else eg.world) for eg in expert_flags]
+
+
+def expert_units(model: torch.nn.Module, groups: dict[int, ExpertGroup], param_groups: list[dict]) -> dict:
+    """Stage 3: ``{module: ExpertGroup}``, the modules FSDP2 shards over an expert-data-parallel group.
+
+    The unit is DeepSpeed's ``MOELayer`` shape: a module with an ``experts`` child whose params are all expert
+    params of one group. Not ``experts`` itself: ds-moe's grouped experts are run through a method, not
+    ``__call__``, so FSDP2's hooks would not fire on them; ``MOELayer.forward`` runs on every rank, also one
+    that routes no token (its experts then run on zero rows), so every rank of the group all-gathers and
+    reduce-scatters the same units in the same order -- no hang. The unit's other params (the gate) are dense:
+    they are kept whole (stage 3's persistent path, all-reduced over the world)."""
+    name_of = {}
+    for gi, eg in groups.items():
+        for p in param_groups[gi]["params"]:
+            name_of[p] = eg
+    units = {}
+    for m in model.modules():
+        if m is model:  # the root is FSDP2's root unit over the whole world
+            continue
+        experts = getattr(m, "experts", None)
+        if not isinstance(experts, torch.nn.Module):
+            continue
+        ps = list(experts.parameters())
+        if not ps or not all(is_expert_param(p) for p in ps):
+            continue
+        found = {name_of.get(p) for p in ps}
+        if None in found or len(found) != 1:
+            raise ValueError(f"the experts of {type(m).__name__} are not all in one moe param group of the optimizer")
+        units[m] = found.pop()
+    covered = {p for m in units for p in m.experts.parameters()}
+    stray = [p for p in name_of if p not in covered]
+    if stray:
+        raise ValueError(f"zero_optimization.stage 3 with expert groups: {len(stray)} expert params are not under an "
+                         "MoE layer's `experts` module (DeepSpeed's MOELayer shape), so they cannot be sharded over "
+                         "their expert-data-parallel group; use zero_optimization.stage 0, 1 or 2")
+    return units

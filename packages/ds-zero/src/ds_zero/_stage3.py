@@ -113,8 +113,11 @@ class FullyShardedParams(ShardingPolicy):
     """Stage 3's sharding policy: FSDP2 units over the data-parallel group (see the module docstring)."""
 
     def __init__(self, model: nn.Module, zero, group, device: torch.device, param_dtype: torch.dtype | None,
-                 reduce_dtype: torch.dtype | None, persistent: list[nn.Parameter], offload_policy=None) -> None:
-        """``offload_policy``: FSDP2's ``CPUOffloadPolicy`` for ZeRO-3 offload (``_offload``), None for none."""
+                 reduce_dtype: torch.dtype | None, persistent: list[nn.Parameter], offload_policy=None,
+                 expert_units: dict | None = None) -> None:
+        """``offload_policy``: FSDP2's ``CPUOffloadPolicy`` for ZeRO-3 offload (``_offload``), None for none.
+        ``expert_units``: ``{module: _expert.ExpertGroup}`` sharded over their expert-data-parallel group
+        (``_expert.expert_units``), gradients summed there and divided by the data-parallel world."""
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -129,7 +132,9 @@ class FullyShardedParams(ShardingPolicy):
         if hpz > 1 and (self.shard_world % hpz or hpz > self.shard_world):
             raise ValueError(f"zero_hpz_partition_size={hpz} must divide the data-parallel world size "
                              f"{self.shard_world}")
-        self.units = find_shard_units(model, zero.shard_units)
+        expert_units = expert_units or {}
+        inside = {m for u in expert_units for m in u.modules()}
+        self.units = [u for u in find_shard_units(model, zero.shard_units) if u not in inside]
         forward_order = {m: i for i, m in enumerate(model.modules())}
         in_order = sorted(self.units, key=lambda m: forward_order[m])
         numels = [sum(p.numel() for p in m.parameters()) for m in in_order]
@@ -140,11 +145,25 @@ class FullyShardedParams(ShardingPolicy):
         offload = offload_policy if offload_policy is not None else OffloadPolicy()
         ignored = set(persistent)
         keep = dict(zip(in_order, self.schedule.keep_after_forward))
+        self._expert_grad_scale: dict = {}
+        # MoE experts first (a dense unit may contain them; fully_shard wants children before their parents)
+        self.expert_units = list(expert_units)
+        for unit, eg in expert_units.items():
+            fully_shard(unit, mesh=DeviceMesh.from_group(eg.group, device.type), mp_policy=mp,
+                        reshard_after_forward=True, ignored_params=ignored & set(unit.parameters()) or None,
+                        offload_policy=offload)
+            # FSDP2 averages over the expert-data-parallel group; the mean over every rank's tokens is the sum
+            # over it / the world, so local_grads rescales by group/world. (Not set_gradient_divide_factor: that
+            # is NCCL's PREMUL_SUM, which gloo lacks, and FSDP2 divides twice on a group of one rank.)
+            for p in unit.parameters():
+                if p not in ignored:
+                    self._expert_grad_scale[p] = eg.world / self.shard_world
         for unit in self.units:
             # hpZ: after forward keep a copy sharded over hpz ranks (one node), so backward gathers intra-node
             reshard = False if keep[unit] else (hpz if hpz > 1 and hpz < self.shard_world else True)
             fully_shard(unit, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard,
                         ignored_params=ignored & set(unit.parameters()) or None, offload_policy=offload)
+        self.units = [*self.expert_units, *self.units]
         self.root = fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False,
                                 ignored_params=ignored or None, offload_policy=offload)
         depth = self.schedule.prefetch_depth
@@ -180,8 +199,17 @@ class FullyShardedParams(ShardingPolicy):
         self.root.set_requires_gradient_sync(enabled, recurse=True)
 
     def local_grads(self) -> list[torch.Tensor]:
-        """This rank's shard of every reduced gradient (averaged over the group by FSDP2)."""
-        return [p.grad._local_tensor for p in self.sharded if p.grad is not None]
+        """This rank's shard of every reduced gradient (averaged over the group by FSDP2; MoE experts rescaled
+        here to the sum over their group / the world). Called once per step."""
+        out = []
+        for p in self.sharded:
+            if p.grad is not None:
+                g = p.grad._local_tensor
+                scale = self._expert_grad_scale.get(p)
+                if scale is not None and scale != 1.0:
+                    g.mul_(scale)
+                out.append(g)
+        return out
 
     def zero_grads(self) -> None:
         """Drop every gradient, the ones FSDP2 accumulates unsharded off the boundary (no_sync) included."""
@@ -362,13 +390,21 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     group_of = {n: gi for n, _, gi in named}
     persistent = persistent_params(engine.module, zero.param_persistence_threshold,
                                    zero.model_persistence_threshold)
+    expert_units = None
+    if engine.expert_groups:  # MoE: experts sharded over their expert-data-parallel group (_expert)
+        from ._expert import expert_units as find_expert_units
+
+        expert_units = find_expert_units(engine.module, engine.expert_groups, user_opt.param_groups)
+        experts = {p for m in expert_units for p in m.experts.parameters()}
+        others = [p for m in expert_units for p in m.parameters() if p not in experts]  # the gates: kept whole
+        persistent = list(dict.fromkeys([p for p in persistent if p not in experts] + others))
     kept = set(persistent)
     comm_dtype = engine.config.communication_data_type
     reduce_dtype = _DTYPES.get(comm_dtype) if comm_dtype else None
     offload = engine.offload  # ZeRO-3 offload: shards, their grads and the optimizer on the CPU (_offload)
     engine.policy = FullyShardedParams(engine.module, zero, engine.process_group, engine.device,
                                        dtype if engine.precision.mixed else None, reduce_dtype, persistent,
-                                       offload.fsdp_policy() if offload is not None else None)
+                                       offload.fsdp_policy() if offload is not None else None, expert_units)
     if engine._init_records is not None:
         buffers = {name: b.to(engine.device) for name, b in engine.module.named_buffers()}
         # this rank's shards (and the persistent params), empty; offloaded shards are made on the CPU, the

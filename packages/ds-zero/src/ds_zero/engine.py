@@ -187,9 +187,11 @@ class ZeroEngine:
     def _check_experts(self, compressed: bool) -> None:
         """What is not built for expert param groups yet, refused by name rather than reduced wrongly."""
         where = f"the optimizer has expert (moe) param groups {sorted({g.name for g in self.expert_groups.values()})}"
-        if self.stage == 3:
-            raise ValueError(f"{where}; zero_optimization.stage 3 does not support MoE expert groups yet (their "
-                             "params would be sharded over the whole world): use zero_optimization.stage 0, 1 or 2")
+        zero = self.config.zero_optimization
+        if self.stage == 3 and (self._init_records is not None or zero.zero_quantized_weights
+                                or zero.zero_quantized_gradients or zero.zero_hpz_partition_size > 1):
+            raise ValueError(f"{where}; zero_optimization.stage 3 with expert groups is built without ds_zero.Init "
+                             "and ZeRO++ (zero_quantized_weights / zero_quantized_gradients / zero_hpz_partition_size)")
         if compressed or self.config.gradient_compression.type != "none":
             raise ValueError(f"{where}; gradient_compression / a compressed (1-bit) optimizer is not supported with "
                              "expert groups yet (their averages are over the whole world)")

@@ -32,8 +32,16 @@ def layout(engine) -> dict[str, int] | None:
     return {g.name: g.world for g in groups.values()}
 
 
+def refuse_stage3(engine) -> None:
+    if getattr(engine, "expert_groups", None) and engine.stage == 3:
+        raise CheckpointError("checkpoints of expert (MoE) param groups at zero_optimization.stage 3 are not built "
+                              "yet (stage 3's files hold whole-world rows); save at stage 0, 1 or 2, or the weights "
+                              "with ds_moe.save_moe_checkpoint")
+
+
 def rank_entries(engine) -> dict:
     """This rank's expert param values (its experts: saved by every rank, as none holds another's)."""
+    refuse_stage3(engine)
     if not getattr(engine, "expert_groups", None):
         return {}
     values = {}

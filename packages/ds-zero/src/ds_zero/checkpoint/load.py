@@ -222,6 +222,7 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
                               "parameters in the checkpoint")
     if load_optimizer_states:
         _check_optimizer_class(engine, model.get("optimizer_class"), os.path.join(ckpt_dir, model_file()))
+    experts.refuse_stage3(engine)
     if engine.mode.name == "stage3":
         _load_stage3(engine, ckpt_dir, marker, model, load_optimizer_states)
         return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
