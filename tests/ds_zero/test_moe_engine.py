@@ -126,7 +126,7 @@ def _worker(ep: int, stages):
     world, rank = dist.get_world_size(), dist.get_rank()
     edp = _edp_group(ep)
     ref_params, ref_state, ref_losses, ref_norms = _reference(world, ep, STEPS)
-    local = f"experts.0."
+    local = "experts.0."
     mine = f"experts.{rank % ep}."  # this rank's expert in the reference's numbering
     problems = []
 
