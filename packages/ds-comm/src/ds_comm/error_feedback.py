@@ -41,13 +41,24 @@ class OnebitErrorFeedback:
       slice of the server residual.
     """
 
+    # layout, worker_error, server_error and nonfinite_count are None together (unbound) or set together (by
+    # _allocate or load_state_dict); _residuals() gives the three tensors of a bound state, typed as set.
+    worker_error: torch.Tensor | None
+    server_error: torch.Tensor | None
+    layout: OnebitLayout | None
+    nonfinite_count: torch.Tensor | None
+
     def __init__(self) -> None:
-        self.worker_error: torch.Tensor | None = None
-        self.server_error: torch.Tensor | None = None
-        self.layout: OnebitLayout | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        """The unbound state (what ``__init__`` makes; ``load_state_dict`` starts from it)."""
+        self.worker_error = None
+        self.server_error = None
+        self.layout = None
         #: calls whose input held NaN/inf on some rank (the residuals were left untouched); a device tensor,
         #: updated without a host sync
-        self.nonfinite_count: torch.Tensor | None = None
+        self.nonfinite_count = None
         self._full_state: dict[str, Any] | None = None
         # set by load_state_dict: the loaded residuals may follow the first tensor to its device
         self._relocatable = False
@@ -71,15 +82,24 @@ class OnebitErrorFeedback:
             check_same_numel_across_ranks(numel, tensor.device, transport, op)
             layout = OnebitLayout(numel, world, rank)
             self._allocate(layout, tensor.device)
-        if self.worker_error.device != tensor.device and self._relocatable:
+        if self._residuals()[0].device != tensor.device and self._relocatable:
             self.to(tensor.device)
         self._relocatable = False
-        if self.worker_error.device != tensor.device:
+        worker_error = self._residuals()[0]
+        if worker_error.device != tensor.device:
             raise ValueError(
                 f"{op}: the tensor is on {tensor.device} but its error-feedback state lives on "
-                f"{self.worker_error.device}; keep one state per device"
+                f"{worker_error.device}; keep one state per device"
             )
         return layout
+
+    def _residuals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(worker_error, server_error, nonfinite_count)`` of a bound state."""
+        worker, server, count = self.worker_error, self.server_error, self.nonfinite_count
+        if worker is None or server is None or count is None:
+            raise RuntimeError("this OnebitErrorFeedback is not bound to a tensor yet (the first "
+                               "compressed_allreduce or load_state_dict binds it)")
+        return worker, server, count
 
     def _allocate(self, layout: OnebitLayout, device: torch.device) -> None:
         self.layout = layout
@@ -87,7 +107,7 @@ class OnebitErrorFeedback:
         self.server_error = torch.zeros(layout.chunk, dtype=torch.float32, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
         if self._full_state is not None:
-            self._reshard_from_full(self._full_state)
+            self._reshard_from_full(layout, self._full_state)
             self._full_state = None
 
     @property
@@ -97,8 +117,9 @@ class OnebitErrorFeedback:
     def reset(self) -> None:
         """Zero both residuals (keeps the binding)."""
         if self.worker_error is not None:
-            self.worker_error.zero_()
-            self.server_error.zero_()
+            worker, server, _ = self._residuals()
+            worker.zero_()
+            server.zero_()
 
     def rescale_(self, factor: torch.Tensor) -> None:
         """Multiply both residuals elementwise by ``factor`` (one value per element of the whole tensor).
@@ -112,9 +133,10 @@ class OnebitErrorFeedback:
         if factor.shape != (layout.numel,):
             raise ValueError(f"OnebitErrorFeedback.rescale_: factor has shape {tuple(factor.shape)}, expected "
                              f"({layout.numel},)")
-        self.worker_error.mul_(factor)
+        worker, server, _ = self._residuals()
+        worker.mul_(factor)
         lo, valid = layout.rank * layout.chunk, layout.my_valid
-        self.server_error[:valid].mul_(factor[lo : lo + valid])
+        server[:valid].mul_(factor[lo : lo + valid])
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -137,11 +159,12 @@ class OnebitErrorFeedback:
         if self.layout is None:
             return {"version": _STATE_VERSION, "format": "full", "bound": False}
         layout = self.layout
-        mean_worker = self.worker_error.clone()
+        worker_error, server_error, _ = self._residuals()
+        mean_worker = worker_error.clone()
         transport.all_reduce(mean_worker, "sum")
         mean_worker /= layout.world_size
-        server = torch.empty(layout.padded, dtype=torch.float32, device=self.server_error.device)
-        transport.all_gather(server, self.server_error)
+        server = torch.empty(layout.padded, dtype=torch.float32, device=server_error.device)
+        transport.all_gather(server, server_error)
         return {
             "version": _STATE_VERSION,
             "format": "full",
@@ -163,7 +186,7 @@ class OnebitErrorFeedback:
                 f"not a ds_comm OnebitErrorFeedback state dict (version {state.get('version') if isinstance(state, dict) else None!r}, "
                 f"expected {_STATE_VERSION})"
             )
-        self.__init__()
+        self._clear()
         if not state.get("bound"):
             return
         numel = int(state["numel"])
@@ -203,24 +226,25 @@ class OnebitErrorFeedback:
                 f"{tuple(server.shape)}, expected ({numel},) / ({layout.chunk},)"
             )
         self.layout = layout
-        self.worker_error = worker.detach().to(torch.float32).clone()
+        self.worker_error = worker_error = worker.detach().to(torch.float32).clone()
         self.server_error = server.detach().to(torch.float32).clone()
-        self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=self.worker_error.device)
+        self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=worker_error.device)
         self._relocatable = True
 
-    def _reshard_from_full(self, state: dict[str, Any]) -> None:
-        layout = self.layout
-        device = self.worker_error.device
-        self.worker_error.copy_(state["mean_worker_error"].to(device, torch.float32))
+    def _reshard_from_full(self, layout: OnebitLayout, state: dict[str, Any]) -> None:
+        worker_error, server_error, _ = self._residuals()
+        device = worker_error.device
+        worker_error.copy_(state["mean_worker_error"].to(device, torch.float32))
         full_server = state["server_error"].to(device, torch.float32)
         start = layout.rank * layout.chunk
         piece = full_server[start : start + layout.chunk]
-        self.server_error[: piece.numel()].copy_(piece)
+        server_error[: piece.numel()].copy_(piece)
 
     def to(self, device: torch.device | str) -> OnebitErrorFeedback:
         """Move the residuals (e.g. after loading a checkpoint on the CPU)."""
         if self.worker_error is not None:
-            self.worker_error = self.worker_error.to(device)
-            self.server_error = self.server_error.to(device)
-            self.nonfinite_count = self.nonfinite_count.to(device)
+            worker, server, count = self._residuals()
+            self.worker_error = worker.to(device)
+            self.server_error = server.to(device)
+            self.nonfinite_count = count.to(device)
         return self

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .error_feedback import OnebitErrorFeedback
-from .onebit import compressed_allreduce
+from .onebit import KernelBackendName, compressed_allreduce
 from .quantize import check_quantization_args
 from .quantized import quantized_all_gather, quantized_reduce_scatter
 from .stats import CommStats
@@ -38,9 +38,9 @@ logger = logging.getLogger("ds_comm")
 _HOOK_STATE_VERSION = 1
 
 
-def _completed_future(tensor: torch.Tensor) -> torch.futures.Future:
+def _completed_future(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     # A CUDA-aware future: it records an event on the current stream, so DDP's consumer waits for our kernels.
-    fut = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
     fut.set_result(tensor)
     return fut
 
@@ -54,7 +54,7 @@ class OnebitHookState:
         backend: 1-bit kernel backend, as in :func:`~ds_comm.compressed_allreduce`.
     """
 
-    def __init__(self, process_group: Any = None, warmup_steps: int = 0, backend: str = "auto"):
+    def __init__(self, process_group: Any = None, warmup_steps: int = 0, backend: KernelBackendName = "auto"):
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.process_group = process_group
@@ -164,8 +164,9 @@ def quantized_hook(state: QuantizedHookState, bucket: dist.GradBucket) -> torch.
     padded = buffer.new_zeros(shard_numel * world)  # padding is internal: buckets need not divide by world
     padded[:numel].copy_(buffer)
     shard = buffer.new_empty(shard_numel)
-    kwargs = dict(bits=state.bits, block_size=state.block_size, check_sizes=False, stats=state.stats)
-    quantized_reduce_scatter(shard, padded, transport, average=True, **kwargs)
-    quantized_all_gather(padded, shard, transport, **kwargs)
+    quantized_reduce_scatter(shard, padded, transport, average=True, bits=state.bits, block_size=state.block_size,
+                             check_sizes=False, stats=state.stats)
+    quantized_all_gather(padded, shard, transport, bits=state.bits, block_size=state.block_size, check_sizes=False,
+                         stats=state.stats)
     buffer.copy_(padded[:numel])
     return _completed_future(buffer)

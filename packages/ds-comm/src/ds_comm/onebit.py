@@ -134,23 +134,24 @@ def compressed_allreduce(
         if not divisor.is_contiguous():
             divisor = divisor.contiguous()
     layout = error_feedback.bind(tensor, transport, op)
+    worker_error, server_error, nonfinite_count = error_feedback._residuals()
     kernels = select_onebit_kernels(tensor.device, backend)
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1).clone()
 
     world, row = layout.world_size, layout.row_bytes
     send = torch.empty((world, row), dtype=torch.uint8, device=tensor.device)
-    kernels.compress_worker(flat, error_feedback.worker_error, layout, send, divisor=divisor)
+    kernels.compress_worker(flat, worker_error, layout, send, divisor=divisor)
     recv = torch.empty_like(send)
     transport.all_to_all(recv.view(-1), send.view(-1))
 
     server_row = torch.empty(row, dtype=torch.uint8, device=tensor.device)
-    kernels.compress_server(recv, error_feedback.server_error, layout, server_row)
+    kernels.compress_server(recv, server_error, layout, server_row)
     gathered = torch.empty_like(send)
     transport.all_gather(gathered.view(-1), server_row)
 
-    nonfinite_before = int(error_feedback.nonfinite_count) if on_nonfinite == "raise" else 0
-    kernels.finish(flat, error_feedback.worker_error, error_feedback.server_error, recv, gathered, layout,
-                   average, error_feedback.nonfinite_count, divisor=divisor)
+    nonfinite_before = int(nonfinite_count) if on_nonfinite == "raise" else 0
+    kernels.finish(flat, worker_error, server_error, recv, gathered, layout, average, nonfinite_count,
+                   divisor=divisor)
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat.view_as(tensor))
 
@@ -158,7 +159,7 @@ def compressed_allreduce(
     baseline = ring_allreduce_bytes(tensor.numel() * tensor.element_size(), world)
     for counter in (global_stats, stats) if stats is not None else (global_stats,):
         counter.record(sent, baseline)
-    if on_nonfinite == "raise" and int(error_feedback.nonfinite_count) != nonfinite_before:
+    if on_nonfinite == "raise" and int(nonfinite_count) != nonfinite_before:
         raise FloatingPointError(
             f"{op}: the input held NaN or inf on at least one rank (of {world}); the result is NaN and the "
             "error-feedback residuals were left unchanged"

@@ -271,7 +271,7 @@ def dequantize_blockwise(
         # straight into `out` when its elements are one run on the same GPU, else through a result-dtype tensor
         direct = out is not None and out.is_contiguous() and out.device == q.data.device
         values = kernels.dequantize_rows(q.data.view(1, -1), q.scales.view(1, -1), q.numel, q.bits, q.block_size,
-                                         dtype, out.view(1, -1) if direct else None)
+                                         dtype, out.view(1, -1) if out is not None and direct else None)
         if out is None:
             return values.view(q.shape)
         if not direct:

@@ -54,19 +54,19 @@ def simulate_compressed_allreduce(
     sends = []
     for r in range(world):
         send = torch.empty((world, row), dtype=torch.uint8, device=flats[r].device)
-        kernels.compress_worker(flats[r], error_feedbacks[r].worker_error, layouts[r], send, divisor=divisor)
+        kernels.compress_worker(flats[r], error_feedbacks[r]._residuals()[0], layouts[r], send, divisor=divisor)
         sends.append(send)
     recvs = [torch.stack([sends[j][r] for j in range(world)]) for r in range(world)]
     server_rows = []
     for r in range(world):
         server_row = torch.empty(row, dtype=torch.uint8, device=flats[r].device)
-        kernels.compress_server(recvs[r], error_feedbacks[r].server_error, layouts[r], server_row)
+        kernels.compress_server(recvs[r], error_feedbacks[r]._residuals()[1], layouts[r], server_row)
         server_rows.append(server_row)
     gathered = torch.stack(server_rows)
     outputs = []
     for r in range(world):
-        ef = error_feedbacks[r]
-        kernels.finish(flats[r], ef.worker_error, ef.server_error, recvs[r], gathered.clone(), layouts[r],
-                       average, ef.nonfinite_count, divisor=divisor)
+        worker_error, server_error, nonfinite_count = error_feedbacks[r]._residuals()
+        kernels.finish(flats[r], worker_error, server_error, recvs[r], gathered.clone(), layouts[r], average,
+                       nonfinite_count, divisor=divisor)
         outputs.append(flats[r].view_as(inputs[r]))
     return outputs

@@ -13,8 +13,12 @@ expects them.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:  # for annotations only: importing it at run time is the cost this module avoids
+    from torch.distributed.tensor import DTensor
 
 
 def dtensor_class():
@@ -23,7 +27,7 @@ def dtensor_class():
     return getattr(module, "DTensor", None)
 
 
-def is_dtensor(t) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     cls = dtensor_class()
     return cls is not None and isinstance(t, cls)
 

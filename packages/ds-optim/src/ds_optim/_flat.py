@@ -30,6 +30,12 @@ from . import _dtensor
 class _Bucket:
     """What both bucket kinds share: slot offsets, flat fp32 states, the step counters, runs."""
 
+    # set by each kind's __init__ before _init_slots
+    device: torch.device
+    dtype: torch.dtype
+    #: CPUAdam's flat 16-bit copy of the params (set by CPUAdam.add_param_group on its buckets only)
+    copy_out: torch.Tensor | None
+
     def _init_slots(self, params: list, numels: list[int], state_names: tuple[str, ...], state_dtype) -> None:
         self.params = params
         self.offsets = [0]

@@ -240,7 +240,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         if present is None:
             present = [True] * len(bucket.params)
-        if not any(present):
+        if not any(present) or grad_flat is None:  # grad_flat is None exactly when no param has a grad
             return
         self._advance_present(bucket, present, found_inf)
         for i0, i1 in bucket.runs(present):

@@ -29,7 +29,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -52,7 +52,7 @@ WARMUP_TYPES = ("log", "linear")
 # argument checks: every error names the parameter and says what it got
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     # bool is an int subclass; True as a learning rate is a config mistake, not 1.0
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -184,11 +184,12 @@ class _ClosedFormSchedule(LRScheduler):
     def _momenta_at(self, step: int) -> list[float] | None:
         return None
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         """The lrs at the current step index (a pure function of it; safe to call any time)."""
-        return self._lrs_at(self.last_epoch)
+        # a new list of the element type torch's base class declares (list is invariant: list[float] is not one)
+        return list(self._lrs_at(self.last_epoch))
 
-    def step(self, last_batch_iteration: int | None = None) -> None:  # type: ignore[override]
+    def step(self, last_batch_iteration: int | None = None) -> None:
         """Advance one step, or jump to step ``last_batch_iteration`` (DeepSpeed's optional argument)."""
         if last_batch_iteration is not None:
             # torch's step(epoch) path is deprecated and warns; the formulas are closed-form, so jumping is

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..error_feedback import OnebitErrorFeedback
-from ..onebit import compressed_allreduce
+from ..onebit import KernelBackendName, compressed_allreduce
 from ..stats import CommStats
 from ..transport import Transport, resolve_transport
 from ._flat import FlatBucket
@@ -57,7 +57,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict[str, Any], *, process_group: Any = None, kernel_backend: str = "auto"):
+    def __init__(self, params, defaults: dict[str, Any], *, process_group: Any = None,
+                 kernel_backend: KernelBackendName = "auto"):
         self.process_group = process_group
         self.transport: Transport = resolve_transport(process_group)  # errors if this rank is not a member
         self.kernel_backend = kernel_backend
@@ -125,6 +126,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
     # -- the compressed collective ---------------------------------------------------------------------
     def _key(self, gi: int, bi: int) -> tuple[int, int]:
         return (gi, bi)
+
+    @staticmethod
+    def _parse_key(name: str) -> tuple[int, int]:
+        """A bucket key from its checkpoint spelling ``"gi.bi"`` (``state_dict`` writes them so)."""
+        gi, bi = name.split(".")
+        return int(gi), int(bi)
 
     def compressed_average(self, key, flat: torch.Tensor, on_wake=None, divisor=None) -> torch.Tensor:
         """1-bit average of ``flat`` across ranks in place, with this bucket's error feedback and mask.
@@ -253,8 +260,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         for key, ef_state in own["error_feedback"].items():
             ef = OnebitErrorFeedback()
             ef.load_state_dict(ef_state, world_size=world, rank=rank)
-            self._error_feedback[tuple(int(x) for x in key.split("."))] = ef
-        self._masks = {tuple(int(x) for x in k.split(".")): m.clone() for k, m in own["masks"].items()}
+            self._error_feedback[self._parse_key(key)] = ef
+        self._masks = {self._parse_key(k): m.clone() for k, m in own["masks"].items()}
         if own["world_size"] != world:
             logger.warning("ds_comm %s: checkpoint from world size %d loaded on %d: compression error feedback "
                            "reset, momenta and variances kept", type(self).__name__, own["world_size"], world)

@@ -12,6 +12,6 @@ def compression_aware_hook(optimizer, bucket: dist.GradBucket) -> torch.futures.
         transport = optimizer.transport
         transport.all_reduce(buffer, "sum")
         buffer.div_(transport.world_size)
-    fut = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
     fut.set_result(buffer)
     return fut

@@ -12,11 +12,14 @@ import inspect
 from typing import Any
 
 from ..transport import MPITransport
+from ._base import CompressedOptimizer
 from .onebit_adam import OnebitAdam
 from .onebit_lamb import OnebitLamb
 from .zero_one_adam import ZeroOneAdam
 
-DEEPSPEED_OPTIMIZERS = {"OneBitAdam": OnebitAdam, "OneBitLamb": OnebitLamb, "ZeroOneAdam": ZeroOneAdam}
+DEEPSPEED_OPTIMIZERS: dict[str, type[CompressedOptimizer]] = {
+    "OneBitAdam": OnebitAdam, "OneBitLamb": OnebitLamb, "ZeroOneAdam": ZeroOneAdam,
+}
 # DeepSpeed keys that choose the transport rather than the algorithm
 _TRANSPORT_KEYS = {"comm_backend_name", "cuda_aware"}
 

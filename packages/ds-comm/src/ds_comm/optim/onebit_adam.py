@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..onebit import KernelBackendName
 from ._base import CompressedOptimizer
 
 
@@ -70,7 +71,7 @@ class OnebitAdam(CompressedOptimizer):
     def __init__(self, params, lr: float = 1e-3, freeze_step: int = 100000, bias_correction: bool = True,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
                  amsgrad: bool = False, max_grad_norm: float = 0.0, preconditioned_compression: bool = True,
-                 process_group: Any = None, kernel_backend: str = "auto"):
+                 process_group: Any = None, kernel_backend: KernelBackendName = "auto"):
         if amsgrad:
             raise ValueError("OnebitAdam: amsgrad=True is not supported")
         if max_grad_norm:

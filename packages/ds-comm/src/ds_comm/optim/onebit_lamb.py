@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..onebit import KernelBackendName
 from ._base import CompressedOptimizer
 from .onebit_adam import check_step_arg
 
@@ -83,7 +84,7 @@ class OnebitLamb(CompressedOptimizer):
                  max_coeff: float = 10.0, min_coeff: float = 0.01, coeff_beta: float = 0.9,
                  factor_max: float = 4.0, factor_min: float = 0.5, factor_threshold: float = 0.1, *,
                  amsgrad: bool = False, max_grad_norm: float = 0.0, process_group: Any = None,
-                 kernel_backend: str = "auto"):
+                 kernel_backend: KernelBackendName = "auto"):
         if amsgrad:
             raise ValueError("OnebitLamb: amsgrad=True is not supported")
         if max_grad_norm:
@@ -148,6 +149,16 @@ class OnebitLamb(CompressedOptimizer):
     def _expand(self, st, bucket, per_tensor: torch.Tensor) -> torch.Tensor:
         return per_tensor.repeat_interleave(st["_sizes"], output_size=bucket.numel)
 
+    @staticmethod
+    def _set(st: dict[str, torch.Tensor | None], name: str) -> torch.Tensor:
+        """A per-tensor state the step needs set: made by ``_tensor_state`` (``scaling_coeff``: at the first
+        compressed step) or loaded from a checkpoint."""
+        value = st[name]
+        if value is None:
+            raise ValueError(f"OnebitLamb: the per-tensor state {name!r} is None where the step needs it (a "
+                             "checkpoint saved before compression started, loaded into a compressing run?)")
+        return value
+
     # -- checkpoints -----------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
         per_tensor = {f"{g}.{b}": {k: (v.clone() if v is not None else None) for k, v in st.items()
@@ -164,8 +175,7 @@ class OnebitLamb(CompressedOptimizer):
                              f"{self.freeze_step}; resume with the same freeze_step")
         self._per_tensor = {}
         for name, saved in extra["per_tensor"].items():
-            key = tuple(int(x) for x in name.split("."))
-            gi, bi = key
+            key = gi, bi = self._parse_key(name)
             bucket = self._buckets[gi][bi]
             n = len(bucket.params)
             st = {}
@@ -205,20 +215,21 @@ class OnebitLamb(CompressedOptimizer):
             ratio = (w_norm / u_norm).clamp_(group["min_coeff"], group["max_coeff"])
             coeff = torch.where(defined, ratio, torch.ones_like(ratio))
             cb = group["coeff_beta"]
-            ema = st["lamb_coeff_freeze"] * cb + coeff * (1 - cb)
-            st["lamb_coeff_freeze"] = torch.where(defined, ema, st["lamb_coeff_freeze"])
+            coeff_freeze = self._set(st, "lamb_coeff_freeze")
+            ema = coeff_freeze * cb + coeff * (1 - cb)
+            st["lamb_coeff_freeze"] = torch.where(defined, ema, coeff_freeze)
         else:  # compression
             if t == self.freeze_step + 1:  # momenta are still identical on every rank
                 self.start_mask(key, exp_avg)
                 self._warn_if_ddp_still_averages()
-                rms = _norms(bucket, exp_avg) / st["_sizes"].clamp(min=1).to(torch.float32).sqrt()
+                rms = _norms(bucket, exp_avg) / self._set(st, "_sizes").clamp(min=1).to(torch.float32).sqrt()
                 nonzero = rms > 0
                 united = rms[nonzero].mean() if bool(nonzero.any()) else rms.new_ones(())
                 st["scaling_coeff"] = torch.where(nonzero, united / rms, torch.ones_like(rms))
             exp_avg_prev = exp_avg.clone()
             exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
             if self.transport.world_size > 1:
-                scaling = self._expand(st, bucket, st["scaling_coeff"])
+                scaling = self._expand(st, bucket, self._set(st, "scaling_coeff"))
                 exp_avg.mul_(scaling)
                 self.compressed_average(key, exp_avg)
                 exp_avg.div_(scaling)
@@ -242,10 +253,10 @@ class OnebitLamb(CompressedOptimizer):
                 share = torch.where(u_norm > 0, (prelim_norm / u_norm).clamp_(max=1.0), torch.ones_like(u_norm))
                 factor = factor * share + (1 - share)
             factor = factor.clamp(group["factor_min"], group["factor_max"])
-            last, thr = st["last_factor"], group["factor_threshold"]
+            last, thr = self._set(st, "last_factor"), group["factor_threshold"]
             factor = torch.minimum(torch.maximum(factor, last * (1 - thr)), last * (1 + thr))
             st["last_factor"] = factor
-            coeff = st["lamb_coeff_freeze"] * factor
+            coeff = self._set(st, "lamb_coeff_freeze") * factor
         st["last_coeff"] = coeff
         p.addcmul_(update, self._expand(st, bucket, coeff), value=-lr)
         if p is not bucket.param_flat:

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..onebit import KernelBackendName
 from ._base import CompressedOptimizer
 from .onebit_adam import check_flag, check_preconditioning, check_step_arg
 
@@ -99,7 +100,8 @@ class ZeroOneAdam(CompressedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  var_freeze_step: int = 100000, var_update_scaler: int = 16, local_step_scaler: int = 32678,
                  local_step_clipper: int = 16, *, amsgrad: bool = False, max_grad_norm: float = 0.0,
-                 preconditioned_compression: bool = True, process_group: Any = None, kernel_backend: str = "auto"):
+                 preconditioned_compression: bool = True, process_group: Any = None,
+                 kernel_backend: KernelBackendName = "auto"):
         if amsgrad:
             raise ValueError("ZeroOneAdam: amsgrad=True is not supported")
         if max_grad_norm:
@@ -206,6 +208,8 @@ class ZeroOneAdam(CompressedOptimizer):
     # -- the step --------------------------------------------------------------------------------------
     def _step_bucket(self, key, group, bucket, grad):
         plan = self._plan
+        if plan is None:
+            raise RuntimeError("ZeroOneAdam: a bucket is stepped only inside step(), which plans the step first")
         t, kind = plan["t"], plan["kind"]
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

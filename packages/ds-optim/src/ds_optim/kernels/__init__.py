@@ -30,6 +30,7 @@ def _load(name: str) -> OptimizerKernels:
     """Instantiate backend ``name``; raises ImportError naming the package to install."""
     if name in _cache:
         return _cache[name]
+    kernels: OptimizerKernels
     if name == "torch":
         kernels = TorchKernels()
     elif name == "numba":

@@ -30,6 +30,8 @@ started when the backend is created, and torch's thread count put back (``_start
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -56,7 +58,13 @@ _LAMB_CHUNK = 1 << 15
 # contract a*b+c on its own, and must not elsewhere, so FMAs are spelled out where torch's kernels have them).
 
 
-@intrinsic
+def _jitted_intrinsic(defn: Callable[..., Any]) -> Callable[..., Any]:
+    """Numba's ``@intrinsic``, typed as jitted code calls it: without the leading ``typingctx``. (Numba's stubs
+    type the host-side call, which always raises, so every call inside a kernel would read as an error.)"""
+    return intrinsic(defn)
+
+
+@_jitted_intrinsic
 def _f32_bits(typingctx, x):
     if x != types.float32:
         return None
@@ -67,7 +75,7 @@ def _f32_bits(typingctx, x):
     return types.int64(types.float32), codegen
 
 
-@intrinsic
+@_jitted_intrinsic
 def _bits_f32(typingctx, x):
     if not isinstance(x, types.Integer):
         return None
@@ -83,7 +91,7 @@ def _bits_f32(typingctx, x):
     return types.float32(x), codegen
 
 
-@intrinsic
+@_jitted_intrinsic
 def _fma(typingctx, a, b, c):
     if not (a == b == c == types.float32):
         return None
@@ -96,7 +104,7 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-@intrinsic
+@_jitted_intrinsic
 def _f32_to_bf16(typingctx, x):
     """fp32 -> bf16 bits (RNE, NaN kept NaN) in 32-bit lanes: the same function as ``_bits.f32_bits_to_bf16``,
     spelled in LLVM IR so the copy-out loop vectorizes 8 (AVX2) / 16 (AVX-512) wide instead of in int64."""
@@ -318,7 +326,7 @@ def _skip(found_inf) -> bool:
     return found_inf is not None and float(found_inf) != 0.0  # NaN counts as found, as bool(nan) in torch
 
 
-def _grad_args(grad_scale, maximize):
+def _grad_args(grad_scale, maximize) -> tuple[np.float32, np.float32, bool]:
     has_scale = grad_scale is not None
     return (np.float32(-1.0 if maximize else 1.0), np.float32(float(grad_scale) if has_scale else 1.0),
             has_scale)

@@ -47,7 +47,8 @@ from . import _bits
 from ._base import OptimizerKernels
 
 #: True when Numba runs CUDA kernels in its CPU simulator (``NUMBA_ENABLE_CUDASIM=1``).
-SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+# (getattr: numba.core.config sets its options from the environment through globals(), unseen by type checkers)
+SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM"))
 
 _BLOCK = 8 if SIMULATOR else 256  # threads per block (a power of two: the tree reductions assume it)
 _BLOCKS_PER_SM = 8
