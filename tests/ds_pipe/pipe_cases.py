@@ -117,7 +117,7 @@ def _train(case):
                             seed_layers=True, base_seed=BASE_SEED,
                             partition_method=case.get("partition", "parameters"),
                             activation_checkpoint_interval=case.get("ckpt", 0),
-                            virtual_stages=case.get("virtual", 1))
+                            virtual_stages=case.get("virtual", 1), virtual_stage_style=case.get("style", "loop"))
     opt = RecordingSGD(module.parameters(), lr=LR, momentum=MOMENTUM)
     n_micro = case["micro"]
     engine = PipelineEngine(module, opt, config={"train_micro_batch_size_per_gpu": MICRO,
@@ -127,7 +127,7 @@ def _train(case):
     data = batches(case["steps"], n_micro * engine.dp_world_size)
     names = {id(p): n for n, p in module.named_parameters()}
     result = {"stage": engine.stage_id, "dp_rank": dp_rank, "parts": module.parts, "steps": [],
-              "own": [str(i) for i in module.stage_layers()],
+              "own": [str(i) for i in module.stage_layers()], "is_last": engine.is_last_stage(),
               "built": sorted({n.split(".")[0] for n, _ in module.named_parameters()})}
     for step in data:
         mine = step[dp_rank * n_micro:(dp_rank + 1) * n_micro]

@@ -203,10 +203,11 @@ def _ref_step(case, step, n_micro, dp, masters, copy_params, funcs, opt, sched, 
 
 def _engine(case, stages, n_micro, base_seed=BASE_SEED, resumed=False):
     """The case's engine; ``resumed``: the layout a checkpoint is loaded into (one chunk per rank, 1F1B)."""
-    virtual, schedule = (1, "1f1b") if resumed else (case.get("virtual", 1), case.get("schedule", "1f1b"))
+    virtual, schedule, style = ((1, "1f1b", "loop") if resumed else
+                                (case.get("virtual", 1), case.get("schedule", "1f1b"), case.get("style", "loop")))
     module = PipelineModule(_specs(case), num_stages=stages, loss_fn=lm_loss, seed_layers=True,
                             base_seed=base_seed, partition_method=case.get("partition", "uniform"),
-                            virtual_stages=virtual)
+                            virtual_stages=virtual, virtual_stage_style=style)
     sched = (lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=case["gamma"])) if case.get("gamma") else None
     engine = PipelineEngine(module, lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM),
                             config=_config(case, n_micro, schedule), lr_scheduler=sched)

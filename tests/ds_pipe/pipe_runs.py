@@ -27,12 +27,16 @@ WORLD2 = {
     "looped-bfs-v2": dict(stages=2, virtual=2, schedule="looped_bfs", micro=2, steps=2, blocks=3),
     "zero-bubble-v2": dict(stages=2, virtual=2, schedule="zero_bubble", micro=4, steps=2, blocks=3,
                            partition="uniform"),
+    # V-shaped: rank 0 holds chunks 0 and 3 (the embedding and the head: the tie is on one rank), rank 1 1 and 2
+    "zbv-v2": dict(stages=2, virtual=2, style="v", schedule="zbv", micro=4, steps=2, blocks=3, partition="uniform"),
+    "dualpipev-v2": dict(stages=2, virtual=2, style="v", schedule="dualpipev", micro=4, steps=2, blocks=3,
+                         partition="uniform"),
 }
 BAD2 = {
     "stages-not-dividing": dict(kind="module", stages=3, layers="layers"),
     "empty-stage": dict(kind="module", stages=2, layers="one", partition="uniform"),
     "tie-once": dict(kind="module", stages=2, layers="tie_once"),
-    "schedule-not-built": dict(kind="schedule", stages=2, schedule="zbv"),
+    "schedule-needs-chunks": dict(kind="schedule", stages=2, schedule="zbv"),
     "schedule-unknown": dict(kind="schedule", stages=2, schedule="1f1f"),
     "dry-iterator": dict(kind="dry_iterator", stages=2),
 }
@@ -65,6 +69,9 @@ CKPT2 = {
     # saved from 2 ranks x 2 chunks (interleaved), resumed on one chunk per rank
     "ckpt-interleaved-to-1f1b": dict(kind="ckpt", save_stages=2, virtual=2, schedule="interleaved", load_stages=[2, 1],
                                      micro=4, steps=3, save_at=2, gamma=0.5, blocks=3, partition="uniform"),
+    # V-shaped chunks (rank 0: chunks 0 and 3, the tie's both uses), resumed looped-free on 2 stages
+    "ckpt-zbv-to-1f1b": dict(kind="ckpt", save_stages=2, virtual=2, style="v", schedule="zbv", load_stages=[2],
+                             micro=4, steps=3, save_at=2, gamma=0.5, blocks=3, partition="uniform"),
     "ckpt-bf16-2to1x2dp": dict(kind="ckpt", save_stages=2, load_stages=[1], micro=2, steps=3, save_at=2,
                                dtype="bf16", partition="uniform"),
 }

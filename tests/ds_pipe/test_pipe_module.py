@@ -113,7 +113,7 @@ class _Stub2(_Stub):
 
 
 @pytest.mark.parametrize("config,err,text", [
-    ({"pipeline": {"schedule": "dualpipev"}}, NotImplementedError, "'dualpipev' is not built"),
+    ({"pipeline": {"schedule": "dualpipev"}}, ValueError, "'dualpipev' runs several chunks per rank"),
     ({"pipeline": {"schedul": "1f1b"}}, ValueError, "did you mean 'schedule'"),
     ({"zero_optimization": {"stage": 1}}, ValueError, "'zero_optimization'.* not built yet"),
     ({"gradient_accumulation_step": 2}, ValueError, "did you mean 'gradient_accumulation_steps'"),
@@ -133,6 +133,19 @@ class _Stub2(_Stub):
 def test_config_errors(config, err, text):
     with pytest.raises(err, match=text):
         PipeConfig.from_dict(config, dp_size=2, module=_Stub())
+
+
+class _StubV(_Stub2):
+    virtual_stage_style = "v"
+
+
+def test_config_chunk_placement_must_fit_the_schedule():
+    with pytest.raises(ValueError, match="'zbv' needs the chunks placed 'v': build the PipelineModule with "
+                                         "virtual_stage_style='v'"):
+        PipeConfig.from_dict({"pipeline": {"schedule": "zbv"}}, 1, _Stub2())
+    with pytest.raises(ValueError, match="'interleaved' needs the chunks placed 'loop'"):
+        PipeConfig.from_dict({"pipeline": {"schedule": "interleaved"}}, 1, _StubV())
+    assert PipeConfig.from_dict({"pipeline": {"schedule": "dualpipev"}}, 1, _StubV()).schedule == "dualpipev"
 
 
 def test_config_virtual_stages_need_a_multi_chunk_schedule():

@@ -1,6 +1,6 @@
 """Pipeline training against one process, on gloo: losses, gradients and parameters after each step within
 1e-5 relative (fp32), for 1F1B, GPipe and the interleaved schedules (Interleaved1F1B, LoopedBFS,
-InterleavedZeroBubble; 2 chunks per rank), with a tied embedding / LM head on the first and last stage.
+InterleavedZeroBubble; ZBVZeroBubble and DualPipeV with V-shaped chunks; 2 chunks per rank), with a tied embedding / LM head on the first and last stage.
 
 All scenarios of a world size run in one spawn (rank start-up dominates the CI time on 2 cores)."""
 
@@ -33,8 +33,8 @@ def test_matches_single_process(world, name):
     for rank, res in enumerate(got):
         # each stage built only its own layers (LayerSpec's point)
         own = {str(i) for i in range(res["parts"][res["stage"]], res["parts"][res["stage"] + 1])}
-        if case.get("virtual", 1) > 1:  # chunk c on rank c % stages: this rank's chunks' layers
-            chunks = range(res["stage"], case["stages"] * case["virtual"], case["stages"])
+        if case.get("virtual", 1) > 1:  # chunk c on rank c % stages (looped) or V-shaped: this rank's layers
+            chunks = [c for c in range(case["stages"] * case["virtual"]) if _rank_of_chunk(case, c) == res["stage"]]
             own = {str(i) for c in chunks for i in range(res["parts"][c], res["parts"][c + 1])}
         assert set(res["own"]) == own, (rank, res["own"], own)
         assert set(res["built"]) - {"tied_modules"} <= own, (rank, res["built"], own)
@@ -50,7 +50,9 @@ def test_matches_single_process(world, name):
     held = {p for res in got for p in res["steps"][0]["params"]}
     assert held == set(ref[0]["params"])
     tied_on = {res["stage"] for res in got if any(p.startswith("tied_modules.") for p in res["steps"][0]["params"])}
-    assert tied_on == {0, case["stages"] - 1}
+    last = _rank_of_chunk(case, case["stages"] * case.get("virtual", 1) - 1)
+    assert tied_on == {0, last}
+    assert [res["is_last"] for res in got] == [res["stage"] == last for res in got]
     if case.get("eval"):
         evals = {round(r["eval"], 6) for r in got}
         assert len(evals) == 1, evals  # broadcast to every rank
@@ -60,9 +62,16 @@ def test_matches_single_process(world, name):
             # reduce_output=None: the per-micro-batch losses (averaged over replicas), whose mean is the loss
             assert len(res["eval_each"]) == case["micro"]
             torch.testing.assert_close(torch.tensor(res["eval_each"]).mean(), torch.tensor(res["eval"]), **TOL)
-            last = res["stage"] == case["stages"] - 1
             from pipe_cases import MICRO, SEQ, VOCAB
-            assert res["logits_shape"] == ((case["micro"] * MICRO, SEQ, VOCAB) if last else None)
+            assert res["logits_shape"] == ((case["micro"] * MICRO, SEQ, VOCAB) if res["is_last"] else None)
+
+
+def _rank_of_chunk(case, c):
+    """Looped: chunk c on rank c % stages; V-shaped (2 chunks per rank): rank c, then 2 * stages - 1 - c."""
+    p = case["stages"]
+    if case.get("style") == "v" and c >= p:
+        return 2 * p - 1 - c
+    return c % p
 
 
 def _data(case, dp):
@@ -82,7 +91,7 @@ BAD_EXPECT = {
     "stages-not-dividing": ("ValueError", "num_stages=3 does not divide the world size 2"),
     "empty-stage": ("ValueError", "leaves pipeline stage 1 of 2 with no layers"),
     "tie-once": ("ValueError", "TiedLayerSpec key 'embed' is used once"),
-    "schedule-not-built": ("NotImplementedError", "pipeline.schedule='zbv' is not built"),
+    "schedule-needs-chunks": ("ValueError", "pipeline.schedule='zbv' runs several chunks per rank"),
     "schedule-unknown": ("ValueError", "pipeline.schedule='1f1f'"),
 }
 

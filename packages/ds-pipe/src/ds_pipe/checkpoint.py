@@ -161,7 +161,7 @@ def _own_files(engine, client_state: dict) -> list[tuple[str, Any]]:
                 files.append((layer_file(idx), {k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}))
         files.append((stage_file(stage), {
             "format": FORMAT, "stage": stage, "num_stages": engine.num_stages, "parts": list(module.parts),
-            "virtual_stages": module.virtual_stages,
+            "virtual_stages": module.virtual_stages, "virtual_stage_style": module.virtual_stage_style,
             "layer_names": [_layer_name(s) for s in module._layer_specs], "dp_world_size": engine.dp_world_size,
             "global_steps": engine.global_steps, "client_state": client_state,
             "tied_first": {i: k for k, i in _tie_first_positions(module._layer_specs).items()},
@@ -294,9 +294,11 @@ def _load_into(engine, path: str, load_optimizer_states: bool, load_lr_scheduler
     dp_rank = engine.grid.get_data_parallel_rank()
     source_dp = dp_rank if dp_rank < saved_dp else 0
 
-    def saved_stage(idx: int) -> int:  # the saved run's pipeline rank of layer idx (chunk c ran on c % stages)
+    def saved_stage(idx: int) -> int:  # the saved run's pipeline rank of layer idx
         chunk = next(c for c in range(len(saved_parts) - 1) if saved_parts[c] <= idx < saved_parts[c + 1])
-        return chunk % meta["num_stages"]
+        j, k = chunk % meta["num_stages"], chunk // meta["num_stages"]
+        v_shaped = meta.get("virtual_stage_style", "loop") == "v" and k % 2
+        return meta["num_stages"] - 1 - j if v_shaped else j
 
     # the saved stages holding this stage's layers (a tied key: the stage of its first position)
     first = _tie_first_positions(module._layer_specs)

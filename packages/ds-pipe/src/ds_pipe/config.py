@@ -16,13 +16,13 @@ import torch
 
 from ._precision import parse_precision
 
-__all__ = ["PipeConfig", "SCHEDULES_BUILT", "SCHEDULES_NOT_BUILT", "MULTI_CHUNK_SCHEDULES"]
+__all__ = ["PipeConfig", "SCHEDULES_BUILT", "MULTI_CHUNK_SCHEDULES", "V_SCHEDULES"]
 
-SCHEDULES_BUILT = ("1f1b", "gpipe", "interleaved", "looped_bfs", "zero_bubble")
-# several chunks per rank: the PipelineModule is built with virtual_stages >= 2
-MULTI_CHUNK_SCHEDULES = ("interleaved", "looped_bfs", "zero_bubble")
-# torch has these; ds-pipe does not wire them (they need a V-shaped chunk placement, not the looped one)
-SCHEDULES_NOT_BUILT = ("zbv", "dualpipev")
+SCHEDULES_BUILT = ("1f1b", "gpipe", "interleaved", "looped_bfs", "zero_bubble", "zbv", "dualpipev")
+# several chunks per rank: the PipelineModule is built with virtual_stages >= 2 ...
+MULTI_CHUNK_SCHEDULES = ("interleaved", "looped_bfs", "zero_bubble", "zbv", "dualpipev")
+# ... placed V-shaped (virtual_stage_style="v") for these, looped for the others
+V_SCHEDULES = ("zbv", "dualpipev")
 
 _TOP_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "pipeline",
              "steps_per_print", "wall_clock_breakdown", "fp16", "bf16", "gradient_clipping"}
@@ -68,9 +68,6 @@ class PipeConfig:
             if key not in _PIPELINE_KEYS:
                 raise _unknown(key, _PIPELINE_KEYS, "'pipeline'")
         schedule = str(pipe.get("schedule", "1f1b")).lower()
-        if schedule in SCHEDULES_NOT_BUILT:
-            raise NotImplementedError(f"pipeline.schedule={schedule!r} is not built in ds-pipe; built: "
-                                      f"{list(SCHEDULES_BUILT)}")
         if schedule not in SCHEDULES_BUILT:
             raise ValueError(f"pipeline.schedule={schedule!r}: use one of {list(SCHEDULES_BUILT)}")
         virtual = module.virtual_stages
@@ -84,6 +81,11 @@ class PipeConfig:
         if schedule not in MULTI_CHUNK_SCHEDULES and virtual > 1:
             raise ValueError(f"the PipelineModule has virtual_stages={virtual}; pipeline.schedule={schedule!r} runs "
                              f"one chunk per rank: use one of {list(MULTI_CHUNK_SCHEDULES)}")
+        style = getattr(module, "virtual_stage_style", "loop")
+        if schedule in MULTI_CHUNK_SCHEDULES and (style == "v") != (schedule in V_SCHEDULES):
+            want = "v" if schedule in V_SCHEDULES else "loop"
+            raise ValueError(f"pipeline.schedule={schedule!r} needs the chunks placed {want!r}: build the "
+                             f"PipelineModule with virtual_stage_style={want!r} (it has {style!r})")
         stages = pipe.get("stages", "auto")
         if stages != "auto" and stages != module.num_stages:
             raise ValueError(f"pipeline.stages={stages!r} but the PipelineModule has {module.num_stages} stages")

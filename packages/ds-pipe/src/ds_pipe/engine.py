@@ -26,8 +26,9 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                          ScheduleInterleavedZeroBubble, ScheduleLoopedBFS)
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleLoopedBFS,
+                                          ScheduleZBVZeroBubble)
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as _ckpt
@@ -38,7 +39,8 @@ from .module import PipelineModule
 __all__ = ["PipelineEngine", "PipelineError"]
 
 _SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B,
-                     "looped_bfs": ScheduleLoopedBFS, "zero_bubble": ScheduleInterleavedZeroBubble}
+                     "looped_bfs": ScheduleLoopedBFS, "zero_bubble": ScheduleInterleavedZeroBubble,
+                     "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
 
 
 class PipelineError(RuntimeError):
@@ -85,7 +87,7 @@ class PipelineEngine:
         self.optimizer = self._make_optimizer(optimizer)
         self.lr_scheduler = lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(
             lr_scheduler, "step") else lr_scheduler
-        self._last_rank = self.grid.stage_to_global(self.num_stages - 1)
+        self._last_rank = self.grid.stage_to_global(model.last_stage_id)
         self._runners: dict[tuple[str, int], Any] = {}
         self.data_iterator: Iterator | None = None
 
@@ -133,8 +135,18 @@ class PipelineEngine:
             else:
                 stages = [PipelineStage(module.chunk_module(k), c, module.num_chunks, self.device, group=group)
                           for k, c in enumerate(module.chunk_ids)]
-                cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleLoopedBFS
-                self._runners[key] = cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+                if mode == "train":
+                    cls = _SCHEDULE_CLASSES[self.schedule_name]
+                    self._runners[key] = cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+                elif module.virtual_stage_style == "loop":  # evaluation: forwards only, in LoopedBFS's order
+                    self._runners[key] = ScheduleLoopedBFS(stages, n_microbatches=n_micro, loss_fn=loss_fn,
+                                                           scale_grads=False)
+                else:
+                    # torch's ZBV / DualPipeV keep their backward actions in eval() (they fail), and LoopedBFS
+                    # assumes looped chunks; a forward-only V order needs torch's private schedule runtime
+                    raise NotImplementedError(
+                        f"eval_batch with V-shaped chunks (pipeline.schedule={self.schedule_name!r}) is not built; "
+                        f"evaluate with a looped-chunk or one-chunk engine (checkpoints load into any layout)")
         return self._runners[key]
 
     # ----- data
@@ -145,7 +157,8 @@ class PipelineEngine:
         return self.stage_id == 0
 
     def is_last_stage(self) -> bool:
-        return self.stage_id == self.num_stages - 1
+        """This rank computes the loss (the last rank; rank 0 with V-shaped chunks)."""
+        return self.module.is_last_stage()
 
     def _load(self, data_iter: Iterator | None, n_micro: int):
         """This stage's whole-batch inputs and labels (``None`` where the stage does not use them), after every

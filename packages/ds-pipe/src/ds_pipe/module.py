@@ -100,6 +100,9 @@ class PipelineModule(nn.Module):
       local chunk ``c // num_stages`` (torch's and Megatron's looped placement), so rank 0 holds chunks 0,
       ``num_stages``, ``2 * num_stages``... and the last rank the last chunk. ``parts`` then has
       ``num_stages * V + 1`` boundaries, and ``stage_layers()`` lists every layer of this rank's chunks.
+    - ``virtual_stage_style``: ``"loop"`` (above; for ``interleaved``, ``looped_bfs``, ``zero_bubble``) or
+      ``"v"`` (``V = 2``, for ``zbv`` / ``dualpipev``): chunk ``c < num_stages`` on rank ``c``, chunk
+      ``c >= num_stages`` on rank ``2 * num_stages - 1 - c`` -- rank 0 holds the first and the last chunk.
     """
 
     def __init__(self, layers: list[Any], num_stages: int | None = None, topology: ProcessTopology | None = None,
@@ -107,8 +110,14 @@ class PipelineModule(nn.Module):
                  base_seed: int = 1234, partition_method: str = "parameters",
                  activation_checkpoint_interval: int = 0, activation_checkpoint_func: Callable | None = None,
                  checkpointable_layers: list[str] | None = None, dynamic_shape: bool = False,
-                 virtual_stages: int = 1):
+                 virtual_stages: int = 1, virtual_stage_style: str = "loop"):
         super().__init__()
+        if virtual_stage_style not in ("loop", "v"):
+            raise ValueError(f"PipelineModule: virtual_stage_style must be 'loop' or 'v', got {virtual_stage_style!r}")
+        if virtual_stage_style == "v" and virtual_stages != 2:
+            raise ValueError(f"PipelineModule: virtual_stage_style='v' places 2 chunks per rank (torch's ZBV and "
+                             f"DualPipeV); got virtual_stages={virtual_stages}")
+        self.virtual_stage_style = virtual_stage_style
         if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
             raise ValueError(f"PipelineModule: virtual_stages must be an integer >= 1, got {virtual_stages!r}")
         self.virtual_stages = virtual_stages
@@ -147,7 +156,7 @@ class PipelineModule(nn.Module):
         self.global_rank = dist.get_rank() if dist.is_initialized() else 0
         self.stage_id = self._grid.get_stage_id() if self._grid else 0
         # torch's stage indices of this rank's chunks, in local order
-        self.chunk_ids = [self.stage_id + k * self.num_stages for k in range(virtual_stages)]
+        self.chunk_ids = [c for c in range(self.num_chunks) if self.rank_of_chunk(c) == self.stage_id]
         self.tied_modules = nn.ModuleDict()
         self.tied_weight_attrs: dict[str, list[str]] = {}
         self.forward_funcs: list[Callable] = []
@@ -319,20 +328,34 @@ class PipelineModule(nn.Module):
         return self.num_stages
 
     def is_first_stage(self) -> bool:
+        """This rank runs the first layer (it reads the inputs)."""
         return self.stage_id == 0
 
     def is_last_stage(self) -> bool:
-        return self.stage_id == self.num_stages - 1
+        """This rank runs the last layer (it computes the loss): the last rank, or rank 0 with the 'v' style."""
+        return self.stage_id == self.last_stage_id
+
+    @property
+    def last_stage_id(self) -> int:
+        return self.rank_of_chunk(self.num_chunks - 1)
+
+    def rank_of_chunk(self, c: int) -> int:
+        """The pipeline rank that runs chunk ``c`` (torch's stage index)."""
+        j, k = c % self.num_stages, c // self.num_stages
+        if self.virtual_stage_style == "v" and k % 2:
+            return self.num_stages - 1 - j
+        return j
 
     def stage_layers(self, stage_id: int | None = None) -> list[int]:
         """Global indices of the layers of pipeline rank ``stage_id`` (default: this rank's), every chunk's."""
         s = self.stage_id if stage_id is None else stage_id
-        return [i for c in range(s, self.num_chunks, self.num_stages) for i in range(self.parts[c], self.parts[c + 1])]
+        return [i for c in range(self.num_chunks) if self.rank_of_chunk(c) == s
+                for i in range(self.parts[c], self.parts[c + 1])]
 
     def stage_of_layer(self, idx: int) -> int:
         """The pipeline rank (stage id) that holds layer ``idx``."""
         chunk = next(c for c in range(self.num_chunks) if self.parts[c] <= idx < self.parts[c + 1])
-        return chunk % self.num_stages
+        return self.rank_of_chunk(chunk)
 
     def chunk_module(self, k: int) -> nn.Module:
         """This rank's local chunk ``k`` as a module for torch's ``PipelineStage`` (its stage index is
