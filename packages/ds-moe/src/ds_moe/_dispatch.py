@@ -1,7 +1,7 @@
 """Moving tokens to their experts and back: the capacity path and the dropless path, with the all-to-alls.
 
 Capacity path (``drop_tokens=True``, DeepSpeed's semantics). On one rank (``ep_size`` 1) only the kept slots are
-computed, sorted by expert (see ``_kept_rows_forward``). With expert parallelism every kept slot is written to row
+computed, sorted by expert (see ``sorted_forward``). With expert parallelism every kept slot is written to row
 ``expert * C + location`` of an ``[E*C, M]`` buffer (dropped slots to one junk row past the end, so nothing
 needs a host sync), the buffer goes through a fixed-size ``all_to_all_single`` (rank r receives, from every
 rank of its expert-parallel group, the C rows of each of its local experts), the experts run as a batch
@@ -79,7 +79,10 @@ def _combine(y_slots: Tensor, r: Routing) -> Tensor:
 def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int,
                      backend: Optional[str] = None) -> Tensor:
     if ep_size == 1:
-        return _kept_rows_forward(x, r, experts, backend)
+        # one rank: only the kept slots are computed, sorted by expert, not every row of every expert's buffer
+        # (the unfilled rows only ever meet a zero combine weight): same output, up to capacity_factor x fewer
+        # expert FLOPs
+        return sorted_forward(x, r, experts, 1, None, num_local, backend)
     S, M = x.shape
     k = r.expert.shape[1]
     E, C = r.num_experts, int(r.capacity)
@@ -90,56 +93,44 @@ def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num
     # values [S, 1, M] broadcast over the k slots: no [S*k, M] copy of the tokens
     buf.index_put_((dest,), xc.unsqueeze(1))
     dest = dest.reshape(-1)
-    dispatched = buf[:junk].reshape(E, C, M)
-    if ep_size > 1:
-        dispatched = _AllToAll.apply(ep_group, dispatched)
+    dispatched = _AllToAll.apply(ep_group, buf[:junk].reshape(E, C, M))
     # [ep (source rank), local expert, C, M] -> each local expert's rows from every source: [local, ep*C, M]
     per_expert = dispatched.reshape(ep_size, num_local, C, M).transpose(0, 1).reshape(num_local, ep_size * C, M)
     y = experts.forward_capacity(per_expert)
-    y = y.reshape(num_local, ep_size, C, M).transpose(0, 1).reshape(E, C, M)
-    if ep_size > 1:
-        y = _AllToAll.apply(ep_group, y)
+    y = _AllToAll.apply(ep_group, y.reshape(num_local, ep_size, C, M).transpose(0, 1).reshape(E, C, M))
     y_flat = torch.cat([y.reshape(E * C, M), y.new_zeros(1, M)], dim=0)
     return _combine(y_flat.index_select(0, dest).reshape(S, k, M), r)
 
 
-def _kept_rows_forward(x: Tensor, r: Routing, experts, backend: Optional[str]) -> Tensor:
-    """The capacity path on one rank: DeepSpeed's routing and drops, but only the kept slots are computed
-    (sorted by expert, as on the dropless path) instead of every row of every expert's capacity buffer: the
-    unfilled buffer rows only ever multiply a zero combine weight. Same output; up to capacity_factor x fewer
-    expert FLOPs. One host sync (the number of kept slots, to size the rows)."""
+def sorted_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int,
+                   backend: Optional[str] = None) -> Tensor:
+    """Slots sorted by expert (stable), run as contiguous groups, put back by the inverse permutation.
+
+    Dropped slots (capacity routing, one rank) go to a last bucket that is never computed and read back as a
+    zero row; sizing the kept rows is then the one host sync. The dropless path has no dropped slot and no
+    sync on one rank."""
     S, M = x.shape
     k = r.expert.shape[1]
     E = r.num_experts
-    xc = x.to(compute_dtype(x))
-    flat = torch.where(r.kept, r.expert, torch.full_like(r.expert, E)).reshape(-1)  # dropped: bucket E, sorted last
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    n_kept = S * k - int(counts[E])
-    x_sorted = xc.index_select(0, order[:n_kept] // k)
-    y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend)
-    y_ext = torch.cat([y_sorted, y_sorted.new_zeros(1, M)], dim=0)  # row n_kept: the zero row of dropped slots
-    idx = torch.clamp(_inverse(order), max=n_kept)
-    return _combine(y_ext.index_select(0, idx).reshape(S, k, M), r)
-
-
-def dropless_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int,
-                     backend: Optional[str] = None) -> Tensor:
-    S, M = x.shape
-    k = r.expert.shape[1]
-    E = r.num_experts
+    drops = r.capacity is not None
     xc = x.to(compute_dtype(x))
     flat = r.expert.reshape(-1)
+    if drops:
+        flat = torch.where(r.kept.reshape(-1), flat, torch.full_like(flat, E))
     order = torch.argsort(flat, stable=True)
     # scatter_add, not bincount: bincount sizes its output from the input's max, a host sync on the GPU
-    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    x_sorted = xc.index_select(0, order // k)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    n = S * k - int(counts[E]) if drops else S * k
+    x_sorted = xc.index_select(0, (order[:n] if drops else order) // k)
     if ep_size == 1:
-        y_sorted = experts.forward_sorted(x_sorted, counts, backend=backend)
+        y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend)
     else:
-        y_sorted = _expert_parallel_sorted(x_sorted, counts, experts, ep_size, ep_group, num_local, backend)
-    y_slots = y_sorted.index_select(0, _inverse(order)).reshape(S, k, M)
-    return _combine(y_slots, r)
+        y_sorted = _expert_parallel_sorted(x_sorted, counts[:E], experts, ep_size, ep_group, num_local, backend)
+    inv = _inverse(order)
+    if drops:
+        y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(1, M)], dim=0)  # row n: the dropped slots' zeros
+        inv = torch.clamp(inv, max=n)
+    return _combine(y_sorted.index_select(0, inv).reshape(S, k, M), r)
 
 
 def _expert_parallel_sorted(x_sorted: Tensor, counts: Tensor, experts, ep: int, group, num_local: int,

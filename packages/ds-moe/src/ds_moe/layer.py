@@ -66,8 +66,8 @@ class MOELayer(nn.Module):
             out = _dispatch.capacity_forward(reshaped, r, self.experts, self.ep_size, self.ep_group,
                                              self.num_local_experts, self.gemm_backend)
         else:
-            out = _dispatch.dropless_forward(reshaped, r, self.experts, self.ep_size, self.ep_group,
-                                             self.num_local_experts, self.gemm_backend)
+            out = _dispatch.sorted_forward(reshaped, r, self.experts, self.ep_size, self.ep_group,
+                                           self.num_local_experts, self.gemm_backend)
         return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
 
