@@ -153,7 +153,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
-            x = block(x)
+            # the config's activation_checkpointing section switches this on (initialize configures it), as
+            # Megatron-style models call deepspeed.checkpointing.checkpoint around each layer
+            x = ds_train.checkpointing.checkpoint(block, x) if ds_train.checkpointing.is_configured() else block(x)
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits

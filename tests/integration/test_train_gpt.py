@@ -97,3 +97,24 @@ def test_stage3_config_trains_the_same_curve_and_resumes(runs):
     full = runs["full"]["losses"]
     for step, (a, b) in enumerate(zip(resumed["losses"], full), start=1):
         assert a == pytest.approx(b, rel=1e-5), f"step {step}: stage 3 {a} vs stage 2 {b}"
+
+
+def test_engine_features_from_the_config_keep_the_curve(runs):
+    """The main job with the config's activation_checkpointing (saved inputs on the CPU), flops_profiler and a
+    TensorBoard directory: the same losses as the plain stage-2 run (recomputation changes no value), a profile
+    written at its step, event files beside the plot."""
+    tmp = runs["tmp"]
+    with open(os.path.join(ROOT, "examples", "ds_config_zero2.json")) as f:
+        config = json.load(f)
+    config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": True}
+    config["flops_profiler"] = {"enabled": True, "profile_step": 3, "module_depth": 2, "top_modules": 2,
+                                "output_file": str(tmp / "flops.txt")}
+    path = tmp / "features.json"
+    path.write_text(json.dumps(config))
+    out, _ = _run(tmp, "features", tmp / "ckpt-features", "--config", str(path), "--tensorboard", str(tmp / "tb"))
+    for step, (a, b) in enumerate(zip(out["losses"], runs["full"]["losses"]), start=1):
+        assert a == pytest.approx(b, rel=1e-6), f"step {step}: with the engine features {a} vs without {b}"
+    profile = (tmp / "flops.txt").read_text()
+    assert "Profile Summary at step 3:" in profile and "GFLOPS" in profile, profile[:500]
+    events = [f for _, _, files in os.walk(tmp / "tb") for f in files if f.startswith("events.out.tfevents")]
+    assert len(events) == 1, events

@@ -4,8 +4,9 @@ ds-train, to ds-pipe's :class:`~ds_pipe.PipelineEngine` (``train_batch`` / ``eva
 The config is split by owner: ``optimizer`` and ``scheduler`` are built here (the same builders and checks as
 for any model, over this stage's parameters); sections that are present but off (``fp16``/``bf16`` with
 ``enabled: false``, ZeRO stage 0, ``gradient_clipping: 0``) are dropped, as DeepSpeed treats them as absent; the
-rest (batch keys, ``pipeline``, ``steps_per_print``...) goes to ds-pipe's config, which refuses by name what
-its engine does not run (ZeRO, fp16/bf16 and clipping with a pipeline are not built in ds-pipe 0.1.0).
+rest (batch keys, ``pipeline``, ``fp16``/``bf16``, ``gradient_clipping``, ``steps_per_print``...) goes to ds-pipe's
+config, which refuses by name what its engine does not run (ZeRO with a pipeline is not built in ds-pipe 0.1.0);
+the sections ds-train's own engine serves but ds-pipe's does not (monitors, profiler...) are refused here.
 """
 
 from __future__ import annotations
