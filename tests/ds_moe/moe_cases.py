@@ -13,6 +13,33 @@ from ds_moe.checkpoint import load_moe_checkpoint
 
 M, H, E = 8, 16, 4
 AUX = 0.1
+LR = 0.05
+
+
+def make_adam(params):
+    # eps 1e-4, not 1e-8: Adam's first update is g / (|g| + eps), which near |g| ~ eps turns 1e-7 differences of
+    # summation order between the EP run and the reference into 1e-5 differences of the weights
+    return torch.optim.AdamW(params, lr=LR, eps=1e-4)
+
+
+def adam_step(model):
+    """One AdamW step on the gradients there (the reference takes the same one)."""
+    opt = make_adam(model.parameters())
+    opt.step()
+    return opt
+
+
+def expert_moments(moe, opt) -> dict:
+    """{global expert: {key: (exp_avg, exp_avg_sq, step)}} of this rank's experts."""
+    out = {}
+    for i in range(moe.num_local_experts):
+        got = {}
+        for k, p, idx in moe.deepspeed_moe.experts.expert_param_slots(i):
+            st = opt.state[p]
+            pick = (lambda t: t[idx]) if idx is not None else (lambda t: t)
+            got[k] = (pick(st["exp_avg"]).clone(), pick(st["exp_avg_sq"]).clone(), float(st["step"]))
+        out[moe.global_expert_index(i)] = got
+    return out
 
 
 class Net(nn.Module):
@@ -103,15 +130,15 @@ def run_cases(cases, ckpt_root=None):
         reduce_gradients(model)
         res = _snapshot(model, out, l_aux, counts)
         if case.get("save") and ckpt_root:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p -= 0.5 * p.grad
+            opt = adam_step(model)
             path = os.path.join(ckpt_root, f"case{ci}")
-            save_moe_checkpoint(model, path)
-            # resume on the same ranks with ep_size 1 (every rank holds every expert)
+            save_moe_checkpoint(model, path, optimizer=opt)
+            # resume on the same ranks with ep_size 1 (every rank holds every expert), optimizer state included
             again = Net(case, 1)
-            load_moe_checkpoint(again, path)
+            opt2 = make_adam(again.parameters())
+            load_moe_checkpoint(again, path, optimizer=opt2)
             res["resumed_ep1"] = expert_states(again.moe)
+            res["resumed_ep1_moments"] = expert_moments(again.moe, opt2)
             res["ckpt"] = path
         results.append(res)
     return results

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from harness import run_distributed
-from moe_cases import Net, expert_states, reference, run_cases
+from moe_cases import Net, adam_step, make_adam, expert_moments, expert_states, reference, run_cases
 
 from ds_moe.checkpoint import load_moe_checkpoint
 
@@ -89,12 +89,12 @@ def test_checkpoint_resumes_with_another_ep_size(ckpt_root):
     case = WORLD2[name]
     got = _results(2, ckpt_root)[name]
     model, _ = reference(case, 2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= 0.5 * p.grad
+    opt = adam_step(model)
     want = expert_states(model.moe)
+    want_moments = expert_moments(model.moe, opt)
     fresh = Net(case, 1)
-    load_moe_checkpoint(fresh, got[0]["ckpt"])
+    fresh_opt = make_adam(fresh.parameters())
+    load_moe_checkpoint(fresh, got[0]["ckpt"], optimizer=fresh_opt)
     assert sorted(os.listdir(got[0]["ckpt"])) == sorted(
         ["mp_rank_00_model_states.pt"] + [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)])
     for e, sd in expert_states(fresh.moe).items():
@@ -103,6 +103,25 @@ def test_checkpoint_resumes_with_another_ep_size(ckpt_root):
             for rank in range(2):  # the ranks resumed with ep_size 1 too
                 torch.testing.assert_close(got[rank]["resumed_ep1"][e][key], want[e][key], **TOL)
     torch.testing.assert_close(fresh.pre.weight, model.pre.weight, **TOL)
+    # Adam's moments moved with their experts (from ep 2's ranks to ep 1's), the dense ones by name
+    for moments in [expert_moments(fresh.moe, fresh_opt)] + [got[r]["resumed_ep1_moments"] for r in range(2)]:
+        assert set(moments) == set(want_moments)
+        for e, per_key in moments.items():
+            for key, (m, v, step) in per_key.items():
+                wm, wv, wstep = want_moments[e][key]
+                torch.testing.assert_close(m, wm, **TOL)
+                torch.testing.assert_close(v, wv, **TOL)
+                assert step == wstep == 1.0
+    torch.testing.assert_close(fresh_opt.state[fresh.pre.weight]["exp_avg"], opt.state[model.pre.weight]["exp_avg"],
+                               **TOL)
+    # the resumed optimizer steps on: one more AdamW step from the loaded state equals the reference's
+    for m, o in ((fresh, fresh_opt), (model, opt)):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        o.step()
+    for e, sd in expert_states(fresh.moe).items():
+        for key, v in sd.items():
+            torch.testing.assert_close(v, expert_states(model.moe)[e][key], **TOL)
 
 
 def test_ep_size_not_dividing_the_world_is_a_named_error_on_every_rank(ckpt_root):

@@ -102,6 +102,10 @@ class Experts(nn.Module):
     def load_expert_state_dict(self, i: int, sd: dict) -> None:
         self.deepspeed_experts[i].load_state_dict(sd)
 
+    def expert_param_slots(self, i: int) -> list:
+        """``[(key, parameter, index)]`` of expert i; index None: the whole parameter is expert i's."""
+        return [(k, p, None) for k, p in self.deepspeed_experts[i].named_parameters()]
+
 
 class GroupedExperts(nn.Module):
     """``num_local_experts`` copies of an ``FFNExpert`` stacked: ``weight1 [n, ffn, M]``, ``bias1 [n, ffn]``,
@@ -156,6 +160,10 @@ class GroupedExperts(nn.Module):
 
     def expert_state_dict(self, i: int) -> dict:
         return {k: getattr(self, a)[i].detach() for k, a in self._KEYS if getattr(self, a) is not None}
+
+    def expert_param_slots(self, i: int) -> list:
+        """``[(key, parameter, index)]`` of expert i: row ``index`` of each stacked parameter."""
+        return [(k, getattr(self, a), i) for k, a in self._KEYS if getattr(self, a) is not None]
 
     def load_expert_state_dict(self, i: int, sd: dict) -> None:
         want = {k for k, a in self._KEYS if getattr(self, a) is not None}
