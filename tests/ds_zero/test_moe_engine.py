@@ -44,8 +44,8 @@ class Net(nn.Module):
         return self.out(torch.tanh(self.experts[local](torch.tanh(self.inp(x)))))
 
 
-def _batch(step: int, rank: int):
-    g = torch.Generator().manual_seed(1000 * step + rank)
+def _batch(step: int, rank: int, micro: int = 0):
+    g = torch.Generator().manual_seed(1000 * step + 100 * micro + rank)
     return torch.randn(B, D, generator=g), torch.randn(B, 1, generator=g)
 
 
@@ -56,8 +56,8 @@ def _groups(model):
             {"params": experts, "name": experts[0].group_name, "moe": True}]
 
 
-def _config(stage: int, dtype: str = "fp32") -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+def _config(stage: int, dtype: str = "fp32", ga: int = 1) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": ga, "gradient_clipping": CLIP,
            "zero_optimization": {"stage": stage, "reduce_bucket_size": 40, "allgather_bucket_size": 64},
            "steps_per_print": 10**6}
     if dtype == "fp16":
@@ -77,21 +77,20 @@ def _edp_group(ep: int):
     return mine
 
 
-def _reference(world: int, ep: int, steps: int):
+def _reference(world: int, ep: int, steps: int, ga: int = 1):
+    """losses[step][rank][micro]; the step's loss is the mean over ranks and micro-batches."""
     model = Net(list(range(ep)), ep)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, norms = [], []
     for step in range(steps):
-        per_rank = []
-        for r in range(world):
-            x, y = _batch(step, r)
-            per_rank.append(((model(x, r % ep) - y) ** 2).mean())
-        loss = torch.stack(per_rank).mean()
+        per_rank = [[((model(x, r % ep) - y) ** 2).mean() for x, y in (_batch(step, r, m) for m in range(ga))]
+                    for r in range(world)]
+        loss = torch.stack([v for vs in per_rank for v in vs]).mean()
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
         opt.zero_grad()
-        losses.append([float(v) for v in per_rank])
+        losses.append([[float(v) for v in vs] for vs in per_rank])
     state = {n: {k: v.clone() for k, v in opt.state[p].items() if k != "step"} for n, p in model.named_parameters()}
     return {n: p.detach().clone() for n, p in model.named_parameters()}, state, losses, norms
 
@@ -120,12 +119,12 @@ def _param_states(engine) -> dict:
     return out
 
 
-def _worker(ep: int, stages):
+def _worker(ep: int, stages, ga: int = 1):
     import ds_zero
 
     world, rank = dist.get_world_size(), dist.get_rank()
     edp = _edp_group(ep)
-    ref_params, ref_state, ref_losses, ref_norms = _reference(world, ep, STEPS)
+    ref_params, ref_state, ref_losses, ref_norms = _reference(world, ep, STEPS, ga)
     local = "experts.0."
     mine = f"experts.{rank % ep}."  # this rank's expert in the reference's numbering
     problems = []
@@ -135,18 +134,20 @@ def _worker(ep: int, stages):
             problems.append(f"stage {stage} {what}: max diff {float((a - b).abs().max()):.3g}")
 
     for stage in stages:
-        # every rank builds the model with expert 0's values: the engine's broadcast must not spread them,
-        # so each rank sets its own expert's values, as a MoE layer's construction does
+        # each rank holds its own expert's values (as a MoE layer's construction sets them): the engine's
+        # broadcast must not overwrite them with rank 0's
         model = Net([rank % ep], ep)
         opt = torch.optim.AdamW(_groups(model), lr=1e-2)
-        engine = ds_zero.ZeroEngine(model, opt, _config(stage),
+        engine = ds_zero.ZeroEngine(model, opt, _config(stage, ga=ga),
                                     expert_data_parallel_groups={f"ep_size_{ep}": edp})
         for step in range(STEPS):
-            x, y = _batch(step, rank)
-            loss = ((engine(x, 0) - y) ** 2).mean()
-            engine.backward(loss)
-            engine.step()
-            close(torch.tensor(float(loss)), torch.tensor(ref_losses[step][rank]), f"loss step {step}")
+            for micro in range(ga):
+                x, y = _batch(step, rank, micro)
+                loss = ((engine(x, 0) - y) ** 2).mean()
+                engine.backward(loss)
+                engine.step()
+                close(torch.tensor(float(loss)), torch.tensor(ref_losses[step][rank][micro]),
+                      f"loss step {step}.{micro}")
             close(torch.tensor(engine.global_grad_norm), torch.tensor(ref_norms[step]), f"grad norm step {step}")
         for n, p in model.named_parameters():
             ref = ref_params[n.replace(local, mine)]
@@ -169,6 +170,13 @@ def test_expert_groups_parity(world):
     stages 0, 1, 2 against one process holding both experts."""
     results = run_distributed(_worker, world, 2, (0, 1, 2), timeout=240)
     assert results == [[]] * world, results
+
+
+def test_expert_groups_gradient_accumulation():
+    """gradient_accumulation_steps 2 (stages 0/1 accumulate in place and reduce at the boundary, stage 2 reduces
+    every micro-step into the shard) on 4 ranks, ep 2."""
+    results = run_distributed(_worker, 4, 2, (0, 1, 2), 2, timeout=240)
+    assert results == [[]] * 4, results
 
 
 def _overflow_worker():
