@@ -158,3 +158,21 @@ def test_calls_before_the_process_group_exist_say_what_to_do():
         comm.get_rank()
     with pytest.raises(RuntimeError, match="ds_train.comm.all_reduce"):
         comm.all_reduce(torch.zeros(1))
+
+
+def test_new_group_inherits_the_init_distributed_timeout(monkeypatch):
+    """torch's new_group does not inherit the default group's timeout (NCCL groups would get 10 minutes): ds-train's
+    gives them init_distributed's (DeepSpeed's 30 minutes or DEEPSPEED_TIMEOUT), unless the caller passes one."""
+    import datetime
+
+    import ds_train.comm as comm
+    from ds_train import dist as ds_dist
+
+    seen = []
+    monkeypatch.setattr(comm._dist, "new_group", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.setattr(comm._dist, "is_initialized", lambda: True)  # no group is made: new_group is the recorder
+    monkeypatch.setattr(ds_dist, "_world_timeout", datetime.timedelta(minutes=7))
+    comm.new_group([0, 1])
+    comm.new_group([0], timeout=datetime.timedelta(seconds=5), backend="gloo")
+    assert seen == [{"ranks": [0, 1], "timeout": datetime.timedelta(minutes=7)},
+                    {"ranks": [0], "timeout": datetime.timedelta(seconds=5), "backend": "gloo"}]

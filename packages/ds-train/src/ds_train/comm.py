@@ -73,7 +73,12 @@ def destroy_process_group(group=None) -> None:
 @_requires_group
 def new_group(ranks, **kwargs):
     """A process group of ``ranks`` (global ranks); every rank must call it. ``kwargs`` go to torch's
-    ``new_group`` (``backend``, ``timeout``, ...)."""
+    ``new_group`` (``backend``, ``timeout``, ...). Without ``timeout`` the group gets the one
+    :func:`~ds_train.init_distributed` set (DeepSpeed's 30 minutes or ``DEEPSPEED_TIMEOUT``): torch's own
+    ``new_group`` would not inherit it (an NCCL group would get torch's 10 minutes)."""
+    from .dist import process_group_timeout
+
+    kwargs.setdefault("timeout", process_group_timeout())
     return _dist.new_group(ranks=list(ranks), **kwargs)
 
 
