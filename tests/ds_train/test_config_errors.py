@@ -162,3 +162,14 @@ def test_cli_refuses_what_initialize_refuses_with_the_same_message(tmp_path, cap
     good = tmp_path / "batch.json"
     good.write_text(json.dumps(BAD_CONFIGS["batch_on_world"]))
     assert cli_main([str(good), "--world-size", "3"]) == 0, capsys.readouterr().err
+
+
+def test_several_problems_of_one_ds_zero_check_get_a_line_each():
+    """ds-zero's cross-field check raises every problem it found as one error; ds-train lists them one by one."""
+    err = _problems({"train_batch_size": 4, "fp16": {"enabled": True, "loss_scael": 1},
+                     "zero_optimization": {"stage": 1, "zero_hpz_partition_size": 2, "zero_quantized_weights": True}})
+    assert len(err.problems) == 3, err.problems
+    assert err.problems[0].startswith("fp16.loss_scael")
+    assert err.problems[1] == "zero_optimization: zero_hpz_partition_size=2 (ZeRO++ hpZ) needs stage 3, got stage 1"
+    assert err.problems[2].startswith("zero_optimization: zero_quantized_weights (ZeRO++ qwZ)")
+    assert "problems:\n  1." not in "\n".join(err.problems)  # no list nested inside a line

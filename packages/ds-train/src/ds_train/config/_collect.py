@@ -227,8 +227,9 @@ class _Collector:
                     continue
                 # a cross-field check of the section (of the whole config when loc is empty); not trusted when
                 # it mentions a key whose value had to be removed (it would judge the default)
-                if not self.suspect(message):
-                    self.add(_join(loc), message)
+                for each in _each_problem(err, message):  # ds-zero's checks raise several at once
+                    if not self.suspect(each):
+                        self.add(_join(loc), each)
                 if loc:
                     # remove the section so that the checks above it still run on the rest
                     del parent[key]
@@ -303,6 +304,16 @@ class _Collector:
         rest = sorted((p for p in self.problems if not p.root
                        and not any(r.path and p.path.startswith(r.path + ".") for r in roots)), key=place)
         return roots + rest
+
+
+def _each_problem(err: Any, message: str) -> list[str]:
+    """The problems one pydantic error carries: a check that found several raises them as one error with a
+    ``problems`` list (ds-zero's ``ConfigProblems``), each worth its own line; else the message."""
+    error = (err.get("ctx") or {}).get("error")
+    problems = getattr(error, "problems", None)
+    if isinstance(problems, list) and problems and all(isinstance(p, str) for p in problems):
+        return problems
+    return [message]
 
 
 def _join(loc: tuple) -> str:
