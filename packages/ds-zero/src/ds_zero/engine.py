@@ -167,6 +167,8 @@ class ZeroEngine:
         self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
         self.reducer = self._build_reducer()
         self.reducer.attach()
+        if self.mode.compressed:  # backward() skips the all-reduce when needs_grad_allreduce() says so: not DDP
+            self.optimizer.attach_engine(self)
 
     # -- construction ----------------------------------------------------------------------------------
     def _broadcast_module(self) -> None:

@@ -6,7 +6,11 @@ How an optimizer and DDP cooperate: DDP keeps running its backward hooks, but wi
 :meth:`CompressedOptimizer.register_ddp` it calls our comm hook, which all-reduces a bucket only when the
 optimizer says this step needs averaged gradients (1-bit Adam's warm-up, 0/1 Adam's variance steps) and
 otherwise returns the *local* gradients untouched; the optimizer then communicates compressed momenta (or
-gradients) itself, one 1-bit allreduce per flat bucket.
+gradients) itself, one 1-bit allreduce per flat bucket. A training engine that reduces gradients itself (ds-zero's)
+does the same gating without DDP: it asks :meth:`~CompressedOptimizer.needs_grad_allreduce` before each gradient
+reduction and declares so with :meth:`~CompressedOptimizer.attach_engine`. An optimizer that has neither warns once
+when compression starts on several ranks (a plain DDP script that forgot ``register_ddp`` still all-reduces every
+gradient in full precision: correct, but no bandwidth saved).
 
 Never-touched elements: an element whose gradient is exactly zero on every rank (an embedding row no batch
 has used) has zero momentum, but 1 bit cannot send a zero, so its compressed momentum would be ``±scale`` and
@@ -66,7 +70,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._buckets: list[list[FlatBucket]] = []
         self._error_feedback: dict[tuple[int, int], OnebitErrorFeedback] = {}
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        self._hook_registered = False
+        #: who switches the full-precision gradient all-reduce on and off: "ddp" (register_ddp), "engine"
+        #: (attach_engine), or None (nobody declared it; warned about once compression starts)
+        self.grad_allreduce_owner: str | None = None
         self._warned_no_hook = False
         #: optimizer steps taken (all params of all groups step together: missing grads count as zero)
         self.global_step = 0
@@ -111,15 +117,38 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Let DDP all-reduce gradients only on steps that need it (one call after wrapping the model)."""
         from ._ddp_hook import compression_aware_hook
 
+        if self.grad_allreduce_owner == "engine":
+            raise ValueError(f"{type(self).__name__}.register_ddp: a training engine already reduces this optimizer's "
+                             "gradients (attach_engine was called); wrapping its model in DDP too would average "
+                             "the gradients twice: use one or the other")
         ddp_model.register_comm_hook(self, compression_aware_hook)
-        self._hook_registered = True
+        self.grad_allreduce_owner = "ddp"
+
+    def attach_engine(self, engine: object = None) -> None:
+        """Declare that a training engine, not DDP, reduces this optimizer's gradients.
+
+        The engine must ask :meth:`needs_grad_allreduce` before each gradient reduction (at each accumulation
+        boundary) and skip the full-precision all-reduce when it answers ``False``, exactly as the
+        :meth:`register_ddp` hook does; the optimizer then averages its compressed momenta (or gradients)
+        itself. The only effect here is the bookkeeping: :attr:`grad_allreduce_owner` becomes ``"engine"`` and
+        the "register_ddp(model) was not called" warning, meant for DDP scripts, is not given. ``engine`` is
+        only named in that attribute's log line (any object, or ``None``). Calling it after
+        :meth:`register_ddp` is an error: two owners would average the gradients twice.
+        """
+        if self.grad_allreduce_owner == "ddp":
+            raise ValueError(f"{type(self).__name__}.attach_engine: register_ddp was already called, so DDP's comm "
+                             "hook reduces the gradients; an engine reducing them too would average them twice")
+        self.grad_allreduce_owner = "engine"
+        logger.debug("ds_comm %s: gradient all-reduce owned by the engine %s", type(self).__name__,
+                     type(engine).__name__ if engine is not None else "(unnamed)")
 
     def _warn_if_ddp_still_averages(self) -> None:
-        if self.transport.world_size > 1 and not self._hook_registered and not self._warned_no_hook:
+        if self.transport.world_size > 1 and self.grad_allreduce_owner is None and not self._warned_no_hook:
             self._warned_no_hook = True
             logger.warning(
                 "ds_comm %s: compression started but register_ddp(model) was not called; if DDP wraps the "
-                "model it still all-reduces every gradient in full precision (correct, but no bandwidth saved)",
+                "model it still all-reduces every gradient in full precision (correct, but no bandwidth saved). "
+                "An engine that skips the all-reduce itself declares it with optimizer.attach_engine(engine)",
                 type(self).__name__,
             )
 
