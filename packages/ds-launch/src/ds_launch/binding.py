@@ -20,6 +20,7 @@ import glob
 import os
 import re
 import shutil
+from collections.abc import Mapping
 
 from .errors import LaunchError
 
@@ -131,7 +132,7 @@ class RankBinding:
         self.omp_num_threads = str(len(cores))
 
 
-def plan_binding(local_world_size: int, core_list: str | None, environ: dict,
+def plan_binding(local_world_size: int, core_list: str | None, environ: Mapping[str, str],
                  use_numactl: bool | None = None) -> list[RankBinding]:
     """One :class:`RankBinding` per local rank (``LaunchError`` naming the flag for what cannot be bound)."""
     flag = "--bind_cores_to_rank"

@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.dry_run:
                 for spec in job.specs(0):
-                    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+                    keys: tuple[str, ...] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                             "CUDA_VISIBLE_DEVICES")
                     keys += ("OMP_NUM_THREADS",) if args.bind_cores_to_rank else ()
                     env = {k: spec.env[k] for k in keys if k in spec.env}
                     if spec.cpu_affinity is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 
 from .errors import LaunchError
 
@@ -74,7 +75,7 @@ def parse_env_file_text(text: str, source: str) -> dict[str, str]:
     return out
 
 
-def env_file_paths(environ: dict, cwd: str, home: str | None = None) -> list[str]:
+def env_file_paths(environ: Mapping[str, str], cwd: str, home: str | None = None) -> list[str]:
     """The env files to read, later ones overriding earlier ones (DeepSpeed: ``~`` and ``.``)."""
     if environ.get(ENV_FILE_OVERRIDE):
         return [environ[ENV_FILE_OVERRIDE]]
@@ -83,7 +84,7 @@ def env_file_paths(environ: dict, cwd: str, home: str | None = None) -> list[str
     return list(dict.fromkeys(os.path.realpath(p) for p in paths))  # home == cwd: read once
 
 
-def read_env_files(environ: dict, cwd: str, home: str | None = None) -> tuple[dict[str, str], list[str]]:
+def read_env_files(environ: Mapping[str, str], cwd: str, home: str | None = None) -> tuple[dict[str, str], list[str]]:
     """Variables from the env files that exist, and the files read. ``$DS_ENV_FILE`` must exist."""
     values: dict[str, str] = {}
     used = []
@@ -101,7 +102,7 @@ def read_env_files(environ: dict, cwd: str, home: str | None = None) -> tuple[di
     return values, used
 
 
-def collect_exports(environ: dict, cwd: str, file_values: dict[str, str]) -> dict[str, str]:
+def collect_exports(environ: Mapping[str, str], cwd: str, file_values: dict[str, str]) -> dict[str, str]:
     """What the per-node agents set on remote nodes: prefixed variables, then env-file values (which win),
     with the launch directory first on ``PYTHONPATH`` (as DeepSpeed does)."""
     exports = {
@@ -117,7 +118,7 @@ def collect_exports(environ: dict, cwd: str, file_values: dict[str, str]) -> dic
 
 
 def worker_env(
-    base: dict,
+    base: Mapping[str, str],
     *,
     rank: int,
     local_rank: int,

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 
 from .environment import worker_env
 from .errors import USAGE_EXIT_CODE, LaunchError
@@ -37,7 +38,7 @@ _RANK_VARS = [  # (rank, size, local rank) variable names per MPI family
 ]
 
 
-def mpi_rank_info(environ: dict) -> tuple[int, int, int | None]:
+def mpi_rank_info(environ: Mapping[str, str]) -> tuple[int, int, int | None]:
     """(rank, world size, MPI's local rank or None) from the MPI launcher's variables."""
     for rank_var, size_var, local_var in _RANK_VARS:
         if rank_var in environ and size_var in environ:

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 
 from .binding import plan_binding
 from .environment import worker_env
@@ -44,7 +45,7 @@ class NodeJob:
     log_dir: str | None = None
     max_restarts: int = 0
     run_id: str = "none"
-    base_env: dict | None = None
+    base_env: Mapping[str, str] | None = None
     heartbeat_dir: str | None = None  # where the workers' heartbeat files go (None: no heartbeat files)
     timestamp: str = dataclasses.field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     bind_cores_to_rank: bool = False  # each worker pinned to its share of the cores (ds_launch.binding)
@@ -118,7 +119,7 @@ class NodeJob:
         return out
 
 
-def resolve_node_rank(value: str, resources: dict, environ: dict | None = None) -> int:
+def resolve_node_rank(value: str, resources: dict, environ: Mapping[str, str] | None = None) -> int:
     """``--node_rank``: an integer, or ``auto``: this machine's position in the host list, matched by
     ``$SLURMD_NODENAME`` or the host name (full or short). Slurm numbers nodes in its own order, so matching by
     name is what keeps each node's slots (and GPUs) its own."""

@@ -45,7 +45,9 @@ def is_local_address(addr: str) -> bool:
     if addr in names or addr.split(".")[0] in {n.split(".")[0] for n in names}:
         return True
     try:
-        target = {info[4][0] for info in socket.getaddrinfo(addr, None)}
+        # sockaddr[0] is the address string for the AF_INET/AF_INET6 results a host name gives; typeshed also
+        # allows (int, bytes) sockaddrs of other families, which getaddrinfo does not return for a host name
+        target = {info[4][0] for info in socket.getaddrinfo(addr, None) if isinstance(info[4][0], str)}
     except OSError:
         return False
     if any(a.startswith("127.") or a == "::1" for a in target):

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 
 from .errors import LaunchError
 from .hostfile import check_hostname
@@ -119,7 +120,7 @@ def filter_resources(
     return result
 
 
-def detect_local_gpus(env: dict | None = None) -> list[str]:
+def detect_local_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     """The CUDA devices this machine offers, as ``CUDA_VISIBLE_DEVICES`` tokens (ids, UUIDs, MIG names).
 
     ``CUDA_VISIBLE_DEVICES`` wins when set (empty or ``-1``: none), as CUDA itself would; otherwise one token per

@@ -35,10 +35,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 from .heartbeat import DONE, read_heartbeat
-from .watchdog import HUNG_EXIT_CODE, Watchdog
+from .watchdog import HUNG_EXIT_CODE, Silence, Watchdog
 
 __all__ = ["ProcSpec", "Supervisor", "exit_code_of"]
 
@@ -233,6 +233,8 @@ class Supervisor:
 
     def _start(self, spec: ProcSpec) -> _Running:
         log = None
+        out: int | IO[bytes]  # the log file, or subprocess.PIPE (an int) to relay with a prefix
+        err: int | IO[bytes]
         if spec.log_path:
             os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
             log = open(spec.log_path, "ab")
@@ -407,7 +409,7 @@ class Supervisor:
         self.say(f"{r.spec.label} (pid {r.proc.pid}) {how} after its heartbeat said {DONE!r} (its work was "
                  "finished): not counted as a failure")
 
-    def _monitor(self) -> tuple[int, _Running | None, object]:
+    def _monitor(self) -> tuple[int, _Running | None, Silence | None]:
         """Wait until every process has exited 0 (``(0, None, None)``), one failed (``(code, it, None)``), the
         watchdog found a hung worker (``(124, it, Silence)``) or we got a signal."""
         next_watch = time.monotonic() + self.watchdog_interval

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._gemm import compute_dtype
+from .errors import MoEError
 from .gate import Routing
 
 
@@ -83,6 +84,8 @@ def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num
         # (the unfilled rows only ever meet a zero combine weight): same output, up to capacity_factor x fewer
         # expert FLOPs
         return sorted_forward(x, r, experts, 1, None, num_local, backend)
+    if r.capacity is None:  # MOELayer sends the dropless routing (no capacity) to sorted_forward
+        raise MoEError("capacity_forward needs a routing with a capacity; the dropless path is sorted_forward")
     S, M = x.shape
     k = r.expert.shape[1]
     E, C = r.num_experts, int(r.capacity)

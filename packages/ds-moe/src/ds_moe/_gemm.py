@@ -99,10 +99,11 @@ class GroupedFFN(torch.autograd.Function):
         dt = x.dtype
         onehot = group_onehot(counts, x.shape[0], dt) if (b1 is not None or b2 is not None) else None
         h = _mm(x, w1.to(dt), counts, backend, sizes)
-        if b1 is not None:
+        # onehot is made whenever there is a bias; the second test narrows its type
+        if b1 is not None and onehot is not None:
             h.addmm_(onehot, b1.to(dt))  # the bias of each row's group, as one K=G GEMM, in place
         y = _mm(activation(h), w2.to(dt), counts, backend, sizes)
-        if b2 is not None:
+        if b2 is not None and onehot is not None:
             y.addmm_(onehot, b2.to(dt))
         ctx.save_for_backward(x, h, w1, w2, counts, onehot)
         ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes

@@ -119,7 +119,8 @@ class MoE(nn.Module):
         self.drop_tokens = drop_tokens
         if type(expert) is FFNExpert or (isinstance(expert, FFNExpert)
                                          and type(expert).forward is FFNExpert.forward):
-            experts = GroupedExperts(expert, self.num_local_experts, self.expert_group_name, gemm_backend)
+            experts: GroupedExperts | Experts = GroupedExperts(expert, self.num_local_experts,
+                                                               self.expert_group_name, gemm_backend)
         else:
             experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         gate = TopKGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
@@ -166,4 +167,7 @@ class MoE(nn.Module):
                 output_mlp = output_mlp[0]
             coef = F.softmax(self.coefficient(hidden_states), dim=-1)
             output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
-        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
+        l_aux, exp_counts = self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
+        if l_aux is None or exp_counts is None:  # every MOELayer.forward records both: not reached
+            raise MoEError("MoE.forward: the MOELayer's forward recorded no l_aux/exp_counts")
+        return output, l_aux, exp_counts

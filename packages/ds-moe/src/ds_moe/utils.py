@@ -38,14 +38,16 @@ def is_moe_param(param: torch.Tensor) -> bool:
 
 
 def split_params_into_shared_and_expert_params(params) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    shared, expert = [], []
+    shared: List[nn.Parameter] = []
+    expert: List[nn.Parameter] = []
     for p in params:
         (expert if is_moe_param(p) else shared).append(p)
     return shared, expert
 
 
 def split_params_grads_into_shared_and_expert_params(group) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    shared, expert = [], []
+    shared: List[torch.Tensor] = []
+    expert: List[torch.Tensor] = []
     for p in group:
         if p.grad is not None:
             (expert if is_moe_param(p) else shared).append(p.grad.to(p.dtype))
@@ -91,7 +93,8 @@ def split_params_into_different_moe_groups_for_optimizer(
             if max_group_size is None:
                 param_groups.append(g)
                 continue
-            cur, size = [], 0
+            cur: List[torch.Tensor] = []
+            size = 0
             chunks = []
             for p in g["params"]:
                 if cur and size + p.numel() > max_group_size:
@@ -124,8 +127,15 @@ def configure_moe_param_groups(model_parameters: List):
     raise MoEError(f"model_parameters must hold Parameters or dicts, got {type(first).__name__}")
 
 
-def _params_with_grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
-    return [p for p in params if p.grad is not None]
+def _params_with_grads(params: Iterable[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, its gradient)`` for every parameter that has a gradient."""
+    return [(p, p.grad) for p in params if p.grad is not None]
+
+
+def _group_name(p: torch.Tensor) -> str:
+    """The expert group an expert parameter belongs to: ``experts._mark`` sets it as an attribute (DeepSpeed's
+    ``param.group_name``), which torch's Tensor does not declare."""
+    return getattr(p, "group_name")
 
 
 def _flat_all_reduce(grads: List[torch.Tensor], group, scale: float) -> None:
@@ -148,9 +158,9 @@ def reduce_expert_gradients(model: nn.Module, dp_world_size: Optional[int] = Non
     world size (default: the world), so it equals the mean gradient over all ranks' tokens."""
     world = dp_world_size or dist.get_world_size()
     by_name: Dict[str, List[torch.Tensor]] = defaultdict(list)
-    for p in _params_with_grads(model.parameters()):
+    for p, grad in _params_with_grads(model.parameters()):
         if is_moe_param(p):
-            by_name[p.group_name].append(p.grad)
+            by_name[_group_name(p)].append(grad)
     for name in sorted(by_name):
         _flat_all_reduce(by_name[name], groups.get_expert_data_parallel_group(name), 1.0 / world)
 
@@ -158,7 +168,7 @@ def reduce_expert_gradients(model: nn.Module, dp_world_size: Optional[int] = Non
 def reduce_dense_gradients(model: nn.Module, group=None) -> None:
     """Average every non-expert gradient over ``group`` (default: the world) -- what DDP does for them."""
     size = dist.get_world_size(group)
-    grads = [p.grad for p in _params_with_grads(model.parameters()) if not is_moe_param(p)]
+    grads = [grad for p, grad in _params_with_grads(model.parameters()) if not is_moe_param(p)]
     if grads:
         _flat_all_reduce(grads, group, 1.0 / size)
 
@@ -175,15 +185,16 @@ def get_global_grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tens
     (each expert lives in exactly one rank of it). Call after the reductions above."""
     if norm_type != 2.0:
         raise MoEError(f"get_global_grad_norm supports norm_type=2.0, got {norm_type}")
-    dense = [p.grad for p in _params_with_grads(model.parameters()) if not is_moe_param(p)]
+    dense = [grad for p, grad in _params_with_grads(model.parameters()) if not is_moe_param(p)]
     dev = dense[0].device if dense else next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=dev)
     for g in dense:
         total += g.detach().double().pow(2).sum()
     by_name: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=dev))
-    for p in _params_with_grads(model.parameters()):
+    for p, grad in _params_with_grads(model.parameters()):
         if is_moe_param(p):
-            by_name[p.group_name] = by_name[p.group_name] + p.grad.detach().double().pow(2).sum()
+            name = _group_name(p)
+            by_name[name] = by_name[name] + grad.detach().double().pow(2).sum()
     for name in sorted(by_name):
         part = by_name[name]
         ep_group = groups.ep_group_or_none(name)
@@ -197,6 +208,6 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale every gradient by min(1, max_norm / global norm); returns the global norm (before clipping)."""
     norm = get_global_grad_norm(model)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in _params_with_grads(model.parameters()):
-        p.grad.mul_(coef.to(p.grad.dtype))
+    for _, grad in _params_with_grads(model.parameters()):
+        grad.mul_(coef.to(grad.dtype))
     return norm

@@ -64,6 +64,15 @@ def parse_precision(config: dict[str, Any]) -> tuple[torch.dtype, dict[str, Any]
     return torch.float16, scaler, float(clip)
 
 
+def grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
+    """``p.grad`` of an optimizer parameter after :meth:`Precision.grads_to_masters`, which gives every one a
+    gradient (zeros where the step reached none)."""
+    if p.grad is None:
+        raise RuntimeError(f"{where}: an optimizer parameter has no gradient (Precision.grads_to_masters must run "
+                           f"first)")
+    return p.grad
+
+
 def _make_scaler(args: dict[str, Any]):
     # ds-optim (a dependency for fp16 only) holds DeepSpeed's scaler, with its argument checks
     from ds_optim.loss_scaler import DynamicLossScaler, StaticLossScaler
@@ -174,7 +183,7 @@ class Precision:
     def unscale_clip_check(self) -> bool:
         """Divide by the loss scale, clip by the global norm; returns True when the step must be skipped (fp16
         overflow anywhere). Every rank calls it."""
-        grads = [m.grad for m in self.opt_params]
+        grads = [grad_of(m, "Precision.unscale_clip_check") for m in self.opt_params]
         if self.scaler is not None and grads:
             torch._foreach_div_(grads, self.scaler.cur_scale)
         if self.scaler is None and self.clip <= 0:

@@ -336,12 +336,13 @@ def _merge_masters(parts: list[Any]) -> dict[str, torch.Tensor] | None:
 def _load_optimizer(engine, saved: list[dict | None], path: str) -> None:
     """Re-assemble the optimizer state per parameter name and load it through the optimizer's own
     ``load_state_dict`` (which moves the tensors to each parameter's device)."""
-    if any(s is None for s in saved):
+    present = [s for s in saved if s is not None]
+    if len(present) != len(saved):
         raise CheckpointError(f"{path} holds no optimizer state for this stage's layers (the saved run had none); "
                               f"pass load_optimizer_states=False")
     state: dict[str, Any] = {}
     group_of: dict[str, dict] = {}
-    for s in saved:
+    for s in present:
         state.update(s["state"])
         for g in s["param_groups"]:
             for n in g["params"]:

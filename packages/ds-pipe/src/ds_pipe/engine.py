@@ -22,7 +22,7 @@ One ``train_batch(data_iter)``:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,9 +32,12 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as _ckpt
-from ._precision import Precision
+from ._precision import Precision, grad_of
 from .config import PipeConfig
 from .module import PipelineModule
+
+if TYPE_CHECKING:  # the multi-stage schedules' parameter type (torch annotates a list of the base class)
+    from torch.distributed.pipelining.stage import _PipelineStageBase
 
 __all__ = ["PipelineEngine", "PipelineError"]
 
@@ -68,7 +71,11 @@ class PipelineEngine:
             raise ValueError("PipelineEngine: the PipelineModule has no loss_fn; train_batch needs one on the last "
                              "stage (PipelineModule(..., loss_fn=...))")
         self.module = model
-        self.grid = model.mpu()
+        grid = model.mpu()
+        if grid is None:
+            raise RuntimeError("PipelineEngine: the PipelineModule was made before torch.distributed was "
+                               "initialised, so it has no process groups; make it after init_process_group")
+        self.grid = grid
         self.stage_id = model.stage_id
         self.num_stages = model.num_stages
         self.dp_world_size = self.grid.get_data_parallel_world_size()
@@ -133,8 +140,9 @@ class PipelineEngine:
                 cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleGPipe
                 self._runners[key] = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
             else:
-                stages = [PipelineStage(module.chunk_module(k), c, module.num_chunks, self.device, group=group)
-                          for k, c in enumerate(module.chunk_ids)]
+                stages: list[_PipelineStageBase] = [
+                    PipelineStage(module.chunk_module(k), c, module.num_chunks, self.device, group=group)
+                    for k, c in enumerate(module.chunk_ids)]
                 if mode == "train":
                     cls = _SCHEDULE_CLASSES[self.schedule_name]
                     self._runners[key] = cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
@@ -270,7 +278,8 @@ class PipelineEngine:
         # every parameter has a gradient here (zeros where the step reached none): the flat buffers line up
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self._params:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+            g = grad_of(p, "PipelineEngine._average_data_parallel_grads")
+            by_dtype.setdefault(g.dtype, []).append(g)
         for grads in by_dtype.values():
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.grid.get_data_parallel_group())

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import itertools
 from collections import namedtuple
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
 __all__ = ["ProcessTopology", "PipeDataParallelTopology", "PipeModelDataParallelTopology", "PipelineParallelGrid"]
+
+
+def _coord_class(axes: list[str]) -> Callable[..., Any]:
+    """DeepSpeed's ``ProcessCoord``: a namedtuple with one field per axis. Made in a function because the fields
+    come at run time, and mypy types a ``namedtuple`` call only where its fields are literals."""
+    return namedtuple("ProcessCoord", axes)
 
 
 class ProcessTopology:
@@ -33,7 +39,7 @@ class ProcessTopology:
                 raise ValueError(f"ProcessTopology: axis {axis!r} has size {dim!r}; sizes are positive integers")
         self.axes = list(axes)
         self.dims = list(dims)
-        self.ProcessCoord = namedtuple("ProcessCoord", self.axes)
+        self.ProcessCoord = _coord_class(self.axes)
         self.mapping: dict[Any, int] = {}
         for rank, coord in enumerate(itertools.product(*[range(d) for d in self.dims])):
             self.mapping[self.ProcessCoord(*coord)] = rank
