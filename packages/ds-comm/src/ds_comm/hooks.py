@@ -10,7 +10,10 @@ data-parallel group (DDP does not divide on its own when a hook is registered).
 
 - :func:`onebit_hook`: the first ``warmup_steps`` iterations are plain full-precision all-reduces (1-bit
   compression of raw, early gradients hurts convergence; DeepSpeed's 1-bit Adam warms up the same way), then
-  every bucket goes through :func:`~ds_comm.compressed_allreduce` with its own error-feedback state.
+  every bucket goes through :func:`~ds_comm.compressed_allreduce` with its own error-feedback state. On CPU
+  tensors over ``torch.distributed`` the hook returns at once with a pending future and a worker thread runs the
+  exchange (``async_op=True``, the default; see ``_hook_worker``), so backward goes on computing the next buckets
+  meanwhile; the results are bitwise those of ``async_op=False``, which communicates before returning.
 - :func:`quantized_hook`: a blockwise-quantized reduce-scatter then all-gather (int8 by default), about 4x
   fewer bytes than an fp32 all-reduce, no state to carry.
 
@@ -26,12 +29,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ._hook_worker import HookWorker, dedicated_group
 from .error_feedback import OnebitErrorFeedback
 from .onebit import KernelBackendName, compressed_allreduce
 from .quantize import check_quantization_args
 from .quantized import quantized_all_gather, quantized_reduce_scatter
 from .stats import CommStats
-from .transport import resolve_transport
+from .transport import TorchDistTransport, resolve_transport
 
 logger = logging.getLogger("ds_comm")
 
@@ -52,14 +56,24 @@ class OnebitHookState:
         process_group: the DDP process group (``None``: default group).
         warmup_steps: iterations of full-precision all-reduce before compression starts (>= 0).
         backend: 1-bit kernel backend, as in :func:`~ds_comm.compressed_allreduce`.
+        async_op: ``True`` (default): where the buckets are CPU tensors over a ``torch.distributed`` group of
+            more than one rank, return a pending future and run each bucket's exchange on a worker thread, over a
+            process group of its own (created on the first call, collectively over the DDP group's ranks), so
+            DDP overlaps it with the rest of backward. ``False``, CUDA buckets, MPI, or one rank: communicate
+            before returning. Results are bitwise the same either way. :meth:`close` stops the worker.
     """
 
-    def __init__(self, process_group: Any = None, warmup_steps: int = 0, backend: KernelBackendName = "auto"):
+    def __init__(self, process_group: Any = None, warmup_steps: int = 0, backend: KernelBackendName = "auto",
+                 async_op: bool = True):
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if not isinstance(async_op, bool):
+            raise ValueError(f"async_op must be True or False, got {async_op!r}")
         self.process_group = process_group
         self.warmup_steps = warmup_steps
         self.backend = backend
+        self.async_op = async_op
+        self._worker: HookWorker | None = None
         #: completed iterations (incremented after the last bucket of each backward pass)
         self.iteration = 0
         self.error_feedbacks: dict[int, OnebitErrorFeedback] = {}
@@ -79,6 +93,23 @@ class OnebitHookState:
         if ef is None:
             ef = self.error_feedbacks[bucket_index] = OnebitErrorFeedback()
         return ef
+
+    def _async_worker(self, buffer: torch.Tensor) -> HookWorker | None:
+        """The worker that runs this bucket's exchange, or ``None`` to run it in the hook (see ``async_op``)."""
+        if not self.async_op or buffer.device.type != "cpu":
+            return None
+        if self._worker is None:
+            transport = resolve_transport(self.process_group)
+            if not isinstance(transport, TorchDistTransport) or transport.world_size == 1:
+                return None
+            self._worker = HookWorker(dedicated_group(self.process_group))
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the asynchronous worker and destroy its process group (a later hook call starts a new one)."""
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.close()
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's hook state (per-rank residuals: save one file per rank, as for the optimizer)."""
@@ -104,27 +135,40 @@ class OnebitHookState:
             self.error_feedbacks[int(index)] = ef
 
     def __getstate__(self):
-        # process groups do not pickle; the unpickled state uses the default group until reassigned
-        return {k: v for k, v in self.__dict__.items() if k != "process_group"}
+        # process groups and threads do not pickle; the unpickled state uses the default group until reassigned
+        return {k: v for k, v in self.__dict__.items() if k not in ("process_group", "_worker")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.process_group = None
+        self.__dict__.setdefault("async_op", True)
+        self._worker = None
+
+
+def _average_bucket(state: OnebitHookState, buffer: torch.Tensor, ef: OnebitErrorFeedback | None,
+                    group: Any) -> torch.Tensor:
+    """The bucket's exchange: full-precision average (``ef is None``: warm-up) or the 1-bit one, in place."""
+    if ef is None:
+        transport = resolve_transport(group)
+        transport.all_reduce(buffer, "sum")
+        buffer.div_(transport.world_size)
+    else:
+        compressed_allreduce(buffer, ef, group, backend=state.backend, stats=state.stats)
+    return buffer
 
 
 def onebit_hook(state: OnebitHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: full-precision average during warm-up, then 1-bit compressed average."""
     buffer = bucket.buffer()
-    if not state.compressing:
-        transport = resolve_transport(state.process_group)
-        transport.all_reduce(buffer, "sum")
-        buffer.div_(transport.world_size)
-    else:
-        ef = state._error_feedback(bucket.index(), buffer.numel())
-        compressed_allreduce(buffer, ef, state.process_group, backend=state.backend, stats=state.stats)
+    # decided here, in DDP's order, so the worker's queue holds exactly what the synchronous hook would run
+    ef = state._error_feedback(bucket.index(), buffer.numel()) if state.compressing else None
     if bucket.is_last():
         state.iteration += 1
-    return _completed_future(buffer)
+    worker = state._async_worker(buffer)
+    if worker is None:
+        return _completed_future(_average_bucket(state, buffer, ef, state.process_group))
+    group = worker.group
+    return worker.submit(lambda: _average_bucket(state, buffer, ef, group))
 
 
 class QuantizedHookState:
