@@ -71,7 +71,7 @@ def partitioned(function: Callable, args: tuple, group: Any, rank: int, size: in
     slots = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in args]
     shapes = [a.shape if s else None for a, s in zip(args, slots)]
     handoffs: list[list] = [[] for _ in args]
-    first = [args]
+    first: list[tuple | None] = [args]
     sliced = tuple(_Keep.apply(a, rank, size, h) if s else a for a, s, h in zip(args, slots, handoffs))
 
     def run(*inputs):

@@ -15,16 +15,19 @@ config sections, kept here so the engine only calls in at its few points:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeGuard
 
 from . import checkpointing
 from .curriculum import CurriculumScheduler
 from .profiling.engine_hook import DEFAULTS as _PROFILER_DEFAULTS, EngineFlopsProfiler
 
+if TYPE_CHECKING:
+    from .config import DeepSpeedConfig
+
 __all__ = ["attach", "curriculum_kwargs", "profiled", "FeatureGetters"]
 
 
-def _enabled(section: Any) -> bool:
+def _enabled(section: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(section, dict) and section.get("enabled") is True
 
 
@@ -63,6 +66,9 @@ def profiled(engine: Any, phase: str):
 
 class FeatureGetters:
     """DeepSpeed's engine getters of the three sections (mixed into ``DeepSpeedEngine``)."""
+
+    if TYPE_CHECKING:  # set by DeepSpeedEngine (ZeroEngine.__init__), which this mixin is part of
+        config: DeepSpeedConfig
 
     def _profiler_option(self, key: str):
         section = getattr(self.config, "flops_profiler", None) or {}

@@ -49,7 +49,8 @@ def _is_off(key: str, value: Any) -> bool:
 def _sections(source: Any) -> tuple[dict[str, Any], OptimizerConfig | None, SchedulerConfig | None, bool]:
     data = raw_config(source)
     problems: list[str] = []
-    optimizer = scheduler = None
+    optimizer: OptimizerConfig | None = None
+    scheduler: SchedulerConfig | None = None
     for key, model in (("optimizer", OptimizerConfig), ("scheduler", SchedulerConfig)):
         if key in data:
             try:
@@ -57,7 +58,7 @@ def _sections(source: Any) -> tuple[dict[str, Any], OptimizerConfig | None, Sche
             except ValueError as e:
                 problems.append(f"{key}: {e}")
                 continue
-            if key == "optimizer":
+            if isinstance(section, OptimizerConfig):  # key == "optimizer"
                 optimizer = section
             else:
                 scheduler = section
@@ -89,7 +90,7 @@ def initialize_pipeline(model: Any, optimizer: Any, model_parameters: Iterable |
     if optimizer is None and optimizer_section is None:
         raise ConfigError("no optimizer: pass optimizer= to initialize() or add an 'optimizer' section to the config")
     grid = model.mpu()
-    if optimizer is None:
+    if optimizer is None and optimizer_section is not None:  # the same as `optimizer is None` (refused above)
         section = optimizer_section
 
         def optimizer(stage_params):  # noqa: F811 - the config's optimizer over this stage's parameters
@@ -115,7 +116,8 @@ def initialize_pipeline(model: Any, optimizer: Any, model_parameters: Iterable |
                               "train_batch_size) in the config")
         loader = DeepSpeedDataLoader(training_data, micro, num_replicas=grid.get_data_parallel_world_size(),
                                      rank=grid.get_data_parallel_rank(), collate_fn=collate_fn, drop_last=drop_last)
-        engine.training_dataloader = loader
+        # DeepSpeed's engine attribute, which ds-pipe's PipelineEngine does not declare (so: setattr)
+        setattr(engine, "training_dataloader", loader)
         # DeepSpeed's pipeline engine: train_batch() with no iterator reads the loader, round after round
         engine.set_dataiterator(iter(RepeatingLoader(loader)))
     return engine, engine.optimizer, loader, engine.lr_scheduler

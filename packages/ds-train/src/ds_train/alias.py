@@ -39,7 +39,7 @@ class _AliasLoader(importlib.abc.Loader):
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._spec = None
+        self._spec: importlib.machinery.ModuleSpec | None = None
 
     def create_module(self, spec):
         module = importlib.import_module(self.target)

@@ -52,7 +52,7 @@ _SECTION_KEYS = {"partition_activations": "partition_activations",
                  "contiguous_memory_optimization": "contiguous_checkpointing",
                  "number_checkpoints": "num_checkpoints", "cpu_checkpointing": "checkpoint_in_cpu",
                  "synchronize_checkpoint_boundary": "synchronize", "profile": "profile"}
-_DEFAULTS = {"partition_activations": False, "contiguous_checkpointing": False, "num_checkpoints": None,
+_DEFAULTS: dict[str, Any] = {"partition_activations": False, "contiguous_checkpointing": False, "num_checkpoints": None,
              "checkpoint_in_cpu": False, "synchronize": False, "profile": False}
 
 _options: dict[str, Any] = dict(_DEFAULTS)
@@ -361,7 +361,7 @@ def _to_host(function: Callable, args: tuple, on_device: Callable[[Any], bool] =
     torch's checkpoint still records and replays the device's random state (it looks at the arguments'
     devices)."""
     devices = [a.device if isinstance(a, torch.Tensor) and on_device(a) else None for a in args]
-    first = [dict(enumerate(args))]
+    first: list[dict[int, Any] | None] = [dict(enumerate(args))]
     host = []
     for a, d in zip(args, devices):
         if d is None:

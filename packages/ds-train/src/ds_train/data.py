@@ -54,7 +54,7 @@ class DeepSpeedDataLoader:
         self.drop_last = drop_last
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+        self.sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                                           drop_last=drop_last)
         #: the epoch of the next batch (the sampler's epoch)
         self.epoch = 0

@@ -187,7 +187,6 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     if not isinstance(timeout, datetime.timedelta):
         raise TypeError(f"init_distributed: timeout must be a datetime.timedelta, got {type(timeout).__name__}")
     backend = dist_backend or default_backend()
-    kwargs = {"timeout": timeout}
     global _world_timeout
     _world_timeout = timeout
 
@@ -198,7 +197,7 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
             raise ValueError(f"init_distributed(init_method={init_method!r}) needs rank and world_size (arguments, "
                              "or RANK and WORLD_SIZE in the environment)")
         _select_cuda_device(backend, rank)
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
         log("ds_train: rank %d of %d joined %s over %s", rank, world_size, init_method, backend)
         return dist.get_rank(), dist.get_world_size()
 
@@ -217,7 +216,7 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
         if not 0 <= rank < world:
             raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
         _select_cuda_device(backend, rank)
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
         log("ds_train: rank %d of %d joined over %s", rank, world, backend)
     else:
         if rank > 0 or world_size > 1:
@@ -226,6 +225,6 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
                              "ds-launch/torchrun")
         if backend == "nccl" and torch.cuda.is_available():
             torch.cuda.set_device(local_cuda_device())
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         log("ds_train: no launch environment; running as a single process over %s", backend)
     return dist.get_rank(), dist.get_world_size()

@@ -23,18 +23,23 @@ not move. A ``to()`` that names the engine's own device and dtype is accepted an
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from ds_zero import ZeroEngine
 
 from . import _engine_features
+from .data import DeepSpeedDataLoader
 from .monitor._engine import EngineMonitoring, MonitorGetters
+
+if TYPE_CHECKING:
+    from .config import DeepSpeedConfig
 
 logger = logging.getLogger("ds_train")
 
@@ -91,6 +96,9 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
     ``--local_rank``). ``ds_train.initialize`` builds it; ``training_dataloader`` is set there.
     """
 
+    if TYPE_CHECKING:  # ZeroEngine.__init__ sets it; initialize() always passes a DeepSpeedConfig (check_config)
+        config: DeepSpeedConfig
+
     def __init__(self, model: torch.nn.Module, optimizer, config, lr_scheduler=None, process_group=None, *,
                  mpu: Any = None, args: Any = None, expert_data_parallel_groups: Any = None) -> None:
         torch.nn.Module.__init__(self)  # first: ZeroEngine's `self.module = model` registers the child module
@@ -108,7 +116,7 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
                     break
         self.data_parallel_group = (process_group if process_group is not None
                                     else dist.group.WORLD if self.distributed else None)
-        self.training_dataloader = None
+        self.training_dataloader: DeepSpeedDataLoader | None = None
         self._step_applied = False
         # activation_checkpointing, flops_profiler, curriculum_learning (ds_train._engine_features)
         _engine_features.attach(self)
@@ -311,7 +319,7 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
     def empty_partition_cache(self) -> None:
         """Stage 3: free gathered parameters now (else a no-op)."""
         if self.stage == 3:
-            self.policy.reshard()
+            self._stage3_policy().reshard()
 
     def destroy(self) -> None:
         """DeepSpeed releases its optimizer's hooks and buffers here; this engine closes its monitors (flushing
@@ -431,13 +439,13 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
     def zero_force_ds_cpu_optimizer(self) -> bool:
         return self.config.zero_force_ds_cpu_optimizer
 
-    def gradient_clipping(self) -> float:
+    def gradient_clipping(self) -> builtins.float:  # builtins: the class's own float() method shadows the type
         return self.config.gradient_clipping
 
     def dynamic_loss_scale(self) -> bool:
         return self.config.fp16.enabled and self.config.fp16.loss_scale == 0
 
-    def initial_dynamic_scale(self) -> float:
+    def initial_dynamic_scale(self) -> builtins.float:  # builtins: the class's own float() method shadows the type
         return float(2 ** self.config.fp16.initial_scale_power)
 
     def dynamic_loss_scale_args(self) -> dict | None:
@@ -488,7 +496,7 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
     def postscale_gradients(self) -> bool:
         return True  # prescale_gradients=true is refused by the config
 
-    def gradient_predivide_factor(self) -> float:
+    def gradient_predivide_factor(self) -> builtins.float:  # builtins: the class's own float() method shadows the type
         return 1.0
 
     def sparse_gradients_enabled(self) -> bool:
@@ -516,7 +524,10 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
             raise NotImplementedError("save_checkpoint(exclude_frozen_parameters=True) is not supported yet")
         return ZeroEngine.save_checkpoint(self, save_dir, tag, client_state or {})
 
-    def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,
+    # DeepSpeed's argument order (load_module_strict third) differs from ZeroEngine's on purpose: scripts pass them
+    # positionally as DeepSpeed takes them
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True,  # type: ignore[override]
+                        load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
         """DeepSpeed's ``load_checkpoint`` -> ``(load_path, client_state)``.
 
@@ -556,8 +567,6 @@ class DeepSpeedEngine(_engine_features.FeatureGetters, MonitorGetters, ZeroEngin
                      data_sampler=None, collate_fn=None, num_local_io_workers: int | None = None):
         """A :class:`~ds_train.data.DeepSpeedDataLoader` over this engine's data-parallel ranks (DeepSpeed's
         ``deepspeed_io``); ``batch_size`` defaults to the micro-batch size."""
-        from .data import DeepSpeedDataLoader
-
         if route not in (ROUTE_TRAIN, ROUTE_EVAL, ROUTE_PREDICT):
             raise ValueError(f"deepspeed_io: route must be 'train', 'eval' or 'predict', got {route!r}")
         if data_sampler is not None:
@@ -580,12 +589,14 @@ def _random_states_kept():
     them, while ds-zero's full load restores the saved ones)."""
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    np_random: Any = None  # numpy.random, when numpy is installed
+    np_state: Any = None
     try:
         import numpy as np
 
-        np_state = np.random.get_state()
+        np_random, np_state = np.random, np.random.get_state()
     except ImportError:  # pragma: no cover - numpy comes with numba
-        np, np_state = None, None
+        pass
     try:
         yield
     finally:
@@ -593,5 +604,5 @@ def _random_states_kept():
         random.setstate(py_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
-        if np is not None:
-            np.random.set_state(np_state)
+        if np_random is not None:
+            np_random.set_state(np_state)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, DeepSpeedConfig, check_config
+from .config import ConfigError, OptimizerConfig, check_config
 from .data import DeepSpeedDataLoader
 from .dist import TORCH_DISTRIBUTED_DEFAULT_PORT, init_distributed
 from .engine import DeepSpeedEngine
@@ -118,14 +118,14 @@ def _moe(model: torch.nn.Module):
             # experts' markers, which the split reads
             for s, p in zip(params, real):
                 if s is not p and s.shape == p.shape and ds_moe.is_moe_param(p):
-                    s.allreduce, s.group_name = False, p.group_name
+                    # ds-moe's markers, set on its expert params at run time (getattr: not torch's Parameter's)
+                    s.allreduce, s.group_name = False, getattr(p, "group_name")
         return ds_moe.configure_moe_param_groups(params)
 
     return configure, groups.get_expert_data_parallel_group
 
 
-def _optimizer_factory(cfg: DeepSpeedConfig, group: Any) -> Callable:
-    section = cfg.optimizer
+def _optimizer_factory(section: OptimizerConfig, group: Any) -> Callable:
 
     def factory(param_groups):
         return build_optimizer(section.type, section.params, param_groups, process_group=group)
@@ -191,8 +191,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     _to_local_device(model, optimizer)
     params = _optimizer_params(model_parameters, model)
     moe_configure, expert_groups = _moe(model)
-    if optimizer is None:
-        factory = _optimizer_factory(cfg, group)
+    if optimizer is None and cfg.optimizer is not None:  # the same as `optimizer is None` (refused above)
+        factory = _optimizer_factory(cfg.optimizer, group)
         if moe_configure is not None:  # DeepSpeed splits MoE models' param groups before building the optimizer
             factory = (lambda make: lambda trainable: make(moe_configure(trainable)))(factory)
         # the caller's param groups (weight-decay splits...) are kept: the engine is given an optimizer built
@@ -218,7 +218,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     engine = DeepSpeedEngine(model, engine_optimizer, cfg, lr_scheduler=engine_scheduler, process_group=group,
                              mpu=mpu, args=args, expert_data_parallel_groups=expert_groups)
 
-    loader = None
+    loader: DeepSpeedDataLoader | None = None
     if training_data is not None:
         loader = DeepSpeedDataLoader(training_data, engine.train_micro_batch_size_per_gpu(), num_replicas=dp_world,
                                      rank=dp_rank, collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)

@@ -31,7 +31,12 @@ where training peaks (2 bytes/param more at the peak, measured on an H200).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ._expert import ExpertGroup
 
 #: every shard of a bucket is a multiple of this many elements (keeps shard starts 64-byte aligned in bf16)
 SHARD_ALIGN = 32
@@ -54,7 +59,7 @@ class Bucket:
         self.shard_rank = shard_rank
         #: an expert param group's bucket (``_expert``): its ExpertGroup, whose process group reduces and
         #: partitions it instead of the data-parallel group; None for dense buckets
-        self.expert = None
+        self.expert: ExpertGroup | None = None
         #: where this bucket's shard starts inside its param group's masters and GradShards (set once, by
         #: ``_partition.assign_group_offsets``)
         self.master_offset = 0
@@ -103,6 +108,12 @@ class Bucket:
         """Flat param storage the params are views of (None when the params were left alone)."""
         return self._param_flat
 
+    def flat_params(self) -> torch.Tensor:
+        """:attr:`param_flat`, which the caller needs allocated (``flatten_params`` ran)."""
+        if self._param_flat is None:
+            raise RuntimeError(f"bucket {self.index}: its flat param storage is not allocated (flatten_params)")
+        return self._param_flat
+
     def flatten_params(self, dtype: torch.dtype, device: torch.device, sources=None) -> None:
         """Allocate the flat param storage (zero padding), copy the params in (``sources``: tensors to copy
         instead, e.g. the fp32 originals) and re-point each param's ``.data`` to its view."""
@@ -118,7 +129,7 @@ class Bucket:
     def write_param_shard(self, values: torch.Tensor) -> None:
         """This rank's shard of the params := ``values`` (cast); the all-gather brings the other shards."""
         lo, hi = self.shard_range
-        self._param_flat[lo:hi].copy_(values)
+        self.flat_params()[lo:hi].copy_(values)
 
     # -- full-size grads (stages 0 and 1) ----------------------------------------------------------------
     def keep_full_grads(self, shares_reduced: bool = False) -> None:
@@ -130,6 +141,12 @@ class Bucket:
 
     @property
     def full_grads(self) -> torch.Tensor | None:
+        return self._full_grads
+
+    def made_full_grads(self) -> torch.Tensor:
+        """:attr:`full_grads`, which the caller needs made already (``ensure_full_grads`` ran this window)."""
+        if self._full_grads is None:
+            raise RuntimeError(f"bucket {self.index}: its full gradients were not made this accumulation window")
         return self._full_grads
 
     def ensure_full_grads(self, device: torch.device) -> torch.Tensor:
@@ -200,8 +217,11 @@ class Bucket:
     def write_reduced(self, shard: torch.Tensor) -> None:
         """The reduced shard := ``shard`` (adopted as it is when this bucket owns nothing yet)."""
         if self._shares_reduced:
-            if shard.data_ptr() != self._full_grads.data_ptr():
-                self._full_grads.copy_(shard)
+            full = self._full_grads
+            if full is None:  # stage 0 reduces the full grads themselves: backward made them first
+                raise RuntimeError(f"bucket {self.index}: a reduced gradient arrived before its full gradients")
+            if shard.data_ptr() != full.data_ptr():
+                full.copy_(shard)
         elif self._reduced is None:
             self._reduced = shard
         elif shard.data_ptr() != self._reduced.data_ptr():

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
 
-ExpertGroupsArg = Mapping[str, object] | Callable[[str], object] | None
+ExpertGroupsArg = Mapping[str, "dist.ProcessGroup"] | Callable[[str], "dist.ProcessGroup"] | None
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ExpertGroup:
     """One expert param group's expert-data-parallel group, as this rank sees it."""
 
     name: str
-    group: object  # a ProcessGroup (None: no collective, one process)
+    group: dist.ProcessGroup | None  # None: no collective, one process
     world: int
     rank: int
 
@@ -68,11 +69,14 @@ class ExpertGroups:
                     f"the model has expert params (param group / group_name {name!r}: allreduce=False, DeepSpeed's "
                     "MoE marker) but ZeroEngine got no expert_data_parallel_groups; pass {name: the expert-data-"
                     "parallel ProcessGroup} (ds_train.initialize does this for ds-moe models)")
-            try:
-                group = self.arg[name] if isinstance(self.arg, Mapping) else self.arg(name)
-            except KeyError:
-                raise ValueError(f"expert_data_parallel_groups has no group for the expert param group {name!r} "
-                                 f"(it has {sorted(self.arg)})") from None
+            if isinstance(self.arg, Mapping):
+                try:
+                    group = self.arg[name]
+                except KeyError:
+                    raise ValueError(f"expert_data_parallel_groups has no group for the expert param group {name!r} "
+                                     f"(it has {sorted(self.arg)})") from None
+            else:
+                group = self.arg(name)
             if self.dp_world != dist.get_world_size():
                 raise ValueError("expert param groups need the data-parallel group to be the whole world "
                                  f"(it has {self.dp_world} of {dist.get_world_size()} ranks): the expert-parallel x "
@@ -124,8 +128,9 @@ def broadcast_params(module: torch.nn.Module, experts: ExpertGroups, dp_group, d
                 continue
             if is_expert_param(p):
                 eg = experts.of_param(p)
-                if eg.world > 1:
-                    dist.broadcast(p.data, src=dist.get_global_rank(eg.group, 0), group=eg.group)
+                if eg.world > 1:  # several ranks: a real group (None stands for one process)
+                    group = cast(dist.ProcessGroup, eg.group)
+                    dist.broadcast(p.data, src=dist.get_global_rank(group, 0), group=group)
             elif dp_world > 1:
                 dist.broadcast(p.data, src=src, group=dp_group)
         if dp_world > 1:
@@ -170,7 +175,7 @@ def expert_units(model: torch.nn.Module, groups: dict[int, ExpertGroup], param_g
         if None in found or len(found) != 1:
             raise ValueError(f"the experts of {type(m).__name__} are not all in one moe param group of the optimizer")
         units[m] = found.pop()
-    covered = {p for m in units for p in m.experts.parameters()}
+    covered = {p for m in units for p in m.get_submodule("experts").parameters()}
     stray = [p for p in name_of if p not in covered]
     if stray:
         raise ValueError(f"zero_optimization.stage 3 with expert groups: {len(stray)} expert params are not under an "

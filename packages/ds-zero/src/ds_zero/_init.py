@@ -22,11 +22,16 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Literal, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from .engine import ZeroEngine
 
 __all__ = ["Init", "GatheredParameters"]
 
@@ -89,7 +94,7 @@ class Init(contextlib.ContextDecorator):
         self.enabled = enabled
         self.param_init_fn = param_init_fn
         self._record: _InitRecord | None = None
-        self._original = None
+        self._original: Callable[[nn.Module, str, nn.Parameter | None], None] | None = None
 
     def __enter__(self):
         if not self.enabled:
@@ -106,13 +111,15 @@ class Init(contextlib.ContextDecorator):
                 param = meta
             return original(module, name, param)
 
-        nn.Module.register_parameter = register_parameter
+        # setattr: a class attribute patched for the block (its type is a method, which cannot be assigned)
+        setattr(nn.Module, "register_parameter", register_parameter)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         if self.enabled:
-            nn.Module.register_parameter = self._original
-            self._record.rng_at_exit = torch.get_rng_state()
+            setattr(nn.Module, "register_parameter", self._original)
+            if self._record is not None:  # set by __enter__
+                self._record.rng_at_exit = torch.get_rng_state()
         return False
 
 
@@ -145,7 +152,7 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
         raise ValueError(f"the model's parameters were built under {len(records)} separate ds_zero.Init() blocks; "
                          "build the model inside one (its initialisers are replayed from that block's RNG state)")
     record = next(iter(records.values()))
-    names = {}
+    names: dict[nn.Parameter, str] = {}
     for name, p in model.named_parameters():
         names.setdefault(p, name)
     done = set()
@@ -156,7 +163,7 @@ def materialise(model: nn.Module, records_by_name: dict[str, _InitRecord], devic
         # children were built, and may set their params (nn.MultiheadAttention sets out_proj.bias)
         for mod_name, module in _post_order(model):
             own = [(n, p) for n, p in module._parameters.items() if p is not None
-                   and names.get(p) in records_by_name]
+                   and p in names and names[p] in records_by_name]
             if not own:
                 continue
             init_fn = record.param_init_fn
@@ -225,7 +232,8 @@ class GatheredParameters(contextlib.ContextDecorator):
         self.params = list(dict.fromkeys(params))
         self.modifier_rank = modifier_rank
         self.enabled = enabled
-        self._swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter, object]] = []
+        #: (module, attribute, the engine's param, the one the block sees, the engine)
+        self._swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter, ZeroEngine]] = []
         from torch.distributed.tensor import DTensor
 
         for p in self.params:
@@ -251,12 +259,13 @@ class GatheredParameters(contextlib.ContextDecorator):
             if isinstance(p, DTensor):
                 full = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
                 module._parameters[name] = full
-                self._swapped.append((module, name, p, full, engine))
+                # p: the engine's DTensor parameter (an nn.Parameter, which the isinstance above narrowed away)
+                self._swapped.append((module, name, cast(nn.Parameter, p), full, engine))
             else:  # a persistent param: already whole, its master must follow modifications
                 self._swapped.append((module, name, p, p, engine))
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         if not self.enabled:
             return False
         swapped, self._swapped = self._swapped, []
@@ -273,7 +282,7 @@ class GatheredParameters(contextlib.ContextDecorator):
                         if full is original:
                             engine._refresh_persistent_master(original)
                         else:
-                            local = original._local_tensor
+                            local = cast("DTensor", original)._local_tensor  # a sharded param
                             local.copy_(engine._rows_of(full.data.to(local.dtype), local))
         finally:
             for module, name, original, full, engine in swapped:

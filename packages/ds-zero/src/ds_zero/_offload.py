@@ -43,12 +43,16 @@ and 16-bit CPU states. The step is synchronous: copies, then the CPU step, then 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ._buckets import Bucket
 from ._partition import Masters
+
+if TYPE_CHECKING:
+    from ds_optim import CPUAdam
 
 logger = logging.getLogger("ds_zero")
 
@@ -199,7 +203,7 @@ class OffloadedMasters(Masters):
         self.host_grads: list[torch.Tensor] = []
         # the optimizer whose copy-out holds the params of the last step (None: cast the masters instead, as
         # after a load or refresh, or for an optimizer without copy-out)
-        self._copy_from = None
+        self._copy_from: CPUAdam | None = None
         #: write-backs served from CPUAdam's copy-out (the tests read it to see that path ran)
         self.copy_out_writes = 0
 
@@ -220,7 +224,7 @@ class OffloadedMasters(Masters):
         super().step(optimizer, self._to_host(grads), scale)
         self.offload.cpu_steps += 1
         copies = isinstance(optimizer, CPUAdam) and optimizer.copy_dtype is not None
-        self._copy_from = optimizer if copies else None
+        self._copy_from = optimizer if copies and isinstance(optimizer, CPUAdam) else None
 
     @torch.no_grad()
     def write_params(self) -> None:
@@ -234,6 +238,8 @@ class OffloadedMasters(Masters):
         self.copy_out_writes += 1
         for bucket in self.buckets:
             copy = copies[bucket.group_index]
+            if copy is None:  # a param group with a bucket has a master
+                raise RuntimeError(f"bucket {bucket.index}: param group {bucket.group_index} has no fp32 master")
             bucket.write_param_shard(copy[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
 
     def host_buffers(self, optimizer) -> list[torch.Tensor]:

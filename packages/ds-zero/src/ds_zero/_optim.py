@@ -100,19 +100,20 @@ def rebuild_optimizer(template: torch.optim.Optimizer, group_params: list[list[t
 
 def _track_step(opt: torch.optim.Optimizer) -> None:
     """What torch's LRScheduler does to its optimizer's ``step`` (so it can warn about the call order)."""
+    # torch's own patching of a bound method, with its attribute names: setattr/getattr, which its types do not have
     if hasattr(opt.step, "_wrapped_by_lr_sched"):
         return
-    func = opt.step.__func__
+    func = getattr(opt.step, "__func__")
     ref = weakref.ref(opt)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         o = ref()
-        o._opt_called = True
+        setattr(o, "_opt_called", True)
         return func.__get__(o, o.__class__)(*args, **kwargs)
 
-    wrapper._wrapped_by_lr_sched = True
-    opt.step = wrapper
+    setattr(wrapper, "_wrapped_by_lr_sched", True)
+    setattr(opt, "step", wrapper)
 
 
 def bind_scheduler(lr_scheduler, old: torch.optim.Optimizer, new: torch.optim.Optimizer):

@@ -70,7 +70,7 @@ class DataParallelShards(ShardingPolicy):
         pending: list[tuple[object, int]] = []
         in_flight = 0
         for bucket in buckets:
-            flat = bucket.param_flat
+            flat = bucket.flat_params()
             n = bucket.shard_numel
             # an expert param group's bucket is sharded over its expert-data-parallel group (``_expert``)
             group = bucket.expert.group if bucket.expert is not None else self.group
@@ -99,13 +99,14 @@ class DataParallelShards(ShardingPolicy):
     def _gather_in_pieces(self, bucket: Bucket, group) -> None:
         world, n = bucket.shard_world, bucket.shard_numel
         piece = max(1, self.allgather_bucket_size // world)
-        by_rank = bucket.param_flat.view(world, n)
+        flat = bucket.flat_params()
+        by_rank = flat.view(world, n)
         lo = bucket.shard_range[0]
-        staging = torch.empty(world * min(piece, n), dtype=bucket.param_flat.dtype, device=bucket.param_flat.device)
+        staging = torch.empty(world * min(piece, n), dtype=flat.dtype, device=flat.device)
         for start in range(0, n, piece):
             width = min(piece, n - start)
             out = staging[:world * width]
-            mine = bucket.param_flat[lo + start:lo + start + width].clone()
+            mine = flat[lo + start:lo + start + width].clone()
             _comm.wait(_comm.all_gather(out, mine, group))
             by_rank[:, start:start + width].copy_(out.view(world, width))
 
@@ -146,7 +147,10 @@ class Masters:
     def shard(self, bucket: Bucket) -> torch.Tensor:
         """This rank's fp32 master of ``bucket`` (a view; read through ``.data`` since an optimizer such as
         ds-optim's re-points it into its own flat buffer)."""
-        master = self.params[bucket.group_index].data
+        param = self.params[bucket.group_index]
+        if param is None:  # a group with a bucket has a non-empty master
+            raise RuntimeError(f"bucket {bucket.index}: param group {bucket.group_index} has no fp32 master")
+        master = param.data
         return master[bucket.master_offset:bucket.master_offset + bucket.shard_numel]
 
     def step(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float) -> None:
@@ -162,11 +166,12 @@ class Masters:
 
         masters = [p for p in self.params if p is not None]
         if isinstance(optimizer, FlatOptimizer):
-            optimizer.grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32, device=self.device)
+            # torch's GradScaler protocol: an attribute FlatOptimizer reads when present (it declares none)
+            setattr(optimizer, "grad_scale", torch.full((1,), 1.0 / scale, dtype=torch.float32, device=self.device))
             try:
                 optimizer.step(grads=grads)
             finally:
-                del optimizer.grad_scale
+                delattr(optimizer, "grad_scale")
             return
         try:
             for p, g in zip(masters, grads):

@@ -25,7 +25,7 @@ class Precision:
         fp16, bf16 = config.fp16, config.bf16
         self.auto_cast = (fp16.enabled and fp16.auto_cast) or (bf16.enabled and bf16.auto_cast)
         self.scaler: DynamicLossScaler | StaticLossScaler | None = None
-        self._checker: StaticLossScaler | None = None
+        self._checker: DynamicLossScaler | StaticLossScaler | None = None
         if fp16.enabled:
             if fp16.loss_scale == 0:
                 self.scaler = DynamicLossScaler(

@@ -40,7 +40,7 @@ class GradReducer:
         for bucket in buckets:
             for i, p in enumerate(bucket.params):
                 self._where[p] = (bucket, i)
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     #: whether the reduced shards already hold the average (else the sum over ranks)
     averaged = False

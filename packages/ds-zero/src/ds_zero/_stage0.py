@@ -16,12 +16,17 @@ backward, without overlap.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import _comm
 from ._buckets import Bucket
 from ._partition import GradShards
 from ._reducer import GradReducer
+
+if TYPE_CHECKING:
+    from ds_comm.onebit import KernelBackendName
 
 
 class AllReduceReducer(GradReducer):
@@ -49,7 +54,7 @@ class AllReduceReducer(GradReducer):
         for bucket, work, send in self._pending:
             _comm.wait(work)
             if send is not bucket.full_grads:  # communication_data_type: keep the params' .grad views current,
-                bucket.full_grads.copy_(send)  # and the reduced precision for the masters
+                bucket.made_full_grads().copy_(send)  # and the reduced precision for the masters
             if self.grad_shards is not None:
                 bucket.write_reduced(send)
         self._pending = []
@@ -64,7 +69,7 @@ class OnebitAllReduceReducer(AllReduceReducer):
 
     averaged = True
 
-    def __init__(self, buckets, group, world, ignore_unused_parameters, device, backend: str,
+    def __init__(self, buckets, group, world, ignore_unused_parameters, device, backend: KernelBackendName,
                  grad_shards: GradShards | None = None) -> None:
         super().__init__(buckets, group, world, ignore_unused_parameters, None, device, grad_shards)
         from ds_comm import OnebitErrorFeedback
@@ -81,7 +86,7 @@ class OnebitAllReduceReducer(AllReduceReducer):
     def _finish(self) -> None:  # averaged in place, inside backward
         if self.grad_shards is not None:
             for bucket in self.buckets:
-                bucket.write_reduced(bucket.full_grads)
+                bucket.write_reduced(bucket.made_full_grads())
 
     def _transport(self):
         from ds_comm import resolve_transport

@@ -30,7 +30,7 @@ from ._partition import GradShards
 from ._reducer import GradReducer
 
 
-class _ScatterMixin:
+class _ScatterMixin(GradReducer):  # a GradReducer base: the MRO of Stage1/2Reducer(_ScatterMixin, GradReducer) is unchanged
     """The one collective of both stages: ``send`` (a full bucket) -> this rank's reduced shard."""
 
     def _setup_scatter(self, grad_shards: GradShards, reduce_scatter: bool, quantize: dict | None) -> None:
@@ -45,7 +45,10 @@ class _ScatterMixin:
         the tensor that holds the shard once work is done)``."""
         lo, hi = bucket.shard_range
         group = self._group_of(bucket)
-        if out is None and (self.quantize is not None or self.use_reduce_scatter):
+        if self.quantize is None and not self.use_reduce_scatter:
+            work = _comm.all_reduce(send, group)
+            return work, send[lo:hi]
+        if out is None:
             out = torch.empty(bucket.shard_numel, dtype=send.dtype, device=send.device)
         if self.quantize is not None:
             from ds_comm import quantized_reduce_scatter
@@ -55,9 +58,6 @@ class _ScatterMixin:
                                      average=True, check_sizes=not self._checked_sizes)
             self._checked_sizes = True
             return None, out
-        if not self.use_reduce_scatter:
-            work = _comm.all_reduce(send, group)
-            return work, send[lo:hi]
         work = _comm.reduce_scatter(out, send, group)
         return work, out
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,10 @@ from ._init import materialise, register_engine_params
 from ._optim import rebuild_optimizer
 from ._partition import GradShards, Masters, ShardingPolicy
 from ._stage0 import AllReduceReducer
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,7 +58,7 @@ def find_shard_units(model: nn.Module, class_names: list[str] | None) -> list[nn
         units = [m for m in model.modules() if m is not model and type(m).__name__ in set(no_split)]
         if not units:
             units = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
-    depth = {}
+    depth: dict[nn.Module, int] = {}
     for name, m in model.named_modules():
         depth.setdefault(m, name.count(".") + (1 if name else 0))
     # fully_shard wants children before their parents
@@ -125,6 +130,8 @@ class FullyShardedParams(ShardingPolicy):
             raise RuntimeError("ZeRO stage 3 needs torch.distributed initialized (ds_train.init_distributed() or "
                                "torch.distributed.init_process_group(), a world of one process is fine)")
         self.group = group if group is not None else dist.group.WORLD
+        if self.group is None:  # torch.distributed is initialized (checked above): WORLD is set
+            raise RuntimeError("ZeRO stage 3: torch.distributed has no default process group")
         self.shard_world = dist.get_world_size(self.group)
         self.shard_rank = dist.get_rank(self.group)
         self.mesh = DeviceMesh.from_group(self.group, device.type)
@@ -134,9 +141,9 @@ class FullyShardedParams(ShardingPolicy):
                              f"{self.shard_world}")
         expert_units = expert_units or {}
         inside = {m for u in expert_units for m in u.modules()}
-        self.units = [u for u in find_shard_units(model, zero.shard_units) if u not in inside]
+        dense_units = [u for u in find_shard_units(model, zero.shard_units) if u not in inside]
         forward_order = {m: i for i, m in enumerate(model.modules())}
-        in_order = sorted(self.units, key=lambda m: forward_order[m])
+        in_order = sorted(dense_units, key=lambda m: forward_order[m])
         numels = [sum(p.numel() for p in m.parameters()) for m in in_order]
         self.schedule = schedule(numels, zero.prefetch_bucket_size, zero.max_live_parameters,
                                  zero.max_reuse_distance)
@@ -147,7 +154,7 @@ class FullyShardedParams(ShardingPolicy):
         keep = dict(zip(in_order, self.schedule.keep_after_forward))
         self._expert_grad_scale: dict = {}
         # MoE experts first (a dense unit may contain them; fully_shard wants children before their parents)
-        self.expert_units = list(expert_units)
+        expert_modules = list(expert_units)
         for unit, eg in expert_units.items():
             fully_shard(unit, mesh=DeviceMesh.from_group(eg.group, device.type), mp_policy=mp,
                         reshard_after_forward=True, ignored_params=ignored & set(unit.parameters()) or None,
@@ -158,20 +165,23 @@ class FullyShardedParams(ShardingPolicy):
             for p in unit.parameters():
                 if p not in ignored:
                     self._expert_grad_scale[p] = eg.world / self.shard_world
-        for unit in self.units:
+        for unit in dense_units:
             # hpZ: after forward keep a copy sharded over hpz ranks (one node), so backward gathers intra-node
             reshard = False if keep[unit] else (hpz if hpz > 1 and hpz < self.shard_world else True)
             fully_shard(unit, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard,
                         ignored_params=ignored & set(unit.parameters()) or None, offload_policy=offload)
-        self.units = [*self.expert_units, *self.units]
+        # the same module objects, now FSDP2 units (fully_shard swapped their classes for FSDPModule subclasses)
+        self.expert_units = [_fsdp(u) for u in expert_modules]
+        self.units = [*self.expert_units, *(_fsdp(u) for u in dense_units)]
         self.root = fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False,
                                 ignored_params=ignored or None, offload_policy=offload)
         depth = self.schedule.prefetch_depth
-        for i, unit in enumerate(in_order):
+        sharded_in_order = [_fsdp(u) for u in in_order]
+        for i, unit in enumerate(sharded_in_order):
             if depth >= 1:
-                unit.set_modules_to_forward_prefetch(in_order[i + 1:i + 1 + depth])
+                unit.set_modules_to_forward_prefetch(sharded_in_order[i + 1:i + 1 + depth])
             if depth > 1:  # one unit ahead is FSDP2's implicit backward prefetch already
-                unit.set_modules_to_backward_prefetch(list(reversed(in_order[max(0, i - depth):i])))
+                unit.set_modules_to_backward_prefetch(list(reversed(sharded_in_order[max(0, i - depth):i])))
         if zero.zero_quantized_weights:
             comm = quantized_all_gather_comm()
             for unit in [*self.units, self.root]:
@@ -204,7 +214,7 @@ class FullyShardedParams(ShardingPolicy):
         out = []
         for p in self.sharded:
             if p.grad is not None:
-                g = p.grad._local_tensor
+                g = cast("DTensor", p.grad)._local_tensor  # a sharded param's grad is a DTensor
                 scale = self._expert_grad_scale.get(p)
                 if scale is not None and scale != 1.0:
                     g.mul_(scale)
@@ -228,6 +238,15 @@ class FullyShardedParams(ShardingPolicy):
         for comm in self.grad_comms:
             if comm.residual is not None:
                 comm.residual.mul_(factor)
+
+
+def _fsdp(module: nn.Module) -> FSDPModule:
+    """``module`` after ``fully_shard``, which makes its class a subclass of FSDP2's ``FSDPModule``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        raise RuntimeError(f"{type(module).__name__} was not sharded by fully_shard")
+    return module
 
 
 def _is_dtensor(t) -> bool:
@@ -439,7 +458,7 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     engine.masters.write_params()
     engine.grad_shards = GradShards(engine.buckets, engine._num_groups, engine.device, reduce_dtype)
     current = dict(engine.module.named_parameters())  # fully_shard replaced the params by DTensors
-    groups = [[] for _ in range(engine._num_groups)]
+    groups: list[list[nn.Parameter]] = [[] for _ in range(engine._num_groups)]
     for name, gi in group_of.items():
         if current[name] in engine.policy.sharded_set:
             groups[gi].append(current[name])

@@ -134,7 +134,7 @@ def _remove_dir(path: str, fds: list[int]) -> None:
 
 
 def _np(t: torch.Tensor):
-    return memoryview(t.numpy()).cast("B")
+    return t.numpy().data.cast("B")  # ndarray.data: memoryview(array) (numpy's stubs give 3.10 no buffer protocol)
 
 
 class SwapFiles:
@@ -242,7 +242,10 @@ class NVMeAdam(torch.optim.Optimizer):
 
     def copy_of(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The 16-bit copy of ``p``'s new values written by the last step's kernel."""
-        return self.copies[p]
+        copy = self.copies[p]
+        if copy is None:
+            raise RuntimeError("NVMeAdam.copy_of: an fp32 model gets no 16-bit copy (copy_dtype is None)")
+        return copy
 
     def step(self, closure=None):
         raise RuntimeError("NVMeAdam steps inside the engine (swap_step with the reduced gradient shards)")
@@ -355,6 +358,8 @@ def to_files(masters, offload) -> SwapFiles:
     except NVMeSwapError as exc:
         error = exc
     agree_on_setup(error, offload.group)
+    if files is None:  # agree_on_setup raised this rank's error
+        raise RuntimeError("NVMe offload set-up failed") from error
     for gi, p in enumerate(masters.params):
         if p is not None:
             mapped = files.mapped(gi, "param", p.numel())

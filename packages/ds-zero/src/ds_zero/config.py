@@ -146,11 +146,12 @@ class FP16Config(StrictModel):
     enabled: bool = False
     auto_cast: bool = False
     loss_scale: NonNegativeFloat = 0.0
-    initial_scale_power: int = Field(16, ge=0, le=64)
+    # default= by keyword: type checkers read a field's default from that keyword (dataclass_transform)
+    initial_scale_power: int = Field(default=16, ge=0, le=64)
     loss_scale_window: PositiveInt = 1000
     hysteresis: PositiveInt = 2
     consecutive_hysteresis: bool = False
-    min_loss_scale: float = Field(1.0, gt=0)
+    min_loss_scale: float = Field(default=1.0, gt=0)
 
     not_built_keys: ClassVar[dict[str, Any]] = {"fp16_master_weights_and_grads": False}
 

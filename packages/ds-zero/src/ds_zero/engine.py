@@ -28,6 +28,8 @@ import contextlib
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 import torch.distributed as dist
 
@@ -39,13 +41,17 @@ from ._memory import model_state_bytes
 from ._mode import OptimizerMode
 from ._offload import CPUOffload
 from ._optim import OptimizerArg, bind_scheduler, materialize_optimizer, rebuild_optimizer
-from ._partition import DataParallelShards, GradShards, Masters, Replicated
+from ._partition import DataParallelShards, GradShards, Masters, Replicated, ShardingPolicy
 from ._precision import Precision
 from ._stage0 import AllReduceReducer, OnebitAllReduceReducer
 from ._stage12 import Stage1Reducer, Stage2Reducer
 from ._init import needs_materialisation
-from ._stage3 import build_stage3
+from ._reducer import GradReducer
+from ._stage3 import FullyShardedParams, Stage3Reducer, build_stage3
 from .config import EngineConfig
+
+if TYPE_CHECKING:
+    from ds_comm.optim import CompressedOptimizer
 
 logger = logging.getLogger("ds_zero")
 
@@ -69,6 +75,15 @@ class ZeroEngine:
             param groups flagged ``"moe": True`` are reduced and partitioned over the group of their ``"name"``
             (``_expert``).
     """
+
+    # set in __init__ (stage 3: by _stage3.build_stage3)
+    policy: ShardingPolicy
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    reducer: GradReducer | Stage3Reducer
+    buckets: list[Bucket]
+    #: stage 3: each param group's replicated DTensor over its persistent params' fp32 master (None: no master)
+    _master_dtensors: list[torch.nn.Parameter | None]
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerArg, config: EngineConfig | dict,
                  lr_scheduler=None, process_group=None, expert_data_parallel_groups=None) -> None:
@@ -153,22 +168,22 @@ class ZeroEngine:
             self.policy = DataParallelShards(process_group, self.dp_world_size, self.dp_rank,
                                              zero.allgather_bucket_size, zero.allgather_partitions,
                                              in_place="nccl" in self._backend)
-        self.buckets: list[Bucket] = assign_buckets(named, zero.reduce_bucket_size, self.policy.shard_world,
-                                                    self.policy.shard_rank, self.expert_groups)
+        self.buckets = assign_buckets(named, zero.reduce_bucket_size, self.policy.shard_world,
+                                      self.policy.shard_rank, self.expert_groups)
         if self.mode.steps_model_params:
             self.optimizer = user_opt
         else:
-            self._build_masters(zero.load_from_fp32_weights)
+            masters = self._build_masters(zero.load_from_fp32_weights)
             self.grad_shards = GradShards(self.buckets, self._num_groups, self.device, self._reduce_dtype())
             rebuild = self.offload.rebuild_optimizer if self.offload is not None else rebuild_optimizer
             if self.mode.compressed:
                 rebuild = rebuild_compressed
-            self.optimizer = rebuild(user_opt, [self.masters.group_params(gi) for gi in range(self._num_groups)])
+            self.optimizer = rebuild(user_opt, [masters.group_params(gi) for gi in range(self._num_groups)])
         self.lr_scheduler = bind_scheduler(lr_scheduler, user_opt, self.optimizer)
         self.reducer = self._build_reducer()
         self.reducer.attach()
         if self.mode.compressed:  # backward() skips the all-reduce when needs_grad_allreduce() says so: not DDP
-            self.optimizer.attach_engine(self)
+            cast("CompressedOptimizer", self.optimizer).attach_engine(self)  # mode.compressed: ds-comm's
 
     # -- construction ----------------------------------------------------------------------------------
     def _broadcast_module(self) -> None:
@@ -209,7 +224,8 @@ class ZeroEngine:
         if per_bucket:
             flags = [b.expert for b in self.buckets]
         else:
-            flags = [self.expert_groups.get(gi) for gi, group in enumerate(self.grad_shards.by_group) if group]
+            flags = [self.expert_groups.get(gi) for gi, group in enumerate(self._require_grad_shards().by_group)
+                     if group]
         return norm_divisors(flags, sharded=self.stage > 0)
 
     def _trainable(self, opt: torch.optim.Optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
@@ -234,7 +250,7 @@ class ZeroEngine:
             raise ValueError(f"the optimizer holds {len(unknown)} tensors that are not parameters of the model")
         return named
 
-    def _build_masters(self, load_from_fp32: bool) -> None:
+    def _build_masters(self, load_from_fp32: bool) -> Masters:
         """fp32 originals -> masters (first, so no fp32 copy of the model is made); then the model -> its
         dtype and its trainable params -> views of flat per-bucket storage."""
         dtype = self.precision.dtype
@@ -242,16 +258,19 @@ class ZeroEngine:
             sources = [[p.detach() for p in b.params] for b in self.buckets]
         else:  # masters from the model-dtype weights (DeepSpeed's load_from_fp32_weights=false)
             sources = [[p.detach().to(dtype) for p in b.params] for b in self.buckets]
+        masters: Masters
         if self.offload is not None:  # the same masters, in host memory
-            self.masters = self.offload.build_masters(self.buckets, self._num_groups, sources)
+            masters = self.offload.build_masters(self.buckets, self._num_groups, sources)
         else:
-            self.masters = Masters(self.buckets, self._num_groups, self.device, sources)
+            masters = Masters(self.buckets, self._num_groups, self.device, sources)
+        self.masters = masters
         del sources
         if self.precision.mixed:
             self.module.to(dtype)
         for b in self.buckets:
             b.flatten_params(dtype if self.precision.mixed else b.dtype, self.device)
-        self.masters.write_params()  # the model-dtype params are exactly the cast masters
+        masters.write_params()  # the model-dtype params are exactly the cast masters
+        return masters
 
     def _build_stage3(self, user_opt: torch.optim.Optimizer, named) -> None:
         build_stage3(self, user_opt, named)
@@ -259,9 +278,10 @@ class ZeroEngine:
     def _attach_master_grads(self) -> None:
         from torch.distributed.tensor import DTensor, Replicate
 
-        for wrapper, master in zip(self._master_dtensors, self.masters.params):
-            if wrapper is not None and master.grad is not None:
-                wrapper.grad = DTensor.from_local(master.grad, self.policy.mesh, [Replicate()], run_check=False)
+        for wrapper, master in zip(self._master_dtensors, self._require_masters().params):
+            if wrapper is not None and master is not None and master.grad is not None:
+                wrapper.grad = DTensor.from_local(master.grad, self._stage3_policy().mesh, [Replicate()],
+                                                  run_check=False)
 
     def _rows_of(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """This rank's dim-0 rows of ``full`` as FSDP2 shards it (``local`` gives their count)."""
@@ -276,14 +296,32 @@ class ZeroEngine:
         for b in self.buckets:
             for p, lo, hi in zip(b.params, b.offsets, b.offsets[1:]):
                 if p is param:
-                    self.masters.shard(b)[lo:hi].copy_(param.detach().reshape(-1))
+                    self._require_masters().shard(b)[lo:hi].copy_(param.detach().reshape(-1))
                     return
+
+    def _require_masters(self) -> Masters:
+        """The fp32 masters, where the optimizer mode has them (masters mode, stage 3's persistent params)."""
+        if self.masters is None:
+            raise RuntimeError(f"ds_zero: stage {self.stage} in {self.mode.name} mode has no fp32 masters")
+        return self.masters
+
+    def _require_grad_shards(self) -> GradShards:
+        """The reduced-gradient shards, where the masters read them (masters mode, stage 3's persistent params)."""
+        if self.grad_shards is None:
+            raise RuntimeError(f"ds_zero: stage {self.stage} in {self.mode.name} mode keeps no gradient shards")
+        return self.grad_shards
+
+    def _stage3_policy(self) -> FullyShardedParams:
+        """The FSDP2 policy (only asked for at stage 3, which build_stage3 sets it up for)."""
+        if not isinstance(self.policy, FullyShardedParams):
+            raise RuntimeError(f"ds_zero: stage {self.stage} has no FSDP2 (stage 3) sharding policy")
+        return self.policy
 
     def _reduce_dtype(self) -> torch.dtype | None:
         comm_dtype = self.config.communication_data_type
         return _DTYPES.get(comm_dtype) if comm_dtype else None
 
-    def _build_reducer(self):
+    def _build_reducer(self) -> GradReducer:
         zero, comp = self.config.zero_optimization, self.config.gradient_compression
         reduce_dtype = self._reduce_dtype()
         args = (self.buckets, self.process_group, self.dp_world_size, zero.ignore_unused_parameters)
@@ -297,10 +335,11 @@ class ZeroEngine:
                         "node_size": comp.node_size}
         if self.stage == 1:
             return Stage1Reducer(*args, reduce_dtype, self.device, overlap=zero.overlap,
-                                 reduce_scatter=zero.reduce_scatter, quantize=quantize, grad_shards=self.grad_shards)
+                                 reduce_scatter=zero.reduce_scatter, quantize=quantize,
+                                 grad_shards=self._require_grad_shards())
         return Stage2Reducer(*args, reduce_dtype, self.device, overlap=zero.overlap,
                              reduce_scatter=zero.reduce_scatter, quantize=quantize,
-                             contiguous_gradients=zero.contiguous_gradients, grad_shards=self.grad_shards)
+                             contiguous_gradients=zero.contiguous_gradients, grad_shards=self._require_grad_shards())
 
     # -- the loop --------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -330,7 +369,9 @@ class ZeroEngine:
                                "and call backward once per micro-batch")
         t0 = time.perf_counter()
         communicate = self.stage == 2 or (self.is_gradient_accumulation_boundary() and not self._no_sync)
-        if communicate and self.mode.compressed and not self.optimizer.needs_grad_allreduce():
+        # mode.compressed: the optimizer is a ds-comm CompressedOptimizer (_compressed.is_compressed)
+        if (communicate and self.mode.compressed
+                and not cast("CompressedOptimizer", self.optimizer).needs_grad_allreduce()):
             communicate = False  # the optimizer averages its compressed momenta itself in step()
         self._grads_reduced = communicate
         self.reducer.begin_backward(communicate)
@@ -357,18 +398,18 @@ class ZeroEngine:
         if self.stage == 3:
             # a forward without backward (evaluation) leaves kept units gathered: free them, so that the next
             # forward gathers what this step writes into the shards
-            self.policy.reshard()
+            self._stage3_policy().reshard()
         grads, replicated, scale = self._reduced_grads(self._unscale_factor())
         overflow = self.precision.has_overflow(grads + replicated)
         scale_before = self.precision.loss_scale
         self.precision.update(overflow)
         if self.stage == 3 and not overflow and self.precision.loss_scale != scale_before:
-            self.policy.rescale_error_feedback(self.precision.loss_scale / scale_before)
+            self._stage3_policy().rescale_error_feedback(self.precision.loss_scale / scale_before)
         self.was_step_skipped = overflow
         if overflow:
             self.global_grad_norm = None
             self.skipped_steps += 1
-            if self.stage == 3:
+            if isinstance(self.reducer, Stage3Reducer):  # stage 3
                 self.reducer.reset_error_feedback()
             logger.info("ds_zero: step %d skipped (inf/NaN gradients on at least one rank)", self.global_steps)
         else:
@@ -402,16 +443,17 @@ class ZeroEngine:
         ``scale`` is what the step must still multiply the grads by (the masters' grads stay in 16 bits
         until ds-optim's kernel reads them; fp32 grads are unscaled in place here)."""
         if self.mode.name == "masters":
-            return self.grad_shards.tensors(), [], factor
+            return self._require_grad_shards().tensors(), [], factor
         if self.mode.name == "direct":
             grads = [b.ensure_full_grads(self.device) for b in self.buckets]
             if factor != 1.0:
                 torch._foreach_mul_(grads, factor)
             return grads, [], 1.0
-        grads = self.policy.local_grads()  # stage 3: averaged by FSDP2, fp32
+        grads = self._stage3_policy().local_grads()  # stage 3: averaged by FSDP2, fp32
         if self.precision.loss_scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / self.precision.loss_scale)
-        replicated = self.masters.fp32_grads(self.grad_shards.tensors(), factor) if self.buckets else []
+        replicated = (self._require_masters().fp32_grads(self._require_grad_shards().tensors(), factor)
+                      if self.buckets else [])
         return grads, replicated, 1.0
 
     def _optimizer_step(self, grads: list[torch.Tensor], replicated: list[torch.Tensor], scale: float) -> None:
@@ -424,7 +466,7 @@ class ZeroEngine:
                                           expert_divisors=self._expert_divisors(per_bucket=False))) * scale
             self.global_grad_norm = norm
             scale *= clip_coefficient(norm, max_norm)
-            self.masters.step(self.optimizer, grads, scale)
+            self._require_masters().step(self.optimizer, grads, scale)
             return
         # clip_grads_ with max_norm 0 only measures (the norm is reported like DeepSpeed's, clipping or not)
         self.global_grad_norm = clip_grads_(grads, max_norm, sharded=self.stage > 0, group=self.process_group,
@@ -451,10 +493,10 @@ class ZeroEngine:
         if self.masters is None:
             return
         if self.stage == 3:
-            self.policy.reshard()
+            self._stage3_policy().reshard()
         for b in self.buckets:
             lo, hi = b.shard_range
-            self.masters.shard(b).copy_(b.param_flat[lo:hi])
+            self.masters.shard(b).copy_(b.flat_params()[lo:hi])
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
@@ -501,7 +543,7 @@ class ZeroEngine:
     def model_state_bytes(self) -> dict[str, int]:
         """Bytes of real tensor storage held for model states on this rank (see ``_memory``)."""
         if self.stage == 3:
-            self.policy.reshard()
+            self._stage3_policy().reshard()
         return model_state_bytes(self)
 
     # -- checkpoints -----------------------------------------------------------------------------------
@@ -509,7 +551,7 @@ class ZeroEngine:
         from .checkpoint.save import save_checkpoint
 
         if self.stage == 3:
-            self.policy.reshard()
+            self._stage3_policy().reshard()
 
         return save_checkpoint(self, save_dir, tag, client_state)
 
@@ -518,7 +560,7 @@ class ZeroEngine:
         from .checkpoint.load import load_checkpoint
 
         if self.stage == 3:
-            self.policy.reshard()
+            self._stage3_policy().reshard()
 
         return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
 
@@ -531,7 +573,7 @@ class ZeroEngine:
         from .checkpoint._io import atomic_torch_save
 
         if self.stage == 3:
-            self.policy.reshard()
+            self._stage3_policy().reshard()
 
         if self.stage == 3 and not self.config.zero_optimization.gather_16bit_weights_on_model_save:
             logger.warning("ds_zero: save_16bit_model at stage 3 needs zero_optimization."

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from pydantic import Field, field_validator, model_validator
 
@@ -249,7 +249,8 @@ def _check(config: Any, dp_world_size: int | None) -> tuple[DeepSpeedConfig, lis
         problems += [m for m in later if m not in problems and not collector.suspect(m)]
     if problems or cfg is None:  # collect returns a config whenever it found no problem
         raise ConfigError.of(problems or ["the config does not validate"])
-    return cfg, warnings
+    # collect() validates with the model class it is given (DeepSpeedConfig); its signature says BaseModel
+    return cast(DeepSpeedConfig, cfg), warnings
 
 
 def _warn(warnings: list[str]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from .comms import comms_logger
 from .timers import (BACKWARD_GLOBAL_TIMER, BACKWARD_REDUCE_GLOBAL_TIMER, FORWARD_GLOBAL_TIMER, STEP_GLOBAL_TIMER,
                      ThroughputTimer, Timers)
 
+if TYPE_CHECKING:
+    from ..config import DeepSpeedConfig
+
 logger = logging.getLogger("ds_train")
 
 __all__ = ["EngineMonitoring", "MonitorGetters"]
@@ -40,6 +43,16 @@ __all__ = ["EngineMonitoring", "MonitorGetters"]
 class MonitorGetters:
     """DeepSpeed's engine getters for these sections, and ds-zero's logging hooks replaced (a mixin of
     :class:`~ds_train.engine.DeepSpeedEngine`, before ``ZeroEngine``)."""
+
+    if TYPE_CHECKING:  # what DeepSpeedEngine (and ZeroEngine under it), which this mixin is part of, provides
+        config: DeepSpeedConfig
+        _monitoring: EngineMonitoring
+        global_steps: int
+        skipped_steps: int
+
+        def get_lr(self) -> list[float]: ...
+
+        def get_mom(self) -> list: ...
 
     def tensorboard_enabled(self) -> bool:
         return self.config.tensorboard.enabled

@@ -36,6 +36,7 @@ import math
 import sys
 import threading
 import time
+import types
 from typing import Any, Callable
 
 import torch
@@ -274,7 +275,7 @@ class CommsLogger:
         finally:
             self._local.depth -= 1
         uncompressed = None
-        if before is not None:
+        if stats is not None and before is not None:
             nbytes = stats.bytes_sent - before[0]
             uncompressed = stats.uncompressed_bytes - before[1]
         self.append(raw_name, log_name, latency, nbytes, n, uncompressed)
@@ -292,7 +293,7 @@ def _trim_mean(values: list[float], trim: float = 0.1) -> float:
 
 def _caller() -> str:
     # the first frame outside this package and torch.distributed: the code that asked for the collective
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and (frame.f_globals.get("__name__", "").startswith(("ds_train.monitor", "ds_train.comm",
                                                                                  "torch.distributed"))):
         frame = frame.f_back
@@ -327,5 +328,7 @@ def timed_call(raw_name: str, fn: Callable, log_name: str | None = None, prof: b
             return fn(*args, **kwargs)
         return comms_logger.timed(raw_name, log_name or raw_name, fn, args, kwargs, prof=prof, debug=debug)
 
-    wrapper.__ds_train_timed__ = fn
+    # marks the wrapper (and keeps the original) so that a second wrap is recognised; functools.wraps' type
+    # has no such attribute
+    setattr(wrapper, "__ds_train_timed__", fn)
     return wrapper

@@ -19,7 +19,7 @@ to ``module_depth`` by params, MACs and latency, and (``detailed``) the table of
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -92,8 +92,8 @@ class ModuleProfile:
 def _device_of(model: torch.nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -183,7 +183,7 @@ class FlopsProfiler:
         if not self.started:
             return
         self._duration = self._now() - self._t0
-        mode, self._mode = self._mode, None
+        mode, self._mode = self._running_mode(), None
         mode.__exit__(None, None, None)
         for h in self._hooks:
             h.remove()
@@ -208,11 +208,17 @@ class FlopsProfiler:
         self._hooks.clear()
         self.reset_profile()
 
+    def _running_mode(self) -> FlopCounterMode:
+        # started is True exactly while a counting mode is entered (start_profile sets both, stop_profile clears both)
+        if self._mode is None:
+            raise RuntimeError("FlopsProfiler: started without a flop-counting mode (start_profile() not completed)")
+        return self._mode
+
     def _need_tree(self, what: str) -> ModuleProfile:
         if self.started:
             # DeepSpeed's own example reads the totals and prints before stop_profile(): a snapshot so far
             self._duration = self._now() - self._t0
-            return self._build_tree(_counts(self._mode))
+            return self._build_tree(_counts(self._running_mode()))
         if self._tree is None:
             raise RuntimeError(f"FlopsProfiler.{what}: nothing profiled yet (start_profile(), run the model, then "
                                "read the results)")
@@ -352,7 +358,8 @@ def get_model_profile(model: torch.nn.Module, input_shape: tuple | None = None, 
         raise ValueError("get_model_profile: args and/or kwargs must be given when input_shape is None")
     if mode == "generate" and not callable(getattr(model, "generate", None)):
         raise ValueError(f"get_model_profile(mode='generate'): {type(model).__name__} has no generate() method")
-    run = model.generate if mode == "generate" else model
+    # getattr: nn.Module types an unknown attribute as Tensor | Module, neither of them a generate() method
+    run: Callable[..., Any] = getattr(model, "generate") if mode == "generate" else model
     prof = FlopsProfiler(model)
     model.eval()
     for _ in range(warm_up):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from typing import Any
 
 import torch
 
@@ -91,7 +92,7 @@ def _load_masters_from_full(engine, full: dict, with_states: bool) -> None:
     by_group: dict[int, list] = {}
     for b in engine.buckets:
         by_group.setdefault(b.group_index, []).append(b)
-    sd = {"state": {}, "param_groups": []}
+    sd: dict[str, Any] = {"state": {}, "param_groups": []}
     current = engine.optimizer.state_dict()["param_groups"]
     j = 0
     for gi, p in enumerate(masters.params):
@@ -126,7 +127,7 @@ def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
                 p.data.copy_(full["params"][n].reshape(p.shape))
     if not with_states:
         return
-    sd = {"state": {}, "param_groups": []}
+    sd: dict[str, Any] = {"state": {}, "param_groups": []}
     idx = 0
     for gi, group in enumerate(engine.optimizer.param_groups):
         ids = []
@@ -145,8 +146,17 @@ def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
     _load_optimizer(engine, sd, "the resharded checkpoint")
 
 
+def _own_file(own: dict[str, Any] | None, ckpt_dir: str, rank: int) -> dict[str, Any]:
+    """This rank's optimizer file, read when the world size is the one saved (what the fast path and expert
+    params, refused on another world size by ``experts.check_same_layout``, imply)."""
+    if own is None:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, optim_file(rank))}: this rank's own file is read only on "
+                              "the world size the checkpoint was saved on")
+    return own
+
+
 def _load_compressed(engine, model: dict, own: dict | None, ckpt_dir: str, with_states: bool,
-                     marker: dict | None = None) -> None:
+                     marker: dict[str, Any]) -> None:
     """A ds-comm compressed optimizer (stage 0): its state is per rank (error feedback, masks). Same world size:
     this rank's own, bit-exact; another: rank 0's, whose error feedback ds-comm resets (logged), momenta and
     variances being replicated. In fp32 (*direct*) the params came with the module state; in fp16/bf16
@@ -239,20 +249,22 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
     same_world = model["dp_world_size"] == engine.dp_world_size
     same_mode = model["mode"] == engine.mode.name
     fast = same_world and same_mode and model["layout"] == _current_layout(engine)
-    own = None
+    own: dict[str, Any] | None = None
     if same_world:
         own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
     experts.check_same_layout(engine, model, fast, ckpt_dir)
     has_experts = experts.layout(engine) is not None  # this rank's experts and states come from its own file
     if has_experts:
-        experts.load_rank_experts(engine, own, os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
+        experts.load_rank_experts(engine, _own_file(own, ckpt_dir, engine.dp_rank),
+                                  os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
 
     if engine.mode.compressed:
         _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states, marker)
     elif engine.mode.steps_model_params:
         if fast:
             if load_optimizer_states and has_experts:
-                _load_optimizer(engine, own["optimizer"], os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
+                _load_optimizer(engine, _own_file(own, ckpt_dir, engine.dp_rank)["optimizer"],
+                                os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
             elif load_optimizer_states and model["optimizer"] is not None:
                 _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))
         else:
@@ -269,7 +281,7 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
                 _load_masters_from_full(engine, states, with_states=True)
         elif fast:
             per_rank = engine.policy.shard_world > 1 or has_experts
-            src = own if per_rank else safe_load(ckpt_dir, optim_file(0), marker)
+            src = _own_file(own, ckpt_dir, engine.dp_rank) if per_rank else safe_load(ckpt_dir, optim_file(0), marker)
             with torch.no_grad():
                 for p, saved in zip(engine.masters.params, src["masters"]):
                     if p is not None:

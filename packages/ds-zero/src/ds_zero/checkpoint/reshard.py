@@ -69,7 +69,9 @@ def full_from_master_shards(layout: list[dict], shards: dict[int, dict], group_m
 
 def full_from_direct(module_state: dict, opt_state: dict | None, group_names: list[list[str]]) -> dict:
     """Stage-0 fp32 checkpoints: the module's params and a per-param torch optimizer state dict."""
-    params, states, scalars = {}, {}, {}
+    params: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, Any]] = {}
+    scalars: dict[int, dict[str, Any]] = {}
     names = [n for group in group_names for n in group]
     for n in names:
         params[n] = module_state[n].float()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,8 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # the legacy tuple (numpy's stubs also allow legacy=False's dict)
+        kind, keys, pos, has_gauss, cached = cast(tuple[str, Any, int, int, float], np.random.get_state())
         state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover - numpy comes with ds-optim
         pass
@@ -68,7 +69,7 @@ def _gather(engine, obj):
 
 
 def _param_names(engine) -> dict:
-    names = {}
+    names: dict[torch.nn.Parameter, str] = {}
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
     return names
@@ -93,7 +94,7 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
         raise CheckpointError(f"save_checkpoint: ranks passed different tags {sorted(set(tags))}")
     ckpt_dir = os.path.join(save_dir, tag)
     rank = engine.dp_rank
-    error = None
+    error: BaseException | None = None
     own_files = [optim_file(rank)] + ([model_file(), MARKER] if rank == 0 else [])
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -178,14 +179,15 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
     digests: dict[str, dict] = {}
     if rank == 0:
         aliases = {}
-        canonical = {}
+        canonical: dict[torch.nn.Parameter, str] = {}
         for n, p in engine.module.named_parameters(remove_duplicate=False):
             if p in canonical:
                 aliases[n] = canonical[p]
             else:
                 canonical[p] = n
         opt_sd = engine.optimizer.state_dict() if engine.mode.name != "stage3" else None
-        if engine.mode.name == "stage3":
+        hyper: list[dict[str, Any] | None]
+        if opt_sd is None:  # stage 3
             group_map = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
             hyper = [None] * engine._num_groups
             for j, gi in enumerate(engine._stage3_group_map):

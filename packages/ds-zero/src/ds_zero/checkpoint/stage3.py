@@ -17,12 +17,15 @@ checksums from the commit marker).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ._io import CheckpointError, optim_file, safe_load
 from .reshard import bucket_full, full_from_master_shards, master_states_from_full
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def _local(t):
@@ -43,7 +46,7 @@ def _optimizer_index(engine) -> list[tuple[int, int, Any]]:
 
 def model_entries(engine) -> dict:
     """Rank 0's stage-3 part of the model file."""
-    names = {}
+    names: dict[torch.nn.Parameter, str] = {}
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
     group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
@@ -59,10 +62,11 @@ def model_entries(engine) -> dict:
 def rank_entries(engine) -> dict:
     """This rank's shards, scalars and (rank 0) the persistent masters with their optimizer state."""
     rank, world = engine.dp_rank, engine.dp_world_size
-    names = {}
+    names: dict[torch.nn.Parameter, str] = {}
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
-    shards, scalars = {}, {}
+    shards: dict[str, dict] = {}
+    scalars: dict[int, dict] = {}
     master_states: dict[int, dict] = {}
     group_map = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
     for _, gi, p in _optimizer_index(engine):
@@ -157,10 +161,10 @@ def local_from_stage3(ckpt_dir: str, marker: dict, model: dict, engine) -> dict 
     rank = engine.dp_rank
     own = safe_load(ckpt_dir, optim_file(rank), marker)
     first = own if rank == 0 else safe_load(ckpt_dir, optim_file(0), marker)
-    current = {}
+    current: dict[str, DTensor] = {}
     for n, p in engine.module.named_parameters():
         if p in engine.policy.sharded_set:
-            current.setdefault(n, p)
+            current.setdefault(n, cast("DTensor", p))  # FSDP2's sharded params are DTensors
     if set(current) != set(model["sharded"]):
         return None
     params, states, frozen, param_scalars, shapes = {}, {}, {}, {}, {}
@@ -227,7 +231,7 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
     from torch.distributed.tensor import DTensor
 
     rank, world = engine.dp_rank, engine.dp_world_size
-    names = {}
+    names: dict[torch.nn.Parameter, str] = {}
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
     frozen = full.get("frozen", {})
@@ -249,7 +253,7 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
     for b in engine.buckets:
         lo, hi = b.shard_range
         master_values.append((b, bucket_full(b, full["params"], "fp32 master")[lo:hi]))
-    sd = None
+    sd: dict[str, Any] | None = None
     if with_states:
         sd = {"state": {}, "param_groups": []}
         index = 0
