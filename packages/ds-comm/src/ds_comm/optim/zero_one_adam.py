@@ -63,6 +63,12 @@ class ZeroOneAdam(CompressedOptimizer):
         local_step_scaler: local-phase steps between doublings of the synchronisation interval (>= 1;
             DeepSpeed's default 32678 is kept as it is).
         local_step_clipper: the largest synchronisation interval (>= 1, the paper's H).
+
+        The four schedule defaults are DeepSpeed's, sized for runs of ~10^5 steps; kept so that a DeepSpeed config
+        means the same here. On a short run a user who sets nothing stays in the variance phase throughout, whose
+        variance interval reaches 16-32 steps: on bench/RESULTS.md's 600-step task the loss spikes (no NaN) and
+        ends at 1.34x AdamW's; 1.05x with ``var_update_scaler=64``, 1.09x with ``var_freeze_step`` at the end of
+        the warm-up. Scale the schedule to the run (see the README).
         weight_decay: decoupled (AdamW-style), as DeepSpeed's.
         preconditioned_compression: compress ``x / (sqrt(v_hat) + eps)`` and multiply back (default), so the
             compression error is in units of the update for every element; ``False``: DeepSpeed's compression
