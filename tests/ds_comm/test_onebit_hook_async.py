@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ds_comm
 
-WARMUP, STEPS, DELAY = 2, 6, 0.5
+WARMUP, STEPS, DELAY = 2, 6, 1.0  # DELAY: generous, so a loaded machine cannot blur sync and async
 
 
 class _Net(torch.nn.Module):
