@@ -1,4 +1,4 @@
-"""The asynchronous 1-bit DDP hook (``OnebitHookState(async_op=True)``, the default on CPU) against the synchronous
+"""The asynchronous 1-bit DDP hook (``OnebitHookState(async_op=True)``, opt-in) against the synchronous
 one, on real DDP over 2 gloo ranks: the same losses and parameters bit for bit at every step (warm-up and 1-bit
 iterations, several buckets, with and without ``find_unused_parameters``), a hook call that returns before the
 peer has even started its backward, and a failure in the worker raised from backward on every rank."""
@@ -103,7 +103,7 @@ def test_async_hook_returns_before_the_peers_communicate():
 
 def _failing_worker():
     model = DDP(_Net(False), bucket_cap_mb=0.001)
-    state = ds_comm.OnebitHookState(backend="cupy")  # CPU buckets: the worker's compressed_allreduce refuses it
+    state = ds_comm.OnebitHookState(backend="cupy", async_op=True)  # CPU buckets: the worker's compressed_allreduce refuses it
     model.register_comm_hook(state, ds_comm.onebit_hook)
     try:
         model(torch.randn(4, 16)).sum().backward()

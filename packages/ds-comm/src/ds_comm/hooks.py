@@ -10,10 +10,13 @@ data-parallel group (DDP does not divide on its own when a hook is registered).
 
 - :func:`onebit_hook`: the first ``warmup_steps`` iterations are plain full-precision all-reduces (1-bit
   compression of raw, early gradients hurts convergence; DeepSpeed's 1-bit Adam warms up the same way), then
-  every bucket goes through :func:`~ds_comm.compressed_allreduce` with its own error-feedback state. On CPU
-  tensors over ``torch.distributed`` the hook returns at once with a pending future and a worker thread runs the
-  exchange (``async_op=True``, the default; see ``_hook_worker``), so backward goes on computing the next buckets
-  meanwhile; the results are bitwise those of ``async_op=False``, which communicates before returning.
+  every bucket goes through :func:`~ds_comm.compressed_allreduce` with its own error-feedback state. With
+  ``async_op=True``, on CPU tensors over ``torch.distributed`` the hook returns at once with a pending future and a
+  worker thread runs the
+  exchange (``async_op=True``; see ``_hook_worker``), so backward goes on computing the next buckets meanwhile;
+  the results are bitwise those of ``async_op=False`` (the default), which communicates before returning. The
+  default stays synchronous because on the CPU the exchange competes with backward for the same cores: measured
+  4-12% slower per step on a 2-core machine (bench/RESULTS.md).
 - :func:`quantized_hook`: a blockwise-quantized reduce-scatter then all-gather (int8 by default), about 4x
   fewer bytes than an fp32 all-reduce, no state to carry.
 
@@ -56,15 +59,16 @@ class OnebitHookState:
         process_group: the DDP process group (``None``: default group).
         warmup_steps: iterations of full-precision all-reduce before compression starts (>= 0).
         backend: 1-bit kernel backend, as in :func:`~ds_comm.compressed_allreduce`.
-        async_op: ``True`` (default): where the buckets are CPU tensors over a ``torch.distributed`` group of
+        async_op: ``True``: where the buckets are CPU tensors over a ``torch.distributed`` group of
             more than one rank, return a pending future and run each bucket's exchange on a worker thread, over a
             process group of its own (created on the first call, collectively over the DDP group's ranks), so
             DDP overlaps it with the rest of backward. ``False``, CUDA buckets, MPI, or one rank: communicate
-            before returning. Results are bitwise the same either way. :meth:`close` stops the worker.
+            before returning (the default: see the module docstring). Results are bitwise the same either way.
+            :meth:`close` stops the worker.
     """
 
     def __init__(self, process_group: Any = None, warmup_steps: int = 0, backend: KernelBackendName = "auto",
-                 async_op: bool = True):
+                 async_op: bool = False):
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if not isinstance(async_op, bool):
@@ -141,7 +145,7 @@ class OnebitHookState:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.process_group = None
-        self.__dict__.setdefault("async_op", True)
+        self.__dict__.setdefault("async_op", False)
         self._worker = None
 
 
