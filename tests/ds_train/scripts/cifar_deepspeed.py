@@ -119,7 +119,8 @@ def main():
             losses = client_state["losses"]
             start_epoch = client_state["epoch"]
             resumed_from = model_engine.global_steps
-            trainloader.load_state_dict(client_state["loader"])
+            if client_state.get("loader") is not None:  # ds-train's loader resumes mid-epoch; DeepSpeed's cannot
+                trainloader.load_state_dict(client_state["loader"])
 
     criterion = nn.CrossEntropyLoss()
     model_engine.train()
@@ -150,7 +151,7 @@ def main():
 
     if args.save_dir:
         model_engine.save_checkpoint(args.save_dir, client_state={
-            "losses": losses, "epoch": epoch, "loader": trainloader.state_dict()})
+            "losses": losses, "epoch": epoch, "loader": trainloader.state_dict() if hasattr(trainloader, "state_dict") else None})
     dist.barrier()
 
     # evaluation, as the example does after training
