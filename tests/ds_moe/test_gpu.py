@@ -62,5 +62,7 @@ def test_dropless_single_rank_has_no_host_sync():
             (out.float().sum() + l_aux).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    # torch reports each sync as "called a synchronizing CUDA operation"; switching the mode on also warns
+    # once that it "is a prototype feature", which is not a sync
+    syncs = [str(w.message) for w in caught if "synchronizing cuda operation" in str(w.message).lower()]
     assert not syncs, syncs[:3]

@@ -102,7 +102,13 @@ def test_same_as_deepspeed(name, compared):
     torch.testing.assert_close(ours["l_aux"], ds["l_aux"], **tol)
     torch.testing.assert_close(ours["y"], ds["y"], **tol)
     torch.testing.assert_close(ours["x_grad"], ds["x_grad"], **tol)
-    torch.testing.assert_close(ours["gate"], ds["gate"], **tol)
+    # the gate's weight gradient is a sum over every token of products of softmax terms, accumulated in another
+    # order than DeepSpeed's einsums: its fp32 round-off scales with the largest entry, not with each entry
+    # (entries near zero differ by ~1e-5 of the largest on torch 2.13's CPU kernels)
+    scale = float(ds["gate"].abs().max())
+    torch.testing.assert_close(ours["gate"], ds["gate"], rtol=1e-5, atol=1e-5 * scale)
     for i, (a, b) in enumerate(zip(ours["experts"], ds["experts"])):
         for key in a:
-            torch.testing.assert_close(a[key], b[key], **tol, msg=lambda m: f"expert {i} {key}: {m}")
+            # a sum over the expert's tokens too: the same round-off scale as the gate's
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5 * float(b[key].abs().max()),
+                                       msg=lambda m: f"expert {i} {key}: {m}")

@@ -65,6 +65,45 @@ class _AllToAllV(torch.autograd.Function):
         return None, out, None, None
 
 
+class _DispatchRows(torch.autograd.Function):
+    """Token rows to the first n expert-sorted slots: ``x[order[:n] // k]``. Each token feeds k slots, so the
+    autograd of ``index_select`` sums its gradient back with ``index_add_`` (atomics, 3.6 ms a 4-layer step on
+    an H200); here the backward is a gather through the inverse permutation and a sum over the k slots:
+    deterministic, no atomics. ``inv`` is clamped to n (dropped slots read the zero row appended at n)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order_n: Tensor, inv: Tensor, k: int, pad: bool) -> Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k, ctx.pad, ctx.tokens = k, pad, x.shape[0]
+        return x.index_select(0, order_n // k)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (inv,) = ctx.saved_tensors
+        if ctx.pad:
+            g = torch.cat([g, g.new_zeros(1, g.shape[1])], dim=0)
+        gx = g.index_select(0, inv).view(ctx.tokens, ctx.k, g.shape[1])
+        return (gx.squeeze(1) if ctx.k == 1 else gx.sum(dim=1)), None, None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """Expert-sorted rows back to slot order: ``[y; 0][inv]`` ([S*k, M], a dropped slot reads the zero row n).
+    Every kept row lands in exactly one slot, so the backward is the gather ``g[order[:n]]``, not the
+    ``index_add_`` autograd would run for ``index_select``."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, inv: Tensor, order_n: Tensor, pad: bool) -> Tensor:
+        ctx.save_for_backward(order_n)
+        if pad:
+            y = torch.cat([y, y.new_zeros(1, y.shape[1])], dim=0)
+        return y.index_select(0, inv)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (order_n,) = ctx.saved_tensors
+        return g.index_select(0, order_n), None, None, None
+
+
 def _inverse(perm: Tensor) -> Tensor:
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
@@ -124,16 +163,16 @@ def sorted_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_l
     # scatter_add, not bincount: bincount sizes its output from the input's max, a host sync on the GPU
     counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     n = S * k - int(counts[E]) if drops else S * k
-    x_sorted = xc.index_select(0, (order[:n] if drops else order) // k)
+    order_n = order[:n] if drops else order
+    inv = _inverse(order)
+    if drops:
+        inv = torch.clamp(inv, max=n)  # the dropped slots (sorted last) read row n: zeros
+    x_sorted = _DispatchRows.apply(xc, order_n, inv, k, drops)
     if ep_size == 1:
         y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend)
     else:
         y_sorted = _expert_parallel_sorted(x_sorted, counts[:E], experts, ep_size, ep_group, num_local, backend)
-    inv = _inverse(order)
-    if drops:
-        y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(1, M)], dim=0)  # row n: the dropped slots' zeros
-        inv = torch.clamp(inv, max=n)
-    return _combine(y_sorted.index_select(0, inv).reshape(S, k, M), r)
+    return _combine(_CombineRows.apply(y_sorted, inv, order_n, drops).reshape(S, k, M), r)
 
 
 def _expert_parallel_sorted(x_sorted: Tensor, counts: Tensor, experts, ep: int, group, num_local: int,

@@ -106,6 +106,16 @@ class Routing:
         return combine, combine.bool()
 
 
+def token_cumsum(mask: Tensor) -> Tensor:
+    """Running count over the tokens (dim 0) of an [S, E] mask, per expert: each slot's position in its expert's
+    buffer. Scanned as the transposed [E, S] along its inner dim: CUDA's scan along the outer dim of a narrow
+    [S, E] tensor runs at a fraction of the memory bandwidth (2.7 ms per call at S 16,384, E 8 on an H200,
+    a quarter of a 4-layer MoE step). Integer sums, so the result is exactly ``torch.cumsum(mask, dim=0)``."""
+    if mask.dtype == torch.bool:
+        mask = mask.long()  # torch.cumsum of a bool tensor counts in int64 too
+    return torch.cumsum(mask.t().contiguous(), dim=1).t()
+
+
 def _z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
@@ -140,7 +150,7 @@ def top1gating(logits: Tensor, capacity_factor: float, min_capacity: int, used_t
         mask1 = mask1 * torch.zeros_like(mask1).scatter_(0, top_idx, 1)
     else:
         capacity = None
-    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations1 = token_cumsum(mask1) - 1
     loc1 = torch.sum(locations1 * mask1, dim=1)
     kept = mask1.sum(dim=1) > 0
     weight = gates.gather(1, indices1.unsqueeze(1)).squeeze(1) * kept
@@ -163,8 +173,8 @@ def top2gating(logits: Tensor, capacity_factor: float, min_capacity: int, drop_t
         logits = logits + gumbel_rsample(logits.shape, device=logits.device)
     indices2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
     mask2 = F.one_hot(indices2, num_classes=E)
-    locations1 = torch.cumsum(mask1, dim=0) - 1
-    locations2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
+    locations1 = token_cumsum(mask1) - 1
+    locations2 = token_cumsum(mask2) - 1 + torch.sum(mask1, dim=0, keepdim=True)
     me = gates.mean(dim=0)
     ce = mask1.float().mean(dim=0)
     l_aux = torch.mean(me * ce) * E * E
@@ -206,7 +216,7 @@ def topkgating(logits: Tensor, k: int, capacity_factor: float, min_capacity: int
         mask = mask & torch.zeros_like(gates, dtype=torch.bool).scatter_(0, cap_idx, True)
     else:
         capacity = None
-    locations = torch.cumsum(mask, dim=0) - 1
+    locations = token_cumsum(mask) - 1
     gates_masked = gates * mask
     gates_masked = gates_masked / torch.clamp(gates_masked.sum(dim=-1, keepdim=True),
                                               min=torch.finfo(gates.dtype).eps)
