@@ -104,6 +104,11 @@ class Precision:
                 self.names.append(name)
         # the masters are the original fp32 parameter objects: an optimizer built over them keeps working
         self.opt_params = list(self.module_params)
+        # tensor-parallel pieces (DeepSpeed's / Megatron's attribute on a TP layer's weight): their squares are
+        # summed over the model axis in the global norm; every other parameter is replicated over it and counted
+        # on model rank 0 only. Read before the 16-bit swap, which makes new Parameter objects.
+        self.model_parallel = [bool(getattr(p, "model_parallel", False) or getattr(p, "tensor_model_parallel", False))
+                               for p in self.module_params]
         if dtype != torch.float32:
             self.module_params = self._swap_in_16bit(module, dtype)
             for m in self.opt_params:
@@ -138,6 +143,9 @@ class Precision:
                 seen.add(id(p))
                 out.append(p)
         return out
+
+    def is_model_parallel(self, i: int) -> bool:
+        return self.model_parallel[i]
 
     @property
     def mixed(self) -> bool:
@@ -189,6 +197,8 @@ class Precision:
         if self.scaler is None and self.clip <= 0:
             return False
         not_counted = {i for i, _, counts in self.tied if not counts}
+        if self.grid.get_model_parallel_rank() != 0:  # replicated over the model axis: counted on rank 0
+            not_counted |= {i for i, mp in enumerate(self.model_parallel) if not mp}
         device = grads[0].device if grads else self._device()
         sq = torch.zeros((), dtype=torch.float32, device=device)
         for i, g in enumerate(grads):
@@ -196,6 +206,8 @@ class Precision:
                 sq += g.float().pow(2).sum()
         if self.grid.get_pipe_parallel_world_size() > 1:
             dist.all_reduce(sq, group=self.grid.get_pipe_parallel_group())
+        if self.grid.get_model_parallel_world_size() > 1:
+            dist.all_reduce(sq, group=self.grid.get_model_parallel_group())
         if self.scaler is not None:
             # the replicas' gradients are averaged, so an inf anywhere reached every replica; the MAX over the
             # world makes the decision one even if a reduction were to differ

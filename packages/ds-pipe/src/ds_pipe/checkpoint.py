@@ -23,7 +23,10 @@ Loading maps by the global layer index, so any stage count works for the weights
 re-assembled per parameter name from the files of the saved stages that held this rank's layers (data-parallel
 rank ``d`` reads the saved rank ``d``, or rank 0 when the saved run had fewer: a non-ZeRO optimizer state is the
 same on every replica), so it works for any optimizer whose state is per parameter (SGD, Adam, ...), across
-stage counts and data-parallel sizes. The LR scheduler's state comes from the saved stage that held this
+stage counts and data-parallel sizes. With ZeRO (``zero_optimization.stage`` 1/2) each data-parallel rank
+writes its pieces of each parameter's state and fp32 master (with their element ranges); a loader reads every
+saved rank's file of a stage and re-assembles whole per-name tensors, so ZeRO and replicated runs load each
+other's checkpoints on any layout. The LR scheduler's state comes from the saved stage that held this
 stage's first layer.
 
 Atomic: every rank writes into ``<save_dir>/.<tag>.tmp``; only when every rank reports success does rank 0
@@ -166,9 +169,10 @@ def _own_files(engine, client_state: dict) -> list[tuple[str, Any]]:
             "global_steps": engine.global_steps, "client_state": client_state,
             "tied_first": {i: k for k, i in _tie_first_positions(module._layer_specs).items()},
             "precision": engine.precision_state(), "ds_pipe_version": _version()}))
-    optim = _optimizer_by_name(engine)
+    zero = getattr(engine, "zero", None)
+    optim = zero.named_state() if zero is not None else _optimizer_by_name(engine)
     files.append((optim_file(stage, dp_rank), {
-        "format": FORMAT, "optimizer": optim, "master": engine.master_state(),
+        "format": FORMAT, "optimizer": optim, "master": engine.master_state(), "zero": zero is not None,
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}))
     return files
 
@@ -309,7 +313,7 @@ def _load_into(engine, path: str, load_optimizer_states: bool, load_lr_scheduler
         if s not in sources:
             sources.append(s)
     stage_meta = meta if sources[0] == 0 else _load(os.path.join(path, stage_file(sources[0])))
-    files = {s: _load(os.path.join(path, optim_file(s, source_dp))) for s in sources}
+    files = {s: _optim_states(path, s, source_dp, saved_dp) for s in sources}
     engine.global_steps = int(stage_meta["global_steps"])
     engine.load_precision_state(stage_meta.get("precision"))
     engine.load_master_state(_merge_masters([files[s].get("master") for s in sources]))
@@ -322,6 +326,18 @@ def _load_into(engine, path: str, load_optimizer_states: bool, load_lr_scheduler
                                   f"load_lr_scheduler_states=False")
         engine.lr_scheduler.load_state_dict(sched)
     return stage_meta["client_state"]
+
+
+def _optim_states(path: str, stage: int, dp_rank: int, saved_dp: int) -> dict[str, Any]:
+    """The saved stage's optimizer file in the replicated format: a ZeRO run's pieces (one file per saved
+    data-parallel rank) are re-assembled into whole per-name tensors first."""
+    first = _load(os.path.join(path, optim_file(stage, dp_rank)))
+    if not first.get("zero"):
+        return first
+    from ._zero import merge_zero_pieces
+
+    every = [first if d == dp_rank else _load(os.path.join(path, optim_file(stage, d))) for d in range(saved_dp)]
+    return {**first, "optimizer": merge_zero_pieces(every, "optimizer"), "master": merge_zero_pieces(every, "master")}
 
 
 def _merge_masters(parts: list[Any]) -> dict[str, torch.Tensor] | None:
@@ -347,6 +363,9 @@ def _load_optimizer(engine, saved: list[dict | None], path: str) -> None:
         for g in s["param_groups"]:
             for n in g["params"]:
                 group_of.setdefault(n, g)
+    if getattr(engine, "zero", None) is not None:
+        engine.zero.load_named_state(state, group_of, path, CheckpointError)
+        return
     names = engine.optimizer_param_names()
     out_state, out_groups, i = {}, [], 0
     for group in engine.optimizer.param_groups:

@@ -25,7 +25,7 @@ MULTI_CHUNK_SCHEDULES = ("interleaved", "looped_bfs", "zero_bubble", "zbv", "dua
 V_SCHEDULES = ("zbv", "dualpipev")
 
 _TOP_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "pipeline",
-             "steps_per_print", "wall_clock_breakdown", "fp16", "bf16", "gradient_clipping"}
+             "steps_per_print", "wall_clock_breakdown", "fp16", "bf16", "gradient_clipping", "zero_optimization"}
 _PIPELINE_KEYS = {
     "schedule",                        # ds-pipe's: which torch schedule runs the micro-batches
     "stages",                          # DeepSpeed: "auto" (the module's num_stages) or that same number
@@ -36,15 +36,19 @@ _PIPELINE_KEYS = {
     "grad_partitioned",                # no model axis (0.1.0) there is nothing to shard; accepted as no-ops
     "virtual_stages",                  # ds-pipe's: chunks per rank; must equal the PipelineModule's
 }
-_NOT_HERE = {"zero_optimization", "optimizer", "scheduler"}
+_NOT_HERE = {"optimizer", "scheduler"}
+# zero_optimization keys with a pipeline: the stage, and DeepSpeed's communication knobs, which have nothing to
+# tune here (one reduce-scatter and one all-gather per param group and step) and are accepted as no-ops
+_ZERO_KEYS = {"stage", "reduce_scatter", "overlap_comm", "contiguous_gradients", "reduce_bucket_size",
+              "allgather_bucket_size", "allgather_partitions"}
 
 
 def _unknown(key: str, known: set[str], where: str) -> ValueError:
     hint = difflib.get_close_matches(key, sorted(known), n=1)
     if key in _NOT_HERE:
         return ValueError(f"config key {key!r}: ds-pipe's engine steps the optimizer you pass (ds-train builds "
-                          f"one from an 'optimizer'/'scheduler' section); {key!r} (ZeRO, or those sections given "
-                          f"to ds-pipe directly) with a pipeline is not built yet")
+                          f"one from an 'optimizer'/'scheduler' section); {key!r} given to ds-pipe directly is "
+                          f"not built")
     return ValueError(f"unknown {where} key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
@@ -56,6 +60,7 @@ class PipeConfig:
     dtype: torch.dtype = torch.float32
     fp16: dict[str, Any] | None = None  # the dynamic/static loss scaler's arguments when fp16 is on
     gradient_clipping: float = 0.0
+    zero_stage: int = 0
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None, dp_size: int, module: Any) -> "PipeConfig":
@@ -120,4 +125,28 @@ class PipeConfig:
                              f"gradient_accumulation_steps={ga} x data-parallel size {dp_size}")
         dtype, fp16, clip = parse_precision(config)
         return cls(micro_batches=ga, micro_batch_size=micro, schedule=schedule, dtype=dtype, fp16=fp16,
-                   gradient_clipping=clip)
+                   gradient_clipping=clip, zero_stage=_zero_stage(config.get("zero_optimization")))
+
+
+def _zero_stage(section: Any) -> int:
+    if section is None:
+        return 0
+    if not isinstance(section, dict):
+        raise ValueError(f"config key 'zero_optimization' must be a dict like {{'stage': 1}}, got {section!r}")
+    for key in section:
+        if key not in _ZERO_KEYS:
+            raise ValueError(f"zero_optimization.{key} is not supported with a pipeline (ds-pipe reads "
+                             f"{sorted(_ZERO_KEYS)})" + _hint(key, _ZERO_KEYS))
+    stage = section.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 3:
+        raise NotImplementedError("zero_optimization.stage=3 with a pipeline is not built in ds-pipe (stages 1 and "
+                                  "2 are: optimizer states and gradients partitioned over each stage's "
+                                  "data-parallel group)")
+    return int(stage)
+
+
+def _hint(key: str, known: set[str]) -> str:
+    hint = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""

@@ -33,6 +33,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as _ckpt
 from ._precision import Precision, grad_of
+from ._zero import PipeZero
 from .config import PipeConfig
 from .module import PipelineModule
 
@@ -91,9 +92,17 @@ class PipelineEngine:
         self.precision = Precision(model, self._config.dtype, self._config.fp16, self._config.gradient_clipping,
                                    self.grid, model.tied_comms, model.tied_modules, model.tied_weight_attrs)
         self._params = self.precision.opt_params
-        self.optimizer = self._make_optimizer(optimizer)
-        self.lr_scheduler = lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(
-            lr_scheduler, "step") else lr_scheduler
+        self.zero: PipeZero | None = None
+        if self._config.zero_stage in (1, 2) and self._params:
+            # optimizer states, masters and reduced gradients partitioned over this stage's data-parallel group
+            self.zero = PipeZero(self._config.zero_stage, self.precision, optimizer, lr_scheduler, self.grid,
+                                 self.device)
+            self.optimizer = self.zero.optimizer
+            self.lr_scheduler = self.zero.lr_scheduler
+        else:
+            self.optimizer = self._make_optimizer(optimizer)
+            self.lr_scheduler = lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(
+                lr_scheduler, "step") else lr_scheduler
         self._last_rank = self.grid.stage_to_global(model.last_stage_id)
         self._runners: dict[tuple[str, int], Any] = {}
         self.data_iterator: Iterator | None = None
@@ -233,16 +242,19 @@ class PipelineEngine:
                       return_outputs=False)
         scale = self.precision.loss_scale  # the scale these losses were multiplied by (the step may change it)
         losses = [loss.detach().float() / scale for loss in losses]
-        self.precision.grads_to_masters(self.micro_batches)
-        self.precision.reduce_tied()  # fp32 sums: one weight over the stages that use it
-        self._average_data_parallel_grads()
-        skip = self.precision.unscale_clip_check()
-        if not skip:
-            if self.optimizer is not None:
-                self.optimizer.step()
-            self.precision.masters_to_params()
-            if self.lr_scheduler is not None:  # DeepSpeed: a skipped (overflow) step does not advance it
-                self.lr_scheduler.step()
+        if self.zero is not None:  # reduce-scatter, step the shards, all-gather (ds_pipe._zero)
+            skip = self.zero.step(self.micro_batches)
+        else:
+            self.precision.grads_to_masters(self.micro_batches)
+            self.precision.reduce_tied()  # fp32 sums: one weight over the stages that use it
+            self._average_data_parallel_grads()
+            skip = self.precision.unscale_clip_check()
+            if not skip:
+                if self.optimizer is not None:
+                    self.optimizer.step()
+                self.precision.masters_to_params()
+        if not skip and self.lr_scheduler is not None:  # DeepSpeed: a skipped (overflow) step does not advance it
+            self.lr_scheduler.step()
         self.precision.zero_grad()
         self.global_steps += 1
         return self._aggregate_loss(losses, broadcast=True)
@@ -325,10 +337,14 @@ class PipelineEngine:
         self.precision.load_state_dict(state)
 
     def master_state(self):
-        return self.precision.master_state()
+        """The fp32 masters for the checkpoint: per name (replicated), or this rank's pieces (ZeRO)."""
+        return self.zero.master_pieces() if self.zero is not None else self.precision.master_state()
 
     def load_master_state(self, masters) -> None:
-        self.precision.load_master_state(masters)
+        if self.zero is not None:
+            self.zero.load_masters(masters)
+        else:
+            self.precision.load_master_state(masters)
 
     def optimizer_param_names(self) -> dict[int, str]:
         """``id(tensor the optimizer steps) -> module parameter name`` (the fp32 masters in 16-bit)."""
