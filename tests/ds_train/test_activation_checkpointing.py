@@ -8,7 +8,7 @@ import pytest
 import torch
 from harness import requires_gpus, run_distributed
 
-from ds_train import checkpointing
+from ds_train import _ckpt_offload, checkpointing
 
 STEPS = 3
 _ON_DEVICE = checkpointing._on_device
@@ -215,3 +215,131 @@ def test_cpu_checkpointing_moves_the_saved_inputs_off_the_gpu(reentrant):
     activation = tokens * width * 4
     assert ckpt_peak < 0.75 * plain_peak
     assert off_peak < ckpt_peak - (depth // 2) * activation  # the block inputs are no longer on the GPU
+
+
+# -- cpu_checkpointing's host buffers: pooled across steps, prefetched, results unchanged (in this process) ------
+def _local_steps(ckpt, reentrant, offload, steps=3):
+    checkpointing.configure(None, checkpoint_in_cpu=offload)
+    model = Net(ckpt, reentrant)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(5)
+    losses, grads = [], []
+    for step in range(steps):
+        x = torch.randn(4, 8, generator=gen)
+        torch.manual_seed(100 + step)  # the dropout masks
+        loss = model(x)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+@pytest.fixture
+def forced_offload():
+    """The host-offload path taken with CPU tensors; the module's state put back afterwards."""
+    saved = dict(checkpointing._options), checkpointing._configured
+    checkpointing._on_device = lambda t: isinstance(t, torch.Tensor)
+    checkpointing.reset()  # an empty pool: the allocation counts below start from zero
+    try:
+        yield
+    finally:
+        checkpointing._on_device = _ON_DEVICE
+        checkpointing._options.update(saved[0])
+        checkpointing._configured = saved[1]
+        checkpointing.reset()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["checkpoint", "non_reentrant_checkpoint"])
+def test_cpu_checkpointing_reuses_its_host_buffers_across_steps(forced_offload, reentrant):
+    stats = checkpointing._offload_stats
+    plain = _local_steps(False, reentrant, False)
+    before = dict(stats)
+    offload = _local_steps(True, reentrant, True)
+    for a, b in zip(plain[0], offload[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for ga, gb in zip(plain[1], offload[1]):
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    delta = {k: stats[k] - before[k] for k in stats}
+    # 3 blocks, each input (4, 32) fp32: 3 buffers live at once in a forward, allocated in the first step only;
+    # the two later steps take all three from the pool
+    assert delta["regions"] == 9 and delta["bytes"] == 9 * 4 * 32 * 4
+    assert delta["host_buffers"] == 3 and delta["host_buffer_bytes"] == 3 * 4 * 32 * 4
+    assert delta["host_buffer_reuses"] == 6
+    # in each backward, blocks 2 and 1 bring the input of the block before them back while they recompute
+    assert delta["prefetches"] == 6
+    # reset() frees the pool: the next step allocates again
+    checkpointing.reset()
+    _local_steps(True, reentrant, True, steps=1)
+    assert stats["host_buffers"] - before["host_buffers"] == 6
+
+
+def _double_backward(ckpt, reentrant, offload, reuse_between=False):
+    checkpointing.configure(None, checkpoint_in_cpu=offload)
+    model = Net(ckpt, reentrant)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(7)
+    loss = model(x)
+    loss.backward(retain_graph=True)
+    held = []
+    if reuse_between:  # another forward (kept alive) takes the pooled buffers the first backward gave back
+        held.append(model(x))
+    loss.backward()
+    held.clear()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["checkpoint", "non_reentrant_checkpoint"])
+def test_cpu_checkpointing_backward_twice(forced_offload, reentrant):
+    plain = _double_backward(False, reentrant, False)
+    twice = _double_backward(True, reentrant, True)
+    for a, b in zip(plain, twice):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="host copy of its inputs has been reused by a later region"):
+        _double_backward(True, reentrant, True, reuse_between=True)
+
+
+@pytest.mark.gpu
+@requires_gpus(1)
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_cpu_checkpointing_on_gpu_pinned_pool_and_same_grads(reentrant):
+    """Several steps on a GPU: the host buffers are pinned and reused from the second step, and losses and
+    gradients equal those without checkpointing (the copies on the side stream are ordered correctly)."""
+    saved = dict(checkpointing._options), checkpointing._configured
+    checkpointing.reset()
+
+    def run(ckpt, offload):
+        checkpointing.configure(None, checkpoint_in_cpu=offload)
+        model = Net(ckpt, reentrant).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = []
+        for step in range(3):
+            x = torch.randn(4096, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+            torch.manual_seed(100 + step)
+            loss = model(x)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return out
+
+    try:
+        plain = run(False, False)
+        before = dict(checkpointing._offload_stats)
+        offload = run(True, True)
+        pool = [b for bufs in _ckpt_offload._POOL._free.values() for b in bufs]
+    finally:
+        checkpointing._options.update(saved[0])
+        checkpointing._configured = saved[1]
+        checkpointing.reset()
+    for (la, ga), (lb, gb) in zip(plain, offload):
+        torch.testing.assert_close(la, lb)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b)
+    stats = checkpointing._offload_stats
+    assert stats["host_buffers"] - before["host_buffers"] == 3
+    assert stats["host_buffer_reuses"] - before["host_buffer_reuses"] == 6
+    assert len(pool) == 3 and all(b.is_pinned() for b in pool)

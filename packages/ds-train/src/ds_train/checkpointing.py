@@ -10,8 +10,10 @@ DeepSpeed's options (``configure(...)`` or the config's ``activation_checkpointi
 
 ==================================  =============================================================================
 ``checkpoint_in_cpu``               **works**: the checkpointed inputs of each region are kept in host memory
-(``cpu_checkpointing``)             until its recomputation (copied there as an autograd op, see ``_to_host``),
-                                    with both implementations; nothing to move on the CPU
+(``cpu_checkpointing``)             until its recomputation, with both implementations; on CUDA the copies run
+                                    on a side stream into pooled pinned buffers (reused across steps) and the
+                                    copy back of the previous region is prefetched while a region recomputes
+                                    (:mod:`ds_train._ckpt_offload`); nothing to move on the CPU
 ``synchronize``                     **works**: the device is synchronized before and after each region's forward
 (``synchronize_checkpoint_boundary``) and when its backward starts
 ``partition_activations``           **works** with an ``mpu`` of more than one model-parallel rank: each rank keeps
@@ -39,6 +41,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.utils.checkpoint as _torch_ckpt
+
+from ._ckpt_offload import clear_pool as _clear_offload_pool
+from ._ckpt_offload import offload_stats as _offload_stats  # noqa: F401  (read by tests and benchmarks)
+from ._ckpt_offload import to_host
 
 __all__ = ["checkpoint", "non_reentrant_checkpoint", "configure", "check_section", "is_configured", "reset",
            "partition_activations_in_checkpoint", "set_num_layers", "get_cuda_rng_tracker",
@@ -249,8 +255,9 @@ def is_configured() -> bool:
 
 
 def reset() -> None:
-    """DeepSpeed frees its contiguous checkpoint buffers here; there are none to free (see the module docstring)."""
-    return None
+    """DeepSpeed frees its contiguous checkpoint buffers here; here it frees ``cpu_checkpointing``'s pool of
+    host buffers (see :mod:`ds_train._ckpt_offload`)."""
+    _clear_offload_pool()
 
 
 def partition_activations_in_checkpoint(partition_activation: bool) -> None:
@@ -341,46 +348,8 @@ def _sync_on_backward(outputs):
     return outputs
 
 
-#: what cpu_checkpointing moved to host memory in this process (for tests and benchmarks)
-_offload_stats = {"regions": 0, "bytes": 0}
-
-
 def _on_device(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta")
-
-
-def _to_host(function: Callable, args: tuple, on_device: Callable[[Any], bool] = _on_device) -> tuple[Callable, tuple]:
-    """``cpu_checkpointing``: the region's accelerator tensor arguments -- what a checkpoint keeps until
-    backward -- are copied to host memory and the device copies left to be freed; the region gets them back on
-    its device when it runs. The copy to the host is an autograd op, so gradients flow back to the originals
-    through it. This works for both checkpoint implementations (torch's non-reentrant one keeps its inputs
-    alive in a closure, out of reach of ``save_on_cpu``'s saved-tensor hooks).
-
-    The first call (the real forward) uses the original device tensors, so the forward pays no copy back; the
-    recomputation in backward brings the host copies over. One empty tensor on the device is passed along so
-    torch's checkpoint still records and replays the device's random state (it looks at the arguments'
-    devices)."""
-    devices = [a.device if isinstance(a, torch.Tensor) and on_device(a) else None for a in args]
-    first: list[dict[int, Any] | None] = [dict(enumerate(args))]
-    host = []
-    for a, d in zip(args, devices):
-        if d is None:
-            host.append(a)
-            continue
-        host.append(a.to("cpu"))
-        _offload_stats["bytes"] += a.numel() * a.element_size()
-    _offload_stats["regions"] += 1
-    anchor = next(d for d in devices if d is not None)
-
-    def run(*inputs):
-        inputs = inputs[:-1]  # the anchor
-        originals = first[0]
-        if originals is not None:
-            first[0] = None  # drop the device tensors: from here on only the host copies are kept
-            return function(*(originals[i] if d is not None else a for i, (a, d) in enumerate(zip(inputs, devices))))
-        return function(*(a.to(d, non_blocking=True) if d is not None else a for a, d in zip(inputs, devices)))
-
-    return run, (*host, torch.empty(0, device=anchor))
 
 
 def _run(function: Callable, args: tuple, reentrant: bool):
@@ -395,8 +364,8 @@ def _run(function: Callable, args: tuple, reentrant: bool):
 
         group = _mp_attr(_mpu, "get_tensor_model_parallel_group", "get_model_parallel_group")
         fn, args = partitioned(fn, args, group, _tensor_parallel_rank(), size)
-    if _options["checkpoint_in_cpu"] and any(_on_device(a) for a in args):
-        fn, args = _to_host(fn, args, _on_device)
+    if _options["checkpoint_in_cpu"]:
+        fn, args = to_host(fn, args, _on_device)
     sync = _options["synchronize"]
     if sync:
         _sync()
