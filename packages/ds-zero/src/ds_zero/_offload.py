@@ -36,8 +36,15 @@ fp32 masters and states move to the CPU with the rest. The GPU then holds only t
 persistent params and activations (DeepSpeed with ``offload_optimizer`` alone keeps 16-bit param shards on the
 GPU; here they are on the CPU too).
 
-Not built here (refused by the config, naming the key): NVMe, ``ratio`` < 1, the speculative/overlapped step
-and 16-bit CPU states. The step is synchronous: copies, then the CPU step, then copies back.
+**Overlapped step** (``offload_optimizer.overlap_step``, default true; ``_offload_pipeline``): with CPUAdam the
+step is walked in chunks (each bucket's shard in pieces of at most ``sub_group_size`` elements): chunk i+1's
+grads cross D2H and chunk i-1's new params H2D (side CUDA streams, pinned buffers) while the CPU steps chunk i,
+with the same kernel on the same ranges, so the result is bit for bit the synchronous step's. At stage 2 the
+D2H copies of a bucket start in backward as soon as its last reduce-scatter of the window completes. With
+``overlap_step: false``, or an optimizer other than CPUAdam, the step is synchronous (steps 3 and 4 above).
+
+Not built here (refused by the config, naming the key): ``ratio`` < 1, the speculative CPU step during
+backward, and 16-bit CPU states.
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ class CPUOffload:
         self.sub_group_size = 1_000_000_000
         self.group = None  # the data-parallel group: NVMe set-up errors are agreed over it
         self.global_rank = 0
+        #: the chunked, overlapped step (``_offload_pipeline``); ``chunk_numel``: the largest chunk (elements)
+        self.overlap_step = False
+        self.chunk_numel = 1_000_000_000
 
     @classmethod
     def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
@@ -108,6 +118,9 @@ class CPUOffload:
                              f"stage 0 with fp16/bf16); this engine steps in mode {mode_name!r} (stage {stage})")
         copy_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
         offload = cls(device, off.pin_memory, copy_dtype)
+        offload.overlap_step = off.device == "cpu" and off.overlap_step
+        offload.chunk_numel = config.zero_optimization.sub_group_size
+        offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if off.device == "nvme":  # ZeRO-Infinity's optimizer swapping (_swap)
             offload.nvme_path = off.nvme_path
             offload.sub_group_size = config.zero_optimization.sub_group_size
@@ -127,6 +140,11 @@ class CPUOffload:
     def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:
         self.masters = (NVMeMasters if self.nvme_path is not None else OffloadedMasters)(
             buckets, num_groups, fp32_sources, self)
+        if self.overlap_step and self.nvme_path is None:
+            from ._offload_pipeline import OffloadPipeline
+
+            self.masters.pipeline = OffloadPipeline(self.masters, self.chunk_numel, self.device, self.pin,
+                                                    self.global_rank)
         return self.masters
 
     def rebuild_optimizer(self, template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]]):
@@ -206,6 +224,12 @@ class OffloadedMasters(Masters):
         self._copy_from: CPUAdam | None = None
         #: write-backs served from CPUAdam's copy-out (the tests read it to see that path ran)
         self.copy_out_writes = 0
+        #: the overlapped step (``_offload_pipeline.OffloadPipeline``); None: synchronous
+        self.pipeline = None
+        #: the last step's pipeline already wrote the new params into the device storage
+        self._written = False
+        #: steps taken by the pipeline (the tests read it)
+        self.pipelined_steps = 0
 
     def _to_host(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(self.host_grads) != len(grads) or any(
@@ -221,6 +245,15 @@ class OffloadedMasters(Masters):
     def step(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float) -> None:
         from ds_optim import CPUAdam
 
+        plan = self.pipeline.plan(optimizer) if self.pipeline is not None else None
+        if plan is not None:
+            # chunked and overlapped; the new params are on the device when it returns (write_params: no-op)
+            self.pipeline.step(optimizer, plan, grads, scale)
+            self.offload.cpu_steps += 1
+            self.pipelined_steps += 1
+            self.copy_out_writes += optimizer.copy_dtype is not None
+            self._copy_from, self._written = None, True
+            return
         super().step(optimizer, self._to_host(grads), scale)
         self.offload.cpu_steps += 1
         copies = isinstance(optimizer, CPUAdam) and optimizer.copy_dtype is not None
@@ -230,6 +263,9 @@ class OffloadedMasters(Masters):
     def write_params(self) -> None:
         """Host -> device: each bucket's shard of the new params into its flat storage. Right after a CPUAdam
         step, from its 16-bit copy-out (no second pass over the fp32 masters); otherwise the masters, cast."""
+        if self._written:  # the pipelined step wrote them chunk by chunk
+            self._written = False
+            return
         optimizer, self._copy_from = self._copy_from, None
         if optimizer is None:
             super().write_params()
@@ -241,6 +277,16 @@ class OffloadedMasters(Masters):
             if copy is None:  # a param group with a bucket has a master
                 raise RuntimeError(f"bucket {bucket.index}: param group {bucket.group_index} has no fp32 master")
             bucket.write_param_shard(copy[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
+
+    def begin_window(self) -> None:
+        """Stage 2, the boundary micro-step's backward begins: early D2H copies of this window may start."""
+        if self.pipeline is not None:
+            self.pipeline.begin_window()
+
+    def early_copy(self, bucket: Bucket) -> None:
+        """Stage 2: ``bucket``'s reduced shard is final for this window; start copying it to the host."""
+        if self.pipeline is not None:
+            self.pipeline.early_copy(bucket)
 
     def host_buffers(self, optimizer) -> list[torch.Tensor]:
         """The host tensors that cross the bus: the grad staging and CPUAdam's 16-bit copy-out."""

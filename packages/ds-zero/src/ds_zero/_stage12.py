@@ -122,6 +122,9 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
         self.contiguous = contiguous_gradients
         self.device = device
         self._in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
+        #: called with each bucket whose reduced shard just became final (set by the engine for the boundary
+        #: micro-step's backward: ZeRO-Offload starts that shard's host copy right away, ``_offload_pipeline``)
+        self.on_final_reduction = None
 
     def _on_grad(self, bucket: Bucket, i: int) -> None:
         if self.contiguous:  # else the grad stays on the param until the bucket is flattened at launch
@@ -145,6 +148,8 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
         if out.numel() != out.untyped_storage().nbytes() // out.element_size():
             out = out.clone()  # a slice of the all-reduced bucket: keep the shard, not the whole bucket
         bucket.add_reduced(out)
+        if self.on_final_reduction is not None:
+            self.on_final_reduction(bucket)
 
     def after_backward(self) -> None:
         super().after_backward()

@@ -375,12 +375,28 @@ class ZeroEngine:
             communicate = False  # the optimizer averages its compressed momenta itself in step()
         self._grads_reduced = communicate
         self.reducer.begin_backward(communicate)
+        early = self._offload_early_copies()
         scaled = self.precision.scale_loss(loss / self._grad_accum if self._grad_accum > 1 else loss)
-        scaled.backward(retain_graph=retain_graph)
-        self.reducer.after_backward()
+        try:
+            scaled.backward(retain_graph=retain_graph)
+            self.reducer.after_backward()
+        finally:
+            if early:
+                cast(Stage2Reducer, self.reducer).on_final_reduction = None
         self._backward_pending = True
         self._time("backward", t0)
         return loss
+
+    def _offload_early_copies(self) -> bool:
+        """ZeRO-Offload at stage 2, the boundary micro-step: each bucket's reduced shard is final once its
+        reduce-scatter completes in this backward; the offload starts its host copy then (``_offload_pipeline``)."""
+        masters = self.masters
+        if (self.offload is None or not isinstance(self.reducer, Stage2Reducer) or masters is None
+                or getattr(masters, "pipeline", None) is None or not self.is_gradient_accumulation_boundary()):
+            return False
+        masters.begin_window()  # type: ignore[attr-defined]  (an OffloadedMasters: it has a pipeline)
+        self.reducer.on_final_reduction = masters.early_copy  # type: ignore[attr-defined]
+        return True
 
     def step(self) -> None:
         """On the accumulation boundary: finish reduction, unscale, agreed overflow check (skip everywhere),

@@ -1,0 +1,297 @@
+"""ZeRO-Offload's overlapped step: the CPU step cut into chunks, the copies of the neighbouring chunks in flight.
+
+The synchronous step (``_offload.OffloadedMasters``) copies every reduced gradient shard device -> host, steps
+the CPU masters, then copies every new 16-bit param host -> device: three phases one after the other. Here the
+step walks *chunks* -- each bucket's shard cut into pieces of at most ``sub_group_size`` elements, in bucket
+order (the order backward completes them) -- and, on CUDA:
+
+- every chunk's D2H copy is queued at once on a side stream (``non_blocking`` into the pinned grad staging, one
+  event per chunk), so chunk i+1's grads cross PCIe while the CPU steps chunk i;
+- the CPU waits for chunk i's event only, steps chunk i with ``ds_optim.CPUAdam``'s own kernel
+  (``_update`` on the chunk's ranges of the master, the grad staging, the states and the 16-bit copy-out),
+  then queues chunk i's H2D copy (from the pinned copy-out into the bucket's flat 16-bit params) on a second
+  side stream, which runs while the CPU steps chunk i+1;
+- at the end the compute stream waits for the H2D stream (the all-gather and the next forward read the
+  params), and the host waits for the last H2D before returning (the next step's kernel rewrites the copy-out).
+
+ds-optim's Numba kernels do not release the GIL (``@njit`` without ``nogil``); that does not matter here: the
+copies are queued before the kernel call and run as DMA, driven by the CUDA driver, not by Python.
+
+Exactness: the Adam update is elementwise, so stepping a range with the same kernel, the same step count
+(advanced once per step for the whole group, as ``FlatOptimizer._step_bucket`` does) and the same
+``grad_scale`` gives bit for bit what the one-launch step gives; the tests compare the two.
+
+Stage 2 (``begin_window`` / ``early_copy``): on the last micro-step of the accumulation, a bucket's reduced
+shard is final as soon as its reduce-scatter completes in backward; its D2H copies start right then (on the
+side stream, after the reduction in stream order), before the norm and the overflow flag are known. Copies
+change nothing, so no correction is ever needed; a skipped step simply does not read them. (The speculative
+CPU step during backward, SuperOffload's, is not built: see the package README.)
+
+On the CPU (the gloo tests) the same chunk walk runs with plain copies and no streams.
+
+``DS_ZERO_OFFLOAD_TIMELINE=path.json``: each step's per-chunk (start, end) of D2H / CPU step / H2D, in ms from
+the step's start (CUDA copies timed with events), is written to ``path.json`` (rank 0; other ranks
+``path.rankN.json``), the last 50 steps; ``bench/offload_timeline.py`` draws it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ._buckets import Bucket
+
+#: the environment variable that turns on the per-chunk timeline (a JSON path)
+TIMELINE_ENV = "DS_ZERO_OFFLOAD_TIMELINE"
+_TIMELINE_STEPS = 50
+
+
+@dataclass
+class Chunk:
+    """A piece of one bucket's shard: master elements ``[lo, hi)`` of param group ``group`` (the layout of
+    ``_partition.assign_group_offsets``), which are the bucket's shard elements ``[lo - bucket.master_offset,
+    hi - bucket.master_offset)``."""
+
+    index: int
+    bucket: Bucket
+    group: int
+    lo: int
+    hi: int
+
+    @property
+    def piece(self) -> tuple[int, int]:
+        return self.lo - self.bucket.master_offset, self.hi - self.bucket.master_offset
+
+
+def build_chunks(buckets: list[Bucket], chunk_numel: int) -> list[Chunk]:
+    """Each bucket's shard in pieces of at most ``chunk_numel`` elements, buckets in index order."""
+    if chunk_numel < 1:
+        raise ValueError(f"offload chunk size must be positive, got {chunk_numel}")
+    out: list[Chunk] = []
+    for bucket in sorted(buckets, key=lambda b: b.index):
+        for start in range(0, bucket.shard_numel, chunk_numel):
+            lo = bucket.master_offset + start
+            hi = bucket.master_offset + min(bucket.shard_numel, start + chunk_numel)
+            out.append(Chunk(len(out), bucket, bucket.group_index, lo, hi))
+    return out
+
+
+class OffloadPipeline:
+    """The chunked, overlapped CPU step of one :class:`~._offload.OffloadedMasters` (see the module doc)."""
+
+    def __init__(self, masters, chunk_numel: int, device: torch.device, pin: bool, rank: int = 0) -> None:
+        self.masters = masters
+        self.chunks = build_chunks(masters.buckets, chunk_numel)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.pin = pin
+        self._d2h = torch.cuda.Stream(device) if self.cuda else None
+        self._h2d = torch.cuda.Stream(device) if self.cuda else None
+        #: chunk index -> the event that marks its D2H copy done (early copies of this window, then the step's)
+        self._copied: dict[int, object] = {}
+        #: chunks whose D2H copy started during backward in the last step (the tests read it)
+        self.early_copies = 0
+        self.steps = 0
+        self.path = os.environ.get(TIMELINE_ENV) or None
+        if self.path and rank:
+            self.path = f"{self.path}.rank{rank}.json"
+        self._timeline: list[dict] = []
+        self._by_bucket: dict[int, list[Chunk]] = {}
+        for chunk in self.chunks:
+            self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
+
+    # -- which optimizers ---------------------------------------------------------------------------------
+    def plan(self, optimizer) -> dict[int, tuple[dict, object]] | None:
+        """``{group index: (optimizer param group, ds-optim FlatBucket)}`` when ``optimizer`` is a CPUAdam whose
+        every group steps one master as one uniform flat bucket (what ``_offload`` builds); None otherwise (the
+        synchronous step then runs)."""
+        from ds_optim import CPUAdam
+        from ds_optim._flat import FlatBucket
+
+        if not isinstance(optimizer, CPUAdam):
+            return None
+        out = {}
+        for gi, master in enumerate(self.masters.params):
+            if master is None:
+                continue
+            found = None
+            for group, buckets, loose in zip(optimizer.param_groups, optimizer._buckets, optimizer._loose):
+                if any(p is master for p in group["params"]):
+                    if loose or len(buckets) != 1 or not isinstance(buckets[0], FlatBucket):
+                        return None
+                    bucket = buckets[0]
+                    if len(bucket.params) != 1 or bucket.params[0] is not master or not bucket.uniform:
+                        return None
+                    found = (group, bucket)
+            if found is None:
+                return None
+            out[gi] = found
+        return out
+
+    # -- stage 2: copies started in backward ----------------------------------------------------------------
+    def begin_window(self) -> None:
+        """The boundary micro-step's backward starts: forget copies of an earlier window."""
+        self._copied.clear()
+
+    def early_copy(self, bucket: Bucket) -> None:
+        """``bucket``'s reduced shard is final (stage 2, last micro-step): start its chunks' D2H copies."""
+        grad = bucket.reduced
+        if grad is None:
+            return
+        for chunk in self._by_bucket.get(bucket.index, []):
+            staging = self._staging(chunk.group, grad.dtype)
+            if staging is None:
+                return  # another dtype than the group's staging: the step copies it (after GradShards' cast)
+            a, b = chunk.piece
+            self._copied[chunk.index] = self._copy_d2h(staging[chunk.lo:chunk.hi], grad[a:b], early=True)
+
+    # -- the step -----------------------------------------------------------------------------------------
+    def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float) -> None:
+        """One chunked step: grads ``grads`` (one flat tensor per master, the engine's ``GradShards``) times
+        ``scale``; leaves the new 16-bit params in every bucket's flat storage (this rank's shard)."""
+        t0 = time.perf_counter()
+        ref = None
+        if self.cuda:
+            ref = torch.cuda.Event(enable_timing=self.path is not None)
+            ref.record(torch.cuda.current_stream(self.device))
+            if self.path is not None:
+                ref.synchronize()
+                t0 = time.perf_counter()
+        positions = [gi for gi, p in enumerate(self.masters.params) if p is not None]
+        by_group = dict(zip(positions, grads))
+        host = {}
+        for gi, g in by_group.items():
+            staging = self._staging(gi, g.dtype, numel=g.numel())
+            if staging is None:  # a group whose staging changed dtype: early copies of it are void
+                for chunk in self.chunks:
+                    if chunk.group == gi:
+                        self._copied.pop(chunk.index, None)
+                staging = self._staging(gi, g.dtype, numel=g.numel(), force=True)
+            host[gi] = staging
+        early = set(self._copied)
+        self.early_copies = len(early)
+        if self.cuda:  # the side streams start after what the compute stream did so far (reductions, norm)
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            self._h2d.wait_stream(torch.cuda.current_stream(self.device))
+        events = {}
+        for chunk in self.chunks:
+            if chunk.index in self._copied:
+                events[chunk.index] = self._copied[chunk.index]
+            else:
+                events[chunk.index] = self._copy_d2h(host[chunk.group][chunk.lo:chunk.hi],
+                                                     by_group[chunk.group][chunk.lo:chunk.hi], early=False)
+        # as FlatOptimizer._step_bucket's uniform path: the step count advances once per group, then the kernel
+        # runs on ranges (elementwise: bit for bit the one-launch result), then the host count and the states
+        grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
+        kernels = {}
+        for gi, (group, fbucket) in plan.items():
+            optimizer._advance(fbucket.steps, None)
+            kernels[gi] = optimizer.kernels_for(fbucket.device)
+        records = []
+        last_h2d = None
+        for chunk in self.chunks:
+            group, fbucket = plan[chunk.group]
+            d2h = events[chunk.index]
+            if self.cuda:
+                d2h[1].synchronize()
+            c0 = time.perf_counter()
+            lo, hi = chunk.lo, chunk.hi
+            states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
+            out = optimizer._out_for(fbucket, lo, hi)
+            optimizer._update(kernels[chunk.group], group, fbucket.param_flat[lo:hi], host[chunk.group][lo:hi],
+                              states, fbucket.steps[0], grad_scale, None, out, [0, hi - lo])
+            c1 = time.perf_counter()
+            source = out if out is not None else fbucket.param_flat[lo:hi]
+            last_h2d = self._copy_h2d(chunk, source)
+            records.append((chunk, d2h, (c0, c1), last_h2d))
+        for gi, (group, fbucket) in plan.items():
+            fbucket.count_uniform_step()
+            if not fbucket.states_published:
+                for i, p in enumerate(fbucket.params):
+                    optimizer._publish_state(fbucket, i, p)
+                fbucket.states_published = True
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._h2d)
+            if last_h2d is not None:
+                last_h2d[1].synchronize()  # the copy-out is rewritten by the next step's kernel
+        self._copied.clear()
+        if self.path is not None:
+            self._record(t0, ref, records, early)
+        self.steps += 1
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _staging(self, gi: int, dtype: torch.dtype, numel: int | None = None,
+                 force: bool = False) -> torch.Tensor | None:
+        """Group ``gi``'s host grad staging (``masters.host_grads``, one flat per master, pinned beside CUDA);
+        made on first use. None when it exists in another dtype (and ``force`` is off)."""
+        positions = [g for g, p in enumerate(self.masters.params) if p is not None]
+        k = positions.index(gi)
+        hosts = self.masters.host_grads
+        if len(hosts) != len(positions):
+            hosts[:] = [torch.empty(0) for _ in positions]
+        size = numel if numel is not None else self.masters.params[gi].numel()
+        h = hosts[k]
+        if h.numel() == size and h.dtype == dtype:
+            return h
+        if h.numel() == size and not force:
+            return None
+        hosts[k] = torch.empty(size, dtype=dtype, pin_memory=self.pin)
+        return hosts[k]
+
+    def _copy_d2h(self, dst: torch.Tensor, src: torch.Tensor, early: bool):
+        """Queue ``dst := src`` on the D2H stream; returns ``(start, done)`` events (CUDA) or host times."""
+        if not self.cuda:
+            t = time.perf_counter()
+            dst.copy_(src)
+            return ("host", t, time.perf_counter())
+        timing = self.path is not None
+        start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
+        stream = self._d2h
+        if early:  # after the reduction that produced src, in the compute stream's order
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            dst.copy_(src, non_blocking=self.pin)
+            done.record(stream)
+        # src belongs to the compute stream's allocator pool: keep it until this copy is done
+        src.record_stream(stream)
+        return (start, done)
+
+    def _copy_h2d(self, chunk: Chunk, source: torch.Tensor):
+        a, b = chunk.piece
+        lo = chunk.bucket.shard_range[0]
+        dst = chunk.bucket.flat_params()[lo + a:lo + b]
+        if not self.cuda:
+            t = time.perf_counter()
+            dst.copy_(source)
+            return ("host", t, time.perf_counter())
+        timing = self.path is not None
+        start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
+        with torch.cuda.stream(self._h2d):
+            start.record(self._h2d)
+            dst.copy_(source, non_blocking=self.pin)
+            done.record(self._h2d)
+        return (start, done)
+
+    def _span(self, t0: float, ref, ev) -> list[float]:
+        if ev[0] == "host":
+            return [(ev[1] - t0) * 1e3, (ev[2] - t0) * 1e3]
+        ev[1].synchronize()
+        return [ref.elapsed_time(ev[0]), ref.elapsed_time(ev[1])]
+
+    def _record(self, t0: float, ref, records, early: set[int]) -> None:
+        chunks = []
+        for chunk, d2h, (c0, c1), h2d in records:
+            chunks.append({"index": chunk.index, "bucket": chunk.bucket.index, "numel": chunk.hi - chunk.lo,
+                           "d2h": self._span(t0, ref, d2h), "cpu": [(c0 - t0) * 1e3, (c1 - t0) * 1e3],
+                           "h2d": self._span(t0, ref, h2d), "early": chunk.index in early})
+        self._timeline.append({"step": self.steps, "device": str(self.device), "chunks": chunks})
+        del self._timeline[:-_TIMELINE_STEPS]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"steps": self._timeline}, f)
+        os.replace(tmp, self.path)

@@ -1,0 +1,277 @@
+"""ZeRO-Offload's overlapped step (``offload_optimizer.overlap_step``, ``ds_zero._offload_pipeline``).
+
+The pipelined step walks the CPU step in chunks (each bucket's shard cut at ``sub_group_size`` elements), with
+the D2H / H2D copies of the neighbouring chunks in flight; at stage 2 the D2H copies start in backward. On this
+CPU-only machine there are no streams, but the same chunk walk runs, so the tests check its arithmetic: the
+pipelined step must equal the synchronous offload step *bit for bit* (masters, 16-bit params, Adam states, norms,
+losses) and the no-offload run to fp32 round-off, with accumulation, clipping that fires, an fp16 overflow on one
+rank (the skip), bf16, several chunks per bucket and several buckets per group, and across a checkpoint resume.
+The GPU test (CUDA streams, pinned buffers, real async copies) is at the bottom."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import requires_gpus, run_distributed
+from zero_cases import base_config, make_model, micro_batch, param_groups
+
+import ds_optim
+import ds_zero
+from ds_zero import EngineConfig
+from ds_zero._offload_pipeline import TIMELINE_ENV, build_chunks
+
+STEPS, GA, CLIP = 4, 2, 0.05
+# small buckets and chunks: several buckets per param group, several chunks per bucket
+SMALL = {"reduce_bucket_size": 300, "sub_group_size": 70}
+
+
+def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP):
+    model = make_model()
+    zero = dict(SMALL)
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap}
+    extra = {dtype: {"enabled": True, "auto_cast": True}, "gradient_clipping": clip, "zero": zero}
+    if dtype == "fp16":
+        extra[dtype].update(initial_scale_power=8, hysteresis=1)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-2)
+    return ds_zero.ZeroEngine(model, optimizer, base_config(stage, 2, ga, **copy.deepcopy(extra)))
+
+
+def _states(engine):
+    sd = engine.optimizer.state_dict()["state"]
+    return [sd[k][n].detach().clone().reshape(-1) for k in sorted(sd) for n in ("exp_avg", "exp_avg_sq", "step")
+            if isinstance(sd[k].get(n), torch.Tensor)]
+
+
+def _train(engine, steps, first=0, inf_at=None):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ga = engine.gradient_accumulation_steps()
+    out = []
+    for step in range(first, first + steps):
+        losses = []
+        for micro in range(ga):
+            x, y = micro_batch(step, micro, rank, world, 2, ga)
+            if inf_at == (step, rank) and micro == 0:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            loss = engine(x, y)
+            losses.append(float(loss.detach()))
+            engine.backward(loss)
+            engine.step()
+        out.append({"masters": [p.detach().clone() for p in engine.masters.params if p is not None],
+                    "params": [p.detach().float().clone() for p in engine.module.parameters()],
+                    "states": _states(engine), "losses": losses, "skipped": engine.was_step_skipped,
+                    "norm": engine.global_grad_norm, "scale": engine.loss_scale})
+    return out
+
+
+def _evidence(engine):
+    m = engine.masters
+    pipe = m.pipeline
+    return {"optimizer": type(engine.optimizer).__name__, "pipelined": m.pipelined_steps,
+            "cpu_steps": engine.offload.cpu_steps, "chunks": None if pipe is None else len(pipe.chunks),
+            "early": None if pipe is None else pipe.early_copies,
+            "buckets_per_group": [sum(b.group_index == gi for b in engine.buckets) for gi in range(2)]}
+
+
+def _scenarios(tmp):
+    torch.set_num_threads(1)
+    out = {}
+    for stage, dtype, inf_at in ((1, "bf16", None), (2, "bf16", None), (2, "fp16", (1, 1)), (1, "fp16", (2, 0))):
+        ref = _train(_engine(stage, dtype, False), STEPS, inf_at=inf_at)
+        sync_engine = _engine(stage, dtype, True, overlap=False)
+        sync = _train(sync_engine, STEPS, inf_at=inf_at)
+        eng = _engine(stage, dtype, True)
+        piped = _train(eng, STEPS, inf_at=inf_at)
+        out[(stage, dtype)] = {"ref": ref, "sync": sync, "piped": piped, "evidence": _evidence(eng),
+                               "sync_evidence": _evidence(sync_engine)}
+
+    # resume: 2 pipelined steps, save, 2 more, against a fresh engine that loads and does the 2, and against the
+    # synchronous path loading the same checkpoint
+    whole = _engine(2, "bf16", True)
+    _train(whole, 2)
+    whole.save_checkpoint(tmp, tag="t")
+    tail = _train(whole, 2, first=2)
+    resumed = _engine(2, "bf16", True)
+    resumed.load_checkpoint(tmp, tag="t")
+    again = _train(resumed, 2, first=2)
+    sync = _engine(2, "bf16", True, overlap=False)
+    sync.load_checkpoint(tmp, tag="t")
+    sync_tail = _train(sync, 2, first=2)
+    out["resume"] = {"tail": tail, "again": again, "sync": sync_tail, "evidence": _evidence(resumed)}
+
+    # the timeline: per-chunk spans written where DS_ZERO_OFFLOAD_TIMELINE says (rank 1 beside it)
+    path = os.path.join(tmp, "timeline.json")
+    os.environ[TIMELINE_ENV] = path
+    try:
+        eng = _engine(2, "bf16", True)
+    finally:
+        del os.environ[TIMELINE_ENV]
+    _train(eng, 2)
+    mine = path if dist.get_rank() == 0 else f"{path}.rank{dist.get_rank()}.json"
+    with open(mine) as f:
+        out["timeline"] = {"data": json.load(f), "chunks": len(eng.masters.pipeline.chunks)}
+    return out
+
+
+_cache: dict = {}
+
+
+def _results(tmp_path_factory):
+    if "r" not in _cache:
+        tmp = str(tmp_path_factory.mktemp("offload_overlap"))
+        _cache["r"] = run_distributed(_scenarios, 2, tmp, timeout=240)
+    return _cache["r"]
+
+
+def _equal(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    return len(a) == len(b) and all(torch.allclose(x, y, rtol=rtol, atol=atol) for x, y in zip(a, b))
+
+
+# -- config and chunking -------------------------------------------------------------------------------------
+def test_overlap_step_key():
+    on = EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    assert on.zero_optimization.offload_optimizer.overlap_step is True  # default on: the result is exact
+    off = EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+        "device": "cpu", "overlap_step": False}}})
+    assert off.zero_optimization.offload_optimizer.overlap_step is False
+
+
+def test_chunks_cover_every_shard_in_bucket_order():
+    engine = _single_engine()
+    chunks = engine.masters.pipeline.chunks
+    assert len(chunks) > len(engine.buckets) > 2
+    assert all(c.hi - c.lo <= SMALL["sub_group_size"] for c in chunks)
+    assert [c.bucket.index for c in chunks] == sorted(c.bucket.index for c in chunks)
+    for gi, master in enumerate(engine.masters.params):
+        covered = sorted((c.lo, c.hi) for c in chunks if c.group == gi)
+        assert covered[0][0] == 0 and covered[-1][1] == master.numel()
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no overlap
+    with pytest.raises(ValueError, match="chunk size must be positive"):
+        build_chunks(engine.buckets, 0)
+
+
+def _single_engine(stage=2, overlap=True):
+    model = make_model()
+    zero = dict(SMALL, offload_optimizer={"device": "cpu", "overlap_step": overlap})
+    cfg = base_config(stage, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
+    return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+
+
+def test_non_adam_optimizer_steps_synchronously():
+    """The pipeline drives CPUAdam's kernel by ranges; any other CPU optimizer takes the synchronous step."""
+    model = make_model()
+    zero = dict(SMALL, offload_optimizer={"device": "cpu"})
+    cfg = base_config(1, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
+    engine = ds_zero.ZeroEngine(model, torch.optim.SGD(param_groups(model), lr=1e-2, momentum=0.9), cfg)
+    x, y = micro_batch(0, 0, 0, 1, 2, 1)
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.masters.pipeline.plan(engine.optimizer) is None
+    assert engine.offload.cpu_steps == 1 and engine.masters.pipelined_steps == 0
+
+
+# -- distributed ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [(1, "bf16"), (2, "bf16"), (2, "fp16"), (1, "fp16")])
+def test_pipelined_equals_synchronous_and_no_offload(tmp_path_factory, case):
+    stage, dtype = case
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        r = res[case]
+        ref, sync, piped = r["ref"], r["sync"], r["piped"]
+        for i, (a, s, p) in enumerate(zip(ref, sync, piped)):
+            # bit for bit the synchronous offload step (same kernel, same ranges, same scale)
+            for key in ("masters", "params", "states"):
+                assert _equal(s[key], p[key]), (rank, i, key)
+            assert s["losses"] == p["losses"] and s["norm"] == p["norm"] and s["skipped"] == p["skipped"]
+            assert s["scale"] == p["scale"], (rank, i)
+            # and the no-offload run (torch's AdamW on device masters) to fp32 round-off
+            assert a["skipped"] == p["skipped"] and a["scale"] == p["scale"], (rank, i)
+            assert _close(a["masters"], p["masters"]), (rank, i)
+            assert _close(a["params"], p["params"], rtol=1e-2, atol=1e-3), (rank, i)
+        norms = [a["norm"] for a in ref if a["norm"] is not None]
+        assert max(norms) > CLIP, norms  # clipping fired
+        skipped = [p["skipped"] for p in piped]
+        if dtype == "fp16":
+            assert sum(skipped) == 1  # the inf on one rank skipped the step on both
+        else:
+            assert not any(skipped)
+        ev = r["evidence"]
+        assert ev["optimizer"] == "CPUAdam" and ev["pipelined"] == ev["cpu_steps"] == STEPS - sum(skipped)
+        assert max(ev["buckets_per_group"]) > 1 and ev["chunks"] > sum(ev["buckets_per_group"]), ev
+        # stage 2 starts every chunk's host copy in backward; stage 1 reduces at the step, nothing early
+        assert ev["early"] == (ev["chunks"] if stage == 2 else 0)
+        assert r["sync_evidence"]["pipelined"] == 0 and r["sync_evidence"]["chunks"] is None
+
+
+def test_pipelined_resume_bit_for_bit(tmp_path_factory):
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        r = res["resume"]
+        for a, b, s in zip(r["tail"], r["again"], r["sync"]):
+            for key in ("masters", "params", "states"):
+                assert _equal(a[key], b[key]), (rank, key)
+                assert _equal(a[key], s[key]), (rank, key)  # the synchronous path from the same checkpoint
+        assert r["evidence"]["pipelined"] == 2
+
+
+def test_timeline_written(tmp_path_factory):
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        t = res["timeline"]
+        steps = t["data"]["steps"]
+        assert [s["step"] for s in steps] == [0, 1]
+        for s in steps:
+            assert len(s["chunks"]) == t["chunks"]
+            for c in s["chunks"]:
+                for phase in ("d2h", "cpu", "h2d"):
+                    assert c[phase][0] <= c[phase][1], (rank, c)
+                assert c["cpu"][1] <= c["h2d"][0] + 1e-6 and c["early"] is True  # H2D after its CPU step
+            cpu = [c["cpu"] for c in s["chunks"]]
+            assert all(a[1] <= b[0] + 1e-6 for a, b in zip(cpu, cpu[1:]))  # chunks stepped in order
+
+
+# -- GPU ---------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@requires_gpus(1)
+def test_gpu_pipelined_equals_synchronous(tmp_path):
+    """CUDA: side streams, pinned staging and copy-out, async copies; bit for bit the synchronous step."""
+    def run(overlap, stage):
+        torch.manual_seed(0)
+        model = make_model().cuda()
+        zero = dict(SMALL, offload_optimizer={"device": "cpu", "pin_memory": True, "overlap_step": overlap})
+        extra = {"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": CLIP, "zero": zero}
+        engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2),
+                                    base_config(stage, 2, GA, **extra))
+        for step in range(STEPS):
+            for micro in range(GA):
+                x, y = micro_batch(step, micro, 0, 1, 2, GA)
+                engine.backward(engine(x.cuda(), y.cuda()))
+                engine.step()
+        torch.cuda.synchronize()
+        return engine
+
+    os.environ[TIMELINE_ENV] = str(tmp_path / "t.json")
+    try:
+        for stage in (1, 2):
+            sync, piped = run(False, stage), run(True, stage)
+            assert piped.masters.pipelined_steps == STEPS and sync.masters.pipelined_steps == 0
+            assert all(h.is_pinned() for h in piped.masters.host_grads)
+            assert all(t.is_pinned() for t in piped.optimizer.flat_copies())
+            assert piped.masters.pipeline.early_copies == (len(piped.masters.pipeline.chunks) if stage == 2 else 0)
+            for a, b in zip(sync.masters.params, piped.masters.params):
+                assert torch.equal(a, b), stage
+            for a, b in zip(sync.module.parameters(), piped.module.parameters()):
+                assert a.device.type == "cuda" and torch.equal(a, b), stage
+            assert _equal(_states(sync), _states(piped)), stage
+            assert isinstance(piped.optimizer, ds_optim.CPUAdam)
+    finally:
+        del os.environ[TIMELINE_ENV]
+    steps = json.loads((tmp_path / "t.json").read_text())["steps"]
+    assert steps and all(c["d2h"][0] <= c["d2h"][1] for c in steps[-1]["chunks"])
