@@ -209,8 +209,8 @@ class OffloadOptimizerConfig(StrictModel):
     host memory and the optimizer steps on the CPU (``ds_zero._offload``). Built: ``device: "cpu"`` at stages 1,
     2 and 3 (and stage 0 with fp16/bf16; stage 3 through FSDP2's ``CPUOffloadPolicy``). ``pin_memory`` pins the host buffers that cross PCIe (the gradient
     staging and the 16-bit copy-out) when the model is on CUDA. ``buffer_count`` and ``fast_init`` only matter
-    for NVMe in DeepSpeed: accepted, no effect. NVMe (``device: "nvme"``, ``nvme_path``), partial offload
-    (``ratio`` < 1) is not built: an error naming the key. ``device: "nvme"`` with ``nvme_path`` (stages 0-2):
+    for NVMe in DeepSpeed: accepted, no effect. ``overlap_step`` (ds-zero's, default true): the chunked,
+    overlapped CPU step. Partial offload (``ratio`` < 1) is not built: an error naming the key. ``device: "nvme"`` with ``nvme_path`` (stages 0-2):
     the masters and Adam's states in swap files (``ds_zero._swap``), stepped in ``sub_group_size`` pieces."""
 
     device: Literal["cpu", "nvme"] = "cpu"
@@ -224,6 +224,11 @@ class OffloadOptimizerConfig(StrictModel):
     pipeline_read: bool = False
     pipeline_write: bool = False
     pipeline: bool = False
+    #: ds-zero's: the overlapped CPU step (``ds_zero._offload_pipeline``, device "cpu" with CPUAdam): the step
+    #: walks chunks of at most ``zero_optimization.sub_group_size`` elements, the D2H copy of the next chunk and
+    #: the H2D copy of the last one running while the CPU steps the current one; at stage 2 the D2H copies start
+    #: in backward. Bit for bit the synchronous step's result; false: copy out, step, copy back, in turn
+    overlap_step: bool = True
 
     not_built_keys: ClassVar[dict[str, Any]] = {"ratio": 1.0}
     not_built_hint: ClassVar[dict[str, str]] = {
