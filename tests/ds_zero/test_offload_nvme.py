@@ -54,8 +54,6 @@ def test_nvme_config():
 
 @pytest.mark.parametrize("zero,match", [
     ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, "needs offload_optimizer.nvme_path"),
-    ({"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, "'nvme' at zero_optimization.stage 3 "
-                                                                                  "is not supported yet"),
     ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp", "ratio": 0.5}}, "'ratio'"),
 ])
 def test_nvme_config_refusals(zero, match):

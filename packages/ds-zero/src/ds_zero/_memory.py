@@ -18,6 +18,8 @@ optimizer states are host bytes (they live in the offload policy's CPU tensors, 
 "device" is the CPU too); without it, a storage is a host byte only when it is on the CPU while the engine's
 device is not. ``offload_buffers`` (not part of ``total``, not a model state): the host staging of the reduced
 grads and CPUAdam's 16-bit copy-out, pinned with ``pin_memory`` -- 2 + 2 bytes per element of this rank's shard.
+NVMe offload: the file-backed masters and states (stages 0-2), or Adam's moments (stage 3), count under ``nvme``;
+stage 3's two swap buffer sets are its ``offload_buffers``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def model_state_bytes(engine) -> dict[str, int]:
     # NVMe offload: the masters and states are file mappings, bytes on the disk rather than in host memory
     swapped = ({_storage_key(t) for t in engine.masters.swapped(engine.optimizer)}
                if hasattr(engine.masters, "swapped") else None)
+    if hasattr(engine.optimizer, "swapped"):  # stage 3 (``_swap_stage3``): Adam's moments only, in the files
+        swapped = {_storage_key(t) for t in engine.optimizer.swapped()}
     if swapped is not None:
         where["nvme"] = 0
     on_cpu_engine = engine.device.type == "cpu"
@@ -91,5 +95,8 @@ def model_state_bytes(engine) -> dict[str, int]:
     out["offload_buffers"] = 0
     if offloaded and hasattr(engine.masters, "host_buffers"):  # stage 3's offload has no staging buffers
         staged = {_storage_key(t) for t in engine.masters.host_buffers(engine.optimizer) if t.numel()}
+        out["offload_buffers"] = sum(nbytes for _, nbytes in staged)
+    elif hasattr(engine.optimizer, "host_buffers"):  # stage-3 NVMe: its two swap buffer sets
+        staged = {_storage_key(t) for t in engine.optimizer.host_buffers() if t.numel()}
         out["offload_buffers"] = sum(nbytes for _, nbytes in staged)
     return out

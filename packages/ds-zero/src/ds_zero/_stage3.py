@@ -473,8 +473,15 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     for gi, wrapper in enumerate(engine._master_dtensors):
         if wrapper is not None:
             groups[gi].append(wrapper)
-    # offload: CPUAdam for the Adam family, stepping the CPU shards in place (ds-optim's DTensor support)
-    engine.optimizer = (offload.rebuild_optimizer if offload is not None else rebuild_optimizer)(user_opt, groups)
+    off = zero.offload_optimizer
+    if offload is not None and off is not None and off.device == "nvme":
+        # ZeRO-Infinity's optimizer-state swapping: the CPU shards stepped in place, Adam's moments in swap files
+        from ._swap_stage3 import build_nvme_shard_adam
+
+        engine.optimizer = build_nvme_shard_adam(user_opt, groups, zero, engine.process_group, engine.device)
+    else:
+        # offload: CPUAdam for the Adam family, stepping the CPU shards in place (ds-optim's DTensor support)
+        engine.optimizer = (offload.rebuild_optimizer if offload is not None else rebuild_optimizer)(user_opt, groups)
     #: the user's param group behind each of the rebuilt optimizer's groups (empty ones are dropped)
     engine._stage3_group_map = [gi for gi in range(engine._num_groups) if groups[gi]]
     register_engine_params(engine, engine.module)

@@ -31,6 +31,7 @@ directory is removed when the engine is garbage collected or the interpreter exi
 from __future__ import annotations
 
 import concurrent.futures as futures
+import gc
 import logging
 import os
 import shutil
@@ -89,6 +90,13 @@ class SwapDir:
                                 f"{_gib(needed_bytes)} on this rank, the file system has {_gib(free)} free")
 
     def _claim(self) -> None:
+        live = _LIVE.get(self.path)
+        if live is not None and live() is not None:
+            gc.collect()  # an engine the caller dropped may only wait for the cycle collector
+        if live is not None and live() is not None:
+            # its files would be truncated under it, and its clean-up would remove this run's directory
+            raise NVMeSwapError(f"the NVMe swap directory {self.path!r} is in use by another engine of this process; "
+                                "give each engine its own nvme_path, or drop the first one")
         owner = os.path.join(self.path, "owner")
         host = socket.gethostname()
         try:
@@ -124,6 +132,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: swap directory -> the SwapFiles of this process that uses it (a second engine on it is refused)
+_LIVE: dict[str, weakref.ref] = {}
+
+
 def _remove_dir(path: str, fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -140,16 +152,18 @@ def _np(t: torch.Tensor):
 class SwapFiles:
     """One file per (param group, kind), opened once; positional reads and writes of element ranges."""
 
-    def __init__(self, swap_dir: SwapDir, sizes: list[int]) -> None:
+    def __init__(self, swap_dir: SwapDir, sizes: list[int], kinds: tuple[str, ...] = KINDS) -> None:
+        """``kinds``: the files of each group (stage 3 swaps only the moments, ``STATES``: ``_swap_stage3``)."""
         self.dir = swap_dir
         self.fds: dict[tuple[int, str], int] = {}
         self.names: dict[tuple[int, str], str] = {}
         opened: list[int] = []  # closed before the directory is removed
+        _LIVE[swap_dir.path] = weakref.ref(self)
         self._finalizer = weakref.finalize(self, _remove_dir, swap_dir.path, opened)
         for gi, n in enumerate(sizes):
             if not n:
                 continue
-            for kind in KINDS:
+            for kind in kinds:
                 name = swap_dir.file(f"group{gi}.{kind}")
                 fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 opened.append(fd)
@@ -323,13 +337,14 @@ def _wait(pending, raise_errors: bool = True) -> None:
         raise first
 
 
-def check_host_memory(what: str, needed: int) -> None:
-    """Refuse, before training starts, host buffers larger than the memory available now."""
+def check_host_memory(what: str, needed: int, per_element: int = 12) -> None:
+    """Refuse, before training starts, host buffers larger than the memory available now (``per_element``: bytes
+    per sub-group element of one swap buffer set, for the hint)."""
     available = _mem_available()
     if available is not None and needed > available:
         raise NVMeSwapError(f"{what} needs {_gib(needed)} of host memory, {_gib(available)} is available; lower "
-                            "zero_optimization.sub_group_size (each of the two swap buffer sets holds 12 bytes per "
-                            "element of a sub-group)")
+                            f"zero_optimization.sub_group_size (each of the two swap buffer sets holds {per_element} "
+                            "bytes per element of a sub-group)")
 
 
 def build_nvme_adam(offload, groups: list[tuple[int, dict]], defaults: dict, masters) -> NVMeAdam:

@@ -284,7 +284,8 @@ class OffloadParamConfig(StrictModel):
     def _device(cls, value: Any) -> Any:
         if value == "nvme":
             raise ValueError("offload_param.device = 'nvme' is not supported yet by ds-zero: parameter NVMe offload "
-                             "(ZeRO-Infinity) is not built; use \"cpu\"")
+                             "(ZeRO-Infinity) is not built; use offload_param: {device: \"cpu\"} with offload_optimizer: "
+                             "{device: \"nvme\", nvme_path: ...} (Adam's states on NVMe, the fp32 shards in host memory)")
         if value != "cpu":
             raise ValueError(f"offload_param.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
         return value
@@ -427,9 +428,6 @@ class ZeroConfig(StrictModel):
         if self.cpu_offload_use_pin_memory and not (self.cpu_offload or self.cpu_offload_param):
             raise ValueError("cpu_offload_use_pin_memory only applies with cpu_offload: true (or cpu_offload_param); "
                              "with offload_optimizer / offload_param use their pin_memory")
-        if self.offload_optimizer is not None and self.offload_optimizer.device == "nvme" and self.stage == 3:
-            raise ValueError("offload_optimizer.device = 'nvme' at zero_optimization.stage 3 is not supported yet by "
-                             "ds-zero (NVMe offload is built for stages 0-2; at stage 3 use \"cpu\")")
         if self.offload_param is not None and self.stage != 3:
             raise ValueError(f"zero_optimization.offload_param (parameter offload) needs stage 3, got stage "
                              f"{self.stage}; at stages 0-2 use offload_optimizer")

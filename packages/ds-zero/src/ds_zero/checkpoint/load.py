@@ -70,7 +70,7 @@ def _load_optimizer(engine, sd: dict, source: str) -> None:
 
 
 #: optimizer classes whose state dicts are interchangeable (torch's keys exp_avg / exp_avg_sq / step)
-_ADAM_FAMILY = {"Adam", "AdamW", "FusedAdam", "FusedAdamW", "CPUAdam", "NVMeAdam"}
+_ADAM_FAMILY = {"Adam", "AdamW", "FusedAdam", "FusedAdamW", "CPUAdam", "NVMeAdam", "NVMeShardAdam"}
 
 
 def _check_optimizer_class(engine, saved: str | None, source: str) -> None:
