@@ -356,10 +356,9 @@ def configure(deepspeed_config: Any = None, enabled: bool | None = None, prof_al
 def log_summary(show_straggler: bool = False, return_dict: bool = False):
     """DeepSpeed's ``log_summary``: every rank meets at a barrier, rank 0 prints the table (per collective and
     message size: count, total and average latency, algbw, busbw; ds-comm's compressed collectives with their
-    wire bytes), then a second barrier. Returns the summary dict with ``return_dict=True``."""
-    if show_straggler:
-        raise NotImplementedError("log_summary(show_straggler=True) is not supported yet (it needs each rank's "
-                                  "latencies gathered)")
+    wire bytes), then a second barrier. ``show_straggler``: also DeepSpeed's breakdown with the straggler effect
+    (:meth:`~ds_train.monitor.comms.CommsLogger.straggler_summary`: each call's latency all-reduced with MIN over
+    the ranks). Returns the summary dict with ``return_dict=True``."""
     if not comms_logger.enabled and not comms_logger.comms_dict:
         raise RuntimeError("ds_train.comm.log_summary(): the communication logger is off; enable it with the "
                            "config's \"comms_logger\": {\"enabled\": true} or ds_train.comm.configure(enabled=True)")
@@ -367,7 +366,7 @@ def log_summary(show_straggler: bool = False, return_dict: bool = False):
     if synced:
         with comms_logger.paused():  # the summary's own barriers are not the run's communication
             _dist.barrier()
-    summary = comms_logger.log_all(print_log=not synced or _dist.get_rank() == 0)
+    summary = comms_logger.log_all(print_log=not synced or _dist.get_rank() == 0, show_straggler=show_straggler)
     if synced:
         with comms_logger.paused():
             _dist.barrier()

@@ -217,12 +217,12 @@ class CommsLogger:
                     out.setdefault(record, {})[size] = row
         return out
 
-    def format_summary(self) -> str:
+    def format_summary(self, summary: dict | None = None) -> str:
         """DeepSpeed's table (``log_all``), one line per record and message size."""
         cols = ("Comm. Op", "Message Size", "Count", "Total Latency(ms)", "Avg Latency(ms)", "tput_avg (Gbps)",
                 "busbw_avg (Gbps)")
         lines = ["".join(f"{c: <20}" for c in cols)]
-        for record, sizes in self.summary().items():
+        for record, sizes in (self.summary() if summary is None else summary).items():
             lines.append(record)
             for size, r in sizes.items():
                 line = (f"{' ': <20}{convert_size(size): <20}{r['count']: <20}{r['total_latency']: <20.2f}"
@@ -233,10 +233,98 @@ class CommsLogger:
                 lines.append(line)
         return "\n".join(lines)
 
-    def log_all(self, print_log: bool = True) -> dict:
+    def straggler_summary(self, group=None) -> dict[str, dict[int, dict[str, Any]]]:
+        """DeepSpeed's straggler breakdown (``log_summary(show_straggler=True)``); a collective: every rank of
+        ``group`` calls it. Per record and message size: each call's latency is all-reduced with MIN across the
+        ranks -- the fastest rank's time is the communication itself, the rest of a rank's time is waiting for
+        the last rank to arrive. ``comm_latency_total``/``_avg`` are the sums/trimmed means of those minima,
+        ``straggler_total``/``_avg`` of this rank's latency minus them (DeepSpeed's four columns).
+        Added here: ``min_total_latency``/``max_total_latency``, the smallest and largest total latency of the op
+        over the ranks, and ``straggler_rank``, the rank with the smallest (the one the others waited for).
+
+        Ranks are matched call by call over the calls every rank made (a record some rank lacks, such as
+        ``send`` or ``recv``, gets only the totals, over the ranks that have it, and None for the rest)."""
+        with self._lock:
+            local = {(record, size): list(vals[1]) for record, sizes in self.comms_dict.items()
+                     for size, vals in sizes.items()}
+        everyone: list[Any] = [{k: len(v) for k, v in local.items()}]
+        if _dist.is_initialized() and _dist.get_world_size(group) > 1:
+            everyone = [None] * _dist.get_world_size(group)
+            with self.paused():  # the breakdown's own collectives are not the run's
+                _dist.all_gather_object(everyone, {k: len(v) for k, v in local.items()}, group=group)
+        keys = sorted({k for counts in everyone for k in counts})  # the same order on every rank
+        calls = [min(counts.get(k, 0) for counts in everyone) for k in keys]  # calls made by every rank
+        own = torch.tensor([lat for k, n in zip(keys, calls) for lat in local.get(k, [])[:n]], dtype=torch.float64)
+        totals = torch.tensor([sum(local[k]) if k in local else math.nan for k in keys], dtype=torch.float64)
+        if len(everyone) > 1:
+            device = _collective_device(group)
+            # a copy even on the CPU (where .to would return `own` itself): MIN reduces it in place
+            fastest, gathered = own.to(device, copy=True), [torch.empty_like(totals, device=device) for _ in everyone]
+            with self.paused():
+                if fastest.numel():  # the same length on every rank: the calls every rank made
+                    _dist.all_reduce(fastest, op=_dist.ReduceOp.MIN, group=group)
+                _dist.all_gather(gathered, totals.to(device), group=group)
+            fastest, all_totals = fastest.cpu(), torch.stack([t.cpu() for t in gathered])
+        else:
+            fastest, all_totals = own.clone(), totals[None]
+        out: dict[str, dict[int, dict[str, Any]]] = {}
+        start = 0
+        for index, ((record, size), n) in enumerate(zip(keys, calls)):
+            mins, mine = fastest[start:start + n].tolist(), own[start:start + n].tolist()
+            start += n
+            if (record, size) not in local:
+                continue
+            # (total, rank) of the ranks that made this record
+            present = [(t, r) for r, t in enumerate(all_totals[:, index].tolist()) if not math.isnan(t)]
+            row: dict[str, Any] = {"min_total_latency": min(present)[0], "max_total_latency": max(present)[0],
+                                   "straggler_rank": min(present)[1]}
+            if n and len(present) == len(everyone):
+                waits = [m - f for m, f in zip(mine, mins)]
+                row.update(comm_latency_total=sum(mins), straggler_total=sum(waits),
+                           comm_latency_avg=_trim_mean(mins), straggler_avg=_trim_mean(waits))
+            else:
+                row.update(comm_latency_total=None, straggler_total=None, comm_latency_avg=None,
+                           straggler_avg=None)
+            out.setdefault(record, {})[size] = row
+        return out
+
+    @staticmethod
+    def format_straggler(summary: dict) -> str:
+        """DeepSpeed's "Breakdown with straggler effect" table, with the spread of the ranks' totals and the
+        rank the others waited for; "-" where a record was not made by every rank."""
+        cols = ("Comm. Op", "Message Size", "Count", "Total comm lat(ms)", "Total straggler(ms)",
+                "Avg comm lat(ms)", "Avg straggler(ms)", "Rank totals(ms)", "Straggler rank")
+        lines = ["_______________________________", "Breakdown with straggler effect",
+                 "-------------------------------", "".join(f"{c: <20}" for c in cols)]
+
+        def cell(value):
+            return f"{'-': <20}" if value is None else f"{value: <20.2f}"
+
+        for record, sizes in summary.items():
+            lines.append(record)
+            for size, r in sizes.items():
+                if "straggler_rank" not in r:
+                    continue
+                spread = f"{r['min_total_latency']:.2f}-{r['max_total_latency']:.2f}"
+                lines.append(f"{' ': <20}{convert_size(size): <20}{r['count']: <20}{cell(r['comm_latency_total'])}"
+                             f"{cell(r['straggler_total'])}{cell(r['comm_latency_avg'])}{cell(r['straggler_avg'])}"
+                             f"{spread: <20}{r['straggler_rank']: <20}")
+        return "\n".join(lines)
+
+    def log_all(self, print_log: bool = True, show_straggler: bool = False, group=None) -> dict:
+        """The summary (printed with ``print_log``); with ``show_straggler`` each row also carries
+        :meth:`straggler_summary`'s fields -- a collective then, every rank must call it."""
+        summary = self.summary()
+        if show_straggler:
+            for record, sizes in self.straggler_summary(group).items():
+                for size, row in sizes.items():
+                    if size in summary.get(record, {}):
+                        summary[record][size].update(row)
         if print_log:
-            print(self.format_summary(), flush=True)
-        return self.summary()
+            print(self.format_summary(summary), flush=True)
+            if show_straggler:
+                print(self.format_straggler(summary), flush=True)
+        return summary
 
     # -- timing one call -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -307,6 +395,14 @@ def _sync(args: tuple, kwargs: dict) -> None:
             if t.device.type == "cuda":
                 torch.cuda.synchronize(t.device)
             return
+
+
+def _collective_device(group) -> torch.device:
+    """Where a tensor for a collective on ``group`` must live: the current GPU under NCCL, else the CPU."""
+    backend = str(_dist.get_backend(group)).lower()
+    if "nccl" in backend and "cpu:" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _ds_comm_stats():
