@@ -115,7 +115,10 @@ class _Stub2(_Stub):
 @pytest.mark.parametrize("config,err,text", [
     ({"pipeline": {"schedule": "dualpipev"}}, ValueError, "'dualpipev' runs several chunks per rank"),
     ({"pipeline": {"schedul": "1f1b"}}, ValueError, "did you mean 'schedule'"),
-    ({"zero_optimization": {"stage": 1}}, ValueError, "'zero_optimization'.* not built yet"),
+    ({"zero_optimization": {"stage": 3}}, NotImplementedError, "stage=3 with a pipeline is not built"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {}}}, ValueError,
+     "zero_optimization.offload_optimizer is not supported with a pipeline"),
+    ({"optimizer": {"type": "Adam"}}, ValueError, "'optimizer' given to ds-pipe directly is not built"),
     ({"gradient_accumulation_step": 2}, ValueError, "did you mean 'gradient_accumulation_steps'"),
     ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2},
      ValueError, "train_batch_size=10 != "),

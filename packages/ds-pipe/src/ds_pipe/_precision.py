@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["Precision"]
 
@@ -62,6 +63,20 @@ def parse_precision(config: dict[str, Any]) -> tuple[torch.dtype, dict[str, Any]
             or scaler.get("loss_scale", 0) < 0:
         raise ValueError(f"fp16.loss_scale must be a number >= 0 (0 = dynamic), got {scaler['loss_scale']!r}")
     return torch.float16, scaler, float(clip)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (tensor parallelism through ``parallelize_module``), else the tensor: the data
+    and pipe reductions, the norm and ZeRO's partition all work on what this rank holds."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_tensor_parallel(p: torch.Tensor) -> bool:
+    """A parameter split over the model axis: a DTensor sharded on some mesh dimension, or a Megatron-style
+    layer's weight marked ``model_parallel`` / ``tensor_model_parallel`` (DeepSpeed's and Megatron's flag)."""
+    if isinstance(p, DTensor):
+        return any(pl.is_shard() for pl in p.placements)
+    return bool(getattr(p, "model_parallel", False) or getattr(p, "tensor_model_parallel", False))
 
 
 def grad_of(p: torch.Tensor, where: str) -> torch.Tensor:
@@ -107,8 +122,7 @@ class Precision:
         # tensor-parallel pieces (DeepSpeed's / Megatron's attribute on a TP layer's weight): their squares are
         # summed over the model axis in the global norm; every other parameter is replicated over it and counted
         # on model rank 0 only. Read before the 16-bit swap, which makes new Parameter objects.
-        self.model_parallel = [bool(getattr(p, "model_parallel", False) or getattr(p, "tensor_model_parallel", False))
-                               for p in self.module_params]
+        self.model_parallel = [is_tensor_parallel(p) for p in self.module_params]
         if dtype != torch.float32:
             self.module_params = self._swap_in_16bit(module, dtype)
             for m in self.opt_params:
@@ -191,7 +205,7 @@ class Precision:
     def unscale_clip_check(self) -> bool:
         """Divide by the loss scale, clip by the global norm; returns True when the step must be skipped (fp16
         overflow anywhere). Every rank calls it."""
-        grads = [grad_of(m, "Precision.unscale_clip_check") for m in self.opt_params]
+        grads = [local(grad_of(m, "Precision.unscale_clip_check")) for m in self.opt_params]
         if self.scaler is not None and grads:
             torch._foreach_div_(grads, self.scaler.cur_scale)
         if self.scaler is None and self.clip <= 0:

@@ -44,6 +44,8 @@ from torch import nn
 from ds_zero import _comm
 from ds_zero._optim import bind_scheduler, materialize_optimizer, rebuild_optimizer
 
+from ._precision import local
+
 __all__ = ["PipeZero"]
 
 
@@ -102,7 +104,8 @@ class PipeZero:
                 seen.add(id(p))
                 indices.append(index_of[id(p)])
             if indices:
-                self.layouts.append(_Layout(indices, [params[i].numel() for i in indices], self.world, self.rank))
+                self.layouts.append(_Layout(indices, [local(params[i]).numel() for i in indices], self.world,
+                                             self.rank))
                 self._group_of_layout.append(gi)
         self.masters: list[nn.Parameter] = []
         with torch.no_grad():
@@ -112,7 +115,7 @@ class PipeZero:
                     part = lay.mine(start, end)
                     if part:
                         a, b = part
-                        master[a - lay.lo:b - lay.lo].copy_(originals[i].detach().reshape(-1)[a - start:b - start])
+                        master[a - lay.lo:b - lay.lo].copy_(local(originals[i]).detach().reshape(-1)[a - start:b - start])
                 self.masters.append(nn.Parameter(master))
         # one group per non-empty template group, with its hyper-parameters (an empty group is dropped, which
         # a constructed LR scheduler then refuses by name in bind_scheduler)
@@ -147,7 +150,7 @@ class PipeZero:
                 if p.grad is not None:
                     if n_micro != 1:
                         p.grad.div_(n_micro)  # in the parameter's dtype, as the replicated path does
-                    flat[start:end].copy_(p.grad.reshape(-1))
+                    flat[start:end].copy_(local(p.grad).reshape(-1))
                     p.grad = None
             shards.append(flat)
         # tied weights: in Precision.tied's order, which every rank of a tie group shares
@@ -222,7 +225,8 @@ class PipeZero:
             flat = torch.empty(lay.padded, dtype=dtype, device=self.device)
             _comm.wait(_comm.all_gather(flat, master.detach().to(dtype), self.group))
             for _, i, start, end in lay.segments():
-                self.params[i].copy_(flat[start:end].view_as(self.params[i]))
+                dst = local(self.params[i])
+                dst.copy_(flat[start:end].view_as(dst))
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -254,7 +258,7 @@ class PipeZero:
         for j, (lay, g) in enumerate(zip(self.layouts, sd["param_groups"])):
             state.update(self._state_pieces(sd["state"].get(g["params"][0], {}), lay))
             for _, i, start, end in lay.segments():
-                shapes[self.names[i]] = list(self.params[i].shape)
+                shapes[self.names[i]] = list(local(self.params[i]).shape)
                 part = lay.mine(start, end)
                 if part:
                     ranges[self.names[i]] = [part[0] - start, part[1] - start]
@@ -269,7 +273,7 @@ class PipeZero:
         out: dict[str, Any] = {"zero_ranges": {}, "pieces": {}, "zero_shapes": {}}
         for lay, master in zip(self.layouts, self.masters):
             for _, i, start, end in lay.segments():
-                out["zero_shapes"][self.names[i]] = list(self.params[i].shape)
+                out["zero_shapes"][self.names[i]] = list(local(self.params[i]).shape)
                 part = lay.mine(start, end)
                 if part:
                     a, b = part
@@ -288,7 +292,7 @@ class PipeZero:
                     continue
                 a, b = part
                 name = self.names[i]
-                src = masters[name] if masters is not None and name in masters else self.params[i]
+                src = masters[name] if masters is not None and name in masters else local(self.params[i])
                 master.data[a - lay.lo:b - lay.lo].copy_(src.reshape(-1)[a - start:b - start].float())
         self.gather()
 

@@ -32,7 +32,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as _ckpt
-from ._precision import Precision, grad_of
+from ._precision import Precision, grad_of, local
 from ._zero import PipeZero
 from .config import PipeConfig
 from .module import PipelineModule
@@ -59,10 +59,13 @@ class PipelineEngine:
       callable ``params -> optimizer``; a stage with no trainable parameters gets none.
     - ``config``: the DeepSpeed JSON keys of :class:`~ds_pipe.config.PipeConfig` (batch keys, ``pipeline``).
     - ``lr_scheduler``: stepped after every optimizer step, or a callable ``optimizer -> scheduler``.
+    - ``mpu``: DeepSpeed's model-parallel unit (``get_model_parallel_*``, ``get_data_parallel_*``,
+      ``get_pipe_parallel_*``), e.g. Megatron's or a :class:`~ds_pipe.PipelineParallelGrid`: it must describe
+      the module's topology (same sizes, ranks and group members); the module's grid is what communicates.
     """
 
     def __init__(self, model: PipelineModule, optimizer: Any = None, config: dict[str, Any] | None = None,
-                 lr_scheduler: Any = None):
+                 lr_scheduler: Any = None, mpu: Any = None):
         if not isinstance(model, PipelineModule):
             raise TypeError(f"PipelineEngine needs a PipelineModule, got {type(model).__name__}")
         if not dist.is_initialized():
@@ -76,7 +79,10 @@ class PipelineEngine:
         if grid is None:
             raise RuntimeError("PipelineEngine: the PipelineModule was made before torch.distributed was "
                                "initialised, so it has no process groups; make it after init_process_group")
+        if mpu is not None:
+            _check_mpu(mpu, grid)
         self.grid = grid
+        self.mpu = grid
         self.stage_id = model.stage_id
         self.num_stages = model.num_stages
         self.dp_world_size = self.grid.get_data_parallel_world_size()
@@ -290,7 +296,7 @@ class PipelineEngine:
         # every parameter has a gradient here (zeros where the step reached none): the flat buffers line up
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in self._params:
-            g = grad_of(p, "PipelineEngine._average_data_parallel_grads")
+            g = local(grad_of(p, "PipelineEngine._average_data_parallel_grads"))  # a TP shard: this rank's
             by_dtype.setdefault(g.dtype, []).append(g)
         for grads in by_dtype.values():
             flat = _flatten_dense_tensors(grads)
@@ -377,9 +383,30 @@ class PipelineEngine:
         return self.micro_batches
 
 
+def _check_mpu(mpu: Any, grid: Any) -> None:
+    """An ``mpu`` passed in must describe the module's topology: each axis' size, this rank's coordinate and
+    its group's members (else tensor-parallel layers and the engine would disagree on who holds what)."""
+    for axis in ("model", "data", "pipe"):
+        for what in ("rank", "world_size", "group"):
+            name = f"get_{axis}_parallel_{what}"
+            if not callable(getattr(mpu, name, None)):
+                if axis == "pipe":  # Megatron's mpu has no pipeline getters: nothing to compare
+                    continue
+                raise TypeError(f"mpu has no {name}() (DeepSpeed's model-parallel unit interface)")
+            if what == "group":
+                theirs = dist.get_process_group_ranks(getattr(mpu, name)())
+                ours = dist.get_process_group_ranks(getattr(grid, name)())
+            else:
+                theirs, ours = int(getattr(mpu, name)()), int(getattr(grid, name)())
+            if theirs != ours:
+                raise ValueError(f"mpu.{name}() = {theirs} on rank {dist.get_rank()} but the PipelineModule's "
+                                 f"topology gives {ours}; build the module with a topology matching the mpu (or "
+                                 f"pass the mpu, a PipelineParallelGrid, as PipelineModule(topology=...))")
+
+
 def initialize(model: PipelineModule, optimizer: Any = None, config: dict[str, Any] | None = None,
-               lr_scheduler: Any = None) -> tuple[PipelineEngine, Any, None, Any]:
+               lr_scheduler: Any = None, mpu: Any = None) -> tuple[PipelineEngine, Any, None, Any]:
     """ds-pipe on its own: ``engine, optimizer, _, scheduler = ds_pipe.initialize(model, optimizer, config)``,
     ``deepspeed.initialize``'s return shape (no data loader: ``train_batch`` takes the iterator)."""
-    engine = PipelineEngine(model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler)
+    engine = PipelineEngine(model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler, mpu=mpu)
     return engine, engine.optimizer, None, engine.lr_scheduler

@@ -85,7 +85,9 @@ class PipelineModule(nn.Module):
 
     - ``layers``: the layer list (see the module docstring); a stage's output is the next stage's input.
     - ``num_stages`` or ``topology``: the number of stages (data parallelism fills the rest of the world), or
-      a :class:`ProcessTopology` with a ``pipe`` axis. One of them is required.
+      a :class:`ProcessTopology` with a ``pipe`` axis (and, for tensor parallelism, a ``model`` axis:
+      :class:`PipeModelDataParallelTopology`), or a :class:`PipelineParallelGrid` made from one, whose groups
+      are then reused (the mpu the user's tensor-parallel layers were given). One of them is required.
     - ``loss_fn(outputs, labels)``: the last stage's loss.
     - ``partition_method``: ``'parameters'`` (balance trainable parameter counts, the default),
       ``'uniform'`` (layer counts) or ``'type:REGEX'`` (balance the layers whose class name matches, case
@@ -105,7 +107,8 @@ class PipelineModule(nn.Module):
       ``c >= num_stages`` on rank ``2 * num_stages - 1 - c`` -- rank 0 holds the first and the last chunk.
     """
 
-    def __init__(self, layers: list[Any], num_stages: int | None = None, topology: ProcessTopology | None = None,
+    def __init__(self, layers: list[Any], num_stages: int | None = None,
+                 topology: ProcessTopology | PipelineParallelGrid | None = None,
                  loss_fn: Callable | None = None, seed_layers: bool = False, seed_fn: Callable | None = None,
                  base_seed: int = 1234, partition_method: str = "parameters",
                  activation_checkpoint_interval: int = 0, activation_checkpoint_func: Callable | None = None,
@@ -141,18 +144,18 @@ class PipelineModule(nn.Module):
             lambda fn, *args: checkpoint(fn, *args, use_reentrant=False))
 
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self._topo = self._make_topology(num_stages, topology, world)
+        # a PipelineParallelGrid given as the topology: its groups are reused (the mpu that the user's
+        # Megatron-style layers already hold), none are made twice
+        grid = topology if isinstance(topology, PipelineParallelGrid) else None
+        self._topo = self._make_topology(num_stages, grid.topology() if grid else topology, world)
         self.num_stages = self._topo.get_dim("pipe")
-        if self._topo.get_dim("model") != 1:
-            raise NotImplementedError("PipelineModule: a topology with a 'model' (tensor-parallel) axis larger "
-                                      "than 1 is not supported in ds-pipe 0.1.0")
         self._check_ties(layers)
         self.partition_method = partition_method
         self.num_chunks = self.num_stages * virtual_stages
         self.parts = self._partition(layers, partition_method)
 
         # collectives start here; everything above fails the same way on every rank, before any of them
-        self._grid = PipelineParallelGrid(self._topo) if dist.is_initialized() else None
+        self._grid = grid or (PipelineParallelGrid(self._topo) if dist.is_initialized() else None)
         self.global_rank = dist.get_rank() if dist.is_initialized() else 0
         self.stage_id = self._grid.get_stage_id() if self._grid else 0
         # torch's stage indices of this rank's chunks, in local order

@@ -110,8 +110,9 @@ class PipeDataParallelTopology(ProcessTopology):
 
 
 class PipeModelDataParallelTopology(ProcessTopology):
-    """Pipeline x data x model (tensor) parallelism, DeepSpeed's 3D layout. ds-pipe 0.1.0 runs model size 1
-    only; the engine refuses a larger one by name."""
+    """Pipeline x data x model (tensor) parallelism, DeepSpeed's 3D layout: axes ``pipe``, ``data``, ``model``,
+    the model axis fastest (tensor-parallel peers are adjacent ranks: their per-layer collectives are the
+    heaviest traffic and stay within a node), then data, then pipe."""
 
     def __init__(self, num_pp: int, num_mp: int, num_dp: int):
         super().__init__(axes=["pipe", "data", "model"], dims=[num_pp, num_dp, num_mp])
@@ -188,6 +189,18 @@ class PipelineParallelGrid:
 
     def get_global_rank(self) -> int:
         return self.global_rank
+
+    def get_model_parallel_mesh(self, device_type: str | None = None):
+        """A one-dimensional ``DeviceMesh`` (dimension ``"model"``) over this rank's model-parallel group, for
+        torch's tensor parallelism: ``parallelize_module(stage_layer, grid.get_model_parallel_mesh(),
+        {"up": ColwiseParallel(), "down": RowwiseParallel()})``. Made once, from the existing group."""
+        if getattr(self, "_model_mesh", None) is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            if device_type is None:
+                device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            self._model_mesh = DeviceMesh.from_group(self.mp_group, device_type, mesh_dim_names=("model",))
+        return self._model_mesh
 
     def topology(self) -> ProcessTopology:
         return self._topo

@@ -4,8 +4,8 @@ ds-train, to ds-pipe's :class:`~ds_pipe.PipelineEngine` (``train_batch`` / ``eva
 The config is split by owner: ``optimizer`` and ``scheduler`` are built here (the same builders and checks as
 for any model, over this stage's parameters); sections that are present but off (``fp16``/``bf16`` with
 ``enabled: false``, ZeRO stage 0, ``gradient_clipping: 0``) are dropped, as DeepSpeed treats them as absent; the
-rest (batch keys, ``pipeline``, ``fp16``/``bf16``, ``gradient_clipping``, ``steps_per_print``...) goes to ds-pipe's
-config, which refuses by name what its engine does not run (ZeRO with a pipeline is not built in ds-pipe 0.1.0);
+rest (batch keys, ``pipeline``, ``fp16``/``bf16``, ``gradient_clipping``, ``zero_optimization`` stages 1/2,
+``steps_per_print``...) goes to ds-pipe's config, which refuses by name what its engine does not run (ZeRO-3);
 the sections ds-train's own engine serves but ds-pipe's does not (monitors, profiler...) are refused here.
 """
 
@@ -76,8 +76,10 @@ def _sections(source: Any) -> tuple[dict[str, Any], OptimizerConfig | None, Sche
 
 
 def initialize_pipeline(model: Any, optimizer: Any, model_parameters: Iterable | None, training_data: Any,
-                        lr_scheduler: Any, source: Any, collate_fn: Callable | None):
-    """``initialize``'s four results for a ``ds_pipe.PipelineModule`` (made after the process group)."""
+                        lr_scheduler: Any, source: Any, collate_fn: Callable | None, mpu: Any = None):
+    """``initialize``'s four results for a ``ds_pipe.PipelineModule`` (made after the process group). ``mpu``:
+    DeepSpeed's model-parallel unit (Megatron's, or a ``ds_pipe.PipelineParallelGrid``); ds-pipe's engine checks
+    that it describes the module's topology."""
     from ds_pipe import PipelineEngine
 
     config, optimizer_section, scheduler_section, drop_last = _sections(source)
@@ -107,7 +109,7 @@ def initialize_pipeline(model: Any, optimizer: Any, model_parameters: Iterable |
         def lr_scheduler(opt):
             return build_lr_scheduler(scheduler_section_.type, scheduler_section_.params, opt)
 
-    engine = PipelineEngine(model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler)
+    engine = PipelineEngine(model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler, mpu=mpu)
     loader = None
     if training_data is not None:
         micro = engine.train_micro_batch_size_per_gpu()
