@@ -11,7 +11,8 @@ This class owns everything else:
   count, honours ``torch.amp.GradScaler`` (``grad_scale`` / ``found_inf`` read on the device: no sync for the
   fused GPU backends), and counts steps per parameter as torch does;
 - ``state_dict()`` / ``load_state_dict()`` with torch's layout and keys, so checkpoints move both ways between
-  ``torch.optim.AdamW`` and ``ds_optim.FusedAdamW``; states stay fp32 whatever the param dtype;
+  ``torch.optim.AdamW`` and ``ds_optim.FusedAdamW``; states stay fp32 whatever the param dtype (``_state_dtype``:
+  CPUAdam's opt-in bf16 states; a loaded state is cast to it);
 - ``zero_grad()``: ``set_to_none=True`` (torch's default) as torch; ``set_to_none=False`` is one fill per bucket
   and keeps grads in the flat buffers, the zero-copy path;
 - DTensor params (FSDP2's ``fully_shard``, tensor parallelism): ``_flat.ShardBucket``s, stepped in place on their
@@ -35,6 +36,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     state_names: tuple[str, ...] = ()
     #: torch.amp.GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself
     _step_supports_amp_scaling = True
+    #: dtype of the optimizer states (CPUAdam sets bf16 per instance, before its params are added)
+    _state_dtype: torch.dtype = torch.float32
 
     def __init__(self, params, defaults: dict[str, Any], backend: str | None = None):
         self._backend_request = backend
@@ -124,8 +127,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 kind = ("direct" if ShardBucket.is_large(p) else "staged") if _dtensor.is_dtensor(p) else "flat"
                 by_kind.setdefault((p.dtype, kind), []).append(p)
         self._buckets.append([
-            FlatBucket(ps, self.state_names) if kind == "flat"
-            else ShardBucket(ps, self.state_names, direct=kind == "direct")
+            FlatBucket(ps, self.state_names, self._state_dtype) if kind == "flat"
+            else ShardBucket(ps, self.state_names, self._state_dtype, direct=kind == "direct")
             for (_, kind), ps in by_kind.items()
         ])
         self._loose.append([p for p in group["params"] if not p.requires_grad])
@@ -321,7 +324,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for name in self.state_names:
-                zeros = torch.zeros(target.shape, dtype=torch.float32, device=p.device)
+                zeros = torch.zeros(target.shape, dtype=self._state_dtype, device=p.device)
                 state[name] = _dtensor.like_param(zeros, p) if sharded else zeros
         self._advance(state["step"], found_inf)
         # a frozen param's storage is the user's: run the kernel on contiguous copies and write back
@@ -339,7 +342,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def flat_buffers(self) -> dict[str, list[torch.Tensor]]:
         """The flat storage this optimizer holds behind its params' views: ``"grads"`` (the flat grad buffers
         allocated so far: none for an optimizer stepped only through ``step(grads=...)``) and ``"states"``
-        (the fp32 states). For memory accounting; the tensors are the live buffers, not copies."""
+        (the states, fp32 or CPUAdam's bf16). For memory accounting; the tensors are the live buffers, not copies."""
         out: dict[str, list[torch.Tensor]] = {"grads": [], "states": []}
         for buckets in self._buckets:
             for bucket in buckets:
@@ -377,7 +380,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ds-optim or ``torch.optim`` state dict with the same param groups.
 
-        States are copied into the flat buffers in fp32 (torch would cast them to the param dtype) and steps
+        States are copied into the flat buffers in the state dtype, fp32 (torch would cast them to the param
+        dtype) or CPUAdam's bf16 (rounded to nearest even; bf16 into fp32 is exact), and steps
         into the device-resident step counters. For a DTensor param a state may be a DTensor (redistributed to
         the param's placements if laid out otherwise), the full tensor or the local shard.
         """
@@ -424,7 +428,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             else:
                 self.state[p] = {"step": torch.tensor(step, dtype=torch.float32, device=p.device)}
                 for name in self.state_names:
-                    value = values[name].to(device=p.device, dtype=torch.float32).reshape(shape).clone()
+                    value = values[name].to(device=p.device, dtype=self._state_dtype).reshape(shape).clone()
                     self.state[p][name] = _dtensor.like_param(value, p) if sharded else value
 
     @staticmethod

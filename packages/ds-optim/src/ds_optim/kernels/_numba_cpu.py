@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the numba CPU kernels need Numba (and NumPy): pip install numba") from exc
 
 from . import _bits
+from ._numba_states import _load_state, _noise, _store_m, _store_v
 from ._base import OptimizerKernels
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -192,7 +193,9 @@ def _grad(g, i, gsign, gscale, has_scale):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _adam_kernel(p, g, m, v, out, gsign, gscale, has_scale, l2, wd, decay, lerp_w, lerp_small, b2, w2, bc2s, eps,
-                 step_size):
+                 step_size, key, index0):
+    # m, v: fp32, or bf16 bits (read widened, written rounded: stochastically under `key`, else to nearest);
+    # the param update uses the unrounded fp32 values
     for i in prange(p.shape[0]):
         gi = _grad(g, i, gsign, gscale, has_scale)
         pi = _load(p, i)
@@ -200,12 +203,13 @@ def _adam_kernel(p, g, m, v, out, gsign, gscale, has_scale, l2, wd, decay, lerp_
             gi = _fma(pi, wd, gi)  # g.add(p, alpha=wd)
         else:
             pi = pi * decay  # p.mul_(1 - lr * wd); decay == 1 (exact) without weight decay
-        mi = m[i]
+        mi = _load_state(m, i)
         # exp_avg.lerp_(g, 1 - beta1): torch's lerp is fma(w, g - m, m), or fma(w - 1, g - m, g) for w >= 0.5
         mi = _fma(lerp_w, gi - mi, mi if lerp_small else gi)
-        vi = _fma(w2 * gi, gi, v[i] * b2)  # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        m[i] = mi
-        v[i] = vi
+        vi = _fma(w2 * gi, gi, _load_state(v, i) * b2)  # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        r = _noise(m, key, index0 + i)
+        _store_m(m, i, mi, r, key)
+        _store_v(v, i, vi, r, key)
         denom = math.sqrt(vi) / bc2s + eps
         pn = pi + (step_size * mi) / denom  # p.addcdiv_(m, denom, value=-lr / bc1)
         _store(p, i, pn)
@@ -343,6 +347,14 @@ def _check(p, others):
     return n
 
 
+def _state_dtypes(update: str, states, allowed) -> None:
+    # a bf16 state read as if fp32 would be garbage, not an error: refuse it here
+    dtypes = {s.dtype for s in states}
+    if len(dtypes) != 1 or not dtypes <= set(allowed):
+        raise TypeError(f"ds-optim numba {update} kernel: states must all be one of {[str(d) for d in allowed]}, "
+                        f"got {[str(s.dtype) for s in states]}")
+
+
 def _start_pool() -> None:
     """Start Numba's thread pool now, leaving torch's intra-op thread count as it was (see the module docstring).
 
@@ -373,7 +385,9 @@ class NumbaCpuKernels(OptimizerKernels):
     # -- updates -------------------------------------------------------------------------------------------------
 
     def adam(self, p, g, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, adam_w_mode,
-             bias_correction, maximize, grad_scale=None, found_inf=None, out=None):
+             bias_correction, maximize, grad_scale=None, found_inf=None, out=None, rounding_key=None,
+             rounding_index=0):
+        _state_dtypes("adam", (exp_avg, exp_avg_sq), (torch.float32, torch.bfloat16))
         if _check(p, (g, exp_avg, exp_avg_sq, out)) == 0 or _skip(found_inf):
             return
         l2 = weight_decay != 0 and not adam_w_mode
@@ -390,10 +404,12 @@ class NumbaCpuKernels(OptimizerKernels):
         _adam_kernel(_view(p), _view(g), _view(exp_avg), _view(exp_avg_sq), _view(out),
                      *_grad_args(grad_scale, maximize), l2, np.float32(weight_decay), np.float32(decay),
                      lerp_w, lerp_small, np.float32(beta2), np.float32(1 - beta2), np.float32(bc2_sqrt),
-                     np.float32(eps), np.float32(-lr / bc1))
+                     np.float32(eps), np.float32(-lr / bc1),
+                     None if rounding_key is None else np.uint32(rounding_key), np.int64(rounding_index))
 
     def lion(self, p, g, exp_avg, *, lr, beta1, beta2, weight_decay, maximize, grad_scale=None, found_inf=None,
              out=None):
+        _state_dtypes("lion", (exp_avg,), (torch.float32,))
         if _check(p, (g, exp_avg, out)) == 0 or _skip(found_inf):
             return
         decay = 1.0 - lr * weight_decay if weight_decay != 0 else 1.0
@@ -403,6 +419,7 @@ class NumbaCpuKernels(OptimizerKernels):
 
     def adagrad(self, p, g, state_sum, step, *, lr, lr_decay, eps, weight_decay, maximize, grad_scale=None,
                 found_inf=None, out=None):
+        _state_dtypes("adagrad", (state_sum,), (torch.float32,))
         if _check(p, (g, state_sum, out)) == 0 or _skip(found_inf):
             return
         clr = lr / (1 + (float(step) - 1) * lr_decay)
@@ -412,6 +429,7 @@ class NumbaCpuKernels(OptimizerKernels):
     def lamb(self, p, g, exp_avg, exp_avg_sq, step, offsets, *, lr, beta1, beta2, eps, weight_decay,
              bias_correction, max_coeff, min_coeff, maximize, grad_scale=None, found_inf=None, out=None,
              coeffs=None):
+        _state_dtypes("lamb", (exp_avg, exp_avg_sq), (torch.float32,))
         n = _check(p, (g, exp_avg, exp_avg_sq, out))
         if len(offsets) < 2 or _skip(found_inf):
             return
@@ -461,3 +479,13 @@ def _convert_to_f32(src, dst):
 def _convert_from_f32(src, dst):
     for i in range(src.shape[0]):
         _store(dst, i, src[i])
+
+
+@njit(cache=True, error_model="numpy")
+def _convert_stochastic(src, dst_m, dst_v, key, index0):
+    """``src`` (fp32) rounded into ``dst_m`` / ``dst_v`` (bf16 bits) exactly as ``_adam_kernel`` stores its two
+    states (noise of flat index ``index0 + i``; ``key`` None: to nearest), for the rounding tests."""
+    for i in range(src.shape[0]):
+        r = _noise(dst_m, key, index0 + i)
+        _store_m(dst_m, i, src[i], r, key)
+        _store_v(dst_v, i, src[i], r, key)

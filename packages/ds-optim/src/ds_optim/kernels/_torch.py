@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import _rounding
 from ._base import OptimizerKernels
 
 
@@ -45,6 +46,19 @@ def _step_value(step: torch.Tensor):
     return float(step) if step.device.type == "cpu" else step.to(torch.float64)
 
 
+def _round_states(dst16, src32, key, index0) -> None:
+    """New fp32 Adam states into their bf16 buffers: to nearest even without a key, else stochastically with
+    the noise of ``_rounding`` (low 16 bits for ``exp_avg``, high 16 for ``exp_avg_sq``). The param update
+    uses the unrounded fp32 states."""
+    if key is None:
+        for d, s in zip(dst16, src32):
+            d.copy_(s)
+        return
+    r = _rounding.noise(key, index0, src32[0].numel(), device=src32[0].device)
+    _rounding.stochastic_bf16_(dst16[0], src32[0], r & 0xFFFF)
+    _rounding.stochastic_bf16_(dst16[1], src32[1], r >> 16)
+
+
 class TorchKernels(OptimizerKernels):
     name = "torch"
     device_types = frozenset({"cpu", "cuda", "mps", "xpu"})
@@ -53,9 +67,13 @@ class TorchKernels(OptimizerKernels):
         return True
 
     def adam(self, p, g, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, adam_w_mode,
-             bias_correction, maximize, grad_scale=None, found_inf=None, out=None):
+             bias_correction, maximize, grad_scale=None, found_inf=None, out=None, rounding_key=None,
+             rounding_index=0):
         if _skip(found_inf):
             return
+        states16 = (exp_avg, exp_avg_sq) if exp_avg.dtype == torch.bfloat16 else None
+        if states16 is not None:  # bf16 states: the update in fp32, the new states rounded back (_rounding)
+            exp_avg, exp_avg_sq = exp_avg.float(), exp_avg_sq.float()
         g = _prepared_grad(g, grad_scale, maximize)
         p32 = _as_fp32(p)
         if weight_decay != 0:
@@ -65,6 +83,8 @@ class TorchKernels(OptimizerKernels):
                 g = g.add(p32, alpha=weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if states16 is not None:
+            _round_states(states16, (exp_avg, exp_avg_sq), rounding_key, rounding_index)
         if bias_correction:
             t = _step_value(step)
             bc1 = 1 - beta1**t
