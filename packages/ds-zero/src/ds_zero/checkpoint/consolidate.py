@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._io import model_file, read_marker, resolve_tag, safe_load
+from ._io import CheckpointError, model_file, read_marker, resolve_tag, safe_load
 from .load import _saved_full
 from .stage3 import module_state_from_stage3
 
@@ -34,6 +34,12 @@ def consolidate_checkpoint(ckpt_dir, tag: str | None = None, dtype: torch.dtype 
     path = os.path.join(ckpt_dir, tag)
     marker = read_marker(path)
     model = safe_load(path, model_file(), marker)
+    if model.get("experts"):
+        raise CheckpointError(
+            f"{path}: consolidate_checkpoint does not assemble MoE checkpoints: the experts are saved per global "
+            "expert (layer_<L>_expert_<E>_mp_rank_00_model_states.pt) and their parameter names depend on ep_size; "
+            "load the weights into a model of any ep_size with engine.load_checkpoint(..., "
+            "load_optimizer_states=False)")
     saved = _saved_full(path, marker, model)
     full = saved["params"]
     module = model["module"]

@@ -42,19 +42,43 @@ def _restore_rng(state: dict) -> None:
             pass
 
 
-def _saved_full(ckpt_dir: str, marker: dict, model: dict) -> dict:
-    """The layout-independent form of the saved masters and optimizer states."""
+def _expert_gis(model: dict) -> set[int]:
+    return {int(gi) for gi in (model.get("experts") or {}).get("groups", {})}
+
+
+def _dense_layout(layout: list[dict], expert_gis: set[int]) -> list[dict]:
+    """The buckets of the dense groups (expert buckets' numbering and shapes change with ``ep_size``)."""
+    return [{k: v for k, v in b.items() if k != "index"} for b in layout if b["group_index"] not in expert_gis]
+
+
+def _saved_full(ckpt_dir: str, marker: dict, model: dict, expert_full: dict | None = None) -> dict:
+    """The layout-independent form of the saved masters and optimizer states; MoE experts (in their per-expert
+    files, not here) from ``expert_full`` (``experts.load_full``: this rank's current experts)."""
     if model["mode"] == "stage3":
-        return stage3.full_from_stage3(ckpt_dir, marker, model)
-    if model["mode"] == "direct":
-        return full_from_direct(model["module"], model["optimizer"], model["group_names"])
-    sw = model["layout"][0]["shard_world"] if model["layout"] else 1
-    shards = {}
-    for r in range(sw):
-        shard = safe_load(ckpt_dir, optim_file(r), marker)
-        shards[r] = {"masters": shard["masters"], "optimizer": shard["optimizer"]}
-    return full_from_master_shards(model["layout"], shards, model["group_map"], model["param_groups"],
-                                   source=ckpt_dir)
+        full = stage3.full_from_stage3(ckpt_dir, marker, model)
+    elif model["mode"] == "direct":
+        skip = set((model.get("experts") or {}).get("names", []))
+        full = full_from_direct(model["module"], model["optimizer"], model["group_names"], skip)
+    else:
+        gis = _expert_gis(model)
+        layout = [b for b in model["layout"] if b["group_index"] not in gis]
+        sw = layout[0]["shard_world"] if layout else 1
+        shards = {}
+        for r in range(sw):
+            shard = safe_load(ckpt_dir, optim_file(r), marker)
+            shards[r] = {"masters": shard["masters"], "optimizer": shard["optimizer"]}
+        full = full_from_master_shards(layout, shards, model["group_map"], model["param_groups"], source=ckpt_dir)
+    if expert_full is not None:
+        _merge(full, expert_full)
+    return full
+
+
+def _merge(full: dict, expert_full: dict) -> None:
+    full["params"].update(expert_full["params"])
+    full["states"].update(expert_full["states"])
+    for gi, sc in expert_full["scalars"].items():
+        full["scalars"][gi] = dict(sc)
+    full.setdefault("param_scalars", {}).update(expert_full["param_scalars"])
 
 
 def _current_layout(engine) -> list[dict]:
@@ -226,49 +250,46 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
     if engine.mode.name == "stage3":
         current_names += [n for n, p in engine.module.named_parameters()
                           if p in engine.policy.sharded_set and p.requires_grad]
+    if getattr(engine, "expert_groups", None):  # their names depend on ep_size: checked per expert (experts)
+        in_files = set(experts.expert_params(engine))
+        current_names = [n for n in current_names if n not in in_files]
     if not set(current_names) <= set(saved_names):
         missing = sorted(set(current_names) - set(saved_names))
         raise CheckpointError(f"{ckpt_dir}: this model's trainable parameters {missing[:5]} are not trained "
                               "parameters in the checkpoint")
     if load_optimizer_states:
         _check_optimizer_class(engine, model.get("optimizer_class"), os.path.join(ckpt_dir, model_file()))
-    experts.refuse_stage3(engine)
+    experts.check_loadable(engine, model, ckpt_dir)
+    has_experts = experts.layout(engine) is not None
+    # MoE: this rank's experts (its current ones, whatever ep_size saved them) from their per-expert files
+    expert_full = experts.load_full(engine, ckpt_dir, marker, model) if has_experts else None
     if engine.mode.name == "stage3":
-        _load_stage3(engine, ckpt_dir, marker, model, load_optimizer_states)
+        _load_stage3(engine, ckpt_dir, marker, model, load_optimizer_states, expert_full)
         return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
     module_state = model["module"]
     if model["mode"] == "stage3":
         module_state = stage3.module_state_from_stage3(model, _saved_full(ckpt_dir, marker, model),
                                                        engine.precision.dtype)
-    try:
-        engine.module.load_state_dict(module_state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{os.path.join(ckpt_dir, model_file())}: module state does not fit the model: "
-                              f"{exc}") from None
+    _load_module(engine, module_state, expert_full, os.path.join(ckpt_dir, model_file()))
 
     same_world = model["dp_world_size"] == engine.dp_world_size
     same_mode = model["mode"] == engine.mode.name
-    fast = same_world and same_mode and model["layout"] == _current_layout(engine)
+    gis = _expert_gis(model)
+    # MoE: the dense buckets decide (the experts come from their own files on any layout)
+    fast = (same_world and same_mode
+            and _dense_layout(model["layout"], gis) == _dense_layout(_current_layout(engine), gis))
     own: dict[str, Any] | None = None
     if same_world:
         own = safe_load(ckpt_dir, optim_file(engine.dp_rank), marker)
-    experts.check_same_layout(engine, model, fast, ckpt_dir)
-    has_experts = experts.layout(engine) is not None  # this rank's experts and states come from its own file
-    if has_experts:
-        experts.load_rank_experts(engine, _own_file(own, ckpt_dir, engine.dp_rank),
-                                  os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
 
     if engine.mode.compressed:
         _load_compressed(engine, model, own, ckpt_dir, load_optimizer_states, marker)
     elif engine.mode.steps_model_params:
-        if fast:
-            if load_optimizer_states and has_experts:
-                _load_optimizer(engine, _own_file(own, ckpt_dir, engine.dp_rank)["optimizer"],
-                                os.path.join(ckpt_dir, optim_file(engine.dp_rank)))
-            elif load_optimizer_states and model["optimizer"] is not None:
+        if fast and not has_experts:
+            if load_optimizer_states and model["optimizer"] is not None:
                 _load_optimizer(engine, model["optimizer"], os.path.join(ckpt_dir, model_file()))
         else:
-            _load_direct_from_full(engine, _saved_full(ckpt_dir, marker, model), load_optimizer_states)
+            _load_direct_from_full(engine, _saved_full(ckpt_dir, marker, model, expert_full), load_optimizer_states)
     else:
         if not load_optimizer_states or not engine.config.zero_optimization.load_from_fp32_weights:
             # masters from the (model-dtype) module weights, as DeepSpeed's refresh_fp32_params
@@ -276,25 +297,62 @@ def _load_local(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
                     "states": {}, "scalars": {}, "param_groups": []}
             _load_masters_from_full(engine, full, with_states=False)
             if load_optimizer_states:  # fp32 weights ignored by config, optimizer states still wanted
-                states = _saved_full(ckpt_dir, marker, model)
+                states = _saved_full(ckpt_dir, marker, model, expert_full)
                 states["params"] = full["params"]
                 _load_masters_from_full(engine, states, with_states=True)
         elif fast:
-            per_rank = engine.policy.shard_world > 1 or has_experts
+            per_rank = engine.policy.shard_world > 1
             src = _own_file(own, ckpt_dir, engine.dp_rank) if per_rank else safe_load(ckpt_dir, optim_file(0), marker)
             with torch.no_grad():
                 for p, saved in zip(engine.masters.params, src["masters"]):
-                    if p is not None:
+                    if p is not None and saved is not None:  # None: an expert group's (its files, below)
                         p.data.copy_(saved)
-            _load_optimizer(engine, src["optimizer"], os.path.join(ckpt_dir, optim_file(
-                engine.dp_rank if per_rank else 0)))
+            sd = src["optimizer"]
+            if expert_full is not None:
+                sd = _with_expert_masters(engine, sd, expert_full)
+            _load_optimizer(engine, sd, os.path.join(ckpt_dir, optim_file(engine.dp_rank if per_rank else 0)))
         else:
-            _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model), with_states=True)
+            _load_masters_from_full(engine, _saved_full(ckpt_dir, marker, model, expert_full), with_states=True)
         engine.masters.write_params()  # stages 1/2 all-gather after the ranks agree (load_checkpoint)
     return _finish(engine, ckpt_dir, marker, model, load_optimizer_states, load_lr_scheduler_states)
 
 
-def _load_stage3(engine, ckpt_dir: str, marker: dict, model: dict, with_states: bool) -> None:
+def _load_module(engine, module_state: dict, expert_full: dict | None, source: str) -> None:
+    """The module state (stages 0-2); MoE: it has no expert entries, which come from ``expert_full``."""
+    try:
+        missing, unexpected = engine.module.load_state_dict(module_state, strict=expert_full is None)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: module state does not fit the model: {exc}") from None
+    if expert_full is not None:
+        missing = [k for k in missing if k not in expert_full["values"]]
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: module state does not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        experts.write_values(engine, expert_full)
+
+
+def _with_expert_masters(engine, sd: dict, expert_full: dict) -> dict:
+    """The fast path's optimizer state dict (dense groups' from this rank's file) with the expert groups' masters
+    written and their states added, cut from ``expert_full`` for this rank's shards of the current layout."""
+    sd = {**sd, "state": dict(sd["state"])}
+    live = [gi for gi, p in enumerate(engine.masters.params) if p is not None]
+    for j, gi in enumerate(live):
+        if gi not in engine.expert_groups:
+            continue
+        buckets = sorted((b for b in engine.buckets if b.group_index == gi), key=lambda b: b.master_offset)
+        with torch.no_grad():
+            for b in buckets:
+                lo, hi = b.shard_range
+                engine.masters.shard(b).copy_(bucket_full(b, expert_full["params"], "fp32 master")[lo:hi])
+        st = master_states_from_full(buckets, expert_full)
+        if st:
+            st.update(_scalars(expert_full, gi))
+            sd["state"][j] = st
+    return sd
+
+
+def _load_stage3(engine, ckpt_dir: str, marker: dict, model: dict, with_states: bool,
+                 expert_full: dict | None = None) -> None:
     """A stage-3 engine: from a stage-3 checkpoint of the same world size and sharding, each rank reads its own
     rows (``stage3.local_from_stage3``); otherwise every rank reassembles the full form and cuts its own rows
     (any saved stage and world size). Buffers and frozen params from the saved module entries."""
@@ -304,6 +362,8 @@ def _load_stage3(engine, ckpt_dir: str, marker: dict, model: dict, with_states: 
         full = stage3.local_from_stage3(ckpt_dir, marker, model, engine)
     if full is None:
         full = _saved_full(ckpt_dir, marker, model)
+    if expert_full is not None:
+        _merge(full, expert_full)
     saved_module = model["module"]
     frozen = dict(full.get("frozen", {}))
     sharded_names = {n for n, p in engine.module.named_parameters() if p in engine.policy.sharded_set}

@@ -67,12 +67,15 @@ def full_from_master_shards(layout: list[dict], shards: dict[int, dict], group_m
     return {"params": params, "states": states, "scalars": scalars, "param_groups": param_groups}
 
 
-def full_from_direct(module_state: dict, opt_state: dict | None, group_names: list[list[str]]) -> dict:
-    """Stage-0 fp32 checkpoints: the module's params and a per-param torch optimizer state dict."""
+def full_from_direct(module_state: dict, opt_state: dict | None, group_names: list[list[str]],
+                     skip: set[str] | None = None) -> dict:
+    """Stage-0 fp32 checkpoints: the module's params and a per-param torch optimizer state dict. ``skip``:
+    names saved elsewhere (MoE experts, in their per-expert files)."""
     params: dict[str, torch.Tensor] = {}
     states: dict[str, dict[str, Any]] = {}
     scalars: dict[int, dict[str, Any]] = {}
-    names = [n for group in group_names for n in group]
+    skip = skip or set()
+    names = [n for group in group_names for n in group if n not in skip]
     for n in names:
         params[n] = module_state[n].float()
     groups = []
@@ -80,6 +83,8 @@ def full_from_direct(module_state: dict, opt_state: dict | None, group_names: li
         for gi, group in enumerate(opt_state["param_groups"]):
             groups.append({k: v for k, v in group.items() if k != "params"})
             for idx, name in zip(group["params"], group_names[gi]):
+                if name in skip:
+                    continue
                 for key, value in opt_state["state"].get(idx, {}).items():
                     if _is_elementwise(value, params[name].numel()):
                         states.setdefault(name, {})[key] = value.float().reshape(params[name].shape)

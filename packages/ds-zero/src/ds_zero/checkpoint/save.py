@@ -11,6 +11,10 @@ Layout of ``save_dir``::
                                                       that own shards) its fp32 master shards and the
                                                       optimizer state over them; with a ds-comm compressed
                                                       optimizer (stage 0) every rank: its optimizer state
+    <tag>/layer_<L>_expert_<E>_mp_rank_00_model_states.pt   MoE: global expert E of MoE layer L (its values, fp32
+                                                      masters, optimizer states), by the first rank of its
+                                                      expert-data-parallel group (``experts``); the files above
+                                                      hold no expert values
     <tag>/ds_zero_commit.json                         rank 0, last: world size, stage, each file's size + sha256
 
 Every rank must call it (there are collectives).
@@ -95,7 +99,10 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     ckpt_dir = os.path.join(save_dir, tag)
     rank = engine.dp_rank
     error: BaseException | None = None
-    own_files = [optim_file(rank)] + ([model_file(), MARKER] if rank == 0 else [])
+    # MoE: the experts this rank writes, gathered over their expert-data-parallel groups (a collective, so before
+    # anything that may fail on one rank only)
+    expert_records = experts.records(engine) if experts.layout(engine) is not None else {}
+    own_files = [optim_file(rank)] + ([model_file(), MARKER] if rank == 0 else []) + sorted(expert_records)
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         if rank == 0 and os.path.exists(os.path.join(ckpt_dir, MARKER)):
@@ -110,7 +117,7 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     agree(engine, error, f"save_checkpoint({ckpt_dir})")  # also the barrier before any shard is written
 
     try:
-        digests = _write_files(engine, ckpt_dir, client_state, full_compression)
+        digests = _write_files(engine, ckpt_dir, client_state, full_compression, expert_records)
         error = None
     except Exception as exc:  # noqa: BLE001 - re-raised here, and named on every other rank
         digests, error = {}, exc
@@ -130,6 +137,9 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
             files = {}
             for r, (d, _) in enumerate(all_digests):
                 for name, info in d.items():
+                    if name in files:  # two ranks claimed one expert (inconsistent expert-parallel groups)
+                        raise CheckpointError(f"save_checkpoint({ckpt_dir}): ranks {files[name]['rank']} and {r} "
+                                              f"both wrote {name}")
                     files[name] = {**info, "rank": r}
             write_marker(ckpt_dir, {
                 "format": FORMAT, "version": VERSION, "tag": tag, "stage": engine.stage,
@@ -172,11 +182,30 @@ def agree(engine, error: BaseException | None, what: str) -> None:
         raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
 
 
-def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) -> dict[str, dict]:
-    """This rank's files (rank 0 also the model file); returns their sizes and digests. No collectives."""
+def _strip_experts(sd: dict | None, skip: set[int]) -> dict | None:
+    """An optimizer state dict without the states of ``skip`` (indices): those are in the per-expert files."""
+    if sd is None or not skip:
+        return sd
+    return {**sd, "state": {i: st for i, st in sd["state"].items() if i not in skip}}
+
+
+def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression,
+                 expert_records: dict[str, dict]) -> dict[str, dict]:
+    """This rank's files (rank 0 also the model file, first ranks of expert-data-parallel groups their experts'
+    files); returns their sizes and digests. No collectives."""
     rank = engine.dp_rank
     names = _param_names(engine)
     digests: dict[str, dict] = {}
+    has_experts = experts.layout(engine) is not None
+    expert_names = set(experts.expert_params(engine)) if has_experts else set()
+    # what the per-expert files hold is left out of the module state and the optimizer states below
+    if engine.mode.steps_model_params:
+        flat = [p for g in engine.optimizer.param_groups for p in g["params"]]
+        skip = {i for i, p in enumerate(flat) if names.get(p) in expert_names}
+    else:
+        live = [gi for gi, p in enumerate(engine.masters.params) if p is not None] if engine.mode.name != "stage3" \
+            else []
+        skip = {j for j, gi in enumerate(live) if gi in getattr(engine, "expert_groups", {})}
     if rank == 0:
         aliases = {}
         canonical: dict[torch.nn.Parameter, str] = {}
@@ -204,7 +233,8 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
             "format": FORMAT, "version": VERSION, "stage": engine.stage, "dp_world_size": engine.dp_world_size,
             "dtype": str(engine.precision.dtype).removeprefix("torch."),
             "mode": engine.mode.name,
-            "module": _module_state(engine) if engine.mode.name != "stage3" else None,
+            "module": ({k: v for k, v in _module_state(engine).items() if k not in expert_names}
+                       if engine.mode.name != "stage3" else None),
             "aliases": aliases,
             "layout": [b.layout() for b in engine.buckets],
             "num_groups": engine._num_groups,
@@ -212,7 +242,7 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
             "param_groups": hyper,
             "group_names": ([[names[p] for p in g["params"]] for g in engine.optimizer.param_groups]
                             if engine.mode.steps_model_params else None),
-            "optimizer": opt_sd if engine.mode.optimizer_state_in_model_file else None,
+            "optimizer": _strip_experts(opt_sd, skip) if engine.mode.optimizer_state_in_model_file else None,
             "optimizer_class": type(engine.optimizer).__name__,
             "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                          "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps},
@@ -221,24 +251,27 @@ def _write_files(engine, ckpt_dir: str, client_state: dict, full_compression) ->
             "compression_full": full_compression,
             "client_state": client_state,
             "expert_groups": experts.layout(engine),
+            "experts": experts.model_entries(engine) if has_experts else None,
         }
         if engine.mode.name == "stage3":
             model_states.update(stage3.model_entries(engine))
         digests[model_file()] = atomic_torch_save(model_states, os.path.join(ckpt_dir, model_file()))
-    has_experts = experts.layout(engine) is not None  # every rank saves its own experts' state (checkpoint.experts)
-    owns = engine.mode.name == "masters" and (rank < engine.policy.shard_world or has_experts)
+    owns = engine.mode.name == "masters" and rank < engine.policy.shard_world
+    expert_gis = getattr(engine, "expert_groups", {})
     rank_state = {
         "format": FORMAT, "version": VERSION, "rank": rank, "dp_world_size": engine.dp_world_size,
         "rng": rng_state(),
         "reducer": engine.reducer.state_dict(),
-        "masters": [None if p is None else p.data.detach().cpu().clone() for p in engine.masters.params] if owns else None,
+        "masters": [None if p is None or gi in expert_gis else p.data.detach().cpu().clone()
+                    for gi, p in enumerate(engine.masters.params)] if owns else None,
         # a compressed optimizer's state is per rank (error feedback), so every rank saves its own
-        "optimizer": (engine.optimizer.state_dict()
-                      if engine.mode.optimizer_state_in_rank_file(rank, engine.policy.shard_world) or has_experts
-                      else None),
-        **experts.rank_entries(engine),
+        "optimizer": (_strip_experts(engine.optimizer.state_dict(), skip)
+                      if engine.mode.optimizer_state_in_rank_file(rank, engine.policy.shard_world) else None),
     }
     if engine.mode.name == "stage3":
         rank_state.update(stage3.rank_entries(engine))
     digests[optim_file(rank)] = atomic_torch_save(rank_state, os.path.join(ckpt_dir, optim_file(rank)))
+    for name, record in expert_records.items():
+        digests[name] = atomic_torch_save({"format": FORMAT, "version": VERSION, **record},
+                                          os.path.join(ckpt_dir, name))
     return digests

@@ -32,6 +32,23 @@ def _local(t):
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
+def _mesh_place(p, engine) -> tuple[int, int]:
+    """``(world, rank)`` of the mesh ``p`` is sharded over: the data-parallel group's, or (MoE experts) their
+    expert-data-parallel group's."""
+    mesh = getattr(p, "device_mesh", None)
+    if mesh is None:
+        return engine.dp_world_size, engine.dp_rank
+    return mesh.size(), mesh.get_local_rank()
+
+
+def _expert_names(engine) -> set[str]:
+    if not getattr(engine, "expert_groups", None):
+        return set()
+    from .experts import expert_params
+
+    return set(expert_params(engine))
+
+
 def row_offset(numel_rows: int, world: int, rank: int) -> int:
     """First row of ``rank``'s dim-0 shard, as FSDP2 cuts them (``torch.chunk``: ceil-sized pieces)."""
     per = -(-numel_rows // world) if numel_rows else 0
@@ -50,7 +67,9 @@ def model_entries(engine) -> dict:
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
     group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
-    sharded = {names[p]: {"shape": list(p.shape), "group": group_of.get(p)} for p in engine.policy.sharded}
+    in_expert_files = _expert_names(engine)
+    sharded = {names[p]: {"shape": list(p.shape), "group": group_of.get(p), "expert": names[p] in in_expert_files}
+               for p in engine.policy.sharded}
     module = {}
     for k, v in engine.module.state_dict().items():
         if k in sharded or hasattr(v, "_local_tensor"):
@@ -80,7 +99,10 @@ def rank_entries(engine) -> dict:
                       for k, v in st.items() if k not in elementwise}
             master_states[group_map.index(gi)] = {**elementwise, **scalar}
     group_of = {p: gi for _, gi, p in _optimizer_index(engine)}
+    in_expert_files = _expert_names(engine)  # MoE experts: in the per-expert files (``experts``)
     for p in engine.policy.sharded:
+        if names[p] in in_expert_files:
+            continue
         local = p._local_tensor
         entry = {"offset": row_offset(p.shape[0], world, rank), "param": local.detach().cpu().clone(), "states": {},
                  "scalars": {}}
@@ -125,6 +147,8 @@ def full_from_stage3(ckpt_dir: str, marker: dict, model: dict) -> dict:
     files = _rank_files(ckpt_dir, marker, model["dp_world_size"])
     params, states, frozen, param_scalars = {}, {}, {}, {}
     for name, info in model["sharded"].items():
+        if info.get("expert"):  # in the per-expert files (``experts.load_full``)
+            continue
         pieces = [(f["shards"][name]["offset"], f["shards"][name]["param"]) for f in files if name in f["shards"]]
         value = _assemble(pieces, info["shape"], repr(name), ckpt_dir)
         if info["group"] is None:
@@ -169,6 +193,8 @@ def local_from_stage3(ckpt_dir: str, marker: dict, model: dict, engine) -> dict 
         return None
     params, states, frozen, param_scalars, shapes = {}, {}, {}, {}, {}
     for name, info in model["sharded"].items():
+        if info.get("expert"):  # in the per-expert files (``experts.load_full``)
+            continue
         entry, p = own["shards"].get(name), current[name]
         local = p._local_tensor
         if (entry is None or list(p.shape) != list(info["shape"]) or tuple(entry["param"].shape) != tuple(local.shape)
@@ -198,7 +224,9 @@ def local_from_stage3(ckpt_dir: str, marker: dict, model: dict, engine) -> dict 
 def module_state_from_stage3(model: dict, full: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The whole module state dict of a stage-3 checkpoint (what stages 0-2 save under ``module``)."""
     out = dict(model["module"])
-    for name in model["sharded"]:
+    for name, info in model["sharded"].items():
+        if info.get("expert"):  # a MoE expert: the per-expert files, whatever this rank holds
+            continue
         src = full["params"].get(name, full["frozen"].get(name))
         out[name] = src.to(dtype)
     for alias, name in model.get("aliases", {}).items():
@@ -211,13 +239,13 @@ def _scalar_copy(full: dict, gi: int) -> dict:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in full["scalars"].get(gi, {}).items()}
 
 
-def _rows(full_value: torch.Tensor, local: torch.Tensor, world: int, rank: int, what: str,
+def _rows(full_value: torch.Tensor, local: torch.Tensor, place: tuple[int, int], what: str,
           already_local: bool = False) -> torch.Tensor:
     """This rank's rows of ``full_value`` (``already_local``: the value is those rows, from the rank's own file)."""
     if already_local:
         piece = full_value
     else:
-        lo = row_offset(full_value.shape[0], world, rank)
+        lo = row_offset(full_value.shape[0], *place)
         piece = full_value[lo:lo + local.shape[0]]
     if tuple(piece.shape) != tuple(local.shape):
         raise CheckpointError(f"{what}: this rank's shard has shape {tuple(local.shape)}, the checkpoint gives "
@@ -230,7 +258,6 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
     form. Shapes are checked before anything is written, so a mismatch leaves the engine as it was."""
     from torch.distributed.tensor import DTensor
 
-    rank, world = engine.dp_rank, engine.dp_world_size
     names: dict[torch.nn.Parameter, str] = {}
     for n, p in engine.module.named_parameters():
         names.setdefault(p, n)
@@ -248,7 +275,8 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
         if whole != tuple(p.shape):
             raise CheckpointError(f"{source}: parameter {name!r} has shape {whole} in the checkpoint, "
                                   f"{tuple(p.shape)} in the model")
-        plan.append((p, _rows(src, p._local_tensor, world, rank, f"{source}: {name!r}", name in local_rows)))
+        plan.append((p, _rows(src, p._local_tensor, _mesh_place(p, engine), f"{source}: {name!r}",
+                              name in local_rows)))
     master_values = []
     for b in engine.buckets:
         lo, hi = b.shard_range
@@ -266,8 +294,8 @@ def load_full_into_stage3(engine, full: dict, with_states: bool, source: str) ->
                 if p in engine.policy.sharded_set:
                     name = names[p]
                     for key, value in full["states"].get(name, {}).items():
-                        rows = _rows(value, p._local_tensor, world, rank, f"{source}: state {key!r} of {name!r}",
-                                     name in local_rows)
+                        rows = _rows(value, p._local_tensor, _mesh_place(p, engine),
+                                     f"{source}: state {key!r} of {name!r}", name in local_rows)
                         st[key] = DTensor.from_local(rows.to(p._local_tensor.device).clone(), p.device_mesh,
                                                      p.placements, shape=p.shape, stride=p.stride(),
                                                      run_check=False)
