@@ -9,6 +9,11 @@ gradients in fp32 (the FSDP2 anchor's reduce_dtype; the default is bf16, as Deep
 stage3_max_reuse_distance (0 frees every unit after forward, FSDP2's default). OFFLOAD=1 (stages 0-2): ZeRO-Offload,
 ``offload_optimizer: {device: cpu, pin_memory: true}`` as the anchor's ``ds2off`` -- the FusedAdamW template becomes
 ds-optim's CPUAdam on the CPU masters; the printed line adds the host bytes of the masters and states.
+With OFFLOAD=1 at z0-z2: OFFLOAD_OVERLAP=0 turns the overlapped (chunked) CPU step off (default 1, on),
+OFFLOAD_CHUNK=N its chunk size in elements (``sub_group_size``, default 1e9: one chunk per bucket shard),
+OFFLOAD_RATIO=r|auto the share of the optimizer state on the CPU (``offload_optimizer.ratio``; default 1), and
+DS_ZERO_OFFLOAD_TIMELINE=path.json records each step's per-chunk D2H / CPU / H2D spans (draw them with
+``python bench/offload_timeline.py path.json out.png``).
 OFFLOAD=1 with z3: ZeRO-3 offload as the anchor's ``ds3off`` (``offload_optimizer`` and ``offload_param`` cpu,
 pinned: FSDP2's CPUOffloadPolicy, CPUAdam stepping the CPU shards); OFFLOAD=opt with z3: ``offload_optimizer``
 alone (served the same way, see the ds-zero README). MEM_CAP_GIB=N caps the process's GPU memory as the anchor.
@@ -73,6 +78,14 @@ def main():
     raw = None
     if offload in ("1", "opt"):
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if name != "z3":  # the overlapped step and partial offload (stages 0-2, see the docstring)
+            off = cfg["zero_optimization"]["offload_optimizer"]
+            off["overlap_step"] = os.environ.get("OFFLOAD_OVERLAP", "1") != "0"
+            if os.environ.get("OFFLOAD_RATIO"):
+                ratio = os.environ["OFFLOAD_RATIO"]
+                off["ratio"] = ratio if ratio == "auto" else float(ratio)
+            if os.environ.get("OFFLOAD_CHUNK"):  # the overlapped step's chunk (elements)
+                cfg["zero_optimization"]["sub_group_size"] = int(float(os.environ["OFFLOAD_CHUNK"]))
         if name == "z3" and offload == "1":
             cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     elif offload == "nvme":

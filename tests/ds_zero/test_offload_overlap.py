@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import requires_gpus, run_distributed
+from pydantic import ValidationError
 from zero_cases import base_config, make_model, micro_batch, param_groups
 
 import ds_optim
@@ -30,11 +31,11 @@ STEPS, GA, CLIP = 4, 2, 0.05
 SMALL = {"reduce_bucket_size": 300, "sub_group_size": 70}
 
 
-def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP):
+def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0):
     model = make_model()
     zero = dict(SMALL)
     if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio}
     extra = {dtype: {"enabled": True, "auto_cast": True}, "gradient_clipping": clip, "zero": zero}
     if dtype == "fp16":
         extra[dtype].update(initial_scale_power=8, hysteresis=1)
@@ -63,6 +64,8 @@ def _train(engine, steps, first=0, inf_at=None):
             losses.append(float(loss.detach()))
             engine.backward(loss)
             engine.step()
+        if engine.offload is not None:  # ratio < 1: the device part into the host masters and states
+            engine.offload.sync_to_host(engine.optimizer)
         out.append({"masters": [p.detach().clone() for p in engine.masters.params if p is not None],
                     "params": [p.detach().float().clone() for p in engine.module.parameters()],
                     "states": _states(engine), "losses": losses, "skipped": engine.was_step_skipped,
@@ -73,7 +76,11 @@ def _train(engine, steps, first=0, inf_at=None):
 def _evidence(engine):
     m = engine.masters
     pipe = m.pipeline
+    part = m.device_part
     return {"optimizer": type(engine.optimizer).__name__, "pipelined": m.pipelined_steps,
+            "split": None if part is None else part.split, "device_steps": None if part is None else part.steps,
+            "sizes": [p.numel() for p in m.params if p is not None],
+            "device_optimizer": None if part is None else type(part.optimizer).__name__,
             "cpu_steps": engine.offload.cpu_steps, "chunks": None if pipe is None else len(pipe.chunks),
             "early": None if pipe is None else pipe.early_copies,
             "buckets_per_group": [sum(b.group_index == gi for b in engine.buckets) for gi in range(2)]}
@@ -90,6 +97,22 @@ def _scenarios(tmp):
         piped = _train(eng, STEPS, inf_at=inf_at)
         out[(stage, dtype)] = {"ref": ref, "sync": sync, "piped": piped, "evidence": _evidence(eng),
                                "sync_evidence": _evidence(sync_engine)}
+
+    # partial offload: the first (1 - ratio) of each master stepped by the device optimizer, the rest by CPUAdam
+    for stage, dtype, ratio, inf_at in ((2, "bf16", 0.5, None), (1, "fp16", 0.25, (1, 1))):
+        ref = _train(_engine(stage, dtype, False), STEPS, inf_at=inf_at)
+        eng = _engine(stage, dtype, True, ratio=ratio)
+        out[("ratio", ratio)] = {"ref": ref, "piped": _train(eng, STEPS, inf_at=inf_at), "evidence": _evidence(eng)}
+    whole = _engine(2, "bf16", True, ratio=0.5)
+    _train(whole, 2)
+    whole.save_checkpoint(tmp, tag="r")
+    tail = _train(whole, 2, first=2)
+    resumed = _engine(2, "bf16", True, ratio=0.5)
+    resumed.load_checkpoint(tmp, tag="r")
+    again = _train(resumed, 2, first=2)
+    plain = _engine(2, "bf16", False)  # the partial-offload checkpoint without offload
+    plain.load_checkpoint(tmp, tag="r")
+    out["ratio_resume"] = {"tail": tail, "again": again, "plain": _train(plain, 2, first=2)}
 
     # resume: 2 pipelined steps, save, 2 more, against a fresh engine that loads and does the 2, and against the
     # synchronous path loading the same checkpoint
@@ -176,7 +199,7 @@ def test_non_adam_optimizer_steps_synchronously():
     x, y = micro_batch(0, 0, 0, 1, 2, 1)
     engine.backward(engine(x, y))
     engine.step()
-    assert engine.masters.pipeline.plan(engine.optimizer) is None
+    assert engine.masters.pipeline is None
     assert engine.offload.cpu_steps == 1 and engine.masters.pipelined_steps == 0
 
 
@@ -220,6 +243,68 @@ def test_pipelined_resume_bit_for_bit(tmp_path_factory):
                 assert _equal(a[key], b[key]), (rank, key)
                 assert _equal(a[key], s[key]), (rank, key)  # the synchronous path from the same checkpoint
         assert r["evidence"]["pipelined"] == 2
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_partial_offload_equals_no_offload(tmp_path_factory, ratio):
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        r = res[("ratio", ratio)]
+        ev = r["evidence"]
+        # the device share: the first round((1 - ratio) * n) elements of each group's master
+        assert ev["split"] == [n - round(ratio * n) for n in ev["sizes"]] and all(0 < s < n for s, n in
+                                                                                   zip(ev["split"], ev["sizes"]))
+        skipped = [p["skipped"] for p in r["piped"]]
+        assert ev["device_optimizer"] == "AdamW" and ev["optimizer"] == "CPUAdam"
+        assert ev["device_steps"] == ev["pipelined"] == STEPS - sum(skipped)
+        assert sum(skipped) == (1 if ratio == 0.25 else 0)  # the fp16 case has an overflow on rank 1
+        for i, (a, p) in enumerate(zip(r["ref"], r["piped"])):
+            assert a["skipped"] == p["skipped"] and a["scale"] == p["scale"], (rank, i)
+            if i == 0:  # the first losses come from the same initial params
+                assert a["losses"] == p["losses"], rank
+            assert _close(a["masters"], p["masters"]), (rank, i)
+            assert _close(a["states"], p["states"], rtol=1e-4, atol=1e-9), (rank, i)
+            assert _close(a["params"], p["params"], rtol=1e-2, atol=1e-3), (rank, i)
+            # the device head is the reference's own optimizer (torch AdamW) on the same values: bit for bit
+            for master_ref, master, s in zip(a["masters"], p["masters"], ev["split"]):
+                assert torch.equal(master_ref[:s], master[:s]), (rank, i)
+
+
+def test_partial_offload_resume(tmp_path_factory):
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        r = res["ratio_resume"]
+        for a, b, c in zip(r["tail"], r["again"], r["plain"]):
+            for key in ("masters", "params", "states"):
+                assert _equal(a[key], b[key]), (rank, key)
+            assert _close(a["masters"], c["masters"]), rank  # loaded without offload: fp32 round-off apart
+
+
+def test_ratio_config_and_planner():
+    from ds_zero._offload_partial import DEVICE_BYTES_PER_ELEMENT, plan_ratio, resolve_ratio
+
+    cfg = EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+        "device": "cpu", "ratio": "auto", "auto_reserve_gib": 4}}})
+    assert cfg.zero_optimization.offload_optimizer.ratio == "auto"
+    for bad, match in (({"ratio": 1.5}, "must be a number in \\[0, 1\\]"), ({"ratio": "half"}, "ratio"),
+                       ({"ratio": 0.5, "overlap_step": False}, "needs offload_optimizer.overlap_step"),
+                       ({"ratio": 0.5, "device": "nvme", "nvme_path": "/tmp"}, "built for device \"cpu\"")):
+        with pytest.raises(ValidationError, match=match):
+            EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+                "device": "cpu", **bad}}})
+    # the planner: what fits after the reserve stays on the device, 12 bytes per element
+    per = DEVICE_BYTES_PER_ELEMENT
+    assert plan_ratio(free_bytes=100 * per + 50, reserve_bytes=50, total_elements=400) == 0.75
+    assert plan_ratio(free_bytes=10**12, reserve_bytes=0, total_elements=400) == 0.0  # all fits: nothing offloaded
+    assert plan_ratio(free_bytes=10, reserve_bytes=50, total_elements=400) == 1.0  # nothing fits
+    assert resolve_ratio("auto", torch.device("cpu"), [10, 20], 0, None) == 1.0  # no device memory to plan with
+    assert resolve_ratio(0.3, torch.device("cpu"), [10, 20], 0, None) == 0.3
+
+
+def test_ratio_needs_adam():
+    model = make_model()
+    zero = dict(SMALL, offload_optimizer={"device": "cpu", "ratio": 0.5})
+    cfg = base_config(1, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
+    with pytest.raises(ValueError, match="ratio 0.5 splits Adam's step.*got SGD"):
+        ds_zero.ZeroEngine(model, torch.optim.SGD(param_groups(model), lr=1e-2), cfg)
 
 
 def test_timeline_written(tmp_path_factory):

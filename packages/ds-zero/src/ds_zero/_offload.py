@@ -94,12 +94,18 @@ class CPUOffload:
         #: the chunked, overlapped step (``_offload_pipeline``); ``chunk_numel``: the largest chunk (elements)
         self.overlap_step = False
         self.chunk_numel = 1_000_000_000
+        #: ``offload_optimizer.ratio`` (a number, or "auto" until planned) and the planner's activation reserve
+        self.ratio: float | str = 1.0
+        self.auto_reserve_gib: float | None = None
 
     @classmethod
     def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
                     model_dtype: torch.dtype, process_group=None) -> CPUOffload | None:
         off = config.zero_optimization.offload_optimizer
         par = config.zero_optimization.offload_param
+        if mode_name == "stage3" and off is not None and off.ratio != 1.0:
+            raise ValueError(f"zero_optimization.offload_optimizer.ratio {off.ratio!r} (partial offload) is built for "
+                             "stages 0-2; at stage 3 the fp32 shards are FSDP2's and go to the CPU whole")
         if mode_name == "stage3" and (off is not None or par is not None):
             if off is None:
                 # FSDP2's CPU offload keeps the fp32 shards, which at stage 3 are the masters, on the CPU: the
@@ -120,6 +126,7 @@ class CPUOffload:
         offload = cls(device, off.pin_memory, copy_dtype)
         offload.overlap_step = off.device == "cpu" and off.overlap_step
         offload.chunk_numel = config.zero_optimization.sub_group_size
+        offload.ratio, offload.auto_reserve_gib = off.ratio, off.auto_reserve_gib
         offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if off.device == "nvme":  # ZeRO-Infinity's optimizer swapping (_swap)
             offload.nvme_path = off.nvme_path
@@ -140,11 +147,6 @@ class CPUOffload:
     def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:
         self.masters = (NVMeMasters if self.nvme_path is not None else OffloadedMasters)(
             buckets, num_groups, fp32_sources, self)
-        if self.overlap_step and self.nvme_path is None:
-            from ._offload_pipeline import OffloadPipeline
-
-            self.masters.pipeline = OffloadPipeline(self.masters, self.chunk_numel, self.device, self.pin,
-                                                    self.global_rank)
         return self.masters
 
     def rebuild_optimizer(self, template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]]):
@@ -157,6 +159,9 @@ class CPUOffload:
         if self.nvme_path is not None and not adam:
             raise ValueError(f"zero_optimization.offload_optimizer.device 'nvme' swaps Adam's states: it steps "
                              f"Adam/AdamW only, got {type(template).__name__}; use device 'cpu' for other optimizers")
+        if not adam and self.ratio != 1.0:
+            raise ValueError(f"zero_optimization.offload_optimizer.ratio {self.ratio!r} splits Adam's step between the "
+                             f"device and CPUAdam: it needs an Adam-family optimizer, got {type(template).__name__}")
         if not adam:
             backend = getattr(template, "backend_request", None)
             if isinstance(template, FlatOptimizer) and backend in _GPU_BACKENDS:
@@ -191,10 +196,48 @@ class CPUOffload:
                         "weight_decay": d.get("weight_decay", 0.0), "adam_w_mode": _adam_w_mode(template, d),
                         "bias_correction": d.get("bias_correction", True), "maximize": d.get("maximize", False)}
             return build_nvme_adam(self, list(zip(indices, hyper)), defaults, self.masters)
-        return CPUAdam(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
-                       weight_decay=d.get("weight_decay", 0.0), adamw_mode=_adam_w_mode(template, d),
-                       bias_correction=d.get("bias_correction", True), copy_dtype=self.copy_dtype,
-                       pin_memory=self.pin)
+        cpu_adam = CPUAdam(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
+                           weight_decay=d.get("weight_decay", 0.0), adamw_mode=_adam_w_mode(template, d),
+                           bias_correction=d.get("bias_correction", True), copy_dtype=self.copy_dtype,
+                           pin_memory=self.pin)
+        self._attach_pipeline(template)
+        return cpu_adam
+
+    def _attach_pipeline(self, template: torch.optim.Optimizer) -> None:
+        """The overlapped step (``_offload_pipeline``) and, with ``ratio`` < 1, the device-stepped part of each
+        master (``_offload_partial``) with the template's class rebuilt over it."""
+        masters = self.masters
+        if masters is None or not self.overlap_step:
+            return
+        from ._offload_partial import DevicePart, resolve_ratio
+        from ._offload_pipeline import OffloadPipeline
+        from ._optim import rebuild_optimizer
+
+        starts = None
+        if self.ratio != 1.0:
+            sizes = [0 if p is None else p.numel() for p in masters.params]
+            grad_bytes = 2 * sum(b.padded_numel for b in masters.buckets)
+            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib)
+            if self.ratio < 1.0:
+                part = DevicePart(masters, float(self.ratio), self.device)
+                part.build_optimizer(template, rebuild_optimizer)
+                masters.device_part = part
+                starts = part.split
+        masters.pipeline = OffloadPipeline(masters, self.chunk_numel, self.device, self.pin, self.global_rank,
+                                           starts)
+
+    def sync_to_host(self, optimizer) -> None:
+        """``ratio`` < 1: bring the host masters and CPUAdam's states up to date from the device part (before a
+        checkpoint is saved)."""
+        part = getattr(self.masters, "device_part", None)
+        if part is not None:
+            part.to_host(optimizer)
+
+    def sync_from_host(self, optimizer) -> None:
+        """``ratio`` < 1: the device part from the host masters and CPUAdam's states (after a load or refresh)."""
+        part = getattr(self.masters, "device_part", None)
+        if part is not None:
+            part.from_host(optimizer)
 
 
 def _adam_w_mode(template: torch.optim.Optimizer, group: dict) -> bool:
@@ -226,6 +269,8 @@ class OffloadedMasters(Masters):
         self.copy_out_writes = 0
         #: the overlapped step (``_offload_pipeline.OffloadPipeline``); None: synchronous
         self.pipeline = None
+        #: ``offload_optimizer.ratio`` < 1: the device-stepped head of each master (``_offload_partial``)
+        self.device_part = None
         #: the last step's pipeline already wrote the new params into the device storage
         self._written = False
         #: steps taken by the pipeline (the tests read it)
@@ -246,9 +291,17 @@ class OffloadedMasters(Masters):
         from ds_optim import CPUAdam
 
         plan = self.pipeline.plan(optimizer) if self.pipeline is not None else None
+        if plan is None and self.device_part is not None:
+            raise RuntimeError("offload_optimizer.ratio < 1 needs the overlapped step over ds-optim's CPUAdam, built "
+                               f"by the engine; the optimizer is a {type(optimizer).__name__} it cannot step by ranges")
         if plan is not None:
+            # the device part first: its kernels run on the GPU while the CPU steps the rest
+            if self.device_part is not None:
+                self.device_part.step(optimizer, grads, scale)
             # chunked and overlapped; the new params are on the device when it returns (write_params: no-op)
             self.pipeline.step(optimizer, plan, grads, scale)
+            if self.device_part is not None:
+                self.device_part.write_params()
             self.offload.cpu_steps += 1
             self.pipelined_steps += 1
             self.copy_out_writes += optimizer.copy_dtype is not None

@@ -67,25 +67,27 @@ class Chunk:
         return self.lo - self.bucket.master_offset, self.hi - self.bucket.master_offset
 
 
-def build_chunks(buckets: list[Bucket], chunk_numel: int) -> list[Chunk]:
-    """Each bucket's shard in pieces of at most ``chunk_numel`` elements, buckets in index order."""
+def build_chunks(buckets: list[Bucket], chunk_numel: int, starts: list[int] | None = None) -> list[Chunk]:
+    """Each bucket's shard in pieces of at most ``chunk_numel`` elements, buckets in index order; ``starts[g]``:
+    group ``g``'s master elements before it are not the CPU's (``offload_optimizer.ratio``, ``_offload_partial``)."""
     if chunk_numel < 1:
         raise ValueError(f"offload chunk size must be positive, got {chunk_numel}")
     out: list[Chunk] = []
     for bucket in sorted(buckets, key=lambda b: b.index):
-        for start in range(0, bucket.shard_numel, chunk_numel):
-            lo = bucket.master_offset + start
-            hi = bucket.master_offset + min(bucket.shard_numel, start + chunk_numel)
-            out.append(Chunk(len(out), bucket, bucket.group_index, lo, hi))
+        first = max(bucket.master_offset, starts[bucket.group_index] if starts else 0)
+        end = bucket.master_offset + bucket.shard_numel
+        for lo in range(first, end, chunk_numel):
+            out.append(Chunk(len(out), bucket, bucket.group_index, lo, min(end, lo + chunk_numel)))
     return out
 
 
 class OffloadPipeline:
     """The chunked, overlapped CPU step of one :class:`~._offload.OffloadedMasters` (see the module doc)."""
 
-    def __init__(self, masters, chunk_numel: int, device: torch.device, pin: bool, rank: int = 0) -> None:
+    def __init__(self, masters, chunk_numel: int, device: torch.device, pin: bool, rank: int = 0,
+                 starts: list[int] | None = None) -> None:
         self.masters = masters
-        self.chunks = build_chunks(masters.buckets, chunk_numel)
+        self.chunks = build_chunks(masters.buckets, chunk_numel, starts)
         self.device = device
         self.cuda = device.type == "cuda"
         self.pin = pin

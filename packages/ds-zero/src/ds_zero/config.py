@@ -210,7 +210,8 @@ class OffloadOptimizerConfig(StrictModel):
     2 and 3 (and stage 0 with fp16/bf16; stage 3 through FSDP2's ``CPUOffloadPolicy``). ``pin_memory`` pins the host buffers that cross PCIe (the gradient
     staging and the 16-bit copy-out) when the model is on CUDA. ``buffer_count`` and ``fast_init`` only matter
     for NVMe in DeepSpeed: accepted, no effect. ``overlap_step`` (ds-zero's, default true): the chunked,
-    overlapped CPU step. Partial offload (``ratio`` < 1) is not built: an error naming the key. ``device: "nvme"`` with ``nvme_path`` (stages 0-2):
+    overlapped CPU step. ``ratio`` (stages 0-2, device "cpu"): the share of the optimizer state on the CPU, the
+    rest stepped on the device; ``"auto"`` plans it from the free device memory (``auto_reserve_gib``). ``device: "nvme"`` with ``nvme_path`` (stages 0-2):
     the masters and Adam's states in swap files (``ds_zero._swap``), stepped in ``sub_group_size`` pieces."""
 
     device: Literal["cpu", "nvme"] = "cpu"
@@ -229,11 +230,12 @@ class OffloadOptimizerConfig(StrictModel):
     #: the H2D copy of the last one running while the CPU steps the current one; at stage 2 the D2H copies start
     #: in backward. Bit for bit the synchronous step's result; false: copy out, step, copy back, in turn
     overlap_step: bool = True
-
-    not_built_keys: ClassVar[dict[str, Any]] = {"ratio": 1.0}
-    not_built_hint: ClassVar[dict[str, str]] = {
-        "ratio": "partial offload is not built: the whole optimizer state goes to the CPU (ratio 1.0)",
-    }
+    #: DeepSpeed's partial offload: the fraction of this rank's optimizer state (masters and Adam's moments) on
+    #: the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
+    #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up
+    ratio: float | Literal["auto"] = 1.0
+    #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device's total
+    auto_reserve_gib: NonNegativeFloat | None = None
 
     @field_validator("device", mode="before")
     @classmethod
@@ -241,6 +243,25 @@ class OffloadOptimizerConfig(StrictModel):
         if value not in ("cpu", "nvme"):
             raise ValueError(f"offload_optimizer.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
         return value
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"offload_optimizer.ratio must be a number in [0, 1] or \"auto\", got {value!r}")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _partial(self) -> "OffloadOptimizerConfig":
+        if self.ratio != 1.0 and self.device != "cpu":
+            raise ValueError(f"offload_optimizer.ratio {self.ratio!r} is built for device \"cpu\" (got "
+                             f"{self.device!r})")
+        if self.ratio != 1.0 and not self.overlap_step:
+            raise ValueError(f"offload_optimizer.ratio {self.ratio!r} runs in the overlapped step: it needs "
+                             "offload_optimizer.overlap_step true")
+        return self
 
     @model_validator(mode="after")
     def _nvme_path(self) -> "OffloadOptimizerConfig":

@@ -513,6 +513,8 @@ class ZeroEngine:
         for b in self.buckets:
             lo, hi = b.shard_range
             self.masters.shard(b).copy_(b.flat_params()[lo:hi])
+        if self.offload is not None:  # offload_optimizer.ratio < 1: the device-stepped part follows
+            self.offload.sync_from_host(self.optimizer)
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
@@ -568,6 +570,8 @@ class ZeroEngine:
 
         if self.stage == 3:
             self._stage3_policy().reshard()
+        if self.offload is not None:  # offload_optimizer.ratio < 1: the device part into the host masters/states
+            self.offload.sync_to_host(self.optimizer)
 
         return save_checkpoint(self, save_dir, tag, client_state)
 
@@ -578,7 +582,10 @@ class ZeroEngine:
         if self.stage == 3:
             self._stage3_policy().reshard()
 
-        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+        out = load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+        if self.offload is not None:  # offload_optimizer.ratio < 1: the device part from the loaded host copy
+            self.offload.sync_from_host(self.optimizer)
+        return out
 
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:

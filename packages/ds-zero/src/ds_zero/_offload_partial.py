@@ -1,0 +1,190 @@
+"""Partial ZeRO-Offload: ``offload_optimizer.ratio`` (DeepSpeed's key: the fraction of the optimizer state that
+goes to the CPU) and the ``"auto"`` planner.
+
+With ``ratio`` r < 1, in each param group the first ``round((1 - r) * n)`` elements of this rank's fp32 master
+(``n``: the group's shard total, laid out as ``_partition.assign_group_offsets``) are stepped *on the device*, by
+the user's optimizer class rebuilt over device fp32 masters of that range (as without offload, e.g. ds-optim's
+FusedAdamW with its GPU kernels); the rest is stepped on the CPU by CPUAdam in the overlapped chunk walk
+(``_offload_pipeline``, whose chunks cover only the CPU ranges). The device step is launched first, so the GPU
+runs it while the CPU steps its part; its new params are cast into the buckets' flat storage on the device.
+Nothing crosses PCIe for the device part.
+
+The host master and CPUAdam's states keep the *whole* group's layout (what checkpoints, ``masters.shard`` and
+``refresh_fp32_params`` read and write): the device range there is brought up to date from the device
+(:meth:`DevicePart.to_host`) before a checkpoint is saved, and pushed to the device again
+(:meth:`DevicePart.from_host`) after a checkpoint is loaded or the masters are refreshed; the engine calls both
+(``offload_sync_*`` hooks). So a checkpoint is the same whatever the ratio, and loads under any other.
+
+``ratio: "auto"`` (:func:`plan_ratio`): at start-up, after the model's 16-bit params are in place, the device's
+free memory (``torch.cuda.mem_get_info``, capped by ``set_per_process_memory_fraction`` when one is set) minus
+the gradient buffers (2 bytes per trainable param of the model: stage 1's full grads, an upper bound at stage 2)
+minus an activation reserve (``offload_optimizer.auto_reserve_gib``, default a quarter of the device's total
+memory) is divided by 12 bytes per element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the
+device, the rest go to the CPU. The plan (bytes on the device / on the CPU) is logged. On a CPU device ``"auto"``
+means ratio 1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ._partition import Masters
+
+logger = logging.getLogger("ds_zero")
+
+#: bytes per element of the optimizer state kept on the device: fp32 master, exp_avg, exp_avg_sq
+DEVICE_BYTES_PER_ELEMENT = 12
+#: the hyper-parameters carried from CPUAdam's groups (which the LR scheduler drives) to the device optimizer
+_HYPER = ("lr", "betas", "eps", "weight_decay")
+
+
+def plan_ratio(free_bytes: int, reserve_bytes: int, total_elements: int) -> float:
+    """The smallest CPU share (``ratio``) whose device part fits in ``free_bytes - reserve_bytes``."""
+    if total_elements <= 0:
+        return 1.0
+    fits = max(0, free_bytes - reserve_bytes) // DEVICE_BYTES_PER_ELEMENT
+    return 1.0 - min(total_elements, fits) / total_elements
+
+
+def device_free_bytes(device: torch.device) -> tuple[int, int]:
+    """``(free, total)`` bytes this process may still allocate on ``device``."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction_of is not None:
+        cap = int(fraction_of(device) * total)
+        free = min(free, cap - torch.cuda.memory_reserved(device))
+    return max(0, free), total
+
+
+def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int, reserve_gib: float | None) -> float:
+    """A number in [0, 1]: ``ratio`` itself, or the ``"auto"`` plan (see the module doc)."""
+    if ratio != "auto":
+        return float(ratio)
+    total = sum(sizes)
+    if device.type != "cuda":
+        logger.info("ds_zero: offload_optimizer.ratio 'auto' on %s: no device memory to plan with, ratio 1.0", device)
+        return 1.0
+    free, capacity = device_free_bytes(device)
+    reserve = int(reserve_gib * 2**30) if reserve_gib is not None else capacity // 4
+    ratio = plan_ratio(free, grad_bytes + reserve, total)
+    on_device = total - round(ratio * total)
+    logger.warning("ds_zero: offload_optimizer.ratio 'auto' -> %.4f: %.2f GiB of optimizer state on %s, %.2f GiB on "
+                   "the CPU (free %.2f GiB, kept for gradients %.2f GiB and activations %.2f GiB)", ratio,
+                   on_device * DEVICE_BYTES_PER_ELEMENT / 2**30, device,
+                   (total - on_device) * DEVICE_BYTES_PER_ELEMENT / 2**30, free / 2**30, grad_bytes / 2**30,
+                   reserve / 2**30)
+    return ratio
+
+
+class DevicePart:
+    """The device-stepped head of each group's master (see the module doc)."""
+
+    def __init__(self, masters, ratio: float, device: torch.device) -> None:
+        self.masters = masters
+        self.ratio = ratio
+        self.device = device
+        #: per param group: elements ``[0, split[gi])`` of its master are stepped on the device
+        self.split = [0 if p is None else p.numel() - round(ratio * p.numel()) for p in masters.params]
+        self.params: list[torch.nn.Parameter | None] = [
+            None if p is None or s == 0 else torch.nn.Parameter(p.data[:s].to(device, copy=True))
+            for p, s in zip(masters.params, self.split)]
+        self.optimizer: torch.optim.Optimizer | None = None
+        # Masters.step's grad handling (ds-optim's in-kernel scale, or transient fp32 .grad) over these params
+        self._stepper = Masters.__new__(Masters)
+        self._stepper.params, self._stepper.device = self.params, device
+        self.steps = 0
+
+    @property
+    def numel(self) -> int:
+        return sum(self.split)
+
+    def build_optimizer(self, template, rebuild) -> None:
+        if self.numel:
+            self.optimizer = rebuild(template, [[] if p is None else [p] for p in self.params])
+
+    def step(self, cpu_optimizer, grads: list[torch.Tensor], scale: float) -> None:
+        """Step the device heads from the heads of ``grads`` (one per master, as ``Masters.step``), with the
+        hyper-parameters CPUAdam's groups have now (the LR scheduler steps CPUAdam)."""
+        if self.optimizer is None:
+            return
+        self._sync_hyper(cpu_optimizer)
+        positions = [gi for gi, p in enumerate(self.masters.params) if p is not None]
+        heads = [g[:self.split[gi]] for gi, g in zip(positions, grads) if self.params[gi] is not None]
+        self._stepper.step(self.optimizer, heads, scale)
+        self.steps += 1
+
+    def write_params(self) -> None:
+        """The new device heads, cast, into each bucket's flat storage (this rank's shard)."""
+        with torch.no_grad():
+            for bucket in self.masters.buckets:
+                head = self.params[bucket.group_index]
+                if head is None:
+                    continue
+                a, b = bucket.master_offset, min(bucket.master_offset + bucket.shard_numel, head.numel())
+                if a < b:
+                    lo = bucket.shard_range[0]
+                    bucket.flat_params()[lo:lo + b - a].copy_(head.data[a:b])
+
+    def _cpu_group(self, cpu_optimizer, master) -> dict:
+        for group in cpu_optimizer.param_groups:
+            if any(p is master for p in group["params"]):
+                return group
+        raise RuntimeError("offload_optimizer.ratio: a master has no group in the CPU optimizer")
+
+    def _sync_hyper(self, cpu_optimizer) -> None:
+        for gi, head in enumerate(self.params):
+            if head is None:
+                continue
+            src = self._cpu_group(cpu_optimizer, self.masters.params[gi])
+            for group in self.optimizer.param_groups:
+                if any(p is head for p in group["params"]):
+                    for key in _HYPER:
+                        if key in src and key in group:
+                            group[key] = src[key]
+
+    # -- the host copy (checkpoints) -----------------------------------------------------------------------
+    @torch.no_grad()
+    def to_host(self, cpu_optimizer) -> None:
+        """The host master's and CPUAdam's device ranges := the device heads and their Adam states."""
+        if self.optimizer is None:
+            return
+        state = self.optimizer.state
+        for gi, head in enumerate(self.params):
+            if head is None:
+                continue
+            master = self.masters.params[gi]
+            s = self.split[gi]
+            master.data[:s].copy_(head.data)
+            st = state.get(head)
+            cpu_state = cpu_optimizer.state.get(master)
+            if not st or not cpu_state:
+                continue
+            for name in ("exp_avg", "exp_avg_sq"):
+                cpu_state[name].view(-1)[:s].copy_(st[name].reshape(-1))
+
+    @torch.no_grad()
+    def from_host(self, cpu_optimizer) -> None:
+        """The device heads and their Adam states := the host master's and CPUAdam's device ranges (after a
+        load or a refresh of the masters). The step count is CPUAdam's (it advances with every step)."""
+        for gi, head in enumerate(self.params):
+            if head is not None:
+                head.data.copy_(self.masters.params[gi].data[:self.split[gi]])
+        if self.optimizer is None:
+            return
+        sd = self.optimizer.state_dict()
+        states = {}
+        order = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, head in enumerate(order):
+            gi = next(g for g, p in enumerate(self.params) if p is head)
+            cpu_state = cpu_optimizer.state.get(self.masters.params[gi])
+            if not cpu_state:
+                continue
+            s = self.split[gi]
+            states[index] = {"step": cpu_state["step"].detach().clone().reshape(()).cpu(),
+                             "exp_avg": cpu_state["exp_avg"].reshape(-1)[:s].float().clone(),
+                             "exp_avg_sq": cpu_state["exp_avg_sq"].reshape(-1)[:s].float().clone()}
+        if states:
+            sd["state"] = states
+            self.optimizer.load_state_dict(sd)
