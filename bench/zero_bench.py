@@ -137,6 +137,12 @@ def main():
         extra += (f" nvme={held['nvme'] / 2**30:.1f} GiB swap={swap / 2**30:.1f} GiB/step at "
                   f"{swap / 2**30 / (opt_ms / 1e3):.2f} GiB/s (raw disk: write {raw[0]:.2f}, read {raw[1]:.2f} GiB/s) "
                   f"sub_group_size={engine.optimizer.sub_group_size:.0e}")
+    if offload in ("1", "opt") and name != "z3":
+        masters = engine.masters
+        part = getattr(masters, "device_part", None)
+        pipe = getattr(masters, "pipeline", None)
+        extra += (f" overlap_step={pipe is not None} chunks={0 if pipe is None else len(pipe.chunks)}"
+                  f" ratio={engine.offload.ratio:.3f} device_part={0 if part is None else part.numel * 12 / 2**30:.1f} GiB")
     if rank == 0:
         label = name + {"1": "off", "opt": "offopt", "nvme": "nvme"}.get(offload, "")
         print(f"[ds-zero {label}] world={world} params={nparams/1e9:.2f}B step={dt*1e3:.0f} ms tokens/s={tok:,.0f} "

@@ -327,10 +327,12 @@ def test_timeline_written(tmp_path_factory):
 @requires_gpus(1)
 def test_gpu_pipelined_equals_synchronous(tmp_path):
     """CUDA: side streams, pinned staging and copy-out, async copies; bit for bit the synchronous step."""
-    def run(overlap, stage):
+    def run(overlap, stage, ratio=1.0, offload=True):
         torch.manual_seed(0)
         model = make_model().cuda()
-        zero = dict(SMALL, offload_optimizer={"device": "cpu", "pin_memory": True, "overlap_step": overlap})
+        zero = dict(SMALL)
+        if offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio}
         extra = {"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": CLIP, "zero": zero}
         engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2),
                                     base_config(stage, 2, GA, **extra))
@@ -360,3 +362,16 @@ def test_gpu_pipelined_equals_synchronous(tmp_path):
         del os.environ[TIMELINE_ENV]
     steps = json.loads((tmp_path / "t.json").read_text())["steps"]
     assert steps and all(c["d2h"][0] <= c["d2h"][1] for c in steps[-1]["chunks"])
+
+    # partial offload on CUDA: the head stepped by torch's AdamW on the GPU, the tail by CPUAdam
+    ref = run(True, 2, offload=False)
+    for ratio in (0.5, "auto"):
+        part = run(True, 2, ratio=ratio)
+        dp = part.masters.device_part
+        if ratio == "auto":  # a tiny model fits whole on an H200: nothing left for the CPU
+            assert part.offload.ratio == 0.0 and dp.split == [p.numel() for p in part.masters.params]
+        assert dp is not None and all(p is None or p.device.type == "cuda" for p in dp.params)
+        assert dp.steps == STEPS == part.masters.pipelined_steps
+        part.offload.sync_to_host(part.optimizer)
+        for a, b in zip(ref.masters.params, part.masters.params):
+            torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-5, atol=1e-6)

@@ -43,8 +43,10 @@ with the same kernel on the same ranges, so the result is bit for bit the synchr
 D2H copies of a bucket start in backward as soon as its last reduce-scatter of the window completes. With
 ``overlap_step: false``, or an optimizer other than CPUAdam, the step is synchronous (steps 3 and 4 above).
 
-Not built here (refused by the config, naming the key): ``ratio`` < 1, the speculative CPU step during
-backward, and 16-bit CPU states.
+**Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the first ``1 - ratio``
+of each master is stepped on the device by the template's class, the rest by CPUAdam in the overlapped step.
+
+Not built here: the speculative CPU step during backward (SuperOffload's), and 16-bit CPU states.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ from ._partition import Masters
 
 if TYPE_CHECKING:
     from ds_optim import CPUAdam
+
+    from ._offload_partial import DevicePart
+    from ._offload_pipeline import OffloadPipeline
 
 logger = logging.getLogger("ds_zero")
 
@@ -268,9 +273,9 @@ class OffloadedMasters(Masters):
         #: write-backs served from CPUAdam's copy-out (the tests read it to see that path ran)
         self.copy_out_writes = 0
         #: the overlapped step (``_offload_pipeline.OffloadPipeline``); None: synchronous
-        self.pipeline = None
+        self.pipeline: OffloadPipeline | None = None
         #: ``offload_optimizer.ratio`` < 1: the device-stepped head of each master (``_offload_partial``)
-        self.device_part = None
+        self.device_part: DevicePart | None = None
         #: the last step's pipeline already wrote the new params into the device storage
         self._written = False
         #: steps taken by the pipeline (the tests read it)
@@ -290,16 +295,17 @@ class OffloadedMasters(Masters):
     def step(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float) -> None:
         from ds_optim import CPUAdam
 
-        plan = self.pipeline.plan(optimizer) if self.pipeline is not None else None
+        pipeline = self.pipeline
+        plan = pipeline.plan(optimizer) if pipeline is not None else None
         if plan is None and self.device_part is not None:
             raise RuntimeError("offload_optimizer.ratio < 1 needs the overlapped step over ds-optim's CPUAdam, built "
                                f"by the engine; the optimizer is a {type(optimizer).__name__} it cannot step by ranges")
-        if plan is not None:
+        if pipeline is not None and plan is not None and isinstance(optimizer, CPUAdam):
             # the device part first: its kernels run on the GPU while the CPU steps the rest
             if self.device_part is not None:
                 self.device_part.step(optimizer, grads, scale)
             # chunked and overlapped; the new params are on the device when it returns (write_params: no-op)
-            self.pipeline.step(optimizer, plan, grads, scale)
+            pipeline.step(optimizer, plan, grads, scale)
             if self.device_part is not None:
                 self.device_part.write_params()
             self.offload.cpu_steps += 1

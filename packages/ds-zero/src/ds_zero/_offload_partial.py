@@ -134,6 +134,8 @@ class DevicePart:
         raise RuntimeError("offload_optimizer.ratio: a master has no group in the CPU optimizer")
 
     def _sync_hyper(self, cpu_optimizer) -> None:
+        if self.optimizer is None:
+            return
         for gi, head in enumerate(self.params):
             if head is None:
                 continue

@@ -40,6 +40,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -91,14 +92,15 @@ class OffloadPipeline:
         self.device = device
         self.cuda = device.type == "cuda"
         self.pin = pin
-        self._d2h = torch.cuda.Stream(device) if self.cuda else None
-        self._h2d = torch.cuda.Stream(device) if self.cuda else None
-        #: chunk index -> the event that marks its D2H copy done (early copies of this window, then the step's)
-        self._copied: dict[int, object] = {}
+        # the side streams (None on the CPU, where the copies are plain)
+        self._d2h: Any = torch.cuda.Stream(device) if self.cuda else None
+        self._h2d: Any = torch.cuda.Stream(device) if self.cuda else None
+        #: chunk index -> ``(start, done)`` events of its D2H copy (early copies of this window, then the step's)
+        self._copied: dict[int, Any] = {}
         #: chunks whose D2H copy started during backward in the last step (the tests read it)
         self.early_copies = 0
         self.steps = 0
-        self.path = os.environ.get(TIMELINE_ENV) or None
+        self.path: str | None = os.environ.get(TIMELINE_ENV) or None
         if self.path and rank:
             self.path = f"{self.path}.rank{rank}.json"
         self._timeline: list[dict] = []
@@ -107,7 +109,7 @@ class OffloadPipeline:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
 
     # -- which optimizers ---------------------------------------------------------------------------------
-    def plan(self, optimizer) -> dict[int, tuple[dict, object]] | None:
+    def plan(self, optimizer) -> dict[int, tuple[dict, Any]] | None:
         """``{group index: (optimizer param group, ds-optim FlatBucket)}`` when ``optimizer`` is a CPUAdam whose
         every group steps one master as one uniform flat bucket (what ``_offload`` builds); None otherwise (the
         synchronous step then runs)."""
@@ -165,7 +167,7 @@ class OffloadPipeline:
                 t0 = time.perf_counter()
         positions = [gi for gi, p in enumerate(self.masters.params) if p is not None]
         by_group = dict(zip(positions, grads))
-        host = {}
+        host: dict[int, torch.Tensor] = {}
         for gi, g in by_group.items():
             staging = self._staging(gi, g.dtype, numel=g.numel())
             if staging is None:  # a group whose staging changed dtype: early copies of it are void
@@ -173,13 +175,15 @@ class OffloadPipeline:
                     if chunk.group == gi:
                         self._copied.pop(chunk.index, None)
                 staging = self._staging(gi, g.dtype, numel=g.numel(), force=True)
+            if staging is None:  # force=True always makes one
+                raise RuntimeError(f"offload: no host grad staging for param group {gi}")
             host[gi] = staging
         early = set(self._copied)
         self.early_copies = len(early)
         if self.cuda:  # the side streams start after what the compute stream did so far (reductions, norm)
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
             self._h2d.wait_stream(torch.cuda.current_stream(self.device))
-        events = {}
+        events: dict[int, Any] = {}
         for chunk in self.chunks:
             if chunk.index in self._copied:
                 events[chunk.index] = self._copied[chunk.index]
@@ -286,6 +290,9 @@ class OffloadPipeline:
         return [ref.elapsed_time(ev[0]), ref.elapsed_time(ev[1])]
 
     def _record(self, t0: float, ref, records, early: set[int]) -> None:
+        path = self.path
+        if path is None:
+            return
         chunks = []
         for chunk, d2h, (c0, c1), h2d in records:
             chunks.append({"index": chunk.index, "bucket": chunk.bucket.index, "numel": chunk.hi - chunk.lo,
@@ -293,7 +300,7 @@ class OffloadPipeline:
                            "h2d": self._span(t0, ref, h2d), "early": chunk.index in early})
         self._timeline.append({"step": self.steps, "device": str(self.device), "chunks": chunks})
         del self._timeline[:-_TIMELINE_STEPS]
-        tmp = f"{self.path}.tmp"
+        tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump({"steps": self._timeline}, f)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)

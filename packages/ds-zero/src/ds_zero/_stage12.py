@@ -22,6 +22,8 @@ traffic; DeepSpeed's meaning). ``gradient_compression`` int8/int4 reduce-scatter
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import _comm
@@ -124,7 +126,7 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
         self._in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []
         #: called with each bucket whose reduced shard just became final (set by the engine for the boundary
         #: micro-step's backward: ZeRO-Offload starts that shard's host copy right away, ``_offload_pipeline``)
-        self.on_final_reduction = None
+        self.on_final_reduction: Callable[[Bucket], None] | None = None
 
     def _on_grad(self, bucket: Bucket, i: int) -> None:
         if self.contiguous:  # else the grad stays on the param until the bucket is flattened at launch

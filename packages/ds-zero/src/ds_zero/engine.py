@@ -390,12 +390,14 @@ class ZeroEngine:
     def _offload_early_copies(self) -> bool:
         """ZeRO-Offload at stage 2, the boundary micro-step: each bucket's reduced shard is final once its
         reduce-scatter completes in this backward; the offload starts its host copy then (``_offload_pipeline``)."""
+        from ._offload import OffloadedMasters
+
         masters = self.masters
-        if (self.offload is None or not isinstance(self.reducer, Stage2Reducer) or masters is None
-                or getattr(masters, "pipeline", None) is None or not self.is_gradient_accumulation_boundary()):
+        if (not isinstance(masters, OffloadedMasters) or not isinstance(self.reducer, Stage2Reducer)
+                or masters.pipeline is None or not self.is_gradient_accumulation_boundary()):
             return False
-        masters.begin_window()  # type: ignore[attr-defined]  (an OffloadedMasters: it has a pipeline)
-        self.reducer.on_final_reduction = masters.early_copy  # type: ignore[attr-defined]
+        masters.begin_window()
+        self.reducer.on_final_reduction = masters.early_copy
         return True
 
     def step(self) -> None:
