@@ -130,41 +130,68 @@ def reference(kind, data, clip):
     return out
 
 
-def run_3d(case):
-    """Pipeline 2 x tensor 2 x data 2 on 8 ranks: the loss curve, norms and this rank's parameter pieces."""
+def _engine(case, pp, dp, base_seed=SEED):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)
+    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=2, num_dp=dp)
     grid = PipelineParallelGrid(topo)  # the mpu; Megatron-style layers get their groups from it
     module = PipelineModule(specs(case["kind"], grid), topology=grid, loss_fn=F.cross_entropy, seed_layers=True,
-                            base_seed=SEED, partition_method="type:block")
+                            base_seed=base_seed, partition_method="type:block")
     if case["kind"] == "dtensor":
         mesh = grid.get_model_parallel_mesh()
-        for name, layer in module.named_children():
+        for layer in module.children():
             if isinstance(layer, Block):
                 parallelize_module(layer, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
-    n_micro = case["micro"]
-    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": n_micro,
+    total = case["micro"] * 2  # micro-batches per step over the replicas (2 replicas in the 2 x 2 x 2 layout)
+    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": total // dp,
               "pipeline": {"schedule": case.get("schedule", "1f1b")}}
     if case.get("zero"):
         config["zero_optimization"] = {"stage": case["zero"]}
     if case.get("clip"):
         config["gradient_clipping"] = case["clip"]
-    engine = PipelineEngine(module, lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM), config, mpu=grid)
-    dp_rank = grid.get_data_parallel_rank()
-    data = batches(case["steps"], n_micro * grid.get_data_parallel_world_size())
+    return PipelineEngine(module, lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM), config, mpu=grid)
+
+
+def _train(engine, steps):
+    grid = engine.grid
+    n_micro, dp_rank = engine.micro_batches, grid.get_data_parallel_rank()
     losses, norms = [], []
-    for step in data:
+    for step in steps:
         losses.append(engine.train_batch(iter(step[dp_rank * n_micro:(dp_rank + 1) * n_micro])).item())
         norms.append(engine.get_global_grad_norm())
-    params = {}
-    for n, p in module.named_parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        params[n] = local.detach().clone()
-    return {"coord": (grid.get_stage_id(), dp_rank, grid.get_model_parallel_rank()), "losses": losses,
-            "norms": norms, "params": params, "rank": dist.get_rank(),
-            "groups": {a: dist.get_process_group_ranks(getattr(grid, f"get_{a}_parallel_group")())
-                       for a in ("pipe", "data", "model")}}
+    return losses, norms
+
+
+def _pieces(engine):
+    return {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+            for n, p in engine.module.named_parameters()}
+
+
+def run_3d(case):
+    """Pipeline 2 x tensor 2 x data 2 on 8 ranks: the loss curve, norms and this rank's parameter pieces.
+    With ``save_at``: saved after that many steps, resumed on ``load`` = (pipe, data) (tensor 2) by a fresh
+    engine with other initial weights, which trains the remaining steps."""
+    engine = _engine(case, 2, 2)
+    grid = engine.grid
+    data = batches(case["steps"], case["micro"] * 2)
+    out = {"coord": (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_model_parallel_rank()),
+           "rank": dist.get_rank(),
+           "groups": {a: dist.get_process_group_ranks(getattr(grid, f"get_{a}_parallel_group")())
+                      for a in ("pipe", "data", "model")}}
+    if "save_at" not in case:
+        out["losses"], out["norms"] = _train(engine, data)
+        out["params"] = _pieces(engine)
+        return out
+    losses, norms = _train(engine, data[:case["save_at"]])
+    engine.save_checkpoint(case["dir"])
+    pp, dp = case["load"]
+    fresh = _engine(case, pp, dp, base_seed=SEED + 1000)
+    fresh.load_checkpoint(case["dir"])
+    more, more_norms = _train(fresh, data[case["save_at"]:])
+    g = fresh.grid
+    out.update(losses=losses + more, norms=norms + more_norms, params=_pieces(fresh),
+               coord=(g.get_stage_id(), g.get_data_parallel_rank(), g.get_model_parallel_rank()))
+    return out
 
 
 def run_3d_cases(cases):

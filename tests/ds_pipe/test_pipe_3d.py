@@ -3,13 +3,18 @@ rank layout), a tiny MLP model (4 residual blocks of width 16 and a head), 1F1B,
 3 steps, against one process: the loss curve within 1e-5 relative (fp32), and every rank's parameter pieces
 after the last step equal to their slice of the reference's parameters. Tensor parallelism through the user's
 Megatron-style layers (groups from the mpu; with clipping, whose norm sums the split weights over the model
-axis and counts the replicated ones once; and with ZeRO-1) and through torch's ``parallelize_module``
-(ColwiseParallel / RowwiseParallel on the model axis' DeviceMesh). Data-parallel averaging runs over the data
+axis and counts the replicated ones once; with ZeRO-1; with ZeRO-2 saved and resumed on pipeline 1 x tensor 2
+x data 4) and through torch's ``parallelize_module``
+(ColwiseParallel / RowwiseParallel on the model axis' DeviceMesh; saved and resumed: DTensor pieces per model
+rank). Data-parallel averaging runs over the data
 axis only: averaging the split gradients over the model axis would fail the parameter comparison.
 
 All cases run in one spawn (8 processes on a 2-core box: start-up dominates)."""
 
 from __future__ import annotations
+
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +26,9 @@ CASES = {
     "megatron-clip": dict(kind="megatron", micro=2, steps=3, clip=0.5),
     "megatron-zero1": dict(kind="megatron", micro=2, steps=3, zero=1, schedule="gpipe"),
     "dtensor": dict(kind="dtensor", micro=2, steps=3),
+    # saved on 2 x 2 x 2 after 2 steps, resumed on pipeline 1 x tensor 2 x data 4 (the pieces per model rank)
+    "megatron-zero2-ckpt-to-1x2x4": dict(kind="megatron", micro=2, steps=3, zero=2, save_at=2, load=(1, 4)),
+    "dtensor-ckpt-to-2x2x2": dict(kind="dtensor", micro=2, steps=3, save_at=2, load=(2, 2)),
 }
 TOL = dict(rtol=1e-5, atol=1e-6)
 _cache: dict = {}
@@ -28,8 +36,11 @@ _cache: dict = {}
 
 def _results():
     if not _cache:
-        per_rank = run_distributed(run_3d_cases, WORLD, list(CASES.values()), timeout=400)
+        root = tempfile.mkdtemp(prefix="ds_pipe_3d_")
+        payload = [dict(c, dir=f"{root}/{n}") if "save_at" in c else c for n, c in CASES.items()]
+        per_rank = run_distributed(run_3d_cases, WORLD, payload, timeout=400)
         _cache.update({n: [per_rank[r][i] for r in range(WORLD)] for i, n in enumerate(CASES)})
+        shutil.rmtree(root, ignore_errors=True)
     return _cache
 
 
@@ -51,8 +62,9 @@ def test_3d_matches_one_process(name):
     case = CASES[name]
     got = _results()[name]
     ref = reference(case["kind"], batches(case["steps"], case["micro"] * 2), case.get("clip"))
-    # DeepSpeed's layout: rank = pipe * 4 + data * 2 + model
-    assert [r["coord"] for r in got] == [(p, d, m) for p in range(2) for d in range(2) for m in range(2)]
+    # DeepSpeed's layout: rank = pipe * 4 + data * 2 + model (the resumed run: data * 2 + model)
+    pp, dp = case.get("load", (2, 2))
+    assert [r["coord"] for r in got] == [(p, d, m) for p in range(pp) for d in range(dp) for m in range(2)]
     assert got[0]["groups"] == {"pipe": [0, 4], "data": [0, 2], "model": [0, 1]}
     want_losses = torch.tensor([s["loss"] for s in ref])
     for r in got:

@@ -3,7 +3,7 @@
 Layout of ``save_dir``::
 
     latest                                          text: the last complete tag (written to a temporary, renamed)
-    <tag>/layer_{L:02d}-model_00-model_states.pt    layer L's own ``state_dict()`` (keys relative to the layer),
+    <tag>/layer_{L:02d}-model_{M:02d}-model_states.pt layer L's own ``state_dict()`` (keys relative to the layer),
                                                     written by data-parallel rank 0 of the stage owning L; a tied
                                                     module once, as the layer file of its key's first position
     <tag>/mp_rank_{S:02d}_model_states.pt           per stage S (dp rank 0): the layout it was saved under
@@ -16,8 +16,10 @@ Layout of ``save_dir``::
                                                     its param groups' hyper-parameters with the names they hold,
                                                     and the LR scheduler's state
 
-Names are DeepSpeed's (its tensor-parallel rank is the ``model_00`` / ``mp_rank`` part: always 0 here, and the
-``mp_rank`` of a stage file is the stage, as DeepSpeed's grid numbers pipe x model ranks).
+Names are DeepSpeed's: the tensor-parallel rank is the ``model_MM`` part of a layer file, and the ``mp_rank`` of
+a stage or optimizer file numbers pipe x model ranks (``stage * model_size + model_rank``: the stage itself
+without tensor parallelism). With tensor parallelism each model rank writes its own pieces; a checkpoint loads
+into a run of the same tensor-parallel size (any pipeline / data-parallel layout).
 
 Loading maps by the global layer index, so any stage count works for the weights; the optimizer state is
 re-assembled per parameter name from the files of the saved stages that held this rank's layers (data-parallel
@@ -46,6 +48,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torch.distributed.tensor import DTensor
+
+from ._precision import local
 from .module import LayerSpec, TiedLayerSpec, _layer_name
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "consolidate_checkpoint", "layer_file",
@@ -60,8 +65,40 @@ class CheckpointError(RuntimeError):
     """A pipeline checkpoint could not be saved or does not fit the module it is loaded into."""
 
 
-def layer_file(idx: int) -> str:
-    return f"layer_{idx:02d}-model_00-model_states.pt"
+def layer_file(idx: int, model_rank: int = 0) -> str:
+    return f"layer_{idx:02d}-model_{model_rank:02d}-model_states.pt"
+
+
+def _mp(stage: int, model_rank: int, model_size: int) -> int:
+    """DeepSpeed's ``mp_rank`` of a pipeline checkpoint: pipe x model ranks numbered model-fastest (the stage
+    itself without tensor parallelism)."""
+    return stage * model_size + model_rank
+
+
+def _model(engine) -> tuple[int, int]:
+    return engine.grid.get_model_parallel_rank(), engine.grid.get_model_parallel_world_size()
+
+
+def _to_file(v: torch.Tensor) -> torch.Tensor:
+    # a DTensor (parallelize_module) is saved as this rank's piece: the file is per model rank
+    return local(v).detach().cpu().clone()
+
+
+def _load_layer(layer: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """``load_state_dict`` (strict); a layer with DTensor parameters gets the saved pieces copied into its
+    local shards (torch refuses to copy a plain tensor into a DTensor)."""
+    own = layer.state_dict()
+    if not any(isinstance(v, DTensor) for v in own.values()):
+        layer.load_state_dict(state, strict=True)
+        return
+    if set(own) != set(state):
+        raise RuntimeError(f"keys differ: missing {sorted(set(own) - set(state))}, unexpected "
+                           f"{sorted(set(state) - set(own))}")
+    for k, v in own.items():
+        dst = local(v)
+        if dst.shape != state[k].shape:
+            raise RuntimeError(f"{k}: saved piece {tuple(state[k].shape)}, this rank's {tuple(dst.shape)}")
+        dst.copy_(state[k])
 
 
 def stage_file(stage: int) -> str:
@@ -156,22 +193,25 @@ def _own_files(engine, client_state: dict) -> list[tuple[str, Any]]:
     module = engine.module
     dp_rank = engine.grid.get_data_parallel_rank()
     stage = engine.stage_id
+    model_rank, model_size = _model(engine)
+    mp = _mp(stage, model_rank, model_size)
     files = []
-    if dp_rank == 0:
+    if dp_rank == 0:  # one writer per (stage, model rank)
         mine = set(module.stage_layers())
         for idx, layer in _local_layers(module).items():
             if idx in mine:  # a tied key's file is written by the stage of its first position only
-                files.append((layer_file(idx), {k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}))
-        files.append((stage_file(stage), {
+                files.append((layer_file(idx, model_rank), {k: _to_file(v) for k, v in layer.state_dict().items()}))
+        files.append((stage_file(mp), {
             "format": FORMAT, "stage": stage, "num_stages": engine.num_stages, "parts": list(module.parts),
             "virtual_stages": module.virtual_stages, "virtual_stage_style": module.virtual_stage_style,
             "layer_names": [_layer_name(s) for s in module._layer_specs], "dp_world_size": engine.dp_world_size,
+            "model_parallel_size": model_size,
             "global_steps": engine.global_steps, "client_state": client_state,
             "tied_first": {i: k for k, i in _tie_first_positions(module._layer_specs).items()},
             "precision": engine.precision_state(), "ds_pipe_version": _version()}))
     zero = getattr(engine, "zero", None)
     optim = zero.named_state() if zero is not None else _optimizer_by_name(engine)
-    files.append((optim_file(stage, dp_rank), {
+    files.append((optim_file(mp, dp_rank), {
         "format": FORMAT, "optimizer": optim, "master": engine.master_state(), "zero": zero is not None,
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}))
     return files
@@ -287,13 +327,18 @@ def _saved_layout(path: str, module) -> dict[str, Any]:
 def _load_into(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_states: bool) -> Any:
     module = engine.module
     meta = _saved_layout(path, module)
+    model_rank, model_size = _model(engine)
+    if meta.get("model_parallel_size", 1) != model_size:
+        raise CheckpointError(f"{path} was saved with {meta.get('model_parallel_size', 1)} tensor-parallel ranks, "
+                              f"this run has {model_size}: re-splitting tensor-parallel layers is not built (the "
+                              f"pipeline and data-parallel layouts may change)")
     with torch.no_grad():
         for idx, layer in _local_layers(module).items():
-            state = _load(os.path.join(path, layer_file(idx)))
+            state = _load(os.path.join(path, layer_file(idx, model_rank)))
             try:
-                layer.load_state_dict(state, strict=True)
+                _load_layer(layer, state, layer_file(idx, model_rank))
             except RuntimeError as exc:
-                raise CheckpointError(f"{layer_file(idx)} does not fit layer {idx}: {exc}") from None
+                raise CheckpointError(f"{layer_file(idx, model_rank)} does not fit layer {idx}: {exc}") from None
     saved_parts, saved_dp = meta["parts"], meta["dp_world_size"]
     dp_rank = engine.grid.get_data_parallel_rank()
     source_dp = dp_rank if dp_rank < saved_dp else 0
@@ -312,8 +357,9 @@ def _load_into(engine, path: str, load_optimizer_states: bool, load_lr_scheduler
         s = saved_stage(first[spec.key] if isinstance(spec, TiedLayerSpec) else idx)
         if s not in sources:
             sources.append(s)
-    stage_meta = meta if sources[0] == 0 else _load(os.path.join(path, stage_file(sources[0])))
-    files = {s: _optim_states(path, s, source_dp, saved_dp) for s in sources}
+    first_mp = _mp(sources[0], model_rank, model_size)
+    stage_meta = meta if first_mp == 0 else _load(os.path.join(path, stage_file(first_mp)))
+    files = {s: _optim_states(path, _mp(s, model_rank, model_size), source_dp, saved_dp) for s in sources}
     engine.global_steps = int(stage_meta["global_steps"])
     engine.load_precision_state(stage_meta.get("precision"))
     engine.load_master_state(_merge_masters([files[s].get("master") for s in sources]))
@@ -329,6 +375,7 @@ def _load_into(engine, path: str, load_optimizer_states: bool, load_lr_scheduler
 
 
 def _optim_states(path: str, stage: int, dp_rank: int, saved_dp: int) -> dict[str, Any]:
+    # ``stage``: the file's mp index (the stage, with tensor parallelism stage x model size + model rank)
     """The saved stage's optimizer file in the replicated format: a ZeRO run's pieces (one file per saved
     data-parallel rank) are re-assembled into whole per-name tensors first."""
     first = _load(os.path.join(path, optim_file(stage, dp_rank)))
@@ -392,6 +439,10 @@ def consolidate_checkpoint(path: str) -> dict[str, torch.Tensor]:
     meta = _load(os.path.join(path, stage_file(0)))
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ds-pipe checkpoint (format {meta.get('format')!r})")
+    if meta.get("model_parallel_size", 1) != 1:
+        raise CheckpointError(f"{path} holds tensor-parallel pieces ({meta['model_parallel_size']} model ranks): "
+                              f"consolidating them needs each layer's split dimension, which the checkpoint does "
+                              f"not record; not built")
     tied_at: dict[int, str] = meta["tied_first"]
     out: dict[str, torch.Tensor] = {}
     for name in sorted(os.listdir(path)):
