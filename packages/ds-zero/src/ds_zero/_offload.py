@@ -301,8 +301,10 @@ class OffloadedMasters(Masters):
             raise RuntimeError("offload_optimizer.ratio < 1 needs the overlapped step over ds-optim's CPUAdam, built "
                                f"by the engine; the optimizer is a {type(optimizer).__name__} it cannot step by ranges")
         if pipeline is not None and plan is not None and isinstance(optimizer, CPUAdam):
-            # the device part first: its kernels run on the GPU while the CPU steps the rest
+            # the device part first: its kernels run on the GPU while the CPU steps the rest (the copies are
+            # fenced before it: they need the reduced grads, not the device step)
             if self.device_part is not None:
+                pipeline.fence()
                 self.device_part.step(optimizer, grads, scale)
             # chunked and overlapped; the new params are on the device when it returns (write_params: no-op)
             pipeline.step(optimizer, plan, grads, scale)

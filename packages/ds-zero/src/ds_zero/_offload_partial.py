@@ -49,12 +49,15 @@ def plan_ratio(free_bytes: int, reserve_bytes: int, total_elements: int) -> floa
 
 
 def device_free_bytes(device: torch.device) -> tuple[int, int]:
-    """``(free, total)`` bytes this process may still allocate on ``device``."""
+    """``(free, total)`` bytes this process may still allocate on ``device``: the driver's free memory plus what
+    the caching allocator holds unused (the fp32 model freed when it became 16-bit, say), within the
+    ``set_per_process_memory_fraction`` cap when one is set."""
     free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
     fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if fraction_of is not None:
-        cap = int(fraction_of(device) * total)
-        free = min(free, cap - torch.cuda.memory_reserved(device))
+        free = min(free, int(fraction_of(device) * total) - allocated)
     return max(0, free), total
 
 

@@ -104,6 +104,7 @@ class OffloadPipeline:
         if self.path and rank:
             self.path = f"{self.path}.rank{rank}.json"
         self._timeline: list[dict] = []
+        self._fenced = False
         self._by_bucket: dict[int, list[Chunk]] = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
@@ -136,6 +137,15 @@ class OffloadPipeline:
             out[gi] = found
         return out
 
+    def fence(self) -> None:
+        """The side streams start after what the compute stream did so far (reductions, the norm). Called by
+        :meth:`step`, or before it when more work is queued on the compute stream first that the copies need
+        not wait for (``ratio`` < 1: the device part's optimizer step)."""
+        if self.cuda:
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            self._h2d.wait_stream(torch.cuda.current_stream(self.device))
+        self._fenced = True
+
     # -- stage 2: copies started in backward ----------------------------------------------------------------
     def begin_window(self) -> None:
         """The boundary micro-step's backward starts: forget copies of an earlier window."""
@@ -146,12 +156,14 @@ class OffloadPipeline:
         grad = bucket.reduced
         if grad is None:
             return
+        if self.cuda:  # after the reduction that produced it, in the compute stream's order
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
         for chunk in self._by_bucket.get(bucket.index, []):
             staging = self._staging(chunk.group, grad.dtype)
             if staging is None:
                 return  # another dtype than the group's staging: the step copies it (after GradShards' cast)
             a, b = chunk.piece
-            self._copied[chunk.index] = self._copy_d2h(staging[chunk.lo:chunk.hi], grad[a:b], early=True)
+            self._copied[chunk.index] = self._copy_d2h(staging[chunk.lo:chunk.hi], grad[a:b])
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float) -> None:
@@ -180,16 +192,16 @@ class OffloadPipeline:
             host[gi] = staging
         early = set(self._copied)
         self.early_copies = len(early)
-        if self.cuda:  # the side streams start after what the compute stream did so far (reductions, norm)
-            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
-            self._h2d.wait_stream(torch.cuda.current_stream(self.device))
+        if not self._fenced:
+            self.fence()
+        self._fenced = False
         events: dict[int, Any] = {}
         for chunk in self.chunks:
             if chunk.index in self._copied:
                 events[chunk.index] = self._copied[chunk.index]
             else:
                 events[chunk.index] = self._copy_d2h(host[chunk.group][chunk.lo:chunk.hi],
-                                                     by_group[chunk.group][chunk.lo:chunk.hi], early=False)
+                                                     by_group[chunk.group][chunk.lo:chunk.hi])
         # as FlatOptimizer._step_bucket's uniform path: the step count advances once per group, then the kernel
         # runs on ranges (elementwise: bit for bit the one-launch result), then the host count and the states
         grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
@@ -248,7 +260,7 @@ class OffloadPipeline:
         hosts[k] = torch.empty(size, dtype=dtype, pin_memory=self.pin)
         return hosts[k]
 
-    def _copy_d2h(self, dst: torch.Tensor, src: torch.Tensor, early: bool):
+    def _copy_d2h(self, dst: torch.Tensor, src: torch.Tensor):
         """Queue ``dst := src`` on the D2H stream; returns ``(start, done)`` events (CUDA) or host times."""
         if not self.cuda:
             t = time.perf_counter()
@@ -257,8 +269,6 @@ class OffloadPipeline:
         timing = self.path is not None
         start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
         stream = self._d2h
-        if early:  # after the reduction that produced src, in the compute stream's order
-            stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             start.record(stream)
             dst.copy_(src, non_blocking=self.pin)
