@@ -104,6 +104,7 @@ def _scenarios(tmp):
     out = {}
     for stage in (1, 2):
         for dtype, inf_at in (("bf16", None), ("fp16", (1, 1))):
+            eng = None  # the previous NVMe engine goes first (a live one would make this one's files take own names)
             cpu = _train(_engine(stage, dtype, CPU), STEPS, inf_at=inf_at)
             eng = _engine(stage, dtype, _nvme(path))
             nvme = _train(eng, STEPS, inf_at=inf_at)

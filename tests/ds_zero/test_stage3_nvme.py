@@ -167,14 +167,17 @@ def _scenarios(tmp):
         out["fault"] = str(exc)
     del eng
     gc.collect()
+    # two live engines on one directory (``engine = build()`` again): their own files, neither removes the other's
     first = _engine(_nvme(path))
-    try:  # a second live engine on the same directory would truncate the first one's files
-        _engine(_nvme(path))
-        out["twice"] = None
-    except NVMeSwapError as exc:
-        out["twice"] = str(exc)
+    second = _engine(_nvme(path))
+    out["twice_files"] = sorted(os.listdir(swap))
     del first
     gc.collect()
+    out["twice_left"] = sorted(os.listdir(swap))
+    _train(second, 1)
+    del second
+    gc.collect()
+    out["twice_after"] = os.path.exists(swap)
     try:
         _engine(_nvme(path), opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
         out["sgd"] = None
@@ -203,7 +206,10 @@ def test_stage3_nvme_equals_cpu_offload_bit_for_bit_and_resumes(tmp_path_factory
         assert r["resume_nvme"] and r["resume_cpu"] and r["resume_back"], rank
         _close(r["resume_plain"], r["tail"])  # torch AdamW from the same state: fp32 round-off, bf16 rounding
         assert "SGD" in r["sgd"] and "Adam/AdamW only" in r["sgd"]
-        assert "in use by another engine of this process" in r["twice"]
+        moments = [f"group{g}.{k}" for g in (0, 1) for k in ("exp_avg", "exp_avg_sq")]
+        second = [n for n in r["twice_left"] if n != "owner"]
+        assert len(second) == 4 and all(n.startswith("e") and n.split(".", 1)[1] in moments for n in second)
+        assert r["twice_files"] == sorted(["owner"] + moments + second) and r["twice_after"] is False
     f0, f1 = (r["fault"] for r in results)
     assert "disk under nvme_path is full" in f1  # rank 1's own error, with the file
     assert "failed on rank(s) [1]" in f0
@@ -226,9 +232,19 @@ def test_bad_nvme_path_on_one_rank_is_an_error_on_every_rank(tmp_path):
 
 
 # -- GPU ------------------------------------------------------------------------------------------------------
+def _local_snapshot(eng):
+    """One rank's params and Adam states as local tensors (world size 1: the whole tensors; no collective over CPU
+    shards on an NCCL mesh)."""
+    params = {n: (p._local_tensor if hasattr(p, "_local_tensor") else p).detach().float().cpu().clone()
+              for n, p in eng.module.named_parameters()}
+    states = [[float(eng.optimizer.state[p]["step"])] + [eng.optimizer.state[p][k]._local_tensor.cpu().clone()
+                                                          for k in ("exp_avg", "exp_avg_sq")]
+              for group in eng.optimizer.param_groups for p in group["params"]]
+    return {"params": params, "states": states}
+
+
 def _gpu_runs(tmp):
-    rank, world = dist.get_rank(), dist.get_world_size()
-    path = os.path.join(tmp, f"nvme{rank}")
+    path = os.path.join(tmp, "nvme")
     os.makedirs(path, exist_ok=True)
 
     def engine(zero):
@@ -241,24 +257,28 @@ def _gpu_runs(tmp):
     def train(eng, steps, first=0):
         out = []
         for step in range(first, first + steps):
-            x, y = micro_batch(step, 0, rank, world, 2, 1)
+            x, y = micro_batch(step, 0, 0, 1, 2, 1)
             eng.backward(eng(x.cuda(), y.cuda()))
             eng.step()
-            out.append({"params": full_state(eng.module), "states": _states(eng), "norm": eng.global_grad_norm})
+            out.append(_local_snapshot(eng))
         return out
 
     cpu = train(engine({"offload_optimizer": {"device": "cpu", "pin_memory": True}, "sub_group_size": SUB}), STEPS)
     nvme_engine = engine({"offload_optimizer": {"device": "nvme", "nvme_path": path, "pin_memory": True},
                           "sub_group_size": SUB})
     nvme = train(nvme_engine, STEPS)
+    out = {"same": _same(nvme, cpu), "optimizer": type(nvme_engine.optimizer).__name__,
+           "pinned": all(p._local_tensor.is_pinned() for p in nvme_engine.policy.sharded),
+           "bytes": nvme_engine.model_state_bytes()}
     ckpt = os.path.join(tmp, "ckpt")
     nvme_engine.save_checkpoint(ckpt, tag="t")
     tail = train(nvme_engine, 1, STEPS)
+    del nvme_engine  # one live engine per swap directory
+    gc.collect()
     fresh = engine({"offload_optimizer": {"device": "nvme", "nvme_path": path}, "sub_group_size": SUB})
     fresh.load_checkpoint(ckpt, tag="t")
-    return {"same": _same(nvme, cpu), "resume": _same(train(fresh, 1, STEPS), tail),
-            "pinned": all(p._local_tensor.is_pinned() for p in nvme_engine.policy.sharded),
-            "optimizer": type(nvme_engine.optimizer).__name__, "bytes": nvme_engine.model_state_bytes()}
+    out["resume"] = _same(train(fresh, 1, STEPS), tail)
+    return out
 
 
 @pytest.mark.gpu

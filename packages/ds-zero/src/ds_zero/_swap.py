@@ -25,13 +25,16 @@ writable, or with less free space than the three files need (how much is asked, 
 larger than the host's available memory; a directory in use by a live process; a write that fails mid-step
 (``ENOSPC``: the disk filled) names the file and offset. A setup error on one rank is raised on every rank (the
 others name that rank). Swap files of a killed run are removed at the next start on the same ``nvme_path``; the
-directory is removed when the engine is garbage collected or the interpreter exits.
+engine's files are removed when it is garbage collected or the interpreter exits, the directory with the last
+engine of the process using it (a second live engine on the same directory, as ``engine = build()`` run again
+makes, gets its own file names: neither truncates nor removes the other's files).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
 import gc
+import itertools
 import logging
 import os
 import shutil
@@ -82,6 +85,10 @@ class SwapDir:
         if not os.access(root, os.W_OK | os.X_OK):
             raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} is not writable")
         self.path = os.path.join(root, "ds_zero_swap", f"rank{rank}")
+        if any(True for _ in _LIVE.get(self.path, ())):
+            # an engine the caller dropped may only wait for the cycle collector: let it remove its files (and the
+            # directory) now, before this one makes its own
+            gc.collect()
         os.makedirs(self.path, exist_ok=True)
         self._claim()
         free = shutil.disk_usage(self.path).free
@@ -90,13 +97,9 @@ class SwapDir:
                                 f"{_gib(needed_bytes)} on this rank, the file system has {_gib(free)} free")
 
     def _claim(self) -> None:
-        live = _LIVE.get(self.path)
-        if live is not None and live() is not None:
-            gc.collect()  # an engine the caller dropped may only wait for the cycle collector
-        if live is not None and live() is not None:
-            # its files would be truncated under it, and its clean-up would remove this run's directory
-            raise NVMeSwapError(f"the NVMe swap directory {self.path!r} is in use by another engine of this process; "
-                                "give each engine its own nvme_path, or drop the first one")
+        # files of this process's engines that still use the directory (``engine = build()`` again while the
+        # old engine lives): not stale; the new engine's files get their own names (SwapFiles)
+        live = {os.path.basename(name) for files in _LIVE.get(self.path, ()) for name in files.names.values()}
         owner = os.path.join(self.path, "owner")
         host = socket.gethostname()
         try:
@@ -108,7 +111,7 @@ class SwapDir:
         if alive:
             raise NVMeSwapError(f"the NVMe swap directory {self.path!r} is in use by process {old_pid} on this host; "
                                 "give each run its own nvme_path")
-        stale = [n for n in os.listdir(self.path) if n != "owner"]
+        stale = [n for n in os.listdir(self.path) if n != "owner" and n not in live]
         if stale:  # a killed run's files: they would hold the disk space this run needs
             logger.warning("ds_zero: removing %d stale NVMe swap files of process %s in %s", len(stale), old_pid,
                            self.path)
@@ -132,17 +135,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-#: swap directory -> the SwapFiles of this process that uses it (a second engine on it is refused)
-_LIVE: dict[str, weakref.ref] = {}
+#: swap directory -> this process's live SwapFiles in it (their files are not stale; the last one removes it)
+_LIVE: dict[str, weakref.WeakSet] = {}
+_INSTANCE = itertools.count(1)
 
 
-def _remove_dir(path: str, fds: list[int]) -> None:
+def _remove_dir(path: str, fds: list[int], names: list[str]) -> None:
+    """A SwapFiles is gone: close and remove its files; the directory too once no other engine of this process
+    uses it (iterating the WeakSet skips the dead)."""
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
-    shutil.rmtree(path, ignore_errors=True)
+    for name in names:
+        try:
+            os.remove(name)
+        except OSError:
+            pass
+    if not any(True for _ in _LIVE.get(path, ())):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _np(t: torch.Tensor):
@@ -158,15 +170,20 @@ class SwapFiles:
         self.fds: dict[tuple[int, str], int] = {}
         self.names: dict[tuple[int, str], str] = {}
         opened: list[int] = []  # closed before the directory is removed
-        _LIVE[swap_dir.path] = weakref.ref(self)
-        self._finalizer = weakref.finalize(self, _remove_dir, swap_dir.path, opened)
+        created: list[str] = []
+        users = _LIVE.setdefault(swap_dir.path, weakref.WeakSet())
+        # another live engine of this process in the directory: distinct names, so neither truncates the other's
+        prefix = f"e{next(_INSTANCE)}." if any(True for _ in users) else ""
+        users.add(self)
+        self._finalizer = weakref.finalize(self, _remove_dir, swap_dir.path, opened, created)
         for gi, n in enumerate(sizes):
             if not n:
                 continue
             for kind in kinds:
-                name = swap_dir.file(f"group{gi}.{kind}")
+                name = swap_dir.file(f"{prefix}group{gi}.{kind}")
                 fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 opened.append(fd)
+                created.append(name)
                 self.fds[gi, kind], self.names[gi, kind] = fd, name
                 try:
                     os.posix_fallocate(fd, 0, 4 * n)  # reserve the space now: a full disk fails here, not mid-step

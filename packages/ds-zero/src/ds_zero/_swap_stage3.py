@@ -68,7 +68,7 @@ class NVMeShardAdam(torch.optim.Optimizer):
         #: the device of the per-step failure flag (NCCL all-reduces device tensors only)
         self.comm_device = comm_device
         #: param -> (group index, first element, end) of its local shard in the group's moment files
-        self.slots: dict[torch.nn.Parameter, tuple[int, int, int]] = {}
+        self.slots: dict[torch.Tensor, tuple[int, int, int]] = {}
         sizes = []
         for gi, g in enumerate(self.param_groups):
             offset = 0
@@ -242,7 +242,8 @@ class NVMeShardAdam(torch.optim.Optimizer):
                 for kind in STATES:
                     value = _dtensor.local_value(st[kind], p)
                     view = self._state_view(p, kind)
-                    view._local_tensor.copy_(value.reshape(view._local_tensor.shape))
+                    target = _dtensor.local(view)
+                    target.copy_(value.reshape(target.shape))
                     st[kind] = view
                 st["step"] = torch.as_tensor(float(st.get("step", 0)), dtype=torch.float32).clone()
 
