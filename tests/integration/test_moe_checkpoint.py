@@ -12,7 +12,6 @@ layout bit for bit (ep 1: experts sharded over both ranks; ep 2), and on another
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -26,18 +25,18 @@ class Net(nn.Module):
     """``grouped``: ds-moe's stacked experts (one ``[local experts, ...]`` tensor per weight); otherwise
     DeepSpeed's ``Experts`` (a module per expert, ``deepspeed_experts.<i>.0.weight``...)."""
 
-    def __init__(self, ep: int, grouped: bool = True):
+    def __init__(self, ep: int, grouped: bool = True, experts: int = E):
         super().__init__()
         from ds_moe import FFNExpert, MoE
 
         torch.manual_seed(0)
         self.pre = nn.Linear(M, M)
         expert = FFNExpert(M, H) if grouped else nn.Sequential(nn.Linear(M, H), nn.GELU(), nn.Linear(H, M))
-        self.moe = MoE(M, expert, num_experts=E, ep_size=ep, k=2, min_capacity=1, drop_tokens=False)
+        self.moe = MoE(M, expert, num_experts=experts, ep_size=ep, k=2, min_capacity=1, drop_tokens=False)
         torch.manual_seed(1)
         with torch.no_grad():
             self.pre.weight.copy_(torch.randn(M, M) * 0.5)
-            self.moe.deepspeed_moe.gate.wg.weight.copy_(torch.randn(E, M))
+            self.moe.deepspeed_moe.gate.wg.weight.copy_(torch.randn(experts, M))
         ex = self.moe.deepspeed_moe.experts
         for i in range(self.moe.num_local_experts):
             g = torch.Generator().manual_seed(100 + self.moe.global_expert_index(i))
@@ -75,13 +74,15 @@ def _snapshot(model) -> dict:
     return out
 
 
-def _reference(world, grouped=True):
-    """One process, all experts, every rank's tokens, never stopped: losses, params and Adam moments."""
+def _reference(world, grouped=True, world_before=None, steps=STEPS):
+    """One process, all experts, every rank's tokens, never stopped: losses, params and Adam moments.
+    ``world_before``: the world size of the steps before ``SAVE_AT`` (a resume on another world size)."""
     model = Net(1, grouped)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
-    for step in range(STEPS):
-        per_rank = [model(_data(step, r), r) for r in range(world)]
+    for step in range(steps):
+        ranks = world if world_before is None or step >= SAVE_AT else world_before
+        per_rank = [model(_data(step, r), r) for r in range(ranks)]
         torch.stack(per_rank).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -110,11 +111,11 @@ def _config(stage):
             "steps_per_print": 10**6}
 
 
-def _engine(stage, ep, grouped=True):
+def _engine(stage, ep, grouped=True, experts=E):
     import ds_zero
     from ds_moe import groups, split_params_into_different_moe_groups_for_optimizer
 
-    model = Net(ep, grouped)
+    model = Net(ep, grouped, experts)
     opt = torch.optim.AdamW(split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "dense"}), lr=LR)
     return model, ds_zero.ZeroEngine(model, opt, _config(stage),
@@ -155,16 +156,18 @@ def _close(problems, what, a, b, rel=1e-5):
                         f"max diff {float((a - b).abs().max()) if a.shape == b.shape else 'n/a'}")
 
 
-def _reshard_worker(root, cases, grouped=True):
+def _reshard_worker(root, cases, grouped=True, world_before=None):
+    """``world_before``: the checkpoints were saved by another run of that many ranks (``_save_worker``)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_params, ref_states, ref_losses = _reference(world, grouped)
+    ref_params, ref_states, ref_losses = _reference(world, grouped, world_before)
     problems = []
     for stage, ep_save, ep_load in cases:
         what = f"stage {stage} ep {ep_save}->{ep_load}"
         tag = f"s{stage}_ep{ep_save}_{ep_load}"
-        _, engine = _engine(stage, ep_save, grouped)
-        _train(engine, 0, SAVE_AT)
-        engine.save_checkpoint(root, tag=tag)
+        if world_before is None:
+            _, engine = _engine(stage, ep_save, grouped)
+            _train(engine, 0, SAVE_AT)
+            engine.save_checkpoint(root, tag=tag)
         model, engine = _engine(stage, ep_load, grouped)
         engine.load_checkpoint(root, tag=tag)
         if engine.global_steps != SAVE_AT:
@@ -183,19 +186,41 @@ def _reshard_worker(root, cases, grouped=True):
     return problems
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_resume_on_another_ep_size(stage, tmp_path):
-    """Saved at ep 2 (each rank 2 experts), resumed at ep 1 (every rank all 4, sharded over both ranks at
-    stages 1/2), and the other way; the rest of the run is the uninterrupted one-process run's."""
-    results = run_distributed(_reshard_worker, 2, str(tmp_path), [(stage, 2, 1), (stage, 1, 2)], timeout=240)
+def test_resume_on_another_ep_size(tmp_path):
+    """Stages 1 and 2: saved at ep 2 (each rank 2 experts), resumed at ep 1 (every rank all 4, their masters and
+    moments sharded over both ranks), and the other way; stage 0 fp32 (the optimizer steps the params
+    themselves) ep 2 -> 1; stage 3 ep 1 -> 2 (FSDP2 shards over another expert-data-parallel mesh). The rest of
+    each run is the uninterrupted one-process run's."""
+    cases = [(1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (0, 2, 1), (3, 1, 2)]
+    results = run_distributed(_reshard_worker, 2, str(tmp_path), cases, timeout=300)
     assert results == [[]] * 2, results
 
 
-def test_resume_on_another_ep_size_stage0_and_3(tmp_path):
-    """Stage 0 fp32 (the optimizer steps the params themselves) ep 2 -> 1; stage 3 ep 1 -> 2 (FSDP2 shards over
-    another expert-data-parallel mesh)."""
-    results = run_distributed(_reshard_worker, 2, str(tmp_path), [(0, 2, 1), (3, 1, 2)], timeout=240)
-    assert results == [[]] * 2, results
+def _save_worker(root, cases):
+    for stage, ep_save, ep_load in cases:
+        _, engine = _engine(stage, ep_save)
+        _train(engine, 0, SAVE_AT)
+        engine.save_checkpoint(root, tag=f"s{stage}_ep{ep_save}_{ep_load}")
+    return []
+
+
+def test_resume_on_another_world_size(tmp_path):
+    """Saved on 2 ranks at ep 2, resumed on 4 ranks at ep 4 (stage 2: each expert on one rank) and at ep 2
+    (stage 1: each expert's shards over an expert-data-parallel group of 2). The saved experts' weights also
+    load into a one-process ds-moe model with ds-moe's own reader (the files are DeepSpeed's layout)."""
+    from ds_moe import load_moe_checkpoint
+
+    cases = [(2, 2, 4), (1, 2, 2)]
+    assert run_distributed(_save_worker, 2, str(tmp_path), cases, timeout=240) == [[]] * 2
+    results = run_distributed(_reshard_worker, 4, str(tmp_path), cases, True, 2, timeout=240)
+    assert results == [[]] * 4, results
+    model = Net(1)
+    load_moe_checkpoint(model, str(tmp_path / "s2_ep2_4"))
+    want = _reference(2, steps=SAVE_AT)[0]
+    problems = []
+    for n, v in _snapshot(model).items():
+        _close(problems, n, v, want[n])
+    assert not problems, problems
 
 
 def test_resume_on_another_ep_size_deepspeed_experts(tmp_path):
@@ -221,6 +246,28 @@ def _stage3_worker(root):
         for n, v in _snapshot(model).items():
             if not torch.equal(v, want[n]):
                 problems.append(f"ep {ep}: {n} differs by {float((v - want[n]).abs().max()):.3g}")
+    from ds_zero import CheckpointError
+
+    _, engine = _engine(2, 2, experts=2)  # another num_experts: refused by name, nothing half-loaded
+    try:
+        engine.load_checkpoint(root, tag="z3_ep2")
+        problems.append("a checkpoint of 4 experts loaded into a layer of 2")
+    except CheckpointError as exc:
+        if "num_experts" not in str(exc):
+            problems.append(f"unhelpful error: {exc}")
+    # a damaged expert file (listed in the commit marker with its size and sha256) is refused, never loaded
+    path = os.path.join(root, "z3_ep1", "layer_0_expert_3_mp_rank_00_model_states.pt")
+    if dist.get_rank() == 0:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 7)
+    dist.barrier()
+    _, engine = _engine(3, 1)
+    try:
+        engine.load_checkpoint(root, tag="z3_ep1")
+        problems.append("a truncated expert file was loaded")
+    except CheckpointError as exc:
+        if "layer_0_expert_3" not in str(exc) or "truncated" not in str(exc):
+            problems.append(f"unhelpful error: {exc}")
     return problems
 
 

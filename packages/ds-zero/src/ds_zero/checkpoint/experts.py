@@ -90,7 +90,7 @@ def expert_params(engine) -> dict[str, tuple[torch.nn.Parameter, int]]:
     return out
 
 
-def _layers(engine, expert: set) -> list[torch.nn.Module]:
+def _layers(engine, expert: set) -> list[Any]:
     """The MoE layers (DeepSpeed's ``MOELayer`` shape, module doc), in ``modules()`` order. ``expert``: the
     engine's expert params (stage 3's sharded params no longer carry DeepSpeed's markers)."""
     out = []
@@ -104,9 +104,10 @@ def _layers(engine, expert: set) -> list[torch.nn.Module]:
     return out
 
 
-def _local_slots(ex: torch.nn.Module, i: int) -> list[tuple[str, torch.nn.Parameter, int | None]]:
-    if hasattr(ex, "expert_param_slots"):
-        return list(ex.expert_param_slots(i))
+def _local_slots(ex: Any, i: int) -> list[tuple[str, torch.nn.Parameter, int | None]]:
+    slots = getattr(ex, "expert_param_slots", None)
+    if callable(slots):
+        return list(slots(i))
     experts = getattr(ex, "deepspeed_experts", None)
     if isinstance(experts, torch.nn.ModuleList):
         return [(k, p, None) for k, p in experts[i].named_parameters()]
@@ -114,7 +115,7 @@ def _local_slots(ex: torch.nn.Module, i: int) -> list[tuple[str, torch.nn.Parame
                           "deepspeed_experts (DeepSpeed's Experts): its params cannot be saved per expert")
 
 
-def _ep_rank(m: torch.nn.Module) -> int:
+def _ep_rank(m: Any) -> int:
     if int(m.ep_size) == 1:
         return 0
     group = getattr(m, "ep_group", None)
@@ -165,10 +166,15 @@ def model_entries(engine) -> dict:
             "layers": counts}
 
 
-def _gather(t: torch.Tensor, eg) -> torch.Tensor:
-    """The expert-data-parallel group's shards of a flat tensor, concatenated in group-rank order."""
-    if eg.world == 1 or eg.group is None:
+def _gather(t: torch.Tensor, bucket) -> torch.Tensor:
+    """A bucket's shards of a flat tensor (one per rank of its expert-data-parallel group at stages 1/2; the
+    whole bucket at stage 0), concatenated in group-rank order."""
+    eg = bucket.expert
+    if bucket.shard_world == 1 or eg.group is None:
         return t
+    if bucket.shard_world != eg.world:
+        raise CheckpointError(f"expert bucket {bucket.index} is cut into {bucket.shard_world} shards, its "
+                              f"expert-data-parallel group {eg.name!r} has {eg.world} ranks")
     out = [torch.empty_like(t) for _ in range(eg.world)]
     dist.all_gather(out, t.contiguous(), group=eg.group)
     return torch.cat(out)
@@ -217,8 +223,8 @@ def _full_values(engine) -> dict[str, dict[str, Any]]:
             st = engine.optimizer.state.get(opt_param, {})
             lo, hi = b.master_offset, b.master_offset + b.shard_numel
             numel = opt_param.numel()
-            flat = _gather(engine.masters.shard(b).detach(), b.expert).cpu()
-            flat_states = {k: _gather(_local_of(v).reshape(-1)[lo:hi].detach(), b.expert).cpu().float()
+            flat = _gather(engine.masters.shard(b).detach(), b).cpu()
+            flat_states = {k: _gather(_local_of(v).reshape(-1)[lo:hi].detach(), b).cpu().float()
                            for k, v in sorted(st.items())
                            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.numel() == numel}
             scalars = {k: _cpu(v) for k, v in st.items() if k not in flat_states}

@@ -134,7 +134,7 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: dict
     error = None
     if rank == 0:
         try:
-            files = {}
+            files: dict[str, dict[str, Any]] = {}
             for r, (d, _) in enumerate(all_digests):
                 for name, info in d.items():
                     if name in files:  # two ranks claimed one expert (inconsistent expert-parallel groups)
