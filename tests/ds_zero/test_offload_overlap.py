@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -297,6 +298,37 @@ def test_ratio_config_and_planner():
     assert plan_ratio(free_bytes=10, reserve_bytes=50, total_elements=400) == 1.0  # nothing fits
     assert resolve_ratio("auto", torch.device("cpu"), [10, 20], 0, None) == 1.0  # no device memory to plan with
     assert resolve_ratio(0.3, torch.device("cpu"), [10, 20], 0, None) == 0.3
+
+
+def test_partial_offload_follows_the_lr_scheduler():
+    """The LR scheduler drives CPUAdam's groups; the device part's optimizer takes their lr at every step."""
+    def run(ratio):
+        model = make_model()
+        zero = dict(SMALL)
+        if ratio is not None:
+            zero["offload_optimizer"] = {"device": "cpu", "ratio": ratio}
+        cfg = base_config(1, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
+        engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg,
+                                    lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                                        opt, lambda s: 1.0 / (1 + 3 * s)))
+        for step in range(3):
+            x, y = micro_batch(step, 0, 0, 1, 2, 1)
+            engine.backward(engine(x, y))
+            engine.step()
+        if engine.offload is not None:
+            engine.offload.sync_to_host(engine.optimizer)
+        return engine
+
+    ref = run(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()": the pipeline stepped it
+        part = run(0.5)
+    dp = part.masters.device_part
+    assert dp is not None and dp.steps == 3
+    assert part.get_lr() == ref.get_lr() and part.get_lr()[0] < 1e-2 / 6
+    for a, b, s in zip(ref.masters.params, part.masters.params, dp.split):
+        assert torch.equal(a.detach()[:s], b.detach()[:s])  # the head: the same optimizer, the same lr
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_ratio_needs_adam():

@@ -310,6 +310,9 @@ class OffloadedMasters(Masters):
             pipeline.step(optimizer, plan, grads, scale)
             if self.device_part is not None:
                 self.device_part.write_params()
+            # the optimizer stepped, though not through its step(): what torch's LRScheduler wrapper of step()
+            # records, so the scheduler does not warn that it stepped first
+            setattr(optimizer, "_opt_called", True)
             self.offload.cpu_steps += 1
             self.pipelined_steps += 1
             self.copy_out_writes += optimizer.copy_dtype is not None
