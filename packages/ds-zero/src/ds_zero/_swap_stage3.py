@@ -20,10 +20,10 @@ laid out end to end over its params' local shards (params in group order), and w
 (``os.preadv``) into one of two buffer sets while ds-optim's Numba Adam kernel steps sub-group ``i`` in the other
 -- one kernel call per param piece in the sub-group, in place on FSDP2's CPU shard, reading the CPU gradient
 shard -- and the updated moments are written back (``os.pwritev``) while the next sub-group steps; a buffer set
-is reused only once its write landed. The reads do run during the kernel: ds-optim's ``parallel=True`` Numba
-kernels leave the GIL to other threads while they run (observed: a pool thread's first line runs a fraction of
-a millisecond into a 30-70 ms kernel), and the positional I/O itself releases it. Sub-groups holding no param with
-a gradient are neither read nor written.
+is reused only once its write landed. The reads do run during the kernel: other threads get the GIL while
+ds-optim's Numba kernel runs (observed on the CPU box: a pool thread submitted just before a 30-70 ms kernel ran
+0.2-12 ms into it), and the positional I/O itself releases it. Sub-groups holding no param with a gradient are
+neither read nor written.
 The buffers are not pinned: they never cross PCIe (only the CPU kernel reads them). The kernel, its arguments
 (per-param step counts, no grad scale: the engine unscaled and clipped the grads in place) and the elementwise
 update are CPUAdam's, so the result equals stage-3 CPU offload bit for bit (tested).
