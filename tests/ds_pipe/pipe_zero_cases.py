@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from pipe_cases import LR, MICRO, MOMENTUM, BASE_SEED, batches, lm_loss
 from pipe_more_cases import _specs
 
@@ -33,22 +35,45 @@ def zero_engine(case, stages, n_micro, zero, base_seed=BASE_SEED, resumed=False)
                           config=zero_config({**case, "zero": zero}, n_micro, schedule), lr_scheduler=sched)
 
 
+def _full(p):
+    """ZeRO-3: the whole parameter from the data group's shards (a collective every replica runs)."""
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _steps(engine, steps, n_micro):
     dp_rank = engine.grid.get_data_parallel_rank()
     out = []
     for step in steps:
-        loss = engine.train_batch(iter(step[dp_rank * n_micro:(dp_rank + 1) * n_micro]))
+        # count the reduce-scatters of the step (FSDP's, which looks dist.reduce_scatter_single up per call)
+        real, calls = dist.reduce_scatter_single, []
+
+        def counting(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        dist.reduce_scatter_single = counting
+        try:
+            loss = engine.train_batch(iter(step[dp_rank * n_micro:(dp_rank + 1) * n_micro]))
+        finally:
+            dist.reduce_scatter_single = real
         zero = engine.zero
         out.append({
             "loss": loss.item(), "norm": engine.get_global_grad_norm(), "lr": engine.get_lr(),
             # the module's own parameters after the step (fp32: the masters; bf16: the masters rounded)
-            "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()},
+            "params": {n: _full(p).detach().float().clone() for n, p in engine.module.named_parameters()},
             # what this rank holds: its shard sizes, the optimizer's state sizes and the gradient shards it
             # stepped with
             "shards": [lay.shard for lay in zero.layouts] if zero else None,
             "padded": [lay.padded for lay in zero.layouts] if zero else None,
-            "state_numel": sum(t.numel() for s in engine.optimizer.state.values() for t in s.values()
+            "state_numel": sum(_local(t).numel() for s in engine.optimizer.state.values() for t in s.values()
                                if torch.is_tensor(t) and t.dim() > 0),
+            "param_types": sorted({type(p).__name__ for p in engine.module.parameters()}),
+            "reduce_scatters": len(calls), "n_micro": n_micro,
+            "fsdp_units": sum(isinstance(m, FSDPModule) for m in engine.module.modules()),
             "grad_numel": [g.numel() for g in zero._shard_grads] if zero else None,
             "stage_numel": sum(p.numel() for p in engine.module.parameters())})
     return out

@@ -115,7 +115,7 @@ class _Stub2(_Stub):
 @pytest.mark.parametrize("config,err,text", [
     ({"pipeline": {"schedule": "dualpipev"}}, ValueError, "'dualpipev' runs several chunks per rank"),
     ({"pipeline": {"schedul": "1f1b"}}, ValueError, "did you mean 'schedule'"),
-    ({"zero_optimization": {"stage": 3}}, NotImplementedError, "stage=3 with a pipeline is not built"),
+    ({"zero_optimization": {"stage": 4}}, ValueError, "zero_optimization.stage must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {}}}, ValueError,
      "zero_optimization.offload_optimizer is not supported with a pipeline"),
     ({"optimizer": {"type": "Adam"}}, ValueError, "'optimizer' given to ds-pipe directly is not built"),

@@ -24,6 +24,10 @@ CASES = {
     "zero2-gpipe-clip-steplr": dict(stages=2, zero=2, schedule="gpipe", micro=4, steps=3, clip=0.05, gamma=0.5),
     "zero2-interleaved-v2": dict(stages=2, zero=2, schedule="interleaved", virtual=2, micro=4, steps=2, blocks=3),
     "zero1-bf16-clip": dict(stages=2, zero=1, dtype="bf16", micro=4, steps=2, clip=0.05),
+    # ZeRO-3: FSDP2 over each stage's data group, gradients reduce-scattered after the last micro-batch
+    "zero3-1f1b": dict(stages=2, zero=3, schedule="1f1b", micro=4, steps=3, partition="parameters"),
+    "zero3-gpipe-clip-steplr": dict(stages=2, zero=3, schedule="gpipe", micro=4, steps=3, clip=0.05, gamma=0.5),
+    "zero3-bf16-clip": dict(stages=2, zero=3, dtype="bf16", micro=4, steps=2, clip=0.05),
     "zero2-ckpt": dict(stages=2, zero=2, micro=4, steps=4, save_at=2, gamma=0.5,
                        load=[(2, 1), (4, 0), (1, 2)]),
 }
@@ -44,14 +48,21 @@ def _results():
 def _check_steps(rank, mine, ref, case):
     # bf16: the module holds the masters rounded; a last-bit difference of the norm may move one rounding
     tol = TOL if case.get("dtype", "fp32") == "fp32" else dict(rtol=8e-3, atol=1e-5)
+    loose = case.get("dtype") == "bf16" and case["zero"] == 3
+    if loose:
+        # ZeRO-3 bf16 does its own arithmetic: FSDP accumulates the micro-batches' 16-bit gradients, reduces
+        # in fp32 and the engine divides by the micro-batch count in fp32 (the reference divides in bf16 first,
+        # as the other paths do); its parameters are the fp32 masters themselves
+        tol = dict(rtol=2e-3, atol=1e-4)
     for step, (got, want) in enumerate(zip(mine, ref)):
-        torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), **TOL,
+        torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), **(tol if loose else TOL),
                                    msg=lambda m: f"rank {rank} step {step} loss: {m}")
         if case.get("clip"):
-            torch.testing.assert_close(torch.tensor(got["norm"]), torch.tensor(want["norm"]), **TOL)
+            torch.testing.assert_close(torch.tensor(got["norm"]), torch.tensor(want["norm"]),
+                                       **(tol if loose else TOL))
         for name, value in got["params"].items():
             expect = want["params"][name]
-            if case.get("dtype") == "bf16":  # the module holds the fp32 masters rounded to bf16
+            if case.get("dtype") == "bf16" and not loose:  # the module holds the fp32 masters rounded to bf16
                 expect = expect.to(torch.bfloat16).float()
             torch.testing.assert_close(value, expect, **tol, msg=lambda m: f"rank {rank} step {step} {name}: {m}")
 
@@ -66,6 +77,12 @@ def test_zero_matches_single_process_and_partitions_the_states(name):
     for rank, res in enumerate(got):
         _check_steps(rank, res["steps"], ref, case)
         last = res["steps"][-1]
+        if case["zero"] == 3:  # FSDP's DTensor shards: half of the stage's state here, the rest on the peer
+            assert last["param_types"] == ["DTensor"], last["param_types"]
+            assert 0.4 * last["stage_numel"] < last["state_numel"] < 0.6 * last["stage_numel"], last
+            # one reduce-scatter per shard unit and step, after the last micro-batch: not one per micro-batch
+            assert last["n_micro"] == 2 and last["reduce_scatters"] == last["fsdp_units"] >= 2, last
+            continue
         # this rank's shard is 1/dp of the stage's (padded) parameters; the optimizer's state (SGD momentum)
         # and the reduced gradient it stepped with have the shard's size, not the stage's
         assert sum(last["padded"]) >= last["stage_numel"] > sum(last["padded"]) - dp * len(last["padded"])

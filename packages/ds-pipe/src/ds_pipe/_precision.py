@@ -105,8 +105,10 @@ class Precision:
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, scaler_args: dict[str, Any] | None, clip: float,
                  grid: Any, tied_comms: dict[str, dict[str, Any]], tied_modules: nn.ModuleDict,
-                 tied_attrs: dict[str, list[str]]):
+                 tied_attrs: dict[str, list[str]], sharded: bool = False):
         self.dtype, self.clip, self.grid = dtype, clip, grid
+        # ZeRO-3: the gradients are disjoint shards over the data group, so the norm sums over it too
+        self.sharded = sharded
         self.scaler = _make_scaler(scaler_args) if scaler_args is not None else None
         self.skipped_steps = 0
         self.module_params: list[nn.Parameter] = []
@@ -200,7 +202,7 @@ class Precision:
 
     def reduce_tied(self) -> None:
         for i, group, _ in self.tied:
-            dist.all_reduce(self.opt_params[i].grad, group=group)
+            dist.all_reduce(local(grad_of(self.opt_params[i], "Precision.reduce_tied")), group=group)
 
     def unscale_clip_check(self) -> bool:
         """Divide by the loss scale, clip by the global norm; returns True when the step must be skipped (fp16
@@ -222,6 +224,8 @@ class Precision:
             dist.all_reduce(sq, group=self.grid.get_pipe_parallel_group())
         if self.grid.get_model_parallel_world_size() > 1:
             dist.all_reduce(sq, group=self.grid.get_model_parallel_group())
+        if self.sharded and self.grid.get_data_parallel_world_size() > 1:
+            dist.all_reduce(sq, group=self.grid.get_data_parallel_group())
         if self.scaler is not None:
             # the replicas' gradients are averaged, so an inf anywhere reached every replica; the MAX over the
             # world makes the decision one even if a reduction were to differ

@@ -140,10 +140,6 @@ def _zero_stage(section: Any) -> int:
     stage = section.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if stage == 3:
-        raise NotImplementedError("zero_optimization.stage=3 with a pipeline is not built in ds-pipe (stages 1 and "
-                                  "2 are: optimizer states and gradients partitioned over each stage's "
-                                  "data-parallel group)")
     return int(stage)
 
 

@@ -34,6 +34,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import checkpoint as _ckpt
 from ._precision import Precision, grad_of, local
 from ._zero import PipeZero
+from ._zero3 import shard_stage
 from .config import PipeConfig
 from .module import PipelineModule
 
@@ -94,11 +95,15 @@ class PipelineEngine:
         model.to(self.device)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._check_optimizer(optimizer)
+        self.zero: PipeZero | None = None
+        self.zero3 = self._config.zero_stage == 3
+        if self.zero3:
+            self._shard_zero3(optimizer, lr_scheduler)
+            return
         # 16-bit: the module's parameters become 16-bit copies, the fp32 originals the optimizer's masters
         self.precision = Precision(model, self._config.dtype, self._config.fp16, self._config.gradient_clipping,
                                    self.grid, model.tied_comms, model.tied_modules, model.tied_weight_attrs)
         self._params = self.precision.opt_params
-        self.zero: PipeZero | None = None
         if self._config.zero_stage in (1, 2) and self._params:
             # optimizer states, masters and reduced gradients partitioned over this stage's data-parallel group
             self.zero = PipeZero(self._config.zero_stage, self.precision, optimizer, lr_scheduler, self.grid,
@@ -109,9 +114,42 @@ class PipelineEngine:
             self.optimizer = self._make_optimizer(optimizer)
             self.lr_scheduler = lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(
                 lr_scheduler, "step") else lr_scheduler
-        self._last_rank = self.grid.stage_to_global(model.last_stage_id)
+        self._finish_init()
+
+    def _finish_init(self) -> None:
+        self._last_rank = self.grid.stage_to_global(self.module.last_stage_id)
         self._runners: dict[tuple[str, int], Any] = {}
         self.data_iterator: Iterator | None = None
+
+    def _shard_zero3(self, optimizer: Any, lr_scheduler: Any) -> None:
+        """ZeRO-3: the stage's module sharded over its data group by FSDP2 (``_zero3``); the optimizer rebuilt
+        over the sharded fp32 parameters, which are the masters."""
+        from ds_zero._optim import bind_scheduler, materialize_optimizer, rebuild_optimizer
+
+        model = self.module
+        if model.virtual_stages > 1:
+            raise NotImplementedError("zero_optimization.stage=3 with virtual_stages > 1 is not built (one FSDP "
+                                      "root per chunk); use stage 1 or 2, or one chunk per rank")
+        if self.grid.get_model_parallel_world_size() > 1:
+            raise NotImplementedError("zero_optimization.stage=3 with tensor parallelism (a model axis > 1) is not "
+                                      "built; use stage 1 or 2")
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        template = materialize_optimizer(optimizer, self._params, template_only=True) if self._params else None
+        shard_stage(model, self.grid, self._config.dtype)
+        # the parameters are FSDP's DTensor shards now (new objects), fp32: the masters; the 16-bit compute
+        # copies are FSDP's (MixedPrecisionPolicy)
+        self.precision = Precision(model, torch.float32, self._config.fp16, self._config.gradient_clipping,
+                                   self.grid, model.tied_comms, model.tied_modules, model.tied_weight_attrs,
+                                   sharded=True)
+        self._params = self.precision.opt_params
+        self.optimizer = None
+        self.lr_scheduler = lr_scheduler
+        if template is not None:
+            new = dict(model.named_parameters())
+            groups = [[new[name_of[id(p)]] for p in g["params"]] for g in template.param_groups]
+            self.optimizer = rebuild_optimizer(template, groups)
+            self.lr_scheduler = bind_scheduler(lr_scheduler, template, self.optimizer) if lr_scheduler else None
+        self._finish_init()
 
     # ----- set-up
     def _device(self) -> torch.device:
@@ -229,7 +267,7 @@ class PipelineEngine:
                              f"needs one micro-batch size per train_batch")
         # 16-bit stages take 16-bit activations: floating-point inputs are cast to the stage's dtype (token ids
         # and other integer inputs stay as they are); labels are the loss function's business
-        dtype = self.precision.dtype
+        dtype = self._config.dtype  # the compute dtype (ZeRO-3 keeps fp32 shards and computes in 16-bit)
         inputs = tuple(torch.cat(col).to(self.device, dtype=dtype if col[0].is_floating_point() else None)
                        for col in columns)
         labels = torch.cat([b[1] for b in batches]).to(self.device)
@@ -253,7 +291,8 @@ class PipelineEngine:
         else:
             self.precision.grads_to_masters(self.micro_batches)
             self.precision.reduce_tied()  # fp32 sums: one weight over the stages that use it
-            self._average_data_parallel_grads()
+            if not self.zero3:  # ZeRO-3: FSDP reduce-scattered them after the last micro-batch
+                self._average_data_parallel_grads()
             skip = self.precision.unscale_clip_check()
             if not skip:
                 if self.optimizer is not None:
@@ -326,6 +365,7 @@ class PipelineEngine:
         Returns the checkpoint directory."""
         if not save_latest:
             raise NotImplementedError("save_checkpoint(save_latest=False): 'latest' is always written")
+        self._no_zero3_checkpoints()
         return _ckpt.save_checkpoint(self, save_dir, tag, client_state)
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_module_strict: bool = True,
@@ -334,7 +374,13 @@ class PipelineEngine:
         another stage count or data-parallel size (weights by layer index, optimizer state by parameter name)."""
         if not load_module_strict:
             raise NotImplementedError("load_checkpoint(load_module_strict=False): layers load strictly")
+        self._no_zero3_checkpoints()
         return _ckpt.load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+
+    def _no_zero3_checkpoints(self) -> None:
+        if self.zero3:
+            raise NotImplementedError("checkpoints of a ZeRO-3 pipeline (FSDP-sharded layers and optimizer "
+                                      "states) are not built; stages 1 and 2 save and resume on any layout")
 
     def precision_state(self) -> dict:
         return self.precision.state_dict()
