@@ -158,6 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     import numba
 
+    ds_optim.kernels.select_backend(torch.device("cpu"))  # starts Numba's pool, keeping torch's thread count
     print(f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"numba threads {numba.get_num_threads()}, torch threads {torch.get_num_threads()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

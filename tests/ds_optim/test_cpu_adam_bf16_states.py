@@ -38,18 +38,20 @@ def _np_fmix32(h):
     return h
 
 
-def _np_key(seed, stream, step):
+def _np_key(seed, stream, step, block):
     k = np.uint32(0)
-    for w in (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, stream, step):
+    for w in (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, stream, step, block):
         k = _np_fmix32(k ^ np.uint32(w))
     return int(k)
 
 
-def _np_noise(key, index0, n):
+def _np_noise(seed, stream, step, index0, n):
     idx = np.arange(index0, index0 + n, dtype=np.uint64)
     lo = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     hi = (idx >> np.uint64(32)).astype(np.uint32)
-    return _np_fmix32(_np_fmix32(lo ^ np.uint32(key)) ^ hi)
+    keys = {int(b): _np_key(seed, stream, step, int(b)) for b in np.unique(hi)}
+    key = np.array([keys[int(b)] for b in hi], dtype=np.uint32) if len(keys) > 1 else np.uint32(keys[int(hi[0])])
+    return _np_fmix32(lo ^ key)
 
 
 def _np_round(x32, r16):
@@ -74,17 +76,19 @@ def _special_values(n=4099, seed=0):
 
 
 def test_key_matches_numpy():
-    for seed, stream, step in [(0, 0, 1), (2**64 - 1, 7, 123456), (0xDEADBEEF12345678, 2**31 | 5, 2**32 - 1)]:
-        assert _rounding.rounding_key(seed, stream, step) == _np_key(seed, stream, step)
+    for seed, stream, step, block in [(0, 0, 1, 0), (2**64 - 1, 7, 123456, 1), (0xDEADBEEF12345678, 2**31 | 5,
+                                                                                  2**32 - 1, 3)]:
+        assert _rounding.rounding_key(seed, stream, step, block) == _np_key(seed, stream, step, block)
+    assert _rounding.blocks(2**32 - 5, 10) == [(0, 5, 0), (5, 10, 1)]
+    assert _rounding.blocks(7, 10) == [(0, 10, 0)] and _rounding.blocks(0, 0) == []
 
 
 @pytest.mark.parametrize("index0", [0, 2**32 - 2000])  # the second range crosses into hi32(i) = 1
 def test_noise_and_rounding_match_numpy_bit_for_bit(index0):
     x = _special_values()
     n = x.numel()
-    key = _rounding.rounding_key(99, 3, 17)
-    r = _np_noise(key, index0, n)
-    assert np.array_equal(_rounding.noise(key, index0, n).numpy(), r.astype(np.int64))
+    r = _np_noise(99, 3, 17, index0, n)
+    assert np.array_equal(_rounding.noise(99, 3, 17, index0, n).numpy(), r.astype(np.int64))
     want_m, want_v = _np_round(x.numpy(), r & np.uint32(0xFFFF)), _np_round(x.numpy(), r >> np.uint32(16))
     m, v = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
     _rounding.stochastic_bf16_(m, x, torch.from_numpy(r.astype(np.int64)) & 0xFFFF)
@@ -93,8 +97,10 @@ def test_noise_and_rounding_match_numpy_bit_for_bit(index0):
         from ds_optim.kernels import _numba_cpu
 
         m2, v2 = torch.empty_like(m), torch.empty_like(v)
-        _numba_cpu._convert_stochastic(x.numpy(), _numba_cpu._view(m2), _numba_cpu._view(v2), np.uint32(key),
-                                       np.int64(index0))
+        for lo, hi, block in _rounding.blocks(index0, n):
+            key = np.uint32(_rounding.rounding_key(99, 3, 17, block))
+            _numba_cpu._convert_stochastic(x[lo:hi].numpy(), _numba_cpu._view(m2[lo:hi]),
+                                           _numba_cpu._view(v2[lo:hi]), key, np.int64(index0 + lo))
         assert np.array_equal(_bits16(m2), want_m) and np.array_equal(_bits16(v2), want_v)
         _numba_cpu._convert_stochastic(x.numpy(), _numba_cpu._view(m2), _numba_cpu._view(v2), None,
                                        np.int64(index0))  # no key: round to nearest even, as torch's cast
@@ -113,7 +119,7 @@ def test_noise_and_rounding_match_numpy_bit_for_bit(index0):
 
 # -- the kernel against the same math with the same noise ---------------------------------------------------------
 
-def _reference_adam(p, g, m16, v16, step, key, index0, *, lr, betas, eps, wd, adam_w_mode, grad_scale):
+def _reference_adam(p, g, m16, v16, step, rounding, index0, *, lr, betas, eps, wd, adam_w_mode, grad_scale):
     """The documented update in torch fp32 ops (torch's CPU lerp/addcmul round once, as the kernel's FMAs) with
     the IEEE square root (through float64: correctly rounded), and the NumPy noise."""
     b1, b2 = betas
@@ -129,9 +135,9 @@ def _reference_adam(p, g, m16, v16, step, key, index0, *, lr, betas, eps, wd, ad
     bc1, bc2s = 1 - b1**step, (1 - b2**step) ** 0.5
     denom = (v.double().sqrt().float() / bc2s).add_(eps)
     p.addcdiv_(m, denom, value=-lr / bc1)
-    if key is None:
+    if rounding is None:
         return p, m.to(torch.bfloat16), v.to(torch.bfloat16)
-    r = _np_noise(key, index0, p.numel())
+    r = _np_noise(*rounding, step, index0, p.numel())
     to16 = lambda bits: torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)  # noqa: E731
     return p, to16(_np_round(m.numpy(), r & np.uint32(0xFFFF))), to16(_np_round(v.numpy(), r >> np.uint32(16)))
 
@@ -152,12 +158,12 @@ def test_kernel_equals_reference_with_same_noise(backend, case):
         g = torch.randn(n, generator=gen) * 1e-3
         if case == "l2_scaled_bf16_grads":
             g, hp["grad_scale"] = (g * 1024).bfloat16(), torch.tensor(1024.0)
-        key = None if case == "nearest" else _rounding.rounding_key(5, 0, step)
-        want_p, want_m, want_v = _reference_adam(p, g, m, v, step, key, index0, **hp)
+        rounding = None if case == "nearest" else (5, 2)
+        want_p, want_m, want_v = _reference_adam(p, g, m, v, step, rounding, index0, **hp)
         out = torch.empty(n, dtype=torch.bfloat16)
         kernels.adam(p, g, m, v, torch.tensor(float(step)), lr=hp["lr"], beta1=0.9, beta2=0.999, eps=hp["eps"],
                      weight_decay=hp["wd"], adam_w_mode=hp["adam_w_mode"], bias_correction=True, maximize=False,
-                     grad_scale=hp["grad_scale"], out=out, rounding_key=key, rounding_index=index0)
+                     grad_scale=hp["grad_scale"], out=out, rounding=rounding, rounding_index=index0)
         assert torch.equal(m.view(torch.int16), want_m.view(torch.int16)), f"exp_avg differs at step {step}"
         assert torch.equal(v.view(torch.int16), want_v.view(torch.int16)), f"exp_avg_sq differs at step {step}"
         if backend == "torch":  # torch's CPU sqrt (MKL VML) may be an ulp off the IEEE one
@@ -181,7 +187,7 @@ def _rounded_means(values, trials, rounding):
     out = torch.empty(len(x), dtype=torch.bfloat16)
     for t in range(trials):
         if rounding == "stochastic":
-            r = _rounding.noise(_rounding.rounding_key(7, 0, t + 1), 0, len(x))
+            r = _rounding.noise(7, 0, t + 1, 0, len(x))
             _rounding.stochastic_bf16_(out, values, r & 0xFFFF)
         else:
             out.copy_(values)

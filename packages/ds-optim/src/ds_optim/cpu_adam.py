@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 
 from .adam import FusedAdam
-from .kernels import _rounding
-
 _ROUNDINGS = ("stochastic", "nearest")
 
 
@@ -92,17 +90,16 @@ class CPUAdam(FusedAdam):
         if self._state_dtype == torch.float32:
             return super()._update(kernels, group, p, g, states, step, grad_scale, found_inf, out, offsets)
         m = states["exp_avg"]
-        key = None
+        rounding = None
         if self.state_rounding == "stochastic":
             # element index = offset in its flat state buffer, so the noise does not depend on how a step is
-            # cut into kernel calls (params without a grad split it)
-            stream = self._streams.get(m.untyped_storage().data_ptr(), self._loose_stream)
-            key = _rounding.rounding_key(self.rounding_seed, stream, int(float(step)))
+            # cut into kernel calls (params without a grad split it); the kernel adds the step number
+            rounding = (self.rounding_seed, self._streams.get(m.untyped_storage().data_ptr(), self._loose_stream))
         beta1, beta2 = group["betas"]
         kernels.adam(p, g, m, states["exp_avg_sq"], step, lr=group["lr"], beta1=beta1, beta2=beta2,
                      eps=group["eps"], weight_decay=group["weight_decay"], adam_w_mode=group["adam_w_mode"],
                      bias_correction=group["bias_correction"], maximize=group["maximize"], grad_scale=grad_scale,
-                     found_inf=found_inf, out=out, rounding_key=key, rounding_index=m.storage_offset())
+                     found_inf=found_inf, out=out, rounding=rounding, rounding_index=m.storage_offset())
 
     def _step_loose(self, group, p, grad_scale, found_inf, g) -> None:
         # a param frozen at construction has its own state tensors: its stream follows its place in the groups

@@ -13,6 +13,10 @@ Arguments shared by every update:
 - ``out`` (optional, bf16/fp16 tensor of the same length): also receives the new params, rounded to nearest
   even, in the same pass (ZeRO-Offload's CPU step hands this copy to the GPU).
 
+The CPU backends' ``adam`` (numba, torch) also take bf16 ``exp_avg``/``exp_avg_sq`` (CPUAdam's opt-in
+``state_dtype``): read widened, written back rounded to nearest, or stochastically with ``rounding=(seed,
+stream)`` and ``rounding_index`` (the flat index of the range's first element), as ``_rounding`` defines.
+
 Formulas (fp32): see each method. They follow ``torch.optim`` (Adam/AdamW, Adagrad) and DeepSpeed (LAMB, Lion)
 with the differences documented on the optimizer classes.
 """

@@ -43,7 +43,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the numba CPU kernels need Numba (and NumPy): pip install numba") from exc
 
-from . import _bits
+from . import _bits, _rounding
 from ._numba_states import _load_state, _noise, _store_m, _store_v
 from ._base import OptimizerKernels
 
@@ -385,7 +385,7 @@ class NumbaCpuKernels(OptimizerKernels):
     # -- updates -------------------------------------------------------------------------------------------------
 
     def adam(self, p, g, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, adam_w_mode,
-             bias_correction, maximize, grad_scale=None, found_inf=None, out=None, rounding_key=None,
+             bias_correction, maximize, grad_scale=None, found_inf=None, out=None, rounding=None,
              rounding_index=0):
         _state_dtypes("adam", (exp_avg, exp_avg_sq), (torch.float32, torch.bfloat16))
         if _check(p, (g, exp_avg, exp_avg_sq, out)) == 0 or _skip(found_inf):
@@ -401,11 +401,21 @@ class NumbaCpuKernels(OptimizerKernels):
         lerp_small = bool(abs(lerp_w) < np.float32(0.5))
         if not lerp_small:
             lerp_w = lerp_w - np.float32(1.0)
-        _adam_kernel(_view(p), _view(g), _view(exp_avg), _view(exp_avg_sq), _view(out),
-                     *_grad_args(grad_scale, maximize), l2, np.float32(weight_decay), np.float32(decay),
-                     lerp_w, lerp_small, np.float32(beta2), np.float32(1 - beta2), np.float32(bc2_sqrt),
-                     np.float32(eps), np.float32(-lr / bc1),
-                     None if rounding_key is None else np.uint32(rounding_key), np.int64(rounding_index))
+        args = (*_grad_args(grad_scale, maximize), l2, np.float32(weight_decay), np.float32(decay), lerp_w,
+                lerp_small, np.float32(beta2), np.float32(1 - beta2), np.float32(bc2_sqrt), np.float32(eps),
+                np.float32(-lr / bc1))
+        if rounding is None:
+            _adam_kernel(_view(p), _view(g), _view(exp_avg), _view(exp_avg_sq), _view(out), *args, None,
+                         np.int64(0))
+            return
+        # stochastic rounding of bf16 states: one call per 2**32-element block of flat indices (one key each)
+        seed, stream = rounding
+        n = p.numel()
+        for lo, hi, block in _rounding.blocks(rounding_index, n):
+            key = np.uint32(_rounding.rounding_key(seed, stream, int(float(step)), block))
+            part = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+            _adam_kernel(_view(part(p)), _view(part(g)), _view(part(exp_avg)), _view(part(exp_avg_sq)),
+                         _view(part(out)), *args, key, np.int64(rounding_index + lo))
 
     def lion(self, p, g, exp_avg, *, lr, beta1, beta2, weight_decay, maximize, grad_scale=None, found_inf=None,
              out=None):

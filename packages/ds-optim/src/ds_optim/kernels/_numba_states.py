@@ -38,16 +38,13 @@ def _fmix32_ir(builder, h):
 
 @_jitted_intrinsic
 def _sr_noise(typingctx, index, key):
-    """The stochastic-rounding noise of flat index ``index`` (int64) under ``key`` (uint32):
-    ``fmix32(fmix32(lo32(index) ^ key) ^ hi32(index))``, as ``_rounding.noise``."""
+    """The stochastic-rounding noise of flat index ``index`` (int64) under ``key`` (uint32, the key of the
+    index's ``hi32`` block): ``fmix32(lo32(index) ^ key)``, as ``_rounding.noise``."""
     if index != types.int64 or key != types.uint32:
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        lo = builder.trunc(args[0], i32)
-        hi = builder.trunc(builder.lshr(args[0], ir.Constant(ir.IntType(64), 32)), i32)
-        return _fmix32_ir(builder, builder.xor(_fmix32_ir(builder, builder.xor(lo, args[1])), hi))
+        return _fmix32_ir(builder, builder.xor(builder.trunc(args[0], ir.IntType(32)), args[1]))
 
     return types.uint32(types.int64, types.uint32), codegen
 

@@ -10,12 +10,13 @@ The noise is a hash, not a stateful generator, so a step is reproducible from (s
 alone, in any thread order and after a checkpoint resume:
 
 - ``fmix32`` is MurmurHash3's 32-bit finalizer (a bijection on 32-bit words, good avalanche);
-- ``key = absorb(seed_lo, seed_hi, stream, step)`` with ``absorb(words) = k; for w in words: k = fmix32(k ^ w)``
-  from ``k = 0``, once per kernel call on the host: ``seed`` is the optimizer's 64-bit ``rounding_seed``,
-  ``stream`` numbers the flat state buffer (so buckets do not share noise), ``step`` is the step number of the
-  params being updated (1 on the first step);
-- per element at flat index ``i`` of its state buffer: ``r = fmix32(fmix32(lo32(i) ^ key) ^ hi32(i))``;
-  ``exp_avg`` uses the low 16 bits of ``r`` and ``exp_avg_sq`` the high 16 bits;
+- ``key = absorb(seed_lo, seed_hi, stream, step, hi32(i))`` with ``absorb(words)``: ``k = fmix32(k ^ w)`` for
+  each word, from ``k = 0``; computed on the host, once per kernel call (a call is split where its range
+  crosses a multiple of 2**32, so the kernel sees one ``hi32``). ``seed`` is the optimizer's 64-bit
+  ``rounding_seed``, ``stream`` numbers the flat state buffer (so buckets do not share noise), ``step`` is the
+  step number of the params being updated (1 on the first step), ``i`` the element's flat index in its buffer;
+- per element: ``r = fmix32(lo32(i) ^ key)`` (one bijective mix per element: the cheap part that runs in the
+  kernel's loop); ``exp_avg`` uses the low 16 bits of ``r`` and ``exp_avg_sq`` the high 16 bits;
 - ``bf16_bits = (f32_bits(x) + r16) >> 16``: the 16 cut-off bits plus a uniform 16-bit number carry into the
   kept bits with probability (cut-off bits) / 2**16, exactly the fraction of an ulp, so ``E[round(x)] = x`` for
   every finite x (the bf16 lattice is uniform within a binade and continues across binade boundaries; above
@@ -45,12 +46,24 @@ def fmix32(h: int) -> int:
     return h
 
 
-def rounding_key(seed: int, stream: int, step: int) -> int:
-    """The per-call key: ``absorb(seed_lo, seed_hi, stream, step)`` (see the module docstring)."""
+def rounding_key(seed: int, stream: int, step: int, block: int = 0) -> int:
+    """The key of the elements whose flat index has ``hi32 == block``: ``absorb(seed_lo, seed_hi, stream, step,
+    block)`` (see the module docstring)."""
     k = 0
-    for word in (seed & _MASK32, (seed >> 32) & _MASK32, stream & _MASK32, step & _MASK32):
+    for word in (seed & _MASK32, (seed >> 32) & _MASK32, stream & _MASK32, step & _MASK32, block & _MASK32):
         k = fmix32(k ^ word)
     return k
+
+
+def blocks(index0: int, n: int) -> list[tuple[int, int, int]]:
+    """``[0, n)`` (flat indices ``index0 + ...``) cut where ``hi32`` of the index changes: ``(lo, hi, block)``."""
+    out, lo = [], 0
+    while lo < n:
+        block = (index0 + lo) >> 32
+        hi = min(n, ((block + 1) << 32) - index0)
+        out.append((lo, hi, block))
+        lo = hi
+    return out
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -69,11 +82,13 @@ def _fmix32_t(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def noise(key: int, index0: int, n: int, device=None) -> torch.Tensor:
+def noise(seed: int, stream: int, step: int, index0: int, n: int, device=None) -> torch.Tensor:
     """The 32-bit noise words of elements ``index0 .. index0 + n - 1`` (int64 tensor of values < 2**32)."""
-    idx = torch.arange(index0, index0 + n, dtype=torch.int64, device=device)
-    h = _fmix32_t((idx & _MASK32) ^ key)
-    return _fmix32_t(h ^ (idx >> 32))
+    r = torch.empty(n, dtype=torch.int64, device=device)
+    for lo, hi, block in blocks(index0, n):
+        idx = torch.arange(index0 + lo, index0 + hi, dtype=torch.int64, device=device)
+        r[lo:hi] = _fmix32_t((idx & _MASK32) ^ rounding_key(seed, stream, step, block))
+    return r
 
 
 def stochastic_bf16_(dst: torch.Tensor, x: torch.Tensor, r16: torch.Tensor) -> None:

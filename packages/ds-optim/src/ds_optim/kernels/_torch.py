@@ -46,15 +46,16 @@ def _step_value(step: torch.Tensor):
     return float(step) if step.device.type == "cpu" else step.to(torch.float64)
 
 
-def _round_states(dst16, src32, key, index0) -> None:
+def _round_states(dst16, src32, rounding, index0, step) -> None:
     """New fp32 Adam states into their bf16 buffers: to nearest even without a key, else stochastically with
     the noise of ``_rounding`` (low 16 bits for ``exp_avg``, high 16 for ``exp_avg_sq``). The param update
     uses the unrounded fp32 states."""
-    if key is None:
+    if rounding is None:
         for d, s in zip(dst16, src32):
             d.copy_(s)
         return
-    r = _rounding.noise(key, index0, src32[0].numel(), device=src32[0].device)
+    seed, stream = rounding
+    r = _rounding.noise(seed, stream, int(float(step)), index0, src32[0].numel(), device=src32[0].device)
     _rounding.stochastic_bf16_(dst16[0], src32[0], r & 0xFFFF)
     _rounding.stochastic_bf16_(dst16[1], src32[1], r >> 16)
 
@@ -67,7 +68,7 @@ class TorchKernels(OptimizerKernels):
         return True
 
     def adam(self, p, g, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, adam_w_mode,
-             bias_correction, maximize, grad_scale=None, found_inf=None, out=None, rounding_key=None,
+             bias_correction, maximize, grad_scale=None, found_inf=None, out=None, rounding=None,
              rounding_index=0):
         if _skip(found_inf):
             return
@@ -84,7 +85,7 @@ class TorchKernels(OptimizerKernels):
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if states16 is not None:
-            _round_states(states16, (exp_avg, exp_avg_sq), rounding_key, rounding_index)
+            _round_states(states16, (exp_avg, exp_avg_sq), rounding, rounding_index, step)
         if bias_correction:
             t = _step_value(step)
             bc1 = 1 - beta1**t
