@@ -20,6 +20,8 @@ def zero_config(case, n_micro, schedule):
         cfg["zero_optimization"] = {"stage": case["zero"]}
     if case.get("dtype") == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if case.get("dtype") == "fp16":
+        cfg["fp16"] = {"enabled": True, **case.get("fp16", {})}
     if case.get("clip"):
         cfg["gradient_clipping"] = case["clip"]
     return cfg
@@ -63,6 +65,7 @@ def _steps(engine, steps, n_micro):
         zero = engine.zero
         out.append({
             "loss": loss.item(), "norm": engine.get_global_grad_norm(), "lr": engine.get_lr(),
+            "skipped": engine.skipped_steps, "scale": engine.get_loss_scale(),
             # the module's own parameters after the step (fp32: the masters; bf16: the masters rounded)
             "params": {n: _full(p).detach().float().clone() for n, p in engine.module.named_parameters()},
             # what this rank holds: its shard sizes, the optimizer's state sizes and the gradient shards it

@@ -1,6 +1,6 @@
 """ZeRO-1 and ZeRO-2 with a pipeline, 2 stages x 2-way data parallel on 4 gloo ranks, against one process:
 losses and every parameter after each step within 1e-5 relative (fp32), under 1F1B, GPipe with clipping and
-an LR scheduler, Interleaved1F1B, and bf16 with clipping; each rank holds half of its stage's optimizer state
+an LR scheduler, Interleaved1F1B, bf16 with clipping, and fp16 with an overflow on one stage in step 0; each rank holds half of its stage's optimizer state
 and gradient (the shard), not all of it. Checkpoints: a ZeRO-2 run saved after 2 steps resumes as ZeRO-1 on 2 x
 2, as a replicated run on 4 stages and as ZeRO-2 on 1 x 4, each continuing like the uninterrupted run.
 
@@ -24,6 +24,10 @@ CASES = {
     "zero2-gpipe-clip-steplr": dict(stages=2, zero=2, schedule="gpipe", micro=4, steps=3, clip=0.05, gamma=0.5),
     "zero2-interleaved-v2": dict(stages=2, zero=2, schedule="interleaved", virtual=2, micro=4, steps=2, blocks=3),
     "zero1-bf16-clip": dict(stages=2, zero=1, dtype="bf16", micro=4, steps=2, clip=0.05),
+    # fp16: stage 0's Poison layer overflows in step 0 only; every stage and replica skips, the scale halves
+    "zero2-fp16-overflow": dict(stages=2, zero=2, dtype="fp16", fp16={"initial_scale_power": 8, "hysteresis": 1,
+                                                                      "loss_scale_window": 2},
+                                poison=2, micro=4, steps=3, clip=0.05),
     # ZeRO-3: FSDP2 over each stage's data group, gradients reduce-scattered after the last micro-batch
     "zero3-1f1b": dict(stages=2, zero=3, schedule="1f1b", micro=4, steps=3, partition="parameters"),
     "zero3-gpipe-clip-steplr": dict(stages=2, zero=3, schedule="gpipe", micro=4, steps=3, clip=0.05, gamma=0.5),
@@ -46,24 +50,28 @@ def _results():
 
 
 def _check_steps(rank, mine, ref, case):
-    # bf16: the module holds the masters rounded; a last-bit difference of the norm may move one rounding
-    tol = TOL if case.get("dtype", "fp32") == "fp32" else dict(rtol=8e-3, atol=1e-5)
+    # 16-bit: the module holds the masters rounded; a last-bit difference of the norm may move one rounding
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.get("dtype", "fp32"))
+    tol = TOL if dtype is None else dict(rtol=8e-3 if dtype == torch.bfloat16 else 1e-3, atol=1e-5)
     loose = case.get("dtype") == "bf16" and case["zero"] == 3
     if loose:
         # ZeRO-3 bf16 does its own arithmetic: FSDP accumulates the micro-batches' 16-bit gradients, reduces
         # in fp32 and the engine divides by the micro-batch count in fp32 (the reference divides in bf16 first,
         # as the other paths do); its parameters are the fp32 masters themselves
         tol = dict(rtol=2e-3, atol=1e-4)
+    skipped = 0
     for step, (got, want) in enumerate(zip(mine, ref)):
+        skipped += bool(want.get("skipped"))
+        assert got["skipped"] == skipped, (rank, step, got["skipped"], skipped)
         torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), **(tol if loose else TOL),
                                    msg=lambda m: f"rank {rank} step {step} loss: {m}")
-        if case.get("clip"):
+        if case.get("clip") and not want.get("skipped"):
             torch.testing.assert_close(torch.tensor(got["norm"]), torch.tensor(want["norm"]),
                                        **(tol if loose else TOL))
         for name, value in got["params"].items():
             expect = want["params"][name]
-            if case.get("dtype") == "bf16" and not loose:  # the module holds the fp32 masters rounded to bf16
-                expect = expect.to(torch.bfloat16).float()
+            if dtype is not None and not loose:  # the module holds the fp32 masters rounded to 16 bits
+                expect = expect.to(dtype).float()
             torch.testing.assert_close(value, expect, **tol, msg=lambda m: f"rank {rank} step {step} {name}: {m}")
 
 
@@ -90,6 +98,9 @@ def test_zero_matches_single_process_and_partitions_the_states(name):
         assert last["state_numel"] == sum(last["shards"]), (rank, last["state_numel"], last["shards"])
         assert last["grad_numel"] == last["shards"]
         assert last["state_numel"] < 0.6 * last["stage_numel"]
+    if case.get("poison"):  # the overflow in step 0 was skipped everywhere, and only step 0
+        assert {r["steps"][-1]["skipped"] for r in got} == {1} and ref[0]["skipped"] and not ref[1]["skipped"]
+        assert {r["steps"][0]["scale"] for r in got} == {2.0 ** 7}
     # every parameter is held by some stage: the replicas' gathered parameters are all compared above
     assert {n for r in got for n in r["steps"][0]["params"]} == set(ref[0]["params"])
 

@@ -15,7 +15,9 @@ stages) are 16-bit; the optimizer steps fp32 *master* copies:
   ``initial_scale_power``, ``loss_scale_window``, ``hysteresis``, ``min_loss_scale``) lowers the scale;
 - ``gradient_clipping``: the global L2 norm over every stage and data-parallel replica (the gradients are
   identical over replicas after the average, so the squares are summed over the pipe group; a tied weight counts
-  once, on the lowest stage of its tie group), and all gradients scaled by ``clip / (norm + 1e-6)`` when that is
+  once, on the lowest stage of its tie group; with tensor parallelism the split weights' squares are summed
+  over the model group and a replicated weight counted on model rank 0; ZeRO-3's shards over the data group
+  too), and all gradients scaled by ``clip / (norm + 1e-6)`` when that is
   below 1 (DeepSpeed's and ``torch.nn.utils.clip_grad_norm_``'s rule);
 - after the step the masters are copied back into the 16-bit parameters.
 """

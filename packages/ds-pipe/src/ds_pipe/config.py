@@ -32,8 +32,8 @@ _PIPELINE_KEYS = {
     "partition",                       # DeepSpeed: "best"/"uniform"/...; the module's partition_method rules
     "seed_layers",                     # DeepSpeed reads these two from the module's arguments too; a value
     "activation_checkpoint_interval",  # differing from the module's is an error, not silently ignored
-    "pipe_partitioned",                # DeepSpeed's activation/grad sharding over tensor-parallel ranks: with
-    "grad_partitioned",                # no model axis (0.1.0) there is nothing to shard; accepted as no-ops
+    "pipe_partitioned",                # DeepSpeed's activation/grad sharding over tensor-parallel ranks for the
+    "grad_partitioned",                # p2p sends: accepted, no effect (each model rank sends its whole tensor)
     "virtual_stages",                  # ds-pipe's: chunks per rank; must equal the PipelineModule's
 }
 _NOT_HERE = {"optimizer", "scheduler"}
