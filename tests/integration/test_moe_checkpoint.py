@@ -162,10 +162,11 @@ def _reshard_worker(root, cases, grouped=True, world_before=None):
     ref_params, ref_states, ref_losses = _reference(world, grouped, world_before)
     problems = []
     for stage, ep_save, ep_load in cases:
-        what = f"stage {stage} ep {ep_save}->{ep_load}"
-        tag = f"s{stage}_ep{ep_save}_{ep_load}"
+        stage_save, stage = stage if isinstance(stage, tuple) else (stage, stage)  # (saved at, resumed at)
+        what = f"stage {stage_save}->{stage} ep {ep_save}->{ep_load}"
+        tag = f"s{stage_save}{stage}_ep{ep_save}_{ep_load}"
         if world_before is None:
-            _, engine = _engine(stage, ep_save, grouped)
+            _, engine = _engine(stage_save, ep_save, grouped)
             _train(engine, 0, SAVE_AT)
             engine.save_checkpoint(root, tag=tag)
         model, engine = _engine(stage, ep_load, grouped)
@@ -189,9 +190,9 @@ def _reshard_worker(root, cases, grouped=True, world_before=None):
 def test_resume_on_another_ep_size(tmp_path):
     """Stages 1 and 2: saved at ep 2 (each rank 2 experts), resumed at ep 1 (every rank all 4, their masters and
     moments sharded over both ranks), and the other way; stage 0 fp32 (the optimizer steps the params
-    themselves) ep 2 -> 1; stage 3 ep 1 -> 2 (FSDP2 shards over another expert-data-parallel mesh). The rest of
-    each run is the uninterrupted one-process run's."""
-    cases = [(1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (0, 2, 1), (3, 1, 2)]
+    themselves) ep 2 -> 1; stage 3 ep 1 -> 2 (FSDP2 shards over another expert-data-parallel mesh); across
+    stages: 2 -> 3 and 3 -> 1 with another ep_size. The rest of each run is the uninterrupted one-process run's."""
+    cases = [(1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (0, 2, 1), (3, 1, 2), ((2, 3), 2, 1), ((3, 1), 1, 2)]
     results = run_distributed(_reshard_worker, 2, str(tmp_path), cases, timeout=300)
     assert results == [[]] * 2, results
 
@@ -200,7 +201,7 @@ def _save_worker(root, cases):
     for stage, ep_save, ep_load in cases:
         _, engine = _engine(stage, ep_save)
         _train(engine, 0, SAVE_AT)
-        engine.save_checkpoint(root, tag=f"s{stage}_ep{ep_save}_{ep_load}")
+        engine.save_checkpoint(root, tag=f"s{stage}{stage}_ep{ep_save}_{ep_load}")
     return []
 
 
@@ -215,7 +216,7 @@ def test_resume_on_another_world_size(tmp_path):
     results = run_distributed(_reshard_worker, 4, str(tmp_path), cases, True, 2, timeout=240)
     assert results == [[]] * 4, results
     model = Net(1)
-    load_moe_checkpoint(model, str(tmp_path / "s2_ep2_4"))
+    load_moe_checkpoint(model, str(tmp_path / "s22_ep2_4"))
     want = _reference(2, steps=SAVE_AT)[0]
     problems = []
     for n, v in _snapshot(model).items():

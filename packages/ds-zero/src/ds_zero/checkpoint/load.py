@@ -7,6 +7,9 @@ full fp32 masters and per-element optimizer states by name (``reshard``) and cut
 current layout. RNG states are restored when this rank has a file of its own; 1-bit error feedback is loaded
 per rank on the same world size and resharded from its world-size independent form otherwise.
 
+MoE expert params come from their per-expert files (``experts``) on every path: each rank reads the files
+of the experts it holds now, so ``ep_size`` and the world size may change.
+
 Anything missing, truncated, corrupted or not matching the model raises :class:`CheckpointError` naming the
 file: never a silent fresh start.
 """
@@ -171,8 +174,7 @@ def _load_direct_from_full(engine, full: dict, with_states: bool) -> None:
 
 
 def _own_file(own: dict[str, Any] | None, ckpt_dir: str, rank: int) -> dict[str, Any]:
-    """This rank's optimizer file, read when the world size is the one saved (what the fast path and expert
-    params, refused on another world size by ``experts.check_same_layout``, imply)."""
+    """This rank's optimizer file, read when the world size is the one saved (what the fast path implies)."""
     if own is None:
         raise CheckpointError(f"{os.path.join(ckpt_dir, optim_file(rank))}: this rank's own file is read only on "
                               "the world size the checkpoint was saved on")

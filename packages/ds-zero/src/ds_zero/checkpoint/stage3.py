@@ -11,6 +11,10 @@ What is written (beside the common engine state of ``save``):
   ``scalars`` = ``{group: {key: value}}`` (e.g. Adam's ``step``); rank 0 also the persistent params' fp32
   ``masters`` and their optimizer ``state`` indexed like stage 0's (``group_map``).
 
+MoE: expert params are sharded over their expert-data-parallel group's mesh, and saved per global expert
+(``experts``), not in the rank files (``sharded`` marks them ``"expert": True``); rows are cut per the mesh of
+the param they go to (``_mesh_place``).
+
 Nothing here executes code from a file: every file goes through ``_io.safe_load`` (``weights_only=True``,
 checksums from the commit marker).
 """
