@@ -136,6 +136,10 @@ def plan(engine) -> tuple[dict[str, list[Slot]], list[int]]:
     slots: dict[str, list[Slot]] = {}
     counts = []
     for layer, m in enumerate(_layers(engine, {p for p, _ in params.values()})):
+        buffers = [n for n, _ in m.experts.named_buffers()]
+        if buffers:  # rank 0's would be loaded on every rank (its module state): refused rather than wrong
+            raise CheckpointError(f"MoE layer {layer} ({type(m).__name__}): its experts have buffers {buffers[:3]}, "
+                                  "which are not saved per expert; checkpoints of such experts are not built")
         n_local = int(m.num_local_experts)
         counts.append(n_local * int(m.ep_size))
         first = _ep_rank(m) * n_local
