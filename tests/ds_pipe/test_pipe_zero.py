@@ -2,7 +2,8 @@
 losses and every parameter after each step within 1e-5 relative (fp32), under 1F1B, GPipe with clipping and
 an LR scheduler, Interleaved1F1B, bf16 with clipping, and fp16 with an overflow on one stage in step 0; each rank holds half of its stage's optimizer state
 and gradient (the shard), not all of it. Checkpoints: a ZeRO-2 run saved after 2 steps resumes as ZeRO-1 on 2 x
-2, as a replicated run on 4 stages and as ZeRO-2 on 1 x 4, each continuing like the uninterrupted run.
+2, as a replicated run on 4 stages, as ZeRO-2 on 1 x 4 and as ZeRO-3 on 2 x 2; a ZeRO-3 run resumes as ZeRO-3 on
+1 x 4, replicated on 4 stages and ZeRO-1 on 2 x 2; each continuing like the uninterrupted run.
 
 All cases run in one spawn (rank start-up dominates the CI time on 2 cores)."""
 
@@ -33,7 +34,9 @@ CASES = {
     "zero3-gpipe-clip-steplr": dict(stages=2, zero=3, schedule="gpipe", micro=4, steps=3, clip=0.05, gamma=0.5),
     "zero3-bf16-clip": dict(stages=2, zero=3, dtype="bf16", micro=4, steps=2, clip=0.05),
     "zero2-ckpt": dict(stages=2, zero=2, micro=4, steps=4, save_at=2, gamma=0.5,
-                       load=[(2, 1), (4, 0), (1, 2)]),
+                       load=[(2, 1), (4, 0), (1, 2), (2, 3)]),
+    "zero3-ckpt": dict(stages=2, zero=3, micro=4, steps=4, save_at=2, gamma=0.5,
+                       load=[(1, 3), (4, 0), (2, 1)]),
 }
 TOL = dict(rtol=1e-5, atol=1e-6)
 _cache: dict = {}
@@ -106,9 +109,10 @@ def test_zero_matches_single_process_and_partitions_the_states(name):
 
 
 @pytest.mark.timeout(300)
-def test_zero_checkpoint_resumes_on_other_layouts_and_without_zero():
-    case = CASES["zero2-ckpt"]
-    got = _results()["zero2-ckpt"]
+@pytest.mark.parametrize("name", [n for n in CASES if "save_at" in CASES[n]])
+def test_zero_checkpoint_resumes_on_other_layouts_and_without_zero(name):
+    case = CASES[name]
+    got = _results()[name]
     data = batches(case["steps"], case["micro"])
     # one optimizer file per (stage, dp rank): the pieces of the partitioned states
     assert [f for f in got[0]["files"] if "optim" in f] == [

@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from torch.distributed.tensor import DTensor
 
+from . import _zero3_ckpt
 from ._precision import local
 from .module import LayerSpec, TiedLayerSpec, _layer_name
 
@@ -96,6 +97,9 @@ def _load_layer(layer: torch.nn.Module, state: dict[str, torch.Tensor], name: st
                            f"{sorted(set(state) - set(own))}")
     for k, v in own.items():
         dst = local(v)
+        if isinstance(v, DTensor) and dst.shape != state[k].shape and v.shape == state[k].shape:
+            dst.copy_(_zero3_ckpt.chunk_of(state[k], v))  # a whole tensor (ZeRO-3's files): this rank's chunk
+            continue
         if dst.shape != state[k].shape:
             raise RuntimeError(f"{k}: saved piece {tuple(state[k].shape)}, this rank's {tuple(dst.shape)}")
         dst.copy_(state[k])
@@ -196,11 +200,16 @@ def _own_files(engine, client_state: dict) -> list[tuple[str, Any]]:
     model_rank, model_size = _model(engine)
     mp = _mp(stage, model_rank, model_size)
     files = []
-    if dp_rank == 0:  # one writer per (stage, model rank)
+    zero3 = getattr(engine, "zero3", False)
+    if dp_rank == 0 or zero3:  # one writer per (stage, model rank); ZeRO-3: every replica gathers the layers
         mine = set(module.stage_layers())
         for idx, layer in _local_layers(module).items():
             if idx in mine:  # a tied key's file is written by the stage of its first position only
-                files.append((layer_file(idx, model_rank), {k: _to_file(v) for k, v in layer.state_dict().items()}))
+                state = {k: _zero3_ckpt.whole(v).detach().cpu().clone() if zero3 else _to_file(v)
+                         for k, v in layer.state_dict().items()}
+                if dp_rank == 0:
+                    files.append((layer_file(idx, model_rank), state))
+    if dp_rank == 0:
         files.append((stage_file(mp), {
             "format": FORMAT, "stage": stage, "num_stages": engine.num_stages, "parts": list(module.parts),
             "virtual_stages": module.virtual_stages, "virtual_stage_style": module.virtual_stage_style,
@@ -210,9 +219,10 @@ def _own_files(engine, client_state: dict) -> list[tuple[str, Any]]:
             "tied_first": {i: k for k, i in _tie_first_positions(module._layer_specs).items()},
             "precision": engine.precision_state(), "ds_pipe_version": _version()}))
     zero = getattr(engine, "zero", None)
-    optim = zero.named_state() if zero is not None else _optimizer_by_name(engine)
+    optim = (zero.named_state() if zero is not None else _zero3_ckpt.named_state(engine) if zero3
+             else _optimizer_by_name(engine))
     files.append((optim_file(mp, dp_rank), {
-        "format": FORMAT, "optimizer": optim, "master": engine.master_state(), "zero": zero is not None,
+        "format": FORMAT, "optimizer": optim, "master": engine.master_state(), "zero": zero is not None or zero3,
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}))
     return files
 
@@ -412,6 +422,9 @@ def _load_optimizer(engine, saved: list[dict | None], path: str) -> None:
                 group_of.setdefault(n, g)
     if getattr(engine, "zero", None) is not None:
         engine.zero.load_named_state(state, group_of, path, CheckpointError)
+        return
+    if getattr(engine, "zero3", False):
+        _zero3_ckpt.load_named_state(engine, state, group_of, path, CheckpointError)
         return
     names = engine.optimizer_param_names()
     out_state, out_groups, i = {}, [], 0

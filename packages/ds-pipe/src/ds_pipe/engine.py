@@ -366,7 +366,6 @@ class PipelineEngine:
         Returns the checkpoint directory."""
         if not save_latest:
             raise NotImplementedError("save_checkpoint(save_latest=False): 'latest' is always written")
-        self._no_zero3_checkpoints()
         return _ckpt.save_checkpoint(self, save_dir, tag, client_state)
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_module_strict: bool = True,
@@ -375,13 +374,7 @@ class PipelineEngine:
         another stage count or data-parallel size (weights by layer index, optimizer state by parameter name)."""
         if not load_module_strict:
             raise NotImplementedError("load_checkpoint(load_module_strict=False): layers load strictly")
-        self._no_zero3_checkpoints()
         return _ckpt.load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
-
-    def _no_zero3_checkpoints(self) -> None:
-        if self.zero3:
-            raise NotImplementedError("checkpoints of a ZeRO-3 pipeline (FSDP-sharded layers and optimizer "
-                                      "states) are not built; stages 1 and 2 save and resume on any layout")
 
     def precision_state(self) -> dict:
         return self.precision.state_dict()
@@ -396,6 +389,10 @@ class PipelineEngine:
     def load_master_state(self, masters) -> None:
         if self.zero is not None:
             self.zero.load_masters(masters)
+        elif self.zero3:
+            from ._zero3_ckpt import load_masters
+
+            load_masters(self, masters)
         else:
             self.precision.load_master_state(masters)
 
