@@ -341,3 +341,56 @@ def test_refusals_name_the_argument():
         with pytest.raises(TypeError, match="lion kernel: states must"):
             NumbaCpuKernels().lion(x, x, x.bfloat16(), lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
                                    maximize=False)
+
+
+# -- FSDP2 (DTensor) params, 2 gloo ranks ----------------------------------------------------------------------------
+
+def _fsdp_case(backends):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for backend in backends:
+        for rounding in ("nearest", "stochastic"):
+            reference, model = _model(), _model()
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            kw = dict(lr=1e-2, weight_decay=0.1, pin_memory=False, backend=backend, state_dtype=torch.bfloat16,
+                      state_rounding=rounding)
+            ref_opt, opt = CPUAdam(reference.parameters(), **kw), CPUAdam(model.parameters(), **kw)
+            gen = torch.Generator().manual_seed(4)
+            for _ in range(3):
+                x, y = torch.randn(4 * world, 12, generator=gen), torch.randn(4 * world, 3, generator=gen)
+                mine = slice(4 * rank, 4 * rank + 4)
+                for m, o, xb, yb in ((reference, ref_opt, x, y), (model, opt, x[mine], y[mine])):
+                    o.zero_grad()
+                    torch.nn.functional.mse_loss(m(xb), yb).backward()
+                    o.step()
+            for p, q in zip(model.parameters(), reference.parameters()):
+                assert isinstance(p, DTensor)
+                # nearest: the reference's math on each shard, to FSDP2's reduction order (an fp32 ulp of a grad
+                # may flip a bf16 state rounding: a bf16 ulp); stochastic: another layout, so other noise
+                tol = dict(rtol=1e-5, atol=1e-6) if rounding == "nearest" else dict(rtol=0, atol=1e-3)
+                torch.testing.assert_close(p.full_tensor(), q.detach(), **tol)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    state = opt.state[p][name]
+                    assert isinstance(state, DTensor) and state.dtype == torch.bfloat16
+                    assert state.placements == p.placements
+                    want = ref_opt.state[q][name].float()
+                    # nearest: a bf16 ulp at most. stochastic: a few ulps of the largest state (3 roundings that
+                    # may each go the other way, their errors decayed but not removed, and params moved apart)
+                    tol = (dict(rtol=2**-7, atol=1e-9) if rounding == "nearest"
+                           else dict(rtol=4 * 2**-8, atol=4 * 2**-8 * want.abs().max().item()))
+                    torch.testing.assert_close(state.full_tensor().float(), want, **tol,
+                                               msg=lambda m, r=rounding, n=name: f"{r} {n}: {m}")
+
+
+def test_fsdp2_params_get_bf16_dtensor_states():
+    from harness import run_distributed
+
+    run_distributed(_fsdp_case, 2, CPU_BACKENDS)
