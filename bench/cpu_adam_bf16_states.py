@@ -5,7 +5,9 @@
 
 converge: the same model, data and init trained with CPUAdam in three ways: fp32 states; bf16 states with
 stochastic rounding (two rounding seeds, to show the seed-to-seed spread); bf16 states rounded to nearest.
-Prints the loss curve (mean over windows) of each and the final-window loss relative to fp32.
+Prints the loss curve (mean over windows) of each and the final-window loss relative to fp32. During the fp32
+run, "shadow" bf16 states (stochastic and nearest) are fed its own grads, and their distance to its fp32 states
+is printed at a few steps: the rounding's drift alone, without the runs' trajectories parting.
 - ``mlp``: a teacher-student regression (a random 3-layer tanh teacher, 64 -> 256 -> 256 -> 16, a student of
   the same shape, fresh batches of 256 every step), lr 1e-3 with AdamW (wd 0.01).
 - ``gpt``: bench/gpt_model.py shrunk by its env vars (D 64, 2 layers, 4 heads, seq 64; its vocab of 50304 is
@@ -86,6 +88,42 @@ def _gpt_task(steps):
     return gpt_model.GPT, batch, loss_fn, 1e-3
 
 
+class _Shadow:
+    """bf16 states (stochastic and nearest) fed the fp32 run's own grads, next to its fp32 states: how far each
+    rounding drifts from the states it stands for, free of the trajectories parting."""
+
+    def __init__(self, model, opt):
+        self.params = [p for p in model.parameters()]
+        self.opt = opt
+        n = sum(p.numel() for p in self.params)
+        self.states = {mode: (torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16))
+                       for mode in ("stochastic", "nearest")}
+        self.kernels = ds_optim.kernels.select_backend(torch.device("cpu"))
+        self.report: dict = {}
+
+    def step(self, step):
+        g = torch.cat([p.grad.reshape(-1) for p in self.params])
+        group = self.opt.param_groups[0]
+        for mode, (m, v) in self.states.items():
+            scratch = torch.cat([p.detach().reshape(-1) for p in self.params])  # the update of p is discarded
+            self.kernels.adam(scratch, g, m, v, torch.tensor(float(step)), lr=group["lr"], beta1=0.9, beta2=0.999,
+                              eps=group["eps"], weight_decay=group["weight_decay"], adam_w_mode=True,
+                              bias_correction=True, maximize=False, rounding=(0, 0) if mode == "stochastic" else None,
+                              rounding_index=0)
+
+    def compare(self, step):
+        m32, v32 = self.opt.flat_buffers()["states"]
+        row = {}
+        for mode, (m, v) in self.states.items():
+            row[mode] = {"m_rel_err": ((m.float() - m32).norm() / m32.norm()).item(),
+                         "v_rel_err": ((v.float() - v32).norm() / v32.norm()).item(),
+                         "v_sum_ratio": (v.float().sum() / v32.sum()).item()}
+        self.report[step] = row
+        print(f"  step {step:5d} shadow bf16 states vs fp32: " + "; ".join(
+            f"{mode}: |dm|/|m| {r['m_rel_err']:.2e}, |dv|/|v| {r['v_rel_err']:.2e}, sum v / sum v32 "
+            f"{r['v_sum_ratio']:.4f}" for mode, r in row.items()), flush=True)
+
+
 def converge(args) -> dict:
     task = _mlp_task if args.model == "mlp" else _gpt_task
     results = {}
@@ -95,17 +133,24 @@ def converge(args) -> dict:
         model = make()
         opt = ds_optim.CPUAdam(model.parameters(), lr=lr, weight_decay=0.01, pin_memory=False, copy_dtype=None,
                                state_dtype=dtype, state_rounding=rounding, rounding_seed=seed)
+        shadow = _Shadow(model, opt) if dtype == torch.float32 else None
         losses, start = [], time.perf_counter()
         for step in range(args.steps):
             data = batch(step)
             opt.zero_grad()
             loss = loss_fn(model, data)
             loss.backward()
+            if shadow is not None:
+                shadow.step(step + 1)
             opt.step()
             losses.append(loss.item())
+            if shadow is not None and (step + 1) in (10, 100, 1000, args.steps):
+                shadow.compare(step + 1)
         w = args.window
         curve = [statistics.fmean(losses[i : i + w]) for i in range(0, args.steps, w)]
         results[name] = {"curve": curve, "final": curve[-1], "seconds": time.perf_counter() - start}
+        if shadow is not None:
+            results[name]["shadow"] = shadow.report
         print(f"{name:28s} final-window loss {curve[-1]:.6g}  ({results[name]['seconds']:.0f} s)", flush=True)
     base = results["fp32 states"]["final"]
     print(f"\nloss per window of {args.window} steps (window start step):")
