@@ -336,16 +336,17 @@ def merge_zero_pieces(files: list[dict[str, Any]], key: str) -> dict[str, Any] |
     parts = [f.get(key) for f in files]
     if all(p is None for p in parts):
         return None
+    shapes: dict[str, list[int]] = {}
     if key == "master":
         pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        shapes: dict[str, list[int]] = {}
-        for p in parts:
-            for name, t in (p or {}).get("pieces", {}).items():
-                pieces.setdefault(name, []).append((p["zero_ranges"][name][0], t))
-                shapes[name] = p["zero_shapes"][name]
+        for m in parts:
+            if m is None:
+                continue
+            for name, t in m.get("pieces", {}).items():
+                pieces.setdefault(name, []).append((m["zero_ranges"][name][0], t))
+                shapes[name] = m["zero_shapes"][name]
         return {n: torch.cat([t for _, t in sorted(ps, key=lambda x: x[0])]).view(shapes[n])
                 for n, ps in pieces.items()}
-    shapes: dict[str, list[int]] = {}
     by_name: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for p in parts:
         if p is None:

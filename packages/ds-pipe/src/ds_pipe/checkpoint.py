@@ -199,7 +199,7 @@ def _own_files(engine, client_state: dict) -> list[tuple[str, Any]]:
     stage = engine.stage_id
     model_rank, model_size = _model(engine)
     mp = _mp(stage, model_rank, model_size)
-    files = []
+    files: list[tuple[str, Any]] = []
     zero3 = getattr(engine, "zero3", False)
     if dp_rank == 0 or zero3:  # one writer per (stage, model rank); ZeRO-3: every replica gathers the layers
         mine = set(module.stage_layers())

@@ -437,6 +437,8 @@ def _check_mpu(mpu: Any, grid: Any) -> None:
                 if axis == "pipe":  # Megatron's mpu has no pipeline getters: nothing to compare
                     continue
                 raise TypeError(f"mpu has no {name}() (DeepSpeed's model-parallel unit interface)")
+            theirs: Any
+            ours: Any
             if what == "group":
                 theirs = dist.get_process_group_ranks(getattr(mpu, name)())
                 ours = dist.get_process_group_ranks(getattr(grid, name)())
