@@ -1,6 +1,8 @@
 """ds-pipe on 2 GPUs over NCCL (one stage per GPU): fp32 1F1B, Interleaved1F1B and InterleavedZeroBubble against
 the CPU single-process reference (rtol 1e-4: GPU kernels round differently from the CPU's), and bf16 with
-clipping (loosely: bf16 on GPU vs the CPU reference). Run on a 2-GPU machine:
+clipping (loosely: bf16 on GPU vs the CPU reference); and on 4 GPUs (2 stages x 2-way data parallel) ZeRO-1
+1F1B, ZeRO-2 GPipe with clipping and ZeRO-3 1F1B against the same reference (rtol 1e-4). Run on a machine with
+2 (or 4) GPUs:
 
     python -m pytest -q tests/ds_pipe/test_pipe_gpu.py
 """
@@ -12,7 +14,9 @@ import torch
 from harness import requires_gpus, run_distributed
 from pipe_cases import batches, reference
 from pipe_more_cases import reference_mixed
+from pipe_more_cases import reference_phases
 from pipe_runs import PREC2, WORLD2, _run
+from pipe_zero_cases import run_zero_cases
 
 FP32 = {n: WORLD2[n] for n in ("1f1b-params", "interleaved-v2", "zero-bubble-v2")}
 BF16 = {"bf16-clip": PREC2["bf16-clip"]}
@@ -60,3 +64,28 @@ def test_two_stages_on_two_gpus():
                 for pname, value in mine["params"].items():
                     torch.testing.assert_close(value, want["params"][pname], rtol=0, atol=2e-3,
                                                msg=lambda m: f"{name} rank {rank} step {step} {pname}: {m}")
+
+
+def _gpu_zero_run(cases):
+    return _to_cpu(run_zero_cases(cases))
+
+
+@pytest.mark.gpu
+@requires_gpus(4)
+@pytest.mark.timeout(600)
+def test_zero_on_four_gpus():
+    from test_pipe_zero import CASES as ZERO
+
+    cases = {n: ZERO[n] for n in ("zero1-1f1b", "zero2-gpipe-clip-steplr", "zero3-1f1b")}
+    per_rank = run_distributed(_gpu_zero_run, 4, list(cases.values()), backend="nccl", timeout=500)
+    for i, (name, case) in enumerate(cases.items()):
+        got = [per_rank[r][i] for r in range(4)]
+        ref = reference_phases(case, [(batches(case["steps"], case["micro"]), case["micro"] // 2, 2, got[0]["parts"])])
+        for rank, res in enumerate(got):
+            for step, (mine, want) in enumerate(zip(res["steps"], ref)):
+                torch.testing.assert_close(torch.tensor(mine["loss"]), torch.tensor(want["loss"]), rtol=1e-4,
+                                           atol=1e-5, msg=lambda m: f"{name} rank {rank} step {step} loss: {m}")
+                for pname, value in mine["params"].items():
+                    torch.testing.assert_close(value, want["params"][pname], rtol=1e-4, atol=1e-5,
+                                               msg=lambda m: f"{name} rank {rank} step {step} {pname}: {m}")
+            assert res["steps"][-1]["state_numel"] < 0.6 * res["steps"][-1]["stage_numel"]
