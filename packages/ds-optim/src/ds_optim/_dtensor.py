@@ -32,6 +32,12 @@ def is_dtensor(t: object) -> TypeGuard[DTensor]:
     return cls is not None and isinstance(t, cls)
 
 
+def local_device(t: torch.Tensor) -> torch.device:
+    """Where ``t``'s data is: a DTensor's local shard may live elsewhere than its mesh's device (FSDP2's
+    ``CPUOffloadPolicy`` keeps the shards of a CUDA mesh in host memory), and the shard is what is stepped."""
+    return t._local_tensor.device if is_dtensor(t) else t.device
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (no copy; ``to_local()`` would go through an autograd function), else ``t``.
 

@@ -241,11 +241,11 @@ class ShardBucket(_Bucket):
 
     @classmethod
     def is_large(cls, p) -> bool:
-        return _dtensor.padded_local_numel(p) >= cls.direct_numel(p.device)
+        return _dtensor.padded_local_numel(p) >= cls.direct_numel(_dtensor.local_device(p))
 
     def __init__(self, params: list, state_names: tuple[str, ...], state_dtype=torch.float32, direct=False):
         first = params[0]
-        self.device, self.dtype = first.device, first.dtype
+        self.device, self.dtype = first._local_tensor.device, first.dtype  # the shards' device (see local_device)
         self.direct = direct
         self.local_shapes = [p._local_tensor.shape for p in params]
         self._init_slots(params, [s.numel() for s in self.local_shapes], state_names, state_dtype)

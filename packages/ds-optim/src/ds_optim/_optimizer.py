@@ -104,7 +104,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._validate_group(group)
         name = type(self).__name__
-        devices = {p.device for p in group["params"]}
+        devices = {_dtensor.local_device(p) for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(
                 f"{name}: the params of one param group must be on one device, got {sorted(map(str, devices))}; "
@@ -322,15 +322,15 @@ class FlatOptimizer(torch.optim.Optimizer):
             g = _dtensor.local_grad(p, g)
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=target.device)
             for name in self.state_names:
-                zeros = torch.zeros(target.shape, dtype=self._state_dtype, device=p.device)
+                zeros = torch.zeros(target.shape, dtype=self._state_dtype, device=target.device)
                 state[name] = _dtensor.like_param(zeros, p) if sharded else zeros
         self._advance(state["step"], found_inf)
         # a frozen param's storage is the user's: run the kernel on contiguous copies and write back
         flat_p = target.reshape(-1).contiguous()
         states = {name: _dtensor.local(state[name]).view(-1) for name in self.state_names}
-        args = (self.kernels_for(p.device), group, flat_p, g.reshape(-1).contiguous(), states, state["step"],
+        args = (self.kernels_for(target.device), group, flat_p, g.reshape(-1).contiguous(), states, state["step"],
                 grad_scale, found_inf, None, [0, target.numel()])
         if sharded:
             self._update_local(*args, [p])
@@ -426,9 +426,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self.state[p] = {"step": bucket.steps[i]}
                 self.state[p].update({name: bucket.state_view(name, i) for name in self.state_names})
             else:
-                self.state[p] = {"step": torch.tensor(step, dtype=torch.float32, device=p.device)}
+                device = _dtensor.local_device(p)
+                self.state[p] = {"step": torch.tensor(step, dtype=torch.float32, device=device)}
                 for name in self.state_names:
-                    value = values[name].to(device=p.device, dtype=self._state_dtype).reshape(shape).clone()
+                    value = values[name].to(device=device, dtype=self._state_dtype).reshape(shape).clone()
                     self.state[p][name] = _dtensor.like_param(value, p) if sharded else value
 
     @staticmethod

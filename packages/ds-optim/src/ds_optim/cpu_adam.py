@@ -71,9 +71,13 @@ class CPUAdam(FusedAdam):
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            if p.device.type != "cpu" or p.dtype != torch.float32:
+            # a DTensor reports its mesh's device (cuda beside NCCL) even when FSDP2's CPUOffloadPolicy keeps its
+            # shard in host memory: what the kernel steps is the local shard
+            local = p._local_tensor if hasattr(p, "_local_tensor") else p
+            if local.device.type != "cpu" or p.dtype != torch.float32:
                 raise ValueError(
-                    f"CPUAdam: params must be fp32 on the CPU (the offloaded master copy), got {p.dtype} on {p.device}"
+                    f"CPUAdam: params must be fp32 on the CPU (the offloaded master copy), got {p.dtype} on "
+                    f"{local.device}"
                 )
         for bucket in self._buckets[-1]:
             self._streams[bucket.states["exp_avg"].untyped_storage().data_ptr()] = len(self._streams)

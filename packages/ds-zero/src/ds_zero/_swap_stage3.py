@@ -76,7 +76,7 @@ class NVMeShardAdam(torch.optim.Optimizer):
         for gi, g in enumerate(self.param_groups):
             offset = 0
             for p in g["params"]:
-                if not _dtensor.is_dtensor(p) or p.device.type != "cpu" or p.dtype != torch.float32:
+                if not _dtensor.is_dtensor(p) or p._local_tensor.device.type != "cpu" or p.dtype != torch.float32:
                     raise ValueError(f"offload_optimizer.device 'nvme' at stage 3 steps FSDP2's fp32 CPU shards; got "
                                      f"a {'DTensor' if _dtensor.is_dtensor(p) else 'plain'} {p.dtype} param on "
                                      f"{p.device}")

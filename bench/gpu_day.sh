@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call that re-measures what a session changed, section by section ($SECTIONS, in order):
+#   tests   the GPU tests of ds-moe, activation checkpointing, offload (overlap/ratio, stage-3 NVMe)
+#   moe     ds-moe `bench/moe_bench.py all` beside the anchor's DeepSpeed MoE (top-2), same run
+#   ckpt    bench/activation_ckpt_bench.py (every variant, cpu_checkpointing included)
+#   pipe    bench/pipe_gpu_overhead.py (one-stage ds-pipe against the plain loop)
+#   limits  bench/host_limits.py (triad -> CPU Adam floor, pinned PCIe)
+#   offload the 3.94 B GPT with CPU offload: DeepSpeed ZeRO-2 + offload, then ds-zero z2 + offload with the
+#           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40)
+#   bash bench/gpu_day.sh ANCHOR_DIR        (logs and JSON under $OUT; results.txt collects the result lines)
+set -o pipefail
+ANCHORS=${1:?usage: gpu_day.sh ANCHOR_DIR}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+export PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:):$PYTHONPATH PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_CUDA_ARCH_LIST=9.0 DS_ACCELERATOR=cuda
+res() { tee -a "$OUT/results.txt"; }
+for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
+  start=$(date +%s)
+  case $section in
+    tests)
+      timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu -W ignore::DeprecationWarning \
+        ${TESTS:-tests/ds_moe/test_gpu.py tests/ds_train/test_activation_checkpointing.py tests/ds_zero/test_offload_overlap.py tests/ds_zero/test_stage3_nvme.py} \
+        > "$OUT/gpu_tests.log" 2>&1
+      echo "gpu tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8 ;;
+    moe)
+      timeout 120 torchrun --nproc_per_node 1 "$ANCHORS/moe_anchor.py" dsmoe > "$OUT/moe_anchor.log" 2>&1
+      grep -E "^\[dsmoe\]" "$OUT/moe_anchor.log" | res
+      timeout 240 torchrun --nproc_per_node 1 bench/moe_bench.py all --out "$OUT/moe_all.json" > "$OUT/moe_all.log" 2>&1
+      echo "moe_bench rc=$?"; grep -E "^\[|floor|host syncs" "$OUT/moe_all.log" | res ;;
+    ckpt)
+      timeout 240 python3 bench/activation_ckpt_bench.py --out "$OUT/activation_ckpt_h200.json" > "$OUT/ckpt.log" 2>&1
+      echo "ckpt rc=$?"; tail -22 "$OUT/ckpt.log" | res ;;
+    pipe)
+      timeout 150 torchrun --nproc_per_node 1 bench/pipe_gpu_overhead.py > "$OUT/pipe.log" 2>&1
+      echo "pipe rc=$?"; grep -E "^\[pipe|Error" "$OUT/pipe.log" | res ;;
+    limits)
+      timeout 120 python3 bench/host_limits.py --out "$OUT/host_limits.json" > "$OUT/limits.log" 2>&1
+      echo "limits rc=$?"; grep -E "^\[host|Error" "$OUT/limits.log" | res ;;
+    offload)
+      export D=${D:-3072} LAYERS=${LAYERS:-32} HEADS=${HEADS:-24} MB=${MB:-4} STEPS=${STEPS:-3}
+      for v in ${OFFLOAD_VARIANTS:-ds2off overlap sync}; do
+        case $v in
+          ds2off) cmd=("$ANCHORS/zero_anchor.py" ds2off); envs=() ;;
+          sync) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_OVERLAP=0) ;;
+          overlap) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1) ;;
+          chunk) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline.json) ;;
+          r75) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=0.75) ;;
+          auto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
+          *) echo "unknown offload variant $v"; continue ;;
+        esac
+        env "${envs[@]}" timeout "${RUN_TIMEOUT:-240}" torchrun --nproc_per_node 1 "${cmd[@]}" > "$OUT/off_$v.log" 2>&1
+        echo "offload $v rc=$?"; grep -E "^\[[^]]*\] world=|plan|Error" "$OUT/off_$v.log" | tail -4 | sed "s/^/$v: /" | res
+      done ;;
+  esac
+  echo "section $section: $(( $(date +%s) - start )) s"
+done
