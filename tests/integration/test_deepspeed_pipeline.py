@@ -6,6 +6,8 @@ ranks = 2 stages): the loss of each step and the params after it within 1e-5 rel
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -58,7 +60,27 @@ def _worker():
     out["zero_losses"] = [zero.train_batch().item() for _ in range(STEPS)]
     out["zero_params"] = {n: p.detach().clone() for n, p in zero.module.named_parameters()}
     out["zero_state"] = sorted({k for s in zero.optimizer.state.values() for k in s})
+    # DeepSpeed's initialize(model=pipeline_module, mpu=...): the grid the module was built on is accepted (the
+    # same training); an mpu describing another layout is refused naming the getter that differs
+    module = _module()
+    with_mpu, _, _, _ = ds_train.initialize(model=module, config=CONFIG, training_data=_dataset(), mpu=module.mpu())
+    out["mpu_losses"] = [with_mpu.train_batch().item() for _ in range(STEPS)]
+
+    class OtherLayout:  # the module's grid, except for the pipeline size
+        def __getattr__(self, name):
+            return getattr(module.mpu(), name)
+
+        def get_pipe_parallel_world_size(self):
+            return 1
+
     errors = {}
+    try:
+        ds_train.initialize(model=_module(), config=CONFIG, mpu=OtherLayout())
+        errors["mpu"] = None
+    except Exception as exc:  # noqa: BLE001 - the test reads it
+        # the message names the rank it was raised on; the rest is the same on every rank
+        errors["mpu"] = re.sub(r"on rank \d+", "on rank R", f"{type(exc).__name__}: {exc}")
+    dist.barrier()
     for name, bad in {
         "zero": {**CONFIG, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
         "onebit": {**CONFIG, "optimizer": {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 2}}},
@@ -124,6 +146,7 @@ def test_initialize_with_a_pipeline_module_trains_like_one_process():
         for name, value in out["params"].items():  # each stage holds its own layers, named by layer index
             torch.testing.assert_close(value, ref_params[name], rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
         torch.testing.assert_close(torch.tensor(out["zero_losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(out["mpu_losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
         assert out["zero_state"], f"rank {rank}: the ZeRO optimizer holds no state"
         for name, value in out["zero_params"].items():
             torch.testing.assert_close(value, ref_params[name], rtol=1e-5, atol=1e-7, msg=f"zero, rank {rank} {name}")
@@ -138,6 +161,7 @@ def test_initialize_with_a_pipeline_module_trains_like_one_process():
         assert errors["onebit"].startswith("ConfigError") and "not supported with a PipelineModule" in errors["onebit"]
         assert errors["both-optimizers"].startswith("ConfigError") and "remove one of them" in errors["both-optimizers"]
         assert "unknown config key 'pipline'; did you mean 'pipeline'?" in errors["typo"]
+        assert errors["mpu"] is not None and "get_pipe_parallel_world_size" in errors["mpu"], errors["mpu"]
         # a monitor ds-pipe's engine does not run is named (the disabled one is taken as absent)
         assert errors["monitor"].startswith("ConfigError: invalid DeepSpeed config: tensorboard: the TensorBoard "
                                             "monitor with a PipelineModule is not supported yet"), errors["monitor"]

@@ -167,12 +167,12 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     source = _config_source(args, config, config_params)
     init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
     if _is_pipeline_module(model):
-        if mpu is not None:
-            raise ValueError("initialize: a PipelineModule brings its own topology (model.mpu()); do not pass mpu=")
         from ._pipeline import initialize_pipeline
 
+        # an mpu (Megatron's, or the grid the module was built on) must describe the module's topology:
+        # ds-pipe's engine checks it and names the getter that differs
         return initialize_pipeline(model, optimizer, model_parameters, training_data, lr_scheduler, source,
-                                   collate_fn)
+                                   collate_fn, mpu=mpu)
     group, dp_rank, dp_world = _data_parallel(mpu)
     # every check of the config at once, the same ones `python -m ds_train.config --world-size N` runs: the
     # model's, the batch sizes on this data-parallel size, what the 1-bit optimizers need (the engine would
