@@ -12,8 +12,11 @@ bf16/fp16 tensors are passed as ``uint16``/``int16`` views (Numba has no 16-bit 
 the loop (``_bits``); the array dtypes pick the compiled specialization, so the fp32 path has no conversion
 code at all, and an absent ``out`` is ``None`` (its store compiles to nothing). One specialization is compiled
 per combination of dtypes actually used, at first use, and cached on disk (``__pycache__`` next to this file,
-or ``$NUMBA_CACHE_DIR``). Note that Numba's cache only tracks this file: after editing ``_bits.py`` touch this
-file (or clear the cache).
+or ``$NUMBA_CACHE_DIR``). Note that Numba's cache only tracks this file: after editing ``_bits.py`` or
+``_numba_states.py`` touch this file (or clear the cache).
+
+Adam's states may be bf16 (``CPUAdam(state_dtype=torch.bfloat16)``): ``_numba_states`` specializes their loads
+and stores (to nearest, or stochastically with the counter-based noise of ``_rounding``) on the array dtype.
 
 Every function uses ``error_model="numpy"``: a division by zero gives inf/NaN as in torch (Numba's default
 Python model would raise ZeroDivisionError, and its checks would also stop the loops from vectorizing).
