@@ -316,6 +316,32 @@ def test_state_dict_round_trip_and_casts(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_step_cut_into_chunks_equals_the_one_launch_step(backend):
+    """ds-zero's overlapped offload step calls ``_update`` on chunks of the flat buffers: the noise follows the
+    element's flat index, so the states are bit for bit those of one launch."""
+    def make():
+        p = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(0)))
+        return p, CPUAdam([p], lr=1e-2, pin_memory=False, backend=backend, state_dtype=torch.bfloat16)
+
+    (p1, whole), (p2, chunked) = make(), make()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        g = torch.randn(1000, generator=gen)
+        p1.grad = g.clone()
+        whole.step()
+        (fb,) = chunked._buckets[0]
+        chunked._advance(fb.steps, None)
+        for lo, hi in ((0, 333), (333, 334), (334, 1000)):
+            states = {name: flat[lo:hi] for name, flat in fb.states.items()}
+            chunked._update(chunked.kernels_for(fb.device), chunked.param_groups[0], fb.param_flat[lo:hi], g[lo:hi],
+                            states, fb.steps[0], None, None, chunked._out_for(fb, lo, hi), [0, hi - lo])
+        fb.count_uniform_step()
+    assert torch.equal(p1, p2)
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(whole._buckets[0][0].states[name], chunked._buckets[0][0].states[name])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_param_frozen_at_construction_gets_bf16_states(backend):
     model = _model()
     model[0].weight.requires_grad_(False)
