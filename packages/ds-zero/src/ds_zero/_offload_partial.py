@@ -18,8 +18,8 @@ The host master and CPUAdam's states keep the *whole* group's layout (what check
 ``ratio: "auto"`` (:func:`plan_ratio`): at start-up, after the model's 16-bit params are in place, the device's
 free memory (``torch.cuda.mem_get_info``, capped by ``set_per_process_memory_fraction`` when one is set) minus
 the gradient buffers (2 bytes per trainable param of the model: stage 1's full grads, an upper bound at stage 2)
-minus an activation reserve (``offload_optimizer.auto_reserve_gib``, default a quarter of the device's total
-memory) is divided by 12 bytes per element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the
+minus an activation reserve (``offload_optimizer.auto_reserve_gib``, default a quarter of the device memory
+the process may use: the whole GPU, or its ``set_per_process_memory_fraction`` cap) is divided by 12 bytes per element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the
 device, the rest go to the CPU. The plan (bytes on the device / on the CPU) is logged. On a CPU device ``"auto"``
 means ratio 1.
 """
@@ -49,16 +49,20 @@ def plan_ratio(free_bytes: int, reserve_bytes: int, total_elements: int) -> floa
 
 
 def device_free_bytes(device: torch.device) -> tuple[int, int]:
-    """``(free, total)`` bytes this process may still allocate on ``device``: the driver's free memory plus what
-    the caching allocator holds unused (the fp32 model freed when it became 16-bit, say), within the
-    ``set_per_process_memory_fraction`` cap when one is set."""
+    """``(free, capacity)`` bytes: what this process may still allocate on ``device`` (the driver's free memory
+    plus what the caching allocator holds unused: the fp32 model freed when it became 16-bit, say) and the
+    device memory it may use at all, both within the ``set_per_process_memory_fraction`` cap when one is set (the
+    activation reserve is a share of the capacity: a share of the whole GPU would not fit under a cap of 40 GiB
+    on a 141 GiB H200, and the plan would keep nothing on the device; measured on the H200)."""
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     free += torch.cuda.memory_reserved(device) - allocated
+    capacity = total
     fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if fraction_of is not None:
-        free = min(free, int(fraction_of(device) * total) - allocated)
-    return max(0, free), total
+        capacity = min(total, int(fraction_of(device) * total))
+        free = min(free, capacity - allocated)
+    return max(0, free), capacity
 
 
 def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int, reserve_gib: float | None) -> float:

@@ -234,7 +234,7 @@ class OffloadOptimizerConfig(StrictModel):
     #: the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
     #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up
     ratio: float | Literal["auto"] = 1.0
-    #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device's total
+    #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device memory the process may use
     auto_reserve_gib: NonNegativeFloat | None = None
 
     @field_validator("device", mode="before")
