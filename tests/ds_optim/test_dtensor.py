@@ -438,3 +438,33 @@ def _others(backends):
 
 def test_every_optimizer_on_uneven_and_empty_shards():
     run_distributed(_others, 3, BACKENDS)
+
+
+def _around_worker():
+    """dtensor_around on a CPU mesh, both branches: from_local's (same device type) and the constructor's
+    (another device type: forced here by asking for it, the only way to reach it without a GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    from ds_optim import _dtensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    local = torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * dist.get_rank()
+    out = {}
+    for name, dt in (("from_local", _dtensor.dtensor_around(local, mesh, [Shard(0)], (6, 2), (2, 1))),
+                     ("constructor", _dtensor._around_with_constructor(local, mesh, [Shard(0)], (6, 2), (2, 1)))):
+        out[name] = (dt._local_tensor.data_ptr() == local.data_ptr(), tuple(dt.shape), tuple(dt.placements),
+                     dt.full_tensor().tolist())
+    rep = _dtensor._around_with_constructor(local, mesh, [Replicate()], None, None)
+    out["replicate_shape"] = tuple(rep.shape)
+    return out
+
+
+def test_dtensor_around_shares_the_local_memory():
+    for out in run_distributed(_around_worker, 2):
+        full = (torch.arange(6, dtype=torch.float32).reshape(3, 2).tolist()
+                + (torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10).tolist())
+        for name in ("from_local", "constructor"):
+            shares, shape, placements, values = out[name]
+            assert shares and shape == (6, 2) and values == full, (name, out[name])
+        assert out["replicate_shape"] == (3, 2)

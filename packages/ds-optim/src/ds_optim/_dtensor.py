@@ -68,14 +68,40 @@ def local_grad(p, g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def dtensor_around(local_tensor: torch.Tensor, mesh, placements, shape=None, stride=None) -> torch.Tensor:
+    """A DTensor on ``mesh`` whose local tensor *is* ``local_tensor`` (same memory), wherever that lives.
+
+    ``DTensor.from_local`` moves a local tensor that is not on the mesh's device type, i.e. copies it: a CPU
+    shard of FSDP2's ``CPUOffloadPolicy`` on a CUDA mesh (or its optimizer state, or a CPU master) would turn
+    into a GPU copy that shares nothing with what the CPU optimizer steps. FSDP2 wraps its CPU shards with the
+    DTensor constructor for that reason; so does this, in that case. ``shape``/``stride``: the global ones
+    (default: the local ones, right for Replicate)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = tuple(local_tensor.shape) if shape is None else tuple(shape)
+    stride = tuple(local_tensor.stride()) if stride is None else tuple(stride)
+    if local_tensor.device.type == mesh.device_type or local_tensor.is_meta:
+        return DTensor.from_local(local_tensor, mesh, placements, run_check=False, shape=torch.Size(shape),
+                                  stride=stride)
+    return _around_with_constructor(local_tensor, mesh, placements, shape, stride)
+
+
+def _around_with_constructor(local_tensor: torch.Tensor, mesh, placements, shape, stride) -> torch.Tensor:
+    """``dtensor_around``'s other-device branch (FSDP2's ``_from_local_no_grad``): no move, no copy."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    shape = tuple(local_tensor.shape) if shape is None else tuple(shape)
+    stride = tuple(local_tensor.stride()) if stride is None else tuple(stride)
+    spec = DTensorSpec(mesh, tuple(placements), tensor_meta=TensorMeta(torch.Size(shape), stride, local_tensor.dtype))
+    return DTensor(local_tensor, spec, requires_grad=local_tensor.requires_grad)
+
+
 def like_param(local_tensor: torch.Tensor, p) -> torch.Tensor:
     """A DTensor with ``p``'s mesh, placements and global shape around ``local_tensor`` (shares its memory).
 
     Shape and stride are given, not inferred: FSDP2's shards are uneven (padded, some empty)."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local_tensor, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                              stride=p.stride())
+    return dtensor_around(local_tensor, p.device_mesh, p.placements, p.shape, p.stride())
 
 
 def local_value(value: torch.Tensor, p) -> torch.Tensor:

@@ -464,11 +464,13 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
             groups[gi].append(current[name])
     # the persistent params' fp32 masters join their groups as replicated DTensors sharing the masters'
     # storage: torch's foreach/fused optimizers refuse a group that mixes DTensors and plain tensors
-    from torch.distributed.tensor import DTensor, Replicate
+    # (built around the masters' own memory even when they are on the CPU beside a CUDA mesh: from_local would
+    # copy them to the GPU, and the optimizer would step the copy)
+    from ds_optim._dtensor import dtensor_around
+    from torch.distributed.tensor import Replicate
 
     engine._master_dtensors = [
-        None if m is None else torch.nn.Parameter(
-            DTensor.from_local(m.data, engine.policy.mesh, [Replicate()], run_check=False))
+        None if m is None else torch.nn.Parameter(dtensor_around(m.data, engine.policy.mesh, [Replicate()]))
         for m in engine.masters.params]
     for gi, wrapper in enumerate(engine._master_dtensors):
         if wrapper is not None:

@@ -276,12 +276,13 @@ class ZeroEngine:
         build_stage3(self, user_opt, named)
 
     def _attach_master_grads(self) -> None:
-        from torch.distributed.tensor import DTensor, Replicate
+        from ds_optim._dtensor import dtensor_around
+        from torch.distributed.tensor import Replicate
 
         for wrapper, master in zip(self._master_dtensors, self._require_masters().params):
             if wrapper is not None and master is not None and master.grad is not None:
-                wrapper.grad = DTensor.from_local(master.grad, self._stage3_policy().mesh, [Replicate()],
-                                                  run_check=False)
+                # around the grad's own memory (a CPU master's grad stays on the CPU beside a CUDA mesh)
+                wrapper.grad = dtensor_around(master.grad, self._stage3_policy().mesh, [Replicate()])
 
     def _rows_of(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """This rank's dim-0 rows of ``full`` as FSDP2 shards it (``local`` gives their count)."""
