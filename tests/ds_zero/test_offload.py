@@ -312,3 +312,53 @@ def test_gpu_offload_pinned_equals_device_step():
         if a is not None:
             torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-5, atol=1e-6)
     assert off.model_state_bytes()["host"] > 0
+
+
+# -- bf16 moments on the CPU (offload_optimizer.state_dtype) ---------------------------------------------------
+def test_state_dtype_config():
+    off = EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+        "device": "cpu", "state_dtype": "bf16"}}}).zero_optimization.offload_optimizer
+    assert off.state_dtype == "bf16"
+    with pytest.raises(ValidationError, match="state_dtype 'bf16' is built for device \"cpu\""):
+        EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "nvme", "nvme_path": "/tmp", "state_dtype": "bf16"}}})
+    with pytest.raises(ValidationError):
+        EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "cpu", "state_dtype": "fp16"}}})
+
+
+BF16_STATES = {"offload_optimizer": {"device": "cpu", "state_dtype": "bf16"}}
+LR_BF16 = 1e-2
+
+
+def _bf16_states_worker():
+    """Stages 1 and 2 with bf16 moments (the same partition: bit for bit), and fp32 moments, 2 ranks."""
+    out = {}
+    for name, stage, zero in (("s1", 1, BF16_STATES), ("s2", 2, BF16_STATES), ("fp32", 2, OFFLOAD)):
+        torch.manual_seed(0)
+        model = make_model()
+        cfg = base_config(stage, 2, 1, bf16={"enabled": True, "auto_cast": True}, zero=zero)
+        engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=LR_BF16), cfg)
+        for step in range(STEPS):
+            x, y = micro_batch(step, 0, dist.get_rank(), 2, 2, 1)
+            engine.backward(engine(x, y))
+            engine.step()
+        states = [s for st in engine.optimizer.state.values() for k, s in st.items() if k != "step"]
+        out[name] = {"masters": [m.detach().clone() for m in engine.masters.params if m is not None],
+                     "state_dtypes": sorted({str(s.dtype) for s in states}),
+                     "optimizer": type(engine.optimizer).__name__}
+    return out
+
+
+def test_bf16_moments_on_the_cpu():
+    for out in run_distributed(_bf16_states_worker, 2):
+        assert out["s1"]["optimizer"] == "CPUAdam" and out["s1"]["state_dtypes"] == ["torch.bfloat16"]
+        assert out["fp32"]["state_dtypes"] == ["torch.float32"]
+        for a, b in zip(out["s1"]["masters"], out["s2"]["masters"]):  # same shards, same noise: bit for bit
+            assert torch.equal(a, b)
+        # against fp32 moments: each step's update (at most ~lr per element) carries the bf16 rounding of m and
+        # v, relative error below 2^-7 (one bf16 ulp each, through m / sqrt(v)); STEPS steps of it at most
+        bound = STEPS * LR_BF16 * 2 ** -7
+        for a, b in zip(out["s2"]["masters"], out["fp32"]["masters"]):
+            assert float((a - b).abs().max()) <= bound
+            assert not torch.equal(a, b)  # the bf16 path really ran

@@ -102,6 +102,8 @@ class CPUOffload:
         #: ``offload_optimizer.ratio`` (a number, or "auto" until planned) and the planner's activation reserve
         self.ratio: float | str = 1.0
         self.auto_reserve_gib: float | None = None
+        #: ``offload_optimizer.state_dtype``: Adam's moments on the CPU in fp32 or bf16 (CPUAdam only)
+        self.state_dtype = torch.float32
 
     @classmethod
     def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
@@ -119,7 +121,9 @@ class CPUOffload:
                             "the CPU, so the optimizer steps there too (as with offload_optimizer: cpu)")
             pin = (par is not None and par.pin_memory) or (off is not None and off.pin_memory)
             # no 16-bit copy-out: FSDP2 copies the fp32 shard to the device and casts it for the all-gather
-            return cls(device, pin, None, stage3=True)
+            stage3 = cls(device, pin, None, stage3=True)
+            stage3.state_dtype = _state_dtype(off)
+            return stage3
         if off is None:
             return None
         if off.device == "nvme" and mode_name == "stage3":  # the config refuses it already; the backstop
@@ -132,6 +136,7 @@ class CPUOffload:
         offload.overlap_step = off.device == "cpu" and off.overlap_step
         offload.chunk_numel = config.zero_optimization.sub_group_size
         offload.ratio, offload.auto_reserve_gib = off.ratio, off.auto_reserve_gib
+        offload.state_dtype = _state_dtype(off)
         offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if off.device == "nvme":  # ZeRO-Infinity's optimizer swapping (_swap)
             offload.nvme_path = off.nvme_path
@@ -167,6 +172,9 @@ class CPUOffload:
         if not adam and self.ratio != 1.0:
             raise ValueError(f"zero_optimization.offload_optimizer.ratio {self.ratio!r} splits Adam's step between the "
                              f"device and CPUAdam: it needs an Adam-family optimizer, got {type(template).__name__}")
+        if not adam and self.state_dtype != torch.float32:
+            raise ValueError(f"zero_optimization.offload_optimizer.state_dtype 'bf16' is CPUAdam's (Adam's moments in "
+                             f"bf16): it needs an Adam-family optimizer, got {type(template).__name__}")
         if not adam:
             backend = getattr(template, "backend_request", None)
             if isinstance(template, FlatOptimizer) and backend in _GPU_BACKENDS:
@@ -204,7 +212,7 @@ class CPUOffload:
         cpu_adam = CPUAdam(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
                            weight_decay=d.get("weight_decay", 0.0), adamw_mode=_adam_w_mode(template, d),
                            bias_correction=d.get("bias_correction", True), copy_dtype=self.copy_dtype,
-                           pin_memory=self.pin)
+                           pin_memory=self.pin, state_dtype=self.state_dtype)
         self._attach_pipeline(template)
         return cpu_adam
 
@@ -244,6 +252,15 @@ class CPUOffload:
         if part is not None:
             part.from_host(optimizer)
 
+
+def _state_dtype(off) -> torch.dtype:
+    """``offload_optimizer.state_dtype`` as a torch dtype; bf16 moments are CPUAdam's (device "cpu") only."""
+    if off is None or off.state_dtype == "fp32":
+        return torch.float32
+    if off.device != "cpu":
+        raise ValueError(f"zero_optimization.offload_optimizer.state_dtype 'bf16' is built for device 'cpu' "
+                         f"(ds_optim.CPUAdam); with device {off.device!r} Adam's moments stay fp32")
+    return torch.bfloat16
 
 def _adam_w_mode(template: torch.optim.Optimizer, group: dict) -> bool:
     """Decoupled weight decay (AdamW) or an L2 term added to the grad (Adam), as the template means it."""
