@@ -325,6 +325,9 @@ def test_state_dtype_config():
     with pytest.raises(ValidationError):
         EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
             "device": "cpu", "state_dtype": "fp16"}}})
+    with pytest.raises(ValidationError, match="state_dtype 'bf16' with ratio 0.5 is not built"):
+        EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "cpu", "state_dtype": "bf16", "ratio": 0.5}}})
 
 
 BF16_STATES = {"offload_optimizer": {"device": "cpu", "state_dtype": "bf16"}}

@@ -265,6 +265,10 @@ class OffloadOptimizerConfig(StrictModel):
         if self.ratio != 1.0 and not self.overlap_step:
             raise ValueError(f"offload_optimizer.ratio {self.ratio!r} runs in the overlapped step: it needs "
                              "offload_optimizer.overlap_step true")
+        if self.state_dtype != "fp32" and self.ratio != 1.0:
+            # the device part steps fp32 moments; a checkpoint would round them into the bf16 host copy to nearest
+            raise ValueError(f"offload_optimizer.state_dtype {self.state_dtype!r} with ratio {self.ratio!r} is not "
+                             "built: bf16 moments are the CPU part's only; use ratio 1 or state_dtype \"fp32\"")
         if self.state_dtype != "fp32" and self.device != "cpu":
             raise ValueError(f"offload_optimizer.state_dtype {self.state_dtype!r} is built for device \"cpu\" "
                              f"(ds_optim.CPUAdam; got {self.device!r}, whose swap files hold fp32 moments)")
