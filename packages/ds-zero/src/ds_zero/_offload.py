@@ -46,7 +46,8 @@ D2H copies of a bucket start in backward as soon as its last reduce-scatter of t
 **Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the first ``1 - ratio``
 of each master is stepped on the device by the template's class, the rest by CPUAdam in the overlapped step.
 
-Not built here: the speculative CPU step during backward (SuperOffload's), and 16-bit CPU states.
+Adam's moments may be bf16 on the CPU (``offload_optimizer.state_dtype``: CPUAdam's stochastic rounding).
+Not built here: the speculative CPU step during backward (SuperOffload's).
 """
 
 from __future__ import annotations
