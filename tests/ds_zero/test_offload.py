@@ -365,3 +365,55 @@ def test_bf16_moments_on_the_cpu():
         for a, b in zip(out["s2"]["masters"], out["fp32"]["masters"]):
             assert float((a - b).abs().max()) <= bound
             assert not torch.equal(a, b)  # the bf16 path really ran
+
+
+# -- host memory checked before the offloaded state is allocated -------------------------------------------------
+def _host_memory_worker():
+    """Rank 1's host reports 1000 bytes available (the tiny model needs a few KiB): both ranks refuse before
+    allocating, rank 1 with the amounts, rank 0 naming rank 1 (no rank is left waiting in a collective)."""
+    import ds_zero._swap as swap
+
+    if dist.get_rank() == 1:
+        swap._mem_available = lambda: 1000
+    model = make_model()
+    cfg = base_config(2, 2, 1, bf16={"enabled": True, "auto_cast": True}, zero=OFFLOAD)
+    try:
+        ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the test reads it
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_host_memory_is_checked_on_every_rank():
+    from ds_zero._offload import CPUOffload
+
+    r0, r1 = run_distributed(_host_memory_worker, 2)
+    assert r1.startswith("HostMemoryError: zero_optimization.offload_optimizer: the CPU offload needs"), r1
+    assert "16 bytes x" in r1 and "only 0.00 GiB is available" in r1, r1
+    assert r0.startswith("HostMemoryError: the CPU offload's host-memory check failed on rank 1"), r0
+    off = CPUOffload(torch.device("cpu"), False, torch.bfloat16)
+    assert off.host_bytes_per_element() == 16  # master 4 + moments 8 + staging 2 + copy-out 2
+    off.state_dtype = torch.bfloat16
+    assert off.host_bytes_per_element() == 12
+
+
+def _stage3_host_memory_worker():
+    import ds_zero._swap as swap
+
+    if dist.get_rank() == 0:
+        swap._mem_available = lambda: 1000
+    model = make_model()
+    # threshold 0: every param sharded (the tiny model's params would all stay whole on the device otherwise)
+    cfg = base_config(3, 2, 1, zero={"offload_param": {"device": "cpu"}, "stage3_param_persistence_threshold": 0})
+    try:
+        ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the test reads it
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_stage3_offload_checks_host_memory_before_sharding():
+    r0, r1 = run_distributed(_stage3_host_memory_worker, 2)
+    assert r0.startswith("HostMemoryError: zero_optimization.offload_optimizer: the CPU offload needs"), r0
+    assert "16 bytes x" in r0, r0  # fp32 shard + fp32 grad shard + fp32 moments
+    assert r1.startswith("HostMemoryError: the CPU offload's host-memory check failed on rank 0"), r1

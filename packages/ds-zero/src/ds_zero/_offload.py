@@ -53,6 +53,7 @@ Not built here: the speculative CPU step during backward (SuperOffload's).
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,6 +75,11 @@ _GPU_BACKENDS = ("cupy", "numba-cuda")
 #: torch/ds-optim group keys that CPUAdam does not take (they select kernels, not the update)
 _DROPPED_KEYS = ("params", "param_names", "foreach", "fused", "capturable", "differentiable",
                  "decoupled_weight_decay", "amsgrad", "backend")
+
+
+class HostMemoryError(RuntimeError):
+    """The offloaded optimizer state would not fit in the host's available memory (checked before any of it is
+    allocated, on every rank)."""
 
 
 class CPUOffload:
@@ -124,6 +130,7 @@ class CPUOffload:
             # no 16-bit copy-out: FSDP2 copies the fp32 shard to the device and casts it for the all-gather
             stage3 = cls(device, pin, None, stage3=True)
             stage3.state_dtype = _state_dtype(off)
+            stage3.group = process_group
             return stage3
         if off is None:
             return None
@@ -139,6 +146,7 @@ class CPUOffload:
         offload.ratio, offload.auto_reserve_gib = off.ratio, off.auto_reserve_gib
         offload.state_dtype = _state_dtype(off)
         offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        offload.group = process_group  # set-up errors (host memory, NVMe) are agreed over it
         if off.device == "nvme":  # ZeRO-Infinity's optimizer swapping (_swap)
             offload.nvme_path = off.nvme_path
             offload.sub_group_size = config.zero_optimization.sub_group_size
@@ -155,7 +163,38 @@ class CPUOffload:
 
         return CPUOffloadPolicy(pin_memory=self.pin)
 
+    def host_bytes_per_element(self) -> int:
+        """Host bytes per element of this rank's master shard with ``device: "cpu"``: the fp32 master, Adam's
+        two moments (fp32 or bf16), and at stages 0-2 the 16-bit grad staging and the 16-bit copy-out (fp32
+        model: a 4-byte staging and no copy-out); at stage 3 FSDP2's fp32 gradient shard instead."""
+        moments = 8 if self.state_dtype == torch.float32 else 4
+        if self.stage3:
+            return 4 + moments + 4
+        return 4 + moments + (2 + 2 if self.copy_dtype is not None else 4)
+
+    def check_host_memory(self, elements: int) -> None:
+        """Before the host state is allocated: refuse, on every rank, a plan that does not fit in the host's
+        available memory (``MemAvailable``; this rank's need times the ranks launched on this host, which hold
+        shards of the same size), rather than run into the OOM killer mid-run or while pinning."""
+        from ._swap import _gib, _mem_available, agree_on_setup
+
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        per_element = self.host_bytes_per_element()
+        need = elements * per_element * local_ranks
+        available = _mem_available()
+        error = None
+        if available is not None and need > available:
+            error = HostMemoryError(
+                f"zero_optimization.offload_optimizer: the CPU offload needs {_gib(need)} of host memory on this host "
+                f"({per_element} bytes x {elements:,} elements of this rank's shard -- fp32 master, Adam's moments and "
+                f"gradient buffers -- x {local_ranks} local rank(s)), but only {_gib(available)} is "
+                "available (MemAvailable). Use more nodes, offload_optimizer.ratio < 1 (part of the state on the GPU), "
+                "offload_optimizer.state_dtype 'bf16', or device 'nvme'")
+        agree_on_setup(error, self.group, HostMemoryError, "the CPU offload's host-memory check")
+
     def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:
+        if self.nvme_path is None:
+            self.check_host_memory(sum(b.shard_numel for b in buckets))
         self.masters = (NVMeMasters if self.nvme_path is not None else OffloadedMasters)(
             buckets, num_groups, fp32_sources, self)
         return self.masters

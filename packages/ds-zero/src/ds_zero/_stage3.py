@@ -421,6 +421,12 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     comm_dtype = engine.config.communication_data_type
     reduce_dtype = _DTYPES.get(comm_dtype) if comm_dtype else None
     offload = engine.offload  # ZeRO-3 offload: shards, their grads and the optimizer on the CPU (_offload)
+    off = zero.offload_optimizer
+    if offload is not None and not (off is not None and off.device == "nvme"):
+        # before FSDP2 moves any shard to the host: this rank's share of every param it will shard
+        world = max(1, engine.dp_world_size)
+        offload.check_host_memory(sum(-(-p.numel() // world) for p in dict.fromkeys(engine.module.parameters())
+                                      if p not in kept and p.requires_grad))
     engine.policy = FullyShardedParams(engine.module, zero, engine.process_group, engine.device,
                                        dtype if engine.precision.mixed else None, reduce_dtype, persistent,
                                        offload.fsdp_policy() if offload is not None else None, expert_units)
@@ -475,7 +481,6 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
     for gi, wrapper in enumerate(engine._master_dtensors):
         if wrapper is not None:
             groups[gi].append(wrapper)
-    off = zero.offload_optimizer
     if offload is not None and off is not None and off.device == "nvme":
         # ZeRO-Infinity's optimizer-state swapping: the CPU shards stepped in place, Adam's moments in swap files
         from ._swap_stage3 import build_nvme_shard_adam

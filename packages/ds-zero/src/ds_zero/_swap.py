@@ -219,9 +219,11 @@ class SwapFiles:
         self._finalizer()
 
 
-def agree_on_setup(error: BaseException | None, group) -> None:
-    """Every rank learns whether any rank failed to set up its swap files, so that none goes on into a
-    collective the failed one never joins: the failing rank raises its own error, the others name it."""
+def agree_on_setup(error: BaseException | None, group, error_class: type[Exception] = NVMeSwapError,
+                   what: str = "NVMe offload set-up") -> None:
+    """Every rank learns whether any rank failed to set up its swap files (or, ``what``, its offload), so that
+    none goes on into a collective the failed one never joins: the failing rank raises its own error, the others
+    name it (an ``error_class``)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         messages = [None] * dist.get_world_size(group)
         dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
@@ -229,7 +231,7 @@ def agree_on_setup(error: BaseException | None, group) -> None:
             failed = [(r, m) for r, m in enumerate(messages) if m is not None]
             if failed:
                 rank, message = failed[0]
-                raise NVMeSwapError(f"NVMe offload set-up failed on rank {rank}: {message}")
+                raise error_class(f"{what} failed on rank {rank}: {message}")
     if error is not None:
         raise error
 
