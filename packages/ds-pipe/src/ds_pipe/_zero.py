@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_zero import _comm
-from ds_zero._optim import bind_scheduler, materialize_optimizer, rebuild_optimizer
+from ds_zero.components import bind_scheduler, materialize_optimizer, rebuild_optimizer
+from ds_zero.components import collectives as _comm
 
 from ._precision import local
 

@@ -125,7 +125,7 @@ class PipelineEngine:
     def _shard_zero3(self, optimizer: Any, lr_scheduler: Any) -> None:
         """ZeRO-3: the stage's module sharded over its data group by FSDP2 (``_zero3``); the optimizer rebuilt
         over the sharded fp32 parameters, which are the masters."""
-        from ds_zero._optim import bind_scheduler, materialize_optimizer, rebuild_optimizer
+        from ds_zero.components import bind_scheduler, materialize_optimizer, rebuild_optimizer
 
         model = self.module
         if model.virtual_stages > 1:
