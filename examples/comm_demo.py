@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
 
 import torch
@@ -118,10 +117,10 @@ def main() -> None:
               " exact average.\nOn 2 CPU cores the timings measure compute, not a network: see bench/ for GPUs.")
     # every rank leaves together: tearing gloo down while a peer is still mid-collective can abort the process
     dist.barrier()
-    # ds-comm keeps one transport per process group in a module-level cache, which holds the group itself: let go
-    # of it, or destroy_process_group() cannot free the group and gloo's threads outlive main() (see the import
-    # of torch.distributed.nn.functional above for why that matters). Private until ds-comm releases it itself.
-    getattr(sys.modules.get("ds_comm.transport"), "_TRANSPORTS", {}).clear()
+    # ds-comm caches one transport per process group, holding the group itself: let go of it, or
+    # destroy_process_group() cannot free the group and gloo's threads outlive main() (see the import of
+    # torch.distributed.nn.functional above for why that matters)
+    ds_comm.transport.release()
     gc.collect()  # cycles that still reach the group
     dist.destroy_process_group()
 

@@ -139,10 +139,12 @@ def main() -> None:
     # every rank leaves together (tearing gloo down while a peer is still mid-collective can abort the process)
     dist.barrier()
     del model, optimizer
-    # ds-comm keeps one transport per process group in a module-level cache, which holds the group itself: let go
-    # of it, or destroy_process_group() cannot free the group and gloo's threads outlive main() (see the import
-    # of torch.distributed.nn.functional above for why that matters). Private until ds-comm releases it itself.
-    getattr(sys.modules.get("ds_comm.transport"), "_TRANSPORTS", {}).clear()
+    # ds-comm caches one transport per process group, holding the group itself: let go of it, or
+    # destroy_process_group() cannot free the group and gloo's threads outlive main() (see the import of
+    # torch.distributed.nn.functional above for why that matters). Only loaded for the 1-bit optimizers: the
+    # ds-optim swap runs without ds-comm installed
+    if "ds_comm" in sys.modules:
+        sys.modules["ds_comm"].transport.release()
     gc.collect()  # cycles that still reach the group
     dist.destroy_process_group()
 

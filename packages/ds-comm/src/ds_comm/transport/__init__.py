@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 from ._base import LocalTransport, ReduceOpName, Transport
 from ._mpi import MPITransport
 from ._torch import TorchDistTransport
 
-__all__ = ["Transport", "TorchDistTransport", "MPITransport", "LocalTransport", "ReduceOpName", "resolve_transport"]
+__all__ = ["Transport", "TorchDistTransport", "MPITransport", "LocalTransport", "ReduceOpName", "release",
+           "resolve_transport"]
 
 
 # Collectives resolve their group on every call. Keep one transport per process group / communicator: building
@@ -22,6 +24,32 @@ def _cached(owner, make) -> Transport:
     if entry is None or entry[0] is not owner:
         entry = _TRANSPORTS[id(owner)] = (owner, make())
     return entry[1]
+
+
+def release(group: Any = None) -> None:
+    """Drop ds-comm's cached transport of ``group`` (None: of every group), and with it ds-comm's references to
+    the process group and to the sub-groups of the hierarchical collectives.
+
+    Call it after ``torch.distributed.destroy_process_group()`` in a process that goes on (new groups, another
+    init): until then the cache keeps the old groups alive. At interpreter exit it runs by itself (an ``atexit``
+    hook), so that groups held only here are freed -- and gloo's worker threads joined -- while the interpreter
+    is still whole, not during its finalization (where a live gloo thread aborts the process: "terminate called
+    without an active exception")."""
+    if group is None:
+        _TRANSPORTS.clear()
+        return
+    owner = group
+    if not isinstance(group, Transport):
+        entry = _TRANSPORTS.get(id(owner))
+        if entry is not None and entry[0] is owner:
+            del _TRANSPORTS[id(owner)]
+        return
+    for key, (_, transport) in list(_TRANSPORTS.items()):
+        if transport is group:
+            del _TRANSPORTS[key]
+
+
+atexit.register(release)
 
 
 def _cached_torch_transport(pg, group) -> Transport:
