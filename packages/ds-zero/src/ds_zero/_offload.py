@@ -224,34 +224,16 @@ class CPUOffload:
             logger.info("ds_zero: offload_optimizer: %s is not an Adam-family optimizer; it steps the CPU masters "
                         "as given (no fused 16-bit copy-out)", type(template).__name__)
             return rebuild_optimizer(template, group_params)
-        groups, indices = [], []
-        for gi, (src, params) in enumerate(zip(template.param_groups, group_params)):
-            if not params:
-                continue
-            indices.append(gi)
-            if src.get("amsgrad"):
-                raise ValueError("zero_optimization.offload_optimizer: amsgrad=True is not supported by the CPU "
-                                 "optimizer (ds_optim.CPUAdam); build the optimizer without amsgrad")
-            group = {k: v for k, v in src.items() if k not in _DROPPED_KEYS}
-            group["adam_w_mode"] = _adam_w_mode(template, src)
-            group.setdefault("bias_correction", True)
-            group.setdefault("maximize", False)
-            group["params"] = params
-            groups.append(group)
-        if not groups:
-            raise ValueError("the optimizer has no trainable parameters (every param is frozen or in no group)")
-        d = template.defaults
+        groups, indices = adam_groups(template, group_params, "the CPU optimizer (ds_optim.CPUAdam)")
+        defaults = adam_defaults(template)
         if self.nvme_path is not None:
             from ._swap import build_nvme_adam
 
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-            defaults = {"lr": d.get("lr", 1e-3), "betas": d.get("betas", (0.9, 0.999)), "eps": d.get("eps", 1e-8),
-                        "weight_decay": d.get("weight_decay", 0.0), "adam_w_mode": _adam_w_mode(template, d),
-                        "bias_correction": d.get("bias_correction", True), "maximize": d.get("maximize", False)}
             return build_nvme_adam(self, list(zip(indices, hyper)), defaults, self.masters)
-        cpu_adam = CPUAdam(groups, lr=d.get("lr", 1e-3), betas=d.get("betas", (0.9, 0.999)), eps=d.get("eps", 1e-8),
-                           weight_decay=d.get("weight_decay", 0.0), adamw_mode=_adam_w_mode(template, d),
-                           bias_correction=d.get("bias_correction", True), copy_dtype=self.copy_dtype,
+        cpu_adam = CPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
+                           weight_decay=defaults["weight_decay"], adamw_mode=defaults["adam_w_mode"],
+                           bias_correction=defaults["bias_correction"], copy_dtype=self.copy_dtype,
                            pin_memory=self.pin, state_dtype=self.state_dtype)
         self._attach_pipeline(template)
         return cpu_adam
@@ -301,6 +283,38 @@ def _state_dtype(off) -> torch.dtype:
         raise ValueError(f"zero_optimization.offload_optimizer.state_dtype 'bf16' is built for device 'cpu' "
                          f"(ds_optim.CPUAdam); with device {off.device!r} Adam's moments stay fp32")
     return torch.bfloat16
+
+def adam_groups(template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]],
+                optimizer_name: str) -> tuple[list[dict], list[int]]:
+    """The template's param groups (its hyper-parameters, Adam's weight-decay mode made explicit) over
+    ``group_params`` (one list per template group; empty ones are dropped), and the template indices kept.
+    ``optimizer_name`` names the offloaded optimizer in the errors (amsgrad, which none of them has)."""
+    groups, indices = [], []
+    for gi, (src, params) in enumerate(zip(template.param_groups, group_params)):
+        if not params:
+            continue
+        if src.get("amsgrad"):
+            raise ValueError(f"zero_optimization.offload_optimizer: amsgrad=True is not supported by {optimizer_name}; "
+                             "build the optimizer without amsgrad")
+        group = {k: v for k, v in src.items() if k not in _DROPPED_KEYS}
+        group["adam_w_mode"] = _adam_w_mode(template, src)
+        group.setdefault("bias_correction", True)
+        group.setdefault("maximize", False)
+        group["params"] = params
+        groups.append(group)
+        indices.append(gi)
+    if not groups:
+        raise ValueError("the optimizer has no trainable parameters (every param is frozen or in no group)")
+    return groups, indices
+
+
+def adam_defaults(template: torch.optim.Optimizer) -> dict:
+    """The template's defaults as the offloaded Adam optimizers take them."""
+    d = template.defaults
+    return {"lr": d.get("lr", 1e-3), "betas": d.get("betas", (0.9, 0.999)), "eps": d.get("eps", 1e-8),
+            "weight_decay": d.get("weight_decay", 0.0), "adam_w_mode": _adam_w_mode(template, d),
+            "bias_correction": d.get("bias_correction", True), "maximize": d.get("maximize", False)}
+
 
 def _adam_w_mode(template: torch.optim.Optimizer, group: dict) -> bool:
     """Decoupled weight decay (AdamW) or an L2 term added to the grad (Adam), as the template means it."""

@@ -273,30 +273,13 @@ def build_nvme_shard_adam(template: torch.optim.Optimizer, groups: list[list[tor
     params' replicated masters), with the template's hyper-parameters per group; Adam/AdamW only."""
     from ds_optim import FusedAdam
 
-    from ._offload import _DROPPED_KEYS, _adam_w_mode
+    from ._offload import adam_defaults, adam_groups
 
     if not isinstance(template, (torch.optim.Adam, torch.optim.AdamW, FusedAdam)):
         raise ValueError(f"zero_optimization.offload_optimizer.device 'nvme' swaps Adam's states: it steps "
                          f"Adam/AdamW only, got {type(template).__name__}; use device 'cpu' for other optimizers")
-    out = []
-    for src, params in zip(template.param_groups, groups):
-        if not params:
-            continue
-        if src.get("amsgrad"):
-            raise ValueError("zero_optimization.offload_optimizer: amsgrad=True is not supported by the NVMe "
-                             "optimizer; build the optimizer without amsgrad")
-        group = {k: v for k, v in src.items() if k not in _DROPPED_KEYS}
-        group["adam_w_mode"] = _adam_w_mode(template, src)
-        group.setdefault("bias_correction", True)
-        group.setdefault("maximize", False)
-        group["params"] = params
-        out.append(group)
-    if not out:
-        raise ValueError("the optimizer has no trainable parameters (every param is frozen or in no group)")
-    d = template.defaults
-    defaults = {"lr": d.get("lr", 1e-3), "betas": d.get("betas", (0.9, 0.999)), "eps": d.get("eps", 1e-8),
-                "weight_decay": d.get("weight_decay", 0.0), "adam_w_mode": _adam_w_mode(template, d),
-                "bias_correction": d.get("bias_correction", True), "maximize": d.get("maximize", False)}
+    out, _ = adam_groups(template, groups, "the NVMe optimizer")
+    defaults = adam_defaults(template)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     off = zero.offload_optimizer
     return NVMeShardAdam(out, defaults, off.nvme_path, rank, process_group, comm_device, zero.sub_group_size)
