@@ -29,9 +29,12 @@ def zero_config(case, n_micro, schedule):
 
 def zero_engine(case, stages, n_micro, zero, base_seed=BASE_SEED, resumed=False):
     virtual, schedule = (1, "1f1b") if resumed else (case.get("virtual", 1), case.get("schedule", "1f1b"))
+    if resumed == "virtual":  # a virtual-stage run resumed in its own layout
+        virtual, schedule = case["virtual"], case["schedule"]
     module = PipelineModule(_specs(case), num_stages=stages, loss_fn=lm_loss, seed_layers=True,
                             base_seed=base_seed, partition_method=case.get("partition", "uniform"),
-                            virtual_stages=virtual)
+                            virtual_stages=virtual,
+                            virtual_stage_style="v" if schedule in ("zbv", "dualpipev") else "loop")
     sched = (lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=case["gamma"])) if case.get("gamma") else None
     return PipelineEngine(module, lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM),
                           config=zero_config({**case, "zero": zero}, n_micro, schedule), lr_scheduler=sched)
@@ -44,6 +47,14 @@ def _full(p):
 
 def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _fsdp_units(engine):
+    """The FSDP units that hold parameters (each reduce-scatters once per step): the stage module's, or with
+    virtual stages every chunk's (each chunk its own root)."""
+    roots = engine._chunks if engine._chunks is not None else [engine.module]
+    units = {id(m): m for r in roots for m in r.modules() if isinstance(m, FSDPModule)}
+    return sum(len(m._get_fsdp_state()._fsdp_param_groups) for m in units.values())
 
 
 def _steps(engine, steps, n_micro):
@@ -76,7 +87,7 @@ def _steps(engine, steps, n_micro):
                                if torch.is_tensor(t) and t.dim() > 0),
             "param_types": sorted({type(p).__name__ for p in engine.module.parameters()}),
             "reduce_scatters": len(calls), "n_micro": n_micro,
-            "fsdp_units": sum(isinstance(m, FSDPModule) for m in engine.module.modules()),
+            "fsdp_units": _fsdp_units(engine),
             "grad_numel": [g.numel() for g in zero._shard_grads] if zero else None,
             "stage_numel": sum(p.numel() for p in engine.module.parameters())})
     return out
@@ -84,6 +95,12 @@ def _steps(engine, steps, n_micro):
 
 def zero_case(case):
     world = dist.get_world_size()
+    if case.get("refused"):  # the engine must refuse this layout by name, on every rank alike
+        try:
+            zero_engine(case, case["stages"], case["micro"] // (world // case["stages"]), case["zero"])
+        except NotImplementedError as exc:
+            return {"refused": str(exc)}
+        return {"refused": None}
     stages = case["stages"]
     total_micro = case["micro"]
     data = batches(case["steps"], total_micro)
@@ -100,9 +117,9 @@ def zero_case(case):
         out["files"] = sorted(os.listdir(os.path.join(case["dir"], "global_step%d" % case["save_at"])))
     del engine
     out["resumed"] = []
-    for stages_, zero in case["load"]:
+    for k, (stages_, zero) in enumerate(case["load"]):
         fresh = zero_engine(case, stages_, total_micro // (world // stages_), zero, base_seed=BASE_SEED + 1000,
-                            resumed=True)
+                            resumed="virtual" if k in case.get("resume_virtual", ()) else True)
         fresh.load_checkpoint(case["dir"])
         out["resumed"].append({"stage": fresh.stage_id, "parts": fresh.module.parts,
                                "steps": _steps(fresh, data[case["save_at"]:], fresh.micro_batches)})

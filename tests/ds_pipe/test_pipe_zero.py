@@ -33,10 +33,23 @@ CASES = {
     "zero3-1f1b": dict(stages=2, zero=3, schedule="1f1b", micro=4, steps=3, partition="parameters"),
     "zero3-gpipe-clip-steplr": dict(stages=2, zero=3, schedule="gpipe", micro=4, steps=3, clip=0.05, gamma=0.5),
     "zero3-bf16-clip": dict(stages=2, zero=3, dtype="bf16", micro=4, steps=2, clip=0.05),
+    # ZeRO-3 with virtual stages (2 chunks per rank, each chunk its own FSDP root): torch's multi-stage
+    # schedules reduce each chunk once after its last backward (REDUCE_GRAD)
+    "zero3-interleaved-v2": dict(stages=2, zero=3, schedule="interleaved", virtual=2, micro=4, steps=2, blocks=3,
+                                 clip=0.05),
+    "zero3-zero-bubble-v2": dict(stages=2, zero=3, schedule="zero_bubble", virtual=2, micro=4, steps=2, blocks=3),
+    "zero3-looped-bfs-bf16": dict(stages=2, zero=3, schedule="looped_bfs", virtual=2, micro=4, steps=2, blocks=3,
+                                  dtype="bf16", clip=0.05),
+    # V-shaped chunks put the first and the last chunk on rank 0: the tied embedding / head would belong to two
+    # FSDP roots, refused by name
+    "zero3-zbv-refused": dict(stages=2, zero=3, schedule="zbv", virtual=2, micro=4, refused=True),
     "zero2-ckpt": dict(stages=2, zero=2, micro=4, steps=4, save_at=2, gamma=0.5,
                        load=[(2, 1), (4, 0), (1, 2), (2, 3)]),
     "zero3-ckpt": dict(stages=2, zero=3, micro=4, steps=4, save_at=2, gamma=0.5,
                        load=[(1, 3), (4, 0), (2, 1)]),
+    # an interleaved ZeRO-3 run resumed as interleaved ZeRO-3 on 2 x 2 and as 1F1B ZeRO-3 / ZeRO-1 elsewhere
+    "zero3-interleaved-ckpt": dict(stages=2, zero=3, schedule="interleaved", virtual=2, blocks=3, micro=4, steps=4,
+                                   save_at=2, gamma=0.5, load=[(2, 3), (1, 3), (2, 1)], resume_virtual=[0]),
 }
 TOL = dict(rtol=1e-5, atol=1e-6)
 _cache: dict = {}
@@ -79,7 +92,7 @@ def _check_steps(rank, mine, ref, case):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", [n for n in CASES if "save_at" not in CASES[n]])
+@pytest.mark.parametrize("name", [n for n in CASES if "save_at" not in CASES[n] and not CASES[n].get("refused")])
 def test_zero_matches_single_process_and_partitions_the_states(name):
     case = CASES[name]
     got = _results()[name]
@@ -129,3 +142,12 @@ def test_zero_checkpoint_resumes_on_other_layouts_and_without_zero(name):
             _check_steps(rank, res["resumed"][k]["steps"], ref[case["save_at"]:], case)
             # the StepLR came back: the learning rate after step 3 is LR * gamma^3
             assert res["resumed"][k]["steps"][0]["lr"] == pytest.approx([0.1 * 0.5 ** 3])
+
+
+@pytest.mark.timeout(300)
+def test_zero3_refuses_a_tie_held_by_two_chunks_of_one_rank():
+    # ZBV places chunks 0 and 3 on rank 0; the embedding and the head tied over them would be two FSDP roots'
+    for rank, res in enumerate(_results()["zero3-zbv-refused"]):
+        msg = res["refused"]
+        assert msg is not None, f"rank {rank} built the engine"
+        assert "'embed'" in msg and "chunks 0 and 3" in msg and "pipeline rank 0" in msg and "'zbv'" in msg, msg

@@ -35,7 +35,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import checkpoint as _ckpt
 from ._precision import Precision, grad_of, local
 from ._zero import PipeZero
-from ._zero3 import shard_stage
+from ._zero3 import check_chunk_ties, shard_chunks, shard_stage
 from .config import PipeConfig
 from .module import PipelineModule
 
@@ -97,6 +97,7 @@ class PipelineEngine:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._check_optimizer(optimizer)
         self.zero: PipeZero | None = None
+        self._chunks: list[torch.nn.Module] | None = None  # ZeRO-3 with virtual stages: the FSDP-rooted chunks
         self.zero3 = self._config.zero_stage == 3
         if self.zero3:
             self._shard_zero3(optimizer, lr_scheduler)
@@ -129,14 +130,18 @@ class PipelineEngine:
 
         model = self.module
         if model.virtual_stages > 1:
-            raise NotImplementedError("zero_optimization.stage=3 with virtual_stages > 1 is not built (one FSDP "
-                                      "root per chunk); use stage 1 or 2, or one chunk per rank")
+            check_chunk_ties(model, self.schedule_name)
         if self.grid.get_model_parallel_world_size() > 1:
             raise NotImplementedError("zero_optimization.stage=3 with tensor parallelism (a model axis > 1) is not "
                                       "built; use stage 1 or 2")
         name_of = {id(p): n for n, p in model.named_parameters()}
         template = materialize_optimizer(optimizer, self._params, template_only=True) if self._params else None
-        shard_stage(model, self.grid, self._config.dtype)
+        if model.virtual_stages > 1:
+            # each chunk its own FSDP root; the same chunk objects serve every runner (fully_shard changed them)
+            self._chunks = [model.chunk_module(k) for k in range(len(model.chunk_ids))]
+            shard_chunks(self._chunks, self.grid, self._config.dtype)
+        else:
+            shard_stage(model, self.grid, self._config.dtype)
         # the parameters are FSDP's DTensor shards now (new objects), fp32: the masters; the 16-bit compute
         # copies are FSDP's (MixedPrecisionPolicy)
         self.precision = Precision(model, torch.float32, self._config.fp16, self._config.gradient_clipping,
@@ -194,9 +199,10 @@ class PipelineEngine:
                 cls = _SCHEDULE_CLASSES[self.schedule_name] if mode == "train" else ScheduleGPipe
                 self._runners[key] = cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
             else:
+                chunks = self._chunks or [module.chunk_module(k) for k in range(len(module.chunk_ids))]
                 stages: list[_PipelineStageBase] = [
-                    PipelineStage(module.chunk_module(k), c, module.num_chunks, self.device, group=group)
-                    for k, c in enumerate(module.chunk_ids)]
+                    PipelineStage(chunk, c, module.num_chunks, self.device, group=group)
+                    for chunk, c in zip(chunks, module.chunk_ids)]
                 if mode == "train":
                     cls = _SCHEDULE_CLASSES[self.schedule_name]
                     self._runners[key] = cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
