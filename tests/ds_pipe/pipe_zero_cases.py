@@ -7,10 +7,39 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from pipe_cases import LR, MICRO, MOMENTUM, BASE_SEED, batches, lm_loss
+from torch import nn
+from pipe_cases import HIDDEN, LR, MICRO, MOMENTUM, BASE_SEED, VOCAB, Block, batches, lm_loss
 from pipe_more_cases import _specs
 
-from ds_pipe import PipelineEngine, PipelineModule
+from ds_pipe import LayerSpec, PipelineEngine, PipelineModule
+
+
+def untied_layers(n_blocks):
+    """The test LM with its own head (no tie): V-shaped chunks under ZeRO-3 need no tie across chunks of one
+    rank (rank 0 holds the first and the last chunk)."""
+    return ([LayerSpec(nn.Embedding, VOCAB, HIDDEN)] + [LayerSpec(Block, HIDDEN) for _ in range(n_blocks)]
+            + [LayerSpec(nn.LayerNorm, HIDDEN), LayerSpec(nn.Linear, HIDDEN, VOCAB)])
+
+
+def reference_untied(case):
+    """``untied_layers`` in one process (fp32): each layer seeded as ``seed_layers=True`` does; per step the
+    mean loss over all micro-batches of every replica, then SGD with momentum (and the global-norm clip)."""
+    mods = []
+    for i, spec in enumerate(untied_layers(case.get("blocks", 2))):
+        torch.manual_seed(BASE_SEED + i)
+        mods.append(spec.build())
+    model = nn.Sequential(*mods)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    out = []
+    for step in batches(case["steps"], case["micro"]):
+        opt.zero_grad()
+        loss = torch.stack([lm_loss(model(x), y) for x, y in step]).mean()
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), case.get("clip") or float("inf")))
+        opt.step()
+        out.append({"loss": float(loss.detach()), "norm": norm,
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()}})
+    return out
 
 
 def zero_config(case, n_micro, schedule):
@@ -31,7 +60,8 @@ def zero_engine(case, stages, n_micro, zero, base_seed=BASE_SEED, resumed=False)
     virtual, schedule = (1, "1f1b") if resumed else (case.get("virtual", 1), case.get("schedule", "1f1b"))
     if resumed == "virtual":  # a virtual-stage run resumed in its own layout
         virtual, schedule = case["virtual"], case["schedule"]
-    module = PipelineModule(_specs(case), num_stages=stages, loss_fn=lm_loss, seed_layers=True,
+    specs = untied_layers(case.get("blocks", 2)) if case.get("untied") else _specs(case)
+    module = PipelineModule(specs, num_stages=stages, loss_fn=lm_loss, seed_layers=True,
                             base_seed=base_seed, partition_method=case.get("partition", "uniform"),
                             virtual_stages=virtual,
                             virtual_stage_style="v" if schedule in ("zbv", "dualpipev") else "loop")

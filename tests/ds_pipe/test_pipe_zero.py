@@ -17,7 +17,7 @@ import torch
 from harness import run_distributed
 from pipe_cases import batches
 from pipe_more_cases import reference_phases
-from pipe_zero_cases import run_zero_cases
+from pipe_zero_cases import reference_untied, run_zero_cases
 
 WORLD = 4
 CASES = {
@@ -43,6 +43,11 @@ CASES = {
     # V-shaped chunks put the first and the last chunk on rank 0: the tied embedding / head would belong to two
     # FSDP roots, refused by name
     "zero3-zbv-refused": dict(stages=2, zero=3, schedule="zbv", virtual=2, micro=4, refused=True),
+    # ... and run with an untied head (against reference_untied)
+    "zero3-zbv-untied": dict(stages=2, zero=3, schedule="zbv", virtual=2, micro=4, steps=2, blocks=3,
+                             untied=True, clip=0.05),
+    "zero3-dualpipev-untied": dict(stages=2, zero=3, schedule="dualpipev", virtual=2, micro=8, steps=2,
+                                   blocks=3, untied=True),
     "zero2-ckpt": dict(stages=2, zero=2, micro=4, steps=4, save_at=2, gamma=0.5,
                        load=[(2, 1), (4, 0), (1, 2), (2, 3)]),
     "zero3-ckpt": dict(stages=2, zero=3, micro=4, steps=4, save_at=2, gamma=0.5,
@@ -97,7 +102,8 @@ def test_zero_matches_single_process_and_partitions_the_states(name):
     case = CASES[name]
     got = _results()[name]
     dp = WORLD // case["stages"]
-    ref = reference_phases(case, [(batches(case["steps"], case["micro"]), case["micro"] // dp, dp, got[0]["parts"])])
+    ref = reference_untied(case) if case.get("untied") else reference_phases(
+        case, [(batches(case["steps"], case["micro"]), case["micro"] // dp, dp, got[0]["parts"])])
     for rank, res in enumerate(got):
         _check_steps(rank, res["steps"], ref, case)
         last = res["steps"][-1]
@@ -105,7 +111,7 @@ def test_zero_matches_single_process_and_partitions_the_states(name):
             assert last["param_types"] == ["DTensor"], last["param_types"]
             assert 0.4 * last["stage_numel"] < last["state_numel"] < 0.6 * last["stage_numel"], last
             # one reduce-scatter per shard unit and step, after the last micro-batch: not one per micro-batch
-            assert last["n_micro"] == 2 and last["reduce_scatters"] == last["fsdp_units"] >= 2, last
+            assert last["n_micro"] == case["micro"] // dp >= 2 and last["reduce_scatters"] == last["fsdp_units"] >= 2, last
             continue
         # this rank's shard is 1/dp of the stage's (padded) parameters; the optimizer's state (SGD momentum)
         # and the reduced gradient it stepped with have the shard's size, not the stage's
