@@ -137,6 +137,10 @@ def zero_case(case):
     engine = zero_engine(case, stages, total_micro // (world // stages), case["zero"])
     out = {"stage": engine.stage_id, "dp_rank": engine.grid.get_data_parallel_rank(), "parts": engine.module.parts}
     if case.get("dir") is None:
+        if case.get("eval"):  # before any step: the initial weights' loss, the reference's first loss
+            n = engine.micro_batches
+            dp_rank = engine.grid.get_data_parallel_rank()
+            out["eval0"] = engine.eval_batch(iter(data[0][dp_rank * n:(dp_rank + 1) * n])).item()
         out["steps"] = _steps(engine, data, engine.micro_batches)
         return out
     out["before"] = _steps(engine, data[:case["save_at"]], engine.micro_batches)
