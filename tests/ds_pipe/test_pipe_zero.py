@@ -3,7 +3,10 @@ losses and every parameter after each step within 1e-5 relative (fp32), under 1F
 an LR scheduler, Interleaved1F1B, bf16 with clipping, and fp16 with an overflow on one stage in step 0; each rank holds half of its stage's optimizer state
 and gradient (the shard), not all of it. Checkpoints: a ZeRO-2 run saved after 2 steps resumes as ZeRO-1 on 2 x
 2, as a replicated run on 4 stages, as ZeRO-2 on 1 x 4 and as ZeRO-3 on 2 x 2; a ZeRO-3 run resumes as ZeRO-3 on
-1 x 4, replicated on 4 stages and ZeRO-1 on 2 x 2; each continuing like the uninterrupted run.
+1 x 4, replicated on 4 stages and ZeRO-1 on 2 x 2; each continuing like the uninterrupted run. ZeRO-3 with
+virtual stages (each chunk an FSDP root): interleaved, zero bubble and looped BFS (bf16) with the tied head,
+ZBV and DualPipeV with an untied head, one reduce-scatter per unit and step; ZBV with the tie on one rank's two
+chunks refused; an interleaved ZeRO-3 checkpoint resumed interleaved, as 1F1B and as ZeRO-1.
 
 All cases run in one spawn (rank start-up dominates the CI time on 2 cores)."""
 

@@ -13,7 +13,8 @@ One ``train_batch(data_iter)``:
 3. the gradients go to the optimizer's tensors (fp32 masters with bf16/fp16, see ``_precision``); tied weights'
    gradients are summed over the stages sharing them, then gradients are averaged over the data-parallel group
    (one flat all-reduce per stage; with ZeRO 1/2 one reduce-scatter per param group into this rank's shard,
-   ``_zero``; with ZeRO-3 FSDP2 reduce-scatters per unit after the last micro-batch, ``_zero3``); fp16 unscales
+   ``_zero``; with ZeRO-3 FSDP2 reduce-scatters per unit after the last micro-batch, each chunk's with virtual
+   stages, ``_zero3``); fp16 unscales
    and skips on an overflow anywhere, ``gradient_clipping`` clips by the global norm;
 4. the optimizer steps this stage's parameters (and the LR scheduler, if any), masters are copied back into
    the 16-bit parameters, gradients are cleared;
