@@ -69,6 +69,13 @@ def test_pinning_only_beside_cuda():
     assert CPUOffload(torch.device("cuda", 0), True, torch.bfloat16).pin is True
     assert CPUOffload(torch.device("cuda", 0), False, torch.bfloat16).pin is False
     assert CPUOffload(torch.device("cpu"), True, torch.bfloat16).pin is False
+    # the overlapped step (default on) pins its staging and copy-out beside CUDA even with pin_memory false:
+    # pageable copies would serialise it
+    for overlap, pinned in ((True, True), (False, False)):
+        cfg = EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "cpu", "pin_memory": False, "overlap_step": overlap}}})
+        off = CPUOffload.from_config(cfg, 2, "masters", torch.device("cuda", 0), torch.bfloat16)
+        assert off is not None and off.pin is pinned
 
 
 def _single(opt_factory, dtype="bf16", stage=1):

@@ -142,6 +142,13 @@ class CPUOffload:
         copy_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
         offload = cls(device, off.pin_memory, copy_dtype)
         offload.overlap_step = off.device == "cpu" and off.overlap_step
+        if offload.overlap_step and device.type == "cuda" and not offload.pin:
+            # the overlap is DMA on side streams: a pageable copy synchronises its stream, i.e. the host waits for
+            # all queued GPU work at every chunk (and, at stage 2, in backward), and nothing overlaps. Only the
+            # staging and the 16-bit copy-out are pinned (4 bytes/param of the shard), not the masters
+            logger.info("ds_zero: offload_optimizer.overlap_step pins the grad staging and the 16-bit copy-out "
+                        "(pin_memory is false): the overlapped copies need page-locked buffers")
+            offload.pin = True
         offload.chunk_numel = config.zero_optimization.sub_group_size
         offload.ratio, offload.auto_reserve_gib = off.ratio, off.auto_reserve_gib
         offload.state_dtype = _state_dtype(off)
@@ -188,8 +195,8 @@ class CPUOffload:
                 f"zero_optimization.offload_optimizer: the CPU offload needs {_gib(need)} of host memory on this host "
                 f"({per_element} bytes x {elements:,} elements of this rank's shard -- fp32 master, Adam's moments and "
                 f"gradient buffers -- x {local_ranks} local rank(s)), but only {_gib(available)} is "
-                "available (MemAvailable). Use more nodes, offload_optimizer.ratio < 1 (part of the state on the GPU), "
-                "offload_optimizer.state_dtype 'bf16', or device 'nvme'")
+                "available (MemAvailable). Use more nodes, offload_optimizer.state_dtype 'bf16', or device 'nvme' "
+                "(offload_optimizer.ratio < 1 moves compute to the GPU, not host memory)")
         agree_on_setup(error, self.group, HostMemoryError, "the CPU offload's host-memory check")
 
     def build_masters(self, buckets: list[Bucket], num_groups: int, fp32_sources) -> OffloadedMasters:

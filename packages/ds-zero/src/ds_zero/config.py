@@ -230,9 +230,10 @@ class OffloadOptimizerConfig(StrictModel):
     #: the H2D copy of the last one running while the CPU steps the current one; at stage 2 the D2H copies start
     #: in backward. Bit for bit the synchronous step's result; false: copy out, step, copy back, in turn
     overlap_step: bool = True
-    #: DeepSpeed's partial offload: the fraction of this rank's optimizer state (masters and Adam's moments) on
-    #: the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
-    #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up
+    #: DeepSpeed's partial offload: the fraction of this rank's optimizer state (masters and Adam's moments)
+    #: stepped on the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
+    #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up. The
+    #: host keeps the whole layout (checkpoints): it moves compute to the GPU, not memory off the host
     ratio: float | Literal["auto"] = 1.0
     #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device memory the process may use
     auto_reserve_gib: NonNegativeFloat | None = None
