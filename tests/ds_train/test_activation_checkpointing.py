@@ -276,7 +276,7 @@ def test_cpu_checkpointing_reuses_its_host_buffers_across_steps(forced_offload, 
     assert stats["host_buffers"] - before["host_buffers"] == 6
 
 
-def _double_backward(ckpt, reentrant, offload, reuse_between=False):
+def _double_backward(ckpt, reentrant, offload, reuse_between=False, step_between=False):
     checkpointing.configure(None, checkpoint_in_cpu=offload)
     model = Net(ckpt, reentrant)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
@@ -286,6 +286,8 @@ def _double_backward(ckpt, reentrant, offload, reuse_between=False):
     held = []
     if reuse_between:  # another forward (kept alive) takes the pooled buffers the first backward gave back
         held.append(model(x))
+    if step_between:  # another forward and backward: the buffers are taken, overwritten, and given back
+        model(x * 2).backward()
     loss.backward()
     held.clear()
     return [p.grad.clone() for p in model.parameters()]
@@ -299,6 +301,40 @@ def test_cpu_checkpointing_backward_twice(forced_offload, reentrant):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(RuntimeError, match="host copy of its inputs has been reused by a later region"):
         _double_backward(True, reentrant, True, reuse_between=True)
+    # the buffers are back in the pool by then, but hold the other batch's inputs: refused, not recomputed from them
+    with pytest.raises(RuntimeError, match="host copy of its inputs has been reused by a later region"):
+        _double_backward(True, reentrant, True, step_between=True)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["checkpoint", "non_reentrant_checkpoint"])
+def test_cpu_checkpointing_refuses_an_input_modified_in_place(forced_offload, reentrant):
+    checkpointing.configure(None, checkpoint_in_cpu=True)
+    run = checkpointing.checkpoint if reentrant else checkpointing.non_reentrant_checkpoint
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def block(h):
+        return lin(h.mul_(2))  # in place on the region's input: its host copy may hold either value
+
+    with pytest.raises(RuntimeError, match="modified one of its inputs in place"):
+        run(block, x * 1)
+
+
+def test_host_pool_keeps_idle_buffers_within_the_working_set():
+    """Shapes that change from step to step (variable sequence lengths) do not pile up host buffers: the idle
+    ones are capped at the most bytes ever in use at once, oldest evicted first."""
+    pool = _ckpt_offload._HostPool()
+    evicted = checkpointing._offload_stats["host_buffer_evictions"]
+    for length in (16, 24, 32, 40):  # a step of 3 regions, each with a new sequence length
+        like = torch.empty(4, length)
+        held = [pool.acquire(like, pinned=False) for _ in range(3)]
+        for buf in held:
+            pool.release(*buf)
+        assert pool._idle_bytes <= pool._peak_in_use
+    assert pool._peak_in_use == 3 * 4 * 40 * 4  # the largest step
+    assert checkpointing._offload_stats["host_buffer_evictions"] - evicted >= 6
+    kept = [b for bufs in pool._free.values() for b in bufs]
+    assert all(tuple(b.shape) == (4, 40) for b in kept) and len(kept) == 3
 
 
 @pytest.mark.gpu

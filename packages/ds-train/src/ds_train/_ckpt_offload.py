@@ -44,7 +44,7 @@ __all__ = ["to_host", "clear_pool", "offload_stats"]
 #: what cpu_checkpointing did in this process (tests and benchmarks read it): regions offloaded, bytes copied to
 #: the host, host buffers allocated (and their bytes), buffers reused from the pool, regions prefetched
 offload_stats = {"regions": 0, "bytes": 0, "host_buffers": 0, "host_buffer_bytes": 0, "host_buffer_reuses": 0,
-                 "prefetches": 0}
+                 "host_buffer_evictions": 0, "prefetches": 0}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -52,11 +52,22 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class _HostPool:
-    """Free host buffers by (shape, strides, dtype, pinned). ``generation`` changes on :meth:`clear`, so buffers
-    handed out before it are dropped, not pooled, when they come back."""
+    """Free host buffers by (shape, strides, dtype, pinned, device). ``generation`` changes on :meth:`clear`, so
+    buffers handed out before it are dropped, not pooled, when they come back.
+
+    The device is in the key because a buffer's last copy was queued on that device's side stream: another
+    device's stream would not wait for it. The idle buffers are capped at the largest number of bytes ever in use
+    at once (the working set of one step): shapes that come and go (variable sequence lengths) do not pile up
+    pinned memory; the least recently released idle buffers go first."""
 
     def __init__(self) -> None:
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._idle: list[tuple[tuple, torch.Tensor]] = []  # release order, oldest first
+        self._idle_bytes = 0
+        self._in_use = 0
+        self._peak_in_use = 0
+        #: times each live buffer was handed out (id -> count): a region may take back only a buffer nobody took
+        self._taken: dict[int, int] = {}
         self._lock = threading.Lock()
         self.generation = 0
 
@@ -65,42 +76,78 @@ class _HostPool:
         # the strides torch would give a copy of `like` (preserved for dense tensors, contiguous otherwise),
         # computed on the meta device: nothing allocated
         strides = torch.empty_like(like, device="meta").stride()
-        return tuple(like.shape), strides, like.dtype, pinned
+        return tuple(like.shape), strides, like.dtype, pinned, like.device
+
+    def times_taken(self, buf: torch.Tensor) -> int:
+        with self._lock:
+            return self._taken.get(id(buf), 0)
+
+    def _take_idle(self, key: tuple) -> torch.Tensor | None:
+        free = self._free.get(key)
+        if not free:
+            return None
+        buf = free.pop()
+        self._idle = [(k, b) for k, b in self._idle if b is not buf]
+        self._idle_bytes -= _nbytes(buf)
+        return buf
 
     def acquire(self, like: torch.Tensor, pinned: bool) -> tuple[torch.Tensor, int, tuple]:
         """``(buffer, generation, key)``: a free buffer for a copy of ``like``, or a new one."""
         key = self.key(like, pinned)
         with self._lock:
-            free = self._free.get(key)
-            if free:
-                offload_stats["host_buffer_reuses"] += 1
-                return free.pop(), self.generation, key
+            buf = self._take_idle(key)
             generation = self.generation
-        buf = torch.empty_strided(key[0], key[1], dtype=key[2], device="cpu", pin_memory=pinned)
-        offload_stats["host_buffers"] += 1
-        offload_stats["host_buffer_bytes"] += _nbytes(buf)
+            if buf is not None:
+                offload_stats["host_buffer_reuses"] += 1
+        if buf is None:
+            buf = torch.empty_strided(key[0], key[1], dtype=key[2], device="cpu", pin_memory=pinned)
+            offload_stats["host_buffers"] += 1
+            offload_stats["host_buffer_bytes"] += _nbytes(buf)
+        with self._lock:
+            self._taken[id(buf)] = self._taken.get(id(buf), 0) + 1
+            self._in_use += _nbytes(buf)
+            self._peak_in_use = max(self._peak_in_use, self._in_use)
         return buf, generation, key
 
     def release(self, buf: torch.Tensor, generation: int, key: tuple) -> None:
         with self._lock:
-            if generation == self.generation:
-                self._free.setdefault(key, []).append(buf)
-
-    def reclaim(self, buf: torch.Tensor, generation: int, key: tuple) -> bool:
-        """Take ``buf`` back out of the pool if nobody has taken it since it was released."""
-        with self._lock:
+            self._in_use -= _nbytes(buf)
             if generation != self.generation:
+                self._taken.pop(id(buf), None)
+                return
+            self._free.setdefault(key, []).append(buf)
+            self._idle.append((key, buf))
+            self._idle_bytes += _nbytes(buf)
+            while self._idle_bytes > self._peak_in_use and self._idle:  # evict the oldest idle buffers
+                old_key, old = self._idle.pop(0)
+                self._free[old_key] = [b for b in self._free[old_key] if b is not old]
+                self._idle_bytes -= _nbytes(old)
+                self._taken.pop(id(old), None)
+                offload_stats["host_buffer_evictions"] += 1
+
+    def reclaim(self, buf: torch.Tensor, generation: int, key: tuple, taken: int) -> bool:
+        """Take ``buf`` back out of the pool if nobody has taken it since it was released (``taken``: its
+        hand-out count then)."""
+        with self._lock:
+            if generation != self.generation or self._taken.get(id(buf)) != taken:
                 return False
             free = self._free.get(key, [])
-            for i, b in enumerate(free):
-                if b is buf:
-                    del free[i]
-                    return True
-            return False
+            if not any(b is buf for b in free):
+                return False
+            self._free[key] = [b for b in free if b is not buf]
+            self._idle = [(k, b) for k, b in self._idle if b is not buf]
+            self._idle_bytes -= _nbytes(buf)
+            self._taken[id(buf)] = taken + 1
+            self._in_use += _nbytes(buf)
+            self._peak_in_use = max(self._peak_in_use, self._in_use)
+            return True
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._idle.clear()
+            self._idle_bytes = 0
+            self._taken.clear()  # buffers handed out before are dropped on return (generation)
             self.generation += 1
 
 
@@ -163,6 +210,7 @@ class _Region:
         self.bufs = [_POOL.acquire(t, pinned=t.device.type == "cuda") for t in tensors]
         self.fetched: tuple[list[torch.Tensor], dict] | None = None
         self.released = False
+        self.taken_at_release: list[int] = []
         self.held.extend(self.bufs)
         weakref.finalize(self, _release_all, self.held)
         for device in self.cuda:  # the inputs are written on the compute stream: the copies wait for it
@@ -187,8 +235,8 @@ class _Region:
         if self.fetched is not None:
             return
         if self.released:  # a second backward through this region (retain_graph)
-            for buf, generation, key in self.bufs:
-                if not _POOL.reclaim(buf, generation, key):
+            for (buf, generation, key), taken in zip(self.bufs, self.taken_at_release):
+                if not _POOL.reclaim(buf, generation, key, taken):
                     raise RuntimeError(
                         "cpu_checkpointing: this checkpointed region's host copy of its inputs has been reused by "
                         "a later region, so it cannot be recomputed again; run the second backward "
@@ -206,6 +254,7 @@ class _Region:
         events = {d: _copy_stream(d).record_event() for d in self.cuda}
         self.fetched = values, events
         self.released = True
+        self.taken_at_release = [_POOL.times_taken(buf) for buf, _, _ in self.bufs]
         _release_all(self.held)  # later copies into these buffers queue behind this one on the side stream
 
     def take(self) -> list[torch.Tensor]:
@@ -245,7 +294,15 @@ def to_host(function: Callable, args: tuple, on_device: Callable[[Any], bool]) -
         originals = first[0]
         if originals is not None:
             first[0] = None  # drop the device tensors: from here on only the host copies are kept
-            return function(*originals)
+            versions = [t._version for t in tensors]
+            out = function(*originals)
+            if [t._version for t in tensors] != versions:
+                # the host copy is made on a side stream while the region runs: it may hold the old values or
+                # the new ones, and the recomputation would start from either (torch's checkpoint refuses too)
+                raise RuntimeError("cpu_checkpointing: the checkpointed function modified one of its inputs in "
+                                   "place; its host copy would not be the input the recomputation needs. Make "
+                                   "the first op out of place (e.g. inplace=False) or turn cpu_checkpointing off")
+            return out
         values = region.take()
         rebuilt = list(inputs)
         for i, value in zip(slots, values):
