@@ -381,11 +381,12 @@ class OffloadedMasters(Masters):
         if pipeline is not None and plan is not None and isinstance(optimizer, CPUAdam):
             # the device part first: its kernels run on the GPU while the CPU steps the rest (the copies are
             # fenced before it: they need the reduced grads, not the device step)
+            fenced = self.device_part is not None
             if self.device_part is not None:
                 pipeline.fence()
                 self.device_part.step(optimizer, grads, scale)
             # chunked and overlapped; the new params are on the device when it returns (write_params: no-op)
-            pipeline.step(optimizer, plan, grads, scale)
+            pipeline.step(optimizer, plan, grads, scale, fenced=fenced)
             if self.device_part is not None:
                 self.device_part.write_params()
             # the optimizer stepped, though not through its step(): what torch's LRScheduler wrapper of step()
@@ -429,6 +430,11 @@ class OffloadedMasters(Masters):
         """Stage 2: ``bucket``'s reduced shard is final for this window; start copying it to the host."""
         if self.pipeline is not None:
             self.pipeline.early_copy(bucket)
+
+    def discard_step(self) -> None:
+        """The engine skipped this step (an overflow): drop the window's early copies."""
+        if self.pipeline is not None:
+            self.pipeline.discard()
 
     def host_buffers(self, optimizer) -> list[torch.Tensor]:
         """The host tensors that cross the bus: the grad staging and CPUAdam's 16-bit copy-out."""

@@ -104,7 +104,6 @@ class OffloadPipeline:
         if self.path and rank:
             self.path = f"{self.path}.rank{rank}.json"
         self._timeline: list[dict] = []
-        self._fenced = False
         self._by_bucket: dict[int, list[Chunk]] = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
@@ -144,11 +143,14 @@ class OffloadPipeline:
         if self.cuda:
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
             self._h2d.wait_stream(torch.cuda.current_stream(self.device))
-        self._fenced = True
 
     # -- stage 2: copies started in backward ----------------------------------------------------------------
     def begin_window(self) -> None:
         """The boundary micro-step's backward starts: forget copies of an earlier window."""
+        self._copied.clear()
+
+    def discard(self) -> None:
+        """The step was skipped (an overflow): its early copies must not feed a later step."""
         self._copied.clear()
 
     def early_copy(self, bucket: Bucket) -> None:
@@ -166,9 +168,11 @@ class OffloadPipeline:
             self._copied[chunk.index] = self._copy_d2h(staging[chunk.lo:chunk.hi], grad[a:b])
 
     # -- the step -----------------------------------------------------------------------------------------
-    def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float) -> None:
+    def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float, fenced: bool = False) -> None:
         """One chunked step: grads ``grads`` (one flat tensor per master, the engine's ``GradShards``) times
-        ``scale``; leaves the new 16-bit params in every bucket's flat storage (this rank's shard)."""
+        ``scale``; leaves the new 16-bit params in every bucket's flat storage (this rank's shard). ``fenced``:
+        the caller ran :meth:`fence` for this step already (a parameter, not state: a step that raised after the
+        fence must not leave the next one unfenced)."""
         t0 = time.perf_counter()
         ref = None
         if self.cuda:
@@ -192,9 +196,8 @@ class OffloadPipeline:
             host[gi] = staging
         early = set(self._copied)
         self.early_copies = len(early)
-        if not self._fenced:
+        if not fenced:
             self.fence()
-        self._fenced = False
         events: dict[int, Any] = {}
         for chunk in self.chunks:
             if chunk.index in self._copied:

@@ -430,6 +430,9 @@ class ZeroEngine:
             self.skipped_steps += 1
             if isinstance(self.reducer, Stage3Reducer):  # stage 3
                 self.reducer.reset_error_feedback()
+            discard = getattr(self.masters, "discard_step", None)  # offload: its early copies were this step's
+            if discard is not None:
+                discard()
             logger.info("ds_zero: step %d skipped (inf/NaN gradients on at least one rank)", self.global_steps)
         else:
             self._optimizer_step(grads, replicated, scale)
