@@ -314,7 +314,9 @@ class PipeZero:
                 if s is None:
                     continue
                 for k, v in s.items():
-                    if torch.is_tensor(v) and v.numel() == end - start and v.dim() > 0:
+                    # a per-element state has the param's elements (a 0-dim param's is 0-dim too: a size test,
+                    # not v.dim(), tells it from a per-tensor scalar); "step" is per tensor whatever its size
+                    if k != "step" and torch.is_tensor(v) and v.numel() == end - start:
                         if k not in flat:
                             flat[k] = torch.zeros(lay.shard, dtype=v.dtype)
                         part = lay.mine(start, end)
@@ -360,7 +362,7 @@ def merge_zero_pieces(files: list[dict[str, Any]], key: str) -> dict[str, Any] |
         numel = math.prod(shapes[name])
         whole: dict[str, Any] = {}
         for k, v in ps[0][1].items():
-            if torch.is_tensor(v) and v.dim() == 1 and sum(s[k].numel() for _, s in ps) == numel:
+            if k != "step" and torch.is_tensor(v) and v.dim() == 1 and sum(s[k].numel() for _, s in ps) == numel:
                 whole[k] = torch.cat([s[k] for _, s in ps]).view(shapes[name])
             else:
                 whole[k] = v
