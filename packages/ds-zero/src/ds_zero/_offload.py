@@ -275,11 +275,12 @@ class CPUOffload:
         if part is not None:
             part.to_host(optimizer)
 
-    def sync_from_host(self, optimizer) -> None:
-        """``ratio`` < 1: the device part from the host masters and CPUAdam's states (after a load or refresh)."""
+    def sync_from_host(self, optimizer, states: bool = True) -> None:
+        """``ratio`` < 1: the device part from the host masters, and with ``states`` from CPUAdam's states (after
+        a load of optimizer states; not after a refresh of the masters, see ``DevicePart.from_host``)."""
         part = getattr(self.masters, "device_part", None)
         if part is not None:
-            part.from_host(optimizer)
+            part.from_host(optimizer, states)
 
 
 def _state_dtype(off) -> torch.dtype:

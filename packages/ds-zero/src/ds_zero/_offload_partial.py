@@ -174,13 +174,15 @@ class DevicePart:
                 cpu_state[name].view(-1)[:s].copy_(st[name].reshape(-1))
 
     @torch.no_grad()
-    def from_host(self, cpu_optimizer) -> None:
-        """The device heads and their Adam states := the host master's and CPUAdam's device ranges (after a
-        load or a refresh of the masters). The step count is CPUAdam's (it advances with every step)."""
+    def from_host(self, cpu_optimizer, states: bool = True) -> None:
+        """The device heads := the host master's device ranges, and with ``states`` their Adam states := CPUAdam's
+        (after a checkpoint load that loaded optimizer states). Without ``states`` (a refresh of the masters, a
+        load without optimizer states) the device part keeps its own moments: CPUAdam's copy of that range is
+        only brought up to date before a save, so it is stale. The step count is CPUAdam's."""
         for gi, head in enumerate(self.params):
             if head is not None:
                 head.data.copy_(self.masters.params[gi].data[:self.split[gi]])
-        if self.optimizer is None:
+        if self.optimizer is None or not states:
             return
         sd = self.optimizer.state_dict()
         states = {}

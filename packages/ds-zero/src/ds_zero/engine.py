@@ -519,8 +519,8 @@ class ZeroEngine:
         for b in self.buckets:
             lo, hi = b.shard_range
             self.masters.shard(b).copy_(b.flat_params()[lo:hi])
-        if self.offload is not None:  # offload_optimizer.ratio < 1: the device-stepped part follows
-            self.offload.sync_from_host(self.optimizer)
+        if self.offload is not None:  # offload_optimizer.ratio < 1: the device-stepped part follows (its params)
+            self.offload.sync_from_host(self.optimizer, states=False)
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
@@ -590,7 +590,7 @@ class ZeroEngine:
 
         out = load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
         if self.offload is not None:  # offload_optimizer.ratio < 1: the device part from the loaded host copy
-            self.offload.sync_from_host(self.optimizer)
+            self.offload.sync_from_host(self.optimizer, states=load_optimizer_states)
         return out
 
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin",
