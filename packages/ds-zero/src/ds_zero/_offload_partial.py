@@ -185,7 +185,7 @@ class DevicePart:
         if self.optimizer is None or not states:
             return
         sd = self.optimizer.state_dict()
-        states = {}
+        loaded: dict[int, dict] = {}
         order = [p for group in self.optimizer.param_groups for p in group["params"]]
         for index, head in enumerate(order):
             gi = next(g for g, p in enumerate(self.params) if p is head)
@@ -193,9 +193,9 @@ class DevicePart:
             if not cpu_state:
                 continue
             s = self.split[gi]
-            states[index] = {"step": cpu_state["step"].detach().clone().reshape(()).cpu(),
+            loaded[index] = {"step": cpu_state["step"].detach().clone().reshape(()).cpu(),
                              "exp_avg": cpu_state["exp_avg"].reshape(-1)[:s].float().clone(),
                              "exp_avg_sq": cpu_state["exp_avg_sq"].reshape(-1)[:s].float().clone()}
-        if states:
-            sd["state"] = states
+        if loaded:
+            sd["state"] = loaded
             self.optimizer.load_state_dict(sd)
