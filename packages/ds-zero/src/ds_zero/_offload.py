@@ -259,7 +259,7 @@ class CPUOffload:
         if self.ratio != 1.0:
             sizes = [0 if p is None else p.numel() for p in masters.params]
             grad_bytes = 2 * sum(b.padded_numel for b in masters.buckets)
-            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib)
+            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib, self.group)
             if self.ratio < 1.0:
                 part = DevicePart(masters, float(self.ratio), self.device)
                 part.build_optimizer(template, rebuild_optimizer)

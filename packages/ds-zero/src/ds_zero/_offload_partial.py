@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from ._partition import Masters
 
@@ -65,8 +66,11 @@ def device_free_bytes(device: torch.device) -> tuple[int, int]:
     return max(0, free), capacity
 
 
-def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int, reserve_gib: float | None) -> float:
-    """A number in [0, 1]: ``ratio`` itself, or the ``"auto"`` plan (see the module doc)."""
+def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int, reserve_gib: float | None,
+                  group=None) -> float:
+    """A number in [0, 1]: ``ratio`` itself, or the ``"auto"`` plan (see the module doc), the same on every rank
+    of ``group``: the largest CPU share any rank needs (ranks with less free memory would otherwise step more on
+    the CPU and pace the others)."""
     if ratio != "auto":
         return float(ratio)
     total = sum(sizes)
@@ -76,6 +80,10 @@ def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int
     free, capacity = device_free_bytes(device)
     reserve = int(reserve_gib * 2**30) if reserve_gib is not None else capacity // 4
     ratio = plan_ratio(free, grad_bytes + reserve, total)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        agreed = torch.tensor([ratio], dtype=torch.float64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+        ratio = float(agreed.item())
     on_device = total - round(ratio * total)
     logger.warning("ds_zero: offload_optimizer.ratio 'auto' -> %.4f: %.2f GiB of optimizer state on %s, %.2f GiB on "
                    "the CPU (free %.2f GiB, kept for gradients %.2f GiB and activations %.2f GiB)", ratio,
