@@ -19,8 +19,10 @@ laid out end to end over its params' local shards (params in group order), and w
 ``sub_group_size`` elements (DeepSpeed's key). A pool of I/O threads reads sub-group ``i + 1``'s two moments
 (``os.preadv``) into one of two buffer sets while ds-optim's Numba Adam kernel steps sub-group ``i`` in the other
 -- one kernel call per param piece in the sub-group, in place on FSDP2's CPU shard, reading the CPU gradient
-shard -- and the updated moments are written back (``os.pwritev``) while the next sub-group steps; a buffer set
-is reused only once its write landed. The reads do run during the kernel: other threads get the GIL while
+shard -- and the updated moments are written back (``os.pwritev``). With two buffer sets, the read of sub-group
+``i + 1`` goes into the set whose write (of sub-group ``i - 1``) must land first, so the writes do *not* overlap
+the kernel: each write finishes before the next read starts and the next kernel runs (a third set would let
+them; not built). The reads do run during the kernel: other threads get the GIL while
 ds-optim's Numba kernel runs (observed on the CPU box: a pool thread submitted just before a 30-70 ms kernel ran
 0.2-12 ms into it), and the positional I/O itself releases it. Sub-groups holding no param with a gradient are
 neither read nor written.
