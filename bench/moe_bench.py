@@ -10,7 +10,7 @@ MODE: capacity | dropless (ds-moe, top-K, E experts: the anchor's dsmoe setting 
       floor and variants, one after another, then each ds-moe row's step time over its floor's.
 Sizes as the anchor: D, E, K, CF, LAYERS, TOKENS, STEPS (env). 4 stacked MoE FFN layers (D -> 4D -> D experts,
 GELU, biases), x = x + moe(x), bf16 autocast over fp32 params, forward + backward + AdamW (fused on CUDA),
-loss = mean(out^2) + 0.01 * sum(l_aux). ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
+loss = mean(out^2) + 0.01 * sum(l_aux). KEEP_CAST=0 recasts the expert weights in the backward. ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
 ``DS_MOE_GEMM_BACKEND=loop`` forces the per-expert loop on the dropless path (grouped_mm is the CUDA default).
 
 On CUDA the dropless path first checks its grouped GEMM against the loop on a small problem (forward and
@@ -28,6 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+PROFILE_DIR = None  # --profile
 
 
 def sizes(smoke: bool) -> dict:
@@ -93,9 +96,12 @@ def build(engine: str, s: dict):
         return Stack(lambda: FFN(D), L)
     if engine == "dense_topk":
         return Stack(lambda: FFN(D), L, repeat=s["K"])
-    return Stack(lambda: MoE(hidden_size=D, expert=FFNExpert(D, 4 * D), num_experts=s["E"], ep_size=1, k=s["K"],
-                             capacity_factor=s["CF"], eval_capacity_factor=s["CF"], min_capacity=4,
-                             drop_tokens=(engine == "capacity")), L)
+    stack = Stack(lambda: MoE(hidden_size=D, expert=FFNExpert(D, 4 * D), num_experts=s["E"], ep_size=1, k=s["K"],
+                              capacity_factor=s["CF"], eval_capacity_factor=s["CF"], min_capacity=4,
+                              drop_tokens=(engine == "capacity")), L)
+    for layer in stack.layers:  # KEEP_CAST=0: recast the weights in the backward (GroupedExperts' attribute)
+        layer.deepspeed_moe.experts.keep_cast_weights = os.environ.get("KEEP_CAST", "1") != "0"
+    return stack
 
 
 def check_grouped_gemm(dev) -> str:
@@ -168,6 +174,17 @@ def run(engine: str, s: dict, dev, smoke: bool) -> dict:
         loss = step()
     sync()
     dt = (time.perf_counter() - t) / s["STEPS"]
+    if PROFILE_DIR and dev.type == "cuda":  # two more steps under the profiler: where the step's time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            sync()
+        os.makedirs(PROFILE_DIR, exist_ok=True)
+        name = engine + ("" if s["K"] == 2 else f"-top{s['K']}") + ("-e64" if s["E"] == 64 else "")
+        with open(os.path.join(PROFILE_DIR, f"moe_profile_{name}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
     tokens = x.shape[0] * x.shape[1]
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     backend = ""
@@ -190,7 +207,10 @@ def main():
     ap.add_argument("mode")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU")
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--profile", help="a folder: profile two more steps of each mode (CUDA), tables written there")
     args = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     use_cuda = torch.cuda.is_available() and not args.smoke
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:

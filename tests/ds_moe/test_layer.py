@@ -185,6 +185,27 @@ def test_grouped_ffn_backward_is_the_gradient(bias):
     assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2))
 
 
+def test_grouped_ffn_kept_casts_give_the_recast_gradients():
+    """keep_cast_weights (the backward reuses the forward's 16-bit weight casts) against recasting in the
+    backward: the same bf16 values, so bit for bit the same output and gradients, in the weights' fp32."""
+    from ds_moe._gemm import GroupedFFN
+
+    g = torch.Generator().manual_seed(1)
+    counts = torch.tensor([2, 0, 5])
+    x = torch.randn(7, 8, generator=g).bfloat16()
+    w1, w2 = torch.randn(3, 16, 8, generator=g), torch.randn(3, 8, 16, generator=g)
+    b1, b2 = torch.randn(3, 16, generator=g), torch.randn(3, 8, generator=g)
+    results = []
+    for keep in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+        y = GroupedFFN.apply(*leaves, counts, torch.nn.functional.gelu, "loop", [2, 0, 5], keep)
+        y.float().pow(2).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+        assert [t.grad.dtype for t in leaves] == [torch.bfloat16] + [torch.float32] * 4
+    for kept, recast in zip(*results):
+        assert torch.equal(kept, recast)
+
+
 @pytest.mark.parametrize("k,dropped", [(1, 0), (2, 0), (1, 3), (2, 5)])
 def test_dispatch_and_combine_rows_have_exact_gradients(k, dropped):
     """The hand-written backwards of the sorted path (a gather through the inverse permutation, not autograd's

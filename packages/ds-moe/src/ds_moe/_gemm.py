@@ -87,25 +87,33 @@ def _wgrad(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional[l
 
 
 class GroupedFFN(torch.autograd.Function):
-    """y = act(x @ w1^T + b1) @ w2^T + b2 per expert group, memory-optimised: the forward saves only x and the
-    pre-activation h (both in the compute dtype) and the fp32 weights it was given; the backward re-casts the
-    weights and recomputes act(h). Autograd's composition would also keep act(h) ([N, ffn]) and a bf16 copy of
-    each weight per layer -- the difference between beating DeepSpeed's peak memory and not.
+    """y = act(x @ w1^T + b1) @ w2^T + b2 per expert group, memory-optimised: the forward saves x and the
+    pre-activation h (both in the compute dtype) and the weights, and the backward recomputes act(h).
+    Autograd's composition would also keep act(h) ([N, ffn]).
+
+    ``keep_cast_weights``: save the compute-dtype casts of fp32 weights made by the forward (one 16-bit copy of
+    the local experts' weights per layer until its backward, as autocast's cast cache does), else save the
+    fp32 weights and cast them again in the backward (6 bytes of traffic per weight element, no memory).
 
     x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes):
+    def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes, keep_cast_weights=True):
         dt = x.dtype
         onehot = group_onehot(counts, x.shape[0], dt) if (b1 is not None or b2 is not None) else None
-        h = _mm(x, w1.to(dt), counts, backend, sizes)
+        w1c, w2c = w1.to(dt), w2.to(dt)
+        h = _mm(x, w1c, counts, backend, sizes)
         # onehot is made whenever there is a bias; the second test narrows its type
         if b1 is not None and onehot is not None:
             h.addmm_(onehot, b1.to(dt))  # the bias of each row's group, as one K=G GEMM, in place
-        y = _mm(activation(h), w2.to(dt), counts, backend, sizes)
+        y = _mm(activation(h), w2c, counts, backend, sizes)
         if b2 is not None and onehot is not None:
             y.addmm_(onehot, b2.to(dt))
-        ctx.save_for_backward(x, h, w1, w2, counts, onehot)
+        if keep_cast_weights:
+            ctx.save_for_backward(x, h, w1c, w2c, counts, onehot)
+        else:
+            ctx.save_for_backward(x, h, w1, w2, counts, onehot)
+        ctx.weight_dtypes = (w1.dtype, w2.dtype)
         ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes
         ctx.has_bias = (b1 is not None, b2 is not None)
         return y
@@ -114,20 +122,21 @@ class GroupedFFN(torch.autograd.Function):
     def backward(ctx, gy):
         x, h, w1, w2, counts, onehot = ctx.saved_tensors
         act, backend, sizes = ctx.activation, ctx.backend, ctx.sizes
+        w1_dtype, w2_dtype = ctx.weight_dtypes
         dt = x.dtype
         gy = gy.to(dt).contiguous()
         with torch.enable_grad():
             hh = h.detach().requires_grad_(True)
             a = act(hh)
-        gw2 = _wgrad(gy, a.detach(), counts, backend, sizes).to(w2.dtype)
-        gb2 = (onehot.t() @ gy).to(w2.dtype) if ctx.has_bias[1] else None
+        gw2 = _wgrad(gy, a.detach(), counts, backend, sizes).to(w2_dtype)
+        gb2 = (onehot.t() @ gy).to(w2_dtype) if ctx.has_bias[1] else None
         ga = _mm_t(gy, w2.to(dt), counts, backend, sizes)
         (gh,) = torch.autograd.grad(a, hh, ga)
         del a, hh, ga
-        gw1 = _wgrad(gh, x, counts, backend, sizes).to(w1.dtype)
-        gb1 = (onehot.t() @ gh).to(w1.dtype) if ctx.has_bias[0] else None
+        gw1 = _wgrad(gh, x, counts, backend, sizes).to(w1_dtype)
+        gb1 = (onehot.t() @ gh).to(w1_dtype) if ctx.has_bias[0] else None
         gx = _mm_t(gh, w1.to(dt), counts, backend, sizes)
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None
 
 
 def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype) -> Tensor:

@@ -109,11 +109,16 @@ class Experts(nn.Module):
 
 class GroupedExperts(nn.Module):
     """``num_local_experts`` copies of an ``FFNExpert`` stacked: ``weight1 [n, ffn, M]``, ``bias1 [n, ffn]``,
-    ``weight2 [n, M, ffn]``, ``bias2 [n, M]`` (nn.Linear's layout per expert)."""
+    ``weight2 [n, M, ffn]``, ``bias2 [n, M]`` (nn.Linear's layout per expert).
+
+    ``keep_cast_weights`` (an attribute, default True): under autocast the backward reuses the forward's 16-bit
+    casts of the weights (memory: one 16-bit copy of this layer's expert weights until its backward); False
+    recasts them in the backward instead (``_gemm.GroupedFFN``), for a model whose peak is the weights."""
 
     def __init__(self, expert: FFNExpert, num_local_experts: int = 1, expert_group_name: Optional[str] = None,
-                 gemm_backend: Optional[str] = None):
+                 gemm_backend: Optional[str] = None, keep_cast_weights: bool = True):
         super().__init__()
+        self.keep_cast_weights = keep_cast_weights
         if not isinstance(expert, FFNExpert):
             raise MoEError(f"GroupedExperts stacks FFNExpert modules, got {type(expert).__name__}")
         n = num_local_experts
@@ -154,7 +159,7 @@ class GroupedExperts(nn.Module):
         if b == "loop":
             sizes = counts_host if counts_host is not None else counts.tolist()
         return _gemm.GroupedFFN.apply(x, self.weight1, self.bias1, self.weight2, self.bias2, counts, self._act, b,
-                                      sizes)
+                                      sizes, self.keep_cast_weights)
 
     _KEYS = (("fc.weight", "weight1"), ("fc.bias", "bias1"), ("out.weight", "weight2"), ("out.bias", "bias2"))
 
