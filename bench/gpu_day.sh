@@ -6,7 +6,8 @@
 #   pipe    bench/pipe_gpu_overhead.py (one-stage ds-pipe against the plain loop)
 #   limits  bench/host_limits.py (triad -> CPU Adam floor, pinned PCIe)
 #   offload the 3.94 B GPT with CPU offload: DeepSpeed ZeRO-2 + offload, then ds-zero z2 + offload with the
-#           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40)
+#           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eager: the chunks step during
+#           backward, bf16 without the overflow check as DeepSpeed's; nocheck: the same config, eager_step off)
 #   bash bench/gpu_day.sh ANCHOR_DIR        (logs and JSON under $OUT; results.txt collects the result lines)
 set -o pipefail
 ANCHORS=${1:?usage: gpu_day.sh ANCHOR_DIR}
@@ -45,6 +46,8 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           ds2off) cmd=("$ANCHORS/zero_anchor.py" ds2off); envs=() ;;
           sync) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_OVERLAP=0) ;;
           overlap) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1) ;;
+          eager) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0) ;;
+          nocheck) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_EAGER=0) ;;
           chunk) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline.json) ;;
           r75) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=0.75) ;;
           auto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;

@@ -11,7 +11,8 @@ stage3_max_reuse_distance (0 frees every unit after forward, FSDP2's default). O
 ds-optim's CPUAdam on the CPU masters; the printed line adds the host bytes of the masters and states.
 With OFFLOAD=1 at z0-z2: OFFLOAD_OVERLAP=0 turns the overlapped (chunked) CPU step off (default 1, on),
 OFFLOAD_CHUNK=N its chunk size in elements (``sub_group_size``, default 1e9: one chunk per bucket shard),
-OFFLOAD_RATIO=r|auto the share of the optimizer state on the CPU (``offload_optimizer.ratio``; default 1), and
+OFFLOAD_EAGER=0 turns the eager step off (chunks stepped during backward where nothing global enters the update:
+it needs BF16_CHECK=0, bf16 without the overflow check, as DeepSpeed's bf16), OFFLOAD_RATIO=r|auto the share of the optimizer state on the CPU (``offload_optimizer.ratio``; default 1), and
 DS_ZERO_OFFLOAD_TIMELINE=path.json records each step's per-chunk D2H / CPU / H2D spans (draw them with
 ``python bench/offload_timeline.py path.json out.png``).
 OFFLOAD=1 with z3: ZeRO-3 offload as the anchor's ``ds3off`` (``offload_optimizer`` and ``offload_param`` cpu,
@@ -71,6 +72,8 @@ def main():
         "zero_optimization": {"stage": stages[name], "overlap_comm": True, "contiguous_gradients": True},
         "steps_per_print": 10**9,
     }
+    if os.environ.get("BF16_CHECK") == "0":  # DeepSpeed's bf16: no overflow check (lets the eager offload step run)
+        cfg["bf16"]["check_grad_overflow"] = False
     if os.environ.get("REUSE"):  # stage3_max_reuse_distance (0: free every unit after forward, as FSDP2)
         cfg["zero_optimization"]["stage3_max_reuse_distance"] = int(float(os.environ["REUSE"]))
     offload = os.environ.get("OFFLOAD", "")
@@ -81,6 +84,7 @@ def main():
         if name != "z3":  # the overlapped step and partial offload (stages 0-2, see the docstring)
             off = cfg["zero_optimization"]["offload_optimizer"]
             off["overlap_step"] = os.environ.get("OFFLOAD_OVERLAP", "1") != "0"
+            off["eager_step"] = os.environ.get("OFFLOAD_EAGER", "1") != "0"
             if os.environ.get("OFFLOAD_RATIO"):
                 ratio = os.environ["OFFLOAD_RATIO"]
                 off["ratio"] = ratio if ratio == "auto" else float(ratio)

@@ -32,12 +32,15 @@ STEPS, GA, CLIP = 4, 2, 0.05
 SMALL = {"reduce_bucket_size": 300, "sub_group_size": 70}
 
 
-def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0):
+def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0, eager=True, check=True):
     model = make_model()
     zero = dict(SMALL)
     if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio,
+                                     "eager_step": eager}
     extra = {dtype: {"enabled": True, "auto_cast": True}, "gradient_clipping": clip, "zero": zero}
+    if not check:  # bf16 without the overflow check (DeepSpeed's bf16): nothing global in the update
+        extra[dtype]["check_grad_overflow"] = False
     if dtype == "fp16":
         extra[dtype].update(initial_scale_power=8, hysteresis=1)
     optimizer = torch.optim.AdamW(param_groups(model), lr=1e-2)
@@ -84,6 +87,7 @@ def _evidence(engine):
             "device_optimizer": None if part is None else type(part.optimizer).__name__,
             "cpu_steps": engine.offload.cpu_steps, "chunks": None if pipe is None else len(pipe.chunks),
             "early": None if pipe is None else pipe.early_copies,
+            "eager": None if pipe is None else pipe.eager_chunks,
             "buckets_per_group": [sum(b.group_index == gi for b in engine.buckets) for gi in range(2)]}
 
 
@@ -98,6 +102,15 @@ def _scenarios(tmp):
         piped = _train(eng, STEPS, inf_at=inf_at)
         out[(stage, dtype)] = {"ref": ref, "sync": sync, "piped": piped, "evidence": _evidence(eng),
                                "sync_evidence": _evidence(sync_engine)}
+
+    # the eager step: no clipping, no overflow check, so chunks step in backward as they land; against the same
+    # engine stepping after backward (eager_step false) and without offload
+    ref = _train(_engine(2, "bf16", False, clip=0.0, check=False), STEPS)
+    late_engine = _engine(2, "bf16", True, clip=0.0, check=False, eager=False)
+    late = _train(late_engine, STEPS)
+    eng = _engine(2, "bf16", True, clip=0.0, check=False)
+    out["eager"] = {"ref": ref, "sync": late, "piped": _train(eng, STEPS), "evidence": _evidence(eng),
+                    "sync_evidence": _evidence(late_engine)}
 
     # partial offload: the first (1 - ratio) of each master stepped by the device optimizer, the rest by CPUAdam
     for stage, dtype, ratio, inf_at in ((2, "bf16", 0.5, None), (1, "fp16", 0.25, (1, 1))):
@@ -233,7 +246,24 @@ def test_pipelined_equals_synchronous_and_no_offload(tmp_path_factory, case):
         assert max(ev["buckets_per_group"]) > 1 and ev["chunks"] > sum(ev["buckets_per_group"]), ev
         # stage 2 starts every chunk's host copy in backward; stage 1 reduces at the step, nothing early
         assert ev["early"] == (ev["chunks"] if stage == 2 else 0)
+        assert ev["eager"] == 0  # clipping (and the overflow check) need the whole gradient before the step
         assert r["sync_evidence"]["pipelined"] == 0 and r["sync_evidence"]["chunks"] is None
+
+
+def test_eager_step_in_backward_equals_the_step_after_it(tmp_path_factory):
+    """Without clipping and without an overflow check, each chunk steps during backward as its gradients land
+    (a worker thread): bit for bit the step after backward, and the no-offload run to fp32 round-off."""
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        r = res["eager"]
+        for i, (a, late, eager) in enumerate(zip(r["ref"], r["sync"], r["piped"])):
+            for key in ("masters", "params", "states"):
+                assert _equal(late[key], eager[key]), (rank, i, key)
+            assert late["losses"] == eager["losses"] and late["norm"] == eager["norm"], (rank, i)
+            assert _close(a["masters"], eager["masters"]), (rank, i)
+        ev = r["evidence"]
+        assert ev["eager"] == ev["early"] == ev["chunks"] > sum(ev["buckets_per_group"]), ev  # every chunk, early
+        assert ev["pipelined"] == ev["cpu_steps"] == STEPS
+        assert r["sync_evidence"]["eager"] == 0 and r["sync_evidence"]["pipelined"] == STEPS
 
 
 def test_pipelined_resume_bit_for_bit(tmp_path_factory):
@@ -359,13 +389,15 @@ def test_timeline_written(tmp_path_factory):
 @requires_gpus(1)
 def test_gpu_pipelined_equals_synchronous(tmp_path):
     """CUDA: side streams, pinned staging and copy-out, async copies; bit for bit the synchronous step."""
-    def run(overlap, stage, ratio=1.0, offload=True):
+    def run(overlap, stage, ratio=1.0, offload=True, clip=CLIP, eager=True):
         torch.manual_seed(0)
         model = make_model().cuda()
         zero = dict(SMALL)
         if offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio}
-        extra = {"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": CLIP, "zero": zero}
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio,
+                                         "eager_step": eager}
+        extra = {"bf16": {"enabled": True, "auto_cast": True, "check_grad_overflow": clip > 0},
+                 "gradient_clipping": clip, "zero": zero}
         engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2),
                                     base_config(stage, 2, GA, **extra))
         for step in range(STEPS):
@@ -394,6 +426,16 @@ def test_gpu_pipelined_equals_synchronous(tmp_path):
         del os.environ[TIMELINE_ENV]
     steps = json.loads((tmp_path / "t.json").read_text())["steps"]
     assert steps and all(c["d2h"][0] <= c["d2h"][1] for c in steps[-1]["chunks"])
+
+    # the eager step on CUDA (a worker thread steps each chunk in backward, its H2D queued behind backward's reads)
+    late, eager = run(True, 2, clip=0.0, eager=False), run(True, 2, clip=0.0)
+    assert eager.masters.pipeline.eager_chunks == len(eager.masters.pipeline.chunks)
+    assert late.masters.pipeline.eager_chunks == 0
+    for a, b in zip(late.masters.params, eager.masters.params):
+        assert torch.equal(a, b)
+    for a, b in zip(late.module.parameters(), eager.module.parameters()):
+        assert torch.equal(a, b)
+    assert _equal(_states(late), _states(eager))
 
     # partial offload on CUDA: the head stepped by torch's AdamW on the GPU, the tail by CPUAdam
     ref = run(True, 2, offload=False)

@@ -46,8 +46,13 @@ D2H copies of a bucket start in backward as soon as its last reduce-scatter of t
 **Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the first ``1 - ratio``
 of each master is stepped on the device by the template's class, the rest by CPUAdam in the overlapped step.
 
+**Eager step** (``offload_optimizer.eager_step``, default true, stage 2 with ``ratio`` 1): where no global
+quantity enters the update (no clipping, no loss scaling, no overflow check), each chunk steps on the CPU during
+backward as soon as its gradients land (``_offload_pipeline``), bit for bit the step after backward.
+
 Adam's moments may be bf16 on the CPU (``offload_optimizer.state_dtype``: CPUAdam's stochastic rounding).
-Not built here: the speculative CPU step during backward (SuperOffload's).
+Not built here: the speculative CPU step with a rollback (SuperOffload's), for steps with clipping or an
+overflow check.
 """
 
 from __future__ import annotations
@@ -105,6 +110,8 @@ class CPUOffload:
         self.global_rank = 0
         #: the chunked, overlapped step (``_offload_pipeline``); ``chunk_numel``: the largest chunk (elements)
         self.overlap_step = False
+        #: ``offload_optimizer.eager_step``: chunks may step during backward where the update is local
+        self.eager_step = False
         self.chunk_numel = 1_000_000_000
         #: ``offload_optimizer.ratio`` (a number, or "auto" until planned) and the planner's activation reserve
         self.ratio: float | str = 1.0
@@ -142,6 +149,7 @@ class CPUOffload:
         copy_dtype = model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None
         offload = cls(device, off.pin_memory, copy_dtype)
         offload.overlap_step = off.device == "cpu" and off.overlap_step
+        offload.eager_step = offload.overlap_step and off.eager_step
         if offload.overlap_step and device.type == "cuda" and not offload.pin:
             # the overlap is DMA on side streams: a pageable copy synchronises its stream, i.e. the host waits for
             # all queued GPU work at every chunk (and, at stage 2, in backward), and nothing overlaps. Only the
@@ -422,10 +430,18 @@ class OffloadedMasters(Masters):
                 raise RuntimeError(f"bucket {bucket.index}: param group {bucket.group_index} has no fp32 master")
             bucket.write_param_shard(copy[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
 
-    def begin_window(self) -> None:
-        """Stage 2, the boundary micro-step's backward begins: early D2H copies of this window may start."""
-        if self.pipeline is not None:
-            self.pipeline.begin_window()
+    def begin_window(self, optimizer=None, eager_scale: float | None = None) -> None:
+        """Stage 2, the boundary micro-step's backward begins: early D2H copies of this window may start, and
+        with ``eager_scale`` (the engine found nothing global in this step's update: the grad scale it will
+        pass) the chunks may also step as they land (``_offload_pipeline``: the eager step)."""
+        if self.pipeline is None:
+            return
+        eager = None
+        if eager_scale is not None and self.offload.eager_step and self.device_part is None:
+            plan = self.pipeline.plan(optimizer)
+            if plan is not None:
+                eager = (optimizer, plan, eager_scale)
+        self.pipeline.begin_window(eager)
 
     def early_copy(self, bucket: Bucket) -> None:
         """Stage 2: ``bucket``'s reduced shard is final for this window; start copying it to the host."""

@@ -24,8 +24,19 @@ Exactness: the Adam update is elementwise, so stepping a range with the same ker
 Stage 2 (``begin_window`` / ``early_copy``): on the last micro-step of the accumulation, a bucket's reduced
 shard is final as soon as its reduce-scatter completes in backward; its D2H copies start right then (on the
 side stream, after the reduction in stream order), before the norm and the overflow flag are known. Copies
-change nothing, so no correction is ever needed; a skipped step simply does not read them. (The speculative
-CPU step during backward, SuperOffload's, is not built: see the package README.)
+change nothing, so no correction is ever needed; a skipped step simply does not read them.
+
+**The eager step** (``begin_window(eager=...)``, the engine decides): when nothing global enters the update --
+no gradient clipping, no loss scaling, no overflow check (bf16 with ``check_grad_overflow: false``, DeepSpeed's
+bf16 behaviour) -- a chunk's Adam step depends only on its own gradients, which are final once they land. Then
+the chunk is stepped right away, during backward, by one worker thread (the CPU step overlaps the GPU's
+backward instead of following it), and its H2D copy is queued behind it; :meth:`step` only waits for the
+worker and walks the chunks that did not land early. Bit for bit the step after backward (the same kernel,
+ranges, step count, grad scale and hyper-parameters; tested). ds-optim's Numba kernels release the GIL
+(``nogil``), so the autograd thread's hooks run while a chunk steps. Not eager: any of the three global
+dependencies above (the update would need the whole gradient first; SuperOffload's speculation with rollback
+is not built), and ``ratio`` < 1. The hyper-parameters are read when the chunk steps: an LR changed between
+``backward`` and ``step`` by hand (not by the engine's scheduler, which steps after the step) would be missed.
 
 On the CPU (the gloo tests) the same chunk walk runs with plain copies and no streams.
 
@@ -39,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +119,14 @@ class OffloadPipeline:
         self._by_bucket: dict[int, list[Chunk]] = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
+        #: this window's eager step: ``(optimizer, plan, scale)`` or None (see the module doc)
+        self._eager: tuple[Any, dict, float] | None = None
+        #: chunk index -> the worker's future of its eager step (``(c0, c1, h2d events)``)
+        self._stepped: dict[int, Future] = {}
+        self._advanced = False  # this window's step count already advanced (by the first eager chunk)
+        self._worker: ThreadPoolExecutor | None = None
+        #: chunks stepped during backward in the last step (the tests read it)
+        self.eager_chunks = 0
 
     # -- which optimizers ---------------------------------------------------------------------------------
     def plan(self, optimizer) -> dict[int, tuple[dict, Any]] | None:
@@ -145,13 +165,23 @@ class OffloadPipeline:
             self._h2d.wait_stream(torch.cuda.current_stream(self.device))
 
     # -- stage 2: copies started in backward ----------------------------------------------------------------
-    def begin_window(self) -> None:
-        """The boundary micro-step's backward starts: forget copies of an earlier window."""
+    def begin_window(self, eager: tuple[Any, dict, float] | None = None) -> None:
+        """The boundary micro-step's backward starts: forget copies of an earlier window. ``eager``:
+        ``(CPUAdam, plan, scale)`` when this window's chunks may step as they land (module doc)."""
+        self._collect_eager()  # a backward that raised after eager steps: they were applied, wait for them
+        if self._stepped:
+            self._stepped.clear()
+            raise RuntimeError("offload: the last window's eager CPU steps ran but engine.step() was not called "
+                               "after its backward; the masters hold that update (call step() after backward)")
         self._copied.clear()
+        self._advanced = False
+        self._eager = eager
 
     def discard(self) -> None:
         """The step was skipped (an overflow): its early copies must not feed a later step."""
         self._copied.clear()
+        if self._stepped:  # the engine only allows eager steps where no step can be skipped
+            raise RuntimeError("offload: a step with eager CPU chunks cannot be skipped")
 
     def early_copy(self, bucket: Bucket) -> None:
         """``bucket``'s reduced shard is final (stage 2, last micro-step): start its chunks' D2H copies."""
@@ -166,6 +196,53 @@ class OffloadPipeline:
                 return  # another dtype than the group's staging: the step copies it (after GradShards' cast)
             a, b = chunk.piece
             self._copied[chunk.index] = self._copy_d2h(staging[chunk.lo:chunk.hi], grad[a:b])
+        if self._eager is not None:
+            self._step_eagerly(bucket)
+
+    def _step_eagerly(self, bucket: Bucket) -> None:
+        """Hand ``bucket``'s landed chunks to the worker thread (module doc: the eager step)."""
+        if self._eager is None:
+            return
+        optimizer, plan, scale = self._eager
+        chunks = [c for c in self._by_bucket.get(bucket.index, []) if c.index in self._copied]
+        if not chunks:
+            return
+        if not self._advanced:  # as in step(): the count advances once per group, before any chunk steps
+            for group, fbucket in plan.values():
+                optimizer._advance(fbucket.steps, None)
+            self._advanced = True
+        ready = None
+        if self.cuda:  # the bucket's params were read by backward kernels queued before this hook
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload")
+        grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
+        for chunk in chunks:
+            self._stepped[chunk.index] = self._worker.submit(
+                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], grad_scale, ready)
+
+    def _cpu_step(self, optimizer, plan, chunk: Chunk, d2h, grad_scale: torch.Tensor, ready=None):
+        """Chunk ``chunk``'s CPU step once its D2H copy is done, then its H2D copy queued (after ``ready``, an
+        event of the compute stream, when given); returns ``(c0, c1, h2d events)``."""
+        group, fbucket = plan[chunk.group]
+        if self.cuda:
+            d2h[1].synchronize()
+        c0 = time.perf_counter()
+        lo, hi = chunk.lo, chunk.hi
+        states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
+        out = optimizer._out_for(fbucket, lo, hi)
+        host = self.masters.host_grads[[g for g, p in enumerate(self.masters.params) if p is not None].index(
+            chunk.group)]
+        optimizer._update(optimizer.kernels_for(fbucket.device), group, fbucket.param_flat[lo:hi], host[lo:hi],
+                          states, fbucket.steps[0], grad_scale, None, out, [0, hi - lo])
+        c1 = time.perf_counter()
+        source = out if out is not None else fbucket.param_flat[lo:hi]
+        return c0, c1, self._copy_h2d(chunk, source, ready)
+
+    def _collect_eager(self) -> dict[int, tuple]:
+        """Wait for the worker's eager steps of this window: chunk index -> ``(c0, c1, h2d)``."""
+        return {i: f.result() for i, f in self._stepped.items()}
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float, fenced: bool = False) -> None:
@@ -196,6 +273,12 @@ class OffloadPipeline:
             host[gi] = staging
         early = set(self._copied)
         self.early_copies = len(early)
+        stepped = self._collect_eager()  # the chunks the worker stepped during backward
+        self._stepped.clear()
+        self.eager_chunks = len(stepped)
+        if stepped and self._eager is not None and self._eager[2] != scale:
+            raise RuntimeError(f"offload: chunks were stepped during backward with grad scale {self._eager[2]!r}, "
+                               f"the step asks for {scale!r} (an engine bug: eager steps need a known scale)")
         if not fenced:
             self.fence()
         events: dict[int, Any] = {}
@@ -208,27 +291,18 @@ class OffloadPipeline:
         # as FlatOptimizer._step_bucket's uniform path: the step count advances once per group, then the kernel
         # runs on ranges (elementwise: bit for bit the one-launch result), then the host count and the states
         grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
-        kernels = {}
-        for gi, (group, fbucket) in plan.items():
-            optimizer._advance(fbucket.steps, None)
-            kernels[gi] = optimizer.kernels_for(fbucket.device)
+        if not self._advanced:
+            for gi, (group, fbucket) in plan.items():
+                optimizer._advance(fbucket.steps, None)
+        self._advanced = False
         records = []
         last_h2d = None
         for chunk in self.chunks:
-            group, fbucket = plan[chunk.group]
-            d2h = events[chunk.index]
-            if self.cuda:
-                d2h[1].synchronize()
-            c0 = time.perf_counter()
-            lo, hi = chunk.lo, chunk.hi
-            states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
-            out = optimizer._out_for(fbucket, lo, hi)
-            optimizer._update(kernels[chunk.group], group, fbucket.param_flat[lo:hi], host[chunk.group][lo:hi],
-                              states, fbucket.steps[0], grad_scale, None, out, [0, hi - lo])
-            c1 = time.perf_counter()
-            source = out if out is not None else fbucket.param_flat[lo:hi]
-            last_h2d = self._copy_h2d(chunk, source)
-            records.append((chunk, d2h, (c0, c1), last_h2d))
+            if chunk.index in stepped:
+                c0, c1, last_h2d = stepped[chunk.index]
+            else:
+                c0, c1, last_h2d = self._cpu_step(optimizer, plan, chunk, events[chunk.index], grad_scale)
+            records.append((chunk, events[chunk.index], (c0, c1), last_h2d))
         for gi, (group, fbucket) in plan.items():
             fbucket.count_uniform_step()
             if not fbucket.states_published:
@@ -240,8 +314,9 @@ class OffloadPipeline:
             if last_h2d is not None:
                 last_h2d[1].synchronize()  # the copy-out is rewritten by the next step's kernel
         self._copied.clear()
+        self._eager = None
         if self.path is not None:
-            self._record(t0, ref, records, early)
+            self._record(t0, ref, records, early, set(stepped))
         self.steps += 1
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -280,7 +355,7 @@ class OffloadPipeline:
         src.record_stream(stream)
         return (start, done)
 
-    def _copy_h2d(self, chunk: Chunk, source: torch.Tensor):
+    def _copy_h2d(self, chunk: Chunk, source: torch.Tensor, after=None):
         a, b = chunk.piece
         lo = chunk.bucket.shard_range[0]
         dst = chunk.bucket.flat_params()[lo + a:lo + b]
@@ -291,6 +366,8 @@ class OffloadPipeline:
         timing = self.path is not None
         start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
         with torch.cuda.stream(self._h2d):
+            if after is not None:  # an eager chunk: not before backward's last reads of these params
+                self._h2d.wait_event(after)
             start.record(self._h2d)
             dst.copy_(source, non_blocking=self.pin)
             done.record(self._h2d)
@@ -302,7 +379,7 @@ class OffloadPipeline:
         ev[1].synchronize()
         return [ref.elapsed_time(ev[0]), ref.elapsed_time(ev[1])]
 
-    def _record(self, t0: float, ref, records, early: set[int]) -> None:
+    def _record(self, t0: float, ref, records, early: set[int], eager: set[int]) -> None:
         path = self.path
         if path is None:
             return
@@ -310,7 +387,8 @@ class OffloadPipeline:
         for chunk, d2h, (c0, c1), h2d in records:
             chunks.append({"index": chunk.index, "bucket": chunk.bucket.index, "numel": chunk.hi - chunk.lo,
                            "d2h": self._span(t0, ref, d2h), "cpu": [(c0 - t0) * 1e3, (c1 - t0) * 1e3],
-                           "h2d": self._span(t0, ref, h2d), "early": chunk.index in early})
+                           "h2d": self._span(t0, ref, h2d), "early": chunk.index in early,
+                           "eager": chunk.index in eager})
         self._timeline.append({"step": self.steps, "device": str(self.device), "chunks": chunks})
         del self._timeline[:-_TIMELINE_STEPS]
         tmp = f"{path}.tmp"

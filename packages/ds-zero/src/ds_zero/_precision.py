@@ -47,6 +47,11 @@ class Precision:
         return self.dtype != torch.float32
 
     @property
+    def checks_gradients(self) -> bool:
+        """A loss scaler or an overflow check reads the whole reduced gradient before the optimizer may step."""
+        return self.scaler is not None or self._checker is not None
+
+    @property
     def loss_scale(self) -> float:
         return self.scaler.loss_scale if self.scaler is not None else 1.0
 

@@ -230,6 +230,11 @@ class OffloadOptimizerConfig(StrictModel):
     #: the H2D copy of the last one running while the CPU steps the current one; at stage 2 the D2H copies start
     #: in backward. Bit for bit the synchronous step's result; false: copy out, step, copy back, in turn
     overlap_step: bool = True
+    #: ds-zero's (stage 2, ``ratio`` 1, with ``overlap_step``): step each chunk on the CPU during backward as soon
+    #: as its gradients land, where nothing global enters the update (no gradient clipping, no fp16 loss
+    #: scaling, no overflow check: bf16 with ``check_grad_overflow: false``); otherwise the step waits for
+    #: ``step()`` as before. Bit for bit the same result either way
+    eager_step: bool = True
     #: DeepSpeed's partial offload: the fraction of this rank's optimizer state (masters and Adam's moments)
     #: stepped on the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
     #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up. The

@@ -397,7 +397,11 @@ class ZeroEngine:
         if (not isinstance(masters, OffloadedMasters) or not isinstance(self.reducer, Stage2Reducer)
                 or masters.pipeline is None or not self.is_gradient_accumulation_boundary()):
             return False
-        masters.begin_window()
+        # the eager CPU step (chunks step as they land in backward) where the update needs nothing global: the
+        # grad scale the step will pass is then known now
+        local_update = (self.config.gradient_clipping == 0 and not self.precision.checks_gradients
+                        and not self.mode.compressed)
+        masters.begin_window(self.optimizer, self._unscale_factor() if local_update else None)
         self.reducer.on_final_reduction = masters.early_copy
         return True
 

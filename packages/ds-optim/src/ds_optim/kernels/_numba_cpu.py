@@ -1,4 +1,6 @@
-"""The CPU backend: Numba ``@njit(parallel=True, cache=True)`` kernels on zero-copy NumPy views of the tensors.
+"""The CPU backend: Numba ``@njit(parallel=True, nogil=True, cache=True)`` kernels on zero-copy NumPy views of the
+tensors. ``nogil``: a kernel called from a worker thread lets the others run Python meanwhile (ds-zero steps
+offloaded chunks during backward, whose gradient hooks need the GIL).
 
 One pass over memory per update (two for LAMB), all math in fp32 with torch's op order *and* torch's fused
 multiply-adds (its CPU ``lerp``, ``add(alpha=)`` and ``addcmul`` round once; ``addcdiv`` and the rest round per
@@ -194,7 +196,7 @@ def _grad(g, i, gsign, gscale, has_scale):
 # Kernels. Every fp32 scalar argument is np.float32; flags are bool.
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _adam_kernel(p, g, m, v, out, gsign, gscale, has_scale, l2, wd, decay, lerp_w, lerp_small, b2, w2, bc2s, eps,
                  step_size, key, index0):
     # m, v: fp32, or bf16 bits (read widened, written rounded: stochastically under `key`, else to nearest);
@@ -219,7 +221,7 @@ def _adam_kernel(p, g, m, v, out, gsign, gscale, has_scale, l2, wd, decay, lerp_
         _store(out, i, pn)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _lion_kernel(p, g, m, out, gsign, gscale, has_scale, decay, neg_lr, b1, w1, b2, w2):
     for i in prange(p.shape[0]):
         gi = _grad(g, i, gsign, gscale, has_scale)
@@ -232,7 +234,7 @@ def _lion_kernel(p, g, m, out, gsign, gscale, has_scale, decay, neg_lr, b1, w1, 
         _store(out, i, pn)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _adagrad_kernel(p, g, s, out, gsign, gscale, has_scale, l2, wd, eps, neg_clr):
     for i in prange(p.shape[0]):
         gi = _grad(g, i, gsign, gscale, has_scale)
@@ -275,7 +277,7 @@ def _add_square(acc, x):
 # LAMB loops run over per-chunk slices: indices LLVM can prove in range and non-negative, so they vectorize.
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _lamb_moments_kernel(p, g, m, v, chunk_lo, chunk_hi, psq, usq, gsign, gscale, has_scale, b1, w1, b2, w2, eps,
                          l2, wd):
     """Pass 1: new m, v; per-chunk sums of p**2 and u**2 (float64, in a fixed order)."""
@@ -297,7 +299,7 @@ def _lamb_moments_kernel(p, g, m, v, chunk_lo, chunk_hi, psq, usq, gsign, gscale
         usq[c] = su
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _lamb_apply_kernel(p, m, v, out, chunk_lo, chunk_hi, chunk_tensor, scaled, eps, l2, wd):
     """Pass 2: p -= u * (coeff_t * step_size), u recomputed bit-identically from the new m, v and the old p."""
     for c in prange(chunk_lo.shape[0]):
