@@ -30,6 +30,15 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
       grep -E "^\[dsmoe\]" "$OUT/moe_anchor.log" | res
       timeout 240 torchrun --nproc_per_node 1 bench/moe_bench.py all --out "$OUT/moe_all.json" > "$OUT/moe_all.log" 2>&1
       echo "moe_bench rc=$?"; grep -E "^\[|floor|host syncs" "$OUT/moe_all.log" | res ;;
+    moeq)  # quick: the anchor, then $MOE_MODES (default the floor, dropless, capacity), KEEP_CAST=0 dropless, profiled
+      timeout 120 torchrun --nproc_per_node 1 "$ANCHORS/moe_anchor.py" dsmoe > "$OUT/moe_anchor.log" 2>&1
+      grep -E "^\[dsmoe\]" "$OUT/moe_anchor.log" | res
+      for m in ${MOE_MODES:-dense_topk dropless capacity}; do
+        timeout 120 torchrun --nproc_per_node 1 bench/moe_bench.py "$m" --profile "$OUT/prof" > "$OUT/moe_$m.log" 2>&1
+        echo "moe $m rc=$?"; grep -E "^\[" "$OUT/moe_$m.log" | res
+      done
+      KEEP_CAST=0 timeout 120 torchrun --nproc_per_node 1 bench/moe_bench.py dropless > "$OUT/moe_recast.log" 2>&1
+      grep -E "^\[" "$OUT/moe_recast.log" | sed "s/^/KEEP_CAST=0 /" | res ;;
     ckpt)
       timeout 240 python3 bench/activation_ckpt_bench.py --out "$OUT/activation_ckpt_h200.json" > "$OUT/ckpt.log" 2>&1
       echo "ckpt rc=$?"; tail -22 "$OUT/ckpt.log" | res ;;
