@@ -56,6 +56,7 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           sync) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_OVERLAP=0) ;;
           overlap) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1) ;;
           eager) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0) ;;
+          eagerauto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
           nocheck) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_EAGER=0) ;;
           chunk) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline.json) ;;
           r75) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=0.75) ;;

@@ -111,6 +111,12 @@ def _scenarios(tmp):
     eng = _engine(2, "bf16", True, clip=0.0, check=False)
     out["eager"] = {"ref": ref, "sync": late, "piped": _train(eng, STEPS), "evidence": _evidence(eng),
                     "sync_evidence": _evidence(late_engine)}
+    # and with partial offload: the CPU tail eager, the device head stepped in step()
+    late_engine = _engine(2, "bf16", True, clip=0.0, check=False, eager=False, ratio=0.5)
+    late = _train(late_engine, STEPS)
+    eng = _engine(2, "bf16", True, clip=0.0, check=False, ratio=0.5)
+    out["eager_ratio"] = {"ref": ref, "sync": late, "piped": _train(eng, STEPS), "evidence": _evidence(eng),
+                          "sync_evidence": _evidence(late_engine)}
 
     # partial offload: the first (1 - ratio) of each master stepped by the device optimizer, the rest by CPUAdam
     for stage, dtype, ratio, inf_at in ((2, "bf16", 0.5, None), (1, "fp16", 0.25, (1, 1))):
@@ -250,19 +256,22 @@ def test_pipelined_equals_synchronous_and_no_offload(tmp_path_factory, case):
         assert r["sync_evidence"]["pipelined"] == 0 and r["sync_evidence"]["chunks"] is None
 
 
-def test_eager_step_in_backward_equals_the_step_after_it(tmp_path_factory):
+@pytest.mark.parametrize("case", ["eager", "eager_ratio"])
+def test_eager_step_in_backward_equals_the_step_after_it(tmp_path_factory, case):
     """Without clipping and without an overflow check, each chunk steps during backward as its gradients land
-    (a worker thread): bit for bit the step after backward, and the no-offload run to fp32 round-off."""
+    (a worker thread): bit for bit the step after backward, and the no-offload run to fp32 round-off; with
+    ratio 0.5 the CPU part steps eagerly beside the device part."""
     for rank, res in enumerate(_results(tmp_path_factory)):
-        r = res["eager"]
+        r = res[case]
         for i, (a, late, eager) in enumerate(zip(r["ref"], r["sync"], r["piped"])):
             for key in ("masters", "params", "states"):
                 assert _equal(late[key], eager[key]), (rank, i, key)
             assert late["losses"] == eager["losses"] and late["norm"] == eager["norm"], (rank, i)
             assert _close(a["masters"], eager["masters"]), (rank, i)
         ev = r["evidence"]
-        assert ev["eager"] == ev["early"] == ev["chunks"] > sum(ev["buckets_per_group"]), ev  # every chunk, early
+        assert ev["eager"] == ev["early"] == ev["chunks"] >= sum(ev["buckets_per_group"]), ev  # every chunk, early
         assert ev["pipelined"] == ev["cpu_steps"] == STEPS
+        assert (ev["device_steps"] == STEPS) if case == "eager_ratio" else ev["split"] is None
         assert r["sync_evidence"]["eager"] == 0 and r["sync_evidence"]["pipelined"] == STEPS
 
 

@@ -46,7 +46,7 @@ D2H copies of a bucket start in backward as soon as its last reduce-scatter of t
 **Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the first ``1 - ratio``
 of each master is stepped on the device by the template's class, the rest by CPUAdam in the overlapped step.
 
-**Eager step** (``offload_optimizer.eager_step``, default true, stage 2 with ``ratio`` 1): where no global
+**Eager step** (``offload_optimizer.eager_step``, default true, stage 2): where no global
 quantity enters the update (no clipping, no loss scaling, no overflow check), each chunk steps on the CPU during
 backward as soon as its gradients land (``_offload_pipeline``), bit for bit the step after backward.
 
@@ -437,7 +437,7 @@ class OffloadedMasters(Masters):
         if self.pipeline is None:
             return
         eager = None
-        if eager_scale is not None and self.offload.eager_step and self.device_part is None:
+        if eager_scale is not None and self.offload.eager_step:
             plan = self.pipeline.plan(optimizer)
             if plan is not None:
                 eager = (optimizer, plan, eager_scale)

@@ -35,7 +35,8 @@ worker and walks the chunks that did not land early. Bit for bit the step after 
 ranges, step count, grad scale and hyper-parameters; tested). ds-optim's Numba kernels release the GIL
 (``nogil``), so the autograd thread's hooks run while a chunk steps. Not eager: any of the three global
 dependencies above (the update would need the whole gradient first; SuperOffload's speculation with rollback
-is not built), and ``ratio`` < 1. The hyper-parameters are read when the chunk steps: an LR changed between
+is not built). With ``ratio`` < 1 the CPU chunks step eagerly and the device part still steps in ``step()``.
+The hyper-parameters are read when the chunk steps: an LR changed between
 ``backward`` and ``step`` by hand (not by the engine's scheduler, which steps after the step) would be missed.
 
 On the CPU (the gloo tests) the same chunk walk runs with plain copies and no streams.

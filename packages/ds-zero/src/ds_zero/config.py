@@ -230,7 +230,7 @@ class OffloadOptimizerConfig(StrictModel):
     #: the H2D copy of the last one running while the CPU steps the current one; at stage 2 the D2H copies start
     #: in backward. Bit for bit the synchronous step's result; false: copy out, step, copy back, in turn
     overlap_step: bool = True
-    #: ds-zero's (stage 2, ``ratio`` 1, with ``overlap_step``): step each chunk on the CPU during backward as soon
+    #: ds-zero's (stage 2, with ``overlap_step``; with ``ratio`` < 1 the CPU part): step each chunk on the CPU during backward as soon
     #: as its gradients land, where nothing global enters the update (no gradient clipping, no fp16 loss
     #: scaling, no overflow check: bf16 with ``check_grad_overflow: false``); otherwise the step waits for
     #: ``step()`` as before. Bit for bit the same result either way
