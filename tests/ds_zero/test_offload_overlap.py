@@ -210,6 +210,67 @@ def _single_engine(stage=2, overlap=True):
     return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
 
 
+def _eager_engine():
+    model = make_model()
+    zero = dict(SMALL, offload_optimizer={"device": "cpu"})
+    cfg = base_config(2, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True, "check_grad_overflow": False},
+                                  "zero": zero})
+    return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+
+
+def _masters(engine):
+    return [p.detach().clone() for p in engine.masters.params if p is not None]
+
+
+def test_eager_window_misuse_is_refused_and_a_load_recovers(tmp_path):
+    """Between a backward whose chunks stepped eagerly and its step(): save_checkpoint and zero_grad are refused
+    (the masters hold part of the update), the window cannot be finished afterwards, and a load recovers; a
+    backward that raises after chunks stepped, and a failing worker, surface as named errors, not hangs."""
+    engine = _eager_engine()
+    x, y = micro_batch(0, 0, 0, 1, 2, 1)
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.masters.pipeline.eager_chunks == len(engine.masters.pipeline.chunks)
+    engine.save_checkpoint(str(tmp_path), tag="good")
+    saved = _masters(engine)
+
+    engine.backward(engine(x, y))
+    for misuse in (lambda: engine.save_checkpoint(str(tmp_path), tag="torn"), engine.zero_grad, engine.step):
+        with pytest.raises(RuntimeError, match="eager CPU step"):
+            misuse()
+    assert not os.path.exists(tmp_path / "torn")
+    engine.load_checkpoint(str(tmp_path), tag="good")
+    assert _equal(_masters(engine), saved)
+    engine.backward(engine(x, y))  # training goes on after the load
+    engine.step()
+
+    # a backward that raises after some chunks stepped: step() refuses until a load
+    boom = engine(x, y)
+    # fc1's grad comes last in backward: fc3's and fc2's buckets have landed and stepped by then
+    engine.module.fc1.weight.register_hook(lambda g: (_ for _ in ()).throw(ValueError("boom in backward")))
+    with pytest.raises(ValueError, match="boom"):
+        engine.backward(boom)
+    assert engine.masters.pipeline._failed > 0
+    with pytest.raises(RuntimeError, match="partial update"):
+        engine.step()
+    engine.load_checkpoint(str(tmp_path), tag="good")
+    assert _equal(_masters(engine), saved)
+
+
+def test_eager_worker_error_is_raised_by_step(monkeypatch):
+    engine = _eager_engine()
+    x, y = micro_batch(0, 0, 0, 1, 2, 1)
+
+    def fail(*args, **kwargs):
+        raise FloatingPointError("kernel failed")
+
+    monkeypatch.setattr(engine.optimizer, "_update", fail)
+    engine.backward(engine(x, y))
+    with pytest.raises(RuntimeError, match="eager CPU step failed") as info:
+        engine.step()
+    assert isinstance(info.value.__cause__, FloatingPointError)
+
+
 def test_non_adam_optimizer_steps_synchronously():
     """The pipeline drives CPUAdam's kernel by ranges; any other CPU optimizer takes the synchronous step."""
     model = make_model()

@@ -125,6 +125,9 @@ class OffloadPipeline:
         #: chunk index -> the worker's future of its eager step (``(c0, c1, h2d events)``)
         self._stepped: dict[int, Future] = {}
         self._advanced = False  # this window's step count already advanced (by the first eager chunk)
+        #: chunks of an abandoned window that stepped (a backward raised, or step() was not next): only a load
+        #: of a checkpoint clears it
+        self._failed = 0
         self._worker: ThreadPoolExecutor | None = None
         #: chunks stepped during backward in the last step (the tests read it)
         self.eager_chunks = 0
@@ -169,14 +172,53 @@ class OffloadPipeline:
     def begin_window(self, eager: tuple[Any, dict, float] | None = None) -> None:
         """The boundary micro-step's backward starts: forget copies of an earlier window. ``eager``:
         ``(CPUAdam, plan, scale)`` when this window's chunks may step as they land (module doc)."""
-        self._collect_eager()  # a backward that raised after eager steps: they were applied, wait for them
-        if self._stepped:
-            self._stepped.clear()
-            raise RuntimeError("offload: the last window's eager CPU steps ran but engine.step() was not called "
-                               "after its backward; the masters hold that update (call step() after backward)")
+        self.check_no_eager_steps("a boundary backward")
         self._copied.clear()
         self._advanced = False
         self._eager = eager
+
+    def check_no_eager_steps(self, what: str) -> None:
+        """Refuse ``what`` between a backward that stepped chunks eagerly and its ``step()`` (the masters and
+        Adam's states already hold part of the update: a checkpoint would be torn), or after a backward that
+        raised once chunks had stepped (the update can be neither finished nor undone)."""
+        if self._failed:
+            raise RuntimeError(
+                f"ds_zero offload: {what} after a backward that raised once its eager CPU step had updated "
+                f"{self._failed} chunk(s) of the masters (offload_optimizer.eager_step): they hold a partial update "
+                "that cannot be undone; load a checkpoint (engine.load_checkpoint) to continue")
+        if self._stepped:
+            n = len(self._stepped)
+            self._wait_quietly()  # let the worker finish writing first
+            self._stepped.clear()
+            self._failed = n  # neither finished nor undone: only a load recovers
+            raise RuntimeError(
+                f"ds_zero offload: {what} after a backward whose eager CPU step already updated {n} chunk(s) of the "
+                "masters (offload_optimizer.eager_step), before engine.step(): call engine.step() right after each "
+                "boundary backward (or set offload_optimizer.eager_step false); load a checkpoint to continue")
+
+    def abandon(self) -> None:
+        """The boundary backward raised: wait for the chunks already handed to the worker; if any stepped, the
+        window is marked failed (:meth:`check_no_eager_steps`)."""
+        n = len(self._stepped)
+        self._wait_quietly()
+        self._stepped.clear()
+        self._advanced, self._eager = False, None
+        self._failed = self._failed or n
+
+    def reset_for_load(self) -> None:
+        """A checkpoint is about to overwrite the masters and states: the worker is waited for and every eager
+        bookkeeping of the interrupted window dropped."""
+        self._wait_quietly()
+        self._stepped.clear()
+        self._copied.clear()
+        self._advanced, self._eager, self._failed = False, None, 0
+
+    def _wait_quietly(self) -> None:
+        for future in self._stepped.values():
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 -- the window is abandoned either way
+                pass
 
     def discard(self) -> None:
         """The step was skipped (an overflow): its early copies must not feed a later step."""
@@ -217,15 +259,23 @@ class OffloadPipeline:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload")
+            # the worker's CUDA calls (events, the H2D stream) on this rank's device, not device 0
+            init = (lambda: torch.cuda.set_device(self.device)) if self.cuda else None
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload", initializer=init)
         grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
         for chunk in chunks:
+            # the staging tensor itself, bound now: step() may replace a group's staging (another dtype) later
+            host = self._staging(chunk.group, bucket.reduced.dtype) if bucket.reduced is not None else None
+            if host is None:
+                continue
             self._stepped[chunk.index] = self._worker.submit(
-                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], grad_scale, ready)
+                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready)
 
-    def _cpu_step(self, optimizer, plan, chunk: Chunk, d2h, grad_scale: torch.Tensor, ready=None):
-        """Chunk ``chunk``'s CPU step once its D2H copy is done, then its H2D copy queued (after ``ready``, an
-        event of the compute stream, when given); returns ``(c0, c1, h2d events)``."""
+    def _cpu_step(self, optimizer, plan, chunk: Chunk, d2h, host: torch.Tensor, grad_scale: torch.Tensor,
+                  ready=None):
+        """Chunk ``chunk``'s CPU step from ``host`` (its group's grad staging) once its D2H copy is done, then its
+        H2D copy queued (after ``ready``, an event of the compute stream, when given); returns ``(c0, c1, h2d
+        events)``."""
         group, fbucket = plan[chunk.group]
         if self.cuda:
             d2h[1].synchronize()
@@ -233,8 +283,6 @@ class OffloadPipeline:
         lo, hi = chunk.lo, chunk.hi
         states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
         out = optimizer._out_for(fbucket, lo, hi)
-        host = self.masters.host_grads[[g for g, p in enumerate(self.masters.params) if p is not None].index(
-            chunk.group)]
         optimizer._update(optimizer.kernels_for(fbucket.device), group, fbucket.param_flat[lo:hi], host[lo:hi],
                           states, fbucket.steps[0], grad_scale, None, out, [0, hi - lo])
         c1 = time.perf_counter()
@@ -242,8 +290,18 @@ class OffloadPipeline:
         return c0, c1, self._copy_h2d(chunk, source, ready)
 
     def _collect_eager(self) -> dict[int, tuple]:
-        """Wait for the worker's eager steps of this window: chunk index -> ``(c0, c1, h2d)``."""
-        return {i: f.result() for i, f in self._stepped.items()}
+        """Wait for every eager step of this window (all of them, also after one failed): chunk index -> ``(c0,
+        c1, h2d)``; the first worker error is raised after the wait."""
+        out, error = {}, None
+        for i, future in self._stepped.items():
+            try:
+                out[i] = future.result()
+            except BaseException as e:  # noqa: BLE001 -- re-raised below, after the others finished
+                error = error or e
+        if error is not None:
+            raise RuntimeError("ds_zero offload: an eager CPU step failed in the worker thread; the masters hold a "
+                               "partial update (reload a checkpoint)") from error
+        return out
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float, fenced: bool = False) -> None:
@@ -261,6 +319,17 @@ class OffloadPipeline:
                 t0 = time.perf_counter()
         positions = [gi for gi, p in enumerate(self.masters.params) if p is not None]
         by_group = dict(zip(positions, grads))
+        if self._failed:
+            self.check_no_eager_steps("engine.step()")
+        # the chunks the worker stepped during backward, collected before any staging may be replaced below
+        try:
+            stepped = self._collect_eager()
+        except BaseException:
+            self._advanced, self._eager = False, None
+            raise
+        finally:
+            self._stepped.clear()
+        self.eager_chunks = len(stepped)
         host: dict[int, torch.Tensor] = {}
         for gi, g in by_group.items():
             staging = self._staging(gi, g.dtype, numel=g.numel())
@@ -274,9 +343,6 @@ class OffloadPipeline:
             host[gi] = staging
         early = set(self._copied)
         self.early_copies = len(early)
-        stepped = self._collect_eager()  # the chunks the worker stepped during backward
-        self._stepped.clear()
-        self.eager_chunks = len(stepped)
         if stepped and self._eager is not None and self._eager[2] != scale:
             raise RuntimeError(f"offload: chunks were stepped during backward with grad scale {self._eager[2]!r}, "
                                f"the step asks for {scale!r} (an engine bug: eager steps need a known scale)")
@@ -302,7 +368,8 @@ class OffloadPipeline:
             if chunk.index in stepped:
                 c0, c1, last_h2d = stepped[chunk.index]
             else:
-                c0, c1, last_h2d = self._cpu_step(optimizer, plan, chunk, events[chunk.index], grad_scale)
+                c0, c1, last_h2d = self._cpu_step(optimizer, plan, chunk, events[chunk.index], host[chunk.group],
+                                                  grad_scale)
             records.append((chunk, events[chunk.index], (c0, c1), last_h2d))
         for gi, (group, fbucket) in plan.items():
             fbucket.count_uniform_step()

@@ -381,12 +381,21 @@ class ZeroEngine:
         try:
             scaled.backward(retain_graph=retain_graph)
             self.reducer.after_backward()
+        except BaseException:
+            pipeline = self._offload_pipeline()
+            if early and pipeline is not None:  # chunks that already stepped eagerly cannot be undone
+                pipeline.abandon()
+            raise
         finally:
             if early:
                 cast(Stage2Reducer, self.reducer).on_final_reduction = None
         self._backward_pending = True
         self._time("backward", t0)
         return loss
+
+    def _offload_pipeline(self):
+        """ZeRO-Offload's overlapped step (``_offload_pipeline.OffloadPipeline``) when there is one, else None."""
+        return getattr(self.masters, "pipeline", None)
 
     def _offload_early_copies(self) -> bool:
         """ZeRO-Offload at stage 2, the boundary micro-step: each bucket's reduced shard is final once its
@@ -528,6 +537,9 @@ class ZeroEngine:
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
+        pipeline = self._offload_pipeline()
+        if pipeline is not None:
+            pipeline.check_no_eager_steps("engine.zero_grad()")
         self.reducer.zero_grads()
 
     @contextlib.contextmanager
@@ -580,6 +592,9 @@ class ZeroEngine:
 
         if self.stage == 3:
             self._stage3_policy().reshard()
+        pipeline = self._offload_pipeline()
+        if pipeline is not None:  # not between a backward whose chunks stepped eagerly and its step()
+            pipeline.check_no_eager_steps("save_checkpoint")
         if self.offload is not None:  # offload_optimizer.ratio < 1: the device part into the host masters/states
             self.offload.sync_to_host(self.optimizer)
 
@@ -592,6 +607,9 @@ class ZeroEngine:
         if self.stage == 3:
             self._stage3_policy().reshard()
 
+        pipeline = self._offload_pipeline()
+        if pipeline is not None:  # the load overwrites whatever an interrupted eager step had written
+            pipeline.reset_for_load()
         out = load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
         if self.offload is not None:  # offload_optimizer.ratio < 1: the device part from the loaded host copy
             self.offload.sync_from_host(self.optimizer, states=load_optimizer_states)
