@@ -259,9 +259,8 @@ class OffloadPipeline:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         if self._worker is None:
-            # the worker's CUDA calls (events, the H2D stream) on this rank's device, not device 0
-            init = (lambda: torch.cuda.set_device(self.device)) if self.cuda else None
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload", initializer=init)
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload",
+                                              initializer=self._init_worker)
         grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
         for chunk in chunks:
             # the staging tensor itself, bound now: step() may replace a group's staging (another dtype) later
@@ -270,6 +269,18 @@ class OffloadPipeline:
                 continue
             self._stepped[chunk.index] = self._worker.submit(
                 self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready)
+
+    def _init_worker(self) -> None:
+        """The worker's CUDA calls (events, the H2D stream) go to this rank's device, not device 0; its Numba
+        kernels leave one core to the autograd thread, which launches backward's kernels meanwhile (Numba's
+        thread count is per calling thread)."""
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        try:
+            import numba
+        except ImportError:  # ds-optim's torch backend: nothing to set
+            return
+        numba.set_num_threads(max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS")) - 1))
 
     def _cpu_step(self, optimizer, plan, chunk: Chunk, d2h, host: torch.Tensor, grad_scale: torch.Tensor,
                   ready=None):
