@@ -374,14 +374,13 @@ class OffloadPipeline:
                 optimizer._advance(fbucket.steps, None)
         self._advanced = False
         records = []
-        last_h2d = None
         for chunk in self.chunks:
             if chunk.index in stepped:
-                c0, c1, last_h2d = stepped[chunk.index]
+                c0, c1, h2d = stepped[chunk.index]
             else:
-                c0, c1, last_h2d = self._cpu_step(optimizer, plan, chunk, events[chunk.index], host[chunk.group],
-                                                  grad_scale)
-            records.append((chunk, events[chunk.index], (c0, c1), last_h2d))
+                c0, c1, h2d = self._cpu_step(optimizer, plan, chunk, events[chunk.index], host[chunk.group],
+                                             grad_scale)
+            records.append((chunk, events[chunk.index], (c0, c1), h2d))
         for gi, (group, fbucket) in plan.items():
             fbucket.count_uniform_step()
             if not fbucket.states_published:
@@ -390,8 +389,9 @@ class OffloadPipeline:
                 fbucket.states_published = True
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._h2d)
-            if last_h2d is not None:
-                last_h2d[1].synchronize()  # the copy-out is rewritten by the next step's kernel
+            # the copy-out is rewritten by the next step's kernel: every H2D copy from it must be done, not only
+            # the last chunk's (eager chunks were queued in the order backward landed them, the rest after)
+            self._h2d.synchronize()
         self._copied.clear()
         self._eager = None
         if self.path is not None:
