@@ -207,33 +207,3 @@ def test_refresh_fp32_params_takes_the_masters_from_the_model(stage):
     assert float(before["step"]) == 1  # optimizer state kept
     _micro(engine, 1, 0)  # and training goes on from the written weights
     assert engine.global_steps == 2
-
-
-@pytest.mark.parametrize("stage,ga", [(1, 1), (2, 1), (2, 3)])
-def test_reduced_grads_of_a_group_are_one_buffer_not_a_concatenated_copy(stage, ga):
-    """The reducers write each bucket's shard into its slot of the group's flat grads, so the step reads the
-    reduced grads in place (a concatenation would hold every gradient twice at the step)."""
-    engine = _engine(stage=stage, ga=ga, bf16={"enabled": True})
-    shards = engine.grad_shards
-    multi = [gi for gi, group in enumerate(shards.by_group) if len(group) > 1]
-    assert multi, "the case needs a param group of several buckets (reduce_bucket_size 300)"
-    seen = []
-    read = shards.tensors
-
-    def checked_tensors():  # what the step reads, checked while the buckets still hold their shards
-        flats = read()
-        for gi in multi:
-            flat = flats[sum(1 for g in shards.by_group[:gi] if g)]
-            for b in shards.by_group[gi]:
-                assert b.reduced.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-                assert torch.equal(b.reduced, flat[b.master_offset:b.master_offset + b.shard_numel])
-                seen.append(b.index)
-        return flats
-
-    shards.tensors = checked_tensors
-    for micro in range(ga):
-        x, y = micro_batch(0, micro, 0, 1, 2, ga)
-        engine.backward(engine(x.bfloat16(), y.bfloat16()))
-        engine.step()
-    assert seen, "the step did not read the reduced grads"
-    assert shards._flat == [None] * len(shards._flat)  # released with the window

@@ -206,12 +206,9 @@ class Masters:
 class GradShards:
     """The reduced gradient shards of a param group as the optimizer reads them: ONE flat tensor per group, laid
     out as the group's fp32 master (``assign_group_offsets``), in the reduction's dtype (see
-    :meth:`Masters.step`). The shards belong to the buckets and live for one accumulation window (``_buckets``
-    module doc). A group of one bucket is read in place. A group of several owns one flat buffer per window,
-    made at its first reduction (:meth:`slot`), into which the reducers write each bucket's shard, so the step
-    reads it without a concatenated copy: a second copy of every gradient at the step was what pushed a
-    3.94 B model's ``ratio: "auto"`` plan over its memory cap. A shard that did not land in its slot (another
-    dtype, an all-reduce's slice) is copied into it at the step."""
+    :meth:`Masters.step`). The shards themselves belong to the buckets and live for one accumulation window
+    (``_buckets`` module doc); a group of one bucket is read in place, a group of several is concatenated at
+    the step (a transient the size of the group's shards, made when the activations are gone)."""
 
     def __init__(self, buckets: list[Bucket], num_groups: int, device: torch.device,
                  reduce_dtype: torch.dtype | None) -> None:
@@ -225,41 +222,13 @@ class GradShards:
         for group in self.by_group:
             dtypes = {b.dtype for b in group}
             self.dtypes.append(reduce_dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32))
-        self._flat: list[torch.Tensor | None] = [None] * num_groups
-
-    def slot(self, bucket: Bucket, dtype: torch.dtype) -> torch.Tensor | None:
-        """Where ``bucket``'s reduced shard goes this window: its view of the group's flat buffer (made now if
-        this is the group's first reduction of the window); None for a group of one bucket (read in place) or
-        a shard of another dtype than the group's."""
-        gi = bucket.group_index
-        group = self.by_group[gi]
-        if len(group) < 2 or dtype != self.dtypes[gi]:
-            return None
-        flat = self._flat[gi]
-        if flat is None:
-            flat = self._flat[gi] = torch.empty(sum(b.shard_numel for b in group), dtype=dtype, device=self.device)
-        return flat[bucket.master_offset:bucket.master_offset + bucket.shard_numel]
-
-    def release(self) -> None:
-        """End of the accumulation window (with the buckets' ``release_grads``)."""
-        self._flat = [None] * len(self._flat)
 
     def tensors(self) -> list[torch.Tensor]:
         """One flat grad tensor per param group with trainable params (the masters' order); zeros for a bucket
         with no reduction this window (a boundary ``step()`` with no backward before it)."""
         out = []
-        for gi, (group, dtype) in enumerate(zip(self.by_group, self.dtypes)):
+        for group, dtype in zip(self.by_group, self.dtypes):
             if not group:
-                continue
-            flat = self._flat[gi]
-            if flat is not None:
-                for b in group:
-                    view = flat[b.master_offset:b.master_offset + b.shard_numel]
-                    if b.reduced is None:
-                        view.zero_()
-                    elif b.reduced.data_ptr() != view.data_ptr():
-                        view.copy_(b.reduced)
-                out.append(flat)
                 continue
             shards = [b.reduced if b.reduced is not None
                       else torch.zeros(b.shard_numel, dtype=dtype, device=self.device) for b in group]

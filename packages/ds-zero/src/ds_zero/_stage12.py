@@ -93,11 +93,8 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
 
     def _launch(self, bucket: Bucket) -> None:
         send = self._comm_input(bucket.ensure_full_grads(self.device))
-        # reduce-scatter straight into the bucket's reduced shard (its slot of the group's flat grads, else made
-        # now: it lives until the step)
-        slot = self.grad_shards.slot(bucket, send.dtype) if bucket.reduced is None else None
-        work, out = self._scatter(bucket, send, slot if slot is not None else bucket.reduced_out(send.dtype,
-                                                                                                  self.device))
+        # reduce-scatter straight into the bucket's reduced shard (made now: it lives until the step)
+        work, out = self._scatter(bucket, send, bucket.reduced_out(send.dtype, self.device))
         # ``send`` (a cast copy with communication_data_type) must live until the collective is done
         self._pending.append((bucket, work, out, send))
 
@@ -115,7 +112,6 @@ class Stage1Reducer(_ScatterMixin, GradReducer):
     def zero_grads(self) -> None:
         for bucket in self.buckets:
             bucket.release_grads()
-        self.grad_shards.release()
 
 
 class Stage2Reducer(_ScatterMixin, GradReducer):
@@ -141,9 +137,7 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
         while self._in_flight and len(self._in_flight) >= max(self.max_in_flight, 1):
             self._complete(self._in_flight.pop(0))
         send = self._comm_input(flat)
-        # a window's first reduction lands in the bucket's slot of the group's flat grads (GradShards.slot)
-        work, out = self._scatter(bucket, send,
-                                  self.grad_shards.slot(bucket, send.dtype) if bucket.reduced is None else None)
+        work, out = self._scatter(bucket, send, None)
         entry = (bucket, work, out, send)
         if self.max_in_flight == 0 or work is None:
             self._complete(entry)
@@ -153,10 +147,7 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
     def _complete(self, entry) -> None:
         bucket, work, out, _send = entry
         _comm.wait(work)
-        slot = self.grad_shards.slot(bucket, out.dtype) if bucket.reduced is None else None
-        if slot is not None and slot.data_ptr() != out.data_ptr():
-            out = slot.copy_(out)  # an all-reduce's slice of the bucket: into the group's flat grads
-        elif slot is None and out.numel() != out.untyped_storage().nbytes() // out.element_size():
+        if out.numel() != out.untyped_storage().nbytes() // out.element_size():
             out = out.clone()  # a slice of the all-reduced bucket: keep the shard, not the whole bucket
         bucket.add_reduced(out)
         if self.on_final_reduction is not None:
@@ -176,4 +167,3 @@ class Stage2Reducer(_ScatterMixin, GradReducer):
     def zero_grads(self) -> None:
         for bucket in self.buckets:
             bucket.release_grads()
-        self.grad_shards.release()
