@@ -398,6 +398,16 @@ def test_ratio_config_and_planner():
     assert plan_ratio(free_bytes=10, reserve_bytes=50, total_elements=400) == 1.0  # nothing fits
     assert resolve_ratio("auto", torch.device("cpu"), [10, 20], 0, None) == 1.0  # no device memory to plan with
     assert resolve_ratio(0.3, torch.device("cpu"), [10, 20], 0, None) == 0.3
+    # the gradient memory kept free: the 16-bit grads, plus the step's concatenation of a group of several buckets
+    from ds_zero._offload import planned_grad_bytes
+
+    engine = _single_engine()
+    buckets = engine.buckets
+    multi = {b.group_index for b in buckets} - {b.group_index for b in buckets
+                                                if sum(c.group_index == b.group_index for c in buckets) == 1}
+    assert multi, "the case needs a param group of several buckets"
+    assert planned_grad_bytes(buckets) == (2 * sum(b.padded_numel for b in buckets)
+                                           + 2 * sum(b.shard_numel for b in buckets if b.group_index in multi))
 
 
 def test_partial_offload_follows_the_lr_scheduler():

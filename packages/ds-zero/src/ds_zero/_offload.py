@@ -266,7 +266,7 @@ class CPUOffload:
         starts = None
         if self.ratio != 1.0:
             sizes = [0 if p is None else p.numel() for p in masters.params]
-            grad_bytes = 2 * sum(b.padded_numel for b in masters.buckets)
+            grad_bytes = planned_grad_bytes(masters.buckets)
             self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib, self.group)
             if self.ratio < 1.0:
                 part = DevicePart(masters, float(self.ratio), self.device)
@@ -289,6 +289,19 @@ class CPUOffload:
         part = getattr(self.masters, "device_part", None)
         if part is not None:
             part.from_host(optimizer, states)
+
+
+def planned_grad_bytes(buckets) -> int:
+    """The gradient memory ``ratio: "auto"`` keeps free on the device: the 16-bit grads of every bucket (stage 1's
+    full grads; an upper bound at stage 2), plus the step's concatenation of a param group's reduced shards when
+    the group has several buckets (``_partition.GradShards.tensors``; it ran a 3.94 B model's plan out of memory
+    under a 40 GiB cap on the H200 when it was not counted)."""
+    full = 2 * sum(b.padded_numel for b in buckets)
+    per_group: dict[int, list] = {}
+    for b in buckets:
+        per_group.setdefault(b.group_index, []).append(b)
+    concat = sum(b.shard_numel * 2 for group in per_group.values() if len(group) > 1 for b in group)
+    return full + concat
 
 
 def _state_dtype(off) -> torch.dtype:

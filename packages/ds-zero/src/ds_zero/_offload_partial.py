@@ -17,7 +17,8 @@ The host master and CPUAdam's states keep the *whole* group's layout (what check
 
 ``ratio: "auto"`` (:func:`plan_ratio`): at start-up, after the model's 16-bit params are in place, the device's
 free memory (``torch.cuda.mem_get_info``, capped by ``set_per_process_memory_fraction`` when one is set) minus
-the gradient buffers (2 bytes per trainable param of the model: stage 1's full grads, an upper bound at stage 2)
+the gradient buffers (2 bytes per trainable param of the model: stage 1's full grads, an upper bound at stage 2;
+plus the step's concatenation of a group's reduced shards, 2 bytes per element of a group of several buckets)
 minus an activation reserve (``offload_optimizer.auto_reserve_gib``, default a quarter of the device memory
 the process may use: the whole GPU, or its ``set_per_process_memory_fraction`` cap) is divided by 12 bytes per element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the
 device, the rest go to the CPU. The plan (bytes on the device / on the CPU) is logged. On a CPU device ``"auto"``
