@@ -14,8 +14,8 @@ order (the order backward completes them) -- and, on CUDA:
 - at the end the compute stream waits for the H2D stream (the all-gather and the next forward read the
   params), and the host waits for the last H2D before returning (the next step's kernel rewrites the copy-out).
 
-ds-optim's Numba kernels do not release the GIL (``@njit`` without ``nogil``); that does not matter here: the
-copies are queued before the kernel call and run as DMA, driven by the CUDA driver, not by Python.
+The copies are queued before the kernel call and run as DMA, driven by the CUDA driver, not by Python, while the
+kernel runs.
 
 Exactness: the Adam update is elementwise, so stepping a range with the same kernel, the same step count
 (advanced once per step for the whole group, as ``FlatOptimizer._step_bucket`` does) and the same
@@ -125,6 +125,7 @@ class OffloadPipeline:
         #: chunk index -> the worker's future of its eager step (``(c0, c1, h2d events)``)
         self._stepped: dict[int, Future] = {}
         self._advanced = False  # this window's step count already advanced (by the first eager chunk)
+        self._backward_over = False  # step() was called: the worker may use every core (_worker_threads)
         #: chunks of an abandoned window that stepped (a backward raised, or step() was not next): only a load
         #: of a checkpoint clears it
         self._failed = 0
@@ -175,6 +176,7 @@ class OffloadPipeline:
         self.check_no_eager_steps("a boundary backward")
         self._copied.clear()
         self._advanced = False
+        self._backward_over = False
         self._eager = eager
 
     def check_no_eager_steps(self, what: str) -> None:
@@ -268,28 +270,37 @@ class OffloadPipeline:
             if host is None:
                 continue
             self._stepped[chunk.index] = self._worker.submit(
-                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready)
+                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready, True)
 
     def _init_worker(self) -> None:
-        """The worker's CUDA calls (events, the H2D stream) go to this rank's device, not device 0; its Numba
-        kernels leave one core to the autograd thread, which launches backward's kernels meanwhile (Numba's
-        thread count is per calling thread)."""
+        """The worker's CUDA calls (events, the H2D stream) go to this rank's device, not device 0."""
         if self.cuda:
             torch.cuda.set_device(self.device)
+
+    def _worker_threads(self) -> None:
+        """The worker's Numba kernels leave one core to the autograd thread while backward runs (it launches
+        backward's kernels meanwhile) and take them all once :meth:`step` was called (the autograd thread then
+        only waits). Numba's thread count is per calling thread; the H200 timeline showed most eager chunks
+        stepping after backward, on one core less than the step could use."""
         try:
             import numba
         except ImportError:  # ds-optim's torch backend: nothing to set
             return
-        numba.set_num_threads(max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS")) - 1))
+        full = int(getattr(numba.config, "NUMBA_NUM_THREADS"))
+        want = full if self._backward_over else max(1, full - 1)
+        if numba.get_num_threads() != want:
+            numba.set_num_threads(want)
 
     def _cpu_step(self, optimizer, plan, chunk: Chunk, d2h, host: torch.Tensor, grad_scale: torch.Tensor,
-                  ready=None):
+                  ready=None, in_worker: bool = False):
         """Chunk ``chunk``'s CPU step from ``host`` (its group's grad staging) once its D2H copy is done, then its
         H2D copy queued (after ``ready``, an event of the compute stream, when given); returns ``(c0, c1, h2d
         events)``."""
         group, fbucket = plan[chunk.group]
         if self.cuda:
             d2h[1].synchronize()
+        if in_worker:
+            self._worker_threads()
         c0 = time.perf_counter()
         lo, hi = chunk.lo, chunk.hi
         states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
@@ -332,6 +343,7 @@ class OffloadPipeline:
         by_group = dict(zip(positions, grads))
         if self._failed:
             self.check_no_eager_steps("engine.step()")
+        self._backward_over = True
         # the chunks the worker stepped during backward, collected before any staging may be replaced below
         try:
             stepped = self._collect_eager()
