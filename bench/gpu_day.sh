@@ -8,7 +8,9 @@
 #   offload the 3.94 B GPT with CPU offload: DeepSpeed ZeRO-2 + offload, then ds-zero z2 + offload with the
 #           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eagersmall: eager with 1e8 chunks and
 #           2e8 buckets, timeline recorded; eagerbf16: eager with
-#           offload_optimizer.state_dtype bf16 (opt-in 16-bit moments); eager: the chunks step during
+#           offload_optimizer.state_dtype bf16 (opt-in 16-bit moments); spec: the default bf16 overflow check on
+#           (the eager step is speculative), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
+#           with 1e8 chunks, speculative_step on / off; eager: the chunks step during
 #           backward, bf16 without the overflow check as DeepSpeed's; nocheck: the same config, eager_step off)
 #   bash bench/gpu_day.sh ANCHOR_DIR        (logs and JSON under $OUT; results.txt collects the result lines)
 set -o pipefail
@@ -65,6 +67,10 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           eager) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0) ;;
           eagerauto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
           eagersmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 BUCKET=2e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_eager.json) ;;
+          spec) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1) ;;
+          specclip) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 CLIP=1.0 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_specclip.json) ;;
+          specsmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8) ;;
+          nospecsmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_SPECULATIVE=0) ;;
           eagerbf16) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_STATE_DTYPE=bf16) ;;
           nocheck) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_EAGER=0) ;;
           chunk) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline.json) ;;

@@ -32,12 +32,13 @@ STEPS, GA, CLIP = 4, 2, 0.05
 SMALL = {"reduce_bucket_size": 300, "sub_group_size": 70}
 
 
-def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0, eager=True, check=True):
+def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0, eager=True, check=True,
+            speculative=True):
     model = make_model()
     zero = dict(SMALL)
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio,
-                                     "eager_step": eager}
+                                     "eager_step": eager, "speculative_step": speculative}
     extra = {dtype: {"enabled": True, "auto_cast": True}, "gradient_clipping": clip, "zero": zero}
     if not check:  # bf16 without the overflow check (DeepSpeed's bf16): nothing global in the update
         extra[dtype]["check_grad_overflow"] = False
@@ -51,6 +52,22 @@ def _states(engine):
     sd = engine.optimizer.state_dict()["state"]
     return [sd[k][n].detach().clone().reshape(-1) for k in sorted(sd) for n in ("exp_avg", "exp_avg_sq", "step")
             if isinstance(sd[k].get(n), torch.Tensor)]
+
+
+def _settled(engine):
+    """The speculative step's paths, made deterministic: every chunk handed to the worker in backward runs
+    before step() (none is cancelled or left pending), so step() keeps or restores all of them."""
+    pipe = getattr(engine.masters, "pipeline", None)
+    if pipe is not None:
+        pipe.cancel_at_step = False
+        real = engine.backward
+
+        def backward(loss):
+            out = real(loss)
+            pipe._wait_quietly()
+            return out
+        engine.backward = backward
+    return engine
 
 
 def _train(engine, steps, first=0, inf_at=None):
@@ -88,6 +105,8 @@ def _evidence(engine):
             "cpu_steps": engine.offload.cpu_steps, "chunks": None if pipe is None else len(pipe.chunks),
             "early": None if pipe is None else pipe.early_copies,
             "eager": None if pipe is None else pipe.eager_chunks,
+            "speculated": None if pipe is None else pipe.speculated_chunks,
+            "rolled_back": None if pipe is None else pipe.rolled_back_chunks,
             "buckets_per_group": [sum(b.group_index == gi for b in engine.buckets) for gi in range(2)]}
 
 
@@ -98,7 +117,7 @@ def _scenarios(tmp):
         ref = _train(_engine(stage, dtype, False), STEPS, inf_at=inf_at)
         sync_engine = _engine(stage, dtype, True, overlap=False)
         sync = _train(sync_engine, STEPS, inf_at=inf_at)
-        eng = _engine(stage, dtype, True)
+        eng = _settled(_engine(stage, dtype, True))  # stage 2: speculative, clipping fires: restored every step
         piped = _train(eng, STEPS, inf_at=inf_at)
         out[(stage, dtype)] = {"ref": ref, "sync": sync, "piped": piped, "evidence": _evidence(eng),
                                "sync_evidence": _evidence(sync_engine)}
@@ -117,6 +136,16 @@ def _scenarios(tmp):
     eng = _engine(2, "bf16", True, clip=0.0, check=False, ratio=0.5)
     out["eager_ratio"] = {"ref": ref, "sync": late, "piped": _train(eng, STEPS), "evidence": _evidence(eng),
                           "sync_evidence": _evidence(late_engine)}
+
+    # the speculative step kept: clipping on but never firing (a bound above every norm), the overflow check on;
+    # bf16, and fp16 with an overflow on one rank (that step restored and skipped); against eager_step false
+    for dtype, inf_at in (("bf16", None), ("fp16", (1, 1))):
+        late_engine = _engine(2, dtype, True, clip=1e6, eager=False)
+        late = _train(late_engine, STEPS, inf_at=inf_at)
+        eng = _settled(_engine(2, dtype, True, clip=1e6))
+        out[("kept", dtype)] = {"ref": _train(_engine(2, dtype, False, clip=1e6), STEPS, inf_at=inf_at),
+                                "sync": late, "piped": _train(eng, STEPS, inf_at=inf_at), "evidence": _evidence(eng),
+                                "sync_evidence": _evidence(late_engine)}
 
     # partial offload: the first (1 - ratio) of each master stepped by the device optimizer, the rest by CPUAdam
     for stage, dtype, ratio, inf_at in ((2, "bf16", 0.5, None), (1, "fp16", 0.25, (1, 1))):
@@ -313,7 +342,10 @@ def test_pipelined_equals_synchronous_and_no_offload(tmp_path_factory, case):
         assert max(ev["buckets_per_group"]) > 1 and ev["chunks"] > sum(ev["buckets_per_group"]), ev
         # stage 2 starts every chunk's host copy in backward; stage 1 reduces at the step, nothing early
         assert ev["early"] == (ev["chunks"] if stage == 2 else 0)
-        assert ev["eager"] == 0  # clipping (and the overflow check) need the whole gradient before the step
+        # stage 2: every chunk stepped speculatively in backward, and clipping fired, so each was restored and
+        # stepped again by step(); the overflow's skipped step restored them too
+        assert ev["eager"] == ev["speculated"] == 0
+        assert ev["rolled_back"] == (ev["chunks"] * STEPS if stage == 2 else 0), ev
         assert r["sync_evidence"]["pipelined"] == 0 and r["sync_evidence"]["chunks"] is None
 
 
@@ -334,6 +366,27 @@ def test_eager_step_in_backward_equals_the_step_after_it(tmp_path_factory, case)
         assert ev["pipelined"] == ev["cpu_steps"] == STEPS
         assert (ev["device_steps"] == STEPS) if case == "eager_ratio" else ev["split"] is None
         assert r["sync_evidence"]["eager"] == 0 and r["sync_evidence"]["pipelined"] == STEPS
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_speculative_step_kept_equals_the_step_after_backward(tmp_path_factory, dtype):
+    """Clipping on (never firing) and the overflow check on: chunks step in backward with kept copies, step()
+    keeps them; an overflow on one rank (fp16) restores that step's chunks and skips it on both ranks. Bit for
+    bit eager_step false, and the no-offload run to fp32 round-off."""
+    for rank, res in enumerate(_results(tmp_path_factory)):
+        r = res[("kept", dtype)]
+        for i, (a, late, spec) in enumerate(zip(r["ref"], r["sync"], r["piped"])):
+            for key in ("masters", "params", "states"):
+                assert _equal(late[key], spec[key]), (rank, i, key)
+            assert late["losses"] == spec["losses"] and late["norm"] == spec["norm"], (rank, i)
+            assert late["skipped"] == spec["skipped"] == a["skipped"] and late["scale"] == spec["scale"], (rank, i)
+            assert _close(a["masters"], spec["masters"]), (rank, i)
+        skipped = sum(p["skipped"] for p in r["piped"])
+        assert skipped == (1 if dtype == "fp16" else 0)
+        ev, chunks = r["evidence"], r["evidence"]["chunks"]
+        assert ev["speculated"] == chunks * (STEPS - skipped) and ev["rolled_back"] == chunks * skipped, ev
+        assert ev["pipelined"] == STEPS - skipped
+        assert r["sync_evidence"]["speculated"] == r["sync_evidence"]["rolled_back"] == 0
 
 
 def test_pipelined_resume_bit_for_bit(tmp_path_factory):
@@ -516,6 +569,16 @@ def test_gpu_pipelined_equals_synchronous(tmp_path):
     for a, b in zip(late.module.parameters(), eager.module.parameters()):
         assert torch.equal(a, b)
     assert _equal(_states(late), _states(eager))
+
+    # the speculative step on CUDA, kept (clipping on, never firing; the overflow check on): H2D copies queued by
+    # step(); the stage-2 runs above restored every chunk (clipping fired)
+    late, spec = run(True, 2, clip=1e6, eager=False), run(True, 2, clip=1e6)
+    assert spec.masters.pipeline.speculated_chunks > 0 and late.masters.pipeline.speculated_chunks == 0
+    for a, b in zip(late.masters.params, spec.masters.params):
+        assert torch.equal(a, b)
+    for a, b in zip(late.module.parameters(), spec.module.parameters()):
+        assert torch.equal(a, b)
+    assert _equal(_states(late), _states(spec))
 
     # partial offload on CUDA: the head stepped by torch's AdamW on the GPU, the tail by CPUAdam
     ref = run(True, 2, offload=False)

@@ -46,13 +46,13 @@ D2H copies of a bucket start in backward as soon as its last reduce-scatter of t
 **Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the first ``1 - ratio``
 of each master is stepped on the device by the template's class, the rest by CPUAdam in the overlapped step.
 
-**Eager step** (``offload_optimizer.eager_step``, default true, stage 2): where no global
-quantity enters the update (no clipping, no loss scaling, no overflow check), each chunk steps on the CPU during
-backward as soon as its gradients land (``_offload_pipeline``), bit for bit the step after backward.
+**Eager step** (``offload_optimizer.eager_step``, default true, stage 2): each chunk steps on the CPU during
+backward as soon as its gradients land (``_offload_pipeline``), bit for bit the step after backward. Where
+clipping, loss scaling or the overflow check may still change or skip the update, the step is speculative
+(``speculative_step``, SuperOffload's): the chunk's old values are kept, and ``step()`` keeps the update or
+restores them (and steps the chunk again with the clipped scale, or skips).
 
 Adam's moments may be bf16 on the CPU (``offload_optimizer.state_dtype``: CPUAdam's stochastic rounding).
-Not built here: the speculative CPU step with a rollback (SuperOffload's), for steps with clipping or an
-overflow check.
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ class CPUOffload:
         self.overlap_step = False
         #: ``offload_optimizer.eager_step``: chunks may step during backward where the update is local
         self.eager_step = False
+        #: ``offload_optimizer.speculative_step`` / ``speculation_gib``: the host bytes eager chunks may keep for a
+        #: rollback where clipping or an overflow may change the update (0: no speculative step)
+        self.speculation_bytes = 0
         self.chunk_numel = 1_000_000_000
         #: ``offload_optimizer.ratio`` (a number, or "auto" until planned) and the planner's activation reserve
         self.ratio: float | str = 1.0
@@ -150,6 +153,7 @@ class CPUOffload:
         offload = cls(device, off.pin_memory, copy_dtype)
         offload.overlap_step = off.device == "cpu" and off.overlap_step
         offload.eager_step = offload.overlap_step and off.eager_step
+        offload.speculation_bytes = int(off.speculation_gib * 2**30) if off.speculative_step else 0
         if offload.overlap_step and device.type == "cuda" and not offload.pin:
             # the overlap is DMA on side streams: a pageable copy synchronises its stream, i.e. the host waits for
             # all queued GPU work at every chunk (and, at stage 2, in backward), and nothing overlaps. Only the
@@ -443,18 +447,20 @@ class OffloadedMasters(Masters):
                 raise RuntimeError(f"bucket {bucket.index}: param group {bucket.group_index} has no fp32 master")
             bucket.write_param_shard(copy[bucket.master_offset:bucket.master_offset + bucket.shard_numel])
 
-    def begin_window(self, optimizer=None, eager_scale: float | None = None) -> None:
+    def begin_window(self, optimizer=None, eager_scale: float | None = None, speculative: bool = False) -> None:
         """Stage 2, the boundary micro-step's backward begins: early D2H copies of this window may start, and
-        with ``eager_scale`` (the engine found nothing global in this step's update: the grad scale it will
-        pass) the chunks may also step as they land (``_offload_pipeline``: the eager step)."""
+        with ``eager_scale`` (the grad scale the step will pass unless clipping changes it) the chunks may also
+        step as they land (``_offload_pipeline``: the eager step); ``speculative``: clipping or an overflow check
+        may still change or skip the update (the speculative step, if ``speculation_gib`` allows)."""
         if self.pipeline is None:
             return
         eager = None
-        if eager_scale is not None and self.offload.eager_step:
+        budget = self.offload.speculation_bytes if speculative else None
+        if eager_scale is not None and self.offload.eager_step and budget != 0:
             plan = self.pipeline.plan(optimizer)
             if plan is not None:
                 eager = (optimizer, plan, eager_scale)
-        self.pipeline.begin_window(eager)
+        self.pipeline.begin_window(eager, speculation_bytes=budget)
 
     def early_copy(self, bucket: Bucket) -> None:
         """Stage 2: ``bucket``'s reduced shard is final for this window; start copying it to the host."""

@@ -33,11 +33,21 @@ the chunk is stepped right away, during backward, by one worker thread (the CPU 
 backward instead of following it), and its H2D copy is queued behind it; :meth:`step` only waits for the
 worker and walks the chunks that did not land early. Bit for bit the step after backward (the same kernel,
 ranges, step count, grad scale and hyper-parameters; tested). ds-optim's Numba kernels release the GIL
-(``nogil``), so the autograd thread's hooks run while a chunk steps. Not eager: any of the three global
-dependencies above (the update would need the whole gradient first; SuperOffload's speculation with rollback
-is not built). With ``ratio`` < 1 the CPU chunks step eagerly and the device part still steps in ``step()``.
-The hyper-parameters are read when the chunk steps: an LR changed between
+(``nogil``), so the autograd thread's hooks run while a chunk steps. With any of the three global dependencies
+above the step is speculative (below). With ``ratio`` < 1 the CPU chunks step eagerly and the device part still
+steps in ``step()``. The hyper-parameters are read when the chunk steps: an LR changed between
 ``backward`` and ``step`` by hand (not by the engine's scheduler, which steps after the step) would be missed.
+
+**The speculative step** (SuperOffload's; ``begin_window(eager, speculation_bytes=...)``): with clipping, fp16 loss
+scaling or the overflow check, the chunks still step as they land, with the scale the step will use unless
+clipping fires. Before its kernel runs, the worker copies the chunk's master, moments and 16-bit copy-out into a
+host pool (``speculation_gib``; chunks that do not fit wait for ``step()``), and its H2D copy is held back.
+:meth:`step` then knows the norm and the overflow flag: the same scale keeps every speculative update (their
+H2D copies are queued then, the chunks not yet started are cancelled and stepped by ``step()`` without a copy);
+another scale (clipping fired) restores them and steps them again with it; an overflow (:meth:`discard`)
+restores them and takes the step count back. Bit for bit the step after backward either way (the kernel is
+elementwise and deterministic, the restore a copy); ``save_checkpoint``, ``zero_grad`` or a raising backward in
+such a window restore instead of refusing.
 
 On the CPU (the gloo tests) the same chunk walk runs with plain copies and no streams.
 
@@ -62,6 +72,11 @@ from ._buckets import Bucket
 #: the environment variable that turns on the per-chunk timeline (a JSON path)
 TIMELINE_ENV = "DS_ZERO_OFFLOAD_TIMELINE"
 _TIMELINE_STEPS = 50
+
+
+def _aligned(nbytes: int) -> int:
+    """Byte offsets in the speculative pool stay 64-byte aligned (any dtype's view, whole cache lines)."""
+    return -(-nbytes // 64) * 64
 
 
 @dataclass
@@ -126,6 +141,17 @@ class OffloadPipeline:
         self._stepped: dict[int, Future] = {}
         self._advanced = False  # this window's step count already advanced (by the first eager chunk)
         self._backward_over = False  # step() was called: the worker may use every core (_worker_threads)
+        #: this window's host budget (bytes) for the speculative step's kept copies; None: not speculative
+        self._speculation: int | None = None
+        self._pool: torch.Tensor | None = None  # those copies (bytes), reused window after window
+        self._pool_used = 0  # bytes handed out in this window, at submit (main thread)
+        #: chunk index -> ``[(live range, kept copy), ...]`` written by the worker before the chunk's kernel
+        self._backups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: speculative chunks whose update step() kept / restored (and stepped again or skipped), cumulative
+        self.speculated_chunks = 0
+        self.rolled_back_chunks = 0
+        #: step(): speculative chunks not yet started are cancelled and stepped there (no copy to keep)
+        self.cancel_at_step = True
         #: chunks of an abandoned window that stepped (a backward raised, or step() was not next): only a load
         #: of a checkpoint clears it
         self._failed = 0
@@ -170,14 +196,19 @@ class OffloadPipeline:
             self._h2d.wait_stream(torch.cuda.current_stream(self.device))
 
     # -- stage 2: copies started in backward ----------------------------------------------------------------
-    def begin_window(self, eager: tuple[Any, dict, float] | None = None) -> None:
+    def begin_window(self, eager: tuple[Any, dict, float] | None = None,
+                     speculation_bytes: int | None = None) -> None:
         """The boundary micro-step's backward starts: forget copies of an earlier window. ``eager``:
-        ``(CPUAdam, plan, scale)`` when this window's chunks may step as they land (module doc)."""
+        ``(CPUAdam, plan, scale)`` when this window's chunks may step as they land (module doc);
+        ``speculation_bytes``: the step may still change ``scale`` or skip, so each eager chunk keeps a copy of
+        what it overwrites, within that many bytes (the speculative step)."""
         self.check_no_eager_steps("a boundary backward")
         self._copied.clear()
         self._advanced = False
         self._backward_over = False
         self._eager = eager
+        self._speculation = speculation_bytes if eager is not None else None
+        self._pool_used = 0
 
     def check_no_eager_steps(self, what: str) -> None:
         """Refuse ``what`` between a backward that stepped chunks eagerly and its ``step()`` (the masters and
@@ -188,6 +219,9 @@ class OffloadPipeline:
                 f"ds_zero offload: {what} after a backward that raised once its eager CPU step had updated "
                 f"{self._failed} chunk(s) of the masters (offload_optimizer.eager_step): they hold a partial update "
                 "that cannot be undone; load a checkpoint (engine.load_checkpoint) to continue")
+        if self._speculation is not None and (self._stepped or self._advanced):
+            self.rolled_back_chunks += self._rollback()  # undone exactly: as if no chunk had stepped
+            return
         if self._stepped:
             n = len(self._stepped)
             self._wait_quietly()  # let the worker finish writing first
@@ -201,6 +235,9 @@ class OffloadPipeline:
     def abandon(self) -> None:
         """The boundary backward raised: wait for the chunks already handed to the worker; if any stepped, the
         window is marked failed (:meth:`check_no_eager_steps`)."""
+        if self._speculation is not None:
+            self.rolled_back_chunks += self._rollback()
+            return
         n = len(self._stepped)
         self._wait_quietly()
         self._stepped.clear()
@@ -213,7 +250,8 @@ class OffloadPipeline:
         self._wait_quietly()
         self._stepped.clear()
         self._copied.clear()
-        self._advanced, self._eager, self._failed = False, None, 0
+        self._backups.clear()
+        self._advanced, self._eager, self._failed, self._speculation = False, None, 0, None
 
     def _wait_quietly(self) -> None:
         for future in self._stepped.values():
@@ -223,10 +261,38 @@ class OffloadPipeline:
                 pass
 
     def discard(self) -> None:
-        """The step was skipped (an overflow): its early copies must not feed a later step."""
+        """The step was skipped (an overflow): its early copies must not feed a later step, and its speculative
+        chunks are restored."""
         self._copied.clear()
-        if self._stepped:  # the engine only allows eager steps where no step can be skipped
+        if self._speculation is not None and (self._stepped or self._advanced):
+            self.rolled_back_chunks += self._rollback()
+        elif self._stepped:  # non-speculative eager steps happen only where no step can be skipped
             raise RuntimeError("offload: a step with eager CPU chunks cannot be skipped")
+        self._eager = self._speculation = None
+
+    def forget_copies(self) -> None:
+        """The window's gradients were dropped (``engine.zero_grad``): its early copies must not feed the step."""
+        self.check_no_eager_steps("engine.zero_grad()")
+        self._copied.clear()
+
+    def _rollback(self) -> int:
+        """Undo this speculative window: pending chunks cancelled, running ones waited for, every chunk that
+        started restored from its kept copy, the step count taken back; returns how many were restored."""
+        for future in self._stepped.values():
+            future.cancel()
+        self._wait_quietly()
+        restored = 0
+        for index in self._stepped:
+            for live, kept in self._backups.get(index, ()):  # none: cancelled before it started
+                live.copy_(kept)
+            restored += index in self._backups
+        if self._advanced and self._eager is not None:
+            for _group, fbucket in self._eager[1].values():
+                fbucket.steps.sub_(1)
+        self._stepped.clear()
+        self._backups.clear()
+        self._advanced, self._eager, self._speculation, self._pool_used = False, None, None, 0
+        return restored
 
     def early_copy(self, bucket: Bucket) -> None:
         """``bucket``'s reduced shard is final (stage 2, last micro-step): start its chunks' D2H copies."""
@@ -269,8 +335,44 @@ class OffloadPipeline:
             host = self._staging(chunk.group, bucket.reduced.dtype) if bucket.reduced is not None else None
             if host is None:
                 continue
+            keep_at = None
+            if self._speculation is not None:  # room for the chunk's kept copy, or it waits for step()
+                need = sum(_aligned(t.numel() * t.element_size()) for t in self._live(optimizer, plan, chunk))
+                if self._pool_used + need > self._speculation:
+                    continue
+                self._ensure_pool(optimizer, plan)
+                keep_at, self._pool_used = self._pool_used, self._pool_used + need
             self._stepped[chunk.index] = self._worker.submit(
-                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready, True)
+                self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready, True,
+                keep_at)
+
+    def _live(self, optimizer, plan, chunk: Chunk) -> list[torch.Tensor]:
+        """What ``chunk``'s step overwrites on the host: its range of the master, of each moment and of the
+        16-bit copy-out."""
+        _group, fbucket = plan[chunk.group]
+        lo, hi = chunk.lo, chunk.hi
+        out = optimizer._out_for(fbucket, lo, hi)
+        live = [fbucket.param_flat[lo:hi]] + [flat[lo:hi] for _name, flat in sorted(fbucket.states.items())]
+        return live + ([out] if out is not None else [])
+
+    def _ensure_pool(self, optimizer, plan) -> None:
+        """The kept copies' pool: the budget, or what every chunk needs if that is less; made once."""
+        if self._pool is not None or self._speculation is None:
+            return
+        total = sum(_aligned(t.numel() * t.element_size()) for chunk in self.chunks
+                    if chunk.group in plan for t in self._live(optimizer, plan, chunk))
+        self._pool = torch.empty(min(total, self._speculation), dtype=torch.uint8)
+
+    def _keep(self, live: list[torch.Tensor], at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        assert self._pool is not None
+        pairs = []
+        for t in live:
+            n = t.numel() * t.element_size()
+            kept = self._pool[at:at + n].view(t.dtype)
+            kept.copy_(t)
+            pairs.append((t, kept))
+            at += _aligned(n)
+        return pairs
 
     def _init_worker(self) -> None:
         """The worker's CUDA calls (events, the H2D stream) go to this rank's device, not device 0."""
@@ -292,10 +394,11 @@ class OffloadPipeline:
             numba.set_num_threads(want)
 
     def _cpu_step(self, optimizer, plan, chunk: Chunk, d2h, host: torch.Tensor, grad_scale: torch.Tensor,
-                  ready=None, in_worker: bool = False):
+                  ready=None, in_worker: bool = False, keep_at: int | None = None):
         """Chunk ``chunk``'s CPU step from ``host`` (its group's grad staging) once its D2H copy is done, then its
         H2D copy queued (after ``ready``, an event of the compute stream, when given); returns ``(c0, c1, h2d
-        events)``."""
+        events)``. ``keep_at``: a speculative chunk: what the step overwrites is first copied to the pool at
+        that byte offset, and the H2D copy is left to :meth:`step` (h2d None)."""
         group, fbucket = plan[chunk.group]
         if self.cuda:
             d2h[1].synchronize()
@@ -303,11 +406,15 @@ class OffloadPipeline:
             self._worker_threads()
         c0 = time.perf_counter()
         lo, hi = chunk.lo, chunk.hi
+        if keep_at is not None:
+            self._backups[chunk.index] = self._keep(self._live(optimizer, plan, chunk), keep_at)
         states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
         out = optimizer._out_for(fbucket, lo, hi)
         optimizer._update(optimizer.kernels_for(fbucket.device), group, fbucket.param_flat[lo:hi], host[lo:hi],
                           states, fbucket.steps[0], grad_scale, None, out, [0, hi - lo])
         c1 = time.perf_counter()
+        if keep_at is not None:
+            return c0, c1, None
         source = out if out is not None else fbucket.param_flat[lo:hi]
         return c0, c1, self._copy_h2d(chunk, source, ready)
 
@@ -344,6 +451,14 @@ class OffloadPipeline:
         if self._failed:
             self.check_no_eager_steps("engine.step()")
         self._backward_over = True
+        speculative = self._speculation is not None and self._eager is not None
+        if speculative and self._eager is not None and self._eager[2] != scale:
+            # clipping fired: every speculative chunk is restored and steps below with the clipped scale
+            self.rolled_back_chunks += self._rollback()
+        elif speculative and self.cancel_at_step:
+            for index, future in list(self._stepped.items()):
+                if future.cancel():  # not started: steps below, with no copy to keep
+                    del self._stepped[index]
         # the chunks the worker stepped during backward, collected before any staging may be replaced below
         try:
             stepped = self._collect_eager()
@@ -353,6 +468,8 @@ class OffloadPipeline:
         finally:
             self._stepped.clear()
         self.eager_chunks = len(stepped)
+        if speculative:
+            self.speculated_chunks += len(stepped)
         host: dict[int, torch.Tensor] = {}
         for gi, g in by_group.items():
             staging = self._staging(gi, g.dtype, numel=g.numel())
@@ -389,6 +506,10 @@ class OffloadPipeline:
         for chunk in self.chunks:
             if chunk.index in stepped:
                 c0, c1, h2d = stepped[chunk.index]
+                if h2d is None:  # a speculative chunk whose update is kept: its params go back now
+                    _group, fbucket = plan[chunk.group]
+                    out = optimizer._out_for(fbucket, chunk.lo, chunk.hi)
+                    h2d = self._copy_h2d(chunk, out if out is not None else fbucket.param_flat[chunk.lo:chunk.hi])
             else:
                 c0, c1, h2d = self._cpu_step(optimizer, plan, chunk, events[chunk.index], host[chunk.group],
                                              grad_scale)
@@ -405,7 +526,8 @@ class OffloadPipeline:
             # the last chunk's (eager chunks were queued in the order backward landed them, the rest after)
             self._h2d.synchronize()
         self._copied.clear()
-        self._eager = None
+        self._backups.clear()
+        self._eager, self._speculation, self._pool_used = None, None, 0
         if self.path is not None:
             self._record(t0, ref, records, early, set(stepped))
         self.steps += 1

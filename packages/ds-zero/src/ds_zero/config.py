@@ -230,11 +230,18 @@ class OffloadOptimizerConfig(StrictModel):
     #: the H2D copy of the last one running while the CPU steps the current one; at stage 2 the D2H copies start
     #: in backward. Bit for bit the synchronous step's result; false: copy out, step, copy back, in turn
     overlap_step: bool = True
-    #: ds-zero's (stage 2, with ``overlap_step``; with ``ratio`` < 1 the CPU part): step each chunk on the CPU during backward as soon
-    #: as its gradients land, where nothing global enters the update (no gradient clipping, no fp16 loss
-    #: scaling, no overflow check: bf16 with ``check_grad_overflow: false``); otherwise the step waits for
-    #: ``step()`` as before. Bit for bit the same result either way
+    #: ds-zero's (stage 2, with ``overlap_step``; with ``ratio`` < 1 the CPU part): step each chunk on the CPU
+    #: during backward as soon as its gradients land; where clipping, fp16 loss scaling or the overflow check may
+    #: change the update, only with ``speculative_step``. Bit for bit the step after backward either way
     eager_step: bool = True
+    #: ds-zero's (with ``eager_step``): step chunks during backward also where clipping, fp16 loss scaling or
+    #: the overflow check may change or skip the update (SuperOffload's speculative step): each such chunk's
+    #: master, moments and 16-bit copy are kept until ``step()`` knows the norm and the overflow flag, which
+    #: keeps the update or restores them and steps the chunk again with the clipped scale (an overflow: restores
+    #: and skips). Bit for bit the step after backward either way
+    speculative_step: bool = True
+    #: host memory (GiB, per rank) for those kept copies: chunks beyond it wait for ``step()``
+    speculation_gib: NonNegativeFloat = 4.0
     #: DeepSpeed's partial offload: the fraction of this rank's optimizer state (masters and Adam's moments)
     #: stepped on the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
     #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up. The

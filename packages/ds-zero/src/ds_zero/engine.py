@@ -406,11 +406,12 @@ class ZeroEngine:
         if (not isinstance(masters, OffloadedMasters) or not isinstance(self.reducer, Stage2Reducer)
                 or masters.pipeline is None or not self.is_gradient_accumulation_boundary()):
             return False
-        # the eager CPU step (chunks step as they land in backward) where the update needs nothing global: the
-        # grad scale the step will pass is then known now
-        local_update = (self.config.gradient_clipping == 0 and not self.precision.checks_gradients
-                        and not self.mode.compressed)
-        masters.begin_window(self.optimizer, self._unscale_factor() if local_update else None)
+        # the eager CPU step (chunks step as they land in backward) with the grad scale the step will pass
+        # unless clipping fires; speculative (kept copies, restored if it fires or the step is skipped) where
+        # clipping, loss scaling or the overflow check may still change the update
+        local_update = self.config.gradient_clipping == 0 and not self.precision.checks_gradients
+        masters.begin_window(self.optimizer, None if self.mode.compressed else self._unscale_factor(),
+                             speculative=not local_update)
         self.reducer.on_final_reduction = masters.early_copy
         return True
 
@@ -538,8 +539,8 @@ class ZeroEngine:
     def zero_grad(self) -> None:
         """Drop accumulated gradients (``step()`` already does this at every boundary)."""
         pipeline = self._offload_pipeline()
-        if pipeline is not None:
-            pipeline.check_no_eager_steps("engine.zero_grad()")
+        if pipeline is not None:  # refused after eager chunks stepped (restored if speculative); copies dropped
+            pipeline.forget_copies()
         self.reducer.zero_grads()
 
     @contextlib.contextmanager
