@@ -9,7 +9,7 @@
 #           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eagersmall: eager with 1e8 chunks and
 #           2e8 buckets, timeline recorded; eagerbf16: eager with
 #           offload_optimizer.state_dtype bf16 (opt-in 16-bit moments); spec: the default bf16 overflow check on
-#           (the eager step is speculative), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
+#           (with speculative_step on, opt-in), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
 #           with 1e8 chunks, speculative_step on / off; eager: the chunks step during
 #           backward, bf16 without the overflow check as DeepSpeed's; nocheck: the same config, eager_step off)
 #   bash bench/gpu_day.sh ANCHOR_DIR        (logs and JSON under $OUT; results.txt collects the result lines)
@@ -40,13 +40,13 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
       timeout 240 torchrun --nproc_per_node 1 bench/moe_bench.py all --out "$OUT/moe_all.json" > "$OUT/moe_all.log" 2>&1
       echo "moe_bench rc=$?"; grep -E "^\[|floor|host syncs" "$OUT/moe_all.log" | res ;;
     moeq)  # quick: the anchor, then $MOE_MODES (default the floor, dropless, capacity), KEEP_CAST=0 dropless, profiled
-      timeout 120 torchrun --nproc_per_node 1 "$ANCHORS/moe_anchor.py" dsmoe > "$OUT/moe_anchor.log" 2>&1
+      timeout "${MOE_TIMEOUT:-120}" torchrun --nproc_per_node 1 "$ANCHORS/moe_anchor.py" dsmoe > "$OUT/moe_anchor.log" 2>&1
       grep -E "^\[dsmoe\]" "$OUT/moe_anchor.log" | res
       for m in ${MOE_MODES:-dense_topk dropless capacity}; do
-        timeout 120 torchrun --nproc_per_node 1 bench/moe_bench.py "$m" --profile "$OUT/prof" > "$OUT/moe_$m.log" 2>&1
+        timeout "${MOE_TIMEOUT:-120}" torchrun --nproc_per_node 1 bench/moe_bench.py "$m" --profile "$OUT/prof" > "$OUT/moe_$m.log" 2>&1
         echo "moe $m rc=$?"; grep -E "^\[" "$OUT/moe_$m.log" | res
       done
-      KEEP_CAST=0 timeout 120 torchrun --nproc_per_node 1 bench/moe_bench.py dropless > "$OUT/moe_recast.log" 2>&1
+      KEEP_CAST=0 timeout "${MOE_TIMEOUT:-120}" torchrun --nproc_per_node 1 bench/moe_bench.py dropless > "$OUT/moe_recast.log" 2>&1
       grep -E "^\[" "$OUT/moe_recast.log" | sed "s/^/KEEP_CAST=0 /" | res ;;
     ckpt)
       timeout 240 python3 bench/activation_ckpt_bench.py --out "$OUT/activation_ckpt_h200.json" > "$OUT/ckpt.log" 2>&1
@@ -58,7 +58,8 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
       timeout 120 python3 bench/host_limits.py --out "$OUT/host_limits.json" > "$OUT/limits.log" 2>&1
       echo "limits rc=$?"; grep -E "^\[host|Error" "$OUT/limits.log" | res ;;
     offload)
-      export D=${D:-3072} LAYERS=${LAYERS:-32} HEADS=${HEADS:-24} MB=${MB:-4} STEPS=${STEPS:-3}
+      # the model's size for these runs only (an export would leak into the sections after: moeq ran out of memory)
+      size=(D=${D:-3072} LAYERS=${LAYERS:-32} HEADS=${HEADS:-24} MB=${MB:-4} STEPS=${STEPS:-3})
       for v in ${OFFLOAD_VARIANTS:-ds2off overlap sync}; do
         case $v in
           ds2off) cmd=("$ANCHORS/zero_anchor.py" ds2off); envs=() ;;
@@ -67,10 +68,10 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           eager) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0) ;;
           eagerauto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
           eagersmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 BUCKET=2e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_eager.json) ;;
-          spec) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1) ;;
-          specclip) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 CLIP=1.0 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_specclip.json) ;;
-          specsmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8) ;;
-          nospecsmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_SPECULATIVE=0) ;;
+          spec) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_SPECULATIVE=1) ;;
+          specclip) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_SPECULATIVE=1 CLIP=1.0 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_specclip.json) ;;
+          specsmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 OFFLOAD_SPECULATIVE=1) ;;
+          nospecsmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8) ;;
           eagerbf16) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_STATE_DTYPE=bf16) ;;
           nocheck) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_EAGER=0) ;;
           chunk) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_CHUNK=1e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline.json) ;;
@@ -79,7 +80,7 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           *) echo "unknown offload variant $v"; continue ;;
         esac
         limit=${RUN_TIMEOUT:-240}; [ "$v" = ds2off ] && limit=${DS_TIMEOUT:-300}  # DeepSpeed builds its CPU Adam
-        env "${envs[@]}" timeout "$limit" torchrun --nproc_per_node 1 "${cmd[@]}" > "$OUT/off_$v.log" 2>&1
+        env "${size[@]}" "${envs[@]}" timeout "$limit" torchrun --nproc_per_node 1 "${cmd[@]}" > "$OUT/off_$v.log" 2>&1
         echo "offload $v rc=$?"; grep -E "^\[[^]]*\] world=|plan|Error" "$OUT/off_$v.log" | tail -4 | sed "s/^/$v: /" | res
         # DeepSpeed's JIT-built CPU Adam, to carry into the next call (TORCH_EXTENSIONS_DIR=$PWD/.torch_ext)
         [ "$v" = ds2off ] && [ -d "${TORCH_EXTENSIONS_DIR:-/nonexistent}" ] && tar czf "$OUT/torch_ext.tgz" -C "$TORCH_EXTENSIONS_DIR" .

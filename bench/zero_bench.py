@@ -14,8 +14,8 @@ OFFLOAD_CHUNK=N its chunk size in elements (``sub_group_size``, default 1e9: one
 OFFLOAD_EAGER=0 turns the eager step off (chunks stepped during backward where nothing global enters the update:
 it needs BF16_CHECK=0, bf16 without the overflow check, as DeepSpeed's bf16), OFFLOAD_RATIO=r|auto the share of the optimizer state on the CPU (``offload_optimizer.ratio``; default 1),
 OFFLOAD_STATE_DTYPE=bf16 CPUAdam's moments in bf16 (``offload_optimizer.state_dtype``, opt-in), CLIP=x
-gradient_clipping (with it, or with the overflow check, the eager step is speculative; OFFLOAD_SPECULATIVE=0
-turns that off), and
+gradient_clipping (with it, or with the overflow check, the eager step needs OFFLOAD_SPECULATIVE=1: the opt-in
+``speculative_step``), and
 DS_ZERO_OFFLOAD_TIMELINE=path.json records each step's per-chunk D2H / CPU / H2D spans (draw them with
 ``python bench/offload_timeline.py path.json out.png``).
 OFFLOAD=1 with z3: ZeRO-3 offload as the anchor's ``ds3off`` (``offload_optimizer`` and ``offload_param`` cpu,
@@ -93,8 +93,8 @@ def main():
             if os.environ.get("OFFLOAD_RATIO"):
                 ratio = os.environ["OFFLOAD_RATIO"]
                 off["ratio"] = ratio if ratio == "auto" else float(ratio)
-            if os.environ.get("OFFLOAD_SPECULATIVE") == "0":  # no speculative eager step (clipping/overflow check)
-                off["speculative_step"] = False
+            if os.environ.get("OFFLOAD_SPECULATIVE"):  # 1: the speculative eager step (clipping/overflow check)
+                off["speculative_step"] = os.environ["OFFLOAD_SPECULATIVE"] != "0"
             if os.environ.get("OFFLOAD_STATE_DTYPE"):  # bf16: CPUAdam's moments in bf16 (stochastic rounding)
                 off["state_dtype"] = os.environ["OFFLOAD_STATE_DTYPE"]
             if os.environ.get("OFFLOAD_CHUNK"):  # the overlapped step's chunk (elements)

@@ -528,7 +528,7 @@ def test_gpu_pipelined_equals_synchronous(tmp_path):
         zero = dict(SMALL)
         if offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio,
-                                         "eager_step": eager}
+                                         "eager_step": eager, "speculative_step": True}
         extra = {"bf16": {"enabled": True, "auto_cast": True, "check_grad_overflow": clip > 0},
                  "gradient_clipping": clip, "zero": zero}
         engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2),

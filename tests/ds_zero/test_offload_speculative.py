@@ -24,9 +24,10 @@ NEVER = 1e6
 
 
 def _engine(dtype: str = "bf16", clip: float = NEVER, **offload) -> ds_zero.ZeroEngine:
-    """Stage 2, one rank, ga 1, CPU offload with the overlapped step; ``offload``: more offload_optimizer keys."""
+    """Stage 2, one rank, ga 1, CPU offload with the overlapped step and the (opt-in) speculative step;
+    ``offload``: more offload_optimizer keys."""
     model = make_model()
-    zero = dict(SMALL, offload_optimizer={"device": "cpu", **offload})
+    zero = dict(SMALL, offload_optimizer={"device": "cpu", "speculative_step": True, **offload})
     extra: dict = {dtype: {"enabled": True, "auto_cast": True}, "gradient_clipping": clip, "zero": zero}
     if dtype == "fp16":
         extra[dtype].update(initial_scale_power=8, hysteresis=1)
@@ -224,7 +225,8 @@ def test_raising_backward_in_a_speculative_window_restores_and_training_goes_on(
 
 def test_speculation_budget():
     """speculation_gib: a budget too small for any chunk's kept copy means no chunk speculates (all step in
-    step()); speculative_step false likewise; the default fits every chunk. Every result bit for bit the same."""
+    step()); speculative_step false likewise; the default budget fits every chunk. Every result bit for bit the
+    same. And speculative_step is opt-in: without the key no chunk speculates."""
     ref = _engine(eager_step=False)
     for step in range(2):
         _train_step(ref, step)
@@ -241,6 +243,13 @@ def test_speculation_budget():
             assert pipe.speculated_chunks == want * (step + 1), (offload, step)
         assert pipe.rolled_back_chunks == 0
         _assert_same(_snap(engine), _snap(ref), str(offload))
+    model = make_model()
+    zero = dict(SMALL, offload_optimizer={"device": "cpu"})
+    cfg = base_config(2, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "gradient_clipping": NEVER,
+                                  "zero": zero})
+    default = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+    _train_step(default, 0)
+    assert default.masters.pipeline.eager_chunks == default.masters.pipeline.speculated_chunks == 0
 
 
 def test_pending_chunks_are_cancelled_at_step(monkeypatch):

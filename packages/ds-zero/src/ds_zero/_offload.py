@@ -48,8 +48,8 @@ of each master is stepped on the device by the template's class, the rest by CPU
 
 **Eager step** (``offload_optimizer.eager_step``, default true, stage 2): each chunk steps on the CPU during
 backward as soon as its gradients land (``_offload_pipeline``), bit for bit the step after backward. Where
-clipping, loss scaling or the overflow check may still change or skip the update, the step is speculative
-(``speculative_step``, SuperOffload's): the chunk's old values are kept, and ``step()`` keeps the update or
+clipping, loss scaling or the overflow check may still change or skip the update, it can be speculative
+(``speculative_step``, opt-in, SuperOffload's): the chunk's old values are kept, and ``step()`` keeps the update or
 restores them (and steps the chunk again with the clipped scale, or skips).
 
 Adam's moments may be bf16 on the CPU (``offload_optimizer.state_dtype``: CPUAdam's stochastic rounding).

@@ -34,11 +34,12 @@ backward instead of following it), and its H2D copy is queued behind it; :meth:`
 worker and walks the chunks that did not land early. Bit for bit the step after backward (the same kernel,
 ranges, step count, grad scale and hyper-parameters; tested). ds-optim's Numba kernels release the GIL
 (``nogil``), so the autograd thread's hooks run while a chunk steps. With any of the three global dependencies
-above the step is speculative (below). With ``ratio`` < 1 the CPU chunks step eagerly and the device part still
+above the step is speculative (below) when ``speculative_step`` is on (opt-in), else it waits for ``step()``. With ``ratio`` < 1 the CPU chunks step eagerly and the device part still
 steps in ``step()``. The hyper-parameters are read when the chunk steps: an LR changed between
 ``backward`` and ``step`` by hand (not by the engine's scheduler, which steps after the step) would be missed.
 
-**The speculative step** (SuperOffload's; ``begin_window(eager, speculation_bytes=...)``): with clipping, fp16 loss
+**The speculative step** (SuperOffload's; ``offload_optimizer.speculative_step``, opt-in;
+``begin_window(eager, speculation_bytes=...)``): with clipping, fp16 loss
 scaling or the overflow check, the chunks still step as they land, with the scale the step will use unless
 clipping fires. Before its kernel runs, the worker copies the chunk's master, moments and 16-bit copy-out into a
 host pool (``speculation_gib``; chunks that do not fit wait for ``step()``), and its H2D copy is held back.
@@ -284,7 +285,7 @@ class OffloadPipeline:
         restored = 0
         for index in self._stepped:
             for live, kept in self._backups.get(index, ()):  # none: cancelled before it started
-                live.copy_(kept)
+                self._copy_back(live, kept)
             restored += index in self._backups
         if self._advanced and self._eager is not None:
             for _group, fbucket in self._eager[1].values():
@@ -346,6 +347,14 @@ class OffloadPipeline:
                 self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready, True,
                 keep_at)
 
+    def _copy_back(self, live: torch.Tensor, kept: torch.Tensor) -> None:
+        """Restore ``live`` from its kept copy, with the window's optimizer's kernels (see :meth:`_keep`)."""
+        if self._eager is None:  # not reached: copies are kept only in an eager window
+            live.copy_(kept)
+            return
+        optimizer, plan = self._eager[0], self._eager[1]
+        optimizer.kernels_for(next(iter(plan.values()))[1].device).copy(live, kept)
+
     def _live(self, optimizer, plan, chunk: Chunk) -> list[torch.Tensor]:
         """What ``chunk``'s step overwrites on the host: its range of the master, of each moment and of the
         16-bit copy-out."""
@@ -363,13 +372,15 @@ class OffloadPipeline:
                     if chunk.group in plan for t in self._live(optimizer, plan, chunk))
         self._pool = torch.empty(min(total, self._speculation), dtype=torch.uint8)
 
-    def _keep(self, live: list[torch.Tensor], at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _keep(self, kernels, live: list[torch.Tensor], at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copy ``live`` into the pool from byte ``at`` on, with the optimizer's kernels (ds-optim's ``copy``:
+        Numba's threads; torch's copy would run on one thread under torchrun's ``OMP_NUM_THREADS=1``)."""
         assert self._pool is not None
         pairs = []
         for t in live:
             n = t.numel() * t.element_size()
             kept = self._pool[at:at + n].view(t.dtype)
-            kept.copy_(t)
+            kernels.copy(kept, t)
             pairs.append((t, kept))
             at += _aligned(n)
         return pairs
@@ -406,11 +417,12 @@ class OffloadPipeline:
             self._worker_threads()
         c0 = time.perf_counter()
         lo, hi = chunk.lo, chunk.hi
+        kernels = optimizer.kernels_for(fbucket.device)
         if keep_at is not None:
-            self._backups[chunk.index] = self._keep(self._live(optimizer, plan, chunk), keep_at)
+            self._backups[chunk.index] = self._keep(kernels, self._live(optimizer, plan, chunk), keep_at)
         states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
         out = optimizer._out_for(fbucket, lo, hi)
-        optimizer._update(optimizer.kernels_for(fbucket.device), group, fbucket.param_flat[lo:hi], host[lo:hi],
+        optimizer._update(kernels, group, fbucket.param_flat[lo:hi], host[lo:hi],
                           states, fbucket.steps[0], grad_scale, None, out, [0, hi - lo])
         c1 = time.perf_counter()
         if keep_at is not None:

@@ -40,6 +40,12 @@ class OptimizerKernels(abc.ABC):
         """Whether this backend handles these dtypes (callers fall back to the torch reference if not)."""
         return p.device.type in self.device_types
 
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst := src`` (same dtype and size, contiguous), with this backend's threads: ds-zero keeps and
+        restores optimizer ranges with it from a worker thread, where torch's copy would run on one thread
+        under torchrun's ``OMP_NUM_THREADS=1``."""
+        dst.copy_(src)
+
     @abc.abstractmethod
     def adam(self, p, g, exp_avg, exp_avg_sq, step, *, lr: float, beta1: float, beta2: float, eps: float,
              weight_decay: float, adam_w_mode: bool, bias_correction: bool, maximize: bool,

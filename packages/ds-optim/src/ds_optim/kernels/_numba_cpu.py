@@ -317,6 +317,23 @@ def _lamb_apply_kernel(p, m, v, out, chunk_lo, chunk_hi, chunk_tensor, scaled, e
 # Host side
 
 
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _copy_kernel(dst, src):
+    # 64 KiB blocks of 64-bit words: one per iteration of the parallel loop
+    n = dst.shape[0]
+    block = 8192
+    for b in prange((n + block - 1) // block):
+        lo = b * block
+        hi = min(lo + block, n)
+        dst[lo:hi] = src[lo:hi]
+
+
+def _words(t: torch.Tensor, words: bool):
+    """A flat NumPy view of ``t``'s bytes, as 64-bit words with ``words`` (both tensors of a copy aligned)."""
+    flat = t.detach().reshape(-1).view(torch.uint8)
+    return flat.view(torch.int64).numpy() if words else flat.numpy()
+
+
 def _view(t: torch.Tensor | None):
     """A zero-copy NumPy view with the dtype the kernels specialize on (None stays None)."""
     if t is None:
@@ -386,6 +403,14 @@ class NumbaCpuKernels(OptimizerKernels):
 
     def supports(self, p, out=None):
         return p.device.type == "cpu" and p.dtype in _FLOATS and (out is None or out.dtype in _HALVES)
+
+    def copy(self, dst, src):
+        if dst.dtype != src.dtype or dst.numel() != src.numel() or not (dst.is_contiguous() and src.is_contiguous()):
+            raise ValueError(f"ds-optim copy: needs two contiguous tensors of one dtype and size, got {dst.dtype} "
+                             f"{tuple(dst.shape)} and {src.dtype} {tuple(src.shape)}")
+        if dst.numel():
+            words = (dst.numel() * dst.element_size()) % 8 == 0 and dst.data_ptr() % 8 == 0 == src.data_ptr() % 8
+            _copy_kernel(_words(dst, words), _words(src, words))
 
     # -- updates -------------------------------------------------------------------------------------------------
 
