@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import threading
 
+import pytest
 import torch
 from zero_cases import base_config, make_model, micro_batch, param_groups
 
@@ -329,3 +330,37 @@ def test_fp16_overflow_restores_the_speculative_chunks_and_skips():
     _train_step(ref, 2)
     assert not engine.was_step_skipped and pipe.speculated_chunks == 2 * chunks
     _assert_same(_snap(engine), _snap(ref), "the step after the skip")
+
+
+def test_worker_error_in_a_speculative_window_restores_every_chunk(monkeypatch):
+    """The kernel fails in the worker on a later chunk, after earlier chunks were updated: step() restores every
+    chunk it had updated (the kept copies were taken before each kernel), raises a named error, and training goes
+    on without a load, bit for bit the engine that never saw the failure."""
+    ref = _engine(eager_step=False)
+    engine = _settle(_engine())
+    _train_step(ref, 0)
+    _train_step(engine, 0)
+    before = _snap(engine)
+    real = engine.optimizer._update
+    calls = {"n": 0}
+
+    def fail_on_the_third_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise FloatingPointError("kernel failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.optimizer, "_update", fail_on_the_third_chunk)
+    rolled = engine.masters.pipeline.rolled_back_chunks
+    _settled_backward(engine, 1)
+    with pytest.raises(RuntimeError, match="was restored and this step did not happen") as info:
+        engine.step()
+    assert isinstance(info.value.__cause__.__cause__, FloatingPointError)
+    assert engine.masters.pipeline.rolled_back_chunks - rolled == len(engine.masters.pipeline.chunks)
+    _assert_same(_snap(engine), before, "after the failed speculative step")
+    monkeypatch.setattr(engine.optimizer, "_update", real)
+    engine.zero_grad()
+    for step in (1, 2):
+        _train_step(engine, step)
+        _train_step(ref, step)
+    _assert_same(_snap(engine), _snap(ref), "two steps after the failure")

@@ -474,7 +474,11 @@ class OffloadPipeline:
         # the chunks the worker stepped during backward, collected before any staging may be replaced below
         try:
             stepped = self._collect_eager()
-        except BaseException:
+        except BaseException as error:
+            if speculative:  # every chunk's copy was kept before its kernel ran: undo them all, nothing is lost
+                self.rolled_back_chunks += self._rollback()
+                raise RuntimeError("ds_zero offload: a speculative CPU step failed in the worker thread; every chunk "
+                                   "it had updated was restored and this step did not happen") from error
             self._advanced, self._eager = False, None
             raise
         finally:
