@@ -74,7 +74,7 @@ def test_unknown_keys_did_you_mean(cfg, match):
 
 @pytest.mark.parametrize("zero,match", [
     ({"stage": 4}, "stage must be 0, 1, 2 or 3"),
-    ({"offload_param": {"device": "nvme"}}, "offload_param.device = 'nvme' is not supported yet"),
+    ({"stage": 3, "offload_param": {"device": "nvme"}}, "offload_param.device = 'nvme' needs offload_param.nvme_path"),
     ({"stage": 3, "stage3_module_granularity_threshold": 5}, "'module_granularity_threshold'.* not supported yet"),
     ({"stage": 3, "zero_quantized_nontrainable_weights": True}, "'zero_quantized_nontrainable_weights'.* not supported yet"),
     ({"stage": 2, "zero_quantized_gradients": True}, "qgZ\\) is built for stage 3"),

@@ -53,7 +53,7 @@ def test_offload_config_and_legacy_key():
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "must be \"cpu\", \"nvme\""),
     ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "stage 0 in fp32 is not supported yet.*needs fp16 or bf16"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
-     "offload_param.device = 'nvme' is not supported yet"),
+     "offload_param.device = 'nvme' needs offload_param.nvme_path"),
     ({"zero_optimization": {"stage": 2, "cpu_offload_param": True}}, "offload_param .* needs stage 3"),
     ({"zero_optimization": {"stage": 2, "cpu_offload": True, **OFFLOAD}}, "both cpu_offload"),
     ({"zero_optimization": {"stage": 2, "cpu_offload_use_pin_memory": True}}, "only applies with cpu_offload"),

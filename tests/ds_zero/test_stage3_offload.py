@@ -46,9 +46,8 @@ def test_stage3_offload_config():
 
 
 @pytest.mark.parametrize("zero,match", [
-    ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}},
-     "offload_param.device = 'nvme' is not supported yet"),
-    ({"stage": 3, "offload_param": {"device": "cpu", "nvme_path": "/tmp"}}, "'nvme_path'.* not supported yet"),
+    ({"stage": 3, "offload_param": {"device": "nvme"}}, "offload_param.device = 'nvme' needs offload_param.nvme_path"),
+    ({"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}, "offload_param .* needs stage 3, got stage 2"),
     ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param .* needs stage 3, got stage 2"),
     ({"stage": 3, "cpu_offload_param": True, "offload_param": {"device": "cpu"}}, "both cpu_offload_param"),
     ({"stage": 3, "offload_param": {"device": "disk"}}, "must be \"cpu\", \"nvme\""),

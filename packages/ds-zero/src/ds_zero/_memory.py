@@ -18,7 +18,8 @@ optimizer states are host bytes (they live in the offload policy's CPU tensors, 
 "device" is the CPU too); without it, a storage is a host byte only when it is on the CPU while the engine's
 device is not. ``offload_buffers`` (not part of ``total``, not a model state): the host staging of the reduced
 grads and CPUAdam's 16-bit copy-out, pinned with ``pin_memory`` -- 2 + 2 bytes per element of this rank's shard.
-NVMe offload: the file-backed masters and states (stages 0-2), or Adam's moments (stage 3), count under ``nvme``;
+NVMe offload: the file-backed masters and states (stages 0-2), or Adam's moments (stage 3), count under ``nvme``,
+and so do stage 3's fp32 shards with ``offload_param: {device: "nvme"}``;
 stage 3's two swap buffer sets are its ``offload_buffers``.
 """
 
@@ -42,6 +43,8 @@ def model_state_bytes(engine) -> dict[str, int]:
                if hasattr(engine.masters, "swapped") else None)
     if hasattr(engine.optimizer, "swapped"):  # stage 3 (``_swap_stage3``): Adam's moments only, in the files
         swapped = {_storage_key(t) for t in engine.optimizer.swapped()}
+    if getattr(engine, "param_swap", None) is not None:  # stage 3, offload_param nvme: the fp32 shards too
+        swapped = (swapped or set()) | {_storage_key(t) for t in engine.param_swap.swapped()}
     if swapped is not None:
         where["nvme"] = 0
     on_cpu_engine = engine.device.type == "cpu"

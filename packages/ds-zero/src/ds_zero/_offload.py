@@ -36,6 +36,8 @@ fp32 masters and states move to the CPU with the rest. The GPU then holds only t
 persistent params and activations (DeepSpeed with ``offload_optimizer`` alone keeps 16-bit param shards on the
 GPU; here they are on the CPU too).
 
+With ``offload_param: {device: "nvme"}`` the CPU shards are then moved into file mappings (``_swap_params``).
+
 **Overlapped step** (``offload_optimizer.overlap_step``, default true; ``_offload_pipeline``): with CPUAdam the
 step is walked in chunks (each bucket's shard in pieces of at most ``sub_group_size`` elements): chunk i+1's
 grads cross D2H and chunk i-1's new params H2D (side CUDA streams, pinned buffers) while the CPU steps chunk i,
@@ -121,6 +123,11 @@ class CPUOffload:
         self.auto_reserve_gib: float | None = None
         #: ``offload_optimizer.state_dtype``: Adam's moments on the CPU in fp32 or bf16 (CPUAdam only)
         self.state_dtype = torch.float32
+        #: stage 3, ``offload_param.device: "nvme"``: the directory of the shards' files (``_swap_params``); None:
+        #: the shards in host memory. Whether pin_memory / DeepSpeed's buffer keys were asked (they do not apply)
+        self.param_nvme_path: str | None = None
+        self.param_pin_asked = False
+        self.param_buffer_keys_set = False
 
     @classmethod
     def from_config(cls, config, stage: int, mode_name: str, device: torch.device,
@@ -137,10 +144,17 @@ class CPUOffload:
                 logger.info("ds_zero: offload_param without offload_optimizer: the fp32 shards (the masters) are on "
                             "the CPU, so the optimizer steps there too (as with offload_optimizer: cpu)")
             pin = (par is not None and par.pin_memory) or (off is not None and off.pin_memory)
-            # no 16-bit copy-out: FSDP2 copies the fp32 shard to the device and casts it for the all-gather
-            stage3 = cls(device, pin, None, stage3=True)
+            param_nvme = par is not None and par.device == "nvme"
+            # no 16-bit copy-out: FSDP2 copies the fp32 shard to the device and casts it for the all-gather;
+            # parameter NVMe offload: the shards become file mappings (_swap_params), which cannot be pinned
+            stage3 = cls(device, pin and not param_nvme, None, stage3=True)
             stage3.state_dtype = _state_dtype(off)
             stage3.group = process_group
+            if param_nvme:
+                stage3.param_nvme_path = par.nvme_path
+                stage3.param_pin_asked = pin
+                stage3.param_buffer_keys_set = bool({"buffer_count", "buffer_size", "max_in_cpu"}
+                                                    & par.model_fields_set)
             return stage3
         if off is None:
             return None

@@ -447,6 +447,14 @@ def build_stage3(engine, user_opt: torch.optim.Optimizer, named) -> None:
         current = {p: n for n, p in engine.module.named_parameters()}
         named = [(current[p], p, group_of[current[p]]) for p in persistent if current[p] in group_of]
         kept = set(persistent)
+    engine.param_swap = None
+    if offload is not None and offload.param_nvme_path is not None:
+        # ZeRO-Infinity's parameter offload: the CPU shards into file mappings, before the optimizer (or the
+        # stage-3 NVMe moments) takes references to them
+        from ._swap_params import build_param_swap
+
+        engine.param_swap = build_param_swap(engine, offload.param_nvme_path, offload.param_pin_asked,
+                                             offload.param_buffer_keys_set)
     engine.buckets = assign_buckets([t for t in named if t[1] in kept], zero.reduce_bucket_size, 1, 0)
     # fp32 masters of the persistent params, from the fp32 originals
     engine.masters = Masters(engine.buckets, engine._num_groups,

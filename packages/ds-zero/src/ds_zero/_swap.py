@@ -74,16 +74,19 @@ class SwapDir:
     """This rank's swap directory ``nvme_path/ds_zero_swap/rank<R>``: checked, locked by a pid file, emptied of a
     dead run's files, removed at the end."""
 
-    def __init__(self, nvme_path: str, rank: int, needed_bytes: int) -> None:
+    def __init__(self, nvme_path: str, rank: int, needed_bytes: int, section: str = "offload_optimizer") -> None:
+        """``section``: the config section whose ``nvme_path`` this is, for the errors (``offload_param`` for the
+        stage-3 parameter files, ``_swap_params``)."""
+        key = f"zero_optimization.{section}"
         if not nvme_path:
-            raise NVMeSwapError("zero_optimization.offload_optimizer.device is 'nvme' but nvme_path is not set")
+            raise NVMeSwapError(f"{key}.device is 'nvme' but nvme_path is not set")
         root = os.fspath(nvme_path)
         if not os.path.exists(root):
-            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} does not exist")
+            raise NVMeSwapError(f"{key}.nvme_path {root!r} does not exist")
         if not os.path.isdir(root):
-            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} is not a directory")
+            raise NVMeSwapError(f"{key}.nvme_path {root!r} is not a directory")
         if not os.access(root, os.W_OK | os.X_OK):
-            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r} is not writable")
+            raise NVMeSwapError(f"{key}.nvme_path {root!r} is not writable")
         self.path = os.path.join(root, "ds_zero_swap", f"rank{rank}")
         if any(True for _ in _LIVE.get(self.path, ())):
             # an engine the caller dropped may only wait for the cycle collector: let it remove its files (and the
@@ -93,7 +96,7 @@ class SwapDir:
         self._claim()
         free = shutil.disk_usage(self.path).free
         if free < needed_bytes:
-            raise NVMeSwapError(f"zero_optimization.offload_optimizer.nvme_path {root!r}: the swap files need "
+            raise NVMeSwapError(f"{key}.nvme_path {root!r}: the swap files need "
                                 f"{_gib(needed_bytes)} on this rank, the file system has {_gib(free)} free")
 
     def _claim(self) -> None:
@@ -164,8 +167,10 @@ def _np(t: torch.Tensor):
 class SwapFiles:
     """One file per (param group, kind), opened once; positional reads and writes of element ranges."""
 
-    def __init__(self, swap_dir: SwapDir, sizes: list[int], kinds: tuple[str, ...] = KINDS) -> None:
-        """``kinds``: the files of each group (stage 3 swaps only the moments, ``STATES``: ``_swap_stage3``)."""
+    def __init__(self, swap_dir: SwapDir, sizes: list[int], kinds: tuple[str, ...] = KINDS,
+                 stem: str = "group") -> None:
+        """``kinds``: the files of each group (stage 3 swaps only the moments, ``STATES``: ``_swap_stage3``);
+        ``stem``: the files are ``<stem><i>.<kind>`` (``_swap_params``: one per FSDP2 unit, ``unit<i>.param``)."""
         self.dir = swap_dir
         self.fds: dict[tuple[int, str], int] = {}
         self.names: dict[tuple[int, str], str] = {}
@@ -180,7 +185,7 @@ class SwapFiles:
             if not n:
                 continue
             for kind in kinds:
-                name = swap_dir.file(f"{prefix}group{gi}.{kind}")
+                name = swap_dir.file(f"{prefix}{stem}{gi}.{kind}")
                 fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 opened.append(fd)
                 created.append(name)

@@ -10,9 +10,9 @@ live in two files per param group under ``nvme_path/ds_zero_swap/rank<R>/`` (``_
 directory removed with the optimizer). The masters stay in host memory because FSDP2 reads them there: before
 each unit's all-gather it copies the unit's fp32 shards host -> device from the param's own storage, which must
 be a live host tensor at every forward and backward, not only at the step. DeepSpeed's ZeRO-Infinity also swaps
-the fp32 masters (it keeps 16-bit params elsewhere); doing so here would mean re-pointing FSDP2's private shard
-storage at file mappings, which is not built (see the package README). So host memory holds 4 (masters) + 4
-(gradient shards) bytes per param, against 16 with ``device: "cpu"``.
+the fp32 masters (it keeps 16-bit params elsewhere); here that is ``offload_param: {device: "nvme"}``
+(``_swap_params``: FSDP2's shard storage re-pointed at file mappings, before this optimizer is built). Without
+it host memory holds 4 (masters) + 4 (gradient shards) bytes per param, against 16 with ``device: "cpu"``.
 
 The step (:meth:`NVMeShardAdam.step`, called by the engine where it calls CPUAdam's): each group's moments are
 laid out end to end over its params' local shards (params in group order), and walked in sub-groups of

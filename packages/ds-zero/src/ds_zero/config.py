@@ -299,27 +299,23 @@ class OffloadOptimizerConfig(StrictModel):
 
 class OffloadParamConfig(StrictModel):
     """``zero_optimization.offload_param`` (ZeRO-3 parameter offload), stage 3 only: this rank's fp32 shards of
-    the params (at stage 3 they are the masters), their gradients and the optimizer states live in host memory
+    the params (at stage 3 they are the masters), their gradients and the optimizer states live off the device
     (FSDP2's ``CPUOffloadPolicy``, ``ds_zero._offload``); a unit's shards are copied to the device for its
-    all-gather. ``pin_memory`` pins the shards and gradients when the model is on CUDA. ``buffer_count``,
-    ``buffer_size`` and ``max_in_cpu`` only matter for NVMe in DeepSpeed: accepted, no effect. NVMe
-    (``device: "nvme"``, ``nvme_path``) is not built: an error naming the key."""
+    all-gather. ``pin_memory`` pins the shards and gradients when the model is on CUDA.
 
-    device: Literal["cpu"] = "cpu"
+    ``device: "nvme"`` with ``nvme_path`` (ZeRO-Infinity's parameter offload, ``ds_zero._swap_params``): the
+    fp32 shards are shared file mappings of files under ``nvme_path/ds_zero_swap/rank<R>/``; the OS pages them
+    in for each unit's all-gather and writes the step's updates back. Their host memory is the page cache
+    (reclaimable, not bounded by ds-zero); DeepSpeed's bounded pinned buffers (``buffer_count``,
+    ``buffer_size``, ``max_in_cpu``) and ``O_DIRECT`` are not what this does: those keys are accepted and have no
+    effect, and the shards are not pinned (a file mapping cannot be)."""
+
+    device: Literal["cpu", "nvme"] = "cpu"
+    nvme_path: str | None = None
     pin_memory: bool = False
     buffer_count: PositiveInt = 5
     buffer_size: PositiveInt = 100_000_000
     max_in_cpu: PositiveInt = 1_000_000_000
-
-    not_built_keys: ClassVar[dict[str, Any]] = {"nvme_path": None}
-    not_built_hint: ClassVar[dict[str, str]] = {"nvme_path": "parameter NVMe offload (ZeRO-Infinity) is not built"}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nvme_first(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("device") == "nvme":
-            cls._device("nvme")
-        return data
 
     @field_validator("buffer_size", "max_in_cpu", mode="before")
     @classmethod
@@ -329,13 +325,16 @@ class OffloadParamConfig(StrictModel):
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, value: Any) -> Any:
-        if value == "nvme":
-            raise ValueError("offload_param.device = 'nvme' is not supported yet by ds-zero: parameter NVMe offload "
-                             "(ZeRO-Infinity) is not built; use offload_param: {device: \"cpu\"} with offload_optimizer: "
-                             "{device: \"nvme\", nvme_path: ...} (Adam's states on NVMe, the fp32 shards in host memory)")
-        if value != "cpu":
+        if value not in ("cpu", "nvme"):
             raise ValueError(f"offload_param.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _nvme_path(self) -> "OffloadParamConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("offload_param.device = 'nvme' needs offload_param.nvme_path (a directory on the NVMe "
+                             "drive for the parameter swap files)")
+        return self
 
 
 class ZeroConfig(StrictModel):

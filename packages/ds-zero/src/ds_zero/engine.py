@@ -84,6 +84,8 @@ class ZeroEngine:
     buckets: list[Bucket]
     #: stage 3: each param group's replicated DTensor over its persistent params' fp32 master (None: no master)
     _master_dtensors: list[torch.nn.Parameter | None]
+    #: stage 3 with ``offload_param.device: "nvme"``: the shards' file mappings (``_swap_params.ParamSwap``)
+    param_swap: Any = None
 
     def __init__(self, model: torch.nn.Module, optimizer: OptimizerArg, config: EngineConfig | dict,
                  lr_scheduler=None, process_group=None, expert_data_parallel_groups=None) -> None:
@@ -612,6 +614,8 @@ class ZeroEngine:
         if pipeline is not None:  # the load overwrites whatever an interrupted eager step had written
             pipeline.reset_for_load()
         out = load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+        if self.param_swap is not None:  # parameter NVMe offload: every shard still in its file
+            self.param_swap.ensure()
         if self.offload is not None:  # offload_optimizer.ratio < 1: the device part from the loaded host copy
             self.offload.sync_from_host(self.optimizer, states=load_optimizer_states)
         return out
