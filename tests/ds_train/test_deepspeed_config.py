@@ -89,9 +89,6 @@ def test_unbuilt_feature_is_refused_by_name(key):
 def test_unbuilt_keys_of_other_layers_are_refused_too():
     cases = [({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}},
               "zero_quantized_nontrainable_weights"),
-             # the optimizer's NVMe offload is built (ds-zero; below); the params' is not
-             ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
-              "offload_param"),
              ({"prescale_gradients": True}, "prescale_gradients"),
              ({"amp": {"enabled": True}}, "amp"),
              ({"dump_state": True}, "dump_state"),
@@ -102,6 +99,12 @@ def test_unbuilt_keys_of_other_layers_are_refused_too():
         assert key in str(err.value) and "not supported yet" in str(err.value), str(err.value)
     with pytest.raises(ConfigError, match=r"offload_optimizer.device = 'nvme' needs offload_optimizer.nvme_path"):
         load_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}})
+    # the NVMe offload of the optimizer and of the params is built (ds-zero), and validated there
+    with pytest.raises(ConfigError, match=r"offload_param.device = 'nvme' needs offload_param.nvme_path"):
+        load_config({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})
+    par = load_config({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}
+                      ).zero_optimization.offload_param
+    assert par.device == "nvme" and par.nvme_path == "/nvme"
 
 
 def test_sections_that_only_switch_a_feature_off_are_accepted():

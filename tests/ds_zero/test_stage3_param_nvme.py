@@ -6,7 +6,7 @@ Adam states and the grad norms -- with accumulation and clipping that fires, bf1
 to the CPU (CPUAdam) or to NVMe (``_swap_stage3``: the moments in files too). The shards really are the files: the
 bytes of each unit's file equal the shards after a step, each local tensor's storage is the mapping, and a write to
 a param shows up in the file. A checkpoint loads into a fresh NVMe engine, which continues bit for bit and keeps
-the shards in the files. A missing ``nvme_path`` or a file is a named ``NVMeSwapError`` on every rank.
+the shards in the files; a ``ds_zero.Init`` model (shards made after ``fully_shard``) trains as the eager one. A missing ``nvme_path`` or a file is a named ``NVMeSwapError`` on every rank.
 """
 
 from __future__ import annotations
@@ -154,6 +154,23 @@ def _scenarios(tmp):
     out["resumed_in_files"] = _file_evidence(again)["file_equal"] and again.param_swap.all_in_files()
     del again
     gc.collect()
+    # a model built under ds_zero.Init: its shards are made (to_empty) and materialised after fully_shard; they
+    # must go into the files after that, and train as the eager model with offload_param cpu does
+    def init_engine(zero, lazy):
+        torch.manual_seed(0)
+        if lazy:
+            with ds_zero.Init():
+                model = type(make_model())()
+        else:
+            model = make_model(seed=0)
+        cfg = base_config(3, 1, GA, zero={**Z3, **zero}, gradient_clipping=CLIP)
+        return ds_zero.ZeroEngine(model, lambda ps: torch.optim.AdamW(ps, lr=1e-2), cfg)
+
+    eager = _train(init_engine({"offload_param": {"device": "cpu"}}, False), 2)
+    lazy = init_engine(_param(path), True)
+    out["init"] = _same(_train(lazy, 2), eager) and lazy.param_swap.all_in_files()
+    del lazy
+    gc.collect()
     return out
 
 
@@ -178,6 +195,7 @@ def test_param_nvme_equals_param_cpu_bit_for_bit_and_resumes(tmp_path):
             assert b["nvme"] == ev["mapped_bytes"] + moments, (rank, name, b)
             assert c["files_after"] is False, (rank, name)  # removed with the engine
         assert r["loaded_in_files"] and r["resume"] and r["resumed_in_files"], rank
+        assert r["init"], rank  # a ds_zero.Init model: shards into the files after materialisation
 
 
 def _bad_path(tmp):

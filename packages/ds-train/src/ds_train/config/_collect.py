@@ -15,8 +15,7 @@ What is decided here, before pydantic sees the config:
 - ``"auto"`` placeholders, each with its path;
 - keys DeepSpeed itself reads and ignores (:data:`IGNORED_KEYS`) are dropped with a warning;
 - the spellings DeepSpeed takes for "no offload" (``"device": "none"``, ``"None"``, ``null``) switch the offload
-  section off, and ``offload_param.device: "nvme"`` is refused as the root cause of its section (the
-  optimizer's NVMe offload is built, and validated by ds-zero).
+  section off (NVMe offload of the optimizer and of the params is built, and validated by ds-zero).
 
 Cross-field checks (``fp16`` and ``bf16`` both enabled, a stage that does not fit a key, ...) are reported
 unless they involve a section where a value had to be removed: they would then judge a default, not what
@@ -181,16 +180,9 @@ class _Collector:
             section = zero.get(name)
             if not isinstance(section, dict):
                 continue
-            path = f"zero_optimization.{name}"
             device = section.get("device", "none")
             if is_offload_off(device):
                 # off, however DeepSpeed lets it be spelled: the section's other keys have no effect there either
-                del zero[name]
-            elif device == "nvme" and name == "offload_param":
-                # the root cause: nvme_path, buffer_count, max_in_cpu... only matter for parameter NVMe offload.
-                # (offload_optimizer's NVMe is built: ds-zero validates that section, nvme_path included)
-                self.add(f"{path}.device", f"{path}.device = 'nvme' is not supported yet: parameter NVMe offload "
-                                           "(ZeRO-Infinity) is not built; use \"cpu\"", root=True)
                 del zero[name]
 
     # -- the rounds of pydantic validation -----------------------------------------------------------
