@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_distributed
+from harness import requires_gpus, run_distributed
 from pydantic import ValidationError
 from zero_cases import base_config, full_state, make_model, micro_batch, param_groups
 
@@ -169,6 +169,16 @@ def _scenarios(tmp):
     eager = _train(init_engine({"offload_param": {"device": "cpu"}}, False), 2)
     lazy = init_engine(_param(path), True)
     out["init"] = _same(_train(lazy, 2), eager) and lazy.param_swap.all_in_files()
+    # something replaces a shard's local tensor (as an assign-load would): ensure() moves it back into the file
+    fp, offset = lazy.param_swap.layout[0][0]
+    replaced = fp.sharded_param._local_tensor.clone() + 1
+    fp.sharded_param._local_tensor = replaced
+    moved = lazy.param_swap.ensure()
+    on_disk = np.fromfile(lazy.param_swap.files.names[0, "param"], dtype=np.float32, count=replaced.numel(),
+                          offset=offset)
+    out["ensure"] = (moved == 1 and lazy.param_swap.all_in_files()
+                     and torch.equal(fp.sharded_param._local_tensor, replaced)
+                     and bool(np.array_equal(on_disk, replaced.reshape(-1).numpy())))
     del lazy
     gc.collect()
     return out
@@ -196,6 +206,7 @@ def test_param_nvme_equals_param_cpu_bit_for_bit_and_resumes(tmp_path):
             assert c["files_after"] is False, (rank, name)  # removed with the engine
         assert r["loaded_in_files"] and r["resume"] and r["resumed_in_files"], rank
         assert r["init"], rank  # a ds_zero.Init model: shards into the files after materialisation
+        assert r["ensure"], rank
 
 
 def _bad_path(tmp):
@@ -224,3 +235,44 @@ def test_bad_param_nvme_path_is_a_named_error_on_every_rank(tmp_path):
         assert "offload_param.nvme_path" in r["file"] and "is not a directory" in r["file"]
     assert "does not exist" in r1["rank1"]
     assert "failed on rank 1" in r0["rank1"] and "does not exist" in r0["rank1"]
+
+
+# -- GPU ------------------------------------------------------------------------------------------------------
+def _gpu_runs(tmp):
+    path = os.path.join(tmp, "nvme")
+    os.makedirs(path, exist_ok=True)
+
+    def engine(param):
+        cfg = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**6, "gradient_clipping": CLIP,
+               "bf16": {"enabled": True, "auto_cast": True},
+               "zero_optimization": {"stage": 3, **Z3, "offload_param": param,
+                                     "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+        model = make_model().cuda()
+        return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+
+    def train(eng, steps):
+        out = []
+        for step in range(steps):
+            x, y = micro_batch(step, 0, 0, 1, 2, 1)
+            loss = eng(x.cuda(), y.cuda())
+            eng.backward(loss)
+            eng.step()
+            params = {n: (p._local_tensor if hasattr(p, "_local_tensor") else p).detach().float().cpu().clone()
+                      for n, p in eng.module.named_parameters()}
+            out.append((float(loss), params))
+        return out
+
+    cpu = train(engine({"device": "cpu", "pin_memory": True}), STEPS)
+    eng = engine({"device": "nvme", "nvme_path": path, "pin_memory": True})
+    nvme = train(eng, STEPS)
+    same = all(a[0] == b[0] and all(torch.equal(v, b[1][k]) for k, v in a[1].items()) for a, b in zip(nvme, cpu))
+    return {"same": same, "in_files": eng.param_swap.all_in_files(),
+            "on_cpu": all(p._local_tensor.device.type == "cpu" for p in eng.policy.sharded)}
+
+
+@pytest.mark.gpu
+@requires_gpus(1)
+def test_nccl_param_nvme_equals_param_cpu(tmp_path):
+    """GPU (NCCL, 1 GPU): ``python -m pytest -q -m gpu tests/ds_zero/test_stage3_param_nvme.py``."""
+    for r in run_distributed(_gpu_runs, 1, str(tmp_path), backend="nccl", timeout=300):
+        assert r["same"] and r["in_files"] and r["on_cpu"], r
