@@ -6,7 +6,11 @@ Adam states and the grad norms -- with accumulation and clipping that fires, bf1
 to the CPU (CPUAdam) or to NVMe (``_swap_stage3``: the moments in files too). The shards really are the files: the
 bytes of each unit's file equal the shards after a step, each local tensor's storage is the mapping, and a write to
 a param shows up in the file. A checkpoint loads into a fresh NVMe engine, which continues bit for bit and keeps
-the shards in the files; a ``ds_zero.Init`` model (shards made after ``fully_shard``) trains as the eager one. A missing ``nvme_path`` or a file is a named ``NVMeSwapError`` on every rank.
+the shards in the files; a ``ds_zero.Init`` model (shards made after ``fully_shard``) trains as the eager one,
+and a shard something replaced is moved back by ``ParamSwap.ensure``. A missing ``nvme_path`` or a file is a
+named ``NVMeSwapError`` on every rank.
+
+GPU (NCCL, 1 GPU): ``python -m pytest -q -m gpu tests/ds_zero/test_stage3_param_nvme.py``.
 """
 
 from __future__ import annotations
