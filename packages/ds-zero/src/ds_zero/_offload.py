@@ -213,14 +213,17 @@ class CPUOffload:
 
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         per_element = self.host_bytes_per_element()
-        need = elements * per_element * local_ranks
+        # the speculative step's pool of kept copies (master, moments, copy-out), made at its first window
+        pool = min(elements * (per_element - 2), self.speculation_bytes) if self.eager_step else 0
+        need = (elements * per_element + pool) * local_ranks
         available = _mem_available()
         error = None
         if available is not None and need > available:
             error = HostMemoryError(
                 f"zero_optimization.offload_optimizer: the CPU offload needs {_gib(need)} of host memory on this host "
-                f"({per_element} bytes x {elements:,} elements of this rank's shard -- fp32 master, Adam's moments and "
-                f"gradient buffers -- x {local_ranks} local rank(s)), but only {_gib(available)} is "
+                f"(({per_element} bytes x {elements:,} elements of this rank's shard -- fp32 master, Adam's moments and "
+                f"gradient buffers -- + {_gib(pool)} for the speculative step's kept copies, "
+                f"offload_optimizer.speculation_gib) x {local_ranks} local rank(s)), but only {_gib(available)} is "
                 "available (MemAvailable). Use more nodes, offload_optimizer.state_dtype 'bf16', or device 'nvme' "
                 "(offload_optimizer.ratio < 1 moves compute to the GPU, not host memory)")
         agree_on_setup(error, self.group, HostMemoryError, "the CPU offload's host-memory check")
@@ -493,6 +496,9 @@ class OffloadedMasters(Masters):
         out = list(self.host_grads)
         if isinstance(optimizer, CPUAdam):
             out += optimizer.flat_copies()
+        pool = getattr(self.pipeline, "pool", None)
+        if pool is not None:  # the speculative step's kept copies
+            out.append(pool)
         return out
 
 

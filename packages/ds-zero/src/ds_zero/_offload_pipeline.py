@@ -69,15 +69,11 @@ from typing import Any
 import torch
 
 from ._buckets import Bucket
+from ._offload_speculation import KeptCopies, live_ranges, nbytes_kept
 
 #: the environment variable that turns on the per-chunk timeline (a JSON path)
 TIMELINE_ENV = "DS_ZERO_OFFLOAD_TIMELINE"
 _TIMELINE_STEPS = 50
-
-
-def _aligned(nbytes: int) -> int:
-    """Byte offsets in the speculative pool stay 64-byte aligned (any dtype's view, whole cache lines)."""
-    return -(-nbytes // 64) * 64
 
 
 @dataclass
@@ -144,10 +140,7 @@ class OffloadPipeline:
         self._backward_over = False  # step() was called: the worker may use every core (_worker_threads)
         #: this window's host budget (bytes) for the speculative step's kept copies; None: not speculative
         self._speculation: int | None = None
-        self._pool: torch.Tensor | None = None  # those copies (bytes), reused window after window
-        self._pool_used = 0  # bytes handed out in this window, at submit (main thread)
-        #: chunk index -> ``[(live range, kept copy), ...]`` written by the worker before the chunk's kernel
-        self._backups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._kept = KeptCopies()  # the speculative chunks' copies and their pool (_offload_speculation)
         #: speculative chunks whose update step() kept / restored (and stepped again or skipped), cumulative
         self.speculated_chunks = 0
         self.rolled_back_chunks = 0
@@ -209,7 +202,7 @@ class OffloadPipeline:
         self._backward_over = False
         self._eager = eager
         self._speculation = speculation_bytes if eager is not None else None
-        self._pool_used = 0
+        self._kept.end_window()
 
     def check_no_eager_steps(self, what: str) -> None:
         """Refuse ``what`` between a backward that stepped chunks eagerly and its ``step()`` (the masters and
@@ -247,11 +240,14 @@ class OffloadPipeline:
 
     def reset_for_load(self) -> None:
         """A checkpoint is about to overwrite the masters and states: the worker is waited for and every eager
-        bookkeeping of the interrupted window dropped."""
+        bookkeeping of the interrupted window dropped (and their H2D copies landed, before the load writes the
+        params)."""
         self._wait_quietly()
+        if self.cuda:
+            self._h2d.synchronize()
         self._stepped.clear()
         self._copied.clear()
-        self._backups.clear()
+        self._kept.end_window()
         self._advanced, self._eager, self._failed, self._speculation = False, None, 0, None
 
     def _wait_quietly(self) -> None:
@@ -283,16 +279,16 @@ class OffloadPipeline:
             future.cancel()
         self._wait_quietly()
         restored = 0
-        for index in self._stepped:
-            for live, kept in self._backups.get(index, ()):  # none: cancelled before it started
-                self._copy_back(live, kept)
-            restored += index in self._backups
+        if self._eager is not None:
+            optimizer, plan = self._eager[0], self._eager[1]
+            kernels = optimizer.kernels_for(next(iter(plan.values()))[1].device)
+            restored = sum(self._kept.restore(index, kernels) for index in self._stepped)
         if self._advanced and self._eager is not None:
             for _group, fbucket in self._eager[1].values():
                 fbucket.steps.sub_(1)
         self._stepped.clear()
-        self._backups.clear()
-        self._advanced, self._eager, self._speculation, self._pool_used = False, None, None, 0
+        self._kept.end_window()
+        self._advanced, self._eager, self._speculation = False, None, None
         return restored
 
     def early_copy(self, bucket: Bucket) -> None:
@@ -338,52 +334,26 @@ class OffloadPipeline:
                 continue
             keep_at = None
             if self._speculation is not None:  # room for the chunk's kept copy, or it waits for step()
-                need = sum(_aligned(t.numel() * t.element_size()) for t in self._live(optimizer, plan, chunk))
-                if self._pool_used + need > self._speculation:
+                pool_bytes = self._pool_bytes(optimizer, plan) if self._kept.pool is None else 0
+                keep_at = self._kept.reserve(nbytes_kept(self._live(optimizer, plan, chunk)), self._speculation,
+                                             pool_bytes)
+                if keep_at is None:
                     continue
-                self._ensure_pool(optimizer, plan)
-                keep_at, self._pool_used = self._pool_used, self._pool_used + need
             self._stepped[chunk.index] = self._worker.submit(
                 self._cpu_step, optimizer, plan, chunk, self._copied[chunk.index], host, grad_scale, ready, True,
                 keep_at)
 
-    def _copy_back(self, live: torch.Tensor, kept: torch.Tensor) -> None:
-        """Restore ``live`` from its kept copy, with the window's optimizer's kernels (see :meth:`_keep`)."""
-        if self._eager is None:  # not reached: copies are kept only in an eager window
-            live.copy_(kept)
-            return
-        optimizer, plan = self._eager[0], self._eager[1]
-        optimizer.kernels_for(next(iter(plan.values()))[1].device).copy(live, kept)
+    @property
+    def pool(self) -> torch.Tensor | None:
+        """The speculative step's host pool of kept copies (None until its first window)."""
+        return self._kept.pool
 
     def _live(self, optimizer, plan, chunk: Chunk) -> list[torch.Tensor]:
-        """What ``chunk``'s step overwrites on the host: its range of the master, of each moment and of the
-        16-bit copy-out."""
-        _group, fbucket = plan[chunk.group]
-        lo, hi = chunk.lo, chunk.hi
-        out = optimizer._out_for(fbucket, lo, hi)
-        live = [fbucket.param_flat[lo:hi]] + [flat[lo:hi] for _name, flat in sorted(fbucket.states.items())]
-        return live + ([out] if out is not None else [])
+        return live_ranges(optimizer, plan[chunk.group][1], chunk.lo, chunk.hi)
 
-    def _ensure_pool(self, optimizer, plan) -> None:
-        """The kept copies' pool: the budget, or what every chunk needs if that is less; made once."""
-        if self._pool is not None or self._speculation is None:
-            return
-        total = sum(_aligned(t.numel() * t.element_size()) for chunk in self.chunks
-                    if chunk.group in plan for t in self._live(optimizer, plan, chunk))
-        self._pool = torch.empty(min(total, self._speculation), dtype=torch.uint8)
-
-    def _keep(self, kernels, live: list[torch.Tensor], at: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copy ``live`` into the pool from byte ``at`` on, with the optimizer's kernels (ds-optim's ``copy``:
-        Numba's threads; torch's copy would run on one thread under torchrun's ``OMP_NUM_THREADS=1``)."""
-        assert self._pool is not None
-        pairs = []
-        for t in live:
-            n = t.numel() * t.element_size()
-            kept = self._pool[at:at + n].view(t.dtype)
-            kernels.copy(kept, t)
-            pairs.append((t, kept))
-            at += _aligned(n)
-        return pairs
+    def _pool_bytes(self, optimizer, plan) -> int:
+        """What every CPU chunk's kept copy would need at once (the pool's size when below the budget)."""
+        return sum(nbytes_kept(self._live(optimizer, plan, chunk)) for chunk in self.chunks if chunk.group in plan)
 
     def _init_worker(self) -> None:
         """The worker's CUDA calls (events, the H2D stream) go to this rank's device, not device 0."""
@@ -419,7 +389,7 @@ class OffloadPipeline:
         lo, hi = chunk.lo, chunk.hi
         kernels = optimizer.kernels_for(fbucket.device)
         if keep_at is not None:
-            self._backups[chunk.index] = self._keep(kernels, self._live(optimizer, plan, chunk), keep_at)
+            self._kept.keep(chunk.index, kernels, self._live(optimizer, plan, chunk), keep_at)
         states = {name: flat[lo:hi] for name, flat in fbucket.states.items()}
         out = optimizer._out_for(fbucket, lo, hi)
         optimizer._update(kernels, group, fbucket.param_flat[lo:hi], host[lo:hi],
@@ -430,7 +400,7 @@ class OffloadPipeline:
         source = out if out is not None else fbucket.param_flat[lo:hi]
         return c0, c1, self._copy_h2d(chunk, source, ready)
 
-    def _collect_eager(self) -> dict[int, tuple]:
+    def _collect_eager(self, speculative: bool = False) -> dict[int, tuple]:
         """Wait for every eager step of this window (all of them, also after one failed): chunk index -> ``(c0,
         c1, h2d)``; the first worker error is raised after the wait."""
         out, error = {}, None
@@ -440,6 +410,8 @@ class OffloadPipeline:
             except BaseException as e:  # noqa: BLE001 -- re-raised below, after the others finished
                 error = error or e
         if error is not None:
+            if speculative:  # the caller restores every chunk and says so
+                raise error
             raise RuntimeError("ds_zero offload: an eager CPU step failed in the worker thread; the masters hold a "
                                "partial update (reload a checkpoint)") from error
         return out
@@ -473,7 +445,7 @@ class OffloadPipeline:
                     del self._stepped[index]
         # the chunks the worker stepped during backward, collected before any staging may be replaced below
         try:
-            stepped = self._collect_eager()
+            stepped = self._collect_eager(speculative)
         except BaseException as error:
             if speculative:  # every chunk's copy was kept before its kernel ran: undo them all, nothing is lost
                 self.rolled_back_chunks += self._rollback()
@@ -542,8 +514,8 @@ class OffloadPipeline:
             # the last chunk's (eager chunks were queued in the order backward landed them, the rest after)
             self._h2d.synchronize()
         self._copied.clear()
-        self._backups.clear()
-        self._eager, self._speculation, self._pool_used = None, None, 0
+        self._kept.end_window()
+        self._eager, self._speculation = None, None
         if self.path is not None:
             self._record(t0, ref, records, early, set(stepped))
         self.steps += 1

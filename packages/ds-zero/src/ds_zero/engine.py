@@ -385,7 +385,7 @@ class ZeroEngine:
             self.reducer.after_backward()
         except BaseException:
             pipeline = self._offload_pipeline()
-            if early and pipeline is not None:  # chunks that already stepped eagerly cannot be undone
+            if early and pipeline is not None:  # eager chunks: restored if speculative, else the window fails
                 pipeline.abandon()
             raise
         finally:

@@ -408,6 +408,10 @@ class NumbaCpuKernels(OptimizerKernels):
         if dst.dtype != src.dtype or dst.numel() != src.numel() or not (dst.is_contiguous() and src.is_contiguous()):
             raise ValueError(f"ds-optim copy: needs two contiguous tensors of one dtype and size, got {dst.dtype} "
                              f"{tuple(dst.shape)} and {src.dtype} {tuple(src.shape)}")
+        nbytes = dst.numel() * dst.element_size()
+        if nbytes and dst.data_ptr() < src.data_ptr() + nbytes and src.data_ptr() < dst.data_ptr() + nbytes:
+            raise ValueError("ds-optim copy: dst and src overlap in memory (as torch's copy_, it does not copy a "
+                             "tensor onto itself)")
         if dst.numel():
             words = (dst.numel() * dst.element_size()) % 8 == 0 and dst.data_ptr() % 8 == 0 == src.data_ptr() % 8
             _copy_kernel(_words(dst, words), _words(src, words))
