@@ -94,6 +94,20 @@ def _train(engine, steps, first=0, inf_at=None):
     return out
 
 
+def _count_concats(engine):
+    """Counts the step's concatenations of a param group's grad shards (``GradShards.tensors``): ZeRO-Offload
+    reads the shards in place (``group_views``), the device masters' step concatenates."""
+    shards = engine.grad_shards
+    real = shards.tensors
+    engine.concats = 0
+
+    def tensors():
+        engine.concats += 1
+        return real()
+    shards.tensors = tensors
+    return engine
+
+
 def _evidence(engine):
     m = engine.masters
     pipe = m.pipeline
@@ -107,20 +121,23 @@ def _evidence(engine):
             "eager": None if pipe is None else pipe.eager_chunks,
             "speculated": None if pipe is None else pipe.speculated_chunks,
             "rolled_back": None if pipe is None else pipe.rolled_back_chunks,
-            "buckets_per_group": [sum(b.group_index == gi for b in engine.buckets) for gi in range(2)]}
+            "buckets_per_group": [sum(b.group_index == gi for b in engine.buckets) for gi in range(2)],
+            "concats": getattr(engine, "concats", None)}
 
 
 def _scenarios(tmp):
     torch.set_num_threads(1)
     out = {}
     for stage, dtype, inf_at in ((1, "bf16", None), (2, "bf16", None), (2, "fp16", (1, 1)), (1, "fp16", (2, 0))):
-        ref = _train(_engine(stage, dtype, False), STEPS, inf_at=inf_at)
-        sync_engine = _engine(stage, dtype, True, overlap=False)
+        ref_engine = _count_concats(_engine(stage, dtype, False))
+        ref = _train(ref_engine, STEPS, inf_at=inf_at)
+        sync_engine = _count_concats(_engine(stage, dtype, True, overlap=False))
         sync = _train(sync_engine, STEPS, inf_at=inf_at)
-        eng = _settled(_engine(stage, dtype, True))  # stage 2: speculative, clipping fires: restored every step
+        # stage 2: speculative, clipping fires: restored every step
+        eng = _count_concats(_settled(_engine(stage, dtype, True)))
         piped = _train(eng, STEPS, inf_at=inf_at)
         out[(stage, dtype)] = {"ref": ref, "sync": sync, "piped": piped, "evidence": _evidence(eng),
-                               "sync_evidence": _evidence(sync_engine)}
+                               "sync_evidence": _evidence(sync_engine), "ref_concats": ref_engine.concats}
 
     # the eager step: no clipping, no overflow check, so chunks step in backward as they land; against the same
     # engine stepping after backward (eager_step false) and without offload
@@ -133,7 +150,7 @@ def _scenarios(tmp):
     # and with partial offload: the CPU tail eager, the device head stepped in step()
     late_engine = _engine(2, "bf16", True, clip=0.0, check=False, eager=False, ratio=0.5)
     late = _train(late_engine, STEPS)
-    eng = _engine(2, "bf16", True, clip=0.0, check=False, ratio=0.5)
+    eng = _count_concats(_engine(2, "bf16", True, clip=0.0, check=False, ratio=0.5))
     out["eager_ratio"] = {"ref": ref, "sync": late, "piped": _train(eng, STEPS), "evidence": _evidence(eng),
                           "sync_evidence": _evidence(late_engine)}
 
@@ -347,6 +364,8 @@ def test_pipelined_equals_synchronous_and_no_offload(tmp_path_factory, case):
         assert ev["eager"] == ev["speculated"] == 0
         assert ev["rolled_back"] == (ev["chunks"] * STEPS if stage == 2 else 0), ev
         assert r["sync_evidence"]["pipelined"] == 0 and r["sync_evidence"]["chunks"] is None
+        # the offloaded steps read the bucket shards in place; the device masters' step concatenates each group's
+        assert ev["concats"] == r["sync_evidence"]["concats"] == 0 and r["ref_concats"] == STEPS - sum(skipped), r
 
 
 @pytest.mark.parametrize("case", ["eager", "eager_ratio"])
@@ -365,6 +384,8 @@ def test_eager_step_in_backward_equals_the_step_after_it(tmp_path_factory, case)
         assert ev["eager"] == ev["early"] == ev["chunks"] >= sum(ev["buckets_per_group"]), ev  # every chunk, early
         assert ev["pipelined"] == ev["cpu_steps"] == STEPS
         assert (ev["device_steps"] == STEPS) if case == "eager_ratio" else ev["split"] is None
+        if case == "eager_ratio":  # the device head is read across buckets, still with no whole-group copy
+            assert ev["concats"] == 0 and any(s > 0 for s in ev["split"]), ev
         assert r["sync_evidence"]["eager"] == 0 and r["sync_evidence"]["pipelined"] == STEPS
 
 
@@ -451,16 +472,24 @@ def test_ratio_config_and_planner():
     assert plan_ratio(free_bytes=10, reserve_bytes=50, total_elements=400) == 1.0  # nothing fits
     assert resolve_ratio("auto", torch.device("cpu"), [10, 20], 0, None) == 1.0  # no device memory to plan with
     assert resolve_ratio(0.3, torch.device("cpu"), [10, 20], 0, None) == 0.3
-    # the gradient memory kept free: the 16-bit grads, plus the step's concatenation of a group of several buckets
-    from ds_zero._offload import planned_grad_bytes
+    # the step's head concatenation (2 bytes per device element) shares the activations' reserve: it binds only
+    # when the reserve is smaller than it
+    assert plan_ratio(free_bytes=100 * per + 300, reserve_bytes=300, total_elements=400, head_copy=2) == 0.75
+    assert plan_ratio(free_bytes=100 * per + 50, reserve_bytes=50, total_elements=400, head_copy=2) == 1 - 89 / 400
+    assert plan_ratio(free_bytes=100 * (per + 2), reserve_bytes=0, total_elements=400, head_copy=2) == 0.75
+    assert plan_ratio(free_bytes=100 * per + 70, reserve_bytes=50, total_elements=400, grad_bytes=20) == 0.75
+    # the gradient memory kept free: the 16-bit grads only (the step reads the reduced shards in place); the head
+    # copy is counted where a param group has several buckets
+    from ds_zero._offload import head_copy_bytes, planned_grad_bytes
 
     engine = _single_engine()
     buckets = engine.buckets
     multi = {b.group_index for b in buckets} - {b.group_index for b in buckets
                                                 if sum(c.group_index == b.group_index for c in buckets) == 1}
     assert multi, "the case needs a param group of several buckets"
-    assert planned_grad_bytes(buckets) == (2 * sum(b.padded_numel for b in buckets)
-                                           + 2 * sum(b.shard_numel for b in buckets if b.group_index in multi))
+    assert planned_grad_bytes(buckets) == 2 * sum(b.padded_numel for b in buckets)
+    assert head_copy_bytes(buckets) == 2
+    assert head_copy_bytes([b for b in buckets if b.group_index not in multi]) == 0
 
 
 def test_partial_offload_follows_the_lr_scheduler():
@@ -619,3 +648,22 @@ def test_partial_offload_refresh_keeps_the_device_moments():
     for rank, out in enumerate(run_distributed(_refresh_worker, 2)):
         assert _close(out["ratio"]["masters"], out["none"]["masters"]), rank
         assert _close(out["ratio"]["states"], out["none"]["states"]), rank
+
+
+def test_group_grads_reads_ranges_in_place():
+    """ZeRO-Offload's step reads a group's grads by ranges of its buckets' shards: a range inside one shard is a
+    view of it (no copy), a range across shards their concatenation, as the flat tensor would give."""
+    from ds_zero._partition import GroupGrads
+
+    a, b = torch.arange(5.0), torch.arange(5.0, 12.0)
+    flat = torch.cat([a, b])
+    grads = GroupGrads([a, b], [0, 5])
+    assert grads.numel() == 12 and grads.dtype == torch.float32
+    inside = grads[6:10]
+    assert inside.data_ptr() == b[1:5].data_ptr() and torch.equal(inside, flat[6:10])
+    for lo, hi in ((0, 12), (3, 8), (0, 5), (5, 12), (4, 6), (7, 7), (11, 40)):
+        assert torch.equal(grads[lo:hi], flat[lo:hi]), (lo, hi)
+    with pytest.raises(TypeError, match="contiguous ranges"):
+        grads[::2]
+    with pytest.raises(TypeError, match="contiguous ranges"):
+        grads[3]

@@ -61,13 +61,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ._buckets import Bucket
-from ._partition import Masters
+from ._partition import GradShards, GroupGrads, Masters
 
 if TYPE_CHECKING:
     from ds_optim import CPUAdam
@@ -288,7 +288,8 @@ class CPUOffload:
         if self.ratio != 1.0:
             sizes = [0 if p is None else p.numel() for p in masters.params]
             grad_bytes = planned_grad_bytes(masters.buckets)
-            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib, self.group)
+            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib, self.group,
+                                       head_copy=head_copy_bytes(masters.buckets))
             if self.ratio < 1.0:
                 part = DevicePart(masters, float(self.ratio), self.device)
                 part.build_optimizer(template, rebuild_optimizer)
@@ -313,16 +314,20 @@ class CPUOffload:
 
 
 def planned_grad_bytes(buckets) -> int:
-    """The gradient memory ``ratio: "auto"`` keeps free on the device: the 16-bit grads of every bucket (stage 1's
-    full grads; an upper bound at stage 2), plus the step's concatenation of a param group's reduced shards when
-    the group has several buckets (``_partition.GradShards.tensors``; it ran a 3.94 B model's plan out of memory
-    under a 40 GiB cap on the H200 when it was not counted)."""
-    full = 2 * sum(b.padded_numel for b in buckets)
-    per_group: dict[int, list] = {}
+    """The gradient memory ``ratio: "auto"`` keeps free on the device beside the activations: the 16-bit grads of
+    every bucket (stage 1's full grads; an upper bound at stage 2). The step reads the reduced shards in place
+    (``GradShards.group_views``): no concatenation of a group's shards is made (it was 7.3 GiB at 3.94 B params,
+    and the step's peak)."""
+    return 2 * sum(b.padded_numel for b in buckets)
+
+
+def head_copy_bytes(buckets) -> int:
+    """Bytes per device-stepped element of the step's concatenation of the device part's grads: 2 when a param
+    group has several buckets (its head may cross them, ``DevicePart.step``), else 0 (a view)."""
+    per_group: dict[int, int] = {}
     for b in buckets:
-        per_group.setdefault(b.group_index, []).append(b)
-    concat = sum(b.shard_numel * 2 for group in per_group.values() if len(group) > 1 for b in group)
-    return full + concat
+        per_group[b.group_index] = per_group.get(b.group_index, 0) + 1
+    return 2 if any(n > 1 for n in per_group.values()) else 0
 
 
 def _state_dtype(off) -> torch.dtype:
@@ -402,18 +407,26 @@ class OffloadedMasters(Masters):
         #: steps taken by the pipeline (the tests read it)
         self.pipelined_steps = 0
 
-    def _to_host(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def step_from(self, optimizer: torch.optim.Optimizer, shards: GradShards, scale: float) -> None:
+        """The step from the bucket shards as they are (``GradShards.group_views``): the chunks and the host copy
+        read them by ranges, so the step makes no device concatenation of a group's grads."""
+        self.step(optimizer, shards.group_views(), scale)
+
+    def _to_host(self, grads: Sequence[torch.Tensor | GroupGrads]) -> list[torch.Tensor]:
         if len(self.host_grads) != len(grads) or any(
                 h.numel() != g.numel() or h.dtype != g.dtype for h, g in zip(self.host_grads, grads)):
             self.host_grads = [torch.empty(g.numel(), dtype=g.dtype, pin_memory=self.offload.pin) for g in grads]
         for h, g in zip(self.host_grads, grads):
-            # non_blocking only into pinned memory (else torch copies synchronously anyway)
-            h.copy_(g.reshape(-1), non_blocking=self.offload.pin)
+            pieces = zip(g.shards, g.offsets) if isinstance(g, GroupGrads) else [(g.reshape(-1), 0)]
+            for piece, at in pieces:
+                # non_blocking only into pinned memory (else torch copies synchronously anyway)
+                h[at:at + piece.numel()].copy_(piece, non_blocking=self.offload.pin)
         if self.offload.pin:
             torch.cuda.current_stream(self.offload.device).synchronize()  # the CPU step reads them next
         return self.host_grads
 
-    def step(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, grads: Sequence[torch.Tensor | GroupGrads],
+             scale: float) -> None:
         from ds_optim import CPUAdam
 
         pipeline = self.pipeline
@@ -512,7 +525,7 @@ class NVMeMasters(OffloadedMasters):
         super().__init__(buckets, num_groups, fp32_sources, offload)
         self.files = to_files(self, offload)
 
-    def step(self, optimizer, grads: list[torch.Tensor], scale: float) -> None:
+    def step(self, optimizer, grads: Sequence[torch.Tensor | GroupGrads], scale: float) -> None:
         optimizer.swap_step(self._to_host(grads), scale)
         self.offload.cpu_steps += 1
         self._copy_from = optimizer if optimizer.copy_dtype is not None else None

@@ -17,22 +17,25 @@ The host master and CPUAdam's states keep the *whole* group's layout (what check
 
 ``ratio: "auto"`` (:func:`plan_ratio`): at start-up, after the model's 16-bit params are in place, the device's
 free memory (``torch.cuda.mem_get_info``, capped by ``set_per_process_memory_fraction`` when one is set) minus
-the gradient buffers (2 bytes per trainable param of the model: stage 1's full grads, an upper bound at stage 2;
-plus the step's concatenation of a group's reduced shards, 2 bytes per element of a group of several buckets)
+the gradient buffers (2 bytes per trainable param of the model: stage 1's full grads, an upper bound at stage 2)
 minus an activation reserve (``offload_optimizer.auto_reserve_gib``, default a quarter of the device memory
-the process may use: the whole GPU, or its ``set_per_process_memory_fraction`` cap) is divided by 12 bytes per element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the
-device, the rest go to the CPU. The plan (bytes on the device / on the CPU) is logged. On a CPU device ``"auto"``
-means ratio 1.
+the process may use: the whole GPU, or its ``set_per_process_memory_fraction`` cap) is divided by 12 bytes per
+element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the device, the rest go to the CPU. The
+step reads the reduced shards in place (no concatenation of a group's grads); only the device part's head, when
+it crosses several buckets, is concatenated at the step (2 bytes per device element, after backward: it shares
+the activations' reserve, and the plan keeps it within the free memory). The plan (bytes on the device / on the
+CPU) is logged. On a CPU device ``"auto"`` means ratio 1.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from ._partition import Masters
+from ._partition import GroupGrads, Masters
 
 logger = logging.getLogger("ds_zero")
 
@@ -42,11 +45,16 @@ DEVICE_BYTES_PER_ELEMENT = 12
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 
 
-def plan_ratio(free_bytes: int, reserve_bytes: int, total_elements: int) -> float:
-    """The smallest CPU share (``ratio``) whose device part fits in ``free_bytes - reserve_bytes``."""
+def plan_ratio(free_bytes: int, reserve_bytes: int, total_elements: int, grad_bytes: int = 0,
+               head_copy: int = 0) -> float:
+    """The smallest CPU share (``ratio``) whose device part fits in ``free_bytes - grad_bytes - reserve_bytes``
+    (the activations' reserve), and, with its step's ``head_copy`` bytes per device element (made after backward,
+    when the activations are gone: it shares their reserve), in ``free_bytes - grad_bytes``."""
     if total_elements <= 0:
         return 1.0
-    fits = max(0, free_bytes - reserve_bytes) // DEVICE_BYTES_PER_ELEMENT
+    fits = max(0, free_bytes - grad_bytes - reserve_bytes) // DEVICE_BYTES_PER_ELEMENT
+    if head_copy:
+        fits = min(fits, max(0, free_bytes - grad_bytes) // (DEVICE_BYTES_PER_ELEMENT + head_copy))
     return 1.0 - min(total_elements, fits) / total_elements
 
 
@@ -68,7 +76,7 @@ def device_free_bytes(device: torch.device) -> tuple[int, int]:
 
 
 def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int, reserve_gib: float | None,
-                  group=None) -> float:
+                  group=None, head_copy: int = 0) -> float:
     """A number in [0, 1]: ``ratio`` itself, or the ``"auto"`` plan (see the module doc), the same on every rank
     of ``group``: the largest CPU share any rank needs (ranks with less free memory would otherwise step more on
     the CPU and pace the others)."""
@@ -80,7 +88,7 @@ def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int
         return 1.0
     free, capacity = device_free_bytes(device)
     reserve = int(reserve_gib * 2**30) if reserve_gib is not None else capacity // 4
-    ratio = plan_ratio(free, grad_bytes + reserve, total)
+    ratio = plan_ratio(free, reserve, total, grad_bytes, head_copy)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         agreed = torch.tensor([ratio], dtype=torch.float64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
@@ -120,9 +128,10 @@ class DevicePart:
         if self.numel:
             self.optimizer = rebuild(template, [[] if p is None else [p] for p in self.params])
 
-    def step(self, cpu_optimizer, grads: list[torch.Tensor], scale: float) -> None:
-        """Step the device heads from the heads of ``grads`` (one per master, as ``Masters.step``), with the
-        hyper-parameters CPUAdam's groups have now (the LR scheduler steps CPUAdam)."""
+    def step(self, cpu_optimizer, grads: Sequence[torch.Tensor | GroupGrads], scale: float) -> None:
+        """Step the device heads from the heads of ``grads`` (one per master, as ``Masters.step``; a head across
+        several buckets' shards is concatenated here, a 16-bit copy of the device part the planner counts), with
+        the hyper-parameters CPUAdam's groups have now (the LR scheduler steps CPUAdam)."""
         if self.optimizer is None:
             return
         self._sync_hyper(cpu_optimizer)

@@ -64,11 +64,12 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ._buckets import Bucket
+from ._partition import GroupGrads
 from ._offload_speculation import KeptCopies, live_ranges, nbytes_kept
 
 #: the environment variable that turns on the per-chunk timeline (a JSON path)
@@ -417,8 +418,9 @@ class OffloadPipeline:
         return out
 
     # -- the step -----------------------------------------------------------------------------------------
-    def step(self, optimizer, plan, grads: list[torch.Tensor], scale: float, fenced: bool = False) -> None:
-        """One chunked step: grads ``grads`` (one flat tensor per master, the engine's ``GradShards``) times
+    def step(self, optimizer, plan, grads: Sequence[torch.Tensor | GroupGrads], scale: float,
+             fenced: bool = False) -> None:
+        """One chunked step: grads ``grads`` (one per master, ``GradShards.group_views``: read by chunk, a view of one bucket's shard each) times
         ``scale``; leaves the new 16-bit params in every bucket's flat storage (this rank's shard). ``fenced``:
         the caller ran :meth:`fence` for this step already (a parameter, not state: a step that raised after the
         fence must not leave the next one unfenced)."""

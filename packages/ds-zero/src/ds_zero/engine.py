@@ -220,14 +220,14 @@ class ZeroEngine:
 
     def _expert_divisors(self, per_bucket: bool) -> list[int | None] | None:
         """The norm divisors (``_expert.norm_divisors``) aligned with the grads the step norms: one per bucket
-        (*direct*) or one per param group with buckets (*masters*)."""
+        (*direct*: ``self.buckets``' order) or one per ``GradShards.pieces`` (*masters*: a bucket's shard each,
+        groups in the masters' order)."""
         if not self.expert_groups:
             return None
         if per_bucket:
             flags = [b.expert for b in self.buckets]
         else:
-            flags = [self.expert_groups.get(gi) for gi, group in enumerate(self._require_grad_shards().by_group)
-                     if group]
+            flags = [self.expert_groups.get(b.group_index) for b in self._require_grad_shards().piece_buckets()]
         return norm_divisors(flags, sharded=self.stage > 0)
 
     def _trainable(self, opt: torch.optim.Optimizer) -> list[tuple[str, torch.nn.Parameter, int]]:
@@ -480,8 +480,8 @@ class ZeroEngine:
         ``replicated`` are whole on every rank beside sharded ``grads`` (stage 3's persistent params), and
         ``scale`` is what the step must still multiply the grads by (the masters' grads stay in 16 bits
         until ds-optim's kernel reads them; fp32 grads are unscaled in place here)."""
-        if self.mode.name == "masters":
-            return self._require_grad_shards().tensors(), [], factor
+        if self.mode.name == "masters":  # per bucket: the step concatenates a group's shards only if it must
+            return self._require_grad_shards().pieces(), [], factor
         if self.mode.name == "direct":
             grads = [b.ensure_full_grads(self.device) for b in self.buckets]
             if factor != 1.0:
@@ -504,7 +504,7 @@ class ZeroEngine:
                                           expert_divisors=self._expert_divisors(per_bucket=False))) * scale
             self.global_grad_norm = norm
             scale *= clip_coefficient(norm, max_norm)
-            self._require_masters().step(self.optimizer, grads, scale)
+            self._require_masters().step_from(self.optimizer, self._require_grad_shards(), scale)
             return
         # clip_grads_ with max_norm 0 only measures (the norm is reported like DeepSpeed's, clipping or not)
         self.global_grad_norm = clip_grads_(grads, max_norm, sharded=self.stage > 0, group=self.process_group,
