@@ -13,8 +13,9 @@ GELU, biases), x = x + moe(x), bf16 autocast over fp32 params, forward + backwar
 loss = mean(out^2) + 0.01 * sum(l_aux). KEEP_CAST=0 recasts the expert weights in the backward. ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
 ``DS_MOE_GEMM_BACKEND=loop`` forces the per-expert loop on the dropless path (grouped_mm is the CUDA default).
 
-On CUDA the dropless path first checks its grouped GEMM against the loop on a small problem (forward and
-gradients, bf16) and prints the relative error, so a wrong kernel shows before any timing.
+On CUDA each ds-moe path (dropless, capacity) first checks its grouped GEMM against the loop on a small problem
+(forward and gradients, bf16) and prints the relative error and the host syncs torch counts in one forward +
+backward (a ``[check ...]`` line), so a wrong kernel or a sync shows before any timing.
 """
 from __future__ import annotations
 
@@ -104,27 +105,31 @@ def build(engine: str, s: dict):
     return stack
 
 
-def check_grouped_gemm(dev) -> str:
-    """bf16 grouped_mm against the per-expert loop on a small dropless layer: forward and gradients."""
+def check_grouped_gemm(dev, drop_tokens: bool = False) -> str:
+    """bf16 grouped_mm against the per-expert loop on a small layer of the path (dropless, or capacity with
+    drop_tokens): forward and gradients; then the host syncs torch reports in one forward + backward."""
     from ds_moe import FFNExpert, MoE
 
+    path = "capacity" if drop_tokens else "dropless"
     res = {}
     for backend in ("loop", "grouped_mm"):
         torch.manual_seed(1)
-        moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, drop_tokens=False, gemm_backend=backend).to(dev)
+        moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, capacity_factor=1.0, drop_tokens=drop_tokens,
+                  gemm_backend=backend).to(dev)
         with torch.no_grad():
             for p in moe.deepspeed_moe.experts.parameters():
                 p.normal_(0, 0.05)
         x = torch.randn(1000, 256, device=dev, generator=torch.Generator(dev).manual_seed(2), requires_grad=True)
+        torch.manual_seed(3)  # the same Gumbel draws for both backends
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             out, l_aux, _ = moe(x)
         out.float().pow(2).sum().backward()
-        res[backend] = [out.float(), x.grad] + [p.grad.float() for p in moe.deepspeed_moe.experts.parameters()]
+        res[backend] = [out.detach().float(), x.grad] + [p.grad.float() for p in moe.deepspeed_moe.experts.parameters()]
     errs = [float((b - a).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(res["loop"], res["grouped_mm"])]
     worst = max(errs)
-    if worst > 2e-2:
-        raise SystemExit(f"grouped_mm disagrees with the loop: relative errors {errs}")
-    # the grouped dropless step is meant to run without a host sync: count the ones torch reports
+    if worst > 2e-2 or not all(bool(torch.isfinite(t).all()) for t in res["grouped_mm"]):
+        raise SystemExit(f"{path}: grouped_mm disagrees with the loop: relative errors {errs}")
+    # the grouped step is meant to run without a host sync: count the ones torch reports
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -139,8 +144,8 @@ def check_grouped_gemm(dev) -> str:
     # torch reports each sync as "called a synchronizing CUDA operation"; switching the mode on also warns
     # once that it "is a prototype feature", which is not a sync
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchronizing cuda operation" in str(w.message).lower()]
-    return (f"grouped_mm vs loop (bf16): max relative error {worst:.1e}; host syncs in a dropless layer's "
-            f"forward+backward: {len(syncs)}" + (f" (first: {syncs[0]})" if syncs else ""))
+    return (f"[check {path}] grouped_mm vs loop (bf16): max relative error {worst:.1e}; host syncs in a {path} "
+            f"layer's forward+backward: {len(syncs)}" + (f" (first: {syncs[0]})" if syncs else ""))
 
 
 def run(engine: str, s: dict, dev, smoke: bool) -> dict:
@@ -220,8 +225,9 @@ def main():
     base = sizes(args.smoke)
     modes = (["dense_topk", "capacity", "dropless", "dense", "capacity-top1", "dropless-top1", "dense_topk-e64",
               "capacity-e64", "dropless-e64"] if args.mode == "all" else [args.mode])
-    if use_cuda and any(m.startswith("dropless") for m in modes):
-        print(check_grouped_gemm(dev), flush=True)
+    for path in ("dropless", "capacity"):
+        if use_cuda and any(m.startswith(path) for m in modes):
+            print(check_grouped_gemm(dev, drop_tokens=path == "capacity"), flush=True)
     rows = [run(*parse_mode(m, base), dev, args.smoke) for m in modes]
     # the floor of a row: K dense FFN applications per token over the same number of layers (dense for K=1)
     # (the latest one measured before the row, so the run's order pairs them)

@@ -1,6 +1,7 @@
 """On a GPU (run on the GPU machine: ``pytest -m gpu tests/ds_moe``): the grouped GEMM against the per-expert
-loop in bf16 under autocast, for both token paths, with an expert that gets no token; and the single-rank
-dropless step with no host synchronisation."""
+loop in bf16 under autocast, for both token paths, with an expert that gets no token and with many dropped slots
+(the capacity path's trailing rows, which the CUDA kernel leaves uninitialised); and the single-rank dropless and
+capacity steps with no host synchronisation."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from ds_moe import FFNExpert, MoE
 pytestmark = [pytest.mark.gpu, requires_gpus(1)]
 
 
-def _run(backend, drop, starve=False):
+def _run(backend, drop, starve=False, cf=1.25):
     torch.manual_seed(0)
-    moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, capacity_factor=1.25, drop_tokens=drop,
+    moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, capacity_factor=cf, drop_tokens=drop,
               gemm_backend=backend, top2_2nd_expert_sampling=False).cuda()
     with torch.no_grad():
         for p in moe.deepspeed_moe.experts.parameters():
@@ -47,9 +48,21 @@ def test_grouped_mm_matches_loop_bf16(drop, starve):
         assert float((v - u).norm() / u.norm().clamp_min(1e-30)) < 1e-2
 
 
-def test_dropless_single_rank_has_no_host_sync():
+def test_grouped_mm_matches_loop_with_many_drops():
+    """capacity factor 0.3: most slots are dropped, so most rows of the grouped GEMM's outputs are never written."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the grouped_mm path is taken on compute capability >= 9")
+    a, counts = _run("loop", True, cf=0.3)
+    b, _ = _run("grouped_mm", True, cf=0.3)
+    assert int(counts.max()) > 2000 * 2 * 0.3 / 8  # drops
+    for u, v in zip(a, b):
+        assert bool(torch.isfinite(v).all())
+        assert float((v - u).norm() / u.norm().clamp_min(1e-30)) < 1e-2
+
+
+def _syncs_in_a_step(drop, k=2, cf=1.0):
     torch.manual_seed(0)
-    moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, drop_tokens=False).cuda()
+    moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=k, capacity_factor=cf, drop_tokens=drop).cuda()
     x = torch.randn(1024, 256, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         moe(x)  # warm-up: lazy initialisation may sync once
@@ -64,5 +77,16 @@ def test_dropless_single_rank_has_no_host_sync():
             torch.cuda.set_sync_debug_mode("default")
     # torch reports each sync as "called a synchronizing CUDA operation"; switching the mode on also warns
     # once that it "is a prototype feature", which is not a sync
-    syncs = [str(w.message) for w in caught if "synchronizing cuda operation" in str(w.message).lower()]
+    return [str(w.message) for w in caught if "synchronizing cuda operation" in str(w.message).lower()]
+
+
+def test_dropless_single_rank_has_no_host_sync():
+    syncs = _syncs_in_a_step(drop=False)
+    assert not syncs, syncs[:3]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_single_rank_has_no_host_sync(k):
+    """The capacity path on one rank: dropped slots travel as trailing rows, so no count comes back to the host."""
+    syncs = _syncs_in_a_step(drop=True, k=k)
     assert not syncs, syncs[:3]

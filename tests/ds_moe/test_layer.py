@@ -209,22 +209,49 @@ def test_grouped_ffn_kept_casts_give_the_recast_gradients():
 @pytest.mark.parametrize("k,dropped", [(1, 0), (2, 0), (1, 3), (2, 5)])
 def test_dispatch_and_combine_rows_have_exact_gradients(k, dropped):
     """The hand-written backwards of the sorted path (a gather through the inverse permutation, not autograd's
-    index_add_) against gradcheck, with and without dropped slots."""
+    index_add_) against gradcheck, with and without dropped slots. Dropped slots are sorted into a last bucket
+    and their rows travel as trailing rows that the experts leave unspecified: here the row-wise stand-in for
+    the experts writes NaN there, forward and backward, and the chain must still be exact."""
     from ds_moe._dispatch import _CombineRows, _DispatchRows, _inverse
 
     S, M = 6, 3
     g = torch.Generator().manual_seed(k * 10 + dropped)
     flat = torch.randint(0, 4, (S * k,), generator=g)
-    if dropped:  # dropped slots are sorted into a last bucket past every expert
+    if dropped:
         flat[torch.randperm(S * k, generator=g)[:dropped]] = 4
+    mask = (flat == 4) if dropped else None
     order = torch.argsort(flat, stable=True)
     n = S * k - dropped
-    inv = _inverse(order).clamp(max=n)
+    inv = _inverse(order)
+    w = torch.randn(S * k, 1, dtype=torch.float64, generator=g)
+    if dropped:
+        w[mask] = 0.0  # a dropped slot's combine weight, as the gates make it
+
+    class _Experts(torch.autograd.Function):  # tanh on the first n rows; NaN past them, forward and backward
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            out = torch.tanh(t)
+            out[n:] = float("nan")
+            return out
+
+        @staticmethod
+        def backward(ctx, gy):
+            (t,) = ctx.saved_tensors
+            gt = gy * (1 - torch.tanh(t) ** 2)
+            gt[n:] = float("nan")
+            return gt
+
+    def chain(t):
+        y = _Experts.apply(_DispatchRows.apply(t, order, inv, k, mask))
+        return _CombineRows.apply(y, inv, order, mask) * w
+
     x = torch.randn(S, M, dtype=torch.float64, requires_grad=True, generator=g)
-    y = torch.randn(n, M, dtype=torch.float64, requires_grad=True, generator=g)
-    assert torch.autograd.gradcheck(lambda t: _DispatchRows.apply(t, order[:n], inv, k, dropped > 0), (x,))
-    assert torch.autograd.gradcheck(lambda t: _CombineRows.apply(t, inv, order[:n], dropped > 0), (y,))
-    # and the forwards are the plain gathers they replace
-    assert torch.equal(_DispatchRows.apply(x, order[:n], inv, k, dropped > 0), x[order[:n] // k])
-    padded = torch.cat([y, y.new_zeros(1, M)])
-    assert torch.equal(_CombineRows.apply(y, inv, order[:n], dropped > 0), padded[inv])
+    assert torch.autograd.gradcheck(chain, (x,))
+    # the forwards are the plain gathers they replace: x[token of the slot], and expert rows back in slot order
+    # with a dropped slot's row zero
+    assert torch.equal(_DispatchRows.apply(x, order, inv, k, mask), x[order // k])
+    ref = torch.tanh(x[torch.arange(S * k) // k])
+    if dropped:
+        ref[mask] = 0.0
+    assert torch.equal(chain(x), ref * w)

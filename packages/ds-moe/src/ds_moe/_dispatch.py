@@ -1,7 +1,7 @@
 """Moving tokens to their experts and back: the capacity path and the dropless path, with the all-to-alls.
 
 Capacity path (``drop_tokens=True``, DeepSpeed's semantics). On one rank (``ep_size`` 1) only the kept slots are
-computed, sorted by expert (see ``sorted_forward``). With expert parallelism every kept slot is written to row
+computed, sorted by expert, with no host sync (see ``sorted_forward``). With expert parallelism every kept slot is written to row
 ``expert * C + location`` of an ``[E*C, M]`` buffer (dropped slots to one junk row past the end, so nothing
 needs a host sync), the buffer goes through a fixed-size ``all_to_all_single`` (rank r receives, from every
 rank of its expert-parallel group, the C rows of each of its local experts), the experts run as a batch
@@ -66,42 +66,53 @@ class _AllToAllV(torch.autograd.Function):
 
 
 class _DispatchRows(torch.autograd.Function):
-    """Token rows to the first n expert-sorted slots: ``x[order[:n] // k]``. Each token feeds k slots, so the
-    autograd of ``index_select`` sums its gradient back with ``index_add_`` (atomics, 3.6 ms a 4-layer step on
-    an H200); here the backward is a gather through the inverse permutation and a sum over the k slots:
-    deterministic, no atomics. ``inv`` is clamped to n (dropped slots read the zero row appended at n)."""
+    """Token rows to the expert-sorted slots: ``x[order // k]``. Each token feeds k slots, so the autograd of
+    ``index_select`` sums its gradient back with ``index_add_`` (atomics, 3.6 ms a 4-layer step on an H200);
+    here the backward is a gather through the inverse permutation and a sum over the k slots: deterministic, no
+    atomics.
+
+    ``dropped`` ([S*k] bool, or None when nothing can be dropped): the rows of dropped slots (sorted after every
+    expert's rows) are gathered too, so no row count has to come back to the host, but the experts never compute
+    them; the gradient the experts hand back for them is unspecified (the grouped GEMM leaves those rows
+    uninitialised: they may hold NaN), so the backward writes zero for a dropped slot (``masked_fill_``, not a
+    multiply, for that reason) instead of reading its row."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, order_n: Tensor, inv: Tensor, k: int, pad: bool) -> Tensor:
-        ctx.save_for_backward(inv)
-        ctx.k, ctx.pad, ctx.tokens = k, pad, x.shape[0]
-        return x.index_select(0, order_n // k)
+    def forward(ctx, x: Tensor, order: Tensor, inv: Tensor, k: int, dropped: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(inv, dropped)
+        ctx.k, ctx.tokens = k, x.shape[0]
+        return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (inv,) = ctx.saved_tensors
-        if ctx.pad:
-            g = torch.cat([g, g.new_zeros(1, g.shape[1])], dim=0)
-        gx = g.index_select(0, inv).view(ctx.tokens, ctx.k, g.shape[1])
+        inv, dropped = ctx.saved_tensors
+        gx = g.index_select(0, inv)
+        if dropped is not None:
+            gx.masked_fill_(dropped.unsqueeze(1), 0)
+        gx = gx.view(ctx.tokens, ctx.k, g.shape[1])
         return (gx.squeeze(1) if ctx.k == 1 else gx.sum(dim=1)), None, None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
-    """Expert-sorted rows back to slot order: ``[y; 0][inv]`` ([S*k, M], a dropped slot reads the zero row n).
-    Every kept row lands in exactly one slot, so the backward is the gather ``g[order[:n]]``, not the
-    ``index_add_`` autograd would run for ``index_select``."""
+    """Expert-sorted rows back to slot order: ``y[inv]`` ([S*k, M]), with the rows of dropped slots set to zero
+    (``dropped`` [S*k] bool, or None): the experts leave those rows unspecified (uninitialised after the grouped
+    GEMM, possibly NaN), so they are masked, not multiplied by their zero combine weight. Every row lands in
+    exactly one slot, so the backward is the gather ``g[order]``, not the ``index_add_`` autograd would run for
+    ``index_select``. The rows past the last expert's group then receive the dropped slots' gradients, which
+    the combine weights (zero there) have already made zero, and which no expert reads."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, inv: Tensor, order_n: Tensor, pad: bool) -> Tensor:
-        ctx.save_for_backward(order_n)
-        if pad:
-            y = torch.cat([y, y.new_zeros(1, y.shape[1])], dim=0)
-        return y.index_select(0, inv)
+    def forward(ctx, y: Tensor, inv: Tensor, order: Tensor, dropped: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(order)
+        out = y.index_select(0, inv)
+        if dropped is not None:
+            out.masked_fill_(dropped.unsqueeze(1), 0)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (order_n,) = ctx.saved_tensors
-        return g.index_select(0, order_n), None, None, None
+        (order,) = ctx.saved_tensors
+        return g.index_select(0, order), None, None, None
 
 
 def _inverse(perm: Tensor) -> Tensor:
@@ -148,31 +159,37 @@ def sorted_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_l
                    backend: Optional[str] = None) -> Tensor:
     """Slots sorted by expert (stable), run as contiguous groups, put back by the inverse permutation.
 
-    Dropped slots (capacity routing, one rank) go to a last bucket that is never computed and read back as a
-    zero row; sizing the kept rows is then the one host sync. The dropless path has no dropped slot and no
-    sync on one rank."""
+    Dropped slots (capacity routing, one rank only) are sorted into a last bucket past every expert. Their rows
+    are gathered with the rest and handed to the experts as trailing rows after the last group, which the experts
+    do not compute (the grouped GEMM's offsets end before them; the loop slices them off), and their outputs are
+    masked to zero on the way back. So the number of kept slots never has to reach the host: neither path syncs
+    on one rank. The extra rows are the dropped slots only."""
     S, M = x.shape
     k = r.expert.shape[1]
     E = r.num_experts
     drops = r.capacity is not None
+    if drops and ep_size != 1:
+        raise MoEError("sorted_forward runs a capacity routing on one rank only (ep_size 1); with expert "
+                       "parallelism the capacity path is capacity_forward")
     xc = x.to(compute_dtype(x))
     flat = r.expert.reshape(-1)
+    dropped = None
     if drops:
-        flat = torch.where(r.kept.reshape(-1), flat, torch.full_like(flat, E))
+        dropped = ~r.kept.reshape(-1)
+        flat = torch.where(dropped, torch.full_like(flat, E), flat)
     order = torch.argsort(flat, stable=True)
     # scatter_add, not bincount: bincount sizes its output from the input's max, a host sync on the GPU
     counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    n = S * k - int(counts[E]) if drops else S * k
-    order_n = order[:n] if drops else order
     inv = _inverse(order)
-    if drops:
-        inv = torch.clamp(inv, max=n)  # the dropped slots (sorted last) read row n: zeros
-    x_sorted = _DispatchRows.apply(xc, order_n, inv, k, drops)
+    x_sorted = _DispatchRows.apply(xc, order, inv, k, dropped)
     if ep_size == 1:
-        y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend)
+        if drops:  # the trailing rows of the dropped slots: passed only here, so other experts modules still fit
+            y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend, trailing_rows=True)
+        else:
+            y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend)
     else:
         y_sorted = _expert_parallel_sorted(x_sorted, counts[:E], experts, ep_size, ep_group, num_local, backend)
-    return _combine(_CombineRows.apply(y_sorted, inv, order_n, drops).reshape(S, k, M), r)
+    return _combine(_CombineRows.apply(y_sorted, inv, order, dropped).reshape(S, k, M), r)
 
 
 def _expert_parallel_sorted(x_sorted: Tensor, counts: Tensor, experts, ep: int, group, num_local: int,

@@ -75,6 +75,16 @@ def _mm_t(g: Tensor, w: Tensor, counts: Tensor, backend: str, sizes: Optional[li
     return torch.cat([p @ w[i] for i, p in enumerate(g.split(sizes, dim=0))], dim=0)
 
 
+def _bias_grad(g: Tensor, onehot: Tensor, counts: Tensor, backend: str, trailing_rows: bool) -> Tensor:
+    """Per group: the sum of its rows of g ([N, C] -> [G, C]), a bias gradient. As the one-hot GEMM
+    ``onehot^T @ g``, or, when g has trailing rows past the last group (which may hold NaN: the one-hot GEMM
+    would turn their 0 * NaN into NaN), as a weight-gradient grouped GEMM against 8 columns of ones (8: the
+    16-byte stride rule for bf16), which reads no row past the last group's offset. Either way one read of g."""
+    if trailing_rows:
+        return _wgrad(g, g.new_ones(g.shape[0], 8), counts, backend, None)[..., 0]
+    return onehot.t() @ g
+
+
 def _wgrad(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional[list]) -> Tensor:
     """Per group: g_g^T @ x_g -> [G, out, in] (the weight gradient; zeros for an empty group)."""
     if backend == "grouped_mm":
@@ -95,12 +105,20 @@ class GroupedFFN(torch.autograd.Function):
     the local experts' weights per layer until its backward, as autocast's cast cache does), else save the
     fp32 weights and cast them again in the backward (6 bytes of traffic per weight element, no memory).
 
+    ``trailing_rows`` (grouped_mm only; the loop slices them off before): x may hold rows after the last group
+    (the capacity path's dropped slots). No GEMM reads or writes them (the offsets end before them), so their
+    outputs and input gradients are left uninitialised (possibly NaN): the caller masks them. Elementwise work
+    (bias add, activation) runs over them harmlessly; the bias gradients are then per-group row sums
+    (``_bias_grad``) by a grouped GEMM instead of the one-hot GEMM, which would read them.
+
     x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes, keep_cast_weights=True):
+    def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes, keep_cast_weights=True,
+                trailing_rows=False):
         dt = x.dtype
-        onehot = group_onehot(counts, x.shape[0], dt) if (b1 is not None or b2 is not None) else None
+        onehot = (group_onehot(counts, x.shape[0], dt, trailing_rows) if (b1 is not None or b2 is not None)
+                  else None)
         w1c, w2c = w1.to(dt), w2.to(dt)
         h = _mm(x, w1c, counts, backend, sizes)
         # onehot is made whenever there is a bias; the second test narrows its type
@@ -116,6 +134,7 @@ class GroupedFFN(torch.autograd.Function):
         ctx.weight_dtypes = (w1.dtype, w2.dtype)
         ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes
         ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.trailing_rows = trailing_rows
         return y
 
     @staticmethod
@@ -129,20 +148,25 @@ class GroupedFFN(torch.autograd.Function):
             hh = h.detach().requires_grad_(True)
             a = act(hh)
         gw2 = _wgrad(gy, a.detach(), counts, backend, sizes).to(w2_dtype)
-        gb2 = (onehot.t() @ gy).to(w2_dtype) if ctx.has_bias[1] else None
+        trailing = ctx.trailing_rows
+        gb2 = _bias_grad(gy, onehot, counts, backend, trailing).to(w2_dtype) if ctx.has_bias[1] else None
         ga = _mm_t(gy, w2.to(dt), counts, backend, sizes)
         (gh,) = torch.autograd.grad(a, hh, ga)
         del a, hh, ga
         gw1 = _wgrad(gh, x, counts, backend, sizes).to(w1_dtype)
-        gb1 = (onehot.t() @ gh).to(w1_dtype) if ctx.has_bias[0] else None
+        gb1 = _bias_grad(gh, onehot, counts, backend, trailing).to(w1_dtype) if ctx.has_bias[0] else None
         gx = _mm_t(gh, w1.to(dt), counts, backend, sizes)
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None, None
 
 
-def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
-    """[rows, G] one-hot of each sorted row's group, built on the device (no host sync)."""
+def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype, trailing_rows: bool = False) -> Tensor:
+    """[rows, G] one-hot of each sorted row's group, built on the device (no host sync). ``trailing_rows``: rows
+    may go on past the last group (``rows - counts.sum()`` of them, counted on the device); their rows are zero."""
     G = counts.shape[0]
-    row_group = torch.repeat_interleave(torch.arange(G, device=counts.device), counts, output_size=rows)
+    if trailing_rows:  # the trailing rows as a group G, whose column is left out
+        counts = torch.cat([counts, (rows - counts.sum()).view(1)])
+    row_group = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts,
+                                        output_size=rows)
     # a comparison, not F.one_hot: nothing here may wait for the device (F.one_hot may check its input's range)
     return (row_group.unsqueeze(1) == torch.arange(G, device=counts.device)).to(dtype)
 

@@ -86,14 +86,19 @@ class Experts(nn.Module):
         return self(x.unsqueeze(0)).squeeze(0)
 
     def forward_sorted(self, x: Tensor, counts: Tensor, counts_host: Optional[list] = None,
-                       backend: Optional[str] = None) -> Tensor:
+                       backend: Optional[str] = None, trailing_rows: bool = False) -> Tensor:
         """Rows of x sorted by local expert, ``counts[i]`` rows for expert i -> outputs in the same order.
-        Every expert runs, also on 0 rows (zero gradients, not none, whatever the routing)."""
-        sizes = counts_host if counts_host is not None else counts.tolist()
+        Every expert runs, also on 0 rows (zero gradients, not none, whatever the routing). ``trailing_rows``:
+        x may go on past the last group (dropped slots); those rows are not computed and come back as zeros."""
+        sizes = list(counts_host if counts_host is not None else counts.tolist())
+        tail = x.shape[0] - sum(sizes) if trailing_rows else 0
+        parts = x.split(sizes + [tail] if tail else sizes, dim=0)
         outs = []
-        for part, expert in zip(x.split(sizes, dim=0), self.deepspeed_experts):
+        for part, expert in zip(parts, self.deepspeed_experts):
             out = expert(part)
             outs.append(out[0] if isinstance(out, tuple) else out)
+        if tail:
+            outs.append(outs[0].new_zeros((tail,) + tuple(outs[0].shape[1:])))
         return torch.cat(outs, dim=0)
 
     def expert_state_dict(self, i: int) -> dict:
@@ -147,9 +152,14 @@ class GroupedExperts(nn.Module):
         return y.reshape(n, ep, C, M).transpose(0, 1)
 
     def forward_sorted(self, x: Tensor, counts: Tensor, counts_host: Optional[list] = None,
-                       backend: Optional[str] = None) -> Tensor:
+                       backend: Optional[str] = None, trailing_rows: bool = False) -> Tensor:
         """Rows sorted by local expert (``counts`` rows each) -> outputs in the same order, through
-        ``GroupedFFN`` (grouped GEMM or a loop; see ``_gemm``)."""
+        ``GroupedFFN`` (grouped GEMM or a loop; see ``_gemm``).
+
+        ``trailing_rows``: x may go on past the last group (the capacity path's dropped slots, sorted last).
+        They are not computed: the grouped GEMM leaves their output rows uninitialised (no host sync: the row
+        count stays on the device), the loop slices them off (it needs the counts on the host anyway) and pads
+        its output with zero rows. Either way the caller must not use those rows."""
         H, M = self.weight1.shape[1], self.weight1.shape[2]
         b = _gemm.choose_backend(x, M, H, backend or self.gemm_backend)
         x = x.to(_gemm.compute_dtype(x))
@@ -158,8 +168,13 @@ class GroupedExperts(nn.Module):
             b = "loop"
         if b == "loop":
             sizes = counts_host if counts_host is not None else counts.tolist()
+            tail = x.shape[0] - sum(sizes) if trailing_rows else 0
+            if tail:
+                y = _gemm.GroupedFFN.apply(x[: x.shape[0] - tail], self.weight1, self.bias1, self.weight2,
+                                           self.bias2, counts, self._act, b, sizes, self.keep_cast_weights)
+                return F.pad(y, (0, 0, 0, tail))
         return _gemm.GroupedFFN.apply(x, self.weight1, self.bias1, self.weight2, self.bias2, counts, self._act, b,
-                                      sizes, self.keep_cast_weights)
+                                      sizes, self.keep_cast_weights, trailing_rows and b == "grouped_mm")
 
     _KEYS = (("fc.weight", "weight1"), ("fc.bias", "bias1"), ("out.weight", "weight2"), ("out.bias", "bias2"))
 

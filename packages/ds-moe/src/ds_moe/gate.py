@@ -18,6 +18,7 @@ Differences from DeepSpeed, on purpose:
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,10 +64,25 @@ def _uniform_rsample(shape, device: torch.device) -> Tensor:
 def capacity_for(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """ceil(tokens / experts * capacity_factor), at least ``min_capacity``.
 
-    Computed as DeepSpeed's ``_capacity`` does (a float32 tensor product), so the rounding at exact multiples
-    is the same. Callers pass ``capacity_factor * k`` for k > 1, as DeepSpeed's top-2 and top-k do."""
-    cap = int(torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor)).item())
+    Rounded as DeepSpeed's ``_capacity`` rounds: it multiplies ``torch.tensor(capacity_factor)`` (the default
+    dtype, float32) by the Python float ``tokens / experts``, so both are rounded to float32 and so is their
+    product, before the ceil. Done here in Python on the same float32 values (a product of two float32 values is
+    exact in a double, rounding it to float32 once is the float32 product): the same integer without building
+    a tensor and reading it back. Under another default dtype (float64 does it in doubles) torch computes it, as
+    DeepSpeed would. Callers pass ``capacity_factor * k`` for k > 1, as DeepSpeed's top-2 and top-k do."""
+    default = torch.get_default_dtype()
+    if default == torch.float32:
+        cap = math.ceil(_float32(_float32(num_tokens / num_experts) * _float32(capacity_factor)))
+    elif default == torch.float64:
+        cap = math.ceil((num_tokens / num_experts) * float(capacity_factor))
+    else:  # a CPU tensor: costs microseconds, never waits for a GPU
+        cap = int(torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor)).item())
     return max(cap, int(min_capacity))
+
+
+def _float32(v: float) -> float:
+    """v rounded to the nearest float32 (ties to even), as torch converts a Python float to float32."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 @dataclass
