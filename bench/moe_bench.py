@@ -10,7 +10,9 @@ MODE: capacity | dropless (ds-moe, top-K, E experts: the anchor's dsmoe setting 
       floor and variants, one after another, then each ds-moe row's step time over its floor's.
 Sizes as the anchor: D, E, K, CF, LAYERS, TOKENS, STEPS (env). 4 stacked MoE FFN layers (D -> 4D -> D experts,
 GELU, biases), x = x + moe(x), bf16 autocast over fp32 params, forward + backward + AdamW (fused on CUDA),
-loss = mean(out^2) + 0.01 * sum(l_aux). KEEP_CAST=0 recasts the expert weights in the backward. ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
+loss = mean(out^2) + 0.01 * sum(l_aux). KEEP_CAST=0 recasts the expert weights in the backward (the default of
+the -e64 modes; KEEP_CAST=1 keeps the forward's casts there too). DS_MOE_WGRAD_CHUNK_MB: the largest bf16 expert
+weight gradient made in one piece (default 256; the 64-expert layers' are made in chunks). ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
 ``DS_MOE_GEMM_BACKEND=loop`` forces the per-expert loop on the dropless path (grouped_mm is the CUDA default).
 
 On CUDA each ds-moe path (dropless, capacity) first checks its grouped GEMM against the loop on a small problem
@@ -100,8 +102,11 @@ def build(engine: str, s: dict):
     stack = Stack(lambda: MoE(hidden_size=D, expert=FFNExpert(D, 4 * D), num_experts=s["E"], ep_size=1, k=s["K"],
                               capacity_factor=s["CF"], eval_capacity_factor=s["CF"], min_capacity=4,
                               drop_tokens=(engine == "capacity")), L)
-    for layer in stack.layers:  # KEEP_CAST=0: recast the weights in the backward (GroupedExperts' attribute)
-        layer.deepspeed_moe.experts.keep_cast_weights = os.environ.get("KEEP_CAST", "1") != "0"
+    # KEEP_CAST=0: recast the weights in the backward (GroupedExperts' attribute); the 64-expert modes recast
+    # unless KEEP_CAST says otherwise (their peak is the weights: kept casts would hold 4 GiB more a layer)
+    keep = os.environ.get("KEEP_CAST", "0" if s["E"] >= 64 else "1") != "0"
+    for layer in stack.layers:
+        layer.deepspeed_moe.experts.keep_cast_weights = keep
     return stack
 
 

@@ -90,3 +90,24 @@ def test_capacity_single_rank_has_no_host_sync(k):
     """The capacity path on one rank: dropped slots travel as trailing rows, so no count comes back to the host."""
     syncs = _syncs_in_a_step(drop=True, k=k)
     assert not syncs, syncs[:3]
+
+
+def test_weight_gradient_in_chunks_on_the_grouped_kernel(monkeypatch):
+    """The chunked fp32 weight gradient (``wgrad_as``, a block of output rows per grouped GEMM, as the 64-expert
+    layers take it) against the whole gradient cast once, on the CUDA kernel (the chunks may take another tile
+    shape, so to one bf16 rounding), with an empty group and trailing rows."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the grouped_mm path is taken on compute capability >= 9")
+    from ds_moe import _gemm
+
+    g = torch.Generator("cuda").manual_seed(0)
+    counts = torch.tensor([700, 0, 1300, 500, 1200, 0, 300, 4], device="cuda")
+    rows = int(counts.sum()) + 96
+    gy = torch.randn(rows, 512, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 256, device="cuda", generator=g).to(torch.bfloat16)
+    whole = _gemm._wgrad(gy, x, counts, "grouped_mm", None).float()
+    monkeypatch.setattr(_gemm, "wgrad_chunk_bytes", lambda: 8 * 256 * 2 * 128)  # 128 output rows a chunk
+    got = _gemm.wgrad_as(gy, x, counts, "grouped_mm", None, torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, whole, rtol=1.6e-2, atol=1e-2)
+    assert float(got[1].abs().max()) == 0 and float(got[5].abs().max()) == 0

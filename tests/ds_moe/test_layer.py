@@ -255,3 +255,40 @@ def test_dispatch_and_combine_rows_have_exact_gradients(k, dropped):
     if dropped:
         ref[mask] = 0.0
     assert torch.equal(chain(x), ref * w)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+def test_weight_gradient_in_chunks_is_the_whole_one(monkeypatch):
+    """``wgrad_as`` makes a large 16-bit weight gradient a block of output rows at a time into the fp32 result:
+    the same values as casting the whole one (empty groups and trailing rows included)."""
+    from ds_moe import _gemm
+
+    g = torch.Generator().manual_seed(4)
+    counts = torch.tensor([5, 0, 9, 3])
+    rows = int(counts.sum()) + 4  # 4 trailing rows past the last group
+    gy = torch.randn(rows, 40, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 24, generator=g).to(torch.bfloat16)
+    whole = _gemm._wgrad(gy, x, counts, "grouped_mm", None).to(torch.float32)
+    calls = []
+    real = _gemm._wgrad
+    monkeypatch.setattr(_gemm, "_wgrad", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    monkeypatch.setattr(_gemm, "wgrad_chunk_bytes", lambda: 16 * 4 * 24 * 2)  # 16 output rows a chunk
+    got = _gemm.wgrad_as(gy, x, counts, "grouped_mm", None, torch.float32)
+    assert calls == [16, 16, 8]
+    assert got.dtype == torch.float32 and torch.equal(got, whole)
+    # the loop, and a gradient kept in its own dtype, are never chunked
+    calls.clear()
+    _gemm.wgrad_as(gy, x, counts, "grouped_mm", None, torch.bfloat16)
+    _gemm.wgrad_as(gy[:17], x[:17], counts, "loop", counts.tolist(), torch.float32)
+    assert calls == [40, 40]
+
+
+def test_weight_gradient_chunk_size_from_the_environment(monkeypatch):
+    from ds_moe import _gemm
+
+    monkeypatch.setenv("DS_MOE_WGRAD_CHUNK_MB", "64")
+    assert _gemm.wgrad_chunk_bytes() == 64 << 20
+    for bad in ("0", "-3", "1.5", "lots"):
+        monkeypatch.setenv("DS_MOE_WGRAD_CHUNK_MB", bad)
+        with pytest.raises(MoEError, match="DS_MOE_WGRAD_CHUNK_MB"):
+            _gemm.wgrad_chunk_bytes()

@@ -96,6 +96,38 @@ def _wgrad(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional[l
     return torch.stack([gp.t() @ xp for gp, xp in zip(g.split(sizes, dim=0), x.split(sizes, dim=0))])
 
 
+def wgrad_chunk_bytes() -> int:
+    """Largest 16-bit weight gradient ``wgrad_as`` makes in one piece (``DS_MOE_WGRAD_CHUNK_MB``, default 256:
+    8 experts of 2048 x 8192 stay one GEMM)."""
+    raw = os.environ.get("DS_MOE_WGRAD_CHUNK_MB", "256").strip()
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = 0
+    if mb < 1:
+        raise MoEError(f"DS_MOE_WGRAD_CHUNK_MB={raw!r} is not a positive whole number of MiB")
+    return mb << 20
+
+
+def wgrad_as(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional[list],
+             dtype: torch.dtype) -> Tensor:
+    """``_wgrad(g, x, ...).to(dtype)`` ([G, out, in]) without the whole 16-bit gradient in memory beside the fp32
+    one. torch._grouped_mm writes only its input dtype (out_dtype must match mat_a's: GroupedMMUtils.h), so a
+    gradient larger than ``wgrad_chunk_bytes()`` is made ``out`` rows at a time (a column block of g: no row
+    counts needed on the host) and copied into the preallocated fp32 result: the transient is one chunk instead
+    of the whole 16-bit gradient (64 experts of 2048 x 8192: 2 GiB). Same values: each chunk is the same
+    per-group GEMM on a slice of its output rows."""
+    G, O, In = counts.shape[0], g.shape[1], x.shape[1]
+    piece = G * In * g.element_size()  # bytes of one output row across the groups
+    step = max(8, wgrad_chunk_bytes() // piece // 8 * 8)  # multiples of 8 rows keep each slice 16-byte aligned
+    if backend != "grouped_mm" or dtype == g.dtype or step >= O:
+        return _wgrad(g, x, counts, backend, sizes).to(dtype)
+    out = torch.empty((G, O, In), dtype=dtype, device=g.device)
+    for o in range(0, O, step):
+        out[:, o:o + step].copy_(_wgrad(g[:, o:o + step], x, counts, backend, sizes))
+    return out
+
+
 class GroupedFFN(torch.autograd.Function):
     """y = act(x @ w1^T + b1) @ w2^T + b2 per expert group, memory-optimised: the forward saves x and the
     pre-activation h (both in the compute dtype) and the weights, and the backward recomputes act(h).
@@ -147,15 +179,19 @@ class GroupedFFN(torch.autograd.Function):
         with torch.enable_grad():
             hh = h.detach().requires_grad_(True)
             a = act(hh)
-        gw2 = _wgrad(gy, a.detach(), counts, backend, sizes).to(w2_dtype)
         trailing = ctx.trailing_rows
-        gb2 = _bias_grad(gy, onehot, counts, backend, trailing).to(w2_dtype) if ctx.has_bias[1] else None
         ga = _mm_t(gy, w2.to(dt), counts, backend, sizes)
         (gh,) = torch.autograd.grad(a, hh, ga)
-        del a, hh, ga
-        gw1 = _wgrad(gh, x, counts, backend, sizes).to(w1_dtype)
-        gb1 = _bias_grad(gh, onehot, counts, backend, trailing).to(w1_dtype) if ctx.has_bias[0] else None
+        del hh, ga
+        # the input gradient before the weight gradients: with recast weights (keep_cast_weights false) the
+        # 16-bit cast of w1 it needs is freed before the two fp32 weight gradients exist (64 experts: 2 GiB less
+        # at the peak, which comes at the last layer's backward, when every other gradient is there)
         gx = _mm_t(gh, w1.to(dt), counts, backend, sizes)
+        gw2 = wgrad_as(gy, a.detach(), counts, backend, sizes, w2_dtype)
+        gb2 = _bias_grad(gy, onehot, counts, backend, trailing).to(w2_dtype) if ctx.has_bias[1] else None
+        del a
+        gw1 = wgrad_as(gh, x, counts, backend, sizes, w1_dtype)
+        gb1 = _bias_grad(gh, onehot, counts, backend, trailing).to(w1_dtype) if ctx.has_bias[0] else None
         return gx, gw1, gb1, gw2, gb2, None, None, None, None, None, None
 
 
