@@ -6,7 +6,9 @@
 #   pipe    bench/pipe_gpu_overhead.py (one-stage ds-pipe against the plain loop)
 #   limits  bench/host_limits.py (triad -> CPU Adam floor, pinned PCIe)
 #   offload the 3.94 B GPT with CPU offload: DeepSpeed ZeRO-2 + offload, then ds-zero z2 + offload with the
-#           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eagersmall: eager with 1e8 chunks and
+#           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eagerauto40 / eagermeasure40: the
+#           eager step with ratio "auto" under a 40 GiB cap, planned from the default reserve / from the first
+#           step's measured peak; eagersmall: eager with 1e8 chunks and
 #           2e8 buckets, timeline recorded; eagerbf16: eager with
 #           offload_optimizer.state_dtype bf16 (opt-in 16-bit moments); spec: the default bf16 overflow check on
 #           (with speculative_step on, opt-in), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
@@ -69,6 +71,7 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           overlap) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1) ;;
           eager) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0) ;;
           eagerauto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
+          eagermeasure40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto OFFLOAD_RESERVE=measure MEM_CAP_GIB=40) ;;
           eagersmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 BUCKET=2e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_eager.json) ;;
           spec) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_SPECULATIVE=1) ;;
           specclip) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_SPECULATIVE=1 CLIP=1.0 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_specclip.json) ;;
@@ -83,7 +86,7 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
         esac
         limit=${RUN_TIMEOUT:-240}; [ "$v" = ds2off ] && limit=${DS_TIMEOUT:-300}  # DeepSpeed builds its CPU Adam
         env "${size[@]}" "${envs[@]}" timeout "$limit" torchrun --nproc_per_node 1 "${cmd[@]}" > "$OUT/off_$v.log" 2>&1
-        echo "offload $v rc=$?"; grep -E "^\[[^]]*\] world=|plan|Error" "$OUT/off_$v.log" | tail -4 | sed "s/^/$v: /" | res
+        echo "offload $v rc=$?"; grep -E "^\[[^]]*\] world=|plan|ratio 'auto'|Error" "$OUT/off_$v.log" | tail -4 | sed "s/^/$v: /" | res
         # DeepSpeed's JIT-built CPU Adam, to carry into the next call (TORCH_EXTENSIONS_DIR=$PWD/.torch_ext)
         [ "$v" = ds2off ] && [ -d "${TORCH_EXTENSIONS_DIR:-/nonexistent}" ] && tar czf "$OUT/torch_ext.tgz" -C "$TORCH_EXTENSIONS_DIR" .
       done ;;

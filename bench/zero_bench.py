@@ -13,6 +13,7 @@ With OFFLOAD=1 at z0-z2: OFFLOAD_OVERLAP=0 turns the overlapped (chunked) CPU st
 OFFLOAD_CHUNK=N its chunk size in elements (``sub_group_size``, default 1e9: one chunk per bucket shard),
 OFFLOAD_EAGER=0 turns the eager step off (chunks stepped during backward where nothing global enters the update:
 it needs BF16_CHECK=0, bf16 without the overflow check, as DeepSpeed's bf16), OFFLOAD_RATIO=r|auto the share of the optimizer state on the CPU (``offload_optimizer.ratio``; default 1),
+OFFLOAD_RESERVE=GiB|measure its ``auto_reserve_gib`` (measure: the first step's peak plans it),
 OFFLOAD_STATE_DTYPE=bf16 CPUAdam's moments in bf16 (``offload_optimizer.state_dtype``, opt-in), CLIP=x
 gradient_clipping (with it, or with the overflow check, the eager step needs OFFLOAD_SPECULATIVE=1: the opt-in
 ``speculative_step``), and
@@ -93,6 +94,9 @@ def main():
             if os.environ.get("OFFLOAD_RATIO"):
                 ratio = os.environ["OFFLOAD_RATIO"]
                 off["ratio"] = ratio if ratio == "auto" else float(ratio)
+            if os.environ.get("OFFLOAD_RESERVE"):  # ratio auto's activation reserve: GiB, or "measure"
+                reserve = os.environ["OFFLOAD_RESERVE"]
+                off["auto_reserve_gib"] = reserve if reserve == "measure" else float(reserve)
             if os.environ.get("OFFLOAD_SPECULATIVE"):  # 1: the speculative eager step (clipping/overflow check)
                 off["speculative_step"] = os.environ["OFFLOAD_SPECULATIVE"] != "0"
             if os.environ.get("OFFLOAD_STATE_DTYPE"):  # bf16: CPUAdam's moments in bf16 (stochastic rounding)

@@ -551,13 +551,13 @@ def test_timeline_written(tmp_path_factory):
 @requires_gpus(1)
 def test_gpu_pipelined_equals_synchronous(tmp_path):
     """CUDA: side streams, pinned staging and copy-out, async copies; bit for bit the synchronous step."""
-    def run(overlap, stage, ratio=1.0, offload=True, clip=CLIP, eager=True):
+    def run(overlap, stage, ratio=1.0, offload=True, clip=CLIP, eager=True, reserve=None):
         torch.manual_seed(0)
         model = make_model().cuda()
         zero = dict(SMALL)
         if offload:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "overlap_step": overlap, "ratio": ratio,
-                                         "eager_step": eager, "speculative_step": True}
+                                         "eager_step": eager, "speculative_step": True, "auto_reserve_gib": reserve}
         extra = {"bf16": {"enabled": True, "auto_cast": True, "check_grad_overflow": clip > 0},
                  "gradient_clipping": clip, "zero": zero}
         engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2),
@@ -621,6 +621,14 @@ def test_gpu_pipelined_equals_synchronous(tmp_path):
         part.offload.sync_to_host(part.optimizer)
         for a, b in zip(ref.masters.params, part.masters.params):
             torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-5, atol=1e-6)
+    # the measured plan: the first step with everything on the CPU, then (a tiny model, an H200) all of it moves
+    measured = run(True, 2, ratio="auto", reserve="measure")
+    dp = measured.masters.device_part
+    assert measured.offload.ratio == 0.0 and not measured.offload.measure_pending
+    assert dp is not None and dp.steps == STEPS - 1 and measured.masters.pipelined_steps == STEPS
+    measured.offload.sync_to_host(measured.optimizer)
+    for a, b in zip(ref.masters.params, measured.masters.params):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
 def _refresh_worker():
@@ -667,3 +675,74 @@ def test_group_grads_reads_ranges_in_place():
         grads[::2]
     with pytest.raises(TypeError, match="contiguous ranges"):
         grads[3]
+
+
+def _tail(engine, first, steps=2):
+    out = _train(engine, steps, first=first)
+    engine.offload.sync_to_host(engine.optimizer)
+    return out, [p.detach().clone() for p in engine.masters.params if p is not None], _states(engine)
+
+
+@pytest.mark.parametrize("before", [1.0, 0.75])
+def test_moving_state_to_the_device_equals_a_checkpoint_at_the_new_ratio(tmp_path, before):
+    """``move_to_device`` (what the measured plan does after the first step): bit for bit a save at the old
+    ratio and a load at the new one, then the same steps; the chunks shrink to the CPU's ranges."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        moved = _engine(2, "bf16", True, ratio=before)
+        _train(moved, 2)
+        moved.save_checkpoint(str(tmp_path), tag="c")
+        chunks_before = len(moved.masters.pipeline.chunks)
+        moved.offload.move_to_device(moved.optimizer, 0.5)
+        assert moved.offload.ratio == 0.5 and moved.masters.device_part is not None
+        assert len(moved.masters.pipeline.chunks) < chunks_before
+        split = moved.masters.device_part.split
+        assert all(c.lo >= split[c.group] for c in moved.masters.pipeline.chunks)
+        loaded = _engine(2, "bf16", True, ratio=0.5)
+        loaded.load_checkpoint(str(tmp_path), tag="c")
+        a, b = _tail(moved, 2), _tail(loaded, 2)
+        for (x, y) in zip(a[0], b[0]):
+            for key in ("masters", "params", "states"):
+                assert _equal(x[key], y[key]), key
+            assert x["losses"] == y["losses"] and x["norm"] == y["norm"]
+        assert _equal(a[1], b[1]) and _equal(a[2], b[2])
+        assert moved.masters.device_part.steps == loaded.masters.device_part.steps == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_measured_plan(monkeypatch):
+    """``auto_reserve_gib: "measure"``: only with ratio "auto"; on a CPU device ratio 1 (no device memory);
+    the arithmetic: what the capacity leaves above the measured peak, less the margin, at 12 + head-copy bytes
+    per element."""
+    from ds_zero import _offload_partial
+    from ds_zero._offload_partial import measured_ratio
+
+    with pytest.raises(ValidationError, match="measure"):
+        EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "cpu", "ratio": 0.5, "auto_reserve_gib": "measure"}}})
+    gib = 2**30
+    monkeypatch.setattr(_offload_partial, "device_free_bytes", lambda device: (0, 64 * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 20 * gib)
+    # room: 64 - 20 - 2 (1/32 of 64) = 42 GiB, 14 bytes per element with the head copy
+    total = 10 * gib
+    assert measured_ratio(torch.device("cpu"), [total // 2, total // 2], 0, 2) == 1.0 - (42 * gib // 14) / total
+    assert measured_ratio(torch.device("cpu"), [total], gib, 0) == 1.0 - (gib + 42 * gib // 12) / total
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 63 * gib)
+    assert measured_ratio(torch.device("cpu"), [total], 0, 2) == 1.0  # no room: nothing moves
+    assert measured_ratio(torch.device("cpu"), [total], gib, 2) == 1.0 - gib / total  # and nothing moves back
+    monkeypatch.undo()
+    engine = _single_engine_auto_measure()
+    assert engine.offload.ratio == 1.0 and not engine.offload.measure_pending  # CPU: nothing to measure
+    x, y = micro_batch(0, 0, 0, 1, 2, 1)
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.masters.device_part is None and engine.offload.ratio == 1.0
+
+
+def _single_engine_auto_measure():
+    model = make_model()
+    zero = dict(SMALL, offload_optimizer={"device": "cpu", "ratio": "auto", "auto_reserve_gib": "measure"})
+    cfg = base_config(2, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
+    return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)

@@ -120,7 +120,10 @@ class CPUOffload:
         self.chunk_numel = 1_000_000_000
         #: ``offload_optimizer.ratio`` (a number, or "auto" until planned) and the planner's activation reserve
         self.ratio: float | str = 1.0
-        self.auto_reserve_gib: float | None = None
+        self.auto_reserve_gib: float | str | None = None
+        #: ``auto_reserve_gib: "measure"``: the plan waits for the first step's measured peak (``replan_measured``)
+        self.measure_pending = False
+        self._template: torch.optim.Optimizer | None = None  # the user's optimizer: the device part's class
         #: ``offload_optimizer.state_dtype``: Adam's moments on the CPU in fp32 or bf16 (CPUAdam only)
         self.state_dtype = torch.float32
         #: stage 3, ``offload_param.device: "nvme"``: the directory of the shards' files (``_swap_params``); None:
@@ -285,10 +288,18 @@ class CPUOffload:
         from ._optim import rebuild_optimizer
 
         starts = None
+        self._template = template
+        if self.ratio == "auto" and self.auto_reserve_gib == "measure":
+            # the first step runs with everything on the CPU; its measured peak plans the rest (replan_measured)
+            self.ratio, self.measure_pending = 1.0, self.device.type == "cuda"
+            if not self.measure_pending:
+                logger.info("ds_zero: offload_optimizer.ratio 'auto' on %s: no device memory to plan with, ratio 1.0",
+                            self.device)
         if self.ratio != 1.0:
             sizes = [0 if p is None else p.numel() for p in masters.params]
             grad_bytes = planned_grad_bytes(masters.buckets)
-            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, self.auto_reserve_gib, self.group,
+            reserve = self.auto_reserve_gib if isinstance(self.auto_reserve_gib, (int, float)) else None
+            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, reserve, self.group,
                                        head_copy=head_copy_bytes(masters.buckets))
             if self.ratio < 1.0:
                 part = DevicePart(masters, float(self.ratio), self.device)
@@ -297,6 +308,43 @@ class CPUOffload:
                 starts = part.split
         masters.pipeline = OffloadPipeline(masters, self.chunk_numel, self.device, self.pin, self.global_rank,
                                            starts)
+
+    def replan_measured(self, optimizer) -> None:
+        """``auto_reserve_gib: "measure"``, after the first step (a quiet point: no chunk in flight): move to the
+        device as much optimizer state as the first step's measured peak leaves room for
+        (``_offload_partial.measured_ratio``), then step it there. Never moves state back: the plan only grows."""
+        if not self.measure_pending:
+            return
+        self.measure_pending = False
+        masters = self.masters
+        if masters is None or masters.pipeline is None:
+            return
+        from ._offload_partial import measured_ratio
+
+        sizes = [0 if p is None else p.numel() for p in masters.params]
+        current = masters.device_part.numel if masters.device_part is not None else 0
+        ratio = measured_ratio(self.device, sizes, current, head_copy_bytes(masters.buckets), self.group)
+        if ratio < float(self.ratio):
+            self.move_to_device(optimizer, ratio)
+
+    def move_to_device(self, optimizer, ratio: float) -> None:
+        """Step the first ``1 - ratio`` of each master on the device from now on: the current device part (if
+        any) is synced into the host copy, a larger one is built from it (masters and Adam's states, as after a
+        checkpoint load), and the pipeline's chunks shrink to the CPU's ranges. Bit for bit a save at this
+        ratio and a load at the new one."""
+        from ._offload_partial import DevicePart
+        from ._optim import rebuild_optimizer
+
+        masters = self.masters
+        if masters is None or masters.pipeline is None:
+            raise RuntimeError("offload_optimizer.ratio: the device part needs the overlapped step's pipeline")
+        if masters.device_part is not None:
+            masters.device_part.to_host(optimizer)
+        part = DevicePart(masters, float(ratio), self.device)
+        part.build_optimizer(self._template, rebuild_optimizer)
+        part.from_host(optimizer, states=True)
+        masters.pipeline.rechunk(part.split)
+        masters.device_part, self.ratio = part, float(ratio)
 
     def sync_to_host(self, optimizer) -> None:
         """``ratio`` < 1: bring the host masters and CPUAdam's states up to date from the device part (before a

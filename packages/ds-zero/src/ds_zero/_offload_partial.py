@@ -24,7 +24,9 @@ element (fp32 master, exp_avg, exp_avg_sq); that many elements stay on the devic
 step reads the reduced shards in place (no concatenation of a group's grads); only the device part's head, when
 it crosses several buckets, is concatenated at the step (2 bytes per device element, after backward: it shares
 the activations' reserve, and the plan keeps it within the free memory). The plan (bytes on the device / on the
-CPU) is logged. On a CPU device ``"auto"`` means ratio 1.
+CPU) is logged. On a CPU device ``"auto"`` means ratio 1. ``auto_reserve_gib: "measure"`` plans from a measurement instead of a reserve: the first step runs
+with the whole state on the CPU, and what the cap leaves above its peak reserved memory (less a margin) moves to
+the device (:func:`measured_ratio`, ``CPUOffload.move_to_device``: the host copy as after a checkpoint load).
 """
 
 from __future__ import annotations
@@ -99,6 +101,34 @@ def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int
                    on_device * DEVICE_BYTES_PER_ELEMENT / 2**30, device,
                    (total - on_device) * DEVICE_BYTES_PER_ELEMENT / 2**30, free / 2**30, grad_bytes / 2**30,
                    reserve / 2**30)
+    return ratio
+
+
+def measured_ratio(device: torch.device, sizes: list[int], on_device: int, head_copy: int, group=None) -> float:
+    """``auto_reserve_gib: "measure"``: the CPU share after a step whose peak was measured with ``on_device``
+    elements already on the device. The allocator's peak *reserved* memory (what the
+    ``set_per_process_memory_fraction`` cap limits, fragmentation included) is the step's real need; what the
+    cap leaves above it, less a margin (1/32 of the capacity, at least 1 GiB: the allocator's rounding and
+    later steps' variation), takes ``12 + head_copy`` bytes per more element (the state, and its share of the
+    step's head copy if the peak is the step's). The largest share any rank of ``group`` needs."""
+    total = sum(sizes)
+    _free, capacity = device_free_bytes(device)
+    peak = torch.cuda.max_memory_reserved(device)
+    margin = max(2**30, capacity // 32)
+    room = max(0, capacity - peak - margin)
+    more = room // (DEVICE_BYTES_PER_ELEMENT + head_copy)
+    keep = min(total, on_device + more)
+    ratio = 1.0 - keep / total if total else 1.0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        agreed = torch.tensor([ratio], dtype=torch.float64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+        ratio = float(agreed.item())
+    on_device_now = total - round(ratio * total)
+    logger.warning("ds_zero: offload_optimizer.ratio 'auto' measured: the first step peaked at %.2f GiB reserved of "
+                   "%.2f GiB; ratio -> %.4f: %.2f GiB of optimizer state on %s (was %.2f), %.2f GiB on the CPU",
+                   peak / 2**30, capacity / 2**30, ratio, on_device_now * DEVICE_BYTES_PER_ELEMENT / 2**30, device,
+                   on_device * DEVICE_BYTES_PER_ELEMENT / 2**30,
+                   (total - on_device_now) * DEVICE_BYTES_PER_ELEMENT / 2**30)
     return ratio
 
 

@@ -114,6 +114,7 @@ class OffloadPipeline:
     def __init__(self, masters, chunk_numel: int, device: torch.device, pin: bool, rank: int = 0,
                  starts: list[int] | None = None) -> None:
         self.masters = masters
+        self._chunk_numel = chunk_numel
         self.chunks = build_chunks(masters.buckets, chunk_numel, starts)
         self.device = device
         self.cuda = device.type == "cuda"
@@ -153,6 +154,16 @@ class OffloadPipeline:
         self._worker: ThreadPoolExecutor | None = None
         #: chunks stepped during backward in the last step (the tests read it)
         self.eager_chunks = 0
+
+    def rechunk(self, starts: list[int]) -> None:
+        """The chunks anew for a changed device part (``starts[g]``: group ``g``'s first CPU element); only
+        between steps, with nothing of a window in flight."""
+        if self._eager is not None or self._stepped or self._copied or self._failed or self._advanced:
+            raise RuntimeError("offload: the chunks can only change between steps (a window is in flight)")
+        self.chunks = build_chunks(self.masters.buckets, self._chunk_numel, starts)
+        self._by_bucket = {}
+        for chunk in self.chunks:
+            self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
 
     # -- which optimizers ---------------------------------------------------------------------------------
     def plan(self, optimizer) -> dict[int, tuple[dict, Any]] | None:

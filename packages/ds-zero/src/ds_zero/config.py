@@ -249,8 +249,10 @@ class OffloadOptimizerConfig(StrictModel):
     #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up. The
     #: host keeps the whole layout (checkpoints): it moves compute to the GPU, not memory off the host
     ratio: float | Literal["auto"] = 1.0
-    #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device memory the process may use
-    auto_reserve_gib: NonNegativeFloat | None = None
+    #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device memory the
+    #: process may use; ``"measure"`` (ds-zero's): the first step runs with everything on the CPU, and its measured
+    #: peak (the allocator's reserved memory) decides how much state then moves to the device (``_offload_partial``)
+    auto_reserve_gib: NonNegativeFloat | Literal["measure"] | None = None
     #: ds-zero's: the dtype of Adam's two moments on the CPU (``device: "cpu"``, CPUAdam). "bf16" halves their
     #: bytes (the CPU step moves 20 bytes per param instead of 28) with stochastic rounding (ds-optim's
     #: ``CPUAdam(state_dtype=torch.bfloat16)``, seeded, reproducible); opt-in: the fp32 masters stay fp32
@@ -274,6 +276,9 @@ class OffloadOptimizerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _partial(self) -> "OffloadOptimizerConfig":
+        if self.auto_reserve_gib == "measure" and self.ratio != "auto":
+            raise ValueError(f"offload_optimizer.auto_reserve_gib \"measure\" plans ratio \"auto\"; ratio is "
+                             f"{self.ratio!r}")
         if self.ratio != 1.0 and self.device != "cpu":
             raise ValueError(f"offload_optimizer.ratio {self.ratio!r} is built for device \"cpu\" (got "
                              f"{self.device!r})")

@@ -461,6 +461,9 @@ class ZeroEngine:
         self.reducer.zero_grads()
         if self.masters is not None:
             self.masters.free_grads()
+        if self.offload is not None and self.offload.measure_pending and not overflow:
+            # ratio "auto" with a measured reserve: this step's peak plans how much state moves to the device
+            self.offload.replan_measured(self.optimizer)
         self.global_steps += 1
         self.global_samples += self._train_batch
         self._time("step", t0)
