@@ -724,12 +724,12 @@ def test_measured_plan(monkeypatch):
             "device": "cpu", "ratio": 0.5, "auto_reserve_gib": "measure"}}})
     gib = 2**30
     monkeypatch.setattr(_offload_partial, "device_free_bytes", lambda device: (0, 64 * gib))
-    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 20 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * gib)
     # room: 64 - 20 - 2 (1/32 of 64) = 42 GiB, 14 bytes per element with the head copy
     total = 10 * gib
     assert measured_ratio(torch.device("cpu"), [total // 2, total // 2], 0, 2) == 1.0 - (42 * gib // 14) / total
     assert measured_ratio(torch.device("cpu"), [total], gib, 0) == 1.0 - (gib + 42 * gib // 12) / total
-    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 63 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 63 * gib)
     assert measured_ratio(torch.device("cpu"), [total], 0, 2) == 1.0  # no room: nothing moves
     assert measured_ratio(torch.device("cpu"), [total], gib, 2) == 1.0 - gib / total  # and nothing moves back
     monkeypatch.undo()

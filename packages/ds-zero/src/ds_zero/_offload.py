@@ -292,7 +292,9 @@ class CPUOffload:
         if self.ratio == "auto" and self.auto_reserve_gib == "measure":
             # the first step runs with everything on the CPU; its measured peak plans the rest (replan_measured)
             self.ratio, self.measure_pending = 1.0, self.device.type == "cuda"
-            if not self.measure_pending:
+            if self.measure_pending:  # the measurement starts here, not with what the model cost before the engine
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
                 logger.info("ds_zero: offload_optimizer.ratio 'auto' on %s: no device memory to plan with, ratio 1.0",
                             self.device)
         if self.ratio != 1.0:

@@ -25,7 +25,7 @@ step reads the reduced shards in place (no concatenation of a group's grads); on
 it crosses several buckets, is concatenated at the step (2 bytes per device element, after backward: it shares
 the activations' reserve, and the plan keeps it within the free memory). The plan (bytes on the device / on the
 CPU) is logged. On a CPU device ``"auto"`` means ratio 1. ``auto_reserve_gib: "measure"`` plans from a measurement instead of a reserve: the first step runs
-with the whole state on the CPU, and what the cap leaves above its peak reserved memory (less a margin) moves to
+with the whole state on the CPU, and what the cap leaves above its peak allocated memory (less a margin) moves to
 the device (:func:`measured_ratio`, ``CPUOffload.move_to_device``: the host copy as after a checkpoint load).
 """
 
@@ -106,14 +106,16 @@ def resolve_ratio(ratio, device: torch.device, sizes: list[int], grad_bytes: int
 
 def measured_ratio(device: torch.device, sizes: list[int], on_device: int, head_copy: int, group=None) -> float:
     """``auto_reserve_gib: "measure"``: the CPU share after a step whose peak was measured with ``on_device``
-    elements already on the device. The allocator's peak *reserved* memory (what the
-    ``set_per_process_memory_fraction`` cap limits, fragmentation included) is the step's real need; what the
-    cap leaves above it, less a margin (1/32 of the capacity, at least 1 GiB: the allocator's rounding and
-    later steps' variation), takes ``12 + head_copy`` bytes per more element (the state, and its share of the
-    step's head copy if the peak is the step's). The largest share any rank of ``group`` needs."""
+    elements already on the device. The peak allocated memory since the engine was built (its statistics are
+    reset then, ``CPUOffload``: what the model cost before the engine, an fp32 copy on the GPU, say, is not the
+    step's need; nor is the allocator's reserved memory, which keeps such blocks cached: 33.8 GiB reserved against
+    a 21.8 GiB peak for the 3.94 B GPT on the H200) is the step's need; what the capacity leaves above it, less a
+    margin (1/32 of the capacity, at least 1 GiB: the allocator's fragmentation and rounding), takes
+    ``12 + head_copy`` bytes per more element (the state, and its share of the step's head copy if the peak is
+    the step's). The largest share any rank of ``group`` needs."""
     total = sum(sizes)
     _free, capacity = device_free_bytes(device)
-    peak = torch.cuda.max_memory_reserved(device)
+    peak = torch.cuda.max_memory_allocated(device)
     margin = max(2**30, capacity // 32)
     room = max(0, capacity - peak - margin)
     more = room // (DEVICE_BYTES_PER_ELEMENT + head_copy)
@@ -124,7 +126,7 @@ def measured_ratio(device: torch.device, sizes: list[int], on_device: int, head_
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
         ratio = float(agreed.item())
     on_device_now = total - round(ratio * total)
-    logger.warning("ds_zero: offload_optimizer.ratio 'auto' measured: the first step peaked at %.2f GiB reserved of "
+    logger.warning("ds_zero: offload_optimizer.ratio 'auto' measured: the first step peaked at %.2f GiB allocated of "
                    "%.2f GiB; ratio -> %.4f: %.2f GiB of optimizer state on %s (was %.2f), %.2f GiB on the CPU",
                    peak / 2**30, capacity / 2**30, ratio, on_device_now * DEVICE_BYTES_PER_ELEMENT / 2**30, device,
                    on_device * DEVICE_BYTES_PER_ELEMENT / 2**30,
