@@ -119,6 +119,18 @@ def test_auto_placeholders_are_refused_with_their_path():
         load_config({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}})
 
 
+def test_offload_ratio_auto_is_the_planner_not_a_placeholder():
+    """``offload_optimizer.ratio: "auto"`` is ds-zero's planner (the Trainer never fills it); any other "auto"
+    beside it is still a placeholder, named by its path."""
+    off = {"device": "cpu", "ratio": "auto", "auto_reserve_gib": "measure"}
+    cfg = load_config({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": off}})
+    assert cfg.zero_optimization.offload_optimizer.ratio == "auto"
+    assert cfg.zero_optimization.offload_optimizer.auto_reserve_gib == "measure"
+    with pytest.raises(ConfigError, match=r"offload_optimizer\.auto_reserve_gib: \"auto\" is a Hugging Face"):
+        load_config({"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "cpu", "ratio": "auto", "auto_reserve_gib": "auto"}}})
+
+
 def test_duplicate_keys_in_a_file_are_an_error(tmp_path):
     path = tmp_path / "dup.json"
     path.write_text('{"train_batch_size": 8, "gradient_clipping": 1.0, "train_batch_size": 16}')

@@ -39,7 +39,7 @@ from ds_zero.config import StrictModel
 from ..optimizers import check_optimizer_params, effective_optimizer_params
 from ..schedulers import check_scheduler_params, effective_scheduler_params
 from ._monitor import CommsLoggerConfig, CSVConfig, TensorBoardConfig, WandbConfig
-from ._collect import IGNORED_KEYS, ONLY_DEFAULT as _ONLY_DEFAULT, UNSUPPORTED_KEYS, collect
+from ._collect import IGNORED_KEYS, ONLY_DEFAULT as _ONLY_DEFAULT, UNSUPPORTED_KEYS, collect, find_autos
 from ._preflight import batch_problems, preflight_problems
 
 __all__ = ["DeepSpeedConfig", "OptimizerConfig", "SchedulerConfig", "TensorBoardConfig", "CSVConfig", "WandbConfig",
@@ -63,17 +63,6 @@ class ConfigError(ValueError):
             return cls(f"invalid DeepSpeed config: {problems[0]}", problems)
         lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
         return cls(f"invalid DeepSpeed config ({len(problems)} problems):\n{lines}", problems)
-
-
-def _find_auto(value: Any, path: str) -> str | None:
-    if isinstance(value, str) and value == "auto":
-        return path
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            found = _find_auto(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    return None
 
 
 def _disabled(section: Any) -> bool:
@@ -162,9 +151,9 @@ class DeepSpeedConfig(EngineConfig):
     def _refuse_unbuilt(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
-        auto = _find_auto(data, "")
-        if auto:
-            raise ValueError(f"{auto}: \"auto\" is a Hugging Face Trainer placeholder (the Trainer replaces it); "
+        autos = find_autos(data)
+        if autos:
+            raise ValueError(f"{autos[0]}: \"auto\" is a Hugging Face Trainer placeholder (the Trainer replaces it); "
                              "give the value itself")
         for key, value in data.items():
             if key in cls.model_fields:  # built by now (ds-zero may grow a section listed here)

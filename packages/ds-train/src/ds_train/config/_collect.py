@@ -111,12 +111,17 @@ def _disabled(section: Any) -> bool:
     return isinstance(section, Mapping) and section.get("enabled") is False
 
 
-def _find_auto(value: Any, path: str, out: list[str]) -> None:
+#: keys whose value "auto" is ds-zero's own setting, not a Trainer placeholder (the offload planner)
+AUTO_VALUED_KEYS = frozenset({"zero_optimization.offload_optimizer.ratio"})
+
+
+def find_autos(value: Any, path: str = "") -> list[str]:
+    """The paths of every Hugging Face Trainer ``"auto"`` placeholder in a config (``AUTO_VALUED_KEYS`` aside)."""
     if isinstance(value, str) and value == "auto":
-        out.append(path)
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            _find_auto(v, f"{path}.{k}" if path else str(k), out)
+        return [] if path in AUTO_VALUED_KEYS else [path]
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in find_autos(v, f"{path}.{k}" if path else str(k))]
+    return []
 
 
 def _delete(data: dict, path: str) -> None:
@@ -165,9 +170,7 @@ class _Collector:
                                   f"{json.dumps(ONLY_DEFAULT[key])})", root=True)
                 del data[key]
         self._offload()
-        autos: list[str] = []
-        _find_auto(data, "", autos)
-        for path in autos:
+        for path in find_autos(data):
             self.add(path, f"{path}: {_AUTO_HINT}", root=False)
             _delete(data, path)
             self._taint(path)
