@@ -746,3 +746,60 @@ def _single_engine_auto_measure():
     zero = dict(SMALL, offload_optimizer={"device": "cpu", "ratio": "auto", "auto_reserve_gib": "measure"})
     cfg = base_config(2, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
     return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+
+
+def _measured_worker(tmp):
+    """``auto_reserve_gib: "measure"`` on 2 ranks (forced on the CPU device, the memory readings stubbed): the
+    ranks measure different room, agree on the largest CPU share, and move in lockstep after the first step that
+    is not skipped (an fp16 overflow on rank 1 skips step 0); then bit for bit a save at ratio 1 after that step
+    and a load at the agreed ratio."""
+    from ds_zero import _offload_partial
+
+    rank = dist.get_rank()
+    gib = 2**30
+    calls = []
+
+    def measured(engine):
+        real = _offload_partial.measured_ratio
+
+        def counted(*args, **kwargs):
+            calls.append(engine.global_steps)
+            return real(*args, **kwargs)
+        return counted
+
+    eng = _engine(2, "fp16", True)
+    eng.offload.measure_pending = True  # what ratio "auto" + "measure" sets on a CUDA device
+    total = sum(p.numel() for p in eng.masters.params if p is not None)
+    # rank 0 has room for 3/4 of its elements, rank 1 for 1/2: every rank moves 1/2 (ratio 0.5)
+    room = (total * 3 // 4 if rank == 0 else total // 2) * (12 + 2)
+    _offload_partial.device_free_bytes = lambda device: (0, gib + room)
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    # replan_measured imports measured_ratio from its module at call time: the counted one
+    _offload_partial.measured_ratio = measured(eng)
+
+    first = _train(eng, 2, inf_at=(0, 1))
+    out = {"skipped": [r["skipped"] for r in first], "calls": list(calls), "ratio": eng.offload.ratio,
+           "pending": eng.offload.measure_pending,
+           "split": None if eng.masters.device_part is None else eng.masters.device_part.split}
+    moved = _train(eng, 2, first=2)
+    out["device_steps"] = eng.masters.device_part.steps if eng.masters.device_part is not None else None
+
+    ref = _engine(2, "fp16", True)
+    _train(ref, 2, inf_at=(0, 1))
+    ref.save_checkpoint(tmp, tag="m")
+    loaded = _engine(2, "fp16", True, ratio=out["ratio"])
+    loaded.load_checkpoint(tmp, tag="m")
+    again = _train(loaded, 2, first=2)
+    out["equal"] = all(_equal(a[k], b[k]) for a, b in zip(moved, again) for k in ("masters", "params", "states"))
+    out["losses"] = [a["losses"] == b["losses"] and a["norm"] == b["norm"] for a, b in zip(moved, again)]
+    return out
+
+
+def test_measured_plan_moves_in_lockstep_on_every_rank(tmp_path):
+    outs = run_distributed(_measured_worker, 2, str(tmp_path), timeout=180)
+    for rank, out in enumerate(outs):
+        assert out["skipped"] == [True, False], (rank, out)
+        assert out["calls"] == [1] and not out["pending"], (rank, out)  # after the first step not skipped
+        assert out["ratio"] == 0.5 and out["split"] is not None and any(s > 0 for s in out["split"]), (rank, out)
+        assert out["device_steps"] == 2, (rank, out)
+        assert out["equal"] and all(out["losses"]), (rank, out)

@@ -115,8 +115,10 @@ def wgrad_as(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional
     one. torch._grouped_mm writes only its input dtype (out_dtype must match mat_a's: GroupedMMUtils.h), so a
     gradient larger than ``wgrad_chunk_bytes()`` is made ``out`` rows at a time (a column block of g: no row
     counts needed on the host) and copied into the preallocated fp32 result: the transient is one chunk instead
-    of the whole 16-bit gradient (64 experts of 2048 x 8192: 2 GiB). Same values: each chunk is the same
-    per-group GEMM on a slice of its output rows."""
+    of the whole 16-bit gradient (64 experts of 2048 x 8192: 2 GiB). Each chunk is the same per-group GEMM on a
+    slice of its output rows: equal bit for bit on torch's per-group fallback (tests/ds_moe/test_layer.py); the
+    CUDA kernel may take another tile shape (or K split) for a chunk's shape, so there it may differ from the
+    whole one in the bf16 rounding (tests/ds_moe/test_gpu.py compares to bf16 tolerance)."""
     G, O, In = counts.shape[0], g.shape[1], x.shape[1]
     piece = G * In * g.element_size()  # bytes of one output row across the groups
     step = max(8, wgrad_chunk_bytes() // piece // 8 * 8)  # multiples of 8 rows keep each slice 16-byte aligned

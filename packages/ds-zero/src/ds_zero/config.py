@@ -250,8 +250,9 @@ class OffloadOptimizerConfig(StrictModel):
     #: host keeps the whole layout (checkpoints): it moves compute to the GPU, not memory off the host
     ratio: float | Literal["auto"] = 1.0
     #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device memory the
-    #: process may use; ``"measure"`` (ds-zero's): the first step runs with everything on the CPU, and its measured
-    #: peak (the allocator's reserved memory) decides how much state then moves to the device (``_offload_partial``)
+    #: process may use; ``"measure"`` (ds-zero's, CUDA; ratio 1 on a CPU device): the first step that is not
+    #: skipped runs with everything on the CPU, and its peak allocated memory (the engine resets CUDA's peak
+    #: statistics when it is built) decides how much state then moves to the device (``_offload_partial``)
     auto_reserve_gib: NonNegativeFloat | Literal["measure"] | None = None
     #: ds-zero's: the dtype of Adam's two moments on the CPU (``device: "cpu"``, CPUAdam). "bf16" halves their
     #: bytes (the CPU step moves 20 bytes per param instead of 28) with stochastic rounding (ds-optim's
