@@ -33,7 +33,7 @@ SMALL = {"reduce_bucket_size": 300, "sub_group_size": 70}
 
 
 def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0, eager=True, check=True,
-            speculative=True):
+            speculative=True, optimizer_cls=torch.optim.AdamW):
     model = make_model()
     zero = dict(SMALL)
     if offload:
@@ -44,7 +44,7 @@ def _engine(stage, dtype, offload, overlap=True, ga=GA, clip=CLIP, ratio=1.0, ea
         extra[dtype]["check_grad_overflow"] = False
     if dtype == "fp16":
         extra[dtype].update(initial_scale_power=8, hysteresis=1)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-2)
+    optimizer = optimizer_cls(param_groups(model), lr=1e-2)
     return ds_zero.ZeroEngine(model, optimizer, base_config(stage, 2, ga, **copy.deepcopy(extra)))
 
 
@@ -803,3 +803,82 @@ def test_measured_plan_moves_in_lockstep_on_every_rank(tmp_path):
         assert out["ratio"] == 0.5 and out["split"] is not None and any(s > 0 for s in out["split"]), (rank, out)
         assert out["device_steps"] == 2, (rank, out)
         assert out["equal"] and all(out["losses"]), (rank, out)
+
+
+def test_moved_states_load_into_the_device_optimizers_own_buffers(tmp_path, monkeypatch):
+    """``move_to_device`` with a ds-optim device optimizer (the template FusedAdamW): the host's Adam states of the
+    moved range are copied straight into that optimizer's flat state buffers, and ``load_state_dict`` receives those
+    buffers themselves. torch's ``load_state_dict`` casts every state to its param's device: handed host copies,
+    it made a second device copy of both moments (8 bytes per moved element beside the 12 the move adds, at once),
+    which could run out of memory a move the measured plan had sized to fit. The values are the host's, bit for
+    bit, and the moved engine then steps as one loaded from a checkpoint at the new ratio."""
+    torch.set_num_threads(1)
+    seen = []
+    real = ds_optim.FusedAdam.load_state_dict
+
+    def spy(self, state_dict):
+        seen.append((self, state_dict))
+        return real(self, state_dict)
+    monkeypatch.setattr(ds_optim.FusedAdam, "load_state_dict", spy)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        moved = _engine(2, "bf16", True, optimizer_cls=ds_optim.FusedAdamW)
+        _train(moved, 2)
+        moved.save_checkpoint(str(tmp_path), tag="c")
+        seen.clear()
+        moved.offload.move_to_device(moved.optimizer, 0.5)
+        part = moved.masters.device_part
+        loads = [sd for opt, sd in seen if opt is part.optimizer]
+        assert len(loads) == 1 and loads[0]["state"], seen
+        flats = [b.states for buckets in part.optimizer._buckets for b in buckets]
+        for index, st in loads[0]["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                ptr = st[name].untyped_storage().data_ptr()
+                assert any(ptr == f[name].untyped_storage().data_ptr() for f in flats), (index, name)
+        for gi, head in enumerate(part.params):
+            if head is None:
+                continue
+            host = moved.optimizer.state[moved.masters.params[gi]]
+            s = part.split[gi]
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(part.optimizer.state[head][name].reshape(-1), host[name].reshape(-1)[:s])
+            assert float(part.optimizer.state[head]["step"]) == float(host["step"]) == 2
+        seen.clear()
+        loaded = _engine(2, "bf16", True, ratio=0.5, optimizer_cls=ds_optim.FusedAdamW)
+        loaded.load_checkpoint(str(tmp_path), tag="c")
+        a, b = _tail(moved, 2), _tail(loaded, 2)
+        assert _equal(a[1], b[1]) and _equal(a[2], b[2])
+        assert all(x["losses"] == y["losses"] for x, y in zip(a[0], b[0]))
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_gpus(1)
+def test_gpu_move_to_device_makes_no_second_copy_of_the_states():
+    """CUDA: what ``move_to_device`` allocates on the device at its peak, with a ds-optim device optimizer: the
+    device head (4 bytes per moved element) once more in the optimizer's flat params while it is built, and the
+    two moments, 16 bytes per element at most. A second device copy of the moments (torch's load casting host
+    copies to the device, 20 bytes per element) fails it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).cuda()
+    zero = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    cfg = base_config(2, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
+    engine = ds_zero.ZeroEngine(model, lambda params: ds_optim.FusedAdamW(params, lr=1e-3), cfg)
+
+    def step():
+        x = torch.randn(2, 1024, device="cuda")
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    engine.offload.move_to_device(engine.optimizer, 0.0)
+    torch.cuda.synchronize()
+    grown = torch.cuda.max_memory_allocated() - base
+    n = engine.masters.device_part.numel
+    assert n == sum(p.numel() for p in engine.masters.params if p is not None) > 4 * 2**20
+    assert grown <= 16 * n + 2**20, (grown, n)
+    step()
+    assert engine.masters.device_part.steps == 1

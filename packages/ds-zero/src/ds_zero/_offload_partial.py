@@ -234,18 +234,39 @@ class DevicePart:
                 head.data.copy_(self.masters.params[gi].data[:self.split[gi]])
         if self.optimizer is None or not states:
             return
-        sd = self.optimizer.state_dict()
         loaded: dict[int, dict] = {}
+        groups: list[dict] = []
         order = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for group in self.optimizer.param_groups:  # torch's state_dict layout, without its copies of the states
+            start = sum(len(g["params"]) for g in groups)
+            groups.append({k: v for k, v in group.items() if k != "params"})
+            groups[-1]["params"] = list(range(start, start + len(group["params"])))
         for index, head in enumerate(order):
             gi = next(g for g, p in enumerate(self.params) if p is head)
             cpu_state = cpu_optimizer.state.get(self.masters.params[gi])
             if not cpu_state:
                 continue
             s = self.split[gi]
-            loaded[index] = {"step": cpu_state["step"].detach().clone().reshape(()).cpu(),
-                             "exp_avg": cpu_state["exp_avg"].reshape(-1)[:s].float().clone(),
-                             "exp_avg_sq": cpu_state["exp_avg_sq"].reshape(-1)[:s].float().clone()}
+            loaded[index] = {"step": cpu_state["step"].detach().clone().reshape(()).cpu()}
+            for name in ("exp_avg", "exp_avg_sq"):
+                loaded[index][name] = self._state_for_load(head, name, cpu_state[name].reshape(-1)[:s])
         if loaded:
-            sd["state"] = loaded
-            self.optimizer.load_state_dict(sd)
+            self.optimizer.load_state_dict({"state": loaded, "param_groups": groups})
+
+    def _state_for_load(self, head: torch.nn.Parameter, name: str, host: torch.Tensor) -> torch.Tensor:
+        """What ``load_state_dict`` gets for ``head``'s state ``name`` (``host``: CPUAdam's range). A ds-optim
+        optimizer holds its states in flat buffers made with it: ``host`` is copied straight into its slot there,
+        and that slot is handed over, which torch's cast to the param's device then leaves as it is (else the
+        load made a device copy of both moments beside the buffers: 8 bytes per moved element on top of the 12 the
+        move adds, at once, enough to run a move that fits out of memory). Any other optimizer gets a host copy
+        (its load makes the device state from it; on a CPU device it must not alias CPUAdam's)."""
+        from ds_optim._flat import FlatBucket
+
+        for buckets in getattr(self.optimizer, "_buckets", ()):
+            for bucket in buckets:
+                i = bucket.index.get(head) if isinstance(bucket, FlatBucket) else None
+                if i is not None and bucket.states[name].dtype == torch.float32:
+                    slot = bucket.state_view(name, i)
+                    slot.copy_(host.view(slot.shape))
+                    return slot
+        return host.float().clone()
