@@ -861,7 +861,8 @@ def test_gpu_move_to_device_makes_no_second_copy_of_the_states():
     copies to the device, 20 bytes per element) fails it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).cuda()
-    zero = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    zero = {"reduce_bucket_size": 2**21, "allgather_bucket_size": 2**22,  # a group of several buckets
+            "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     cfg = base_config(2, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
     engine = ds_zero.ZeroEngine(model, lambda params: ds_optim.FusedAdamW(params, lr=1e-3), cfg)
 
