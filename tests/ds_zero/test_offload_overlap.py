@@ -249,11 +249,11 @@ def test_chunks_cover_every_shard_in_bucket_order():
         build_chunks(engine.buckets, 0)
 
 
-def _single_engine(stage=2, overlap=True):
+def _single_engine(stage=2, overlap=True, ratio=1.0, optimizer=torch.optim.AdamW):
     model = make_model()
-    zero = dict(SMALL, offload_optimizer={"device": "cpu", "overlap_step": overlap})
+    zero = dict(SMALL, offload_optimizer={"device": "cpu", "overlap_step": overlap, "ratio": ratio})
     cfg = base_config(stage, 2, 1, **{"bf16": {"enabled": True, "auto_cast": True}, "zero": zero})
-    return ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), cfg)
+    return ds_zero.ZeroEngine(model, optimizer(param_groups(model), lr=1e-2), cfg)
 
 
 def _eager_engine():
@@ -425,7 +425,7 @@ def test_partial_offload_equals_no_offload(tmp_path_factory, ratio):
     for rank, res in enumerate(_results(tmp_path_factory)):
         r = res[("ratio", ratio)]
         ev = r["evidence"]
-        # the device share: the first round((1 - ratio) * n) elements of each group's master
+        # the device share: the last round((1 - ratio) * n) elements of each group's master
         assert ev["split"] == [n - round(ratio * n) for n in ev["sizes"]] and all(0 < s < n for s, n in
                                                                                    zip(ev["split"], ev["sizes"]))
         skipped = [p["skipped"] for p in r["piped"]]
@@ -439,9 +439,9 @@ def test_partial_offload_equals_no_offload(tmp_path_factory, ratio):
             assert _close(a["masters"], p["masters"]), (rank, i)
             assert _close(a["states"], p["states"], rtol=1e-4, atol=1e-9), (rank, i)
             assert _close(a["params"], p["params"], rtol=1e-2, atol=1e-3), (rank, i)
-            # the device head is the reference's own optimizer (torch AdamW) on the same values: bit for bit
+            # the device tail is the reference's own optimizer (torch AdamW) on the same values: bit for bit
             for master_ref, master, s in zip(a["masters"], p["masters"], ev["split"]):
-                assert torch.equal(master_ref[:s], master[:s]), (rank, i)
+                assert torch.equal(master_ref[master.numel() - s:], master[master.numel() - s:]), (rank, i)
 
 
 def test_partial_offload_resume(tmp_path_factory):
@@ -472,24 +472,58 @@ def test_ratio_config_and_planner():
     assert plan_ratio(free_bytes=10, reserve_bytes=50, total_elements=400) == 1.0  # nothing fits
     assert resolve_ratio("auto", torch.device("cpu"), [10, 20], 0, None) == 1.0  # no device memory to plan with
     assert resolve_ratio(0.3, torch.device("cpu"), [10, 20], 0, None) == 0.3
-    # the step's head concatenation (2 bytes per device element) shares the activations' reserve: it binds only
-    # when the reserve is smaller than it
-    assert plan_ratio(free_bytes=100 * per + 300, reserve_bytes=300, total_elements=400, head_copy=2) == 0.75
-    assert plan_ratio(free_bytes=100 * per + 50, reserve_bytes=50, total_elements=400, head_copy=2) == 1 - 89 / 400
-    assert plan_ratio(free_bytes=100 * (per + 2), reserve_bytes=0, total_elements=400, head_copy=2) == 0.75
     assert plan_ratio(free_bytes=100 * per + 70, reserve_bytes=50, total_elements=400, grad_bytes=20) == 0.75
-    # the gradient memory kept free: the 16-bit grads only (the step reads the reduced shards in place); the head
-    # copy is counted where a param group has several buckets
-    from ds_zero._offload import head_copy_bytes, planned_grad_bytes
+    # the gradient memory kept free: the 16-bit grads only (the step reads the reduced shards in place, the device
+    # part too: see test_device_part_is_the_tail_read_in_place)
+    from ds_zero._offload import planned_grad_bytes
 
     engine = _single_engine()
-    buckets = engine.buckets
-    multi = {b.group_index for b in buckets} - {b.group_index for b in buckets
-                                                if sum(c.group_index == b.group_index for c in buckets) == 1}
+    assert planned_grad_bytes(engine.buckets) == 2 * sum(b.padded_numel for b in engine.buckets)
+
+
+def test_device_part_is_the_tail_read_in_place():
+    """ratio < 1: the device steps the last elements of each master (the buckets backward reduces last), one
+    param per bucket piece, each its own group in the device optimizer, stepped from a view of its bucket's
+    reduced shard (no gradient copy); the CPU chunks cover exactly the rest, the buckets reduced first."""
+    import ds_optim
+
+    engine = _single_engine(ratio=0.5, optimizer=ds_optim.FusedAdamW)
+    m = engine.masters
+    dp = m.device_part
+    assert dp is not None
+    multi = [gi for gi in range(len(m.params))
+             if sum(b.group_index == gi for b in engine.buckets) > 1 and m.params[gi] is not None]
     assert multi, "the case needs a param group of several buckets"
-    assert planned_grad_bytes(buckets) == 2 * sum(b.padded_numel for b in buckets)
-    assert head_copy_bytes(buckets) == 2
-    assert head_copy_bytes([b for b in buckets if b.group_index not in multi]) == 0
+    assert len(dp.optimizer.param_groups) == len(dp.pieces) > len([p for p in m.params if p is not None])
+    for gi, master in enumerate(m.params):
+        if master is None:
+            continue
+        n = master.numel()
+        cpu = sorted((c.lo, c.hi) for c in m.pipeline.chunks if c.group == gi)
+        dev = sorted((p.lo, p.hi) for p in dp.pieces if p.group == gi)
+        assert dp.start[gi] == n - dp.split[gi] and 0 < dp.split[gi] < n
+        spans = cpu + dev
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(hi <= dp.start[gi] for _, hi in cpu) and all(lo >= dp.start[gi] for lo, _ in dev)
+        cpu_buckets = {c.bucket.index for c in m.pipeline.chunks if c.group == gi and c.lo < dp.start[gi]}
+        dev_buckets = {p.bucket.index for p in dp.pieces if p.group == gi and p.lo > p.bucket.master_offset}
+        assert not dev_buckets or max(cpu_buckets) <= min(dev_buckets)  # the CPU gets the buckets reduced first
+    # the device step reads views of the reduced shards: record what its optimizer is handed
+    seen = []
+    real = dp._stepper.step
+
+    def spy(optimizer, grads, scale):
+        seen.extend(grads)
+        return real(optimizer, grads, scale)
+    dp._stepper.step = spy
+    x, y = micro_batch(0, 0, 0, 1, 2, 1)
+    engine.backward(engine(x, y))
+    reduced = {b.index: b.reduced for b in engine.buckets}
+    engine.step()
+    assert len(seen) == len(dp.pieces)
+    for g, piece in zip(seen, dp.pieces):
+        shard = reduced[piece.bucket.index]
+        assert g.untyped_storage().data_ptr() == shard.untyped_storage().data_ptr()
 
 
 def test_partial_offload_follows_the_lr_scheduler():
@@ -519,7 +553,8 @@ def test_partial_offload_follows_the_lr_scheduler():
     assert dp is not None and dp.steps == 3
     assert part.get_lr() == ref.get_lr() and part.get_lr()[0] < 1e-2 / 6
     for a, b, s in zip(ref.masters.params, part.masters.params, dp.split):
-        assert torch.equal(a.detach()[:s], b.detach()[:s])  # the head: the same optimizer, the same lr
+        t = a.numel() - s
+        assert torch.equal(a.detach()[t:], b.detach()[t:])  # the device tail: the same optimizer, the same lr
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -697,8 +732,8 @@ def test_moving_state_to_the_device_equals_a_checkpoint_at_the_new_ratio(tmp_pat
         moved.offload.move_to_device(moved.optimizer, 0.5)
         assert moved.offload.ratio == 0.5 and moved.masters.device_part is not None
         assert len(moved.masters.pipeline.chunks) < chunks_before
-        split = moved.masters.device_part.split
-        assert all(c.lo >= split[c.group] for c in moved.masters.pipeline.chunks)
+        start = moved.masters.device_part.start
+        assert all(c.hi <= start[c.group] for c in moved.masters.pipeline.chunks)
         loaded = _engine(2, "bf16", True, ratio=0.5)
         loaded.load_checkpoint(str(tmp_path), tag="c")
         a, b = _tail(moved, 2), _tail(loaded, 2)
@@ -714,8 +749,8 @@ def test_moving_state_to_the_device_equals_a_checkpoint_at_the_new_ratio(tmp_pat
 
 def test_measured_plan(monkeypatch):
     """``auto_reserve_gib: "measure"``: only with ratio "auto"; on a CPU device ratio 1 (no device memory);
-    the arithmetic: what the capacity leaves above the measured peak, less the margin, at 12 + head-copy bytes
-    per element."""
+    the arithmetic: what the capacity leaves above the measured peak, less the margin, at 12 bytes per element
+    (the device part steps from views of the reduced shards: no gradient copy to plan for)."""
     from ds_zero import _offload_partial
     from ds_zero._offload_partial import measured_ratio
 
@@ -725,13 +760,13 @@ def test_measured_plan(monkeypatch):
     gib = 2**30
     monkeypatch.setattr(_offload_partial, "device_free_bytes", lambda device: (0, 64 * gib))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * gib)
-    # room: 64 - 20 - 2 (1/32 of 64) = 42 GiB, 14 bytes per element with the head copy
+    # room: 64 - 20 - 2 (1/32 of 64) = 42 GiB, 12 bytes per element
     total = 10 * gib
-    assert measured_ratio(torch.device("cpu"), [total // 2, total // 2], 0, 2) == 1.0 - (42 * gib // 14) / total
-    assert measured_ratio(torch.device("cpu"), [total], gib, 0) == 1.0 - (gib + 42 * gib // 12) / total
+    assert measured_ratio(torch.device("cpu"), [total // 2, total // 2], 0) == 1.0 - (42 * gib // 12) / total
+    assert measured_ratio(torch.device("cpu"), [total], gib) == 1.0 - (gib + 42 * gib // 12) / total
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 63 * gib)
-    assert measured_ratio(torch.device("cpu"), [total], 0, 2) == 1.0  # no room: nothing moves
-    assert measured_ratio(torch.device("cpu"), [total], gib, 2) == 1.0 - gib / total  # and nothing moves back
+    assert measured_ratio(torch.device("cpu"), [total], 0) == 1.0  # no room: nothing moves
+    assert measured_ratio(torch.device("cpu"), [total], gib) == 1.0 - gib / total  # and nothing moves back
     monkeypatch.undo()
     engine = _single_engine_auto_measure()
     assert engine.offload.ratio == 1.0 and not engine.offload.measure_pending  # CPU: nothing to measure
@@ -771,7 +806,7 @@ def _measured_worker(tmp):
     eng.offload.measure_pending = True  # what ratio "auto" + "measure" sets on a CUDA device
     total = sum(p.numel() for p in eng.masters.params if p is not None)
     # rank 0 has room for 3/4 of its elements, rank 1 for 1/2: every rank moves 1/2 (ratio 0.5)
-    room = (total * 3 // 4 if rank == 0 else total // 2) * (12 + 2)
+    room = (total * 3 // 4 if rank == 0 else total // 2) * 12
     _offload_partial.device_free_bytes = lambda device: (0, gib + room)
     torch.cuda.max_memory_allocated = lambda device=None: 0
     # replan_measured imports measured_ratio from its module at call time: the counted one
@@ -835,14 +870,12 @@ def test_moved_states_load_into_the_device_optimizers_own_buffers(tmp_path, monk
             for name in ("exp_avg", "exp_avg_sq"):
                 ptr = st[name].untyped_storage().data_ptr()
                 assert any(ptr == f[name].untyped_storage().data_ptr() for f in flats), (index, name)
-        for gi, head in enumerate(part.params):
-            if head is None:
-                continue
-            host = moved.optimizer.state[moved.masters.params[gi]]
-            s = part.split[gi]
+        for piece in part.pieces:
+            host = moved.optimizer.state[moved.masters.params[piece.group]]
             for name in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(part.optimizer.state[head][name].reshape(-1), host[name].reshape(-1)[:s])
-            assert float(part.optimizer.state[head]["step"]) == float(host["step"]) == 2
+                assert torch.equal(part.optimizer.state[piece.param][name].reshape(-1),
+                                   host[name].reshape(-1)[piece.lo:piece.hi])
+            assert float(part.optimizer.state[piece.param]["step"]) == float(host["step"]) == 2
         seen.clear()
         loaded = _engine(2, "bf16", True, ratio=0.5, optimizer_cls=ds_optim.FusedAdamW)
         loaded.load_checkpoint(str(tmp_path), tag="c")

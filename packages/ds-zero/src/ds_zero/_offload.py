@@ -45,8 +45,9 @@ with the same kernel on the same ranges, so the result is bit for bit the synchr
 D2H copies of a bucket start in backward as soon as its last reduce-scatter of the window completes. With
 ``overlap_step: false``, or an optimizer other than CPUAdam, the step is synchronous (steps 3 and 4 above).
 
-**Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the first ``1 - ratio``
-of each master is stepped on the device by the template's class, the rest by CPUAdam in the overlapped step.
+**Partial offload** (``offload_optimizer.ratio`` < 1 or ``"auto"``; ``_offload_partial``): the last ``1 - ratio``
+of each master (the buckets backward reduces last) is stepped on the device by the template's class, the rest by
+CPUAdam in the overlapped step.
 
 **Eager step** (``offload_optimizer.eager_step``, default true, stage 2): each chunk steps on the CPU during
 backward as soon as its gradients land (``_offload_pipeline``), bit for bit the step after backward. Where
@@ -287,7 +288,7 @@ class CPUOffload:
         from ._offload_pipeline import OffloadPipeline
         from ._optim import rebuild_optimizer
 
-        starts = None
+        ends = None
         self._template = template
         if self.ratio == "auto" and self.auto_reserve_gib == "measure":
             # the first step runs with everything on the CPU; its measured peak plans the rest (replan_measured)
@@ -301,15 +302,14 @@ class CPUOffload:
             sizes = [0 if p is None else p.numel() for p in masters.params]
             grad_bytes = planned_grad_bytes(masters.buckets)
             reserve = self.auto_reserve_gib if isinstance(self.auto_reserve_gib, (int, float)) else None
-            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, reserve, self.group,
-                                       head_copy=head_copy_bytes(masters.buckets))
+            self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, reserve, self.group)
             if self.ratio < 1.0:
                 part = DevicePart(masters, float(self.ratio), self.device)
                 part.build_optimizer(template, rebuild_optimizer)
                 masters.device_part = part
-                starts = part.split
+                ends = part.start
         masters.pipeline = OffloadPipeline(masters, self.chunk_numel, self.device, self.pin, self.global_rank,
-                                           starts)
+                                           ends)
 
     def replan_measured(self, optimizer) -> None:
         """``auto_reserve_gib: "measure"``, after the first step (a quiet point: no chunk in flight): move to the
@@ -325,12 +325,12 @@ class CPUOffload:
 
         sizes = [0 if p is None else p.numel() for p in masters.params]
         current = masters.device_part.numel if masters.device_part is not None else 0
-        ratio = measured_ratio(self.device, sizes, current, head_copy_bytes(masters.buckets), self.group)
+        ratio = measured_ratio(self.device, sizes, current, self.group)
         if ratio < float(self.ratio):
             self.move_to_device(optimizer, ratio)
 
     def move_to_device(self, optimizer, ratio: float) -> None:
-        """Step the first ``1 - ratio`` of each master on the device from now on: the current device part (if
+        """Step the last ``1 - ratio`` of each master on the device from now on: the current device part (if
         any) is synced into the host copy, a larger one is built from it (masters and Adam's states, as after a
         checkpoint load), and the pipeline's chunks shrink to the CPU's ranges. Bit for bit a save at this
         ratio and a load at the new one."""
@@ -345,7 +345,7 @@ class CPUOffload:
         part = DevicePart(masters, float(ratio), self.device)
         part.build_optimizer(self._template, rebuild_optimizer)
         part.from_host(optimizer, states=True)
-        masters.pipeline.rechunk(part.split)
+        masters.pipeline.rechunk(part.start)
         masters.device_part, self.ratio = part, float(ratio)
 
     def sync_to_host(self, optimizer) -> None:
@@ -371,13 +371,6 @@ def planned_grad_bytes(buckets) -> int:
     return 2 * sum(b.padded_numel for b in buckets)
 
 
-def head_copy_bytes(buckets) -> int:
-    """Bytes per device-stepped element of the step's concatenation of the device part's grads: 2 when a param
-    group has several buckets (its head may cross them, ``DevicePart.step``), else 0 (a view)."""
-    per_group: dict[int, int] = {}
-    for b in buckets:
-        per_group[b.group_index] = per_group.get(b.group_index, 0) + 1
-    return 2 if any(n > 1 for n in per_group.values()) else 0
 
 
 def _state_dtype(off) -> torch.dtype:
@@ -450,7 +443,7 @@ class OffloadedMasters(Masters):
         self.copy_out_writes = 0
         #: the overlapped step (``_offload_pipeline.OffloadPipeline``); None: synchronous
         self.pipeline: OffloadPipeline | None = None
-        #: ``offload_optimizer.ratio`` < 1: the device-stepped head of each master (``_offload_partial``)
+        #: ``offload_optimizer.ratio`` < 1: the device-stepped tail of each master (``_offload_partial``)
         self.device_part: DevicePart | None = None
         #: the last step's pipeline already wrote the new params into the device storage
         self._written = False

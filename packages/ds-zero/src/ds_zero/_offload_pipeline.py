@@ -94,15 +94,17 @@ class Chunk:
         return self.lo - self.bucket.master_offset, self.hi - self.bucket.master_offset
 
 
-def build_chunks(buckets: list[Bucket], chunk_numel: int, starts: list[int] | None = None) -> list[Chunk]:
-    """Each bucket's shard in pieces of at most ``chunk_numel`` elements, buckets in index order; ``starts[g]``:
-    group ``g``'s master elements before it are not the CPU's (``offload_optimizer.ratio``, ``_offload_partial``)."""
+def build_chunks(buckets: list[Bucket], chunk_numel: int, ends: list[int] | None = None) -> list[Chunk]:
+    """Each bucket's shard in pieces of at most ``chunk_numel`` elements, buckets in index order; ``ends[g]``:
+    group ``g``'s master elements from it on are not the CPU's (``offload_optimizer.ratio``, ``_offload_partial``)."""
     if chunk_numel < 1:
         raise ValueError(f"offload chunk size must be positive, got {chunk_numel}")
     out: list[Chunk] = []
     for bucket in sorted(buckets, key=lambda b: b.index):
-        first = max(bucket.master_offset, starts[bucket.group_index] if starts else 0)
+        first = bucket.master_offset
         end = bucket.master_offset + bucket.shard_numel
+        if ends:
+            end = min(end, ends[bucket.group_index])
         for lo in range(first, end, chunk_numel):
             out.append(Chunk(len(out), bucket, bucket.group_index, lo, min(end, lo + chunk_numel)))
     return out
@@ -112,10 +114,10 @@ class OffloadPipeline:
     """The chunked, overlapped CPU step of one :class:`~._offload.OffloadedMasters` (see the module doc)."""
 
     def __init__(self, masters, chunk_numel: int, device: torch.device, pin: bool, rank: int = 0,
-                 starts: list[int] | None = None) -> None:
+                 ends: list[int] | None = None) -> None:
         self.masters = masters
         self._chunk_numel = chunk_numel
-        self.chunks = build_chunks(masters.buckets, chunk_numel, starts)
+        self.chunks = build_chunks(masters.buckets, chunk_numel, ends)
         self.device = device
         self.cuda = device.type == "cuda"
         self.pin = pin
@@ -155,12 +157,12 @@ class OffloadPipeline:
         #: chunks stepped during backward in the last step (the tests read it)
         self.eager_chunks = 0
 
-    def rechunk(self, starts: list[int]) -> None:
-        """The chunks anew for a changed device part (``starts[g]``: group ``g``'s first CPU element); only
-        between steps, with nothing of a window in flight."""
+    def rechunk(self, ends: list[int]) -> None:
+        """The chunks anew for a changed device part (``ends[g]``: group ``g``'s first element not stepped on the
+        CPU); only between steps, with nothing of a window in flight."""
         if self._eager is not None or self._stepped or self._copied or self._failed or self._advanced:
             raise RuntimeError("offload: the chunks can only change between steps (a window is in flight)")
-        self.chunks = build_chunks(self.masters.buckets, self._chunk_numel, starts)
+        self.chunks = build_chunks(self.masters.buckets, self._chunk_numel, ends)
         self._by_bucket = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)

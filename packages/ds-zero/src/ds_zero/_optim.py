@@ -62,9 +62,10 @@ def materialize_optimizer(optimizer: OptimizerArg, trainable: list[torch.nn.Para
     )
 
 
-def rebuild_optimizer(template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]]):
+def rebuild_optimizer(template: torch.optim.Optimizer, group_params: list[list[torch.nn.Parameter]],
+                      group_sources: list[int] | None = None):
     """A new optimizer of ``type(template)`` with group ``i`` = ``group_params[i]`` and the hyper-parameters of
-    the template's group ``i`` (groups with no params are kept with an empty list only if the class allows)."""
+    the template's group ``group_sources[i]`` (default ``i``; groups with no params are dropped)."""
     cls = type(template)
     try:
         signature = inspect.signature(cls.__init__)
@@ -77,7 +78,8 @@ def rebuild_optimizer(template: torch.optim.Optimizer, group_params: list[list[t
     if backend is not None and (accepts_any or "backend" in names):
         kwargs["backend"] = backend
     groups = []
-    for src, params in zip(template.param_groups, group_params):
+    sources = [template.param_groups[i] for i in group_sources] if group_sources is not None else template.param_groups
+    for src, params in zip(sources, group_params):
         if not params:
             continue
         group = {k: v for k, v in src.items() if k not in ("params", "param_names")}

@@ -245,8 +245,8 @@ class OffloadOptimizerConfig(StrictModel):
     #: host memory (GiB, per rank) for those kept copies: chunks beyond it wait for ``step()``
     speculation_gib: NonNegativeFloat = 4.0
     #: DeepSpeed's partial offload: the fraction of this rank's optimizer state (masters and Adam's moments)
-    #: stepped on the CPU, the first ``1 - ratio`` of each group's master being stepped on the device
-    #: (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up. The
+    #: stepped on the CPU, the last ``1 - ratio`` of each group's master (the buckets backward reduces last)
+    #: being stepped on the device (``ds_zero._offload_partial``); ``"auto"``: the largest device share that fits, planned at start-up. The
     #: host keeps the whole layout (checkpoints): it moves compute to the GPU, not memory off the host
     ratio: float | Literal["auto"] = 1.0
     #: ``ratio: "auto"``: the device memory (GiB) kept for activations; None: a quarter of the device memory the
