@@ -886,6 +886,7 @@ def test_moved_states_load_into_the_device_optimizers_own_buffers(tmp_path, monk
         dist.destroy_process_group()
 
 
+@pytest.mark.gpu
 @requires_gpus(1)
 def test_gpu_move_to_device_makes_no_second_copy_of_the_states():
     """CUDA: what ``move_to_device`` allocates on the device at its peak, with a ds-optim device optimizer: the
