@@ -26,7 +26,9 @@ OFFLOAD=nvme (z0 with bf16, z1, z2): ZeRO-Infinity's optimizer swapping, ``offlo
 nvme_path: $NVME_PATH (default /tmp/ds_zero_nvme), pin_memory: true}``, ``sub_group_size`` $SUB_GROUP (default
 1e8); the line adds the bytes on the disk, the optimizer step's time and its swap bandwidth (masters and both
 moments read and written once per step), and the disk's raw bandwidth measured first with the same positional
-I/O on a 1 GiB file (write + fsync, then read after dropping it from the page cache).
+I/O on a 1 GiB file (write + fsync, then read after dropping it from the page cache). DIRECT_IO=auto|1|0
+(default auto): ``offload_optimizer.direct_io`` (O_DIRECT where the file system allows, required, or buffered);
+the line says which ran (``direct_io=True``: the swap bypassed the page cache).
 
 bf16 params with fp32 masters, ds-optim FusedAdamW (CuPy kernels when installed) on the fp32 partitions,
 NCCL, overlapped bucketed reduction (overlap_comm, contiguous_gradients), DeepSpeed's default bucket sizes.
@@ -108,7 +110,11 @@ def main():
     elif offload == "nvme":
         os.makedirs(nvme_path, exist_ok=True)
         raw = raw_disk_bandwidth(nvme_path, rank)
-        cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": nvme_path, "pin_memory": True}
+        direct_io = {"auto": "auto", "1": True, "0": False}.get(os.environ.get("DIRECT_IO", "auto"))
+        if direct_io is None:
+            raise SystemExit(f"DIRECT_IO must be auto, 1 or 0, got {os.environ['DIRECT_IO']!r}")
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": nvme_path, "pin_memory": True,
+                                                         "direct_io": direct_io}
         cfg["zero_optimization"]["sub_group_size"] = int(float(os.environ.get("SUB_GROUP", "1e8")))
     elif offload:
         raise SystemExit(f"OFFLOAD must be 1, opt or nvme, got {offload!r}")
@@ -153,7 +159,7 @@ def main():
         swap = engine.optimizer.last_swap_bytes
         extra += (f" nvme={held['nvme'] / 2**30:.1f} GiB swap={swap / 2**30:.1f} GiB/step at "
                   f"{swap / 2**30 / (opt_ms / 1e3):.2f} GiB/s (raw disk: write {raw[0]:.2f}, read {raw[1]:.2f} GiB/s) "
-                  f"sub_group_size={engine.optimizer.sub_group_size:.0e}")
+                  f"sub_group_size={engine.optimizer.sub_group_size:.0e} direct_io={engine.optimizer.files.direct}")
     if offload in ("1", "opt") and name != "z3":
         masters = engine.masters
         part = getattr(masters, "device_part", None)

@@ -32,9 +32,11 @@ from ds_zero import _swap
 STEPS, GA, CLIP, SUB = 3, 2, 0.05, 100
 
 
-def _nvme(path):
-    return {"offload_optimizer": {"device": "nvme", "nvme_path": str(path), "pin_memory": True},
-            "sub_group_size": SUB}
+def _nvme(path, direct_io=False):
+    # buffered by default: O_DIRECT would round SUB up to 1024 elements, one sub-group per group of this model,
+    # and these tests want several (the overlap); O_DIRECT against buffered: test_offload_nvme_direct.py
+    return {"offload_optimizer": {"device": "nvme", "nvme_path": str(path), "pin_memory": True,
+                                  "direct_io": direct_io}, "sub_group_size": SUB}
 
 
 CPU = {"offload_optimizer": {"device": "cpu", "pin_memory": True}, "sub_group_size": SUB}

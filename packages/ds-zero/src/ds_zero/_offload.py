@@ -109,6 +109,8 @@ class CPUOffload:
         #: NVMe (``device: "nvme"``): the directory under which this rank's swap files go; None: host memory
         self.nvme_path: str | None = None
         self.sub_group_size = 1_000_000_000
+        #: NVMe: ``offload_optimizer.direct_io`` (True, False or "auto": ``_swap``)
+        self.direct_io: bool | str = "auto"
         self.group = None  # the data-parallel group: NVMe set-up errors are agreed over it
         self.global_rank = 0
         #: the chunked, overlapped step (``_offload_pipeline``); ``chunk_numel``: the largest chunk (elements)
@@ -187,6 +189,7 @@ class CPUOffload:
         if off.device == "nvme":  # ZeRO-Infinity's optimizer swapping (_swap)
             offload.nvme_path = off.nvme_path
             offload.sub_group_size = config.zero_optimization.sub_group_size
+            offload.direct_io = off.direct_io
             offload.group = process_group
             offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         return offload

@@ -212,7 +212,8 @@ class OffloadOptimizerConfig(StrictModel):
     for NVMe in DeepSpeed: accepted, no effect. ``overlap_step`` (ds-zero's, default true): the chunked,
     overlapped CPU step. ``ratio`` (stages 0-2, device "cpu"): the share of the optimizer state on the CPU, the
     rest stepped on the device; ``"auto"`` plans it from the free device memory (``auto_reserve_gib``). ``device: "nvme"`` with ``nvme_path`` (stages 0-2):
-    the masters and Adam's states in swap files (``ds_zero._swap``), stepped in ``sub_group_size`` pieces."""
+    the masters and Adam's states in swap files (``ds_zero._swap``), stepped in ``sub_group_size`` pieces, read
+    and written with ``O_DIRECT`` where the file system allows (``direct_io``)."""
 
     device: Literal["cpu", "nvme"] = "cpu"
     #: NVMe: the directory of the swap files (``ds_zero._swap``); ignored with ``device: "cpu"``, as DeepSpeed
@@ -254,6 +255,13 @@ class OffloadOptimizerConfig(StrictModel):
     #: skipped runs with everything on the CPU, and its peak allocated memory (the engine resets CUDA's peak
     #: statistics when it is built) decides how much state then moves to the device (``_offload_partial``)
     auto_reserve_gib: NonNegativeFloat | Literal["measure"] | None = None
+    #: ds-zero's (``device: "nvme"``): the swap step's reads and writes with ``O_DIRECT``, bypassing the page cache
+    #: (``ds_zero._swap``). ``"auto"``: where the file system of ``nvme_path`` accepts it (probed at start-up;
+    #: else buffered I/O, with a warning); true: required (refused: an error naming ``nvme_path``); false:
+    #: buffered. DeepSpeed has no such key: its ``aio`` section (``block_size``, ``queue_depth``,
+    #: ``intra_op_parallelism``, ``single_submit``, ``overlap_events``, ``use_gds``) has none, its swapper always
+    #: opens with ``O_DIRECT``
+    direct_io: bool | Literal["auto"] = "auto"
     #: ds-zero's: the dtype of Adam's two moments on the CPU (``device: "cpu"``, CPUAdam). "bf16" halves their
     #: bytes (the CPU step moves 20 bytes per param instead of 28) with stochastic rounding (ds-optim's
     #: ``CPUAdam(state_dtype=torch.bfloat16)``, seeded, reproducible); opt-in: the fp32 masters stay fp32
@@ -264,6 +272,14 @@ class OffloadOptimizerConfig(StrictModel):
     def _device(cls, value: Any) -> Any:
         if value not in ("cpu", "nvme"):
             raise ValueError(f"offload_optimizer.device must be \"cpu\", \"nvme\" or \"none\", got {value!r}")
+        return value
+
+    @field_validator("direct_io", mode="before")
+    @classmethod
+    def _direct_io(cls, value: Any) -> Any:
+        # no coercion: "true", 1 or "yes" would pass as a bool under pydantic's lax mode, a typo for "auto" too
+        if not isinstance(value, bool) and value != "auto":
+            raise ValueError(f"offload_optimizer.direct_io must be true, false or \"auto\", got {value!r}")
         return value
 
     @field_validator("ratio", mode="before")
@@ -300,6 +316,9 @@ class OffloadOptimizerConfig(StrictModel):
         if self.device == "nvme" and not self.nvme_path:
             raise ValueError("offload_optimizer.device = 'nvme' needs offload_optimizer.nvme_path (a directory on "
                              "the NVMe drive for the swap files)")
+        if self.direct_io is True and self.device != "nvme":
+            raise ValueError(f"offload_optimizer.direct_io true is for device \"nvme\"'s swap files (got device "
+                             f"{self.device!r}, which has none)")
         return self
 
 
