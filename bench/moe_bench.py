@@ -11,7 +11,8 @@ MODE: capacity | dropless (ds-moe, top-K, E experts: the anchor's dsmoe setting 
 Sizes as the anchor: D, E, K, CF, LAYERS, TOKENS, STEPS (env). 4 stacked MoE FFN layers (D -> 4D -> D experts,
 GELU, biases), x = x + moe(x), bf16 autocast over fp32 params, forward + backward + AdamW (fused on CUDA),
 loss = mean(out^2) + 0.01 * sum(l_aux). KEEP_CAST=0 recasts the expert weights in the backward (the default of
-the -e64 modes; KEEP_CAST=1 keeps the forward's casts there too). DS_MOE_WGRAD_CHUNK_MB: the largest bf16 expert
+the -e64 modes; KEEP_CAST=1 keeps the forward's casts there too). RECOMPUTE_ACT=1 recomputes the activation in
+the backward instead of keeping its output (the default of the -e64 modes; RECOMPUTE_ACT=0 keeps it there too). DS_MOE_WGRAD_CHUNK_MB: the largest bf16 expert
 weight gradient made in one piece (default 256; the 64-expert layers' are made in chunks). ``--smoke``: tiny sizes, runs on the CPU (gloo) for a quick check.
 ``DS_MOE_GEMM_BACKEND=loop`` forces the per-expert loop on the dropless path (grouped_mm is the CUDA default).
 
@@ -105,8 +106,12 @@ def build(engine: str, s: dict):
     # KEEP_CAST=0: recast the weights in the backward (GroupedExperts' attribute); the 64-expert modes recast
     # unless KEEP_CAST says otherwise (their peak is the weights: kept casts would hold 4 GiB more a layer)
     keep = os.environ.get("KEEP_CAST", "0" if s["E"] >= 64 else "1") != "0"
+    # RECOMPUTE_ACT=1: recompute the activation in the backward instead of keeping it (GroupedExperts'
+    # attribute; the 64-expert modes recompute unless RECOMPUTE_ACT says otherwise, for the same reason)
+    recompute = os.environ.get("RECOMPUTE_ACT", "1" if s["E"] >= 64 else "0") != "0"
     for layer in stack.layers:
         layer.deepspeed_moe.experts.keep_cast_weights = keep
+        layer.deepspeed_moe.experts.recompute_activation = recompute
     return stack
 
 
@@ -187,7 +192,7 @@ def run(engine: str, s: dict, dev, smoke: bool) -> dict:
     if PROFILE_DIR and dev.type == "cuda":  # two more steps under the profiler: where the step's time goes
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             for _ in range(2):
                 step()
             sync()
@@ -195,6 +200,10 @@ def run(engine: str, s: dict, dev, smoke: bool) -> dict:
         name = engine + ("" if s["K"] == 2 else f"-top{s['K']}") + ("-e64" if s["E"] == 64 else "")
         with open(os.path.join(PROFILE_DIR, f"moe_profile_{name}.txt"), "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+            # the same ops split by input shapes: which tensor each copy, cast or elementwise pass is over
+            f.write("\n\nby input shape (self CUDA time):\n")
+            f.write(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=90))
     tokens = x.shape[0] * x.shape[1]
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     backend = ""

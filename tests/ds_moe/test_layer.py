@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from ds_moe.experts import ACTIVATIONS
 from ds_moe import (Experts, FFNExpert, GroupedExperts, MoE, MoEError, is_moe_param,
                     split_params_into_different_moe_groups_for_optimizer)
 
@@ -177,12 +178,88 @@ def test_grouped_ffn_backward_is_the_gradient(bias):
     w2 = torch.randn(3, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     b1 = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
     b2 = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
-    act = torch.nn.functional.gelu
 
-    def f(x, w1, b1, w2, b2):
-        return GroupedFFN.apply(x, w1, b1, w2, b2, counts, act, "loop", [3, 0, 4])
+    for name in ACTIVATIONS:
+        for recompute in (False, True):
+            def f(x, w1, b1, w2, b2):
+                return GroupedFFN.apply(x, w1, b1, w2, b2, counts, ACTIVATIONS[name], "loop", [3, 0, 4], True,
+                                        False, recompute)
 
-    assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2))
+            assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2)), (name, recompute)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_backward_is_autograds(name):
+    """The written-out activation backwards are the ops autograd's nodes run: bit for bit, in bf16 and fp32,
+    at 0 and on both sides of it (relu's and gelu's kinks)."""
+    act = ACTIVATIONS[name]
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.cat([torch.randn(500, generator=torch.Generator().manual_seed(3)) * 4,
+                       torch.tensor([0.0, -0.0, 1e-30, -1e-30])]).to(dtype).requires_grad_(True)
+        g = torch.randn(h.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+        (want,) = torch.autograd.grad(act.forward(h), h, g)
+        assert torch.equal(act.backward(g, h.detach()), want), (name, dtype)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_kept_activation_equals_recomputed(backend):
+    """Keeping the activation's output for the backward (the default) against recomputing it there
+    (``recompute_activation``): the same values, so bit for bit the same output and gradients, with an empty
+    group, on both backends (the grouped one folds the first bias into its GEMM)."""
+    if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    from ds_moe._gemm import GroupedFFN
+
+    g = torch.Generator().manual_seed(2)
+    counts = torch.tensor([3, 0, 6])
+    tensors = (torch.randn(9, 8, generator=g).bfloat16(), torch.randn(3, 16, 8, generator=g),
+               torch.randn(3, 16, generator=g), torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, generator=g))
+    results = []
+    for recompute in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], backend, [3, 0, 6], True, False, recompute)
+        y.float().pow(2).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for kept, recomputed in zip(*results):
+        assert torch.equal(kept, recomputed)
+
+
+def test_grouped_mm_folds_the_first_bias_into_its_gemm(monkeypatch):
+    """On the grouped GEMM the first bias rides in the first GEMM (a column of ones on x, the bias as the
+    matching column of each expert's weight): the first grouped GEMM sees K = in + 8 and no K=G GEMM adds b1 to
+    h afterwards (only b2's remains); the result is the loop's (fp32, where the two differ by round-off only)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    from ds_moe._gemm import BIAS_COLUMNS, GroupedFFN
+
+    g = torch.Generator().manual_seed(6)
+    counts = torch.tensor([4, 1, 0, 5])
+    tensors = (torch.randn(10, 8, generator=g), torch.randn(4, 16, 8, generator=g),
+               torch.randn(4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g))
+    seen_k, addmm_cols = [], []
+    real_mm, real_addmm = torch._grouped_mm, torch.Tensor.addmm_
+
+    def spy_mm(a, b, offs=None, **kw):
+        seen_k.append(a.shape[1])
+        return real_mm(a, b, offs=offs, **kw)
+
+    def spy_addmm(self, m1, m2, **kw):
+        addmm_cols.append(self.shape[1])
+        return real_addmm(self, m1, m2, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy_mm)
+    monkeypatch.setattr(torch.Tensor, "addmm_", spy_addmm)
+    out = {}
+    for backend in ("grouped_mm", "loop"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], backend, [4, 1, 0, 5])
+        y.pow(2).sum().backward()
+        out[backend] = [y.detach()] + [t.grad for t in leaves]
+        if backend == "grouped_mm":
+            assert seen_k[:2] == [8 + BIAS_COLUMNS, 16]  # the forward's two GEMMs
+            assert addmm_cols == [8]  # b2's add over y [N, 8] only
+    for a, b in zip(out["loop"], out["grouped_mm"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_ffn_kept_casts_give_the_recast_gradients():
@@ -198,7 +275,7 @@ def test_grouped_ffn_kept_casts_give_the_recast_gradients():
     results = []
     for keep in (True, False):
         leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
-        y = GroupedFFN.apply(*leaves, counts, torch.nn.functional.gelu, "loop", [2, 0, 5], keep)
+        y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], "loop", [2, 0, 5], keep)
         y.float().pow(2).sum().backward()
         results.append([y.detach()] + [t.grad for t in leaves])
         assert [t.grad.dtype for t in leaves] == [torch.bfloat16] + [torch.float32] * 4

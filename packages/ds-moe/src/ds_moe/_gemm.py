@@ -17,7 +17,8 @@ the input's) is bf16 and the shapes are aligned, ``loop`` otherwise.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +26,25 @@ from torch import Tensor
 from .errors import MoEError
 
 BACKENDS = ("auto", "grouped_mm", "loop")
+
+#: extra K columns of the first GEMM when its bias is folded in: a column of ones (the bias row of each expert's
+#: weight) and 7 of zeros, so the row stride stays a multiple of 16 bytes for 16-bit operands
+BIAS_COLUMNS = 8
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation with its backward written out: ``backward(grad_out, h)`` is the gradient with
+    respect to the pre-activation h, the op autograd's node for ``forward`` runs (so bit for bit autograd's).
+    With it ``GroupedFFN`` can keep the forward's output for the backward instead of recomputing it, and either
+    way needs no autograd graph inside its own backward."""
+
+    name: str
+    forward: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.forward(h)
 
 
 def _env_backend() -> str:
@@ -130,14 +150,47 @@ def wgrad_as(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional
     return out
 
 
+def with_bias_column(x: Tensor) -> Tensor:
+    """``[N, in]`` -> ``[N, in + BIAS_COLUMNS]``: x, a column of ones, zeros (see ``GroupedFFN``)."""
+    n = x.shape[1]
+    out = x.new_empty((x.shape[0], n + BIAS_COLUMNS))  # every element written once below
+    out[:, :n] = x
+    out[:, n] = 1
+    out[:, n + 1:] = 0
+    return out
+
+
+def with_bias_row(w: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``w [G, out, in]``, ``b [G, out]`` -> ``[G, out, in + BIAS_COLUMNS]`` in dtype: each expert's weight with
+    its bias as the column the ones of ``with_bias_column`` meet, zeros after. The cast of w is written straight
+    into it, so folding the bias costs no pass over the weights beyond the cast the forward makes anyway."""
+    G, O, In = w.shape
+    out = torch.empty((G, O, In + BIAS_COLUMNS), dtype=dtype, device=w.device)  # every element written below
+    out[..., :In] = w
+    out[..., In] = b
+    out[..., In + 1:] = 0
+    return out
+
+
 class GroupedFFN(torch.autograd.Function):
-    """y = act(x @ w1^T + b1) @ w2^T + b2 per expert group, memory-optimised: the forward saves x and the
-    pre-activation h (both in the compute dtype) and the weights, and the backward recomputes act(h).
-    Autograd's composition would also keep act(h) ([N, ffn]).
+    """y = act(x @ w1^T + b1) @ w2^T + b2 per expert group. The forward saves x, the pre-activation h, the
+    activation's output a = act(h) (unless ``recompute_activation``) and the weights; the backward has no
+    autograd graph of its own (``Activation.backward``).
+
+    ``recompute_activation``: save only h and compute act(h) again in the backward (one [N, ffn] 16-bit tensor
+    less per layer until its backward, one elementwise pass more). Autograd's composition (and DeepSpeed's
+    experts) keep both, as the default here does.
 
     ``keep_cast_weights``: save the compute-dtype casts of fp32 weights made by the forward (one 16-bit copy of
     the local experts' weights per layer until its backward, as autocast's cast cache does), else save the
     fp32 weights and cast them again in the backward (6 bytes of traffic per weight element, no memory).
+
+    On the grouped GEMM the first bias is folded into the first GEMM: x gets a column of ones (and zeros, to
+    keep 16-byte strides) and each expert's 16-bit weight cast gets its bias as the matching column, so the GEMM
+    adds it while it accumulates in fp32 (one rounding to 16 bits instead of two) and no pass over h [N, ffn]
+    adds it afterwards (on an H200 that pass took longer than the activation). The backward's GEMMs read strided
+    views that leave those columns out. The second bias (over y [N, out], 4x smaller) is added by a K=G GEMM
+    against the rows' group one-hot, as the loop backend does for both.
 
     ``trailing_rows`` (grouped_mm only; the loop slices them off before): x may hold rows after the last group
     (the capacity path's dropped slots). No GEMM reads or writes them (the offsets end before them), so their
@@ -145,56 +198,67 @@ class GroupedFFN(torch.autograd.Function):
     (bias add, activation) runs over them harmlessly; the bias gradients are then per-group row sums
     (``_bias_grad``) by a grouped GEMM instead of the one-hot GEMM, which would read them.
 
-    x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None."""
+    x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None;
+    ``activation`` an ``Activation``."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes, keep_cast_weights=True,
-                trailing_rows=False):
+                trailing_rows=False, recompute_activation=False):
         dt = x.dtype
+        fold_b1 = b1 is not None and backend == "grouped_mm"
+        # the one-hot of each row's group: the unfolded biases' add and (without trailing rows) both bias gradients
         onehot = (group_onehot(counts, x.shape[0], dt, trailing_rows) if (b1 is not None or b2 is not None)
                   else None)
-        w1c, w2c = w1.to(dt), w2.to(dt)
-        h = _mm(x, w1c, counts, backend, sizes)
-        # onehot is made whenever there is a bias; the second test narrows its type
-        if b1 is not None and onehot is not None:
+        in_features = w1.shape[2]
+        if fold_b1:
+            x_in, w1c = with_bias_column(x), with_bias_row(w1, b1, dt)
+        else:
+            x_in, w1c = x, w1.to(dt)
+        w2c = w2.to(dt)
+        h = _mm(x_in, w1c, counts, backend, sizes)
+        # onehot is made whenever there is a bias; the last test narrows its type
+        if b1 is not None and not fold_b1 and onehot is not None:
             h.addmm_(onehot, b1.to(dt))  # the bias of each row's group, as one K=G GEMM, in place
-        y = _mm(activation(h), w2c, counts, backend, sizes)
+        a = activation(h)
+        y = _mm(a, w2c, counts, backend, sizes)
         if b2 is not None and onehot is not None:
             y.addmm_(onehot, b2.to(dt))
+        kept_a = None if recompute_activation else a
         if keep_cast_weights:
-            ctx.save_for_backward(x, h, w1c, w2c, counts, onehot)
+            ctx.save_for_backward(x_in, h, kept_a, w1c, w2c, counts, onehot)
         else:
-            ctx.save_for_backward(x, h, w1, w2, counts, onehot)
+            ctx.save_for_backward(x_in, h, kept_a, w1, w2, counts, onehot)
         ctx.weight_dtypes = (w1.dtype, w2.dtype)
         ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes
         ctx.has_bias = (b1 is not None, b2 is not None)
-        ctx.trailing_rows = trailing_rows
+        ctx.trailing_rows, ctx.in_features = trailing_rows, in_features
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, h, w1, w2, counts, onehot = ctx.saved_tensors
+        x_in, h, a, w1, w2, counts, onehot = ctx.saved_tensors
         act, backend, sizes = ctx.activation, ctx.backend, ctx.sizes
         w1_dtype, w2_dtype = ctx.weight_dtypes
+        In = ctx.in_features
+        x = x_in[:, :In]  # the folded bias's columns left out (a strided view, 16-byte aligned rows)
         dt = x.dtype
         gy = gy.to(dt).contiguous()
-        with torch.enable_grad():
-            hh = h.detach().requires_grad_(True)
-            a = act(hh)
+        if a is None:
+            a = act(h)
         trailing = ctx.trailing_rows
         ga = _mm_t(gy, w2.to(dt), counts, backend, sizes)
-        (gh,) = torch.autograd.grad(a, hh, ga)
-        del hh, ga
+        gh = act.backward(ga, h)
+        del h, ga
         # the input gradient before the weight gradients: with recast weights (keep_cast_weights false) the
         # 16-bit cast of w1 it needs is freed before the two fp32 weight gradients exist (64 experts: 2 GiB less
         # at the peak, which comes at the last layer's backward, when every other gradient is there)
-        gx = _mm_t(gh, w1.to(dt), counts, backend, sizes)
-        gw2 = wgrad_as(gy, a.detach(), counts, backend, sizes, w2_dtype)
+        gx = _mm_t(gh, w1[..., :In].to(dt), counts, backend, sizes)
+        gw2 = wgrad_as(gy, a, counts, backend, sizes, w2_dtype)
         gb2 = _bias_grad(gy, onehot, counts, backend, trailing).to(w2_dtype) if ctx.has_bias[1] else None
         del a
         gw1 = wgrad_as(gh, x, counts, backend, sizes, w1_dtype)
         gb1 = _bias_grad(gh, onehot, counts, backend, trailing).to(w1_dtype) if ctx.has_bias[0] else None
-        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None, None, None, None, None
 
 
 def group_onehot(counts: Tensor, rows: int, dtype: torch.dtype, trailing_rows: bool = False) -> Tensor:

@@ -25,15 +25,18 @@ from torch import Tensor
 from . import _gemm
 from .errors import MoEError
 
+_aten = torch.ops.aten
+# each with the backward op its autograd node runs, so GroupedFFN's backward is autograd's bit for bit
 ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
+    "gelu": _gemm.Activation("gelu", F.gelu, lambda g, h: _aten.gelu_backward(g, h)),
+    "gelu_tanh": _gemm.Activation("gelu_tanh", lambda h: F.gelu(h, approximate="tanh"),
+                                  lambda g, h: _aten.gelu_backward(g, h, approximate="tanh")),
+    "relu": _gemm.Activation("relu", F.relu, lambda g, h: _aten.threshold_backward(g, h, 0)),
+    "silu": _gemm.Activation("silu", F.silu, lambda g, h: _aten.silu_backward(g, h)),
 }
 
 
-def _activation(name: str):
+def _activation(name: str) -> _gemm.Activation:
     if name not in ACTIVATIONS:
         raise MoEError(f"activation {name!r} is not one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -118,12 +121,18 @@ class GroupedExperts(nn.Module):
 
     ``keep_cast_weights`` (an attribute, default True): under autocast the backward reuses the forward's 16-bit
     casts of the weights (memory: one 16-bit copy of this layer's expert weights until its backward); False
-    recasts them in the backward instead (``_gemm.GroupedFFN``), for a model whose peak is the weights."""
+    recasts them in the backward instead (``_gemm.GroupedFFN``), for a model whose peak is the weights.
+
+    ``recompute_activation`` (an attribute, default False): False keeps the activation's output [tokens, ffn]
+    (16-bit) until the layer's backward, as autograd and DeepSpeed's experts do; True recomputes it there from
+    the pre-activation instead (one [tokens, ffn] tensor less per layer, one elementwise pass more)."""
 
     def __init__(self, expert: FFNExpert, num_local_experts: int = 1, expert_group_name: Optional[str] = None,
-                 gemm_backend: Optional[str] = None, keep_cast_weights: bool = True):
+                 gemm_backend: Optional[str] = None, keep_cast_weights: bool = True,
+                 recompute_activation: bool = False):
         super().__init__()
         self.keep_cast_weights = keep_cast_weights
+        self.recompute_activation = recompute_activation
         if not isinstance(expert, FFNExpert):
             raise MoEError(f"GroupedExperts stacks FFNExpert modules, got {type(expert).__name__}")
         n = num_local_experts
@@ -171,10 +180,12 @@ class GroupedExperts(nn.Module):
             tail = x.shape[0] - sum(sizes) if trailing_rows else 0
             if tail:
                 y = _gemm.GroupedFFN.apply(x[: x.shape[0] - tail], self.weight1, self.bias1, self.weight2,
-                                           self.bias2, counts, self._act, b, sizes, self.keep_cast_weights)
+                                           self.bias2, counts, self._act, b, sizes, self.keep_cast_weights, False,
+                                           self.recompute_activation)
                 return F.pad(y, (0, 0, 0, tail))
         return _gemm.GroupedFFN.apply(x, self.weight1, self.bias1, self.weight2, self.bias2, counts, self._act, b,
-                                      sizes, self.keep_cast_weights, trailing_rows and b == "grouped_mm")
+                                      sizes, self.keep_cast_weights, trailing_rows and b == "grouped_mm",
+                                      self.recompute_activation)
 
     _KEYS = (("fc.weight", "weight1"), ("fc.bias", "bias1"), ("out.weight", "weight2"), ("out.bias", "bias2"))
 
