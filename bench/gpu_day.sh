@@ -14,6 +14,8 @@
 #           (with speculative_step on, opt-in), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
 #           with 1e8 chunks, speculative_step on / off; eager: the chunks step during
 #           backward, bf16 without the overflow check as DeepSpeed's; nocheck: the same config, eager_step off)
+#   nvmeio  issue 14's NVMe swap: the O_DIRECT tests, then bench/nvme_swap_bench.py (raw disk bandwidth against
+#           ds-zero's swap path, direct and buffered; $NVME_PATH, default /tmp/ds_nvme_bench; $NVME_GIB, default 8)
 #   bash bench/gpu_day.sh ANCHOR_DIR        (logs and JSON under $OUT; results.txt collects the result lines)
 set -o pipefail
 ANCHORS=${1:?usage: gpu_day.sh ANCHOR_DIR}
@@ -61,6 +63,13 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
     limits)
       timeout 120 python3 bench/host_limits.py --out "$OUT/host_limits.json" > "$OUT/limits.log" 2>&1
       echo "limits rc=$?"; grep -E "^\[host|Error" "$OUT/limits.log" | res ;;
+    nvmeio)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+        tests/ds_zero/test_offload_nvme_direct.py > "$OUT/nvme_direct_tests.log" 2>&1
+      echo "nvme direct tests rc=$?"; grep -E "passed|failed|skipped|FAILED|Error" "$OUT/nvme_direct_tests.log" | tail -4 | res
+      timeout 150 python3 bench/nvme_swap_bench.py --path "${NVME_PATH:-/tmp/ds_nvme_bench}" --gib "${NVME_GIB:-8}" \
+        --out "$OUT/nvme_swap.json" > "$OUT/nvme_swap.log" 2>&1
+      echo "nvme_swap_bench rc=$?"; grep -E "^\[nvme|Error" "$OUT/nvme_swap.log" | res ;;
     offload)
       # the model's size for these runs only (an export would leak into the sections after: moeq ran out of memory)
       size=(D=${D:-3072} LAYERS=${LAYERS:-32} HEADS=${HEADS:-24} MB=${MB:-4} STEPS=${STEPS:-3})
