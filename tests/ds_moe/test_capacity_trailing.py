@@ -1,7 +1,7 @@
 """The single-rank capacity path without a host sync (dropped slots as trailing rows past the last expert group):
 bit for bit the earlier implementation that sliced to the number of kept slots (kept here as the reference),
 for many drops and none, top-1/2/3, FFN and module experts, with and without biases, an expert with no token, and
-bf16 autocast; the grouped GEMM backend with NaN in the rows it leaves uninitialised; DeepSpeed's capacity
+bf16 autocast; the grouped GEMM backend with NaN in any row it would leave uninitialised; DeepSpeed's capacity
 rounding in Python. The sync count itself is measured on the GPU (test_gpu.py)."""
 
 from __future__ import annotations
@@ -140,16 +140,16 @@ def test_trailing_rows_equal_the_sliced_path_bit_for_bit(kind, k, cf, bias, star
         assert a.dtype == b.dtype and torch.equal(a, b), (i, (a - b).abs().max())
 
 
-def _poisoned_grouped_mm(real, tails):
+def _poisoned_grouped_mm(real, ends):
     """torch._grouped_mm, with NaN written into the output rows past the last group (which the real kernel leaves
-    uninitialised, so they may hold NaN on a GPU)."""
+    uninitialised, so they may hold NaN on a GPU); records (last offset, rows) of every row-writing call."""
     def grouped_mm(a, b, offs=None, **kw):
         out = real(a, b, offs=offs, **kw)
         if a.dim() == 2 and b.dim() == 3:
             end = int(offs[-1])
+            ends.append((end, out.shape[0]))
             if end < out.shape[0]:
                 out[end:] = float("nan")
-                tails.append(out.shape[0] - end)
         return out
     return grouped_mm
 
@@ -157,14 +157,15 @@ def _poisoned_grouped_mm(real, tails):
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
 @pytest.mark.parametrize("k,bias", [(1, True), (2, True), (2, False)])
 def test_grouped_mm_trailing_rows_never_reach_a_result(k, bias, monkeypatch):
-    """The grouped GEMM backend (on the CPU: torch's per-group fallback, same offsets contract) leaves the trailing
-    rows' outputs and input gradients unset; with NaN there, output and gradients still equal the loop's."""
+    """The grouped GEMM backend (on the CPU: torch's per-group fallback, same offsets contract) would leave rows past
+    its last offset unset (NaN here): the trailing rows of the dropped slots run as a zero-weight group, so every
+    row-writing GEMM covers every row, and output and gradients equal the loop's."""
     x = _inputs(False)
     want = _step(_moe("ffn", k, 0.3, bias, backend="loop"), x)
-    tails: list = []
-    monkeypatch.setattr(torch, "_grouped_mm", _poisoned_grouped_mm(torch._grouped_mm, tails))
+    ends: list = []
+    monkeypatch.setattr(torch, "_grouped_mm", _poisoned_grouped_mm(torch._grouped_mm, ends))
     got = _step(_moe("ffn", k, 0.3, bias, backend="grouped_mm"), x)
-    assert tails and min(tails) > 0  # the dropped slots were there, and poisoned
+    assert len(ends) == 4 and all(end == rows for end, rows in ends), ends  # 2 forward, 2 input-gradient GEMMs
     for a, b in zip(got, want):
         assert bool(torch.isfinite(a.float()).all())
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

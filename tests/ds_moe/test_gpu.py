@@ -1,7 +1,8 @@
 """On a GPU (run on the GPU machine: ``pytest -m gpu tests/ds_moe``): the grouped GEMM against the per-expert
-loop in bf16 under autocast, for both token paths, with an expert that gets no token and with many dropped slots
-(the capacity path's trailing rows, which the CUDA kernel leaves uninitialised); and the single-rank dropless and
-capacity steps with no host synchronisation."""
+loop in bf16 under autocast (each against the fp32 loop: no less accurate), for both token paths, with an expert
+that gets no token and with many dropped slots (the capacity path's trailing rows, run as a zero-weight group:
+the CUDA kernel would leave rows past its last offset uninitialised); and the single-rank dropless and capacity
+steps with no host synchronisation."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ds_moe import FFNExpert, MoE
 pytestmark = [pytest.mark.gpu, requires_gpus(1)]
 
 
-def _run(backend, drop, starve=False, cf=1.25):
+def _run(backend, drop, starve=False, cf=1.25, autocast=True):
     torch.manual_seed(0)
     moe = MoE(256, FFNExpert(256, 512), num_experts=8, k=2, capacity_factor=cf, drop_tokens=drop,
               gemm_backend=backend, top2_2nd_expert_sampling=False).cuda()
@@ -29,10 +30,27 @@ def _run(backend, drop, starve=False, cf=1.25):
     if starve:
         x = x.abs()
     x.requires_grad_(True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         out, l_aux, counts = moe(x)
     (out.float().pow(2).sum() + l_aux).backward()
-    return [out.float(), x.grad] + [p.grad.float() for p in moe.parameters()], counts
+    return [out.detach().float(), x.grad] + [p.grad.float() for p in moe.parameters()], counts
+
+
+def _assert_as_accurate_as_the_loop(drop, starve=False, cf=1.25):
+    """grouped_mm against the per-expert loop, both in bf16 under autocast, each measured against the loop in
+    fp32 (no autocast): the grouped GEMM may round differently (it adds the first bias inside its fp32
+    accumulation, the loop after rounding h), so the two bf16 results differ by bf16 noise, which a cancelling
+    sum (the gate's weight gradient with most slots dropped: 19 % from fp32 for both) magnifies. What must hold
+    is that the grouped path is no less accurate than the loop: within 10 % of the loop's own error."""
+    ref, _ = _run("loop", drop, starve, cf, autocast=False)
+    a, counts = _run("loop", drop, starve, cf)
+    b, _ = _run("grouped_mm", drop, starve, cf)
+    for i, (r, u, v) in enumerate(zip(ref, a, b)):
+        assert bool(torch.isfinite(v).all()), i
+        err = lambda t: float((t - r).norm() / r.norm().clamp_min(1e-30))  # noqa: E731
+        assert err(v) <= 1.1 * err(u) + 1e-4, (i, err(v), err(u))
+        assert err(u) < 0.25, (i, err(u))  # the reference is the same function (same routing) in fp32
+    return counts
 
 
 @pytest.mark.parametrize("drop", [True, False])
@@ -40,24 +58,17 @@ def _run(backend, drop, starve=False, cf=1.25):
 def test_grouped_mm_matches_loop_bf16(drop, starve):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the grouped_mm path is taken on compute capability >= 9")
-    a, counts = _run("loop", drop, starve)
-    b, _ = _run("grouped_mm", drop, starve)
+    counts = _assert_as_accurate_as_the_loop(drop, starve)
     if starve:
         assert int(counts[5:].sum()) == 0
-    for u, v in zip(a, b):
-        assert float((v - u).norm() / u.norm().clamp_min(1e-30)) < 1e-2
 
 
 def test_grouped_mm_matches_loop_with_many_drops():
-    """capacity factor 0.3: most slots are dropped, so most rows of the grouped GEMM's outputs are never written."""
+    """capacity factor 0.3: most slots are dropped, so most rows are the trailing rows of the zero-weight group."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the grouped_mm path is taken on compute capability >= 9")
-    a, counts = _run("loop", True, cf=0.3)
-    b, _ = _run("grouped_mm", True, cf=0.3)
+    counts = _assert_as_accurate_as_the_loop(True, cf=0.3)
     assert int(counts.max()) > 2000 * 2 * 0.3 / 8  # drops
-    for u, v in zip(a, b):
-        assert bool(torch.isfinite(v).all())
-        assert float((v - u).norm() / u.norm().clamp_min(1e-30)) < 1e-2
 
 
 def _syncs_in_a_step(drop, k=2, cf=1.0):

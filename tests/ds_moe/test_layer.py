@@ -224,71 +224,37 @@ def test_kept_activation_equals_recomputed(backend):
         assert torch.equal(kept, recomputed)
 
 
-def test_grouped_mm_folds_the_first_bias_into_its_gemm(monkeypatch):
-    """On the grouped GEMM the first bias rides in the first GEMM (a column of ones on x, the bias as the
-    matching column of each expert's weight): the first grouped GEMM sees K = in + 8 and no K=G GEMM adds b1 to
-    h afterwards (only b2's remains); the result is the loop's (fp32, where the two differ by round-off only)."""
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip("torch has no _grouped_mm")
-    from ds_moe._gemm import BIAS_COLUMNS, GroupedFFN
-
-    g = torch.Generator().manual_seed(6)
-    counts = torch.tensor([4, 1, 0, 5])
-    tensors = (torch.randn(10, 8, generator=g), torch.randn(4, 16, 8, generator=g),
-               torch.randn(4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g))
-    seen_k, addmm_cols = [], []
-    real_mm, real_addmm = torch._grouped_mm, torch.Tensor.addmm_
-
-    def spy_mm(a, b, offs=None, **kw):
-        seen_k.append(a.shape[1])
-        return real_mm(a, b, offs=offs, **kw)
-
-    def spy_addmm(self, m1, m2, **kw):
-        addmm_cols.append(self.shape[1])
-        return real_addmm(self, m1, m2, **kw)
-
-    monkeypatch.setattr(torch, "_grouped_mm", spy_mm)
-    monkeypatch.setattr(torch.Tensor, "addmm_", spy_addmm)
-    out = {}
-    for backend in ("grouped_mm", "loop"):
-        leaves = [t.clone().requires_grad_(True) for t in tensors]
-        y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], backend, [4, 1, 0, 5])
-        y.pow(2).sum().backward()
-        out[backend] = [y.detach()] + [t.grad for t in leaves]
-        if backend == "grouped_mm":
-            assert seen_k[:2] == [8 + BIAS_COLUMNS, 16]  # the forward's two GEMMs
-            assert addmm_cols == [8]  # b2's add over y [N, 8] only
-    for a, b in zip(out["loop"], out["grouped_mm"]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-
-
 def test_grouped_ffn_kept_casts_give_the_recast_gradients():
     """keep_cast_weights (the backward reuses the forward's 16-bit weight casts) against recasting in the
-    backward: the same bf16 values, so bit for bit the same output and gradients, in the weights' fp32."""
+    backward: the same bf16 values, so bit for bit the same output and gradients, in the weights' fp32; on the
+    loop, and on the grouped GEMM with trailing rows (its zero group is recast too)."""
     from ds_moe._gemm import GroupedFFN
 
     g = torch.Generator().manual_seed(1)
     counts = torch.tensor([2, 0, 5])
-    x = torch.randn(7, 8, generator=g).bfloat16()
+    x = torch.randn(9, 8, generator=g).bfloat16()
     w1, w2 = torch.randn(3, 16, 8, generator=g), torch.randn(3, 8, 16, generator=g)
     b1, b2 = torch.randn(3, 16, generator=g), torch.randn(3, 8, generator=g)
-    results = []
-    for keep in (True, False):
-        leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
-        y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], "loop", [2, 0, 5], keep)
-        y.float().pow(2).sum().backward()
-        results.append([y.detach()] + [t.grad for t in leaves])
-        assert [t.grad.dtype for t in leaves] == [torch.bfloat16] + [torch.float32] * 4
-    for kept, recast in zip(*results):
-        assert torch.equal(kept, recast)
+    cases = [("loop", False)] + ([("grouped_mm", True)] if hasattr(torch, "_grouped_mm") else [])
+    for backend, trailing in cases:
+        results = []
+        rows = 9 if trailing else 7
+        for keep in (True, False):
+            leaves = [t.clone().requires_grad_(True) for t in (x[:rows], w1, b1, w2, b2)]
+            y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], backend, [2, 0, 5], keep, trailing)
+            y.float().pow(2).sum().backward()
+            results.append([y.detach()] + [t.grad for t in leaves])
+            assert [t.grad.dtype for t in leaves] == [torch.bfloat16] + [torch.float32] * 4
+        for kept, recast in zip(*results):
+            assert torch.equal(kept, recast), backend
 
 
 @pytest.mark.parametrize("k,dropped", [(1, 0), (2, 0), (1, 3), (2, 5)])
 def test_dispatch_and_combine_rows_have_exact_gradients(k, dropped):
     """The hand-written backwards of the sorted path (a gather through the inverse permutation, not autograd's
     index_add_) against gradcheck, with and without dropped slots. Dropped slots are sorted into a last bucket
-    and their rows travel as trailing rows that the experts leave unspecified: here the row-wise stand-in for
-    the experts writes NaN there, forward and backward, and the chain must still be exact."""
+    and their rows travel as trailing rows that the experts turn into zeros, forward and backward (the contract of
+    ``GroupedFFN`` and the loop): here a row-wise stand-in for the experts does the same."""
     from ds_moe._dispatch import _CombineRows, _DispatchRows, _inverse
 
     S, M = 6, 3
@@ -304,30 +270,30 @@ def test_dispatch_and_combine_rows_have_exact_gradients(k, dropped):
     if dropped:
         w[mask] = 0.0  # a dropped slot's combine weight, as the gates make it
 
-    class _Experts(torch.autograd.Function):  # tanh on the first n rows; NaN past them, forward and backward
+    class _Experts(torch.autograd.Function):  # tanh on the first n rows; zeros past them, forward and backward
         @staticmethod
         def forward(ctx, t):
             ctx.save_for_backward(t)
             out = torch.tanh(t)
-            out[n:] = float("nan")
+            out[n:] = 0.0
             return out
 
         @staticmethod
         def backward(ctx, gy):
             (t,) = ctx.saved_tensors
             gt = gy * (1 - torch.tanh(t) ** 2)
-            gt[n:] = float("nan")
+            gt[n:] = 0.0
             return gt
 
     def chain(t):
-        y = _Experts.apply(_DispatchRows.apply(t, order, inv, k, mask))
-        return _CombineRows.apply(y, inv, order, mask) * w
+        y = _Experts.apply(_DispatchRows.apply(t, order, inv, k))
+        return _CombineRows.apply(y, inv, order) * w
 
     x = torch.randn(S, M, dtype=torch.float64, requires_grad=True, generator=g)
     assert torch.autograd.gradcheck(chain, (x,))
     # the forwards are the plain gathers they replace: x[token of the slot], and expert rows back in slot order
     # with a dropped slot's row zero
-    assert torch.equal(_DispatchRows.apply(x, order, inv, k, mask), x[order // k])
+    assert torch.equal(_DispatchRows.apply(x, order, inv, k), x[order // k])
     ref = torch.tanh(x[torch.arange(S * k) // k])
     if dropped:
         ref[mask] = 0.0

@@ -65,54 +65,81 @@ class _AllToAllV(torch.autograd.Function):
         return None, out, None, None
 
 
+def _sum_slots(t: Tensor) -> Tensor:
+    """[S, k, M] -> [S, M], the k slots of each token added: for k <= 4 as k - 1 elementwise adds of [S, M]
+    views (one pass each over an [S, M] output), not a reduction over the middle dimension (on an H200 the reduce
+    kernel over dim 1 took ~3x the adds' time at the anchor's shapes)."""
+    k = t.shape[1]
+    if k == 1:
+        return t[:, 0]
+    if k > 4:
+        return t.sum(dim=1)
+    out = t[:, 0] + t[:, 1]
+    for j in range(2, k):
+        out.add_(t[:, j])
+    return out
+
+
 class _DispatchRows(torch.autograd.Function):
     """Token rows to the expert-sorted slots: ``x[order // k]``. Each token feeds k slots, so the autograd of
     ``index_select`` sums its gradient back with ``index_add_`` (atomics, 3.6 ms a 4-layer step on an H200);
     here the backward is a gather through the inverse permutation and a sum over the k slots: deterministic, no
-    atomics.
-
-    ``dropped`` ([S*k] bool, or None when nothing can be dropped): the rows of dropped slots (sorted after every
-    expert's rows) are gathered too, so no row count has to come back to the host, but the experts never compute
-    them; the gradient the experts hand back for them is unspecified (the grouped GEMM leaves those rows
-    uninitialised: they may hold NaN), so the backward writes zero for a dropped slot (``masked_fill_``, not a
-    multiply, for that reason) instead of reading its row."""
+    atomics. The rows of dropped slots (sorted after every expert's rows) are gathered too, so no row count has to
+    come back to the host; the experts compute them as zeros and hand back zero gradients for them
+    (``_gemm.GroupedFFN``'s zero group, the loop's padding), so nothing needs masking here."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inv: Tensor, k: int, dropped: Optional[Tensor]) -> Tensor:
-        ctx.save_for_backward(inv, dropped)
+    def forward(ctx, x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inv)
         ctx.k, ctx.tokens = k, x.shape[0]
         return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        inv, dropped = ctx.saved_tensors
-        gx = g.index_select(0, inv)
-        if dropped is not None:
-            gx.masked_fill_(dropped.unsqueeze(1), 0)
-        gx = gx.view(ctx.tokens, ctx.k, g.shape[1])
-        return (gx.squeeze(1) if ctx.k == 1 else gx.sum(dim=1)), None, None, None, None
+        (inv,) = ctx.saved_tensors
+        gx = g.index_select(0, inv).view(ctx.tokens, ctx.k, g.shape[1])
+        return _sum_slots(gx), None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
-    """Expert-sorted rows back to slot order: ``y[inv]`` ([S*k, M]), with the rows of dropped slots set to zero
-    (``dropped`` [S*k] bool, or None): the experts leave those rows unspecified (uninitialised after the grouped
-    GEMM, possibly NaN), so they are masked, not multiplied by their zero combine weight. Every row lands in
-    exactly one slot, so the backward is the gather ``g[order]``, not the ``index_add_`` autograd would run for
-    ``index_select``. The rows past the last expert's group then receive the dropped slots' gradients, which
-    the combine weights (zero there) have already made zero, and which no expert reads."""
+    """Expert-sorted rows back to slot order: ``y[inv]`` ([S*k, M]); a dropped slot gets its trailing row, which
+    the experts leave zero. Every row lands in exactly one slot, so the backward is the gather ``g[order]``, not
+    the ``index_add_`` autograd would run for ``index_select``."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, inv: Tensor, order: Tensor, dropped: Optional[Tensor]) -> Tensor:
+    def forward(ctx, y: Tensor, inv: Tensor, order: Tensor) -> Tensor:
         ctx.save_for_backward(order)
-        out = y.index_select(0, inv)
-        if dropped is not None:
-            out.masked_fill_(dropped.unsqueeze(1), 0)
-        return out
+        return y.index_select(0, inv)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (order,) = ctx.saved_tensors
-        return g.index_select(0, order), None, None, None
+        return g.index_select(0, order), None, None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``(y * w[..., None]).sum(1)``: [S, k, M] expert outputs and [S, k] combine weights -> [S, M], with the
+    weights cast to y's dtype first (as the product under autocast would). The forward is one multiply and k - 1
+    fused multiply-adds over [S, M] views instead of an [S, k, M] product and a reduction; the backward is the
+    same two products autograd forms, with the slot sum as adds (``_sum_slots``)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, w: Tensor) -> Tensor:
+        wd = w.to(y.dtype)
+        ctx.save_for_backward(y, wd)
+        ctx.w_dtype = w.dtype
+        out = y[:, 0] * wd[:, 0:1]
+        for j in range(1, y.shape[1]):
+            out.addcmul_(y[:, j], wd[:, j:j + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        y, wd = ctx.saved_tensors
+        g = g.unsqueeze(1)
+        gy = g * wd.unsqueeze(-1)
+        gw = (y * g).sum(dim=-1)
+        return gy, gw.to(ctx.w_dtype)
 
 
 def _inverse(perm: Tensor) -> Tensor:
@@ -121,10 +148,7 @@ def _inverse(perm: Tensor) -> Tensor:
 
 def _combine(y_slots: Tensor, r: Routing) -> Tensor:
     """sum over a token's k slots of weight * expert output; [S, k, M] -> [S, M]."""
-    w = r.weight.to(y_slots.dtype).unsqueeze(-1)
-    if y_slots.shape[1] == 1:
-        return (y_slots * w).squeeze(1)
-    return (y_slots * w).sum(dim=1)
+    return _WeightedSum.apply(y_slots, r.weight)
 
 
 def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int,
@@ -161,9 +185,9 @@ def sorted_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_l
 
     Dropped slots (capacity routing, one rank only) are sorted into a last bucket past every expert. Their rows
     are gathered with the rest and handed to the experts as trailing rows after the last group, which the experts
-    do not compute (the grouped GEMM's offsets end before them; the loop slices them off), and their outputs are
-    masked to zero on the way back. So the number of kept slots never has to reach the host: neither path syncs
-    on one rank. The extra rows are the dropped slots only."""
+    turn into zero outputs and zero input gradients (the grouped GEMM runs them against an all-zero group; the
+    loop slices them off and pads zeros). So the number of kept slots never has to reach the host: neither path
+    syncs on one rank. The extra rows are the dropped slots only."""
     S, M = x.shape
     k = r.expert.shape[1]
     E = r.num_experts
@@ -173,15 +197,13 @@ def sorted_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_l
                        "parallelism the capacity path is capacity_forward")
     xc = x.to(compute_dtype(x))
     flat = r.expert.reshape(-1)
-    dropped = None
     if drops:
-        dropped = ~r.kept.reshape(-1)
-        flat = torch.where(dropped, torch.full_like(flat, E), flat)
+        flat = torch.where(r.kept.reshape(-1), flat, torch.full_like(flat, E))
     order = torch.argsort(flat, stable=True)
     # scatter_add, not bincount: bincount sizes its output from the input's max, a host sync on the GPU
     counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     inv = _inverse(order)
-    x_sorted = _DispatchRows.apply(xc, order, inv, k, dropped)
+    x_sorted = _DispatchRows.apply(xc, order, inv, k)
     if ep_size == 1:
         if drops:  # the trailing rows of the dropped slots: passed only here, so other experts modules still fit
             y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend, trailing_rows=True)
@@ -189,7 +211,7 @@ def sorted_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_l
             y_sorted = experts.forward_sorted(x_sorted, counts[:E], backend=backend)
     else:
         y_sorted = _expert_parallel_sorted(x_sorted, counts[:E], experts, ep_size, ep_group, num_local, backend)
-    return _combine(_CombineRows.apply(y_sorted, inv, order, dropped).reshape(S, k, M), r)
+    return _combine(_CombineRows.apply(y_sorted, inv, order).reshape(S, k, M), r)
 
 
 def _expert_parallel_sorted(x_sorted: Tensor, counts: Tensor, experts, ep: int, group, num_local: int,

@@ -27,11 +27,6 @@ from .errors import MoEError
 
 BACKENDS = ("auto", "grouped_mm", "loop")
 
-#: extra K columns of the first GEMM when its bias is folded in: a column of ones (the bias row of each expert's
-#: weight) and 7 of zeros, so the row stride stays a multiple of 16 bytes for 16-bit operands
-BIAS_COLUMNS = 8
-
-
 @dataclass(frozen=True)
 class Activation:
     """An elementwise activation with its backward written out: ``backward(grad_out, h)`` is the gradient with
@@ -95,13 +90,9 @@ def _mm_t(g: Tensor, w: Tensor, counts: Tensor, backend: str, sizes: Optional[li
     return torch.cat([p @ w[i] for i, p in enumerate(g.split(sizes, dim=0))], dim=0)
 
 
-def _bias_grad(g: Tensor, onehot: Tensor, counts: Tensor, backend: str, trailing_rows: bool) -> Tensor:
-    """Per group: the sum of its rows of g ([N, C] -> [G, C]), a bias gradient. As the one-hot GEMM
-    ``onehot^T @ g``, or, when g has trailing rows past the last group (which may hold NaN: the one-hot GEMM
-    would turn their 0 * NaN into NaN), as a weight-gradient grouped GEMM against 8 columns of ones (8: the
-    16-byte stride rule for bf16), which reads no row past the last group's offset. Either way one read of g."""
-    if trailing_rows:
-        return _wgrad(g, g.new_ones(g.shape[0], 8), counts, backend, None)[..., 0]
+def _bias_grad(g: Tensor, onehot: Tensor) -> Tensor:
+    """Per group: the sum of its rows of g ([N, C] -> [G, C]), a bias gradient, as the one-hot GEMM
+    ``onehot^T @ g``. Trailing rows past the last group have zero one-hot rows (and zero g: see ``GroupedFFN``)."""
     return onehot.t() @ g
 
 
@@ -150,25 +141,14 @@ def wgrad_as(g: Tensor, x: Tensor, counts: Tensor, backend: str, sizes: Optional
     return out
 
 
-def with_bias_column(x: Tensor) -> Tensor:
-    """``[N, in]`` -> ``[N, in + BIAS_COLUMNS]``: x, a column of ones, zeros (see ``GroupedFFN``)."""
-    n = x.shape[1]
-    out = x.new_empty((x.shape[0], n + BIAS_COLUMNS))  # every element written once below
-    out[:, :n] = x
-    out[:, n] = 1
-    out[:, n + 1:] = 0
-    return out
-
-
-def with_bias_row(w: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``w [G, out, in]``, ``b [G, out]`` -> ``[G, out, in + BIAS_COLUMNS]`` in dtype: each expert's weight with
-    its bias as the column the ones of ``with_bias_column`` meet, zeros after. The cast of w is written straight
-    into it, so folding the bias costs no pass over the weights beyond the cast the forward makes anyway."""
-    G, O, In = w.shape
-    out = torch.empty((G, O, In + BIAS_COLUMNS), dtype=dtype, device=w.device)  # every element written below
-    out[..., :In] = w
-    out[..., In] = b
-    out[..., In + 1:] = 0
+def cast_with_zero_group(w: Tensor, dtype: torch.dtype, zero_group: bool) -> Tensor:
+    """w [G, out, in] in dtype; with ``zero_group`` one more, all-zero matrix after the G (the trailing rows' group,
+    see ``GroupedFFN``). The cast writes a contiguous block of the result, so it runs at the plain cast's speed."""
+    if not zero_group:
+        return w.to(dtype)
+    out = torch.empty((w.shape[0] + 1,) + tuple(w.shape[1:]), dtype=dtype, device=w.device)
+    out[:-1] = w
+    out[-1] = 0
     return out
 
 
@@ -185,18 +165,12 @@ class GroupedFFN(torch.autograd.Function):
     the local experts' weights per layer until its backward, as autocast's cast cache does), else save the
     fp32 weights and cast them again in the backward (6 bytes of traffic per weight element, no memory).
 
-    On the grouped GEMM the first bias is folded into the first GEMM: x gets a column of ones (and zeros, to
-    keep 16-byte strides) and each expert's 16-bit weight cast gets its bias as the matching column, so the GEMM
-    adds it while it accumulates in fp32 (one rounding to 16 bits instead of two) and no pass over h [N, ffn]
-    adds it afterwards (on an H200 that pass took longer than the activation). The backward's GEMMs read strided
-    views that leave those columns out. The second bias (over y [N, out], 4x smaller) is added by a K=G GEMM
-    against the rows' group one-hot, as the loop backend does for both.
-
     ``trailing_rows`` (grouped_mm only; the loop slices them off before): x may hold rows after the last group
-    (the capacity path's dropped slots). No GEMM reads or writes them (the offsets end before them), so their
-    outputs and input gradients are left uninitialised (possibly NaN): the caller masks them. Elementwise work
-    (bias add, activation) runs over them harmlessly; the bias gradients are then per-group row sums
-    (``_bias_grad``) by a grouped GEMM instead of the one-hot GEMM, which would read them.
+    (the capacity path's dropped slots, their number known only on the device). They are run as one more group
+    against all-zero weights (``cast_with_zero_group``: the grouped GEMM's offsets then end at the last row), so
+    their outputs and input gradients are exact zeros, as the loop's padding gives, and no one has to mask them
+    afterwards. (A GEMM leaves rows past its last offset uninitialised, possibly NaN.) Their cost is the GEMM work
+    on the dropped slots, few at the usual capacity factors; the weight gradients take only the real groups.
 
     x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None;
     ``activation`` an ``Activation``."""
@@ -205,59 +179,55 @@ class GroupedFFN(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, counts, activation, backend, sizes, keep_cast_weights=True,
                 trailing_rows=False, recompute_activation=False):
         dt = x.dtype
-        fold_b1 = b1 is not None and backend == "grouped_mm"
-        # the one-hot of each row's group: the unfolded biases' add and (without trailing rows) both bias gradients
         onehot = (group_onehot(counts, x.shape[0], dt, trailing_rows) if (b1 is not None or b2 is not None)
                   else None)
-        in_features = w1.shape[2]
-        if fold_b1:
-            x_in, w1c = with_bias_column(x), with_bias_row(w1, b1, dt)
-        else:
-            x_in, w1c = x, w1.to(dt)
-        w2c = w2.to(dt)
-        h = _mm(x_in, w1c, counts, backend, sizes)
-        # onehot is made whenever there is a bias; the last test narrows its type
-        if b1 is not None and not fold_b1 and onehot is not None:
+        # the counts the GEMMs that write rows run with: the trailing rows as a last group (zero weights)
+        run_counts = torch.cat([counts, (x.shape[0] - counts.sum()).view(1)]) if trailing_rows else counts
+        w1c = cast_with_zero_group(w1, dt, trailing_rows)
+        w2c = cast_with_zero_group(w2, dt, trailing_rows)
+        h = _mm(x, w1c, run_counts, backend, sizes)
+        # onehot is made whenever there is a bias; the second test narrows its type
+        if b1 is not None and onehot is not None:
             h.addmm_(onehot, b1.to(dt))  # the bias of each row's group, as one K=G GEMM, in place
         a = activation(h)
-        y = _mm(a, w2c, counts, backend, sizes)
+        y = _mm(a, w2c, run_counts, backend, sizes)
         if b2 is not None and onehot is not None:
             y.addmm_(onehot, b2.to(dt))
         kept_a = None if recompute_activation else a
         if keep_cast_weights:
-            ctx.save_for_backward(x_in, h, kept_a, w1c, w2c, counts, onehot)
+            ctx.save_for_backward(x, h, kept_a, w1c, w2c, counts, run_counts, onehot)
         else:
-            ctx.save_for_backward(x_in, h, kept_a, w1, w2, counts, onehot)
+            ctx.save_for_backward(x, h, kept_a, w1, w2, counts, run_counts, onehot)
         ctx.weight_dtypes = (w1.dtype, w2.dtype)
         ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes
         ctx.has_bias = (b1 is not None, b2 is not None)
-        ctx.trailing_rows, ctx.in_features = trailing_rows, in_features
+        ctx.keep_cast_weights, ctx.trailing_rows = keep_cast_weights, trailing_rows
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x_in, h, a, w1, w2, counts, onehot = ctx.saved_tensors
+        x, h, a, w1, w2, counts, run_counts, onehot = ctx.saved_tensors
         act, backend, sizes = ctx.activation, ctx.backend, ctx.sizes
         w1_dtype, w2_dtype = ctx.weight_dtypes
-        In = ctx.in_features
-        x = x_in[:, :In]  # the folded bias's columns left out (a strided view, 16-byte aligned rows)
         dt = x.dtype
+        recast = not ctx.keep_cast_weights
         gy = gy.to(dt).contiguous()
         if a is None:
             a = act(h)
-        trailing = ctx.trailing_rows
-        ga = _mm_t(gy, w2.to(dt), counts, backend, sizes)
+        ga = _mm_t(gy, cast_with_zero_group(w2, dt, ctx.trailing_rows) if recast else w2, run_counts, backend,
+                   sizes)
         gh = act.backward(ga, h)
         del h, ga
         # the input gradient before the weight gradients: with recast weights (keep_cast_weights false) the
         # 16-bit cast of w1 it needs is freed before the two fp32 weight gradients exist (64 experts: 2 GiB less
         # at the peak, which comes at the last layer's backward, when every other gradient is there)
-        gx = _mm_t(gh, w1[..., :In].to(dt), counts, backend, sizes)
+        gx = _mm_t(gh, cast_with_zero_group(w1, dt, ctx.trailing_rows) if recast else w1, run_counts, backend,
+                   sizes)
         gw2 = wgrad_as(gy, a, counts, backend, sizes, w2_dtype)
-        gb2 = _bias_grad(gy, onehot, counts, backend, trailing).to(w2_dtype) if ctx.has_bias[1] else None
+        gb2 = _bias_grad(gy, onehot).to(w2_dtype) if ctx.has_bias[1] else None
         del a
         gw1 = wgrad_as(gh, x, counts, backend, sizes, w1_dtype)
-        gb1 = _bias_grad(gh, onehot, counts, backend, trailing).to(w1_dtype) if ctx.has_bias[0] else None
+        gb1 = _bias_grad(gh, onehot).to(w1_dtype) if ctx.has_bias[0] else None
         return gx, gw1, gb1, gw2, gb2, None, None, None, None, None, None, None
 
 

@@ -166,9 +166,9 @@ class GroupedExperts(nn.Module):
         ``GroupedFFN`` (grouped GEMM or a loop; see ``_gemm``).
 
         ``trailing_rows``: x may go on past the last group (the capacity path's dropped slots, sorted last).
-        They are not computed: the grouped GEMM leaves their output rows uninitialised (no host sync: the row
-        count stays on the device), the loop slices them off (it needs the counts on the host anyway) and pads
-        its output with zero rows. Either way the caller must not use those rows."""
+        Their outputs and input gradients are zeros: the grouped GEMM runs them as one more group against zero
+        weights (no host sync: the row count stays on the device), the loop slices them off (it needs the counts
+        on the host anyway) and pads its output with zero rows. Callers rely on the zeros (``_dispatch``)."""
         H, M = self.weight1.shape[1], self.weight1.shape[2]
         b = _gemm.choose_backend(x, M, H, backend or self.gemm_backend)
         x = x.to(_gemm.compute_dtype(x))
