@@ -38,8 +38,8 @@ def _run(backend, drop, starve=False, cf=1.25, autocast=True):
 
 def _assert_as_accurate_as_the_loop(drop, starve=False, cf=1.25):
     """grouped_mm against the per-expert loop, both in bf16 under autocast, each measured against the loop in
-    fp32 (no autocast): the grouped GEMM may round differently (it adds the first bias inside its fp32
-    accumulation, the loop after rounding h), so the two bf16 results differ by bf16 noise, which a cancelling
+    fp32 (no autocast): the grouped GEMM may round differently (another kernel, another accumulation order),
+    so the two bf16 results may differ by bf16 noise, which a cancelling
     sum (the gate's weight gradient with most slots dropped: 19 % from fp32 for both) magnifies. What must hold
     is that the grouped path is no less accurate than the loop: within 10 % of the loop's own error."""
     ref, _ = _run("loop", drop, starve, cf, autocast=False)

@@ -205,7 +205,7 @@ def test_activation_backward_is_autograds(name):
 def test_kept_activation_equals_recomputed(backend):
     """Keeping the activation's output for the backward (the default) against recomputing it there
     (``recompute_activation``): the same values, so bit for bit the same output and gradients, with an empty
-    group, on both backends (the grouped one folds the first bias into its GEMM)."""
+    group, on both backends."""
     if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch has no _grouped_mm")
     from ds_moe._gemm import GroupedFFN
@@ -335,3 +335,85 @@ def test_weight_gradient_chunk_size_from_the_environment(monkeypatch):
         monkeypatch.setenv("DS_MOE_WGRAD_CHUNK_MB", bad)
         with pytest.raises(MoEError, match="DS_MOE_WGRAD_CHUNK_MB"):
             _gemm.wgrad_chunk_bytes()
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+@pytest.mark.parametrize("keep,recompute", [(True, False), (False, False), (True, True), (False, True)])
+def test_trailing_rows_are_exact_zeros(keep, recompute):
+    """On the grouped GEMM the trailing rows (dropped slots past the last group) run against an all-zero expert:
+    their outputs and input gradients are exact zeros, whatever gradient arrives for them (callers rely on it:
+    nothing masks them any more), and the real rows equal the run without trailing rows bit for bit."""
+    from ds_moe._gemm import GroupedFFN
+
+    g = torch.Generator().manual_seed(8)
+    counts = torch.tensor([2, 0, 5])
+    x = torch.randn(10, 8, generator=g)
+    params = [torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, generator=g),
+              torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, generator=g)]
+    gy = torch.randn(10, 8, generator=g)  # non-zero on the trailing rows too
+    out = {}
+    for rows, trailing in ((10, True), (7, False)):
+        leaves = [x[:rows].clone().requires_grad_(True)] + [p.clone().requires_grad_(True) for p in params]
+        y = GroupedFFN.apply(*leaves, counts, ACTIVATIONS["gelu"], "grouped_mm", None, keep, trailing, recompute)
+        y.backward(gy[:rows])
+        out[trailing] = [y.detach(), leaves[0].grad] + [t.grad for t in leaves[1:]]
+    y, gx = out[True][:2]
+    assert torch.equal(y[7:], torch.zeros(3, 8)) and torch.equal(gx[7:], torch.zeros(3, 8))
+    assert torch.equal(y[:7], out[False][0]) and torch.equal(gx[:7], out[False][1])
+    for a, b in zip(out[True][2:], out[False][2:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # the bias grads' one-hot GEMM sees 3 more rows
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+def test_trailing_rows_hold_no_weight_copy_for_16bit_weights():
+    """Weights already in the compute dtype (bf16 params, no autocast) are their own cast: with trailing rows the
+    zero-group buffer is a copy, so the forward saves the parameters themselves for the backward, not the copy."""
+    from ds_moe._gemm import GroupedFFN
+
+    g = torch.Generator().manual_seed(9)
+    counts = torch.tensor([3, 4])
+    x = torch.randn(9, 8, generator=g).bfloat16().requires_grad_(True)
+    w1 = torch.randn(2, 16, 8, generator=g).bfloat16().requires_grad_(True)
+    w2 = torch.randn(2, 8, 16, generator=g).bfloat16().requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = GroupedFFN.apply(x, w1, None, w2, None, counts, ACTIVATIONS["gelu"], "grouped_mm", None, True, True)
+    big = [t for t in saved if t.dim() == 3]
+    assert len(big) == 2 and all(any(t is w for w in (w1, w2)) for t in big)
+    y.float().pow(2).sum().backward()
+    assert torch.equal(y[7:].float(), torch.zeros(2, 8)) and w1.grad is not None and w2.grad is not None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_weighted_sum_and_slot_sum_have_exact_gradients(k):
+    """The combine (``_WeightedSum``: a multiply and fused multiply-adds) and the slot sum (``_sum_slots``: adds
+    for k <= 4, a reduction above) against their plain formulas and gradcheck, float64, every branch."""
+    from ds_moe._dispatch import _sum_slots, _WeightedSum
+
+    g = torch.Generator().manual_seed(k)
+    y = torch.randn(5, k, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, k, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.testing.assert_close(_WeightedSum.apply(y, w), (y * w.unsqueeze(-1)).sum(1), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(_sum_slots(y), y.sum(1), rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(_WeightedSum.apply, (y, w))
+    assert torch.autograd.gradcheck(_sum_slots, (y,))
+    # a frozen router: no gradient asked for the weights, none computed, the output gradient unchanged
+    out = _WeightedSum.apply(y, w.detach())
+    (gy,) = torch.autograd.grad(out.sum(), y)
+    assert torch.equal(gy, w.detach().unsqueeze(-1).expand_as(y))
+
+
+def test_modules_with_activations_pickle():
+    """Every activation's Activation (forward and backward) pickles, so ``torch.save`` of a whole module works."""
+    import io
+
+    for name in ACTIVATIONS:
+        buf = io.BytesIO()
+        torch.save(MoE(M, FFNExpert(M, H, activation=name), num_experts=2), buf)
+        buf.seek(0)
+        assert isinstance(torch.load(buf, weights_only=False), MoE)

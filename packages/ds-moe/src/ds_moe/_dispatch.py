@@ -1,7 +1,8 @@
 """Moving tokens to their experts and back: the capacity path and the dropless path, with the all-to-alls.
 
-Capacity path (``drop_tokens=True``, DeepSpeed's semantics). On one rank (``ep_size`` 1) only the kept slots are
-computed, sorted by expert, with no host sync (see ``sorted_forward``). With expert parallelism every kept slot is written to row
+Capacity path (``drop_tokens=True``, DeepSpeed's semantics). On one rank (``ep_size`` 1) the slots are sorted by
+expert and the kept ones computed, the dropped ones run as exact zeros, with no host sync (see ``sorted_forward``).
+With expert parallelism every kept slot is written to row
 ``expert * C + location`` of an ``[E*C, M]`` buffer (dropped slots to one junk row past the end, so nothing
 needs a host sync), the buffer goes through a fixed-size ``all_to_all_single`` (rank r receives, from every
 rank of its expert-parallel group, the C rows of each of its local experts), the experts run as a batch
@@ -121,12 +122,13 @@ class _WeightedSum(torch.autograd.Function):
     """``(y * w[..., None]).sum(1)``: [S, k, M] expert outputs and [S, k] combine weights -> [S, M], with the
     weights cast to y's dtype first (as the product under autocast would). The forward is one multiply and k - 1
     fused multiply-adds over [S, M] views instead of an [S, k, M] product and a reduction; the backward is the
-    same two products autograd forms, with the slot sum as adds (``_sum_slots``)."""
+    two products autograd forms. y is saved only when w needs a gradient (a frozen router's weights do not), as
+    autograd's multiply would."""
 
     @staticmethod
     def forward(ctx, y: Tensor, w: Tensor) -> Tensor:
         wd = w.to(y.dtype)
-        ctx.save_for_backward(y, wd)
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, wd)
         ctx.w_dtype = w.dtype
         out = y[:, 0] * wd[:, 0:1]
         for j in range(1, y.shape[1]):
@@ -137,9 +139,9 @@ class _WeightedSum(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         y, wd = ctx.saved_tensors
         g = g.unsqueeze(1)
-        gy = g * wd.unsqueeze(-1)
-        gw = (y * g).sum(dim=-1)
-        return gy, gw.to(ctx.w_dtype)
+        gy = g * wd.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        gw = (y * g).sum(dim=-1).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return gy, gw
 
 
 def _inverse(perm: Tensor) -> Tensor:
@@ -154,9 +156,9 @@ def _combine(y_slots: Tensor, r: Routing) -> Tensor:
 def capacity_forward(x: Tensor, r: Routing, experts, ep_size: int, ep_group, num_local: int,
                      backend: Optional[str] = None) -> Tensor:
     if ep_size == 1:
-        # one rank: only the kept slots are computed, sorted by expert, not every row of every expert's buffer
-        # (the unfilled rows only ever meet a zero combine weight): same output, up to capacity_factor x fewer
-        # expert FLOPs
+        # one rank: the S*k slots sorted by expert, not every row of every expert's buffer (the unfilled rows only
+        # ever meet a zero combine weight): same output; the dropped slots run as zeros against a zero expert, so
+        # below capacity_factor 1 this computes more rows than the E*C buffer would
         return sorted_forward(x, r, experts, 1, None, num_local, backend)
     if r.capacity is None:  # MOELayer sends the dropless routing (no capacity) to sorted_forward
         raise MoEError("capacity_forward needs a routing with a capacity; the dropless path is sorted_forward")

@@ -92,7 +92,9 @@ def _mm_t(g: Tensor, w: Tensor, counts: Tensor, backend: str, sizes: Optional[li
 
 def _bias_grad(g: Tensor, onehot: Tensor) -> Tensor:
     """Per group: the sum of its rows of g ([N, C] -> [G, C]), a bias gradient, as the one-hot GEMM
-    ``onehot^T @ g``. Trailing rows past the last group have zero one-hot rows (and zero g: see ``GroupedFFN``)."""
+    ``onehot^T @ g``. Trailing rows past the last group have zero one-hot rows, and finite g (the output
+    gradient there is zero: the combine weight of a dropped slot; the pre-activation gradient zero: the zero
+    group), so they add nothing."""
     return onehot.t() @ g
 
 
@@ -170,7 +172,10 @@ class GroupedFFN(torch.autograd.Function):
     against all-zero weights (``cast_with_zero_group``: the grouped GEMM's offsets then end at the last row), so
     their outputs and input gradients are exact zeros, as the loop's padding gives, and no one has to mask them
     afterwards. (A GEMM leaves rows past its last offset uninitialised, possibly NaN.) Their cost is the GEMM work
-    on the dropped slots, few at the usual capacity factors; the weight gradients take only the real groups.
+    on the dropped slots, few at the usual capacity factors, and a weight cast one expert larger (kept until the
+    backward with ``keep_cast_weights``: 1/G of a layer's 16-bit expert weights more); the weight gradients take
+    only the real groups. With weights already in the compute dtype the zero-group buffer is a copy the plain
+    path does not make, so it is rebuilt in the backward rather than held.
 
     x must already be in the compute dtype; weights [G, out, in] (nn.Linear's layout), biases [G, out] or None;
     ``activation`` an ``Activation``."""
@@ -194,14 +199,16 @@ class GroupedFFN(torch.autograd.Function):
         if b2 is not None and onehot is not None:
             y.addmm_(onehot, b2.to(dt))
         kept_a = None if recompute_activation else a
-        if keep_cast_weights:
-            ctx.save_for_backward(x, h, kept_a, w1c, w2c, counts, run_counts, onehot)
-        else:
-            ctx.save_for_backward(x, h, kept_a, w1, w2, counts, run_counts, onehot)
+        # which weights the backward gets as the forward's casts (else as the parameters, cast again there): a
+        # weight already in the compute dtype (bf16 params without autocast) is its own cast, except that the
+        # zero-group buffer is a copy, which is not worth holding until the backward (rebuilt there instead)
+        ctx.kept_casts = tuple(keep_cast_weights and not (trailing_rows and w.dtype == dt) for w in (w1, w2))
+        ctx.save_for_backward(x, h, kept_a, w1c if ctx.kept_casts[0] else w1, w2c if ctx.kept_casts[1] else w2,
+                              counts, run_counts, onehot)
         ctx.weight_dtypes = (w1.dtype, w2.dtype)
         ctx.activation, ctx.backend, ctx.sizes = activation, backend, sizes
         ctx.has_bias = (b1 is not None, b2 is not None)
-        ctx.keep_cast_weights, ctx.trailing_rows = keep_cast_weights, trailing_rows
+        ctx.trailing_rows = trailing_rows
         return y
 
     @staticmethod
@@ -210,18 +217,18 @@ class GroupedFFN(torch.autograd.Function):
         act, backend, sizes = ctx.activation, ctx.backend, ctx.sizes
         w1_dtype, w2_dtype = ctx.weight_dtypes
         dt = x.dtype
-        recast = not ctx.keep_cast_weights
+        kept1, kept2 = ctx.kept_casts
         gy = gy.to(dt).contiguous()
         if a is None:
             a = act(h)
-        ga = _mm_t(gy, cast_with_zero_group(w2, dt, ctx.trailing_rows) if recast else w2, run_counts, backend,
+        ga = _mm_t(gy, w2 if kept2 else cast_with_zero_group(w2, dt, ctx.trailing_rows), run_counts, backend,
                    sizes)
         gh = act.backward(ga, h)
         del h, ga
         # the input gradient before the weight gradients: with recast weights (keep_cast_weights false) the
         # 16-bit cast of w1 it needs is freed before the two fp32 weight gradients exist (64 experts: 2 GiB less
         # at the peak, which comes at the last layer's backward, when every other gradient is there)
-        gx = _mm_t(gh, cast_with_zero_group(w1, dt, ctx.trailing_rows) if recast else w1, run_counts, backend,
+        gx = _mm_t(gh, w1 if kept1 else cast_with_zero_group(w1, dt, ctx.trailing_rows), run_counts, backend,
                    sizes)
         gw2 = wgrad_as(gy, a, counts, backend, sizes, w2_dtype)
         gb2 = _bias_grad(gy, onehot).to(w2_dtype) if ctx.has_bias[1] else None

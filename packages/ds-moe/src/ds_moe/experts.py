@@ -7,7 +7,7 @@ from dense ones. Both classes here do the same.
 
 When the expert is an ``FFNExpert`` (Linear -> activation -> Linear), the layer keeps the copies stacked in
 ``GroupedExperts``: one ``[local_experts, out, in]`` tensor per Linear, run by ``_gemm.GroupedFFN`` (two grouped
-GEMMs for all local experts, memory-optimised backward) on both token paths, instead of a Python loop. Any other module runs
+GEMMs for all local experts, a written-out backward) on both token paths, instead of a Python loop. Any other module runs
 through ``Experts`` with a loop, as in DeepSpeed. ``expert_state_dict(i)`` / ``load_expert_state_dict(i, sd)``
 give both the same per-expert view (the keys of the template module), which checkpoints use.
 """
@@ -26,13 +26,35 @@ from . import _gemm
 from .errors import MoEError
 
 _aten = torch.ops.aten
+
+
+# module-level functions, not lambdas: modules holding an Activation stay picklable (torch.save of a module)
+def _gelu_tanh(h: Tensor) -> Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
+def _gelu_grad(g: Tensor, h: Tensor) -> Tensor:
+    return _aten.gelu_backward(g, h)
+
+
+def _gelu_tanh_grad(g: Tensor, h: Tensor) -> Tensor:
+    return _aten.gelu_backward(g, h, approximate="tanh")
+
+
+def _relu_grad(g: Tensor, h: Tensor) -> Tensor:
+    return _aten.threshold_backward(g, h, 0)
+
+
+def _silu_grad(g: Tensor, h: Tensor) -> Tensor:
+    return _aten.silu_backward(g, h)
+
+
 # each with the backward op its autograd node runs, so GroupedFFN's backward is autograd's bit for bit
 ACTIVATIONS = {
-    "gelu": _gemm.Activation("gelu", F.gelu, lambda g, h: _aten.gelu_backward(g, h)),
-    "gelu_tanh": _gemm.Activation("gelu_tanh", lambda h: F.gelu(h, approximate="tanh"),
-                                  lambda g, h: _aten.gelu_backward(g, h, approximate="tanh")),
-    "relu": _gemm.Activation("relu", F.relu, lambda g, h: _aten.threshold_backward(g, h, 0)),
-    "silu": _gemm.Activation("silu", F.silu, lambda g, h: _aten.silu_backward(g, h)),
+    "gelu": _gemm.Activation("gelu", F.gelu, _gelu_grad),
+    "gelu_tanh": _gemm.Activation("gelu_tanh", _gelu_tanh, _gelu_tanh_grad),
+    "relu": _gemm.Activation("relu", F.relu, _relu_grad),
+    "silu": _gemm.Activation("silu", F.silu, _silu_grad),
 }
 
 
