@@ -230,3 +230,26 @@ def test_direct_io_config():
     with pytest.raises(ValidationError, match="direct_io true is for device \"nvme\""):
         EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
             "device": "cpu", "direct_io": True}}})
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_pinned_aligned_empty_asks_for_the_exact_size_first(aligned, monkeypatch):
+    """Pinned buffers: torch's caching host allocator rounds a block up to a power of two, so the unpinned path's
+    ALIGN extra bytes would double a power-of-two buffer. The pinned path asks for exactly 4 n bytes and keeps
+    them when they come page-aligned (cudaHostAlloc's blocks do), and only else over-allocates. Stands in for the
+    pinned allocator (CI has no CUDA) with one that returns aligned or misaligned blocks."""
+    real_empty = torch.empty
+    asked = []
+
+    def fake_empty(size, dtype=None, pin_memory=False):
+        asked.append((size, pin_memory))
+        block = real_empty(size + 2 * _swap.ALIGN, dtype=dtype)
+        skip = -block.data_ptr() % _swap.ALIGN + (0 if aligned else 64)
+        return block[skip:skip + size]
+
+    monkeypatch.setattr(_swap.torch, "empty", fake_empty)
+    n = 1 << 20  # 4 MiB: a power of two
+    out = _swap.aligned_empty(n, pin=True)
+    assert out.numel() == n and out.dtype == torch.float32 and out.data_ptr() % _swap.ALIGN == 0
+    assert asked[0] == (4 * n, True)
+    assert asked == [(4 * n, True)] if aligned else asked == [(4 * n, True), (4 * n + _swap.ALIGN, True)]

@@ -110,7 +110,16 @@ def aligned_empty(n: int, pin: bool) -> torch.Tensor:
     """An uninitialised fp32 tensor of ``n`` elements starting on an :data:`ALIGN`-byte boundary, pinned when
     ``pin``: ``O_DIRECT`` reads and writes it. torch's CPU allocator aligns to 64 bytes only and a pinned block's
     alignment is the caching host allocator's business, so a uint8 block one ``ALIGN`` longer is allocated and
-    the aligned part viewed (the view keeps the block alive)."""
+    the aligned part viewed (the view keeps the block alive).
+
+    Pinned, the exact size is tried first: torch's caching host allocator hands out whole ``cudaHostAlloc``
+    blocks (page-aligned) rounded up to a power of two, so the extra ``ALIGN`` bytes would double the pinned
+    memory of a buffer whose size is an exact power of two."""
+    if pin:
+        exact = torch.empty(4 * n, dtype=torch.uint8, pin_memory=True)
+        if exact.data_ptr() % ALIGN == 0:
+            return exact.view(torch.float32)
+        del exact
     raw = torch.empty(4 * n + ALIGN, dtype=torch.uint8, pin_memory=pin)
     skip = -raw.data_ptr() % ALIGN
     out = raw[skip:skip + 4 * n].view(torch.float32)
