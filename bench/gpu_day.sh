@@ -4,11 +4,13 @@
 #   moe     ds-moe `bench/moe_bench.py all` beside the anchor's DeepSpeed MoE (top-2), same run
 #   ckpt    bench/activation_ckpt_bench.py (every variant, cpu_checkpointing included)
 #   pipe    bench/pipe_gpu_overhead.py (one-stage ds-pipe against the plain loop)
+#   streamprobe  bench/offload_stream_probe.py (CPUAdam alone, the GPU stepping host state streamed, the splits)
 #   limits  bench/host_limits.py (triad -> CPU Adam floor, pinned PCIe)
 #   offload the 3.94 B GPT with CPU offload: DeepSpeed ZeRO-2 + offload, then ds-zero z2 + offload with the
 #           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eagerauto40 / eagermeasure40: the
 #           eager step with ratio "auto" under a 40 GiB cap, planned from the default reserve / from the first
-#           step's measured peak; eagersmall: eager with 1e8 chunks and
+#           step's measured peak; eagermeasure40sNN / eagersNN: the same / the eager step at ratio 1, with NN % of
+#           the CPU-held state streamed through the GPU (offload_optimizer.stream_ratio); eagersmall: eager with 1e8 chunks and
 #           2e8 buckets, timeline recorded; eagerbf16: eager with
 #           offload_optimizer.state_dtype bf16 (opt-in 16-bit moments); spec: the default bf16 overflow check on
 #           (with speculative_step on, opt-in), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
@@ -60,6 +62,9 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
     pipe)
       timeout 150 torchrun --nproc_per_node 1 bench/pipe_gpu_overhead.py > "$OUT/pipe.log" 2>&1
       echo "pipe rc=$?"; grep -E "^\[pipe|Error" "$OUT/pipe.log" | res ;;
+    streamprobe)  # the host's two paths for an offloaded Adam element: CPUAdam, and the GPU with the state streamed
+      timeout 150 python3 bench/offload_stream_probe.py --elements "${PROBE_ELEMENTS:-1e9}" > "$OUT/stream_probe.log" 2>&1
+      echo "stream probe rc=$?"; grep -E "^split|^best|^host|Error" "$OUT/stream_probe.log" | res ;;
     limits)
       timeout 120 python3 bench/host_limits.py --out "$OUT/host_limits.json" > "$OUT/limits.log" 2>&1
       echo "limits rc=$?"; grep -E "^\[host|Error" "$OUT/limits.log" | res ;;
@@ -81,6 +86,10 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           eager) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0) ;;
           eagerauto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
           eagermeasure40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto OFFLOAD_RESERVE=measure MEM_CAP_GIB=40) ;;
+          eagermeasure40s[0-9]*)  # eagermeasure40s30: the same with 30 % of the CPU-held state streamed (stream_ratio 0.3)
+            cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto OFFLOAD_RESERVE=measure MEM_CAP_GIB=40 OFFLOAD_STREAM=0.${v#eagermeasure40s}) ;;
+          eagers[0-9]*)  # eagers30: the eager step at ratio 1 with 30 % of the state streamed
+            cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_STREAM=0.${v#eagers}) ;;
           eagersmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 BUCKET=2e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_eager.json) ;;
           spec) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_SPECULATIVE=1) ;;
           specclip) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 OFFLOAD_SPECULATIVE=1 CLIP=1.0 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_specclip.json) ;;

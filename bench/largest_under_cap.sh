@@ -38,7 +38,8 @@ for engine in ${ENGINES:-ds3off z3@1}; do
     fi
     why="rc=$rc"
     grep -q "OutOfMemoryError\|CUDA out of memory" "$log" && why="GPU cap ($cap GiB): CUDA out of memory"
-    [ $rc -eq 137 ] && why="killed (host memory)"
+    # killed by the kernel (the OOM killer: host memory): rc 137 from the script itself, rc 1 from torchrun
+    { [ $rc -eq 137 ] || grep -q "Signal 9 (SIGKILL)" "$log"; } && why="killed (SIGKILL: host memory)"
     [ $rc -eq 124 ] && why="time limit ${RUN_TIMEOUT:-300} s (size unknown)"
     echo "$engine $size stops: $why" | tee -a "$OUT/largest.txt"
     break

@@ -14,7 +14,9 @@ OFFLOAD_CHUNK=N its chunk size in elements (``sub_group_size``, default 1e9: one
 OFFLOAD_EAGER=0 turns the eager step off (chunks stepped during backward where nothing global enters the update:
 it needs BF16_CHECK=0, bf16 without the overflow check, as DeepSpeed's bf16), OFFLOAD_RATIO=r|auto the share of the optimizer state on the CPU (``offload_optimizer.ratio``; default 1),
 OFFLOAD_RESERVE=GiB|measure its ``auto_reserve_gib`` (measure: the first step's peak plans it),
-OFFLOAD_STATE_DTYPE=bf16 CPUAdam's moments in bf16 (``offload_optimizer.state_dtype``, opt-in), CLIP=x
+OFFLOAD_STATE_DTYPE=bf16 CPUAdam's moments in bf16 (``offload_optimizer.state_dtype``, opt-in),
+OFFLOAD_STREAM=f the share of the CPU-held state the GPU steps with it streamed over PCIe
+(``offload_optimizer.stream_ratio``), CLIP=x
 gradient_clipping (with it, or with the overflow check, the eager step needs OFFLOAD_SPECULATIVE=1: the opt-in
 ``speculative_step``), and
 DS_ZERO_OFFLOAD_TIMELINE=path.json records each step's per-chunk D2H / CPU / H2D spans (draw them with
@@ -103,6 +105,8 @@ def main():
                 off["speculative_step"] = os.environ["OFFLOAD_SPECULATIVE"] != "0"
             if os.environ.get("OFFLOAD_STATE_DTYPE"):  # bf16: CPUAdam's moments in bf16 (stochastic rounding)
                 off["state_dtype"] = os.environ["OFFLOAD_STATE_DTYPE"]
+            if os.environ.get("OFFLOAD_STREAM"):  # the share of the CPU-held state the GPU steps streamed
+                off["stream_ratio"] = float(os.environ["OFFLOAD_STREAM"])
             if os.environ.get("OFFLOAD_CHUNK"):  # the overlapped step's chunk (elements)
                 cfg["zero_optimization"]["sub_group_size"] = int(float(os.environ["OFFLOAD_CHUNK"]))
         if name == "z3" and offload == "1":

@@ -123,6 +123,8 @@ class CPUOffload:
         self.chunk_numel = 1_000_000_000
         #: ``offload_optimizer.ratio`` (a number, or "auto" until planned) and the planner's activation reserve
         self.ratio: float | str = 1.0
+        #: ``offload_optimizer.stream_ratio``: the share of the CPU-held state the device steps streamed
+        self.stream_ratio = 0.0
         self.auto_reserve_gib: float | str | None = None
         #: ``auto_reserve_gib: "measure"``: the plan waits for the first step's measured peak (``replan_measured``)
         self.measure_pending = False
@@ -140,6 +142,9 @@ class CPUOffload:
                     model_dtype: torch.dtype, process_group=None) -> CPUOffload | None:
         off = config.zero_optimization.offload_optimizer
         par = config.zero_optimization.offload_param
+        if mode_name == "stage3" and off is not None and off.stream_ratio > 0:
+            raise ValueError(f"zero_optimization.offload_optimizer.stream_ratio {off.stream_ratio!r} is built for "
+                             "stages 0-2; at stage 3 FSDP2's CPU offload steps the fp32 shards on the CPU")
         if mode_name == "stage3" and off is not None and off.ratio != 1.0:
             raise ValueError(f"zero_optimization.offload_optimizer.ratio {off.ratio!r} (partial offload) is built for "
                              "stages 0-2; at stage 3 the fp32 shards are FSDP2's and go to the CPU whole")
@@ -183,6 +188,7 @@ class CPUOffload:
             offload.pin = True
         offload.chunk_numel = config.zero_optimization.sub_group_size
         offload.ratio, offload.auto_reserve_gib = off.ratio, off.auto_reserve_gib
+        offload.stream_ratio = off.stream_ratio if offload.overlap_step else 0.0
         offload.state_dtype = _state_dtype(off)
         offload.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         offload.group = process_group  # set-up errors (host memory, NVMe) are agreed over it
@@ -288,7 +294,8 @@ class CPUOffload:
         if masters is None or not self.overlap_step:
             return
         from ._offload_partial import DevicePart, resolve_ratio
-        from ._offload_pipeline import OffloadPipeline
+        from ._offload_pipeline import STREAM_SLICE, OffloadPipeline
+        from ._offload_stream import StreamedSteps
         from ._optim import rebuild_optimizer
 
         ends = None
@@ -304,6 +311,8 @@ class CPUOffload:
         if self.ratio != 1.0:
             sizes = [0 if p is None else p.numel() for p in masters.params]
             grad_bytes = planned_grad_bytes(masters.buckets)
+            if self.stream_ratio > 0:  # the streamed step's device slices, beside the gradients
+                grad_bytes += StreamedSteps.device_bytes(STREAM_SLICE)
             reserve = self.auto_reserve_gib if isinstance(self.auto_reserve_gib, (int, float)) else None
             self.ratio = resolve_ratio(self.ratio, self.device, sizes, grad_bytes, reserve, self.group)
             if self.ratio < 1.0:
@@ -312,7 +321,12 @@ class CPUOffload:
                 masters.device_part = part
                 ends = part.start
         masters.pipeline = OffloadPipeline(masters, self.chunk_numel, self.device, self.pin, self.global_rank,
-                                           ends)
+                                           ends, self.stream_ratio)
+        if self.stream_ratio > 0:
+            logger.info("ds_zero: offload_optimizer.stream_ratio %.2f: the device steps %d chunks of the host-held "
+                        "state, streamed (%.1f GiB of device slices)", self.stream_ratio,
+                        sum(c.streamed for c in masters.pipeline.chunks),
+                        StreamedSteps.device_bytes(STREAM_SLICE) / 2**30)
 
     def replan_measured(self, optimizer) -> None:
         """``auto_reserve_gib: "measure"``, after the first step (a quiet point: no chunk in flight): move to the

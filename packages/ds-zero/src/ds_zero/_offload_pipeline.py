@@ -71,42 +71,62 @@ import torch
 from ._buckets import Bucket
 from ._partition import GroupGrads
 from ._offload_speculation import KeptCopies, live_ranges, nbytes_kept
+from ._offload_stream import StreamedSteps
 
 #: the environment variable that turns on the per-chunk timeline (a JSON path)
 TIMELINE_ENV = "DS_ZERO_OFFLOAD_TIMELINE"
 _TIMELINE_STEPS = 50
 
 
+#: the largest streamed chunk (elements): the device holds two sets of its master and moments (fp32, 24 bytes
+#: per element in all: 768 MiB at this size)
+STREAM_SLICE = 1 << 25
+#: the streamed part of a bucket starts on a multiple of this many elements (16-byte vector accesses)
+_STREAM_ALIGN = 32
+
+
 @dataclass
 class Chunk:
     """A piece of one bucket's shard: master elements ``[lo, hi)`` of param group ``group`` (the layout of
     ``_partition.assign_group_offsets``), which are the bucket's shard elements ``[lo - bucket.master_offset,
-    hi - bucket.master_offset)``."""
+    hi - bucket.master_offset)``. ``streamed``: the device steps it, its state streamed over PCIe (module doc)."""
 
     index: int
     bucket: Bucket
     group: int
     lo: int
     hi: int
+    streamed: bool = False
 
     @property
     def piece(self) -> tuple[int, int]:
         return self.lo - self.bucket.master_offset, self.hi - self.bucket.master_offset
 
 
-def build_chunks(buckets: list[Bucket], chunk_numel: int, ends: list[int] | None = None) -> list[Chunk]:
+def build_chunks(buckets: list[Bucket], chunk_numel: int, ends: list[int] | None = None,
+                 stream_ratio: float = 0.0, stream_slice: int = STREAM_SLICE) -> list[Chunk]:
     """Each bucket's shard in pieces of at most ``chunk_numel`` elements, buckets in index order; ``ends[g]``:
-    group ``g``'s master elements from it on are not the CPU's (``offload_optimizer.ratio``, ``_offload_partial``)."""
-    if chunk_numel < 1:
-        raise ValueError(f"offload chunk size must be positive, got {chunk_numel}")
+    group ``g``'s master elements from it on are not the CPU's (``offload_optimizer.ratio``, ``_offload_partial``).
+    ``stream_ratio``: the last such share of each bucket's host-held range is streamed (``offload_optimizer.
+    stream_ratio``), in pieces of at most ``stream_slice`` elements after the bucket's CPU chunks: every bucket
+    that lands gives both the CPU and the device work."""
+    if chunk_numel < 1 or stream_slice < 1:
+        raise ValueError(f"offload chunk size must be positive, got {chunk_numel} (streamed: {stream_slice})")
     out: list[Chunk] = []
     for bucket in sorted(buckets, key=lambda b: b.index):
         first = bucket.master_offset
         end = bucket.master_offset + bucket.shard_numel
         if ends:
             end = min(end, ends[bucket.group_index])
-        for lo in range(first, end, chunk_numel):
-            out.append(Chunk(len(out), bucket, bucket.group_index, lo, min(end, lo + chunk_numel)))
+        cut = end
+        if stream_ratio > 0 and end > first:
+            keep = (end - first) - round((end - first) * stream_ratio)
+            cut = first + (keep + _STREAM_ALIGN - 1) // _STREAM_ALIGN * _STREAM_ALIGN
+            cut = min(end, cut) if stream_ratio < 1 else first
+        for lo in range(first, cut, chunk_numel):
+            out.append(Chunk(len(out), bucket, bucket.group_index, lo, min(cut, lo + chunk_numel)))
+        for lo in range(cut, end, stream_slice):
+            out.append(Chunk(len(out), bucket, bucket.group_index, lo, min(end, lo + stream_slice), streamed=True))
     return out
 
 
@@ -114,10 +134,14 @@ class OffloadPipeline:
     """The chunked, overlapped CPU step of one :class:`~._offload.OffloadedMasters` (see the module doc)."""
 
     def __init__(self, masters, chunk_numel: int, device: torch.device, pin: bool, rank: int = 0,
-                 ends: list[int] | None = None) -> None:
+                 ends: list[int] | None = None, stream_ratio: float = 0.0,
+                 stream_slice: int = STREAM_SLICE) -> None:
         self.masters = masters
         self._chunk_numel = chunk_numel
-        self.chunks = build_chunks(masters.buckets, chunk_numel, ends)
+        self._stream_ratio, self._stream_slice = stream_ratio, stream_slice
+        self.chunks = build_chunks(masters.buckets, chunk_numel, ends, stream_ratio, stream_slice)
+        #: ``offload_optimizer.stream_ratio`` > 0: the device steps the streamed chunks (``_offload_stream``)
+        self.streamed = StreamedSteps(device, stream_slice) if stream_ratio > 0 else None
         self.device = device
         self.cuda = device.type == "cuda"
         self.pin = pin
@@ -133,6 +157,10 @@ class OffloadPipeline:
         if self.path and rank:
             self.path = f"{self.path}.rank{rank}.json"
         self._timeline: list[dict] = []
+        if self.streamed is not None:
+            self.streamed.timing = self.path is not None
+        #: the compute stream's point the step's copies and streamed chunks start after (:meth:`fence`)
+        self._fenced_at: Any = None
         self._by_bucket: dict[int, list[Chunk]] = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
@@ -156,13 +184,19 @@ class OffloadPipeline:
         self._worker: ThreadPoolExecutor | None = None
         #: chunks stepped during backward in the last step (the tests read it)
         self.eager_chunks = 0
+        #: streamed chunks the device stepped in the last step, and how many of them were queued in backward
+        #: (the tests read them)
+        self.streamed_chunks = self.streamed_eager_chunks = 0
 
     def rechunk(self, ends: list[int]) -> None:
         """The chunks anew for a changed device part (``ends[g]``: group ``g``'s first element not stepped on the
         CPU); only between steps, with nothing of a window in flight."""
         if self._eager is not None or self._stepped or self._copied or self._failed or self._advanced:
             raise RuntimeError("offload: the chunks can only change between steps (a window is in flight)")
-        self.chunks = build_chunks(self.masters.buckets, self._chunk_numel, ends)
+        if self.streamed is not None and self.streamed.queued:
+            raise RuntimeError("offload: the chunks can only change between steps (a window is in flight)")
+        self.chunks = build_chunks(self.masters.buckets, self._chunk_numel, ends, self._stream_ratio,
+                                   self._stream_slice)
         self._by_bucket = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
@@ -202,6 +236,8 @@ class OffloadPipeline:
         if self.cuda:
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
             self._h2d.wait_stream(torch.cuda.current_stream(self.device))
+            self._fenced_at = torch.cuda.Event()
+            self._fenced_at.record(torch.cuda.current_stream(self.device))
 
     # -- stage 2: copies started in backward ----------------------------------------------------------------
     def begin_window(self, eager: tuple[Any, dict, float] | None = None,
@@ -212,6 +248,8 @@ class OffloadPipeline:
         what it overwrites, within that many bytes (the speculative step)."""
         self.check_no_eager_steps("a boundary backward")
         self._copied.clear()
+        if self.streamed is not None:
+            self.streamed.begin_window()
         self._advanced = False
         self._backward_over = False
         self._eager = eager
@@ -230,9 +268,9 @@ class OffloadPipeline:
         if self._speculation is not None and (self._stepped or self._advanced):
             self.rolled_back_chunks += self._rollback()  # undone exactly: as if no chunk had stepped
             return
-        if self._stepped:
-            n = len(self._stepped)
+        if self._stepped or self._streamed_now():
             self._wait_quietly()  # let the worker finish writing first
+            n = len(self._stepped) + (self.streamed.forget() if self.streamed is not None else 0)
             self._stepped.clear()
             self._failed = n  # neither finished nor undone: only a load recovers
             raise RuntimeError(
@@ -246,8 +284,8 @@ class OffloadPipeline:
         if self._speculation is not None:
             self.rolled_back_chunks += self._rollback()
             return
-        n = len(self._stepped)
         self._wait_quietly()
+        n = len(self._stepped) + (self.streamed.forget() if self.streamed is not None else 0)
         self._stepped.clear()
         self._advanced, self._eager = False, None
         self._failed = self._failed or n
@@ -257,12 +295,18 @@ class OffloadPipeline:
         bookkeeping of the interrupted window dropped (and their H2D copies landed, before the load writes the
         params)."""
         self._wait_quietly()
+        if self.streamed is not None:
+            self.streamed.forget()
         if self.cuda:
             self._h2d.synchronize()
         self._stepped.clear()
         self._copied.clear()
         self._kept.end_window()
         self._advanced, self._eager, self._failed, self._speculation = False, None, 0, None
+
+    def _streamed_now(self) -> int:
+        """Streamed chunks queued in this window (their host state is being updated)."""
+        return len(self.streamed.queued) if self.streamed is not None else 0
 
     def _wait_quietly(self) -> None:
         for future in self._stepped.values():
@@ -277,7 +321,7 @@ class OffloadPipeline:
         self._copied.clear()
         if self._speculation is not None and (self._stepped or self._advanced):
             self.rolled_back_chunks += self._rollback()
-        elif self._stepped:  # non-speculative eager steps happen only where no step can be skipped
+        elif self._stepped or self._streamed_now():  # eager steps happen only where no step can be skipped
             raise RuntimeError("offload: a step with eager CPU chunks cannot be skipped")
         self._eager = self._speculation = None
 
@@ -313,6 +357,8 @@ class OffloadPipeline:
         if self.cuda:  # after the reduction that produced it, in the compute stream's order
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
         for chunk in self._by_bucket.get(bucket.index, []):
+            if chunk.streamed:  # its grad stays on the device, where it is stepped
+                continue
             staging = self._staging(chunk.group, grad.dtype)
             if staging is None:
                 return  # another dtype than the group's staging: the step copies it (after GradShards' cast)
@@ -327,7 +373,10 @@ class OffloadPipeline:
             return
         optimizer, plan, scale = self._eager
         chunks = [c for c in self._by_bucket.get(bucket.index, []) if c.index in self._copied]
-        if not chunks:
+        # streamed chunks step as they land only where nothing can change the update (no kept copies for them)
+        streamed = [c for c in self._by_bucket.get(bucket.index, []) if c.streamed and self._speculation is None
+                    and self.streamed is not None and bucket.reduced is not None]
+        if not chunks and not streamed:
             return
         if not self._advanced:  # as in step(): the count advances once per group, before any chunk steps
             for group, fbucket in plan.values():
@@ -340,6 +389,11 @@ class OffloadPipeline:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload",
                                               initializer=self._init_worker)
+        if streamed and self.streamed is not None and bucket.reduced is not None:
+            self.streamed.pin(plan)
+            for chunk in streamed:
+                a, b = chunk.piece
+                self.streamed.queue(optimizer, plan, chunk, bucket.reduced[a:b], scale, ready)
         grad_scale = torch.full((1,), 1.0 / scale, dtype=torch.float32)
         for chunk in chunks:
             # the staging tensor itself, bound now: step() may replace a group's staging (another dtype) later
@@ -367,7 +421,8 @@ class OffloadPipeline:
 
     def _pool_bytes(self, optimizer, plan) -> int:
         """What every CPU chunk's kept copy would need at once (the pool's size when below the budget)."""
-        return sum(nbytes_kept(self._live(optimizer, plan, chunk)) for chunk in self.chunks if chunk.group in plan)
+        return sum(nbytes_kept(self._live(optimizer, plan, chunk)) for chunk in self.chunks
+                   if chunk.group in plan and not chunk.streamed)
 
     def _init_worker(self) -> None:
         """The worker's CUDA calls (events, the H2D stream) go to this rank's device, not device 0."""
@@ -493,6 +548,8 @@ class OffloadPipeline:
             self.fence()
         events: dict[int, Any] = {}
         for chunk in self.chunks:
+            if chunk.streamed:
+                continue
             if chunk.index in self._copied:
                 events[chunk.index] = self._copied[chunk.index]
             else:
@@ -505,8 +562,17 @@ class OffloadPipeline:
             for gi, (group, fbucket) in plan.items():
                 optimizer._advance(fbucket.steps, None)
         self._advanced = False
+        if self.streamed is not None:  # queued on the device first: they run while the CPU walks its chunks
+            self.streamed_eager_chunks = len(self.streamed.queued)
+            self.streamed.pin(plan)
+            for chunk in self.chunks:
+                if chunk.streamed and chunk.index not in self.streamed.queued:
+                    self.streamed.queue(optimizer, plan, chunk, by_group[chunk.group][chunk.lo:chunk.hi], scale,
+                                        self._fenced_at)
         records = []
         for chunk in self.chunks:
+            if chunk.streamed:
+                continue
             if chunk.index in stepped:
                 c0, c1, h2d = stepped[chunk.index]
                 if h2d is None:  # a speculative chunk whose update is kept: its params go back now
@@ -523,6 +589,8 @@ class OffloadPipeline:
                 for i, p in enumerate(fbucket.params):
                     optimizer._publish_state(fbucket, i, p)
                 fbucket.states_published = True
+        streamed_spans = self.streamed.finish() if self.streamed is not None else {}
+        self.streamed_chunks = len(streamed_spans)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._h2d)
             # the copy-out is rewritten by the next step's kernel: every H2D copy from it must be done, not only
@@ -532,7 +600,7 @@ class OffloadPipeline:
         self._kept.end_window()
         self._eager, self._speculation = None, None
         if self.path is not None:
-            self._record(t0, ref, records, early, set(stepped))
+            self._record(t0, ref, records, early, set(stepped), streamed_spans)
         self.steps += 1
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -595,7 +663,8 @@ class OffloadPipeline:
         ev[1].synchronize()
         return [ref.elapsed_time(ev[0]), ref.elapsed_time(ev[1])]
 
-    def _record(self, t0: float, ref, records, early: set[int], eager: set[int]) -> None:
+    def _record(self, t0: float, ref, records, early: set[int], eager: set[int],
+                streamed: dict[int, Any] | None = None) -> None:
         path = self.path
         if path is None:
             return
@@ -605,7 +674,10 @@ class OffloadPipeline:
                            "d2h": self._span(t0, ref, d2h), "cpu": [(c0 - t0) * 1e3, (c1 - t0) * 1e3],
                            "h2d": self._span(t0, ref, h2d), "early": chunk.index in early,
                            "eager": chunk.index in eager})
-        self._timeline.append({"step": self.steps, "device": str(self.device), "chunks": chunks})
+        by_index = {c.index: c for c in self.chunks}
+        gpu = [{"index": i, "bucket": by_index[i].bucket.index, "numel": by_index[i].hi - by_index[i].lo,
+                "span": self._span(t0, ref, ev)} for i, ev in (streamed or {}).items()]
+        self._timeline.append({"step": self.steps, "device": str(self.device), "chunks": chunks, "streamed": gpu})
         del self._timeline[:-_TIMELINE_STEPS]
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:

@@ -266,6 +266,12 @@ class OffloadOptimizerConfig(StrictModel):
     #: bytes (the CPU step moves 20 bytes per param instead of 28) with stochastic rounding (ds-optim's
     #: ``CPUAdam(state_dtype=torch.bfloat16)``, seeded, reproducible); opt-in: the fp32 masters stay fp32
     state_dtype: Literal["fp32", "bf16"] = "fp32"
+    #: ds-zero's (stages 0-2, device "cpu", with ``overlap_step``): the share of the host-held optimizer state
+    #: that the device steps each step with the state streamed over PCIe and back, none of it kept there
+    #: (``ds_zero._offload_stream``: the last ``stream_ratio`` of each bucket's host range). The host's memory
+    #: traffic bounds the CPU step; the streamed elements move 24 of its bytes by DMA instead of CPUAdam's ~32.
+    #: 0 (default): CPUAdam steps all of it. Needs fp32 moments and the device's optimizer kernels (CUDA)
+    stream_ratio: float = 0.0
 
     @field_validator("device", mode="before")
     @classmethod
@@ -291,8 +297,20 @@ class OffloadOptimizerConfig(StrictModel):
             raise ValueError(f"offload_optimizer.ratio must be a number in [0, 1] or \"auto\", got {value!r}")
         return float(value)
 
+    @field_validator("stream_ratio", mode="before")
+    @classmethod
+    def _stream_ratio(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"offload_optimizer.stream_ratio must be a number in [0, 1], got {value!r}")
+        return float(value)
+
     @model_validator(mode="after")
     def _partial(self) -> "OffloadOptimizerConfig":
+        if self.stream_ratio > 0 and (self.device != "cpu" or not self.overlap_step or self.state_dtype != "fp32"):
+            raise ValueError(f"offload_optimizer.stream_ratio {self.stream_ratio!r} streams CPUAdam's fp32 state "
+                             f"through the overlapped step: it needs device \"cpu\" (got {self.device!r}), "
+                             f"overlap_step true (got {self.overlap_step!r}) and state_dtype \"fp32\" (got "
+                             f"{self.state_dtype!r})")
         if self.auto_reserve_gib == "measure" and self.ratio != "auto":
             raise ValueError(f"offload_optimizer.auto_reserve_gib \"measure\" plans ratio \"auto\"; ratio is "
                              f"{self.ratio!r}")

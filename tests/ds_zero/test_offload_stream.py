@@ -1,0 +1,204 @@
+"""The streamed share of ZeRO-Offload's CPU step (``offload_optimizer.stream_ratio``, ``ds_zero._offload_stream``).
+
+On this CPU-only machine the streamed chunks run the device path's steps (copies of their master and moments
+into scratch slices, the optimizer's kernel on them, the copies back, the new params written into the buckets)
+with the CPU kernels, so the result must equal the CPU step *bit for bit*: eager (in backward) and after
+backward, with clipping that fires and an fp16 overflow on one rank, with ``ratio`` < 1, everything streamed,
+and across a checkpoint resume (2 gloo ranks against the same engines with ``stream_ratio`` 0). The GPU test
+(CUDA streams, page-locked host state, the device kernels) compares against the CPU step within round-off."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import requires_gpus, run_distributed
+from pydantic import ValidationError
+from zero_cases import base_config, make_model, micro_batch, param_groups
+
+import ds_zero
+from ds_zero import EngineConfig
+from ds_zero._offload_pipeline import build_chunks
+
+STEPS, GA = 3, 2
+SMALL = {"reduce_bucket_size": 300, "sub_group_size": 70}
+
+
+def _engine(stage, dtype, stream, ratio=1.0, eager=True, clip=0.0, check=False, device="cpu"):
+    torch.manual_seed(0)
+    model = make_model().to(device)
+    zero = dict(SMALL)
+    zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "ratio": ratio, "eager_step": eager,
+                                 "stream_ratio": stream}
+    extra = {dtype: {"enabled": True, "auto_cast": True}, "gradient_clipping": clip, "zero": zero}
+    if dtype == "bf16":  # without the check (DeepSpeed's bf16) nothing global enters the update: eager
+        extra[dtype]["check_grad_overflow"] = check
+    if dtype == "fp16":
+        extra[dtype].update(initial_scale_power=8, hysteresis=1)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-2)
+    return ds_zero.ZeroEngine(model, optimizer, base_config(stage, 2, GA, **copy.deepcopy(extra)))
+
+
+def _train(engine, steps, first=0, inf_at=None, device="cpu"):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = []
+    for step in range(first, first + steps):
+        losses = []
+        for micro in range(GA):
+            x, y = micro_batch(step, micro, rank, world, 2, GA)
+            if inf_at == (step, rank) and micro == 0:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            loss = engine(x.to(device), y.to(device))
+            losses.append(float(loss.detach()))
+            engine.backward(loss)
+            engine.step()
+        engine.offload.sync_to_host(engine.optimizer)
+        sd = engine.optimizer.state_dict()["state"]
+        out.append({"masters": [p.detach().clone() for p in engine.masters.params if p is not None],
+                    "params": [p.detach().float().cpu().clone() for p in engine.module.parameters()],
+                    "states": [sd[k][n].detach().clone().reshape(-1) for k in sorted(sd)
+                               for n in ("exp_avg", "exp_avg_sq", "step")],
+                    "losses": losses, "skipped": engine.was_step_skipped, "norm": engine.global_grad_norm})
+    return out
+
+
+def _evidence(engine):
+    pipe = engine.masters.pipeline
+    return {"streamed": pipe.streamed_chunks, "streamed_total": pipe.streamed.chunks_stepped,
+            "chunks": sum(c.streamed for c in pipe.chunks), "eager": pipe.eager_chunks,
+            "streamed_eager": pipe.streamed_eager_chunks}
+
+
+# (name, engine kwargs, inf_at): eager bf16; after backward with clipping that fires and an fp16 overflow on
+# rank 1 (that step skipped); partial offload at stage 1; everything streamed, eager
+CASES = [("eager", dict(stage=2, dtype="bf16"), None),
+         ("late_clip_fp16", dict(stage=2, dtype="fp16", clip=0.05, check=True), (1, 1)),
+         ("ratio_stage1", dict(stage=1, dtype="bf16", ratio=0.5, clip=0.05, check=True), None),
+         ("all_eager", dict(stage=2, dtype="bf16"), None)]
+
+
+def _scenarios(tmp):
+    torch.set_num_threads(1)
+    out = {}
+    for name, kw, inf_at in CASES:
+        stream = 1.0 if name == "all_eager" else 0.5
+        ref = _train(_engine(stream=0.0, **kw), STEPS, inf_at=inf_at)
+        eng = _engine(stream=stream, **kw)
+        out[name] = {"ref": ref, "streamed": _train(eng, STEPS, inf_at=inf_at), "evidence": _evidence(eng)}
+    # resume: a checkpoint of a streamed run, loaded by a streamed engine and by one without streaming
+    whole = _engine(2, "bf16", 0.5)
+    _train(whole, 2)
+    whole.save_checkpoint(tmp, tag="s")
+    tail = _train(whole, 2, first=2)
+    resumed = _engine(2, "bf16", 0.5)
+    resumed.load_checkpoint(tmp, tag="s")
+    plain = _engine(2, "bf16", 0.0)
+    plain.load_checkpoint(tmp, tag="s")
+    out["resume"] = {"tail": tail, "again": _train(resumed, 2, first=2), "plain": _train(plain, 2, first=2)}
+    return out
+
+
+_cache: dict = {}
+
+
+def _results(tmp_path_factory):
+    if "r" not in _cache:
+        _cache["r"] = run_distributed(_scenarios, 2, str(tmp_path_factory.mktemp("offload_stream")), timeout=240)
+    return _cache["r"]
+
+
+def _same(a, b):
+    for x, y in zip(a, b, strict=True):
+        for key in ("masters", "params", "states"):
+            assert len(x[key]) == len(y[key]) and all(torch.equal(s, t) for s, t in zip(x[key], y[key])), key
+        assert x["losses"] == y["losses"] and x["skipped"] == y["skipped"] and x["norm"] == y["norm"]
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_streamed_chunks_equal_the_cpu_step(tmp_path_factory, name):
+    for rank_result in _results(tmp_path_factory):
+        r = rank_result[name]
+        _same(r["ref"], r["streamed"])
+        ev = r["evidence"]
+        assert ev["chunks"] > 0 and ev["streamed"] == ev["chunks"], ev
+        skipped = sum(s["skipped"] for s in r["ref"])  # the fp16 overflow: skipped on both ranks, not streamed
+        assert skipped == (name == "late_clip_fp16")
+        assert ev["streamed_total"] == ev["chunks"] * (STEPS - skipped), ev
+        # queued as their buckets landed in backward where nothing global enters the update, else by step()
+        assert ev["streamed_eager"] == (ev["chunks"] if name in ("eager", "all_eager") else 0), ev
+        if name == "all_eager":  # nothing left to the CPU: every chunk is streamed, stepped in backward
+            assert ev["eager"] == 0
+
+
+def test_streamed_resume_bit_for_bit(tmp_path_factory):
+    for rank_result in _results(tmp_path_factory):
+        r = rank_result["resume"]
+        _same(r["tail"], r["again"])
+        _same(r["tail"], r["plain"])
+
+
+def test_streamed_chunks_are_each_buckets_aligned_tail():
+    model = make_model()
+    engine = ds_zero.ZeroEngine(model, torch.optim.AdamW(param_groups(model), lr=1e-2), base_config(
+        2, 1, 1, bf16={"enabled": True}, zero=dict(SMALL, offload_optimizer={"device": "cpu", "stream_ratio": 0.4})))
+    buckets = engine.masters.buckets
+    chunks = build_chunks(buckets, 70, None, 0.4, stream_slice=50)
+    for bucket in buckets:
+        mine = [c for c in chunks if c.bucket is bucket]
+        cpu, dev = [c for c in mine if not c.streamed], [c for c in mine if c.streamed]
+        # the bucket's shard covered once, in order: its CPU chunks, then its streamed tail
+        spans = [(c.lo, c.hi) for c in cpu + dev]
+        assert spans[0][0] == bucket.master_offset and spans[-1][1] == bucket.master_offset + bucket.shard_numel
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(c.hi - c.lo <= 70 for c in cpu) and all(c.hi - c.lo <= 50 for c in dev)
+        streamed = sum(c.hi - c.lo for c in dev)
+        assert abs(streamed - 0.4 * bucket.shard_numel) <= 32, (streamed, bucket.shard_numel)
+        assert not dev or (dev[0].lo - bucket.master_offset) % 32 == 0
+    assert build_chunks(buckets, 70, None, 0.0) == build_chunks(buckets, 70)
+    assert all(c.streamed for c in build_chunks(buckets, 70, None, 1.0))
+
+
+def test_stream_ratio_config():
+    ok = EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+        "device": "cpu", "stream_ratio": 0.5}}})
+    assert ok.zero_optimization.offload_optimizer.stream_ratio == 0.5
+    for bad, words in (({"stream_ratio": 1.5}, "[0, 1]"), ({"stream_ratio": True}, "[0, 1]"),
+                       ({"stream_ratio": "auto"}, "[0, 1]"),
+                       ({"stream_ratio": 0.5, "state_dtype": "bf16"}, "state_dtype"),
+                       ({"stream_ratio": 0.5, "overlap_step": False}, "overlap_step"),
+                       ({"stream_ratio": 0.5, "device": "nvme", "nvme_path": "/tmp"}, "device")):
+        with pytest.raises(ValidationError, match="stream_ratio") as info:
+            EngineConfig.model_validate({"zero_optimization": {"stage": 2, "offload_optimizer": {
+                "device": "cpu", **bad}}})
+        assert words in str(info.value)
+    model = make_model()
+    with pytest.raises(ValueError, match="stream_ratio.*stages 0-2"):
+        ds_zero.ZeroEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), base_config(
+            3, 1, 1, bf16={"enabled": True}, zero={"offload_optimizer": {"device": "cpu", "stream_ratio": 0.5}}))
+
+
+@pytest.mark.gpu
+@requires_gpus(1)
+def test_gpu_streamed_chunks_equal_the_cpu_step_within_round_off():
+    """CUDA: the streamed chunks on the device kernels (side streams, page-locked host state): the same training
+    as the CPU step to fp32 round-off, eager and after backward, with ratio < 1."""
+    for kw in (dict(stage=2, dtype="bf16"), dict(stage=2, dtype="bf16", clip=0.05, check=True),
+               dict(stage=1, dtype="bf16", ratio=0.5)):
+        ref = _train(_engine(stream=0.0, device="cuda", **kw), STEPS, device="cuda")
+        eng = _engine(stream=0.5, device="cuda", **kw)
+        got = _train(eng, STEPS, device="cuda")
+        ev = _evidence(eng)
+        assert ev["chunks"] > 0 and ev["streamed_total"] == ev["chunks"] * STEPS, ev
+        stream = eng.masters.pipeline.streamed
+        assert stream._registered and all(t.is_pinned() for t in stream._registered.values())
+        for x, y in zip(ref, got):
+            for a, b in zip(x["masters"], y["masters"]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            for a, b in zip(x["states"], y["states"]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+            assert x["losses"] == pytest.approx(y["losses"], rel=1e-3)
+        stream.close()
+        assert not stream._registered
