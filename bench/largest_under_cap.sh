@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The largest GPT each engine trains with CPU offload under a GPU memory cap (issue 14: MEM_CAP_GIB=24, a consumer
-# GPU): DeepSpeed ZeRO-3 + offload (the anchor's ds3off) against ds-zero stage 3 + offload (zero_bench z3,
-# OFFLOAD=1), and optionally ds-zero stage 2 + offload (z2@1). Each engine climbs a ladder of sizes (params ~ 12 L D^2
+# GPU): DeepSpeed ZeRO-3 + offload (the anchor's ds3off; ds3offinit: its model built under deepspeed.zero.Init)
+# against ds-zero stage 3 + offload (zero_bench z3, OFFLOAD=1), and optionally ds-zero stage 2 + offload (z2@1). Each engine climbs a ladder of sizes (params ~ 12 L D^2
 # plus the embeddings) and stops at its first failure; a size "trains" when STEPS steps finish (rc 0 and a result
 # line). What stops a climb is printed: the GPU cap (CUDA OOM), the host (killed: rc 137, 128 GiB here holds ~16-18
 # bytes per param of offloaded state), or the time limit (rc 124, the size is then unknown, not failed).
@@ -23,6 +23,8 @@ for engine in ${ENGINES:-ds3off z3@1}; do
     # INIT=1: ds_zero.Init, the model built on the meta device and materialised shard by shard (DeepSpeed's
     # zero.Init in the anchor): built whole on the GPU first, a 6.6 B GPT's fp32 weights alone pass a 24 GiB cap
     z*@*) script=bench/zero_bench.py; arg=${engine%@*}; off=${engine#*@}; init=1 ;;
+    # DeepSpeed ZeRO-3 + offload with the anchor's model built under deepspeed.zero.Init (bench/ds3_init_anchor.py)
+    ds3offinit) script=bench/ds3_init_anchor.py; arg=; off=; init= ;;
     *) script="$ANCHORS/zero_anchor.py"; arg=$engine; off=; init= ;;
   esac
   best=none
@@ -30,7 +32,7 @@ for engine in ${ENGINES:-ds3off z3@1}; do
     d=${size%x*}; layers=${size#*x}
     log="$OUT/largest_${engine/@/_}_${size}.log"
     env D="$d" LAYERS="$layers" HEADS=$(( d / 128 )) MB="${MB:-1}" STEPS="${STEPS:-2}" MEM_CAP_GIB="$cap" OFFLOAD="$off" INIT="$init" \
-      timeout "${RUN_TIMEOUT:-300}" torchrun --nproc_per_node 1 "$script" "$arg" > "$log" 2>&1
+      ANCHOR_DIR="$ANCHORS" timeout "${RUN_TIMEOUT:-300}" torchrun --nproc_per_node 1 "$script" ${arg:+"$arg"} > "$log" 2>&1
     rc=$?
     line=$(grep -E "^\[[^]]*\] world=" "$log" | tail -1)
     if [ $rc -eq 0 ] && [ -n "$line" ]; then
