@@ -180,20 +180,85 @@ def test_stream_ratio_config():
             3, 1, 1, bf16={"enabled": True}, zero={"offload_optimizer": {"device": "cpu", "stream_ratio": 0.5}}))
 
 
+def _steps(engine):
+    return [float(fb.steps[0]) for _g, fb in engine.masters.pipeline.plan(engine.optimizer).values()]
+
+
+def _one_backward(engine, step=0):
+    x, y = micro_batch(step, GA - 1, 0, 1, 2, GA)
+    for micro in range(GA - 1):  # the window's earlier micro-steps, then the boundary one's backward
+        engine.backward(engine(*micro_batch(step, micro, 0, 1, 2, GA)))
+        engine.step()
+    engine.backward(engine(x, y))
+
+
+def test_a_streamed_chunk_that_fails_to_queue_leaves_the_step_count(monkeypatch):
+    """The eager window advances the step count before its first chunk; a streamed chunk whose queueing raises
+    (say, a device out of memory) before anything stepped undoes the window, the count with it."""
+    from ds_zero._offload_stream import StreamedSteps
+
+    torch.manual_seed(0)
+    engine = _engine(2, "bf16", 1.0)
+    _train(engine, 1)
+    before = _steps(engine)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("device out of memory (test)")
+    monkeypatch.setattr(StreamedSteps, "queue", refuse)
+    with pytest.raises(RuntimeError, match="device out of memory"):
+        _one_backward(engine, 1)
+    assert _steps(engine) == before and engine.masters.pipeline._failed == 0
+
+
+def test_streamed_eager_window_refuses_a_torn_checkpoint_and_a_load_recovers(tmp_path):
+    """Everything streamed and queued in backward: a save before step() would be torn, so it is refused by name
+    (the streamed chunks counted), and only a load recovers."""
+    engine = _engine(2, "bf16", 1.0)
+    _train(engine, 1)
+    engine.save_checkpoint(str(tmp_path), tag="ok")
+    _one_backward(engine, 1)
+    assert engine.masters.pipeline.streamed.queued
+    with pytest.raises(RuntimeError, match=r"streamed ones included"):
+        engine.save_checkpoint(str(tmp_path), tag="torn")
+    with pytest.raises(RuntimeError, match="load a checkpoint"):
+        engine.step()
+    engine.load_checkpoint(str(tmp_path), tag="ok")
+    ref = _engine(2, "bf16", 0.0)
+    ref.load_checkpoint(str(tmp_path), tag="ok")
+    _same(_train(ref, 1, first=1), _train(engine, 1, first=1))
+
+
 @pytest.mark.gpu
 @requires_gpus(1)
 def test_gpu_streamed_chunks_equal_the_cpu_step_within_round_off():
     """CUDA: the streamed chunks on the device kernels (side streams, page-locked host state): the same training
     as the CPU step to fp32 round-off, eager and after backward, with ratio < 1."""
+    import ds_zero._offload_stream as streamed_module
+
+    streamed_module._PIN_MIN_BYTES = 1 << 16  # the test model's tensors are small: lock their inner pages too
+    real_update = streamed_module.StreamedSteps._update
+
+    def delayed(*args):  # ~50 ms of GPU sleep on the side stream before each kernel: ordering bugs show
+        torch.cuda._sleep(100_000_000)
+        real_update(*args)
+
     for kw in (dict(stage=2, dtype="bf16"), dict(stage=2, dtype="bf16", clip=0.05, check=True),
-               dict(stage=1, dtype="bf16", ratio=0.5)):
+               dict(stage=1, dtype="bf16", ratio=0.5), dict(stage=2, dtype="bf16", ratio=0.5, eager=False)):
         ref = _train(_engine(stream=0.0, device="cuda", **kw), STEPS, device="cuda")
         eng = _engine(stream=0.5, device="cuda", **kw)
         got = _train(eng, STEPS, device="cuda")
         ev = _evidence(eng)
         assert ev["chunks"] > 0 and ev["streamed_total"] == ev["chunks"] * STEPS, ev
         stream = eng.masters.pipeline.streamed
-        assert stream._registered and all(t.is_pinned() for t in stream._registered.values())
+        assert stream.registered_bytes() > 0  # page-locked in place: a view from the first locked page is pinned
+        assert all(t.reshape(-1)[(start - t.data_ptr()) // t.element_size():].is_pinned()
+                   for start, t in stream._registered.values())
+        streamed_module.StreamedSteps._update = staticmethod(delayed)
+        try:  # the same run with every streamed kernel late: bit for bit (the same kernels)
+            late = _train(_engine(stream=0.5, device="cuda", **kw), STEPS, device="cuda")
+        finally:
+            streamed_module.StreamedSteps._update = staticmethod(real_update)
+        _same(got, late)
         for x, y in zip(ref, got):
             for a, b in zip(x["masters"], y["masters"]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

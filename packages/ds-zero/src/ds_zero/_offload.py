@@ -261,6 +261,10 @@ class CPUOffload:
         if not adam and self.ratio != 1.0:
             raise ValueError(f"zero_optimization.offload_optimizer.ratio {self.ratio!r} splits Adam's step between the "
                              f"device and CPUAdam: it needs an Adam-family optimizer, got {type(template).__name__}")
+        if not adam and self.stream_ratio > 0:
+            raise ValueError(f"zero_optimization.offload_optimizer.stream_ratio {self.stream_ratio!r} streams Adam's "
+                             f"states through the device: it needs an Adam-family optimizer, got "
+                             f"{type(template).__name__}")
         if not adam and self.state_dtype != torch.float32:
             raise ValueError(f"zero_optimization.offload_optimizer.state_dtype 'bf16' is CPUAdam's (Adam's moments in "
                              f"bf16): it needs an Adam-family optimizer, got {type(template).__name__}")
@@ -284,6 +288,12 @@ class CPUOffload:
                            weight_decay=defaults["weight_decay"], adamw_mode=defaults["adam_w_mode"],
                            bias_correction=defaults["bias_correction"], copy_dtype=self.copy_dtype,
                            pin_memory=self.pin, state_dtype=self.state_dtype)
+        if self.stream_ratio > 0 and self.device.type == "cuda":
+            try:  # the streamed chunks run CPUAdam's update with the device's kernels: known now, not in backward
+                cpu_adam.kernels_for(self.device)
+            except (ImportError, ValueError) as e:
+                raise ValueError(f"zero_optimization.offload_optimizer.stream_ratio {self.stream_ratio!r} steps on "
+                                 f"{self.device} with ds-optim's GPU kernels, which are not available: {e}") from e
         self._attach_pipeline(template)
         return cpu_adam
 
@@ -323,6 +333,10 @@ class CPUOffload:
         masters.pipeline = OffloadPipeline(masters, self.chunk_numel, self.device, self.pin, self.global_rank,
                                            ends, self.stream_ratio)
         if self.stream_ratio > 0:
+            if self.device.type != "cuda":
+                logger.warning("ds_zero: offload_optimizer.stream_ratio %s on %s: there is no GPU to stream to; the "
+                               "streamed chunks run on the CPU through scratch copies (the tests' path), slower",
+                               self.stream_ratio, self.device)
             logger.info("ds_zero: offload_optimizer.stream_ratio %.2f: the device steps %d chunks of the host-held "
                         "state, streamed (%.1f GiB of device slices)", self.stream_ratio,
                         sum(c.streamed for c in masters.pipeline.chunks),
@@ -491,6 +505,10 @@ class OffloadedMasters(Masters):
 
         pipeline = self.pipeline
         plan = pipeline.plan(optimizer) if pipeline is not None else None
+        if plan is None and pipeline is not None and pipeline.streamed is not None:
+            raise RuntimeError("offload_optimizer.stream_ratio > 0 needs the overlapped step over ds-optim's CPUAdam, "
+                               f"built by the engine; the optimizer is a {type(optimizer).__name__} it cannot step by "
+                               "ranges")
         if plan is None and self.device_part is not None:
             raise RuntimeError("offload_optimizer.ratio < 1 needs the overlapped step over ds-optim's CPUAdam, built "
                                f"by the engine; the optimizer is a {type(optimizer).__name__} it cannot step by ranges")

@@ -140,8 +140,9 @@ class OffloadPipeline:
         self._chunk_numel = chunk_numel
         self._stream_ratio, self._stream_slice = stream_ratio, stream_slice
         self.chunks = build_chunks(masters.buckets, chunk_numel, ends, stream_ratio, stream_slice)
-        #: ``offload_optimizer.stream_ratio`` > 0: the device steps the streamed chunks (``_offload_stream``)
-        self.streamed = StreamedSteps(device, stream_slice) if stream_ratio > 0 else None
+        #: ``offload_optimizer.stream_ratio`` > 0: the device steps the streamed chunks (``_offload_stream``), its
+        #: device slices as large as the largest of them
+        self.streamed = (StreamedSteps(device, self._largest_streamed()) if stream_ratio > 0 else None)
         self.device = device
         self.cuda = device.type == "cuda"
         self.pin = pin
@@ -188,6 +189,12 @@ class OffloadPipeline:
         #: (the tests read them)
         self.streamed_chunks = self.streamed_eager_chunks = 0
 
+    def _largest_streamed(self) -> int:
+        return max((c.hi - c.lo for c in self.chunks if c.streamed), default=0)
+
+    def _streamed_groups(self) -> set[int]:
+        return {c.group for c in self.chunks if c.streamed}
+
     def rechunk(self, ends: list[int]) -> None:
         """The chunks anew for a changed device part (``ends[g]``: group ``g``'s first element not stepped on the
         CPU); only between steps, with nothing of a window in flight."""
@@ -197,6 +204,8 @@ class OffloadPipeline:
             raise RuntimeError("offload: the chunks can only change between steps (a window is in flight)")
         self.chunks = build_chunks(self.masters.buckets, self._chunk_numel, ends, self._stream_ratio,
                                    self._stream_slice)
+        if self.streamed is not None:
+            self.streamed.ensure_slices(self._largest_streamed())
         self._by_bucket = {}
         for chunk in self.chunks:
             self._by_bucket.setdefault(chunk.bucket.index, []).append(chunk)
@@ -263,7 +272,7 @@ class OffloadPipeline:
         if self._failed:
             raise RuntimeError(
                 f"ds_zero offload: {what} after a backward that raised once its eager CPU step had updated "
-                f"{self._failed} chunk(s) of the masters (offload_optimizer.eager_step): they hold a partial update "
+                f"{self._failed} chunk(s) of the masters (streamed ones included) (offload_optimizer.eager_step): they hold a partial update "
                 "that cannot be undone; load a checkpoint (engine.load_checkpoint) to continue")
         if self._speculation is not None and (self._stepped or self._advanced):
             self.rolled_back_chunks += self._rollback()  # undone exactly: as if no chunk had stepped
@@ -275,7 +284,7 @@ class OffloadPipeline:
             self._failed = n  # neither finished nor undone: only a load recovers
             raise RuntimeError(
                 f"ds_zero offload: {what} after a backward whose eager CPU step already updated {n} chunk(s) of the "
-                "masters (offload_optimizer.eager_step), before engine.step(): call engine.step() right after each "
+                "masters (streamed ones included; offload_optimizer.eager_step), before engine.step(): call engine.step() right after each "
                 "boundary backward (or set offload_optimizer.eager_step false); load a checkpoint to continue")
 
     def abandon(self) -> None:
@@ -286,6 +295,11 @@ class OffloadPipeline:
             return
         self._wait_quietly()
         n = len(self._stepped) + (self.streamed.forget() if self.streamed is not None else 0)
+        if n == 0 and self._advanced and self._eager is not None:
+            # the count advanced for the window's first chunk, which then never started (a streamed chunk's
+            # queueing raised first): nothing was updated, so the window is undone, the count with it
+            for _group, fbucket in self._eager[1].values():
+                fbucket.steps.sub_(1)
         self._stepped.clear()
         self._advanced, self._eager = False, None
         self._failed = self._failed or n
@@ -390,7 +404,7 @@ class OffloadPipeline:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload",
                                               initializer=self._init_worker)
         if streamed and self.streamed is not None and bucket.reduced is not None:
-            self.streamed.pin(plan)
+            self.streamed.pin(plan, self._streamed_groups())
             for chunk in streamed:
                 a, b = chunk.piece
                 self.streamed.queue(optimizer, plan, chunk, bucket.reduced[a:b], scale, ready)
@@ -541,7 +555,7 @@ class OffloadPipeline:
             host[gi] = staging
         early = set(self._copied)
         self.early_copies = len(early)
-        if stepped and self._eager is not None and self._eager[2] != scale:
+        if (stepped or self._streamed_now()) and self._eager is not None and self._eager[2] != scale:
             raise RuntimeError(f"offload: chunks were stepped during backward with grad scale {self._eager[2]!r}, "
                                f"the step asks for {scale!r} (an engine bug: eager steps need a known scale)")
         if not fenced:
@@ -564,7 +578,7 @@ class OffloadPipeline:
         self._advanced = False
         if self.streamed is not None:  # queued on the device first: they run while the CPU walks its chunks
             self.streamed_eager_chunks = len(self.streamed.queued)
-            self.streamed.pin(plan)
+            self.streamed.pin(plan, self._streamed_groups())
             for chunk in self.chunks:
                 if chunk.streamed and chunk.index not in self.streamed.queued:
                     self.streamed.queue(optimizer, plan, chunk, by_group[chunk.group][chunk.lo:chunk.hi], scale,

@@ -23,6 +23,8 @@ params) and the host wait for them (the next step, a checkpoint, read the host s
 
 The host's master and moments are page-locked in place for these DMA copies (``cudaHostRegister`` on the
 existing tensors: nothing is allocated again; a pageable copy would be synchronous and slow, not wrong).
+CPUAdam's 16-bit copy-out (``copy_of``) is not written for streamed ranges (their new params go straight into the
+model): the engine never reads it after a pipelined step; other code reading it sees the last CPU step's values.
 
 Exactness: the device kernel is the CPU kernel's formula (torch's op order) but not its instructions (fused
 multiply-adds), so a streamed element can differ from the CPU step in the last bit, as ``ratio`` < 1's device
@@ -32,7 +34,9 @@ CPU kernels, bit for bit the CPU step (tested), and the GPU test compares the tw
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 import weakref
 from typing import Any
@@ -43,24 +47,39 @@ logger = logging.getLogger("ds_zero")
 
 #: slices in flight on the device (one per side stream)
 _SLOTS = 2
+#: host tensors smaller than this stay pageable (their copies are synchronous, and few): glibc gives larger ones
+#: their own mappings, so their pages are shared with no other allocation that could be registered already
+_PIN_MIN_BYTES = 64 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: ``cudaHostRegisterPortable``: page-locked for every CUDA context, not only the calling thread's current one
+_REGISTER_PORTABLE = 1
 
 
 class StreamedSteps:
     """The device-stepped chunks of one offload pipeline: its side streams, device slices, the host state it
     page-locked, and this window's queued chunks (module doc)."""
 
-    def __init__(self, device: torch.device, slice_numel: int) -> None:
+    def __init__(self, device: torch.device, slice_numel: int, states: int = 2) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.slice_numel = slice_numel
+        # the side streams and, per slot, the master's and each moment's device slice: made now, not in the
+        # first backward (at the activations' peak), and from the side streams' own pools (only they use them)
         self._streams: list[Any] = []
-        self._slices: list[list[torch.Tensor]] = []  # per slot: the master's and each moment's device slice
+        self._slices: list[list[torch.Tensor]] = []
+        if self.cuda:
+            self._streams[:] = [torch.cuda.Stream(device) for _ in range(_SLOTS)]
+            for stream in self._streams:
+                with torch.cuda.stream(stream):
+                    self._slices.append([torch.empty(slice_numel, dtype=torch.float32, device=device)
+                                         for _ in range(1 + states)])
+        self._states = states
         self._slot = 0
-        #: data_ptr -> the host tensor page-locked by us (unregistered when it is no longer the optimizer's, and
-        #: when this object goes: the finalizer holds the tensors until then, so none is freed while registered)
-        self._registered: dict[int, torch.Tensor] = {}
-        weakref.finalize(self, _unregister, self._registered)
-        self._pin_failed = False
+        #: data_ptr -> ``(registered start, tensor)`` for the host tensors page-locked by us (unregistered when no
+        #: longer the optimizer's, and when this object goes: the finalizer holds the tensors and the streams until
+        #: then, so no tensor is freed while registered and no copy is in flight when it is unregistered)
+        self._registered: dict[int, tuple[int, torch.Tensor]] = {}
+        weakref.finalize(self, _unregister, self._registered, self._streams)
         #: this window: chunk index -> ``(start, done)`` events (CUDA) or host times of its queued step
         self.queued: dict[int, Any] = {}
         #: this window's device copies of the grad scale and of each group's step count, per slot
@@ -70,6 +89,19 @@ class StreamedSteps:
         self.chunks_stepped = 0
         #: the chunks' events time their spans (the pipeline's timeline is on)
         self.timing = False
+
+    def ensure_slices(self, numel: int) -> None:
+        """The device slices hold at least ``numel`` elements (a re-chunked pipeline's largest streamed chunk);
+        only between steps."""
+        if numel <= self.slice_numel:
+            return
+        self.synchronize()
+        self.slice_numel = numel
+        if self.cuda:
+            for slot, stream in enumerate(self._streams):
+                with torch.cuda.stream(stream):
+                    self._slices[slot] = [torch.empty(numel, dtype=torch.float32, device=self.device)
+                                          for _ in range(1 + self._states)]
 
     @staticmethod
     def device_bytes(slice_numel: int, states: int = 2) -> int:
@@ -87,36 +119,46 @@ class StreamedSteps:
         self._scale = None
 
     # -- host memory --------------------------------------------------------------------------------------
-    def pin(self, plan) -> None:
-        """Page-lock the host master and moments of every group in ``plan`` in place (once; again for tensors
-        a checkpoint load replaced, whose old registrations are dropped)."""
-        if not self.cuda or self._pin_failed:
+    def pin(self, plan, streamed_groups: set[int] | None = None) -> None:
+        """Page-lock in place the host master and moments of the groups in ``plan`` that have streamed chunks
+        (``streamed_groups``; None: all): the whole pages inside each tensor of at least ``_PIN_MIN_BYTES`` (a
+        copy through an edge page, or from a smaller tensor, is a synchronous pageable copy: slower, not wrong).
+        Once per tensor; tensors no longer the optimizer's (none today: a checkpoint load copies into them) are
+        unregistered. A refused registration raises, naming the size, after clearing CUDA's error state."""
+        if not self.cuda:
             return
         live: dict[int, torch.Tensor] = {}
-        for _group, fbucket in plan.values():
-            for t in (fbucket.param_flat, *fbucket.states.values()):
-                live[t.data_ptr()] = t
+        for gi, (_group, fbucket) in plan.items():
+            if streamed_groups is None or gi in streamed_groups:
+                for t in (fbucket.param_flat, *fbucket.states.values()):
+                    live[t.data_ptr()] = t
         cudart = torch.cuda.cudart()
         for ptr in [p for p in self._registered if p not in live]:
-            cudart.cudaHostUnregister(ptr)
-            del self._registered[ptr]
+            cudart.cudaHostUnregister(self._registered.pop(ptr)[0])
         for ptr, t in live.items():
-            if ptr in self._registered or t.numel() == 0 or t.is_pinned():
+            nbytes = t.numel() * t.element_size()
+            if ptr in self._registered or nbytes < _PIN_MIN_BYTES or t.is_pinned():
                 continue
-            err = int(cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0))
+            start = -(-ptr // _PAGE) * _PAGE
+            end = (ptr + nbytes) // _PAGE * _PAGE
+            if end <= start:
+                continue
+            err = int(cudart.cudaHostRegister(start, end - start, _REGISTER_PORTABLE))
             if err != 0:
-                self._pin_failed = True
-                logger.warning("ds_zero: offload_optimizer.stream_ratio could not page-lock %.1f GiB of host state "
-                               "(cudaHostRegister error %d): its copies run synchronously, slower",
-                               t.numel() * t.element_size() / 2**30, err)
-                return
-            self._registered[ptr] = t
+                _clear_cuda_error()
+                raise RuntimeError(
+                    f"offload_optimizer.stream_ratio: cudaHostRegister refused to page-lock {nbytes / 2**30:.2f} GiB "
+                    f"of the host-held optimizer state (CUDA error {err}; {self.registered_bytes() / 2**30:.2f} GiB "
+                    "locked so far): the host may limit locked memory (ulimit -l) or be short of it; set stream_ratio "
+                    "0 to step it all on the CPU")
+            self._registered[ptr] = (start, t)
+
+    def registered_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _start, t in self._registered.values())
 
     def close(self) -> None:
-        """Unregister the page-locked host state (before the tensors can be freed)."""
-        if self._registered:
-            self.synchronize()
-            _unregister(self._registered)
+        """Unregister the page-locked host state (after the copies in flight)."""
+        _unregister(self._registered, self._streams)
 
     # -- one chunk ----------------------------------------------------------------------------------------
     def queue(self, optimizer, plan, chunk, grad: torch.Tensor, scale: float, after=None) -> None:
@@ -153,8 +195,10 @@ class StreamedSteps:
             return
         slot = self._slot
         self._slot = (slot + 1) % _SLOTS
-        stream, bufs = self._slot_buffers(slot, len(names))
-        bufs = [t[:n] for t in bufs]
+        stream, bufs = self._streams[slot], [t[:n] for t in self._slices[slot]]
+        if len(bufs) != len(host):
+            raise RuntimeError(f"offload: the streamed slices hold {len(bufs) - 1} optimizer state(s), the optimizer "
+                               f"has {len(names)} (an engine bug)")
         if after is None:
             after = torch.cuda.Event()
             after.record(torch.cuda.current_stream(self.device))
@@ -182,13 +226,6 @@ class StreamedSteps:
                           [0, bufs[0].numel()])
         if out is None:
             dst.copy_(bufs[0])
-
-    def _slot_buffers(self, slot: int, states: int) -> tuple[Any, list[torch.Tensor]]:
-        if not self._streams:
-            self._streams = [torch.cuda.Stream(self.device) for _ in range(_SLOTS)]
-            self._slices = [[torch.empty(self.slice_numel, dtype=torch.float32, device=self.device)
-                             for _ in range(1 + states)] for _ in range(_SLOTS)]
-        return self._streams[slot], self._slices[slot]
 
     def _scalar(self, slot: int, key: int | str, value: float) -> torch.Tensor:
         """A one-element fp32 device tensor of ``value`` made on ``slot``'s stream (the kernels read the step
@@ -227,9 +264,25 @@ class StreamedSteps:
         return n
 
 
-def _unregister(registered: dict[int, torch.Tensor]) -> None:
+def _unregister(registered: dict[int, tuple[int, torch.Tensor]], streams: list) -> None:
     if registered:
+        for stream in streams:  # no DMA copy may still read or write the pages
+            stream.synchronize()
         cudart = torch.cuda.cudart()
-        for ptr in registered:
-            cudart.cudaHostUnregister(ptr)
+        failed = [start for start, _t in registered.values() if int(cudart.cudaHostUnregister(start)) != 0]
         registered.clear()
+        if failed:
+            _clear_cuda_error()
+
+
+def _clear_cuda_error() -> None:
+    """Reset CUDA's last error after a failed runtime call made through ``torch.cuda.cudart()``: torch checks it
+    after its next kernel launch and would raise it there, from unrelated code. The call goes to the libcudart
+    torch loaded (found in this process's mappings), which holds the error."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line and line.split()[-1].startswith("/")}
+        for path in paths:
+            ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL).cudaGetLastError()
+    except OSError:  # no such file (not Linux) or no such library: the error surfaces at the next launch
+        pass
