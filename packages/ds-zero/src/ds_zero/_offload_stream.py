@@ -47,12 +47,11 @@ logger = logging.getLogger("ds_zero")
 
 #: slices in flight on the device (one per side stream)
 _SLOTS = 2
-#: host tensors smaller than this stay pageable (their copies are synchronous, and few): glibc gives larger ones
-#: their own mappings, so their pages are shared with no other allocation that could be registered already
-_PIN_MIN_BYTES = 64 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: ``cudaHostRegisterPortable``: page-locked for every CUDA context, not only the calling thread's current one
 _REGISTER_PORTABLE = 1
+#: ``cudaErrorHostMemoryAlreadyRegistered``: a page of the range is locked already (another engine's edge page)
+_ALREADY_REGISTERED = 712
 
 
 class StreamedSteps:
@@ -75,10 +74,10 @@ class StreamedSteps:
                                          for _ in range(1 + states)])
         self._states = states
         self._slot = 0
-        #: data_ptr -> ``(registered start, tensor)`` for the host tensors page-locked by us (unregistered when no
-        #: longer the optimizer's, and when this object goes: the finalizer holds the tensors and the streams until
-        #: then, so no tensor is freed while registered and no copy is in flight when it is unregistered)
-        self._registered: dict[int, tuple[int, torch.Tensor]] = {}
+        #: the page-locked host state: ``ranges`` (start, end) registered, the ``tensors`` in them (held, so none is
+        #: freed while registered) and their ``key``; unregistered when the tensors change and when this object
+        #: goes (the finalizer holds the streams too: no copy is in flight when the pages are unlocked)
+        self._registered: dict[str, Any] = {"ranges": [], "tensors": [], "key": None}
         weakref.finalize(self, _unregister, self._registered, self._streams)
         #: this window: chunk index -> ``(start, done)`` events (CUDA) or host times of its queued step
         self.queued: dict[int, Any] = {}
@@ -121,40 +120,44 @@ class StreamedSteps:
     # -- host memory --------------------------------------------------------------------------------------
     def pin(self, plan, streamed_groups: set[int] | None = None) -> None:
         """Page-lock in place the host master and moments of the groups in ``plan`` that have streamed chunks
-        (``streamed_groups``; None: all): the whole pages inside each tensor of at least ``_PIN_MIN_BYTES`` (a
-        copy through an edge page, or from a smaller tensor, is a synchronous pageable copy: slower, not wrong).
-        Once per tensor; tensors no longer the optimizer's (none today: a checkpoint load copies into them) are
-        unregistered. A refused registration raises, naming the size, after clearing CUDA's error state."""
+        (``streamed_groups``; None: all), so their copies are DMA. Each tensor's range is widened to whole pages
+        and overlapping or touching ranges are merged, so every page is registered once (two small tensors of the
+        heap may share a page: registered twice, the second would be refused); a neighbour's bytes on an edge
+        page are locked too, which changes nothing for it. Tensors torch pinned already are left alone. Done again
+        only when the tensors change (never today: a checkpoint load copies into them). A refused registration
+        raises, naming the size, after clearing CUDA's error state (and unlocking what this call locked)."""
         if not self.cuda:
             return
-        live: dict[int, torch.Tensor] = {}
-        for gi, (_group, fbucket) in plan.items():
-            if streamed_groups is None or gi in streamed_groups:
-                for t in (fbucket.param_flat, *fbucket.states.values()):
-                    live[t.data_ptr()] = t
-        cudart = torch.cuda.cudart()
-        for ptr in [p for p in self._registered if p not in live]:
-            cudart.cudaHostUnregister(self._registered.pop(ptr)[0])
-        for ptr, t in live.items():
-            nbytes = t.numel() * t.element_size()
-            if ptr in self._registered or nbytes < _PIN_MIN_BYTES or t.is_pinned():
-                continue
-            start = -(-ptr // _PAGE) * _PAGE
-            end = (ptr + nbytes) // _PAGE * _PAGE
-            if end <= start:
-                continue
-            err = int(cudart.cudaHostRegister(start, end - start, _REGISTER_PORTABLE))
+        tensors = [t for gi, (_group, fbucket) in plan.items() if streamed_groups is None or gi in streamed_groups
+                   for t in (fbucket.param_flat, *fbucket.states.values()) if t.numel() and not t.is_pinned()]
+        key = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
+        if key == self._registered["key"]:
+            return
+        _unregister(self._registered, self._streams)
+        ranges: list[list[int]] = []
+        for ptr, nbytes in key:
+            start, end = ptr // _PAGE * _PAGE, -(-(ptr + nbytes) // _PAGE) * _PAGE
+            if ranges and start <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([start, end])
+        for start, end in ranges:
+            err, locked_range = _register(start, end)
+            if locked_range is not None:
+                self._registered["ranges"].append(locked_range)
             if err != 0:
                 _clear_cuda_error()
+                locked = self._registered["ranges"]
+                _unregister(self._registered, self._streams)
                 raise RuntimeError(
-                    f"offload_optimizer.stream_ratio: cudaHostRegister refused to page-lock {nbytes / 2**30:.2f} GiB "
-                    f"of the host-held optimizer state (CUDA error {err}; {self.registered_bytes() / 2**30:.2f} GiB "
-                    "locked so far): the host may limit locked memory (ulimit -l) or be short of it; set stream_ratio "
-                    "0 to step it all on the CPU")
-            self._registered[ptr] = (start, t)
+                    f"offload_optimizer.stream_ratio: cudaHostRegister refused to page-lock {(end - start) / 2**30:.2f} "
+                    f"GiB of the host-held optimizer state (CUDA error {err}; {len(locked)} range(s) locked before it, "
+                    "now unlocked): the host may limit locked memory (ulimit -l) or be short of it; set stream_ratio 0 "
+                    "to step it all on the CPU")
+        self._registered.update(tensors=tensors, key=key)
 
     def registered_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _start, t in self._registered.values())
+        return sum(end - start for start, end in self._registered["ranges"])
 
     def close(self) -> None:
         """Unregister the page-locked host state (after the copies in flight)."""
@@ -264,15 +267,36 @@ class StreamedSteps:
         return n
 
 
-def _unregister(registered: dict[int, tuple[int, torch.Tensor]], streams: list) -> None:
-    if registered:
+def _unregister(registered: dict[str, Any], streams: list) -> None:
+    ranges = registered["ranges"]
+    if ranges:
         for stream in streams:  # no DMA copy may still read or write the pages
             stream.synchronize()
         cudart = torch.cuda.cudart()
-        failed = [start for start, _t in registered.values() if int(cudart.cudaHostUnregister(start)) != 0]
-        registered.clear()
+        failed = [start for start, _end in ranges if int(cudart.cudaHostUnregister(start)) != 0]
         if failed:
             _clear_cuda_error()
+    registered.update(ranges=[], tensors=[], key=None)
+
+
+def _register(start: int, end: int) -> tuple[int, tuple[int, int] | None]:
+    """Page-lock ``[start, end)``: ``(CUDA error, the range locked or None)``. An edge page locked already (a
+    neighbour's tensor in the heap, registered by another engine) is left out of the range: it is locked."""
+    cudart = torch.cuda.cudart()
+    err = int(cudart.cudaHostRegister(start, end - start, _REGISTER_PORTABLE))
+    if err != _ALREADY_REGISTERED:
+        return err, ((start, end) if err == 0 else None)
+    _clear_cuda_error()
+    for lo, hi in ((start + _PAGE, end), (start, end - _PAGE), (start + _PAGE, end - _PAGE)):
+        if hi <= lo:
+            continue
+        err = int(cudart.cudaHostRegister(lo, hi - lo, _REGISTER_PORTABLE))
+        if err == 0:
+            return 0, (lo, hi)
+        _clear_cuda_error()
+    if end - start <= 2 * _PAGE:  # every page of it is someone's locked page
+        return 0, None
+    return err, None
 
 
 def _clear_cuda_error() -> None:
