@@ -228,6 +228,95 @@ def test_streamed_eager_window_refuses_a_torn_checkpoint_and_a_load_recovers(tmp
     _same(_train(ref, 1, first=1), _train(engine, 1, first=1))
 
 
+class _FakeCudart:
+    """``cudaHostRegister`` / ``cudaHostUnregister`` kept as CUDA keeps them: page-aligned ranges, each page locked
+    at most once (error 712 for a page locked already), a range unlocked by its start; ``refuse_over``: refuse
+    (error 2) any range larger than that many bytes."""
+
+    def __init__(self, page, refuse_over=None):
+        self.page, self.refuse_over = page, refuse_over
+        self.ranges: dict[int, int] = {}
+        self.calls = 0
+
+    def cudaHostRegister(self, start, size, flags):
+        self.calls += 1
+        assert start % self.page == 0 and size % self.page == 0 and size > 0 and flags == 1
+        if any(lo < start + size and start < hi for lo, hi in self.ranges.items()):
+            return 712
+        if self.refuse_over is not None and size > self.refuse_over:
+            return 2
+        self.ranges[start] = start + size
+        return 0
+
+    def cudaHostUnregister(self, start):
+        self.calls += 1
+        return 0 if self.ranges.pop(start, None) is not None else 1
+
+    def locked(self, ptr, nbytes=1):
+        pages = range(ptr // self.page * self.page, ptr + nbytes, self.page)
+        return all(any(lo <= p < hi for lo, hi in self.ranges.items()) for p in pages)
+
+
+def test_host_state_is_page_locked_once_every_page_once(monkeypatch):
+    """The page-locking of the streamed groups' host state, against a stand-in for CUDA's registry (no GPU here):
+    every byte of every tensor locked, each page once (small heap tensors share pages), nothing redone on the
+    next call (a tensor we locked reads as pinned: the old code unlocked and relocked everything on every other
+    call), an edge page another engine locked left out, all unlocked by close(); a refusal raises by name, with
+    CUDA's error cleared and nothing left locked."""
+    from types import SimpleNamespace
+
+    import ds_zero._offload_stream as sm
+
+    cleared = []
+    monkeypatch.setattr(sm, "_clear_cuda_error", lambda: cleared.append(1))
+    page = sm._PAGE
+    small = [torch.zeros(300) for _ in range(3)]  # 1.2 KB each: the heap puts them close, sharing pages
+    big = torch.zeros(3 * page + 100)
+    plan = {0: (None, SimpleNamespace(param_flat=small[0], states={"exp_avg": small[1], "exp_avg_sq": small[2]})),
+            1: (None, SimpleNamespace(param_flat=big, states={"exp_avg": torch.zeros(10), "exp_avg_sq": big[:0]}))}
+    everything = [*small, big, plan[1][1].states["exp_avg"]]
+
+    def fake_env(fake):
+        monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t, device=None: fake.locked(t.data_ptr()))
+
+    def streamed():
+        steps = sm.StreamedSteps(torch.device("cpu"), 16)
+        steps.cuda = True  # the registration logic only: no streams are made or used
+        return steps
+
+    fake = _FakeCudart(page)
+    fake_env(fake)
+    steps = streamed()
+    steps.pin(plan)
+    assert all(fake.locked(t.data_ptr(), t.numel() * t.element_size()) for t in everything)
+    assert steps.registered_bytes() >= sum(t.numel() * t.element_size() for t in everything) and not cleared
+    calls = fake.calls
+    steps.pin(plan)
+    steps.pin(plan, {0, 1})
+    assert fake.calls == calls  # the same tensors: nothing unlocked or locked again
+    steps.close()
+    assert not fake.ranges and not any(t.is_pinned() for t in everything)
+
+    # another engine locked the last page of the big tensor (a neighbour's edge page): our range is registered
+    # without it (CUDA's error of the refused first try cleared), every byte is still locked
+    last = (big.data_ptr() + big.numel() * 4 - 1) // page * page
+    fake.ranges[last] = last + page
+    steps.pin(plan)
+    assert all(fake.locked(t.data_ptr(), t.numel() * t.element_size()) for t in everything)
+    assert cleared and all(hi <= last or lo > last for lo, hi in steps._registered["ranges"])
+    steps.close()
+    assert fake.ranges == {last: last + page}
+
+    # a host that refuses: named, CUDA's error cleared, nothing of ours left locked
+    refusing = _FakeCudart(page, refuse_over=0)
+    fake_env(refusing)
+    cleared.clear()
+    with pytest.raises(RuntimeError, match="stream_ratio: cudaHostRegister refused"):
+        streamed().pin(plan)
+    assert cleared and not refusing.ranges
+
+
 @pytest.mark.gpu
 @requires_gpus(1)
 def test_gpu_streamed_chunks_equal_the_cpu_step_within_round_off():

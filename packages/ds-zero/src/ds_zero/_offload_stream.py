@@ -78,7 +78,7 @@ class StreamedSteps:
         #: freed while registered) and their ``key``; unregistered when the tensors change and when this object
         #: goes (the finalizer holds the streams too: no copy is in flight when the pages are unlocked)
         self._registered: dict[str, Any] = {"ranges": [], "tensors": [], "key": None}
-        weakref.finalize(self, _unregister, self._registered, self._streams)
+        weakref.finalize(self, _unregister_quietly, self._registered, self._streams)
         #: this window: chunk index -> ``(start, done)`` events (CUDA) or host times of its queued step
         self.queued: dict[int, Any] = {}
         #: this window's device copies of the grad scale and of each group's step count, per slot
@@ -129,13 +129,15 @@ class StreamedSteps:
         if not self.cuda:
             return
         tensors = [t for gi, (_group, fbucket) in plan.items() if streamed_groups is None or gi in streamed_groups
-                   for t in (fbucket.param_flat, *fbucket.states.values()) if t.numel() and not t.is_pinned()]
+                   for t in (fbucket.param_flat, *fbucket.states.values()) if t.numel()]
+        # the key is taken before any pinned-test: the tensors we locked read as pinned afterwards
         key = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
         if key == self._registered["key"]:
             return
         _unregister(self._registered, self._streams)
         ranges: list[list[int]] = []
-        for ptr, nbytes in key:
+        for ptr, nbytes in sorted((t.data_ptr(), t.numel() * t.element_size()) for t in tensors
+                                  if not t.is_pinned()):  # torch's pinned allocations are locked already
             start, end = ptr // _PAGE * _PAGE, -(-(ptr + nbytes) // _PAGE) * _PAGE
             if ranges and start <= ranges[-1][1]:
                 ranges[-1][1] = max(ranges[-1][1], end)
@@ -277,6 +279,15 @@ def _unregister(registered: dict[str, Any], streams: list) -> None:
         if failed:
             _clear_cuda_error()
     registered.update(ranges=[], tensors=[], key=None)
+
+
+def _unregister_quietly(registered: dict[str, Any], streams: list) -> None:
+    """The finalizer's :func:`_unregister`: at interpreter exit CUDA may be gone already (the process's pages go
+    with it), and an exception there would only be printed."""
+    try:
+        _unregister(registered, streams)
+    except Exception:  # noqa: BLE001 -- nothing left to protect
+        pass
 
 
 def _register(start: int, end: int) -> tuple[int, tuple[int, int] | None]:
