@@ -3,7 +3,8 @@
     python bench/offload_timeline.py path.json out.png [--step N]
 
 Three lanes -- D2H (grads device -> host), CPU (the Adam step), H2D (new 16-bit params host -> device) -- one bar
-per chunk, in ms from the step's start (the compute stream's point where the step began; D2H copies started in
+per chunk, and a fourth with ``offload_optimizer.stream_ratio`` (GPU: a streamed chunk's state in, its step, its
+state out, on the side streams), in ms from the step's start (the compute stream's point where the step began; D2H copies started in
 backward, at stage 2, lie left of 0). Default: the last recorded step. Prints each lane's busy time and the
 step's span, which say how much of the copying the CPU step hid.
 """
@@ -15,18 +16,21 @@ import json
 
 
 def spans(step: dict) -> dict[str, list[tuple[float, float]]]:
-    return {lane: [tuple(c[lane]) for c in step["chunks"]] for lane in ("d2h", "cpu", "h2d")}
+    out = {lane: [tuple(c[lane]) for c in step["chunks"]] for lane in ("d2h", "cpu", "h2d")}
+    out["gpu"] = [tuple(c["span"]) for c in step.get("streamed", [])]
+    return out
 
 
 def summary(step: dict) -> str:
     lanes = spans(step)
     busy = {k: sum(b - a for a, b in v) for k, v in lanes.items()}
-    start = min(a for v in lanes.values() for a, _ in v)
-    end = max(b for v in lanes.values() for _, b in v)
+    points = [x for v in lanes.values() for span in v for x in span] or [0.0]
+    start, end = min(points), max(points)
     early = sum(bool(c.get("early")) for c in step["chunks"])
+    streamed = f", GPU streamed {busy['gpu']:.1f} ms ({len(lanes['gpu'])} chunks)" if lanes["gpu"] else ""
     return (f"step {step['step']}: {len(step['chunks'])} chunks ({early} copied early), span {end - start:.1f} ms "
             f"(from {start:.1f} to {end:.1f}); busy: D2H {busy['d2h']:.1f} ms, CPU {busy['cpu']:.1f} ms, "
-            f"H2D {busy['h2d']:.1f} ms; serial sum {sum(busy.values()):.1f} ms")
+            f"H2D {busy['h2d']:.1f} ms{streamed}; serial sum {sum(busy.values()):.1f} ms")
 
 
 def main() -> None:
@@ -49,15 +53,16 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     lanes = spans(step)
-    colors = {"d2h": "tab:blue", "cpu": "tab:orange", "h2d": "tab:green"}
-    names = {"d2h": "D2H grads", "cpu": "CPU step", "h2d": "H2D params"}
-    fig, ax = plt.subplots(figsize=(12, 3))
-    for row, lane in enumerate(("h2d", "cpu", "d2h")):
+    colors = {"d2h": "tab:blue", "cpu": "tab:orange", "h2d": "tab:green", "gpu": "tab:purple"}
+    names = {"d2h": "D2H grads", "cpu": "CPU step", "h2d": "H2D params", "gpu": "GPU streamed"}
+    rows = ("h2d", "cpu", "d2h") + (("gpu",) if lanes["gpu"] else ())
+    fig, ax = plt.subplots(figsize=(12, 3 + 0.6 * (len(rows) - 3)))
+    for row, lane in enumerate(rows):
         bars = [(a, max(b - a, 1e-3)) for a, b in lanes[lane]]
         # alternate shades so neighbouring chunks stay apart
         ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=[colors[lane] if i % 2 == 0 else "0.6"
                                                             for i in range(len(bars))])
-    ax.set_yticks([0, 1, 2], [names["h2d"], names["cpu"], names["d2h"]])
+    ax.set_yticks(list(range(len(rows))), [names[lane] for lane in rows])
     ax.set_xlabel("ms from the step's start")
     ax.set_title(f"ds-zero offload step {step['step']} on {step.get('device', '?')}: {len(step['chunks'])} chunks")
     ax.axvline(0, color="k", linewidth=0.5)

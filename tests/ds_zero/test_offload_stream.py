@@ -228,6 +228,31 @@ def test_streamed_eager_window_refuses_a_torn_checkpoint_and_a_load_recovers(tmp
     _same(_train(ref, 1, first=1), _train(engine, 1, first=1))
 
 
+def test_streamed_chunks_in_the_timeline(tmp_path, monkeypatch):
+    """``DS_ZERO_OFFLOAD_TIMELINE`` records each streamed chunk's span beside the CPU chunks, and
+    ``bench/offload_timeline.py`` sums it as the GPU lane."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from ds_zero._offload_pipeline import TIMELINE_ENV
+
+    monkeypatch.setenv(TIMELINE_ENV, str(tmp_path / "t.json"))
+    engine = _engine(2, "bf16", 0.5)
+    _train(engine, 2)
+    steps = json.loads((tmp_path / "t.json").read_text())["steps"]
+    n = sum(c.streamed for c in engine.masters.pipeline.chunks)
+    assert [s["step"] for s in steps] == [0, 1]
+    assert all(len(s["streamed"]) == n and len(s["chunks"]) == len(engine.masters.pipeline.chunks) - n
+               for s in steps)
+    assert all(a <= b for s in steps for c in s["streamed"] for a, b in [c["span"]])
+    spec = importlib.util.spec_from_file_location(
+        "offload_timeline", Path(__file__).resolve().parents[2] / "bench" / "offload_timeline.py")
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    assert "GPU streamed" in timeline.summary(steps[-1]) and f"({n} chunks)" in timeline.summary(steps[-1])
+
+
 class _FakeCudart:
     """``cudaHostRegister`` / ``cudaHostUnregister`` kept as CUDA keeps them: page-aligned ranges, each page locked
     at most once (error 712 for a page locked already), a range unlocked by its start; ``refuse_over``: refuse
