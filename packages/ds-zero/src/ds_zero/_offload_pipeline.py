@@ -50,6 +50,12 @@ restores them and takes the step count back. Bit for bit the step after backward
 elementwise and deterministic, the restore a copy); ``save_checkpoint``, ``zero_grad`` or a raising backward in
 such a window restore instead of refusing.
 
+**Streamed chunks** (``offload_optimizer.stream_ratio``, ``_offload_stream``): the last share of each bucket's
+host-held range is cut into chunks the *device* steps, their master and moments streamed over PCIe and back, their
+grads read on the device (no D2H copy) and their new params written there (no H2D copy). They are queued as their
+bucket lands in an eager, non-speculative window, else by :meth:`step` before the CPU walks its chunks; they count
+as eager steps for the refusals above (a torn checkpoint, a skipped step) and are never kept for a rollback.
+
 On the CPU (the gloo tests) the same chunk walk runs with plain copies and no streams.
 
 ``DS_ZERO_OFFLOAD_TIMELINE=path.json``: each step's per-chunk (start, end) of D2H / CPU step / H2D, in ms from
@@ -272,8 +278,8 @@ class OffloadPipeline:
         if self._failed:
             raise RuntimeError(
                 f"ds_zero offload: {what} after a backward that raised once its eager CPU step had updated "
-                f"{self._failed} chunk(s) of the masters (streamed ones included) (offload_optimizer.eager_step): they hold a partial update "
-                "that cannot be undone; load a checkpoint (engine.load_checkpoint) to continue")
+                f"{self._failed} chunk(s) of the masters (streamed ones included; offload_optimizer.eager_step): they "
+                "hold a partial update that cannot be undone; load a checkpoint (engine.load_checkpoint) to continue")
         if self._speculation is not None and (self._stepped or self._advanced):
             self.rolled_back_chunks += self._rollback()  # undone exactly: as if no chunk had stepped
             return
@@ -284,8 +290,9 @@ class OffloadPipeline:
             self._failed = n  # neither finished nor undone: only a load recovers
             raise RuntimeError(
                 f"ds_zero offload: {what} after a backward whose eager CPU step already updated {n} chunk(s) of the "
-                "masters (streamed ones included; offload_optimizer.eager_step), before engine.step(): call engine.step() right after each "
-                "boundary backward (or set offload_optimizer.eager_step false); load a checkpoint to continue")
+                "masters (streamed ones included; offload_optimizer.eager_step), before engine.step(): call "
+                "engine.step() right after each boundary backward (or set offload_optimizer.eager_step false); load a "
+                "checkpoint to continue")
 
     def abandon(self) -> None:
         """The boundary backward raised: wait for the chunks already handed to the worker; if any stepped, the
