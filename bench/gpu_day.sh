@@ -10,7 +10,8 @@
 #           overlapped step ($OFFLOAD_VARIANTS: sync, overlap, chunk, r75, auto40; eagerauto40 / eagermeasure40: the
 #           eager step with ratio "auto" under a 40 GiB cap, planned from the default reserve / from the first
 #           step's measured peak; eagermeasure40sNN / eagersNN: the same / the eager step at ratio 1, with NN % of
-#           the CPU-held state streamed through the GPU (offload_optimizer.stream_ratio); eagersmall: eager with 1e8 chunks and
+#           the CPU-held state streamed through the GPU (offload_optimizer.stream_ratio; TIMELINE=1 records the
+#           former's per-chunk timeline, $OUT/timeline_<variant>.json); eagersmall: eager with 1e8 chunks and
 #           2e8 buckets, timeline recorded; eagerbf16: eager with
 #           offload_optimizer.state_dtype bf16 (opt-in 16-bit moments); spec: the default bf16 overflow check on
 #           (with speculative_step on, opt-in), specclip: also gradient_clipping 1.0; specsmall / nospecsmall: spec
@@ -87,7 +88,7 @@ for section in ${SECTIONS:-tests moe ckpt pipe limits}; do
           eagerauto40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto MEM_CAP_GIB=40) ;;
           eagermeasure40) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto OFFLOAD_RESERVE=measure MEM_CAP_GIB=40) ;;
           eagermeasure40s[0-9]*)  # eagermeasure40s30: the same with 30 % of the CPU-held state streamed (stream_ratio 0.3)
-            cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto OFFLOAD_RESERVE=measure MEM_CAP_GIB=40 OFFLOAD_STREAM=0.${v#eagermeasure40s}) ;;
+            cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_RATIO=auto OFFLOAD_RESERVE=measure MEM_CAP_GIB=40 OFFLOAD_STREAM=0.${v#eagermeasure40s} ${TIMELINE:+DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_$v.json}) ;;
           eagers[0-9]*)  # eagers30: the eager step at ratio 1 with 30 % of the state streamed
             cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 OFFLOAD_STREAM=0.${v#eagers}) ;;
           eagersmall) cmd=(bench/zero_bench.py z2); envs=(OFFLOAD=1 BF16_CHECK=0 OFFLOAD_CHUNK=1e8 BUCKET=2e8 DS_ZERO_OFFLOAD_TIMELINE=$OUT/timeline_eager.json) ;;
