@@ -60,13 +60,11 @@ On the CPU (the gloo tests) the same chunk walk runs with plain copies and no st
 
 ``DS_ZERO_OFFLOAD_TIMELINE=path.json``: each step's per-chunk (start, end) of D2H / CPU step / H2D, in ms from
 the step's start (CUDA copies timed with events), is written to ``path.json`` (rank 0; other ranks
-``path.rankN.json``), the last 50 steps; ``bench/offload_timeline.py`` draws it.
+``path.rankN.json``), the last 50 steps (``_offload_timeline``); ``bench/offload_timeline.py`` draws it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,10 +76,9 @@ from ._buckets import Bucket
 from ._partition import GroupGrads
 from ._offload_speculation import KeptCopies, live_ranges, nbytes_kept
 from ._offload_stream import StreamedSteps
+from ._offload_timeline import TIMELINE_ENV, StepTimeline
 
-#: the environment variable that turns on the per-chunk timeline (a JSON path)
-TIMELINE_ENV = "DS_ZERO_OFFLOAD_TIMELINE"
-_TIMELINE_STEPS = 50
+__all__ = ["TIMELINE_ENV", "Chunk", "OffloadPipeline", "build_chunks"]
 
 
 #: the largest streamed chunk (elements): the device holds two sets of its master and moments (fp32, 24 bytes
@@ -160,12 +157,10 @@ class OffloadPipeline:
         #: chunks whose D2H copy started during backward in the last step (the tests read it)
         self.early_copies = 0
         self.steps = 0
-        self.path: str | None = os.environ.get(TIMELINE_ENV) or None
-        if self.path and rank:
-            self.path = f"{self.path}.rank{rank}.json"
-        self._timeline: list[dict] = []
+        #: ``DS_ZERO_OFFLOAD_TIMELINE``: the per-chunk timeline (``_offload_timeline``); None: not recorded
+        self.timeline = StepTimeline.from_env(rank, device)
         if self.streamed is not None:
-            self.streamed.timing = self.path is not None
+            self.streamed.timing = self.timeline is not None
         #: the compute stream's point the step's copies and streamed chunks start after (:meth:`fence`)
         self._fenced_at: Any = None
         self._by_bucket: dict[int, list[Chunk]] = {}
@@ -516,9 +511,9 @@ class OffloadPipeline:
         t0 = time.perf_counter()
         ref = None
         if self.cuda:
-            ref = torch.cuda.Event(enable_timing=self.path is not None)
+            ref = torch.cuda.Event(enable_timing=self.timeline is not None)
             ref.record(torch.cuda.current_stream(self.device))
-            if self.path is not None:
+            if self.timeline is not None:
                 ref.synchronize()
                 t0 = time.perf_counter()
         positions = [gi for gi, p in enumerate(self.masters.params) if p is not None]
@@ -620,8 +615,8 @@ class OffloadPipeline:
         self._copied.clear()
         self._kept.end_window()
         self._eager, self._speculation = None, None
-        if self.path is not None:
-            self._record(t0, ref, records, early, set(stepped), streamed_spans)
+        if self.timeline is not None:
+            self.timeline.record(self.steps, t0, ref, records, early, set(stepped), self.chunks, streamed_spans)
         self.steps += 1
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -649,7 +644,7 @@ class OffloadPipeline:
             t = time.perf_counter()
             dst.copy_(src)
             return ("host", t, time.perf_counter())
-        timing = self.path is not None
+        timing = self.timeline is not None
         start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
         stream = self._d2h
         with torch.cuda.stream(stream):
@@ -668,7 +663,7 @@ class OffloadPipeline:
             t = time.perf_counter()
             dst.copy_(source)
             return ("host", t, time.perf_counter())
-        timing = self.path is not None
+        timing = self.timeline is not None
         start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
         with torch.cuda.stream(self._h2d):
             if after is not None:  # an eager chunk: not before backward's last reads of these params
@@ -677,30 +672,3 @@ class OffloadPipeline:
             dst.copy_(source, non_blocking=self.pin)
             done.record(self._h2d)
         return (start, done)
-
-    def _span(self, t0: float, ref, ev) -> list[float]:
-        if ev[0] == "host":
-            return [(ev[1] - t0) * 1e3, (ev[2] - t0) * 1e3]
-        ev[1].synchronize()
-        return [ref.elapsed_time(ev[0]), ref.elapsed_time(ev[1])]
-
-    def _record(self, t0: float, ref, records, early: set[int], eager: set[int],
-                streamed: dict[int, Any] | None = None) -> None:
-        path = self.path
-        if path is None:
-            return
-        chunks = []
-        for chunk, d2h, (c0, c1), h2d in records:
-            chunks.append({"index": chunk.index, "bucket": chunk.bucket.index, "numel": chunk.hi - chunk.lo,
-                           "d2h": self._span(t0, ref, d2h), "cpu": [(c0 - t0) * 1e3, (c1 - t0) * 1e3],
-                           "h2d": self._span(t0, ref, h2d), "early": chunk.index in early,
-                           "eager": chunk.index in eager})
-        by_index = {c.index: c for c in self.chunks}
-        gpu = [{"index": i, "bucket": by_index[i].bucket.index, "numel": by_index[i].hi - by_index[i].lo,
-                "span": self._span(t0, ref, ev)} for i, ev in (streamed or {}).items()]
-        self._timeline.append({"step": self.steps, "device": str(self.device), "chunks": chunks, "streamed": gpu})
-        del self._timeline[:-_TIMELINE_STEPS]
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"steps": self._timeline}, f)
-        os.replace(tmp, path)
