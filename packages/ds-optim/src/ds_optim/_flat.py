@@ -21,10 +21,14 @@ took (``step_counts``), which decides which parameters can share one launch (sam
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 
 from . import _dtensor
+
+#: ``(numel, dtype) -> a zero-filled 1-D host tensor``: where a host bucket's flat params and states live
+HostAlloc = Callable[[int, torch.dtype], torch.Tensor]
 
 
 class _Bucket:
@@ -36,12 +40,14 @@ class _Bucket:
     #: CPUAdam's flat 16-bit copy of the params (set by CPUAdam.add_param_group on its buckets only)
     copy_out: torch.Tensor | None
 
-    def _init_slots(self, params: list, numels: list[int], state_names: tuple[str, ...], state_dtype) -> None:
+    def _init_slots(self, params: list, numels: list[int], state_names: tuple[str, ...], state_dtype,
+                    alloc: HostAlloc | None = None) -> None:
         self.params = params
         self.offsets = [0]
         for n in numels:
             self.offsets.append(self.offsets[-1] + n)
-        self.states = {name: torch.zeros(self.offsets[-1], dtype=state_dtype, device=self.device)
+        self.states = {name: (alloc(self.offsets[-1], state_dtype) if alloc is not None
+                              else torch.zeros(self.offsets[-1], dtype=state_dtype, device=self.device))
                        for name in state_names}
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self._step_counts = [0] * len(params)
@@ -92,14 +98,19 @@ class _Bucket:
 
 
 class FlatBucket(_Bucket):
-    """The flat storage of the trainable params of one dtype in one param group."""
+    """The flat storage of the trainable params of one dtype in one param group. ``alloc``: makes the host
+    buckets' flat params and states (zero-filled, 1-D), e.g. page-locked memory for DMA copies; None: torch's."""
 
-    def __init__(self, params: list[torch.nn.Parameter], state_names: tuple[str, ...], state_dtype=torch.float32):
+    def __init__(self, params: list[torch.nn.Parameter], state_names: tuple[str, ...], state_dtype=torch.float32,
+                 alloc: HostAlloc | None = None):
         first = params[0]
         self.device, self.dtype = first.device, first.dtype
-        self._init_slots(params, [p.numel() for p in params], state_names, state_dtype)
+        if self.device.type != "cpu":
+            alloc = None
+        self._init_slots(params, [p.numel() for p in params], state_names, state_dtype, alloc)
         total = self.numel
-        self.param_flat = torch.empty(total, dtype=self.dtype, device=self.device)
+        self.param_flat = (alloc(total, self.dtype) if alloc is not None
+                           else torch.empty(total, dtype=self.dtype, device=self.device))
         self.param_views = []
         with torch.no_grad():
             for p, lo, hi in zip(params, self.offsets, self.offsets[1:]):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import _dtensor
-from ._flat import FlatBucket, ShardBucket
+from ._flat import FlatBucket, HostAlloc, ShardBucket
 from .kernels import OptimizerKernels, select_backend
 
 
@@ -38,6 +38,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     #: dtype of the optimizer states (CPUAdam sets bf16 per instance, before its params are added)
     _state_dtype: torch.dtype = torch.float32
+
+    #: where host buckets' flat params and states are allocated (``_flat.HostAlloc``; CPUAdam's ``host_alloc``)
+    _host_alloc: HostAlloc | None = None
 
     def __init__(self, params, defaults: dict[str, Any], backend: str | None = None):
         self._backend_request = backend
@@ -127,7 +130,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 kind = ("direct" if ShardBucket.is_large(p) else "staged") if _dtensor.is_dtensor(p) else "flat"
                 by_kind.setdefault((p.dtype, kind), []).append(p)
         self._buckets.append([
-            FlatBucket(ps, self.state_names, self._state_dtype) if kind == "flat"
+            FlatBucket(ps, self.state_names, self._state_dtype, alloc=self._host_alloc) if kind == "flat"
             else ShardBucket(ps, self.state_names, self._state_dtype, direct=kind == "direct")
             for (_, kind), ps in by_kind.items()
         ])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._flat import HostAlloc
 from .adam import FusedAdam
 _ROUNDINGS = ("stochastic", "nearest")
 
@@ -38,6 +39,8 @@ class CPUAdam(FusedAdam):
             (round to nearest even: loses every update under half an ulp; for comparison).
         rounding_seed: the stochastic rounding's seed (0 to 2**64 - 1): the same seed, params and grads give
             bit-identical states, whatever the thread count.
+        host_alloc: ``(numel, dtype) -> tensor``, a zero-filled 1-D host tensor: where the flat fp32 params and
+            states are allocated (e.g. page-locked memory the GPU reads by DMA); default torch's CPU allocator.
 
     After each :meth:`step`, :meth:`copy_of` gives a param's 16-bit copy and :meth:`flat_copies` the flat
     16-bit buffers (one per param group and dtype), ready for ``gpu_buffer.copy_(flat, non_blocking=True)``.
@@ -47,7 +50,8 @@ class CPUAdam(FusedAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, adamw_mode: bool = True, *, copy_dtype: torch.dtype | None = torch.bfloat16,
                  pin_memory: bool | None = None, backend: str | None = None,
-                 state_dtype: torch.dtype = torch.float32, state_rounding: str = "stochastic", rounding_seed: int = 0):
+                 state_dtype: torch.dtype = torch.float32, state_rounding: str = "stochastic", rounding_seed: int = 0,
+                 host_alloc: HostAlloc | None = None):
         if copy_dtype not in (torch.bfloat16, torch.float16, None):
             raise ValueError(f"CPUAdam: copy_dtype must be torch.bfloat16, torch.float16 or None, got {copy_dtype}")
         if state_dtype not in (torch.float32, torch.bfloat16):
@@ -65,6 +69,9 @@ class CPUAdam(FusedAdam):
         self._streams: dict[int, int] = {}
         self._loose_stream = 0
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        # the flat fp32 params and states: torch's CPU allocator, or the caller's (ds-zero's page-locked memory of
+        # its own, which the GPU reads and writes by DMA: offload_optimizer.stream_ratio)
+        self._host_alloc = host_alloc
         super().__init__(params, lr, betas, eps, weight_decay, adam_w_mode=adamw_mode,
                          bias_correction=bias_correction, amsgrad=amsgrad, backend=backend)
 

@@ -284,10 +284,22 @@ class CPUOffload:
 
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
             return build_nvme_adam(self, list(zip(indices, hyper)), defaults, self.masters)
-        cpu_adam = CPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
-                           weight_decay=defaults["weight_decay"], adamw_mode=defaults["adam_w_mode"],
-                           bias_correction=defaults["bias_correction"], copy_dtype=self.copy_dtype,
-                           pin_memory=self.pin, state_dtype=self.state_dtype)
+        from ._locked_host import PageLockError, locked_zeros
+
+        # the GPU reads and writes the streamed share by DMA: its host state in page-locked memory (_locked_host)
+        host_alloc = locked_zeros if self.stream_ratio > 0 and self.device.type == "cuda" and self.pin else None
+        error: PageLockError | None = None
+        try:
+            cpu_adam = CPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
+                               weight_decay=defaults["weight_decay"], adamw_mode=defaults["adam_w_mode"],
+                               bias_correction=defaults["bias_correction"], copy_dtype=self.copy_dtype,
+                               pin_memory=self.pin, state_dtype=self.state_dtype, host_alloc=host_alloc)
+        except PageLockError as e:
+            error = e
+        if host_alloc is not None:  # every rank streams (one config): none goes on if one could not lock
+            from ._swap import agree_on_setup
+
+            agree_on_setup(error, self.group, PageLockError, "page-locking the streamed optimizer state")
         if self.stream_ratio > 0 and self.device.type == "cuda":
             try:  # the streamed chunks run CPUAdam's update with the device's kernels: known now, not in backward
                 cpu_adam.kernels_for(self.device)

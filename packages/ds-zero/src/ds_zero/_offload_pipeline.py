@@ -406,7 +406,7 @@ class OffloadPipeline:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-zero-offload",
                                               initializer=self._init_worker)
         if streamed and self.streamed is not None and bucket.reduced is not None:
-            self.streamed.pin(plan, self._streamed_groups())
+            self.streamed.check_locked(plan, self._streamed_groups())
             for chunk in streamed:
                 a, b = chunk.piece
                 self.streamed.queue(optimizer, plan, chunk, bucket.reduced[a:b], scale, ready)
@@ -580,7 +580,7 @@ class OffloadPipeline:
         self._advanced = False
         if self.streamed is not None:  # queued on the device first: they run while the CPU walks its chunks
             self.streamed_eager_chunks = len(self.streamed.queued)
-            self.streamed.pin(plan, self._streamed_groups())
+            self.streamed.check_locked(plan, self._streamed_groups())
             for chunk in self.chunks:
                 if chunk.streamed and chunk.index not in self.streamed.queued:
                     self.streamed.queue(optimizer, plan, chunk, by_group[chunk.group][chunk.lo:chunk.hi], scale,

@@ -21,8 +21,10 @@ its bucket lands in backward (after backward's last read of its params, an event
 CPU walks its chunks; ``finish`` makes the compute stream wait for both streams (the next forward reads the
 params) and the host wait for them (the next step, a checkpoint, read the host state).
 
-The host's master and moments are page-locked in place for these DMA copies (``cudaHostRegister`` on the
-existing tensors: nothing is allocated again; a pageable copy would be synchronous and slow, not wrong).
+The host's master and moments are page-locked for these DMA copies: a streamed run allocates them in page-locked
+mappings of their own at start-up (``_locked_host``; locking torch's allocations in place also locked their heap
+neighbours' pages, which broke the neighbours' copies). :meth:`StreamedSteps.check_locked` says once if some are
+not (``pin_memory: false``): their copies are then synchronous and slow, not wrong.
 CPUAdam's 16-bit copy-out (``copy_of``) is not written for streamed ranges (their new params go straight into the
 model): the engine never reads it after a pipelined step; other code reading it sees the last CPU step's values.
 
@@ -34,11 +36,8 @@ CPU kernels, bit for bit the CPU step (tested), and the GPU test compares the tw
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import time
-import weakref
 from typing import Any
 
 import torch
@@ -47,11 +46,6 @@ logger = logging.getLogger("ds_zero")
 
 #: slices in flight on the device (one per side stream)
 _SLOTS = 2
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-#: ``cudaHostRegisterPortable``: page-locked for every CUDA context, not only the calling thread's current one
-_REGISTER_PORTABLE = 1
-#: ``cudaErrorHostMemoryAlreadyRegistered``: a page of the range is locked already (another engine's edge page)
-_ALREADY_REGISTERED = 712
 
 
 class StreamedSteps:
@@ -74,11 +68,8 @@ class StreamedSteps:
                                          for _ in range(1 + states)])
         self._states = states
         self._slot = 0
-        #: the page-locked host state: ``ranges`` (start, end) registered, the ``tensors`` in them (held, so none is
-        #: freed while registered) and their ``key``; unregistered when the tensors change and when this object
-        #: goes (the finalizer holds the streams too: no copy is in flight when the pages are unlocked)
-        self._registered: dict[str, Any] = {"ranges": [], "tensors": [], "key": None}
-        weakref.finalize(self, _unregister_quietly, self._registered, self._streams)
+        #: the host tensors :meth:`check_locked` last looked at (their addresses and sizes)
+        self._checked: list[tuple[int, int]] | None = None
         #: this window: chunk index -> ``(start, done)`` events (CUDA) or host times of its queued step
         self.queued: dict[int, Any] = {}
         #: this window's device copies of the grad scale and of each group's step count, per slot
@@ -118,52 +109,23 @@ class StreamedSteps:
         self._scale = None
 
     # -- host memory --------------------------------------------------------------------------------------
-    def pin(self, plan, streamed_groups: set[int] | None = None) -> None:
-        """Page-lock in place the host master and moments of the groups in ``plan`` that have streamed chunks
-        (``streamed_groups``; None: all), so their copies are DMA. Each tensor's range is widened to whole pages
-        and overlapping or touching ranges are merged, so every page is registered once (two small tensors of the
-        heap may share a page: registered twice, the second would be refused); a neighbour's bytes on an edge
-        page are locked too, which changes nothing for it. Tensors torch pinned already are left alone. Done again
-        only when the tensors change (never today: a checkpoint load copies into them). A refused registration
-        raises, naming the size, after clearing CUDA's error state (and unlocking what this call locked)."""
+    def check_locked(self, plan, streamed_groups: set[int] | None = None) -> None:
+        """Say once (per set of tensors) how much of the streamed groups' host master and moments is not
+        page-locked: their copies then go through CUDA's staging, synchronous with the host (slow, not wrong).
+        ds-zero allocates them page-locked (``_locked_host``) unless ``pin_memory`` is false."""
         if not self.cuda:
             return
         tensors = [t for gi, (_group, fbucket) in plan.items() if streamed_groups is None or gi in streamed_groups
                    for t in (fbucket.param_flat, *fbucket.states.values()) if t.numel()]
-        # the key is taken before any pinned-test: the tensors we locked read as pinned afterwards
         key = sorted((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
-        if key == self._registered["key"]:
+        if key == self._checked:
             return
-        _unregister(self._registered, self._streams)
-        ranges: list[list[int]] = []
-        for ptr, nbytes in sorted((t.data_ptr(), t.numel() * t.element_size()) for t in tensors
-                                  if not t.is_pinned()):  # torch's pinned allocations are locked already
-            start, end = ptr // _PAGE * _PAGE, -(-(ptr + nbytes) // _PAGE) * _PAGE
-            if ranges and start <= ranges[-1][1]:
-                ranges[-1][1] = max(ranges[-1][1], end)
-            else:
-                ranges.append([start, end])
-        for start, end in ranges:
-            err, locked_range = _register(start, end)
-            if locked_range is not None:
-                self._registered["ranges"].append(locked_range)
-            if err != 0:
-                _clear_cuda_error()
-                locked = self._registered["ranges"]
-                _unregister(self._registered, self._streams)
-                raise RuntimeError(
-                    f"offload_optimizer.stream_ratio: cudaHostRegister refused to page-lock {(end - start) / 2**30:.2f} "
-                    f"GiB of the host-held optimizer state (CUDA error {err}; {len(locked)} range(s) locked before it, "
-                    "now unlocked): the host may limit locked memory (ulimit -l) or be short of it; set stream_ratio 0 "
-                    "to step it all on the CPU")
-        self._registered.update(tensors=tensors, key=key)
-
-    def registered_bytes(self) -> int:
-        return sum(end - start for start, end in self._registered["ranges"])
-
-    def close(self) -> None:
-        """Unregister the page-locked host state (after the copies in flight)."""
-        _unregister(self._registered, self._streams)
+        self._checked = key
+        pageable = sum(t.numel() * t.element_size() for t in tensors if not t.is_pinned())
+        if pageable:
+            logger.warning("ds_zero: offload_optimizer.stream_ratio: %.2f GiB of the streamed host state is not "
+                           "page-locked (pin_memory false?): its copies to and from the GPU are synchronous and slow",
+                           pageable / 2**30)
 
     # -- one chunk ----------------------------------------------------------------------------------------
     def queue(self, optimizer, plan, chunk, grad: torch.Tensor, scale: float, after=None) -> None:
@@ -267,57 +229,3 @@ class StreamedSteps:
         self.queued = {}
         self._end_window()
         return n
-
-
-def _unregister(registered: dict[str, Any], streams: list) -> None:
-    ranges = registered["ranges"]
-    if ranges:
-        for stream in streams:  # no DMA copy may still read or write the pages
-            stream.synchronize()
-        cudart = torch.cuda.cudart()
-        failed = [start for start, _end in ranges if int(cudart.cudaHostUnregister(start)) != 0]
-        if failed:
-            _clear_cuda_error()
-    registered.update(ranges=[], tensors=[], key=None)
-
-
-def _unregister_quietly(registered: dict[str, Any], streams: list) -> None:
-    """The finalizer's :func:`_unregister`: at interpreter exit CUDA may be gone already (the process's pages go
-    with it), and an exception there would only be printed."""
-    try:
-        _unregister(registered, streams)
-    except Exception:  # noqa: BLE001 -- nothing left to protect
-        pass
-
-
-def _register(start: int, end: int) -> tuple[int, tuple[int, int] | None]:
-    """Page-lock ``[start, end)``: ``(CUDA error, the range locked or None)``. An edge page locked already (a
-    neighbour's tensor in the heap, registered by another engine) is left out of the range: it is locked."""
-    cudart = torch.cuda.cudart()
-    err = int(cudart.cudaHostRegister(start, end - start, _REGISTER_PORTABLE))
-    if err != _ALREADY_REGISTERED:
-        return err, ((start, end) if err == 0 else None)
-    _clear_cuda_error()
-    for lo, hi in ((start + _PAGE, end), (start, end - _PAGE), (start + _PAGE, end - _PAGE)):
-        if hi <= lo:
-            continue
-        err = int(cudart.cudaHostRegister(lo, hi - lo, _REGISTER_PORTABLE))
-        if err == 0:
-            return 0, (lo, hi)
-        _clear_cuda_error()
-    if end - start <= 2 * _PAGE:  # every page of it is someone's locked page
-        return 0, None
-    return err, None
-
-
-def _clear_cuda_error() -> None:
-    """Reset CUDA's last error after a failed runtime call made through ``torch.cuda.cudart()``: torch checks it
-    after its next kernel launch and would raise it there, from unrelated code. The call goes to the libcudart
-    torch loaded (found in this process's mappings), which holds the error."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcudart" in line and line.split()[-1].startswith("/")}
-        for path in paths:
-            ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL).cudaGetLastError()
-    except OSError:  # no such file (not Linux) or no such library: the error surfaces at the next launch
-        pass
