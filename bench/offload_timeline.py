@@ -3,8 +3,8 @@
     python bench/offload_timeline.py path.json out.png [--step N]
 
 Three lanes -- D2H (grads device -> host), CPU (the Adam step), H2D (new 16-bit params host -> device) -- one bar
-per chunk, and a fourth with ``offload_optimizer.stream_ratio`` (GPU: a streamed chunk's state in, its step, its
-state out, on the side streams), in ms from the step's start (the compute stream's point where the step began; D2H copies started in
+per chunk, and with ``offload_optimizer.stream_ratio`` two more (GPU: a streamed chunk's state in, its step, its
+state out, one lane per side stream), in ms from the step's start (the compute stream's point where the step began; D2H copies started in
 backward, at stage 2, lie left of 0). Default: the last recorded step. Prints each lane's busy time and the
 step's span, which say how much of the copying the CPU step hid.
 """
@@ -53,9 +53,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     lanes = spans(step)
-    colors = {"d2h": "tab:blue", "cpu": "tab:orange", "h2d": "tab:green", "gpu": "tab:purple"}
-    names = {"d2h": "D2H grads", "cpu": "CPU step", "h2d": "H2D params", "gpu": "GPU streamed"}
-    rows = ("h2d", "cpu", "d2h") + (("gpu",) if lanes["gpu"] else ())
+    # the streamed chunks were queued on two side streams in turn (the record keeps the queue order): one lane
+    # each, so a stream's chunks follow each other and the two streams' overlap shows
+    gpu = lanes.pop("gpu")
+    lanes["gpu0"], lanes["gpu1"] = gpu[0::2], gpu[1::2]
+    colors = {"d2h": "tab:blue", "cpu": "tab:orange", "h2d": "tab:green", "gpu0": "tab:purple", "gpu1": "tab:purple"}
+    names = {"d2h": "D2H grads", "cpu": "CPU step", "h2d": "H2D params", "gpu0": "GPU streamed (stream A)",
+             "gpu1": "GPU streamed (stream B)"}
+    rows = ("h2d", "cpu", "d2h") + (("gpu1", "gpu0") if gpu else ())
     fig, ax = plt.subplots(figsize=(12, 3 + 0.6 * (len(rows) - 3)))
     for row, lane in enumerate(rows):
         bars = [(a, max(b - a, 1e-3)) for a, b in lanes[lane]]
@@ -64,7 +69,9 @@ def main() -> None:
                                                             for i in range(len(bars))])
     ax.set_yticks(list(range(len(rows))), [names[lane] for lane in rows])
     ax.set_xlabel("ms from the step's start")
-    ax.set_title(f"ds-zero offload step {step['step']} on {step.get('device', '?')}: {len(step['chunks'])} chunks")
+    streamed = f", {len(gpu)} streamed" if gpu else ""
+    ax.set_title(f"ds-zero offload step {step['step']} on {step.get('device', '?')}: {len(step['chunks'])} CPU "
+                 f"chunks{streamed}")
     ax.axvline(0, color="k", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
